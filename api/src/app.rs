@@ -1,0 +1,306 @@
+//! Wiring: state, router, middleware, listeners, the relay and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderName, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use trellis_runtime::health::{self, Health, Severity};
+use trellis_runtime::nats::{self, Topology, TopologyError};
+use trellis_runtime::relay::{Relay, RelayConfig};
+use trellis_store::PoolConfig;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::config::Config;
+use crate::error::{ApiError, ErrorCause, problem_response};
+use crate::ratelimit::LoginLimiter;
+use crate::{idempotency, routes};
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub config: Arc<Config>,
+    pub login_limiter: Arc<LoginLimiter>,
+    pub health: Health,
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Trellis API", description = "Commands and queries of the Trellis trust network."),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "identity"), (name = "contacts"), (name = "circles"), (name = "disputes"),
+        (name = "moderation"), (name = "scores"), (name = "search")
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The API router with its OpenAPI document, before the middleware stack.
+pub fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(routes::router()).split_for_parts()
+}
+
+/// The whole public application: routes, `/openapi.json`, health and the middleware stack.
+pub fn app(state: AppState) -> Router {
+    let (api, openapi) = api_router();
+    let openapi_json: Arc<str> = openapi.to_json().expect("the OpenAPI document serialises").into();
+    let request_id = HeaderName::from_static("x-request-id");
+    let body_limit = state.config.body_limit_bytes;
+    let health = state.health.clone();
+    api.route(
+        "/openapi.json",
+        get(move || {
+            let doc = openapi_json.clone();
+            async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], doc.to_string()) }
+        }),
+    )
+    .fallback(route_not_found)
+    .method_not_allowed_fallback(method_not_allowed)
+    .layer(middleware::from_fn_with_state(state.clone(), idempotency::layer))
+    .layer(DefaultBodyLimit::max(body_limit))
+    .layer(middleware::from_fn_with_state(state.clone(), request_timeout))
+    .layer(middleware::from_fn(record_request))
+    .with_state(state)
+    .merge(trellis_runtime::admin::health_routes(health))
+    .layer(PropagateRequestIdLayer::new(request_id.clone()))
+    .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+        let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+        tracing::info_span!("request", method = %req.method(), uri = %req.uri().path(), request_id = %id)
+    }))
+    .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+async fn route_not_found() -> Response {
+    problem_response(StatusCode::NOT_FOUND, "route-not-found", Some("no such route".into()), Vec::new())
+}
+
+async fn method_not_allowed() -> Response {
+    problem_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        Some("this route does not support that method".into()),
+        Vec::new(),
+    )
+}
+
+/// Backstop timeout for a whole request: a hang becomes a 503.
+async fn request_timeout(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(state.config.request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Unavailable { cause: "request timed out".into() }.into_response(),
+    }
+}
+
+/// `trellis_http_request_duration_seconds{route,method,status_class}`, and the log line of
+/// every server error with its cause.
+async fn record_request(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = next.run(request).await;
+    let status = response.status();
+    let class = match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    if let Some(cause) = response.extensions().get::<ErrorCause>() {
+        tracing::error!(%route, %method, status = status.as_u16(), cause = %cause.0, "request failed");
+    }
+    metrics::histogram!(
+        "trellis_http_request_duration_seconds",
+        "route" => route, "method" => method, "status_class" => class
+    )
+    .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// A started API: its addresses and the task that ends when it has shut down.
+pub struct Running {
+    pub api_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub pool: PgPool,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Waits for the shutdown to finish.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("the API task panicked")?
+    }
+}
+
+/// Connects, binds both listeners, starts the relay and serves until `shutdown` is cancelled.
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    let common = &config.common;
+    let topology = Topology::new(&common.nats_prefix)?;
+    let metrics = trellis_runtime::telemetry::install_metrics();
+
+    let mut pool_config = PoolConfig::new("trellis-api");
+    pool_config.max_connections = config.db_pool_size;
+    pool_config.acquire_timeout = common.io_timeout;
+    pool_config.statement_timeout = common.io_timeout;
+    let pool = trellis_store::connect_lazy(common.database_url.expose(), &pool_config)?;
+
+    // The relay's own pool (the bulkhead): a listener connection plus one for batches.
+    let mut relay_pool_config = PoolConfig::new("trellis-api-relay");
+    relay_pool_config.max_connections = 3;
+    relay_pool_config.acquire_timeout = common.io_timeout;
+    relay_pool_config.statement_timeout = common.batch_timeout;
+    let relay_pool = trellis_store::connect_lazy(common.database_url.expose(), &relay_pool_config)?;
+
+    let client = nats::connect(&common.nats_url, "trellis-api", common.io_timeout).await?;
+    let js = nats::jetstream(client.clone(), common.io_timeout);
+
+    let health = Health::new();
+    health.add("database", Severity::Critical, health::database_check(pool.clone()));
+    // Without NATS the API still takes writes: the outbox holds the events.
+    health.add("nats", Severity::Degrading, health::nats_check(client.clone()));
+
+    let state = AppState {
+        pool: pool.clone(),
+        config: Arc::new(config.clone()),
+        login_limiter: Arc::new(LoginLimiter::new(config.login_rate_per_login, config.login_rate_per_address)),
+        health: health.clone(),
+    };
+
+    let listener = tokio::net::TcpListener::bind(config.api_addr)
+        .await
+        .with_context(|| format!("cannot bind the API listener on {}", config.api_addr))?;
+    let api_addr = listener.local_addr()?;
+    let (admin_addr, admin_task) =
+        trellis_runtime::admin::serve(common.admin_addr, health, metrics, shutdown.clone()).await?;
+
+    // Fatal start-up problems found in the background (a stream the server will not keep as
+    // asked) stop the process with that error.
+    let fatal: Arc<std::sync::Mutex<Option<anyhow::Error>>> = Arc::default();
+    let background = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let (js, topology, fatal, shutdown) = (js.clone(), topology.clone(), fatal.clone(), shutdown.clone());
+        let background = background.clone();
+        let relay = (!config.no_relay).then(|| {
+            Relay::new(
+                relay_pool.clone(),
+                js.clone(),
+                topology.clone(),
+                RelayConfig {
+                    batch_size: config.relay_batch_size,
+                    retention: config.outbox_retention,
+                    ..RelayConfig::default()
+                },
+            )
+        });
+        tasks.spawn(async move {
+            match declare_streams(&js, &topology, &background).await {
+                Ok(()) => {
+                    if let Some(relay) = relay {
+                        relay.run(background).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "JetStream topology refused");
+                    *fatal.lock().expect("fatal lock") = Some(e.into());
+                    shutdown.cancel();
+                }
+            }
+        });
+    }
+    tasks.spawn(prune_idempotency_keys(pool.clone(), background.clone()));
+
+    let grace = common.shutdown_grace;
+    let app = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    let task = tokio::spawn(async move {
+        let serve_shutdown = shutdown.clone();
+        let server = axum::serve(listener, app).with_graceful_shutdown(serve_shutdown.cancelled_owned());
+        let server = tokio::spawn(async move { server.await });
+        shutdown.cancelled().await;
+        // In-flight requests get the grace period; then whatever is left is cut off.
+        let mut server = server;
+        let drained = tokio::time::timeout(grace, &mut server).await;
+        if drained.is_err() {
+            tracing::warn!(?grace, "requests still in flight after the grace period; shutdown was not graceful");
+            server.abort();
+        }
+        background.cancel();
+        while tasks.join_next().await.is_some() {}
+        let _ = admin_task.await;
+        if let Err(e) = client.drain().await {
+            tracing::warn!(error = %e, "draining the NATS connection failed");
+        }
+        if let Some(e) = fatal.lock().expect("fatal lock").take() {
+            return Err(e);
+        }
+        tracing::info!("trellis-api stopped");
+        Ok(())
+    });
+    Ok(Running { api_addr, admin_addr, pool, task })
+}
+
+/// Declares the streams, retrying while NATS is unreachable; a configuration the server does
+/// not keep is fatal.
+async fn declare_streams(
+    js: &async_nats::jetstream::Context,
+    topology: &Topology,
+    cancel: &CancellationToken,
+) -> Result<(), TopologyError> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match nats::ensure_streams(js, topology).await {
+            Ok(()) => return Ok(()),
+            Err(e @ TopologyError::Mismatch { .. }) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "declaring JetStream streams failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = cancel.cancelled() => return Ok(()),
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn prune_idempotency_keys(pool: PgPool, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(300));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        if let Err(e) = trellis_store::idempotency::prune_expired(&pool, 10_000).await {
+            tracing::warn!(error = %e, "pruning idempotency keys failed");
+        }
+    }
+}

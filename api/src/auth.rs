@@ -1,0 +1,146 @@
+//! Bearer tokens, password hashing and the authenticated principal.
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use trellis_domain::UserId;
+use trellis_domain::identity::{Password, Role};
+
+use crate::app::AppState;
+use crate::error::ApiError;
+
+/// A bearer token as handed to the client: 256 random bits, base64url, prefixed `trl_`.
+pub struct IssuedToken {
+    pub token: String,
+    pub expires_at: OffsetDateTime,
+}
+
+pub fn new_token() -> (String, [u8; 32]) {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = format!("trl_{}", URL_SAFE_NO_PAD.encode(bytes));
+    let hash = hash_token(&token);
+    (token, hash)
+}
+
+/// Only this hash is ever stored.
+pub fn hash_token(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Creates a token for `user` and stores its hash.
+pub async fn issue_token(
+    db: impl sqlx::PgExecutor<'_>,
+    user: UserId,
+    ttl: std::time::Duration,
+) -> Result<IssuedToken, sqlx::Error> {
+    let (token, hash) = new_token();
+    let expires_at = OffsetDateTime::now_utc() + ttl;
+    trellis_store::identity::insert_token(db, &hash, user, expires_at).await?;
+    Ok(IssuedToken { token, expires_at })
+}
+
+/// Hashes with argon2id (the crate's defaults: 19 MiB, 2 passes) off the async threads.
+pub async fn hash_password(password: Password) -> anyhow::Result<String> {
+    tokio::task::spawn_blocking(move || {
+        let mut salt = [0u8; 16];
+        rand::rng().fill_bytes(&mut salt);
+        let salt = SaltString::encode_b64(&salt).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
+        Argon2::default()
+            .hash_password(password.expose().as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| anyhow::anyhow!("hashing: {e}"))
+    })
+    .await?
+}
+
+/// Verifies off the async threads. With no stored hash (unknown login) it verifies against a
+/// fixed dummy so that the response takes as long either way.
+pub async fn verify_password(candidate: String, stored: Option<String>) -> anyhow::Result<bool> {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    tokio::task::spawn_blocking(move || {
+        let dummy = DUMMY.get_or_init(|| {
+            Argon2::default()
+                .hash_password(b"trellis-dummy-password", &SaltString::encode_b64(b"trellis-dummy-salt").expect("salt"))
+                .expect("hashing a constant")
+                .to_string()
+        });
+        let known = stored.is_some();
+        let hash_text = stored.unwrap_or_else(|| dummy.clone());
+        let hash = PasswordHash::new(&hash_text).map_err(|e| anyhow::anyhow!("stored hash: {e}"))?;
+        let ok = Argon2::default().verify_password(candidate.as_bytes(), &hash).is_ok();
+        Ok(known && ok)
+    })
+    .await?
+}
+
+/// The caller, authenticated by a live bearer token of an active user.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub user_id: UserId,
+    pub role: Role,
+    pub token_hash: [u8; 32],
+}
+
+impl Principal {
+    pub fn require_moderator(&self) -> Result<(), ApiError> {
+        if self.role.can_moderate() { Ok(()) } else { Err(ApiError::Forbidden("this needs the moderator role")) }
+    }
+
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        if self.role == Role::Admin { Ok(()) } else { Err(ApiError::Forbidden("this needs the admin role")) }
+    }
+}
+
+/// The bearer token of a request, if it has one.
+pub fn bearer(parts: &Parts) -> Option<&str> {
+    bearer_from_headers(&parts.headers)
+}
+
+pub fn bearer_from_headers(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let token = bearer(parts).ok_or(ApiError::Unauthenticated)?;
+        let token_hash = hash_token(token);
+        let found =
+            trellis_store::identity::authenticate(&state.pool, &token_hash).await?.ok_or(ApiError::Unauthenticated)?;
+        let role = found.role.parse::<Role>().map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?;
+        Ok(Principal { user_id: UserId(found.user_id), role, token_hash })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_256_bit_and_hashed() {
+        let (token, hash) = new_token();
+        assert!(token.starts_with("trl_"));
+        assert_eq!(URL_SAFE_NO_PAD.decode(&token[4..]).unwrap().len(), 32);
+        assert_eq!(hash, hash_token(&token));
+        assert_ne!(new_token().0, token);
+    }
+
+    #[tokio::test]
+    async fn passwords_verify_only_against_their_own_hash() {
+        let hash = hash_password(Password::parse("correct horse battery").unwrap()).await.unwrap();
+        assert!(hash.starts_with("$argon2id$"));
+        assert!(verify_password("correct horse battery".into(), Some(hash.clone())).await.unwrap());
+        assert!(!verify_password("wrong horse battery".into(), Some(hash)).await.unwrap());
+        assert!(!verify_password("trellis-dummy-password".into(), None).await.unwrap());
+    }
+}

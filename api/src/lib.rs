@@ -1,0 +1,14 @@
+//! `trellis-api`: the HTTP API monolith. Commands write their rows and their events in one
+//! transaction; the outbox relay, running in the same process, moves the events to JetStream.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod idempotency;
+pub mod ratelimit;
+pub mod routes;
+pub mod views;
+
+pub use app::{Running, start};
+pub use config::Config;

@@ -1,0 +1,266 @@
+//! Accounts and sessions: `/v1/users`, `/v1/sessions`, `/v1/me`.
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use trellis_domain::events::{EventPayload, ProfileUpdated, UserRegistered};
+use trellis_domain::identity::{DisplayName, Email, Handle, Password};
+use trellis_domain::{UserId, ValidationErrors};
+use trellis_store::identity::{NewUser, ProfileChange};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::app::AppState;
+use crate::auth::{self, Principal};
+use crate::error::{ApiError, ApiResult, Json, Path, Problem};
+use crate::idempotency::TokenIssued;
+use crate::routes::{events, resolve_user};
+use crate::views::{Me, PublicUser};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(login))
+        .routes(routes!(logout))
+        .routes(routes!(get_me, update_me))
+        .routes(routes!(get_user))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct Registration {
+    pub handle: String,
+    pub display_name: String,
+    pub email: String,
+    pub password: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Registered {
+    pub user: Me,
+    /// Bearer token for `Authorization: Bearer …`.
+    pub token: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+}
+
+/// Registers a user and signs them in.
+#[utoipa::path(post, path = "/v1/users", tag = "identity", request_body = Registration,
+    responses((status = 201, body = Registered), (status = 409, body = Problem), (status = 422, body = Problem)))]
+async fn register(State(state): State<AppState>, Json(body): Json<Registration>) -> ApiResult<Response> {
+    let mut errors = ValidationErrors::default();
+    let handle = errors.check(Handle::parse(&body.handle));
+    let display_name = errors.check(DisplayName::parse(&body.display_name));
+    let email = errors.check(Email::parse(&body.email));
+    let password = errors.check(Password::parse(&body.password));
+    let (Some(handle), Some(display_name), Some(email), Some(password)) = (handle, display_name, email, password)
+    else {
+        return Err(errors.into());
+    };
+    let password_hash = auth::hash_password(password).await?;
+    let id = UserId::new();
+    let mut tx = state.pool.begin().await?;
+    let user = trellis_store::identity::insert_user(
+        &mut tx,
+        &NewUser {
+            id,
+            handle: handle.as_str(),
+            display_name: display_name.as_str(),
+            email: email.as_str(),
+            password_hash: &password_hash,
+        },
+    )
+    .await
+    .map_err(unique_violation)?;
+    let evs = events(
+        Some(id),
+        [EventPayload::UserRegistered(UserRegistered {
+            user_id: id,
+            handle: user.handle.clone(),
+            display_name: user.display_name.clone(),
+        })],
+    );
+    trellis_store::outbox::insert(&mut tx, &evs).await?;
+    let issued = auth::issue_token(&mut *tx, id, state.config.token_ttl).await?;
+    tx.commit().await?;
+    let location = format!("/v1/users/{id}");
+    let mut response = (
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(Registered { user: user.into(), token: issued.token, expires_at: issued.expires_at }),
+    )
+        .into_response();
+    response.extensions_mut().insert(TokenIssued(id));
+    Ok(response)
+}
+
+/// Maps the unique constraints of `identity.users` to conflicts.
+fn unique_violation(e: sqlx::Error) -> ApiError {
+    match trellis_store::violated_constraint(&e) {
+        Some("users_handle_key") => ApiError::conflict("handle-taken", "that handle is already taken"),
+        Some("users_email_key") => ApiError::conflict("email-taken", "that e-mail address is already registered"),
+        _ => e.into(),
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct Login {
+    /// Handle or e-mail address.
+    pub login: String,
+    pub password: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Session {
+    pub user_id: uuid::Uuid,
+    pub token: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+}
+
+/// Signs in with a handle or e-mail and a password. Rate-limited per login and per address.
+#[utoipa::path(post, path = "/v1/sessions", tag = "identity", request_body = Login,
+    responses((status = 201, body = Session), (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 429, body = Problem)))]
+async fn login(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Json(body): Json<Login>,
+) -> ApiResult<Response> {
+    let login = body.login.trim().to_lowercase();
+    if login.is_empty() {
+        return Err(trellis_domain::FieldError::new("login", "required", "must not be empty").into());
+    }
+    state
+        .login_limiter
+        .check(&login, peer.ip())
+        .map_err(|retry_after_secs| ApiError::RateLimited { retry_after_secs })?;
+    let found = trellis_store::identity::find_credentials(&state.pool, &login).await?;
+    let (user, hash) = match found {
+        Some((user, hash)) => (Some(user), Some(hash)),
+        None => (None, None),
+    };
+    let valid = auth::verify_password(body.password, hash).await?;
+    let user = match user {
+        Some(user) if valid => user,
+        _ => return Err(ApiError::Unauthenticated),
+    };
+    if user.status != "active" {
+        return Err(ApiError::Forbidden("this account is suspended"));
+    }
+    let user_id = UserId(user.id);
+    let issued = auth::issue_token(&state.pool, user_id, state.config.token_ttl).await?;
+    let mut response =
+        (StatusCode::CREATED, Json(Session { user_id: user.id, token: issued.token, expires_at: issued.expires_at }))
+            .into_response();
+    response.extensions_mut().insert(TokenIssued(user_id));
+    Ok(response)
+}
+
+/// Revokes the token this request is authenticated with.
+#[utoipa::path(delete, path = "/v1/sessions/current", tag = "identity", security(("bearer" = [])),
+    responses((status = 204), (status = 401, body = Problem)))]
+async fn logout(State(state): State<AppState>, principal: Principal) -> ApiResult<StatusCode> {
+    trellis_store::identity::revoke_token(&state.pool, &principal.token_hash).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The caller's account.
+#[utoipa::path(get, path = "/v1/me", tag = "identity", security(("bearer" = [])),
+    responses((status = 200, body = Me), (status = 401, body = Problem)))]
+async fn get_me(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Me>> {
+    let user =
+        trellis_store::identity::find_by_id(&state.pool, principal.user_id).await?.ok_or(ApiError::Unauthenticated)?;
+    Ok(Json(user.into()))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MeChange {
+    pub display_name: Option<String>,
+    pub email: Option<String>,
+    /// A new password; needs `current_password`.
+    pub password: Option<String>,
+    /// Required to change the e-mail address or the password.
+    pub current_password: Option<String>,
+}
+
+/// Changes the caller's display name, e-mail or password.
+#[utoipa::path(patch, path = "/v1/me", tag = "identity", security(("bearer" = [])), request_body = MeChange,
+    responses((status = 200, body = Me), (status = 401, body = Problem), (status = 409, body = Problem),
+        (status = 422, body = Problem)))]
+async fn update_me(
+    State(state): State<AppState>,
+    principal: Principal,
+    Json(body): Json<MeChange>,
+) -> ApiResult<Json<Me>> {
+    let mut errors = ValidationErrors::default();
+    let display_name = body.display_name.as_deref().map(DisplayName::parse).and_then(|r| errors.check(r));
+    let email = body.email.as_deref().map(Email::parse).and_then(|r| errors.check(r));
+    let password = body.password.as_deref().map(Password::parse).and_then(|r| errors.check(r));
+    errors.into_result()?;
+    if display_name.is_none() && email.is_none() && password.is_none() {
+        return Err(trellis_domain::FieldError::new("body", "empty", "nothing to change").into());
+    }
+    if email.is_some() || password.is_some() {
+        let current = body.current_password.ok_or_else(|| {
+            trellis_domain::FieldError::new(
+                "current_password",
+                "required",
+                "is required to change the e-mail address or the password",
+            )
+        })?;
+        let me = trellis_store::identity::find_by_id(&state.pool, principal.user_id)
+            .await?
+            .ok_or(ApiError::Unauthenticated)?;
+        let (_, hash) = trellis_store::identity::find_credentials(&state.pool, &me.handle)
+            .await?
+            .ok_or(ApiError::Unauthenticated)?;
+        if !auth::verify_password(current, Some(hash)).await? {
+            return Err(trellis_domain::FieldError::new("current_password", "incorrect", "is not your password").into());
+        }
+    }
+    let password_hash = match password {
+        Some(p) => Some(auth::hash_password(p).await?),
+        None => None,
+    };
+    let mut tx = state.pool.begin().await?;
+    let user = trellis_store::identity::update_profile(
+        &mut tx,
+        principal.user_id,
+        &ProfileChange {
+            display_name: display_name.as_ref().map(DisplayName::as_str),
+            email: email.as_ref().map(Email::as_str),
+            password_hash: password_hash.as_deref(),
+        },
+    )
+    .await
+    .map_err(unique_violation)?;
+    let evs = events(
+        Some(principal.user_id),
+        [EventPayload::ProfileUpdated(ProfileUpdated {
+            user_id: principal.user_id,
+            display_name: display_name.map(|d| d.as_str().to_owned()),
+            email_changed: email.is_some(),
+        })],
+    );
+    trellis_store::outbox::insert(&mut tx, &evs).await?;
+    tx.commit().await?;
+    Ok(Json(user.into()))
+}
+
+/// A user's public profile, by id or handle.
+#[utoipa::path(get, path = "/v1/users/{user}", tag = "identity", security(("bearer" = [])),
+    params(("user" = String, Path, description = "user id or handle")),
+    responses((status = 200, body = PublicUser), (status = 401, body = Problem), (status = 404, body = Problem)))]
+async fn get_user(
+    State(state): State<AppState>,
+    _principal: Principal,
+    Path(user): Path<String>,
+) -> ApiResult<Json<PublicUser>> {
+    Ok(Json(resolve_user(&state.pool, &user).await?.into()))
+}

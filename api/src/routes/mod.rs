@@ -1,0 +1,74 @@
+//! The `/v1` routes, one module per domain; each exports its `router()`.
+
+pub mod circles;
+pub mod contacts;
+pub mod disputes;
+pub mod identity;
+pub mod moderation;
+pub mod scores;
+pub mod search;
+
+use serde::de::DeserializeOwned;
+use time::OffsetDateTime;
+use trellis_domain::UserId;
+use trellis_domain::events::{Event, EventPayload};
+use trellis_domain::identity::Handle;
+use trellis_store::identity::UserRow;
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::app::AppState;
+use crate::error::ApiError;
+use crate::views::PageParams;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .merge(identity::router())
+        .merge(contacts::router())
+        .merge(circles::router())
+        .merge(disputes::router())
+        .merge(moderation::router())
+        .merge(scores::router())
+        .merge(search::router())
+}
+
+/// Finds a user by id or handle (`{user}` path segments take either).
+pub async fn resolve_user(db: impl sqlx::PgExecutor<'_>, id_or_handle: &str) -> Result<UserRow, ApiError> {
+    let found = if let Ok(id) = id_or_handle.parse::<UserId>() {
+        trellis_store::identity::find_by_id(db, id).await?
+    } else if let Ok(handle) = Handle::parse(id_or_handle) {
+        trellis_store::identity::find_by_handle(db, handle.as_str()).await?
+    } else {
+        None
+    };
+    found.ok_or(ApiError::NotFound("user"))
+}
+
+/// A limit of 1..=`max`, `default` when absent.
+pub fn limit(requested: Option<u32>, default: u32, max: u32) -> Result<usize, ApiError> {
+    match requested {
+        None => Ok(default as usize),
+        Some(n) if (1..=max).contains(&n) => Ok(n as usize),
+        Some(_) => Err(ApiError::Validation(
+            trellis_domain::FieldError::new("limit", "out_of_range", format!("must be between 1 and {max}")).into(),
+        )),
+    }
+}
+
+/// The page's limit (default 50, at most 100) and its decoded cursor.
+pub fn page<K: DeserializeOwned>(params: &PageParams) -> Result<(usize, Option<K>), ApiError> {
+    let limit = limit(params.limit, 50, 100)?;
+    let cursor = match &params.cursor {
+        None => None,
+        Some(c) => Some(
+            trellis_store::page::decode_cursor(c)
+                .ok_or_else(|| ApiError::bad_request("invalid-cursor", "the cursor is not one this list handed out"))?,
+        ),
+    };
+    Ok((limit, cursor))
+}
+
+/// Events of one command, all stamped with the same time and actor.
+pub fn events(actor: Option<UserId>, payloads: impl IntoIterator<Item = EventPayload>) -> Vec<Event> {
+    let now = OffsetDateTime::now_utc();
+    payloads.into_iter().map(|p| Event::new(&p, actor, now)).collect()
+}

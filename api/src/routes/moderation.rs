@@ -1,0 +1,125 @@
+//! The moderators' queue and their decisions: `/v1/moderation/disputes`.
+
+use axum::extract::State;
+use serde::Deserialize;
+use trellis_domain::disputes::{DisputeKind, DisputeStatus, Priority, Verdict};
+use trellis_domain::events::{DisputeDecided, EventPayload};
+use trellis_domain::{DisputeId, FieldError, UserId};
+use trellis_store::disputes::{Decision, QueueKey};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::auth::Principal;
+use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
+use crate::routes::{events, page};
+use crate::views::{Dispute, List, PageParams};
+
+/// The rule id of a moderator's decision.
+pub const MODERATOR_RULE: &str = "moderator";
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(queue)).routes(routes!(decide))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct QueueParams {
+    /// `pending`, `upheld`, `dismissed` or `needs_review`.
+    pub status: Option<String>,
+    /// `P0` … `P3`.
+    pub priority: Option<String>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+/// Disputes by priority, then age (moderators).
+#[utoipa::path(get, path = "/v1/moderation/disputes", tag = "moderation", security(("bearer" = [])),
+    params(QueueParams),
+    responses((status = 200, body = List<Dispute>), (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 422, body = Problem)))]
+async fn queue(
+    State(state): State<AppState>,
+    principal: Principal,
+    Query(params): Query<QueueParams>,
+) -> ApiResult<Json<List<Dispute>>> {
+    principal.require_moderator()?;
+    let status = params.status.as_deref().map(DisputeStatus::parse).transpose()?;
+    let priority = params.priority.as_deref().map(Priority::parse).transpose()?;
+    let (limit, after) = page::<QueueKey>(&PageParams { limit: params.limit, cursor: params.cursor })?;
+    let rows = trellis_store::disputes::list_queue(&state.pool, status, priority, after, limit).await?;
+    Ok(Json(List::from_page(rows, |r| Dispute::from_row(r, true))))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionBody {
+    /// `upheld` or `dismissed`.
+    pub decision: String,
+    /// Shown to the reporter with the outcome.
+    pub note: String,
+}
+
+/// Decides a dispute. Upholding applies the same effects as the automatic rules.
+#[utoipa::path(post, path = "/v1/moderation/disputes/{id}/decision", tag = "moderation", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), request_body = DecisionBody,
+    responses((status = 200, body = Dispute), (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+async fn decide(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<Uuid>,
+    Json(body): Json<DecisionBody>,
+) -> ApiResult<Json<Dispute>> {
+    principal.require_moderator()?;
+    let verdict = Verdict::parse(&body.decision)?;
+    let note = body.note.trim();
+    if note.is_empty() || note.chars().count() > 2000 {
+        return Err(FieldError::new("note", "invalid", "must be 1-2000 characters").into());
+    }
+    let id = DisputeId(id);
+    let mut tx = state.pool.begin().await?;
+    let current = trellis_store::disputes::get_for_update(&mut tx, id).await?.ok_or(ApiError::NotFound("dispute"))?;
+    if current.reporter_id == principal.user_id.0 || current.target_id == principal.user_id.0 {
+        return Err(ApiError::Forbidden("moderators cannot decide disputes they are party to"));
+    }
+    let status = DisputeStatus::parse(&current.status).map_err(|e| ApiError::Internal(e.into()))?;
+    if status.is_final() {
+        return Err(ApiError::conflict(
+            "dispute-already-decided",
+            format!("this dispute was already {}", current.status),
+        ));
+    }
+    let kind = DisputeKind::parse(&current.kind).map_err(|e| ApiError::Internal(e.into()))?;
+    let target = UserId(current.target_id);
+    let row = trellis_store::disputes::record_decision(
+        &mut tx,
+        id,
+        &Decision {
+            status: verdict.status(),
+            rule: MODERATOR_RULE,
+            reasons: serde_json::json!([format!("decided by a moderator: {note}")]),
+            rules_version: "manual",
+            decided_by: Some(principal.user_id),
+            note: Some(note),
+        },
+    )
+    .await?;
+    let mut payloads = Vec::new();
+    if verdict == Verdict::Upheld {
+        payloads = trellis_store::disputes::apply_upheld_effects(&mut tx, id, kind, target).await?;
+    }
+    payloads.push(EventPayload::DisputeDecided(DisputeDecided {
+        dispute_id: id,
+        target_id: target,
+        kind,
+        status: verdict.status(),
+        rule: MODERATOR_RULE.into(),
+        decided_by: Some(principal.user_id),
+    }));
+    trellis_store::outbox::insert(&mut tx, &events(Some(principal.user_id), payloads)).await?;
+    tx.commit().await?;
+    Ok(Json(Dispute::from_row(row, true)))
+}

@@ -1,0 +1,224 @@
+//! What the API returns: JSON views of the store's rows.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use trellis_store::circles::{CircleRow, MemberRow};
+use trellis_store::contacts::ContactRow;
+use trellis_store::disputes::DisputeRow;
+use trellis_store::identity::UserRow;
+use trellis_store::page::Page;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// One page of a list; `next_cursor` is absent on the last page.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct List<T: ToSchema> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+impl<T: ToSchema> List<T> {
+    pub fn from_page<R>(page: Page<R>, f: impl FnMut(R) -> T) -> Self {
+        let page = page.map(f);
+        Self { items: page.items, next_cursor: page.next_cursor }
+    }
+}
+
+/// `?limit=&cursor=` of every list.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageParams {
+    /// 1–100, default 50.
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// The caller's own account.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Me {
+    pub id: Uuid,
+    pub handle: String,
+    pub display_name: String,
+    pub email: String,
+    /// `user`, `moderator` or `admin`.
+    pub role: String,
+    /// `active` or `suspended`.
+    pub status: String,
+    pub verified: bool,
+    pub version: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+impl From<UserRow> for Me {
+    fn from(u: UserRow) -> Self {
+        Self {
+            id: u.id,
+            handle: u.handle,
+            display_name: u.display_name,
+            email: u.email,
+            role: u.role,
+            status: u.status,
+            verified: u.verified,
+            version: u.version,
+            created_at: u.created_at,
+            updated_at: u.updated_at,
+        }
+    }
+}
+
+/// What anyone signed in may see of a user.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PublicUser {
+    pub id: Uuid,
+    pub handle: String,
+    pub display_name: String,
+    pub verified: bool,
+    pub status: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+impl From<UserRow> for PublicUser {
+    fn from(u: UserRow) -> Self {
+        Self {
+            id: u.id,
+            handle: u.handle,
+            display_name: u.display_name,
+            verified: u.verified,
+            status: u.status,
+            created_at: u.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Contact {
+    pub user_id: Uuid,
+    pub handle: String,
+    pub display_name: String,
+    pub label: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+impl From<ContactRow> for Contact {
+    fn from(c: ContactRow) -> Self {
+        Self {
+            user_id: c.contact_id,
+            handle: c.handle,
+            display_name: c.display_name,
+            label: c.label,
+            created_at: c.created_at,
+            updated_at: c.updated_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Circle {
+    pub id: Uuid,
+    pub name: String,
+    pub member_count: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+impl From<CircleRow> for Circle {
+    fn from(c: CircleRow) -> Self {
+        Self {
+            id: c.id,
+            name: c.name,
+            member_count: c.member_count,
+            created_at: c.created_at,
+            updated_at: c.updated_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CircleMember {
+    pub user_id: Uuid,
+    pub handle: String,
+    pub display_name: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub added_at: OffsetDateTime,
+}
+
+impl From<MemberRow> for CircleMember {
+    fn from(m: MemberRow) -> Self {
+        Self { user_id: m.user_id, handle: m.handle, display_name: m.display_name, added_at: m.added_at }
+    }
+}
+
+/// How a dispute was decided.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Decision {
+    /// Rule id (`R1`…`R5`) or `moderator`.
+    pub rule: String,
+    pub rules_version: Option<String>,
+    /// Human-readable reasons with the counts that decided it.
+    #[schema(value_type = Object)]
+    pub reasons: serde_json::Value,
+    pub note: Option<String>,
+    /// The deciding moderator; shown to moderators only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<Uuid>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub decided_at: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Dispute {
+    pub id: Uuid,
+    pub reporter_id: Uuid,
+    pub target_id: Uuid,
+    pub kind: String,
+    /// `P0` (most urgent) … `P3`.
+    pub priority: String,
+    /// `pending`, `upheld`, `dismissed` or `needs_review`.
+    pub status: String,
+    pub description: String,
+    pub evidence: Option<String>,
+    pub decision: Option<Decision>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+impl Dispute {
+    /// `for_moderator` reveals who decided.
+    pub fn from_row(d: DisputeRow, for_moderator: bool) -> Self {
+        let decision = d.decision_rule.map(|rule| Decision {
+            rule,
+            rules_version: d.rules_version,
+            reasons: d.decision_reasons.unwrap_or(serde_json::Value::Array(Vec::new())),
+            note: d.decision_note,
+            decided_by: if for_moderator { d.decided_by } else { None },
+            decided_at: d.decided_at,
+        });
+        Self {
+            id: d.id,
+            reporter_id: d.reporter_id,
+            target_id: d.target_id,
+            kind: d.kind,
+            priority: trellis_domain::disputes::Priority::from_rank(d.priority)
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_else(|| format!("P{}", d.priority)),
+            status: d.status,
+            description: d.description,
+            evidence: d.evidence,
+            decision,
+            created_at: d.created_at,
+            updated_at: d.updated_at,
+        }
+    }
+}

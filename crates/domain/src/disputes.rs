@@ -1,0 +1,185 @@
+//! Disputes: what can be disputed, how urgent it is, and where it stands.
+
+use serde::{Deserialize, Serialize};
+
+use crate::validation::FieldError;
+
+/// What a dispute alleges. The kind alone decides the priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DisputeKind {
+    Impersonation,
+    Harassment,
+    Spam,
+    IncorrectInfo,
+}
+
+impl DisputeKind {
+    pub const ALL: [DisputeKind; 4] =
+        [DisputeKind::Impersonation, DisputeKind::Harassment, DisputeKind::Spam, DisputeKind::IncorrectInfo];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisputeKind::Impersonation => "impersonation",
+            DisputeKind::Harassment => "harassment",
+            DisputeKind::Spam => "spam",
+            DisputeKind::IncorrectInfo => "incorrect_info",
+        }
+    }
+
+    pub fn priority(self) -> Priority {
+        match self {
+            DisputeKind::Impersonation => Priority::P0,
+            DisputeKind::Harassment => Priority::P1,
+            DisputeKind::Spam => Priority::P2,
+            DisputeKind::IncorrectInfo => Priority::P3,
+        }
+    }
+
+    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+        DisputeKind::ALL.into_iter().find(|k| k.as_str() == raw).ok_or_else(|| {
+            FieldError::new("kind", "unknown", "must be one of impersonation, harassment, spam, incorrect_info")
+        })
+    }
+}
+
+/// Dispute urgency, P0 (most urgent) to P3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Priority {
+    P0,
+    P1,
+    P2,
+    P3,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 4] = [Priority::P0, Priority::P1, Priority::P2, Priority::P3];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::P0 => "P0",
+            Priority::P1 => "P1",
+            Priority::P2 => "P2",
+            Priority::P3 => "P3",
+        }
+    }
+
+    /// 0 for P0 … 3 for P3; the database stores this.
+    pub fn rank(self) -> i16 {
+        self as i16
+    }
+
+    pub fn from_rank(rank: i16) -> Option<Self> {
+        Priority::ALL.get(usize::try_from(rank).ok()?).copied()
+    }
+
+    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+        Priority::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(raw))
+            .ok_or_else(|| FieldError::new("priority", "unknown", "must be one of P0, P1, P2, P3"))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DisputeStatus {
+    Pending,
+    Upheld,
+    Dismissed,
+    NeedsReview,
+}
+
+impl DisputeStatus {
+    pub const ALL: [DisputeStatus; 4] =
+        [DisputeStatus::Pending, DisputeStatus::Upheld, DisputeStatus::Dismissed, DisputeStatus::NeedsReview];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisputeStatus::Pending => "pending",
+            DisputeStatus::Upheld => "upheld",
+            DisputeStatus::Dismissed => "dismissed",
+            DisputeStatus::NeedsReview => "needs_review",
+        }
+    }
+
+    /// Upheld and dismissed are final; pending and needs_review still await a decision.
+    pub fn is_final(self) -> bool {
+        matches!(self, DisputeStatus::Upheld | DisputeStatus::Dismissed)
+    }
+
+    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+        DisputeStatus::ALL.into_iter().find(|s| s.as_str() == raw).ok_or_else(|| {
+            FieldError::new("status", "unknown", "must be one of pending, upheld, dismissed, needs_review")
+        })
+    }
+}
+
+/// A final decision a moderator can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Upheld,
+    Dismissed,
+}
+
+impl Verdict {
+    pub fn status(self) -> DisputeStatus {
+        match self {
+            Verdict::Upheld => DisputeStatus::Upheld,
+            Verdict::Dismissed => DisputeStatus::Dismissed,
+        }
+    }
+
+    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+        match raw {
+            "upheld" => Ok(Verdict::Upheld),
+            "dismissed" => Ok(Verdict::Dismissed),
+            _ => Err(FieldError::new("decision", "unknown", "must be upheld or dismissed")),
+        }
+    }
+}
+
+/// Free text that explains a dispute: 1–2,000 characters after trimming.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Description(String);
+
+impl Description {
+    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+        let s = raw.trim();
+        if s.is_empty() {
+            return Err(FieldError::new("description", "required", "must not be empty"));
+        }
+        if s.chars().count() > 2000 {
+            return Err(FieldError::new("description", "too_long", "must be at most 2000 characters"));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_decides_priority() {
+        assert_eq!(DisputeKind::Impersonation.priority(), Priority::P0);
+        assert_eq!(DisputeKind::Harassment.priority(), Priority::P1);
+        assert_eq!(DisputeKind::Spam.priority(), Priority::P2);
+        assert_eq!(DisputeKind::IncorrectInfo.priority(), Priority::P3);
+    }
+
+    #[test]
+    fn priority_round_trips_through_rank() {
+        for p in Priority::ALL {
+            assert_eq!(Priority::from_rank(p.rank()), Some(p));
+        }
+        assert_eq!(Priority::from_rank(4), None);
+        assert_eq!(Priority::parse("p2").unwrap(), Priority::P2);
+    }
+}

@@ -1,0 +1,12 @@
+//! The shared domain of Trellis: identifiers, validated newtypes, the event envelope with its
+//! subjects and payloads, and the pure rules. Nothing in this crate does I/O or is async.
+
+pub mod disputes;
+pub mod events;
+pub mod identity;
+pub mod ids;
+pub mod social;
+pub mod validation;
+
+pub use ids::{CircleId, DisputeId, EventId, UserId};
+pub use validation::{FieldError, ValidationErrors};

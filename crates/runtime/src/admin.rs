@@ -1,0 +1,59 @@
+//! The admin listener: `/healthz`, `/readyz` and `/metrics`, on a port of its own.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::Health;
+
+/// `/healthz` and `/readyz`, to be merged into any router (the API serves them publicly too).
+pub fn health_routes(health: Health) -> Router {
+    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(health)
+}
+
+pub fn router(health: Health, metrics: PrometheusHandle) -> Router {
+    Router::new().route("/metrics", get(render_metrics)).with_state(metrics).merge(health_routes(health))
+}
+
+/// Binds `addr` and serves the admin routes until `shutdown` is cancelled. Binding happens
+/// before this returns, so a port clash is reported at start-up.
+pub async fn serve(
+    addr: SocketAddr,
+    health: Health,
+    metrics: PrometheusHandle,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind the admin listener on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    let app = router(health, metrics);
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    });
+    Ok((local, task))
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(health): State<Health>) -> Response {
+    let report = health.report(Duration::from_secs(2)).await;
+    let status = if report.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(report)).into_response()
+}
+
+async fn render_metrics(State(metrics): State<PrometheusHandle>) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.render()).into_response()
+}

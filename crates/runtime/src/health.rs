@@ -1,0 +1,116 @@
+//! Readiness checks: what `/readyz` reports.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde::Serialize;
+
+/// Whether a failing check makes the process unready (503) or only degraded (200 with a
+/// warning): the API still takes writes without NATS, because its outbox holds the events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Critical,
+    Degrading,
+}
+
+type CheckFn = dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync;
+
+struct Check {
+    name: &'static str,
+    severity: Severity,
+    run: Arc<CheckFn>,
+}
+
+/// The set of readiness checks of one process.
+#[derive(Clone, Default)]
+pub struct Health {
+    checks: Arc<std::sync::RwLock<Vec<Arc<Check>>>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub name: &'static str,
+    pub severity: Severity,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// `ready`, `degraded` or `unready`.
+    pub status: &'static str,
+    pub checks: Vec<CheckReport>,
+}
+
+impl Report {
+    pub fn is_ready(&self) -> bool {
+        self.status != "unready"
+    }
+}
+
+impl Health {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add<F, Fut>(&self, name: &'static str, severity: Severity, check: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let run: Arc<CheckFn> = Arc::new(move || Box::pin(check()));
+        self.checks.write().expect("health lock").push(Arc::new(Check { name, severity, run }));
+    }
+
+    /// Runs every check concurrently, each bounded by `timeout`.
+    pub async fn report(&self, timeout: Duration) -> Report {
+        let checks: Vec<Arc<Check>> = self.checks.read().expect("health lock").clone();
+        let results = futures::future::join_all(checks.iter().map(|c| {
+            let run = c.run.clone();
+            async move {
+                match tokio::time::timeout(timeout, run()).await {
+                    Ok(r) => r,
+                    Err(_) => Err(format!("timed out after {timeout:?}")),
+                }
+            }
+        }))
+        .await;
+        let mut status = "ready";
+        let mut reports = Vec::with_capacity(checks.len());
+        for (check, result) in checks.iter().zip(results) {
+            let ok = result.is_ok();
+            if !ok {
+                status = match (check.severity, status) {
+                    (Severity::Critical, _) | (_, "unready") => "unready",
+                    (Severity::Degrading, _) => "degraded",
+                };
+            }
+            reports.push(CheckReport { name: check.name, severity: check.severity, ok, error: result.err() });
+        }
+        Report { status, checks: reports }
+    }
+}
+
+/// A check that the database answers.
+pub fn database_check(pool: sqlx::PgPool) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
+    move || {
+        let pool = pool.clone();
+        Box::pin(async move { sqlx::query("SELECT 1").execute(&pool).await.map(drop).map_err(|e| e.to_string()) })
+    }
+}
+
+/// A check that the NATS connection is up.
+pub fn nats_check(client: async_nats::Client) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
+    move || {
+        let state = client.connection_state();
+        Box::pin(async move {
+            match state {
+                async_nats::connection::State::Connected => Ok(()),
+                other => Err(format!("NATS connection is {other}")),
+            }
+        })
+    }
+}

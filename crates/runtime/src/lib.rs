@@ -1,0 +1,10 @@
+//! The process runtime shared by every Trellis binary: configuration, telemetry, the admin
+//! listener (health and metrics), shutdown, the JetStream topology and the outbox relay.
+
+pub mod admin;
+pub mod config;
+pub mod health;
+pub mod nats;
+pub mod relay;
+pub mod shutdown;
+pub mod telemetry;

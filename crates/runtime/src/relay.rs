@@ -1,0 +1,236 @@
+//! The outbox relay: moves events from `ops.outbox` to the `EVENTS` stream.
+//!
+//! A batch is claimed with `FOR UPDATE SKIP LOCKED` (so relays in several API replicas split
+//! the work), published with `Nats-Msg-Id` = event id and the acknowledgements pipelined, and
+//! marked published only for the events JetStream acknowledged. A crash between publish and
+//! mark re-sends the batch; the stream's duplicate window drops the copies.
+
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use backon::BackoffBuilder;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+use trellis_store::outbox;
+
+use crate::nats::Topology;
+
+/// The channel the outbox trigger notifies on commit.
+pub const OUTBOX_CHANNEL: &str = "trellis_outbox";
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Events claimed and published per transaction.
+    pub batch_size: i64,
+    /// How often to look for events when no notification arrives (the fallback).
+    pub poll_interval: Duration,
+    /// How long published events are kept (for `trellisctl outbox republish`).
+    pub retention: Duration,
+    /// How often published events past retention are pruned.
+    pub prune_interval: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 2000,
+            poll_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(72 * 3600),
+            prune_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Relay {
+    pool: PgPool,
+    js: jetstream::Context,
+    topology: Topology,
+    config: RelayConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("publishing to JetStream: {0}")]
+    Publish(String),
+}
+
+impl Relay {
+    /// `pool` should be the relay's own small pool (a bulkhead): HTTP requests never queue
+    /// behind a batch that is waiting for JetStream.
+    pub fn new(pool: PgPool, js: jetstream::Context, topology: Topology, config: RelayConfig) -> Self {
+        Self { pool, js, topology, config }
+    }
+
+    /// Runs until `shutdown`: relays, samples the backlog gauges and prunes.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let sampler = tokio::spawn(sample_backlog(self.pool.clone(), shutdown.clone()));
+        let pruner = tokio::spawn(prune_loop(self.pool.clone(), self.config.clone(), shutdown.clone()));
+        self.relay_loop(&shutdown).await;
+        let _ = tokio::join!(sampler, pruner);
+    }
+
+    async fn relay_loop(&self, shutdown: &CancellationToken) {
+        let mut listener: Option<PgListener> = None;
+        let mut backoff = new_backoff();
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            match self.drain().await {
+                Ok(_) => backoff = new_backoff(),
+                Err(e) => {
+                    metrics::counter!("trellis_outbox_relay_errors_total").increment(1);
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = %e, retry_in = ?delay, "outbox relay failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => continue,
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+            if listener.is_none() {
+                listener = self.listen().await;
+            }
+            // Wait for a commit notification, the poll interval, or shutdown.
+            let poll = tokio::time::sleep(self.config.poll_interval);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = poll => {}
+                got = recv(&mut listener) => {
+                    if let Err(e) = got {
+                        tracing::warn!(error = %e, "outbox LISTEN connection lost; polling until it is back");
+                        listener = None;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn listen(&self) -> Option<PgListener> {
+        let mut l = PgListener::connect_with(&self.pool).await.ok()?;
+        l.listen(OUTBOX_CHANNEL).await.ok()?;
+        Some(l)
+    }
+
+    /// Relays batches until the outbox has no unclaimed event. Returns how many were published.
+    pub async fn drain(&self) -> Result<u64, RelayError> {
+        let mut total = 0;
+        loop {
+            let n = self.relay_batch().await?;
+            total += n as u64;
+            if (n as i64) < self.config.batch_size {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Claims, publishes and marks one batch. Returns how many events it published.
+    pub async fn relay_batch(&self) -> Result<usize, RelayError> {
+        let started = Instant::now();
+        let mut tx = self.pool.begin().await?;
+        let batch = outbox::claim(&mut tx, self.config.batch_size).await?;
+        if batch.is_empty() {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        let mut acks = Vec::with_capacity(batch.len());
+        let mut send_error = None;
+        for event in &batch {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
+            let subject = self.topology.subject(&event.subject);
+            match self.js.publish_with_headers(subject, headers, event.payload.clone().into()).await {
+                Ok(ack) => acks.push((event.seq, ack)),
+                Err(e) => {
+                    send_error = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        let results =
+            futures::future::join_all(acks.into_iter().map(|(seq, ack)| async move { (seq, ack.await) })).await;
+        let mut published = Vec::with_capacity(results.len());
+        let mut ack_error = None;
+        for (seq, result) in results {
+            match result {
+                Ok(_) => published.push(seq),
+                Err(e) => ack_error = Some(e.to_string()),
+            }
+        }
+        if !published.is_empty() {
+            outbox::mark_published(&mut tx, &published).await?;
+        }
+        tx.commit().await?;
+        metrics::counter!("trellis_outbox_published_total").increment(published.len() as u64);
+        metrics::histogram!("trellis_outbox_relay_batch_duration_seconds").record(started.elapsed().as_secs_f64());
+        match send_error.or(ack_error) {
+            Some(e) => Err(RelayError::Publish(e)),
+            None => Ok(published.len()),
+        }
+    }
+}
+
+async fn recv(listener: &mut Option<PgListener>) -> Result<(), sqlx::Error> {
+    match listener {
+        Some(l) => l.recv().await.map(drop),
+        None => std::future::pending().await,
+    }
+}
+
+fn new_backoff() -> backon::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Keeps `trellis_outbox_pending` and `trellis_outbox_oldest_pending_age_seconds` current.
+async fn sample_backlog(pool: PgPool, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match outbox::pending_count(&pool).await {
+            Ok(n) => metrics::gauge!("trellis_outbox_pending").set(n as f64),
+            Err(e) => tracing::debug!(error = %e, "sampling the outbox backlog failed"),
+        }
+        if let Ok(age) = outbox::oldest_pending_age_seconds(&pool).await {
+            metrics::gauge!("trellis_outbox_oldest_pending_age_seconds").set(age);
+        }
+    }
+}
+
+async fn prune_loop(pool: PgPool, config: RelayConfig, shutdown: CancellationToken) {
+    const BATCH: i64 = 10_000;
+    let mut tick = tokio::time::interval(config.prune_interval);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let before = time::OffsetDateTime::now_utc() - config.retention;
+        loop {
+            match outbox::prune(&pool, before, BATCH).await {
+                Ok(n) => {
+                    metrics::counter!("trellis_outbox_pruned_total").increment(n);
+                    if (n as i64) < BATCH || shutdown.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning the outbox failed");
+                    break;
+                }
+            }
+        }
+    }
+}

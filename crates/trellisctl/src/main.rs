@@ -1,0 +1,163 @@
+//! `trellisctl`: the Trellis on-call tool.
+
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use trellis_domain::UserId;
+use trellis_domain::events::{Event, EventPayload, RoleGranted, UserRef};
+use trellis_domain::identity::{Handle, Role};
+use trellis_runtime::config::Secret;
+use trellis_store::PoolConfig;
+
+#[derive(Debug, Parser)]
+#[command(name = "trellisctl", version, about = "The Trellis on-call tool")]
+struct Cli {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/trellis", global = true)]
+    database_url: Secret,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Database migrations.
+    Migrate {
+        #[command(subcommand)]
+        action: Migrate,
+    },
+    /// Roles and verification: the only way to make moderators, admins and verified users.
+    Users {
+        #[command(subcommand)]
+        action: Users,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Migrate {
+    /// Applies every pending migration.
+    Up,
+    /// Reverts the newest applied migration, or down to `--to VERSION` (0 reverts all).
+    Down {
+        #[arg(long)]
+        to: Option<i64>,
+    },
+    /// Lists migrations and whether each is applied.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum Users {
+    /// Sets a user's role (user, moderator, admin).
+    GrantRole {
+        /// User id or handle.
+        user: String,
+        role: Role,
+    },
+    /// Marks a user as verified (or, with --revoke, as not verified).
+    Verify {
+        /// User id or handle.
+        user: String,
+        #[arg(long)]
+        revoke: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("trellisctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut config = PoolConfig::new("trellisctl");
+    config.max_connections = 2;
+    config.statement_timeout = std::time::Duration::from_secs(300);
+    let pool = trellis_store::connect_lazy(cli.database_url.expose(), &config).context("invalid DATABASE_URL")?;
+    match cli.command {
+        Command::Migrate { action } => migrate(&pool, action).await,
+        Command::Users { action } => users(&pool, action).await,
+    }
+}
+
+async fn migrate(pool: &sqlx::PgPool, action: Migrate) -> anyhow::Result<()> {
+    use trellis_store::migrate;
+    match action {
+        Migrate::Up => {
+            migrate::up(pool).await.context("applying migrations")?;
+            println!("migrations applied");
+        }
+        Migrate::Down { to } => {
+            let target = match to {
+                Some(t) => t,
+                None => match migrate::previous_version(pool).await? {
+                    Some(t) => t,
+                    None => bail!("no migration is applied"),
+                },
+            };
+            migrate::down_to(pool, target).await.context("reverting migrations")?;
+            println!("reverted to version {target}");
+        }
+        Migrate::Status => {
+            println!("{:<16} {:<8} DESCRIPTION", "VERSION", "APPLIED");
+            for m in migrate::status(pool).await? {
+                println!("{:<16} {:<8} {}", m.version, if m.applied { "yes" } else { "no" }, m.description);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn find_user(pool: &sqlx::PgPool, user: &str) -> anyhow::Result<trellis_store::identity::UserRow> {
+    let found = if let Ok(id) = user.parse::<UserId>() {
+        trellis_store::identity::find_by_id(pool, id).await?
+    } else {
+        let handle =
+            Handle::parse(user).map_err(|e| anyhow::anyhow!("{user:?} is neither a user id nor a handle: {e}"))?;
+        trellis_store::identity::find_by_handle(pool, handle.as_str()).await?
+    };
+    found.with_context(|| format!("no user {user:?}"))
+}
+
+async fn users(pool: &sqlx::PgPool, action: Users) -> anyhow::Result<()> {
+    let now = time::OffsetDateTime::now_utc();
+    match action {
+        Users::GrantRole { user, role } => {
+            let found = find_user(pool, &user).await?;
+            let id = UserId(found.id);
+            let mut tx = pool.begin().await?;
+            trellis_store::identity::set_role(&mut tx, id, role.as_str()).await?;
+            let ev = Event::new(
+                &EventPayload::RoleGranted(RoleGranted { user_id: id, role: role.as_str().into() }),
+                None,
+                now,
+            );
+            trellis_store::outbox::insert(&mut tx, &[ev]).await?;
+            tx.commit().await?;
+            println!("{} ({}) is now {}", found.handle, found.id, role.as_str());
+        }
+        Users::Verify { user, revoke } => {
+            let found = find_user(pool, &user).await?;
+            let id = UserId(found.id);
+            let mut tx = pool.begin().await?;
+            trellis_store::identity::set_verified(&mut tx, id, !revoke).await?;
+            let payload = if revoke {
+                EventPayload::UserUnverified(UserRef { user_id: id })
+            } else {
+                EventPayload::UserVerified(UserRef { user_id: id })
+            };
+            trellis_store::outbox::insert(&mut tx, &[Event::new(&payload, None, now)]).await?;
+            tx.commit().await?;
+            println!("{} ({}) is {}", found.handle, found.id, if revoke { "no longer verified" } else { "verified" });
+        }
+    }
+    Ok(())
+}
