@@ -1,0 +1,1 @@
+// Tests of circles — being written.

@@ -1,0 +1,1 @@
+// Tests of contacts — being written.

@@ -1,0 +1,232 @@
+//! The test harness: a real `trellis-api` on port 0, its own database and NATS prefix, and a
+//! plain HTTP client.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use trellis_api::{Config, Running};
+use trellis_testkit::{StreamReader, TestDb};
+
+pub const PASSWORD: &str = "correct horse battery staple";
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub db: TestDb,
+    pub prefix: String,
+    pub nats_url: String,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    running: Option<Running>,
+}
+
+/// How to start a test app; `Default` is the usual one.
+#[derive(Default)]
+pub struct Options {
+    /// Another NATS server than `NATS_URL` (a private one, for outage tests).
+    pub nats_url: Option<String>,
+    /// Extra command-line flags.
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TestUser {
+    pub id: String,
+    pub handle: String,
+    pub token: String,
+}
+
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The `type` of a problem response, without the `urn:trellis:problem:` prefix.
+    pub fn problem(&self) -> &str {
+        self.body["type"].as_str().and_then(|t| t.strip_prefix("urn:trellis:problem:")).unwrap_or("")
+    }
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(Options::default()).await
+    }
+
+    pub async fn spawn_with(options: Options) -> Self {
+        let db = TestDb::migrated().await.expect("test database");
+        let prefix = trellis_testkit::nats_prefix();
+        Self::start_on(db, prefix, options).await
+    }
+
+    /// Starts an app on an existing database and prefix (a second replica, or a restart).
+    pub async fn start_on(db: TestDb, prefix: String, options: Options) -> Self {
+        let nats_url = options.nats_url.unwrap_or_else(trellis_testkit::nats_url);
+        let mut args: Vec<String> = [
+            "trellis-api",
+            "--database-url",
+            &db.url,
+            "--nats-url",
+            &nats_url,
+            "--nats-prefix",
+            &prefix,
+            "--api-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "pretty",
+            "--shutdown-grace",
+            "5s",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        args.extend(options.args);
+        let config = Config::try_parse_from(args).expect("test config parses");
+        let shutdown = CancellationToken::new();
+        let running = trellis_api::start(config, shutdown.clone()).await.expect("app starts");
+        let http = reqwest::Client::builder().no_proxy().build().expect("http client");
+        Self {
+            addr: running.api_addr,
+            admin_addr: running.admin_addr,
+            db,
+            prefix,
+            nats_url,
+            http,
+            shutdown,
+            running: Some(running),
+        }
+    }
+
+    /// Shuts the app down gracefully and hands back its database and prefix.
+    pub async fn stop(mut self) -> (TestDb, String) {
+        self.shutdown.cancel();
+        if let Some(running) = self.running.take() {
+            running.wait().await.expect("clean shutdown");
+        }
+        let db = std::mem::replace(&mut self.db, placeholder_db());
+        (db, std::mem::take(&mut self.prefix))
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn request(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> Resp {
+        self.send(self.build(method, path, token, body)).await
+    }
+
+    pub fn build(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> reqwest::RequestBuilder {
+        let mut req = self.http.request(method, self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req
+    }
+
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.expect("body read");
+        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+        Resp { status, headers, body }
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Resp {
+        self.request(Method::GET, path, token, None).await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> Resp {
+        self.request(Method::POST, path, token, Some(body)).await
+    }
+
+    pub async fn put(&self, path: &str, token: Option<&str>, body: Value) -> Resp {
+        self.request(Method::PUT, path, token, Some(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, token: Option<&str>, body: Value) -> Resp {
+        self.request(Method::PATCH, path, token, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str, token: Option<&str>) -> Resp {
+        self.request(Method::DELETE, path, token, None).await
+    }
+
+    /// Registers `handle` (e-mail `<handle>@example.com`, password [`PASSWORD`]).
+    pub async fn register(&self, handle: &str) -> TestUser {
+        let r = self
+            .post(
+                "/v1/users",
+                None,
+                json!({"handle": handle, "display_name": format!("{handle} name"), "email": format!("{handle}@example.com"), "password": PASSWORD}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "registering {handle}: {:?}", r.body);
+        TestUser {
+            id: r.body["user"]["id"].as_str().unwrap().to_owned(),
+            handle: handle.to_owned(),
+            token: r.body["token"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    /// Gives `user` a role the way `trellisctl users grant-role` does.
+    pub async fn grant_role(&self, user: &TestUser, role: &str) {
+        let mut conn = self.db.pool.acquire().await.unwrap();
+        trellis_store::identity::set_role(&mut conn, user.id.parse().unwrap(), role).await.unwrap().unwrap();
+    }
+
+    /// A reader of this app's `EVENTS` stream.
+    pub async fn events(&self) -> StreamReader {
+        StreamReader::connect(&self.nats_url, &format!("{}_EVENTS", self.prefix)).await.expect("stream reader")
+    }
+
+    /// The subject as this app's prefix makes it.
+    pub fn subject(&self, base: &str) -> String {
+        format!("{}.{base}", self.prefix)
+    }
+
+    /// Waits up to 10 s for `count` events on `events.<filter>`.
+    pub async fn wait_for_events(&self, filter: &str, count: usize) -> Vec<trellis_testkit::StoredMessage> {
+        self.events()
+            .await
+            .wait_for(&self.subject(&format!("events.{filter}")), count, Duration::from_secs(10))
+            .await
+            .expect("events reach the stream")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn placeholder_db() -> TestDb {
+    // Only used to move the real one out of a value that implements Drop.
+    TestDb {
+        name: String::new(),
+        url: String::new(),
+        pool: sqlx::PgPool::connect_lazy("postgres://localhost/x").unwrap(),
+    }
+}

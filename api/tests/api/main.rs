@@ -1,0 +1,14 @@
+//! Integration tests of `trellis-api` against real PostgreSQL and JetStream. One binary; each
+//! test has its own database and NATS prefix, so they run in parallel.
+
+mod authorization;
+mod circles;
+mod contacts;
+mod disputes;
+mod errors;
+mod helpers;
+mod idempotency;
+mod identity;
+mod openapi;
+mod outbox;
+mod scores_search;

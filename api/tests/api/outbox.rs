@@ -1,0 +1,1 @@
+// Tests of outbox — being written.

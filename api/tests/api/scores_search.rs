@@ -1,0 +1,1 @@
+// Tests of scores_search — being written.

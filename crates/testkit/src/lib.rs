@@ -1,0 +1,243 @@
+//! Test support shared by every crate's integration tests: each test gets its own database
+//! (created and migrated, dropped afterwards) and its own NATS prefix, so the suite runs in
+//! parallel against one PostgreSQL and one NATS server. `PrivateNats` starts a nats-server of
+//! the test's own, for outage scenarios.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
+
+/// `DATABASE_URL` (any database on the server; the tests create their own) or the local default.
+pub fn server_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// `NATS_URL` or the local default.
+pub fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// A fresh prefix for stream, subject and consumer names.
+pub fn nats_prefix() -> String {
+    format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// A database of the test's own, dropped (with its connections) when this value is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    /// A new database with every migration applied.
+    pub async fn migrated() -> anyhow::Result<Self> {
+        let db = Self::empty().await?;
+        trellis_store::migrate::up(&db.pool).await.context("migrating the test database")?;
+        Ok(db)
+    }
+
+    /// A new database with nothing in it.
+    pub async fn empty() -> anyhow::Result<Self> {
+        let server = server_url();
+        let name = format!("trellis_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = PgPool::connect(&server).await.with_context(|| format!("connecting to {server}"))?;
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await?;
+        admin.close().await;
+        let options: PgConnectOptions = server.parse()?;
+        let options = options.database(&name);
+        let url = with_database(&server, &name);
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect_with(options).await?;
+        Ok(Self { name, url, pool })
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if self.name.is_empty() {
+            return;
+        }
+        let name = self.name.clone();
+        let server = server_url();
+        // Drop is synchronous: a thread of its own runs the async DROP to completion.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async move {
+                let admin = PgPool::connect(&server).await.ok()?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await.ok()?;
+                admin.close().await;
+                Some(())
+            })
+        })
+        .join();
+    }
+}
+
+/// `url` with its database path replaced by `name`.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let host_end = base[scheme_end..].find('/').map(|i| i + scheme_end).unwrap_or(base.len());
+    let mut out = format!("{}/{}", &base[..host_end], name);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// A nats-server with JetStream of the test's own, on a free loopback port.
+pub struct PrivateNats {
+    pub port: u16,
+    store: PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateNats {
+    pub fn binary() -> String {
+        if let Ok(bin) = std::env::var("NATS_SERVER_BIN") {
+            return bin;
+        }
+        for candidate in ["/usr/sbin/nats-server", "/usr/local/bin/nats-server", "/usr/bin/nats-server"] {
+            if std::path::Path::new(candidate).exists() {
+                return candidate.into();
+            }
+        }
+        "nats-server".into()
+    }
+
+    pub fn start() -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let store = std::env::temp_dir().join(format!("trellis-nats-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&store)?;
+        let mut nats = Self { port, store, child: None };
+        nats.restart()?;
+        Ok(nats)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again, on the same port and store) and returns once it says it is ready.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "the server is running");
+        let mut child = Command::new(Self::binary())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(&self.store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {} (set NATS_SERVER_BIN)", Self::binary()))?;
+        let stderr = child.stderr.take().context("nats-server stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        loop {
+            let line = lines.next().context("nats-server exited before it was ready")??;
+            if line.contains("Server is ready") {
+                break;
+            }
+        }
+        // Keep draining its log so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Kills the server and waits for it to be gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Reads what is in a stream, without disturbing any consumer of the application.
+pub struct StreamReader {
+    pub js: async_nats::jetstream::Context,
+    pub stream: String,
+}
+
+/// One message as it sits in a stream.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    pub subject: String,
+    pub sequence: u64,
+    pub msg_id: Option<String>,
+    pub payload: serde_json::Value,
+}
+
+impl StreamReader {
+    pub async fn connect(url: &str, stream: &str) -> anyhow::Result<Self> {
+        let client = async_nats::connect(url).await?;
+        Ok(Self { js: async_nats::jetstream::new(client), stream: stream.to_owned() })
+    }
+
+    /// Waits (up to `timeout`) until the stream holds at least `count` messages on `filter`,
+    /// then returns them all in stream order.
+    pub async fn wait_for(&self, filter: &str, count: usize, timeout: Duration) -> anyhow::Result<Vec<StoredMessage>> {
+        use async_nats::jetstream::consumer;
+        let stream = self.js.get_stream(&self.stream).await?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: filter.to_owned(),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await?;
+        let mut messages = consumer.messages().await?;
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while out.len() < count {
+            let next = tokio::time::timeout_at(deadline, messages.next()).await.with_context(|| {
+                format!("only {} of {count} messages on {filter} in {} after {timeout:?}", out.len(), self.stream)
+            })?;
+            let msg = next.context("message stream ended")?.map_err(|e| anyhow::anyhow!(e))?;
+            let info = msg.info().map_err(|e| anyhow::anyhow!(e))?;
+            out.push(StoredMessage {
+                subject: msg.subject.to_string(),
+                sequence: info.stream_sequence,
+                msg_id: msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.to_string()),
+                payload: serde_json::from_slice(&msg.payload)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Messages currently in the stream on `filter` (the stream's own count).
+    pub async fn count(&self, filter: &str) -> anyhow::Result<u64> {
+        let mut stream = self.js.get_stream(&self.stream).await?;
+        let info = stream.info().await?;
+        if filter.ends_with('>') && info.config.subjects.iter().any(|s| s == filter) {
+            return Ok(info.state.messages);
+        }
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                filter_subject: filter.to_owned(),
+                ..Default::default()
+            })
+            .await?;
+        let mut consumer = consumer;
+        Ok(consumer.info().await?.num_pending)
+    }
+}
