@@ -251,13 +251,16 @@ fn http_agent() -> ureq::Agent {
         .into()
 }
 
-/// Seeds the demo users, contacts and circle unless `alice` exists. Returns whether it seeded.
+/// Seeds the demo users, contacts and circle unless `alice` can already sign in. Returns
+/// whether it seeded.
 fn seed_demo_data(http: &ureq::Agent, api_url: &str) -> anyhow::Result<bool> {
-    let probe = http.get(&format!("{api_url}/v1/users/alice")).call()?;
+    let probe = http
+        .post(&format!("{api_url}/v1/sessions"))
+        .send_json(json!({ "login": "alice", "password": DEMO_PASSWORD }))?;
     match probe.status().as_u16() {
-        404 => {}
-        200 => return Ok(false),
-        other => bail!("GET /v1/users/alice answered {other}; not seeding"),
+        401 => {}
+        201 => return Ok(false),
+        other => bail!("POST /v1/sessions for alice answered {other}; not seeding"),
     }
     eprintln!("xtask: seeding demo data");
     let api = Api { http, url: api_url };
