@@ -14,6 +14,8 @@ commands:
                      --stop stops the private ones.
   lint [DIR]         lint the migrations (in migrations/, or DIR) with squawk.
   test [-- ARGS]     fmt check, clippy, lint, then the test suite (ARGS go to the test runner).
+  bench SUITE [--duration SECS]
+                     run a benchmark suite against release builds; SUITE is one of: api.
   help               this text.
 
 environment: DATABASE_URL, NATS_URL, NATS_PREFIX, API_ADDR (see each command's output).";
@@ -24,6 +26,13 @@ pub enum Command {
     Services(Services),
     Lint(Lint),
     Test(Test),
+    Bench(Bench),
+}
+
+pub struct Bench {
+    pub suite: String,
+    /// Seconds each load phase runs.
+    pub duration: u64,
 }
 
 pub struct Up {
@@ -103,6 +112,19 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
                 runner_args.extend(args.by_ref());
             }
             Command::Test(Test { runner_args })
+        }
+        "bench" => {
+            let suite = args.next().context("bench needs a suite name (api)")?;
+            let mut duration = 20;
+            while let Some(arg) = args.next() {
+                match arg.as_str() {
+                    "--duration" => {
+                        duration = args.next().context("--duration needs seconds")?.parse().context("--duration")?
+                    }
+                    other => bail!("unknown option for `bench`: {other}"),
+                }
+            }
+            Command::Bench(Bench { suite, duration })
         }
         other => bail!("unknown command `{other}`"),
     };

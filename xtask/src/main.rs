@@ -4,6 +4,7 @@
 //! arm below and a module. The commands only use what a fresh machine has (cargo, and the
 //! PostgreSQL / NATS / squawk binaries, which they install when they can).
 
+mod bench;
 mod flags;
 mod lint;
 mod services;
@@ -34,6 +35,7 @@ fn main() -> ExitCode {
         flags::Command::Services(services) => services::run(&services),
         flags::Command::Lint(lint) => lint::run(&lint),
         flags::Command::Test(test) => test::run(&test),
+        flags::Command::Bench(bench) => bench::run(&bench),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,8 +3,11 @@
 
 pub mod admin;
 pub mod config;
+pub mod consumer;
+pub mod dlq;
 pub mod health;
 pub mod nats;
 pub mod relay;
 pub mod shutdown;
 pub mod telemetry;
+pub mod worker;

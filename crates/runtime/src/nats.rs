@@ -57,6 +57,10 @@ impl Topology {
         self.name("REPLAY")
     }
 
+    pub fn advisory_stream(&self) -> String {
+        self.name("ADVISORIES")
+    }
+
     /// The streams of DESIGN.md §3, as this deployment names them.
     pub fn stream_configs(&self) -> Vec<stream::Config> {
         vec![
@@ -88,6 +92,21 @@ impl Topology {
                 retention: stream::RetentionPolicy::Limits,
                 storage: stream::StorageType::File,
                 max_age: Duration::from_secs(14 * 24 * 3600),
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            },
+            stream::Config {
+                name: self.advisory_stream(),
+                description: Some(
+                    "MAX_DELIVERIES advisories of this deployment's consumers: the DLQ safety net".into(),
+                ),
+                subjects: [self.events_stream(), self.replay_stream()]
+                    .iter()
+                    .map(|s| format!("{}.{s}.>", crate::dlq::MAX_DELIVERIES_ADVISORY))
+                    .collect(),
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                max_age: Duration::from_secs(7 * 24 * 3600),
                 duplicate_window: Duration::from_secs(120),
                 ..Default::default()
             },

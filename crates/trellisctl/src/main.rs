@@ -1,5 +1,7 @@
 //! `trellisctl`: the Trellis on-call tool.
 
+mod dlq;
+
 use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
@@ -17,8 +19,26 @@ struct Cli {
     #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/trellis", global = true)]
     database_url: Secret,
 
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
+    nats_url: String,
+
+    /// Prefix of stream, subject and consumer names (as the processes were started with).
+    #[arg(long, env = "NATS_PREFIX", default_value = "", global = true)]
+    nats_prefix: String,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table", global = true)]
+    output: Output,
+
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -32,6 +52,11 @@ enum Command {
     Users {
         #[command(subcommand)]
         action: Users,
+    },
+    /// Dead letters: list, show, stats, replay, purge.
+    Dlq {
+        #[command(subcommand)]
+        action: dlq::Dlq,
     },
 }
 
@@ -85,6 +110,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate { action } => migrate(&pool, action).await,
         Command::Users { action } => users(&pool, action).await,
+        Command::Dlq { action } => {
+            let topology = trellis_runtime::nats::Topology::new(&cli.nats_prefix)?;
+            let client = async_nats::ConnectOptions::new()
+                .name("trellisctl")
+                .connect(&cli.nats_url)
+                .await
+                .with_context(|| format!("connecting to NATS at {}", cli.nats_url))?;
+            let js = trellis_runtime::nats::jetstream(client, std::time::Duration::from_secs(10));
+            dlq::run(&dlq::Ctx { js, topology, pool, output: cli.output }, action).await
+        }
     }
 }
 

@@ -1,0 +1,126 @@
+//! `trellis-probe-worker`: a worker whose handler does what each message asks, to exercise and
+//! measure the runtime with real processes (`cargo xtask bench runtime`, the runtime's tests).
+//!
+//! An event's `data.probe` says what to do: `ok` (the default), `fail_until:N` (transient
+//! failure until delivery N), `fail` (always transient), `reject` (permanent), `panic`,
+//! `crash` (abort the whole process), `sleep:MS`. With `--record-table`, every handled message
+//! is inserted into that table (`event_id uuid, stream_sequence bigint, deliveries bigint,
+//! pid integer`) in the same database, which the tests read.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use trellis_runtime::consumer::{ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome};
+use trellis_runtime::worker::{self, WorkerArgs};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "trellis-probe-worker",
+    about = "A worker that does what each message asks (runtime tests and benchmarks)"
+)]
+struct Args {
+    #[command(flatten)]
+    worker: WorkerArgs,
+
+    /// The consumer group's name.
+    #[arg(long, env = "PROBE_CONSUMER", default_value = "probe")]
+    consumer: String,
+
+    /// Its filter subject.
+    #[arg(long, env = "PROBE_FILTER", default_value = "events.probe.>")]
+    filter: String,
+
+    /// Table to record handled messages in (created if missing).
+    #[arg(long, env = "PROBE_RECORD_TABLE")]
+    record_table: Option<String>,
+}
+
+struct Probe {
+    pool: sqlx::PgPool,
+    record_table: Option<String>,
+}
+
+impl Probe {
+    async fn act(&self, d: &Delivery) -> Outcome {
+        let probe = d.envelope.data.get("probe").and_then(|p| p.as_str()).unwrap_or("ok");
+        let (verb, arg) = probe.split_once(':').unwrap_or((probe, ""));
+        match verb {
+            "ok" => Outcome::Done,
+            "fail" => Outcome::Retry("probe: always failing".into()),
+            "fail_until" => {
+                let until: i64 = arg.parse().unwrap_or(1);
+                if d.deliveries < until {
+                    Outcome::Retry(format!("probe: failing until delivery {until}"))
+                } else {
+                    Outcome::Done
+                }
+            }
+            "reject" => Outcome::Reject("probe: rejected".into()),
+            "panic" => panic!("probe: panicking as asked"),
+            "crash" => std::process::abort(),
+            "sleep" => {
+                tokio::time::sleep(Duration::from_millis(arg.parse().unwrap_or(0))).await;
+                Outcome::Done
+            }
+            other => Outcome::Reject(format!("probe: unknown instruction {other:?}")),
+        }
+    }
+}
+
+impl Handler for Probe {
+    async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for d in batch {
+            outcomes.push(self.act(d).await);
+        }
+        if let Some(table) = &self.record_table {
+            let done: Vec<&Delivery> =
+                batch.iter().zip(&outcomes).filter(|(_, o)| **o == Outcome::Done).map(|(d, _)| d).collect();
+            let ids: Vec<uuid::Uuid> = done.iter().map(|d| d.envelope.id.0).collect();
+            let seqs: Vec<i64> = done.iter().map(|d| d.stream_sequence as i64).collect();
+            let deliveries: Vec<i64> = done.iter().map(|d| d.deliveries).collect();
+            let recorded = sqlx::query(&format!(
+                "INSERT INTO {table} (event_id, stream_sequence, deliveries, pid)
+                 SELECT e, s, d, $4 FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) AS t(e, s, d)"
+            ))
+            .bind(&ids)
+            .bind(&seqs)
+            .bind(&deliveries)
+            .bind(std::process::id() as i32)
+            .execute(&self.pool)
+            .await;
+            if let Err(e) = recorded {
+                return vec![Outcome::Retry(format!("recording failed: {e}")); batch.len()];
+            }
+        }
+        outcomes
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let Args { worker: worker_args, consumer, filter, record_table } = args;
+    worker::main("trellis-probe-worker", worker_args, move |w| {
+        let pool = w.pool.clone();
+        let ctx = w.ctx.clone();
+        let config = w.args.runner_config();
+        Box::pin(async move {
+            if let Some(table) = &record_table {
+                sqlx::query(&format!(
+                    "CREATE TABLE IF NOT EXISTS {table} (event_id uuid NOT NULL, stream_sequence bigint NOT NULL,
+                     deliveries bigint NOT NULL, pid integer NOT NULL, handled_at timestamptz NOT NULL DEFAULT now())"
+                ))
+                .execute(&pool)
+                .await?;
+            }
+            let handler = Arc::new(Probe { pool, record_table });
+            let group =
+                ConsumerGroup::new(ctx, ConsumerSpec { name: consumer, filter_subject: filter }, config, handler);
+            w.spawn_group(group);
+            Ok(())
+        })
+    })
+    .await
+}

@@ -1,0 +1,331 @@
+//! `cargo xtask bench <suite>`: benchmarks against release builds on this machine, with a real
+//! HTTP load generator (wrk). Results print as Markdown rows for `docs/BENCHMARKS.md`.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::flags;
+use crate::services::Stack;
+use crate::util;
+
+pub fn run(flags: &flags::Bench) -> anyhow::Result<()> {
+    match flags.suite.as_str() {
+        "api" => api(flags),
+        other => bail!("unknown bench suite `{other}` (known: api)"),
+    }
+}
+
+/// The machine, for the record.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    format!("{cores} cores ({cpu})")
+}
+
+struct BenchDb {
+    url: String,
+    psql: PathBuf,
+}
+
+impl BenchDb {
+    /// Drops and recreates database `name` on the stack's server, and migrates it.
+    fn fresh(stack: &Stack, name: &str) -> anyhow::Result<Self> {
+        let psql = util::find_program("psql", &[]).context("psql is needed for benchmarks")?;
+        let maintenance = replace_database(&stack.database_url, "postgres");
+        util::read(
+            Command::new(&psql)
+                .arg(&maintenance)
+                .args(["-qc", &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")]),
+        )?;
+        util::read(Command::new(&psql).arg(&maintenance).args(["-qc", &format!("CREATE DATABASE {name}")]))?;
+        let url = replace_database(&stack.database_url, name);
+        util::run(Command::new(release_bin("trellisctl")).args(["migrate", "up"]).env("DATABASE_URL", &url))?;
+        Ok(Self { url, psql })
+    }
+
+    fn exec(&self, sql: &str) -> anyhow::Result<String> {
+        util::read(Command::new(&self.psql).arg(&self.url).args(["-qAtX", "-v", "ON_ERROR_STOP=1", "-c", sql]))
+    }
+}
+
+fn replace_database(url: &str, name: &str) -> String {
+    let (base, query) = url.split_once('?').map(|(b, q)| (b, Some(q))).unwrap_or((url, None));
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let host_end = base[scheme_end..].find('/').map(|i| i + scheme_end).unwrap_or(base.len());
+    let mut out = format!("{}/{name}", &base[..host_end]);
+    if let Some(q) = query {
+        out = format!("{out}?{q}");
+    }
+    out
+}
+
+fn release_bin(name: &str) -> PathBuf {
+    util::target_dir().join("release").join(name)
+}
+
+fn build_release(packages: &[&str]) -> anyhow::Result<()> {
+    let mut cmd = util::cargo();
+    cmd.args(["build", "--release"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    util::run(&mut cmd)
+}
+
+/// A release `trellis-api` on fixed local ports, killed (SIGTERM, then SIGKILL) on drop.
+struct Api {
+    child: Child,
+    url: String,
+}
+
+impl Api {
+    fn start(db: &BenchDb, stack: &Stack, prefix: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let admin = free_port()?;
+        let log = util::target_dir().join("bench-api.log");
+        let mut cmd = Command::new(release_bin("trellis-api"));
+        cmd.env("DATABASE_URL", &db.url)
+            .env("NATS_URL", &stack.nats_url)
+            .env("NATS_PREFIX", prefix)
+            .env("API_ADDR", format!("127.0.0.1:{port}"))
+            .env("ADMIN_ADDR", format!("127.0.0.1:{admin}"))
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().context("starting trellis-api")?;
+        let url = format!("http://127.0.0.1:{port}");
+        let api = Self { child, url };
+        let ready = format!("127.0.0.1:{port}");
+        util::wait_until("trellis-api", Duration::from_secs(30), || Ok(http_status(&ready, "/readyz")? == Some(200)))?;
+        Ok(api)
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        let _ = crate::services::terminate(self.child.id());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The status of a GET, or `None` when nothing answers.
+fn http_status(host_port: &str, path: &str) -> anyhow::Result<Option<u16>> {
+    use std::io::Read as _;
+    let Ok(mut stream) = std::net::TcpStream::connect(host_port) else { return Ok(None) };
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host_port}\r\nConnection: close\r\n\r\n")?;
+    let mut head = String::new();
+    let _ = stream.read_to_string(&mut head);
+    Ok(head.split_whitespace().nth(1).and_then(|s| s.parse().ok()))
+}
+
+fn wrk() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = util::find_program("wrk", &[]) {
+        return Ok(bin);
+    }
+    if util::is_root() {
+        eprintln!("xtask: installing wrk (apt-get install -y wrk)");
+        util::run(Command::new("apt-get").args(["install", "-y", "-qq", "wrk"])).or_else(|_| {
+            util::run(Command::new("sh").args(["-c", "apt-get update -qq && apt-get install -y -qq wrk"]))
+        })?;
+        return util::find_program("wrk", &[]).context("wrk still missing after installing it");
+    }
+    bail!("wrk is needed: run `sudo apt-get install -y wrk`")
+}
+
+/// What wrk measured.
+struct Load {
+    requests_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    requests: u64,
+    errors: u64,
+}
+
+fn run_wrk(url: &str, connections: u32, seconds: u64, script: &Path) -> anyhow::Result<Load> {
+    let out = util::read(
+        Command::new(wrk()?)
+            .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", "-s"])
+            .arg(script)
+            .arg(url),
+    )?;
+    eprintln!("{out}");
+    let field = |prefix: &str| -> Option<&str> {
+        out.lines().map(str::trim).find(|l| l.starts_with(prefix)).and_then(|l| l.split_whitespace().nth(1))
+    };
+    let requests_per_sec = field("Requests/sec:").context("wrk printed no Requests/sec")?.parse()?;
+    let p50_ms = parse_latency(field("50%").context("no p50")?)?;
+    let p99_ms = parse_latency(field("99%").context("no p99")?)?;
+    let requests = out
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let non_2xx = out
+        .lines()
+        .find(|l| l.contains("Non-2xx or 3xx responses:"))
+        .and_then(|l| l.rsplit(':').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    let socket_errors: u64 = out
+        .lines()
+        .find(|l| l.contains("Socket errors:"))
+        .map(|l| l.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u64>().ok()).sum())
+        .unwrap_or(0);
+    Ok(Load { requests_per_sec, p50_ms, p99_ms, requests, errors: non_2xx + socket_errors })
+}
+
+fn parse_latency(text: &str) -> anyhow::Result<f64> {
+    let (number, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic()).context("latency unit")?);
+    let value: f64 = number.parse()?;
+    Ok(match unit {
+        "us" => value / 1000.0,
+        "ms" => value,
+        "s" => value * 1000.0,
+        "m" => value * 60_000.0,
+        other => bail!("unknown latency unit {other}"),
+    })
+}
+
+const READ_SCRIPT: &str = r#"
+wrk.method = "GET"
+wrk.headers["Authorization"] = "Bearer trl_bench_1"
+"#;
+
+// Each request changes a contact row (a new edge, or a new label on an existing one) of a random
+// owner, so every request commits a write plus its outbox row.
+const WRITE_SCRIPT: &str = r#"
+local counter = 0
+math.randomseed(os.time() + math.floor(os.clock() * 1000000))
+request = function()
+  counter = counter + 1
+  local owner = math.random(1, 1000)
+  local target = math.random(1, 5000)
+  if target == owner then target = target % 5000 + 1 end
+  local headers = {}
+  headers["Authorization"] = "Bearer trl_bench_" .. owner
+  headers["Content-Type"] = "application/json"
+  local body = '{"label":"l' .. counter .. '-' .. math.random(1, 1000000000) .. '"}'
+  return wrk.format("PUT", "/v1/me/contacts/bench_" .. target, headers, body)
+end
+"#;
+
+/// 5,000 users with known tokens (`trl_bench_<i>` for `bench_<i>`); bench_1 vouches for 50.
+const SEED_SQL: &str = "
+INSERT INTO identity.users (id, handle, display_name, email, password_hash)
+SELECT gen_random_uuid(), 'bench_' || i, 'Bench User ' || i, 'bench_' || i || '@example.com', 'not-a-login-hash'
+FROM generate_series(1, 5000) AS i;
+INSERT INTO identity.tokens (token_hash, user_id, expires_at)
+SELECT sha256(convert_to('trl_' || handle, 'UTF8')), id, now() + interval '1 day' FROM identity.users;
+INSERT INTO contacts.contacts (owner_id, contact_id, label)
+SELECT o.id, c.id, 'contact ' || c.handle FROM identity.users o, identity.users c
+WHERE o.handle = 'bench_1' AND c.handle IN (SELECT 'bench_' || i FROM generate_series(2, 51) AS i);
+ANALYZE;
+";
+
+fn api(flags: &flags::Bench) -> anyhow::Result<()> {
+    let stack = Stack::ensure()?;
+    build_release(&["trellis-api", "trellisctl"])?;
+    let db = BenchDb::fresh(&stack, "trellis_bench")?;
+    db.exec(SEED_SQL)?;
+    let prefix = format!("bench{}", std::process::id());
+    let scripts = util::target_dir().join("bench-scripts");
+    std::fs::create_dir_all(&scripts)?;
+    let read_script = scripts.join("read.lua");
+    let write_script = scripts.join("write.lua");
+    std::fs::write(&read_script, READ_SCRIPT)?;
+    std::fs::write(&write_script, WRITE_SCRIPT)?;
+
+    let mut rows = Vec::new();
+    {
+        let api = Api::start(&db, &stack, &prefix, &[])?;
+        let count = db.exec("SELECT count(*) FROM contacts.contacts")?;
+        eprintln!(
+            "xtask: bench: GET /v1/me/contacts ({count} contacts for bench_1), 32 connections, {}s",
+            flags.duration
+        );
+        // A short warm-up fills the connection pool and the statement caches.
+        run_wrk(&format!("{}/v1/me/contacts", api.url), 32, 3, &read_script)?;
+        let read = run_wrk(&format!("{}/v1/me/contacts", api.url), 32, flags.duration, &read_script)?;
+        rows.push(row("GET /v1/me/contacts (50 contacts), c=32", &read, "≥ 8,000 req/s, p99 ≤ 25 ms"));
+
+        eprintln!("xtask: bench: PUT /v1/me/contacts/{{user}} (write + outbox row), 32 connections");
+        let events_before: i64 = db.exec("SELECT count(*) FROM ops.outbox")?.parse()?;
+        let write = run_wrk(&format!("{}/v1/me/contacts/bench_2", api.url), 32, flags.duration, &write_script)?;
+        let events_after: i64 = db.exec("SELECT count(*) FROM ops.outbox")?.parse()?;
+        eprintln!("xtask: bench: {} outbox events written during the write phase", events_after - events_before);
+        rows.push(row("PUT /v1/me/contacts/{user} (write + outbox), c=32", &write, "≥ 2,500 req/s"));
+    }
+
+    // Relay drain: a 200,000-event backlog written while no relay runs, then one API replica.
+    eprintln!("xtask: bench: relay drain of 200,000 outbox events");
+    db.exec("DELETE FROM ops.outbox")?;
+    db.exec(
+        "INSERT INTO ops.outbox (id, subject, payload)
+         SELECT id, 'events.bench.noop', jsonb_build_object('id', id, 'type', 'bench.noop', 'version', 1,
+             'occurred_at', now(), 'actor_id', null, 'data', jsonb_build_object('n', n))
+         FROM (SELECT gen_random_uuid() AS id, n FROM generate_series(1, 200000) AS n) AS g;
+         ANALYZE ops.outbox;",
+    )?;
+    let drain_prefix = format!("{prefix}drain");
+    let started = Instant::now();
+    let api = Api::start(&db, &stack, &drain_prefix, &[])?;
+    util::wait_until("outbox drain", Duration::from_secs(600), || {
+        Ok(db.exec("SELECT count(*) FROM ops.outbox WHERE published_at IS NULL")? == "0")
+    })?;
+    let wall = started.elapsed();
+    drop(api);
+    let span: f64 = db
+        .exec("SELECT EXTRACT(EPOCH FROM max(published_at) - min(published_at)) FROM ops.outbox")?
+        .parse()
+        .context("drain span")?;
+    // Batches are marked published in one statement each, so the first batch's own duration is
+    // not in max - min; add one average batch to be conservative.
+    let batches = (200_000.0_f64 / 2000.0).ceil();
+    let drain_secs = span * (batches + 1.0) / batches;
+    let rate = 200_000.0 / drain_secs;
+    rows.push(format!(
+        "| relay drain, 200,000-event backlog | {rate:.0} events/s ({drain_secs:.2} s from first to last batch; {:.1} s wall incl. start-up) | ≥ 40,000 events/s |",
+        wall.as_secs_f64()
+    ));
+
+    println!("\nmachine: {}\n", machine());
+    println!("| benchmark | result | target |\n|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+    Ok(())
+}
+
+fn row(name: &str, load: &Load, target: &str) -> String {
+    format!(
+        "| {name} | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms ({} requests, {} errors) | {target} |",
+        load.requests_per_sec, load.p50_ms, load.p99_ms, load.requests, load.errors
+    )
+}
