@@ -86,8 +86,13 @@ async fn with_key(state: &AppState, key: HeaderValue, request: Request, next: Ne
             }
         }
         Begin::Started => {
+            // Cut off before its response is stored (the request timeout, a client that went
+            // away), the request releases its key instead of holding it "in progress" until it
+            // expires.
+            let mut release = ReleaseOnDrop(Some((state.pool.clone(), principal.clone(), key.clone())));
             let response = next.run(Request::from_parts(parts, Body::from(body))).await;
             if response.status().is_server_error() {
+                release.0 = None;
                 idempotency::abandon(&state.pool, &principal, &key).await?;
                 return Ok(response);
             }
@@ -113,8 +118,25 @@ async fn with_key(state: &AppState, key: HeaderValue, request: Request, next: Ne
                 &stored_body,
             )
             .await?;
+            release.0 = None;
             parts.headers.insert(HeaderName::from_static(REPLAYED), HeaderValue::from_static("false"));
             Ok(Response::from_parts(parts, Body::from(bytes)))
+        }
+    }
+}
+
+/// Abandons a started key when dropped while still armed.
+struct ReleaseOnDrop(Option<(sqlx::PgPool, String, String)>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        let Some((pool, principal, key)) = self.0.take() else { return };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = idempotency::abandon(&pool, &principal, &key).await {
+                    tracing::warn!(error = %e, "releasing the Idempotency-Key of a cut-off request failed");
+                }
+            });
         }
     }
 }

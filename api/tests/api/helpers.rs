@@ -230,3 +230,109 @@ fn placeholder_db() -> TestDb {
         pool: sqlx::PgPool::connect_lazy("postgres://localhost/x").unwrap(),
     }
 }
+
+/// Helpers of the outbox, idempotency, errors and OpenAPI tests.
+impl TestApp {
+    /// `GET` on the admin listener, as text.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let resp = self.http.get(format!("http://{}{}", self.admin_addr, path)).send().await.expect("admin request");
+        (resp.status().as_u16(), resp.text().await.expect("admin body"))
+    }
+
+    /// The value of an unlabelled gauge or counter on the admin `/metrics`, if it is there.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let (status, text) = self.admin_get("/metrics").await;
+        assert_eq!(status, 200, "/metrics answers");
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Rows of `ops.outbox` not yet published.
+    pub async fn unpublished(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM ops.outbox WHERE published_at IS NULL")
+            .fetch_one(&self.db.pool)
+            .await
+            .expect("counting the outbox")
+    }
+
+    /// Waits (up to `timeout`) until every outbox row is marked published.
+    pub async fn wait_all_published(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Polls the database at a steady pace until the condition holds or the deadline passes.
+        let mut pace = tokio::time::interval(Duration::from_millis(25));
+        loop {
+            pace.tick().await;
+            let left = self.unpublished().await;
+            if left == 0 {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{left} outbox rows still unpublished after {timeout:?}");
+        }
+    }
+}
+
+/// Shortcuts for the contacts, circles, disputes, scores and authorization tests.
+impl TestApp {
+    /// `owner` adds `contact` (201 expected).
+    pub async fn add_contact(&self, owner: &TestUser, contact: &TestUser) {
+        let r = self.put(&format!("/v1/me/contacts/{}", contact.id), Some(&owner.token), json!({"label": ""})).await;
+        assert_eq!(r.status, 201, "{} adding {}: {:?}", owner.handle, contact.handle, r.body);
+    }
+
+    /// `owner` creates a circle (201 expected); returns its id.
+    pub async fn create_circle(&self, owner: &TestUser, name: &str) -> String {
+        let r = self.post("/v1/me/circles", Some(&owner.token), json!({"name": name})).await;
+        assert_eq!(r.status, 201, "{} creating circle {name}: {:?}", owner.handle, r.body);
+        r.body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// `reporter` files a dispute of `kind` against `target` (201 expected); returns the dispute.
+    pub async fn file_dispute(&self, reporter: &TestUser, target: &TestUser, kind: &str) -> Value {
+        let r = self
+            .post(
+                "/v1/disputes",
+                Some(&reporter.token),
+                json!({"target_id": target.id, "kind": kind, "description": format!("{} reports {kind}", reporter.handle)}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{} filing {kind} against {}: {:?}", reporter.handle, target.handle, r.body);
+        r.body
+    }
+
+    /// Suspends `user` directly in the database (as an upheld dispute or on-call would).
+    pub async fn suspend_in_db(&self, user: &TestUser) {
+        let done = sqlx::query("UPDATE identity.users SET status = 'suspended' WHERE id = $1::uuid")
+            .bind(&user.id)
+            .execute(&self.db.pool)
+            .await
+            .unwrap();
+        assert_eq!(done.rows_affected(), 1);
+    }
+
+    /// Follows `next_cursor` from `path` (which may already have a query) until the last page;
+    /// returns every page's items, page by page. Every page must answer 200.
+    pub async fn pages(&self, path: &str, token: &str) -> Vec<Vec<Value>> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let mut pages = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let url = match &cursor {
+                None => path.to_owned(),
+                Some(c) => format!("{path}{sep}cursor={c}"),
+            };
+            let r = self.get(&url, Some(token)).await;
+            assert_eq!(r.status, 200, "{url}: {:?}", r.body);
+            pages.push(r.body["items"].as_array().expect("a list has items").clone());
+            assert!(pages.len() <= 1000, "{path}: the cursor never ends");
+            match r.body["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => {
+                    assert!(r.body["next_cursor"].is_null(), "{url}: next_cursor is a string or null");
+                    return pages;
+                }
+            }
+        }
+    }
+}

@@ -241,3 +241,30 @@ impl StreamReader {
         Ok(consumer.info().await?.num_pending)
     }
 }
+
+impl TestDb {
+    /// Another handle on the same database (its URL and a clone of its pool) that does not drop
+    /// the database: for a second application replica over one database.
+    pub fn handle(&self) -> TestDb {
+        TestDb { name: String::new(), url: self.url.clone(), pool: self.pool.clone() }
+    }
+}
+
+impl StreamReader {
+    /// Waits (up to `timeout`) until the stream exists: applications declare their streams in
+    /// the background after they start.
+    pub async fn wait_until_declared(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pace = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            pace.tick().await;
+            match self.js.get_stream(&self.stream).await {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    anyhow::bail!("stream {} not declared after {timeout:?}: {e}", self.stream)
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
