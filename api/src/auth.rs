@@ -109,6 +109,22 @@ pub fn bearer_from_headers(headers: &axum::http::HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
+/// The hash of the request's bearer token, not yet checked: for handlers that authenticate in
+/// the same statement as their query. Without a token it is a 401.
+#[derive(Debug, Clone)]
+pub struct BearerToken {
+    pub hash: [u8; 32],
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for BearerToken {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let token = bearer(parts).ok_or(ApiError::Unauthenticated)?;
+        Ok(BearerToken { hash: hash_token(token) })
+    }
+}
+
 impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 

@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::app::AppState;
-use crate::auth::Principal;
+use crate::auth::{BearerToken, Principal};
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
 use crate::routes::{events, page, resolve_user};
 use crate::views::{Contact, List, PageParams};
@@ -27,11 +27,13 @@ pub fn router() -> OpenApiRouter<AppState> {
     responses((status = 200, body = List<Contact>), (status = 400, body = Problem), (status = 401, body = Problem)))]
 async fn list_contacts(
     State(state): State<AppState>,
-    principal: Principal,
+    token: BearerToken,
     Query(params): Query<PageParams>,
 ) -> ApiResult<Json<List<Contact>>> {
     let (limit, after) = page::<Uuid>(&params)?;
-    let rows = trellis_store::contacts::list(&state.pool, principal.user_id, after, limit).await?;
+    let (_, rows) = trellis_store::contacts::list_for_token(&state.pool, &token.hash, after, limit)
+        .await?
+        .ok_or(ApiError::Unauthenticated)?;
     Ok(Json(List::from_page(rows, Contact::from)))
 }
 

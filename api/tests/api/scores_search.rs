@@ -1,1 +1,220 @@
-// Tests of scores_search — being written.
+//! `GET /v1/users/{user}/score` and `GET /v1/search/users` over the base tables.
+
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, TestUser};
+
+/// Records a finished score run and `user`'s score in it, computed `hours_ago` hours ago.
+async fn insert_score(app: &TestApp, user: &TestUser, trust: f64, score: i32, hours_ago: i32) {
+    let run: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO score.runs (id, trigger, status) VALUES ($1, 'manual', 'succeeded') RETURNING id",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO score.user_scores (user_id, trust, score, run_id, computed_at)
+         VALUES ($1::uuid, $2, $3, $4, now() - make_interval(hours => $5))",
+    )
+    .bind(&user.id)
+    .bind(trust)
+    .bind(score)
+    .bind(run)
+    .bind(hours_ago)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+}
+
+async fn set_display_name(app: &TestApp, user: &TestUser, name: &str) {
+    let r = app.patch("/v1/me", Some(&user.token), json!({"display_name": name})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+}
+
+fn handles(items: &[Value]) -> Vec<String> {
+    items.iter().map(|h| h["handle"].as_str().unwrap().to_owned()).collect()
+}
+
+#[tokio::test]
+async fn a_user_never_scored_answers_not_yet_scored_instead_of_an_error() {
+    let app = TestApp::spawn().await;
+    let alice = app.register("alice").await;
+    let bob = app.register("bob").await;
+    for key in [bob.id.as_str(), "bob"] {
+        let r = app.get(&format!("/v1/users/{key}/score"), Some(&alice.token)).await;
+        assert_eq!(r.status, 200, "{key}: {:?}", r.body);
+        assert_eq!(
+            r.body,
+            json!({"user_id": bob.id, "status": "not_yet_scored", "score": null, "trust": null,
+                   "computed_at": null, "stale": false})
+        );
+    }
+    let r = app.get("/v1/users/nobody/score", Some(&alice.token)).await;
+    assert_eq!((r.status, r.problem()), (404, "not-found"));
+}
+
+#[tokio::test]
+async fn a_scored_user_shows_the_score_trust_and_time_of_the_run() {
+    let app = TestApp::spawn().await;
+    let alice = app.register("alice").await;
+    let bob = app.register("bob").await;
+    insert_score(&app, &bob, 0.125, 640, 1).await;
+
+    let r = app.get("/v1/users/bob/score", Some(&alice.token)).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["user_id"], bob.id.as_str());
+    assert_eq!(r.body["status"], "scored");
+    assert_eq!(r.body["score"], 640);
+    assert_eq!(r.body["trust"], 0.125);
+    assert_eq!(r.body["stale"], false);
+    let computed_at = time::OffsetDateTime::parse(
+        r.body["computed_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let age = time::OffsetDateTime::now_utc() - computed_at;
+    assert!(age > time::Duration::minutes(59) && age < time::Duration::minutes(61), "computed {age} ago");
+
+    // Alice's own score is independent.
+    let mine = app.get(&format!("/v1/users/{}/score", alice.id), Some(&alice.token)).await;
+    assert_eq!(mine.body["status"], "not_yet_scored");
+}
+
+#[tokio::test]
+async fn a_score_older_than_24_hours_is_stale() {
+    let app = TestApp::spawn().await;
+    let alice = app.register("alice").await;
+    let old = app.register("old_score").await;
+    let recent = app.register("recent_score").await;
+    insert_score(&app, &old, 0.5, 900, 25).await;
+    insert_score(&app, &recent, 0.5, 900, 23).await;
+
+    let r = app.get("/v1/users/old_score/score", Some(&alice.token)).await;
+    assert_eq!((r.status, &r.body["status"], &r.body["stale"]), (200, &json!("scored"), &json!(true)), "{:?}", r.body);
+    assert_eq!(r.body["score"], 900, "a stale score is still served");
+    let r = app.get("/v1/users/recent_score/score", Some(&alice.token)).await;
+    assert_eq!(r.body["stale"], false, "{:?}", r.body);
+}
+
+#[tokio::test]
+async fn search_needs_a_query_of_at_least_two_characters() {
+    let app = TestApp::spawn().await;
+    let alice = app.register("alice").await;
+    for query in ["", "?q=", "?q=a", "?q=%20a%20"] {
+        let r = app.get(&format!("/v1/search/users{query}"), Some(&alice.token)).await;
+        assert_eq!((r.status, r.problem()), (422, "validation"), "{query:?}: {:?}", r.body);
+        assert_eq!(r.body["errors"][0]["field"], "q");
+    }
+    let r = app.get(&format!("/v1/search/users?q={}", "a".repeat(101)), Some(&alice.token)).await;
+    assert_eq!((r.status, r.body["errors"][0]["code"].as_str()), (422, Some("too_long")));
+    let r = app.get("/v1/search/users?q=al", Some(&alice.token)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(handles(r.body["items"].as_array().unwrap()), ["alice"]);
+}
+
+#[tokio::test]
+async fn like_wildcards_in_the_query_match_only_themselves() {
+    let app = TestApp::spawn().await;
+    let searcher = app.register("searcher").await;
+    app.register("pat").await;
+    app.register("p_t_fan").await;
+    let percent = app.register("percent").await;
+    set_display_name(&app, &percent, "100% real").await;
+    for (q, expected) in [("p_t", vec!["p_t_fan"]), ("p%25", vec![]), ("0%25", vec!["percent"]), ("a%5C", vec![])] {
+        let r = app.get(&format!("/v1/search/users?q={q}"), Some(&searcher.token)).await;
+        assert_eq!(r.status, 200, "{q}: {:?}", r.body);
+        assert_eq!(handles(r.body["items"].as_array().unwrap()), expected, "q={q}");
+    }
+}
+
+#[tokio::test]
+async fn search_limits_are_1_to_50() {
+    let app = TestApp::spawn().await;
+    let alice = app.register("alice").await;
+    for limit in [0, 51] {
+        let r = app.get(&format!("/v1/search/users?q=alice&limit={limit}"), Some(&alice.token)).await;
+        assert_eq!((r.status, r.problem()), (422, "validation"), "limit={limit}: {:?}", r.body);
+        assert_eq!(r.body["errors"][0]["field"], "limit");
+    }
+    let r = app.get("/v1/search/users?q=alice&limit=50", Some(&alice.token)).await;
+    assert_eq!(r.status, 200);
+    let r = app.get("/v1/search/users?q=alice&cursor=garbage!", Some(&alice.token)).await;
+    assert_eq!((r.status, r.problem()), (400, "invalid-cursor"));
+}
+
+#[tokio::test]
+async fn search_ranks_exact_handle_then_handle_prefix_then_name_and_higher_score_first_within_each() {
+    let app = TestApp::spawn().await;
+    let searcher = app.register("searcher").await;
+    let ann = app.register("ann").await;
+    let anna = app.register("anna").await;
+    let annabel = app.register("annabel").await;
+    let annika = app.register("annika").await;
+    let joanne = app.register("joanne").await;
+    let zoe = app.register("zoe").await;
+    let bob = app.register("bob").await;
+    set_display_name(&app, &joanne, "Jo Ann Smith").await;
+    set_display_name(&app, &zoe, "Zoe Hanna").await;
+    set_display_name(&app, &bob, "Bob Builder").await;
+    // The exact match ranks first even with the lowest score; prefixes and names by score.
+    insert_score(&app, &ann, 0.01, 10, 1).await;
+    insert_score(&app, &annabel, 0.3, 900, 1).await;
+    insert_score(&app, &anna, 0.1, 300, 1).await;
+    insert_score(&app, &zoe, 0.2, 700, 1).await;
+    insert_score(&app, &joanne, 0.05, 100, 1).await;
+    let _ = annika; // a prefix match with no score: after the scored prefixes
+
+    let r = app.get("/v1/search/users?q=Ann", Some(&searcher.token)).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["source"], "database");
+    let items = r.body["items"].as_array().unwrap();
+    assert_eq!(handles(items), ["ann", "annabel", "anna", "annika", "zoe", "joanne"]);
+    assert_eq!(items[0]["score"], 10);
+    assert_eq!(items[0]["id"], ann.id.as_str());
+    assert_eq!(items[0]["display_name"], "ann name");
+    assert_eq!(items[0]["verified"], false);
+    assert!(items[3]["score"].is_null());
+    assert!(r.body["next_cursor"].is_null());
+}
+
+#[tokio::test]
+async fn suspended_users_never_appear_in_search() {
+    let app = TestApp::spawn().await;
+    let searcher = app.register("searcher").await;
+    app.register("carol").await;
+    let caroline = app.register("caroline").await;
+    let named = app.register("someone").await;
+    set_display_name(&app, &named, "Carol Named").await;
+    insert_score(&app, &caroline, 0.9, 1000, 1).await;
+
+    let before = app.get("/v1/search/users?q=carol", Some(&searcher.token)).await;
+    assert_eq!(handles(before.body["items"].as_array().unwrap()), ["carol", "caroline", "someone"]);
+    app.suspend_in_db(&caroline).await;
+    app.suspend_in_db(&named).await;
+    let after = app.get("/v1/search/users?q=carol", Some(&searcher.token)).await;
+    assert_eq!(handles(after.body["items"].as_array().unwrap()), ["carol"]);
+    let exact = app.get("/v1/search/users?q=caroline", Some(&searcher.token)).await;
+    assert_eq!(exact.body["items"], json!([]), "not even by exact handle");
+}
+
+#[tokio::test]
+async fn search_results_page_through_a_cursor_in_rank_order() {
+    let app = TestApp::spawn().await;
+    let searcher = app.register("searcher").await;
+    let mut users = Vec::new();
+    for (i, handle) in ["pat", "pat_a", "pat_b", "pat_c", "pat_d"].into_iter().enumerate() {
+        let user = app.register(handle).await;
+        // Distinct scores make the order total: exact match, then prefixes by descending score.
+        insert_score(&app, &user, 0.1, 100 * (i as i32 + 1), 1).await;
+        users.push(user);
+    }
+    let one_page = app.get("/v1/search/users?q=pat&limit=50", Some(&searcher.token)).await;
+    let expected = handles(one_page.body["items"].as_array().unwrap());
+    assert_eq!(expected, ["pat", "pat_d", "pat_c", "pat_b", "pat_a"]);
+
+    let pages = app.pages("/v1/search/users?q=pat&limit=2", &searcher.token).await;
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 1]);
+    let paged: Vec<String> = pages.iter().flat_map(|p| handles(p)).collect();
+    assert_eq!(paged, expected, "every hit once, in the same order");
+}

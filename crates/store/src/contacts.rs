@@ -74,25 +74,62 @@ pub async fn remove(conn: &mut PgConnection, owner: UserId, contact: UserId) -> 
     Ok(done.rows_affected() == 1)
 }
 
-/// The owner's contacts ordered by contact id, after `after`.
-pub async fn list(
+/// The contacts of the user who holds the live token `token_hash`, ordered by contact id,
+/// after `after`; `None` when the token does not authenticate an active user.
+///
+/// Authentication and the page are one statement: this is the API's hottest read, and a round
+/// trip saved here is a third of its database work.
+pub async fn list_for_token(
     db: impl PgExecutor<'_>,
-    owner: UserId,
+    token_hash: &[u8],
     after: Option<Uuid>,
     limit: usize,
-) -> Result<Page<ContactRow>, sqlx::Error> {
-    let rows: Vec<ContactRow> = sqlx::query_as(
-        "SELECT c.contact_id, u.handle, u.display_name, c.label, c.created_at, c.updated_at
-         FROM contacts.contacts c JOIN identity.users u ON u.id = c.contact_id
-         WHERE c.owner_id = $1 AND ($2::uuid IS NULL OR c.contact_id > $2)
-         ORDER BY c.contact_id LIMIT $3",
+) -> Result<Option<(crate::identity::Principal, Page<ContactRow>)>, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        user_id: Uuid,
+        role: String,
+        contact_id: Option<Uuid>,
+        handle: Option<String>,
+        display_name: Option<String>,
+        label: Option<String>,
+        created_at: Option<OffsetDateTime>,
+        updated_at: Option<OffsetDateTime>,
+    }
+    // The nil UUID is below every id, so the first page needs no special case and the range
+    // scan on the primary key (owner_id, contact_id) serves every page.
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT p.user_id, p.role, c.contact_id, c.handle, c.display_name, c.label, c.created_at, c.updated_at
+         FROM (SELECT u.id AS user_id, u.role FROM identity.tokens t JOIN identity.users u ON u.id = t.user_id
+               WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND t.expires_at > now() AND u.status = 'active') p
+         LEFT JOIN LATERAL (
+             SELECT c.contact_id, u.handle, u.display_name, c.label, c.created_at, c.updated_at
+             FROM contacts.contacts c JOIN identity.users u ON u.id = c.contact_id
+             WHERE c.owner_id = p.user_id AND c.contact_id > $2
+             ORDER BY c.contact_id LIMIT $3) c ON true
+         ORDER BY c.contact_id",
     )
-    .bind(owner.0)
-    .bind(after)
+    .bind(token_hash)
+    .bind(after.unwrap_or(Uuid::nil()))
     .bind(limit as i64 + 1)
     .fetch_all(db)
     .await?;
-    Ok(Page::from_rows(rows, limit, |r| r.contact_id))
+    let Some(first) = rows.first() else { return Ok(None) };
+    let principal = crate::identity::Principal { user_id: first.user_id, role: first.role.clone() };
+    let contacts: Vec<ContactRow> = rows
+        .into_iter()
+        .filter_map(|r| {
+            Some(ContactRow {
+                contact_id: r.contact_id?,
+                handle: r.handle?,
+                display_name: r.display_name?,
+                label: r.label?,
+                created_at: r.created_at?,
+                updated_at: r.updated_at?,
+            })
+        })
+        .collect();
+    Ok(Some((principal, Page::from_rows(contacts, limit, |r| r.contact_id))))
 }
 
 pub async fn exists(db: impl PgExecutor<'_>, owner: UserId, contact: UserId) -> Result<bool, sqlx::Error> {
