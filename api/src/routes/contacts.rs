@@ -65,17 +65,21 @@ async fn put_contact(
     if target.status != "active" {
         return Err(ApiError::unprocessable("user-suspended", "that user is suspended"));
     }
-    let mut tx = state.pool.begin().await?;
-    let (outcome, row) =
-        trellis_store::contacts::upsert(&mut tx, principal.user_id, contact_id, label.as_str()).await?;
-    let change = ContactChanged { owner_id: principal.user_id, contact_id, label: row.label.clone() };
-    let payload = match outcome {
-        Upsert::Created => Some(EventPayload::ContactAdded(change)),
-        Upsert::Updated => Some(EventPayload::ContactUpdated(change)),
-        Upsert::Unchanged => None,
-    };
-    trellis_store::outbox::insert(&mut tx, &events(Some(principal.user_id), payload)).await?;
-    tx.commit().await?;
+    let change = ContactChanged { owner_id: principal.user_id, contact_id, label: label.as_str().to_owned() };
+    let [added, updated] = <[_; 2]>::try_from(events(
+        Some(principal.user_id),
+        [EventPayload::ContactAdded(change.clone()), EventPayload::ContactUpdated(change)],
+    ))
+    .expect("two events");
+    let (outcome, row) = trellis_store::contacts::upsert_with_event(
+        &state.pool,
+        principal.user_id,
+        contact_id,
+        label.as_str(),
+        &added,
+        &updated,
+    )
+    .await?;
     let status = if outcome == Upsert::Created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(row.into())))
 }

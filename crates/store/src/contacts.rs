@@ -3,6 +3,7 @@
 use sqlx::{PgConnection, PgExecutor};
 use time::OffsetDateTime;
 use trellis_domain::UserId;
+use trellis_domain::events::Event;
 use uuid::Uuid;
 
 use crate::page::Page;
@@ -25,32 +26,67 @@ pub enum Upsert {
     Unchanged,
 }
 
-/// Adds the edge, or updates its label. Returns what happened and the row as it now is.
-pub async fn upsert(
-    conn: &mut PgConnection,
+/// Adds the edge or updates its label, and writes `added` or `updated` to the outbox when
+/// something changed: all in one statement (one round trip, atomic without an explicit
+/// transaction), since adding contacts is the API's hottest write.
+pub async fn upsert_with_event(
+    db: impl PgExecutor<'_>,
     owner: UserId,
     contact: UserId,
     label: &str,
+    added: &Event,
+    updated: &Event,
 ) -> Result<(Upsert, ContactRow), sqlx::Error> {
-    // xmax = 0 tells an inserted row from an updated one; the WHERE skips no-op updates.
-    let change: Option<(bool,)> = sqlx::query_as(
-        "INSERT INTO contacts.contacts (owner_id, contact_id, label) VALUES ($1, $2, $3)
-         ON CONFLICT (owner_id, contact_id) DO UPDATE SET label = EXCLUDED.label, updated_at = now()
-             WHERE contacts.contacts.label IS DISTINCT FROM EXCLUDED.label
-         RETURNING (xmax = 0)",
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        contact: ContactRow,
+        outcome: String,
+    }
+    let (a, u) = (crate::outbox::OutboxRow::of(added), crate::outbox::OutboxRow::of(updated));
+    let row: Row = sqlx::query_as(
+        "WITH old AS (
+             SELECT label FROM contacts.contacts WHERE owner_id = $1 AND contact_id = $2
+         ), up AS (
+             INSERT INTO contacts.contacts AS c (owner_id, contact_id, label) VALUES ($1, $2, $3)
+             ON CONFLICT (owner_id, contact_id) DO UPDATE SET label = EXCLUDED.label,
+                 updated_at = CASE WHEN c.label IS DISTINCT FROM EXCLUDED.label THEN now() ELSE c.updated_at END
+             RETURNING c.contact_id, c.label, c.created_at, c.updated_at, (c.xmax = 0) AS inserted
+         ), change AS (
+             SELECT up.*, CASE WHEN up.inserted THEN 'created'
+                               WHEN (SELECT label FROM old) IS DISTINCT FROM up.label THEN 'updated'
+                               ELSE 'unchanged' END AS outcome
+             FROM up
+         ), ev AS (
+             INSERT INTO ops.outbox (id, subject, payload, created_at)
+             SELECT e.id, e.subject, e.payload, e.created_at
+             FROM change JOIN (VALUES ('created', $4::uuid, $5::text, $6::jsonb, $7::timestamptz),
+                                      ('updated', $8::uuid, $9::text, $10::jsonb, $11::timestamptz))
+                  AS e (outcome, id, subject, payload, created_at) ON e.outcome = change.outcome
+         )
+         SELECT change.contact_id, u.handle, u.display_name, change.label, change.created_at, change.updated_at,
+                change.outcome
+         FROM change JOIN identity.users u ON u.id = change.contact_id",
     )
     .bind(owner.0)
     .bind(contact.0)
     .bind(label)
-    .fetch_optional(&mut *conn)
+    .bind(a.id)
+    .bind(a.subject)
+    .bind(&a.payload)
+    .bind(a.created_at)
+    .bind(u.id)
+    .bind(u.subject)
+    .bind(&u.payload)
+    .bind(u.created_at)
+    .fetch_one(db)
     .await?;
-    let outcome = match change {
-        Some((true,)) => Upsert::Created,
-        Some((false,)) => Upsert::Updated,
-        None => Upsert::Unchanged,
+    let outcome = match row.outcome.as_str() {
+        "created" => Upsert::Created,
+        "updated" => Upsert::Updated,
+        _ => Upsert::Unchanged,
     };
-    let row = get(&mut *conn, owner, contact).await?.ok_or(sqlx::Error::RowNotFound)?;
-    Ok((outcome, row))
+    Ok((outcome, row.contact))
 }
 
 pub async fn get(db: impl PgExecutor<'_>, owner: UserId, contact: UserId) -> Result<Option<ContactRow>, sqlx::Error> {

@@ -30,6 +30,25 @@ pub async fn insert(conn: &mut PgConnection, events: &[Event]) -> Result<(), sql
     Ok(())
 }
 
+/// An event as its outbox row stores it.
+pub struct OutboxRow<'a> {
+    pub id: Uuid,
+    pub subject: &'a str,
+    pub payload: serde_json::Value,
+    pub created_at: OffsetDateTime,
+}
+
+impl<'a> OutboxRow<'a> {
+    pub fn of(event: &'a Event) -> Self {
+        Self {
+            id: event.envelope.id.0,
+            subject: &event.subject,
+            payload: serde_json::to_value(&event.envelope).expect("envelopes always serialise"),
+            created_at: event.envelope.occurred_at,
+        }
+    }
+}
+
 /// One claimed, not yet published event.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct PendingEvent {
