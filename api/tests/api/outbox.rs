@@ -438,3 +438,29 @@ async fn two_relays_over_one_backlog_publish_every_event_exactly_once() {
         .unwrap();
     assert_eq!(published, BACKLOG as i64);
 }
+
+#[tokio::test]
+async fn republishing_a_window_resends_it_and_the_stream_keeps_one_copy_of_each_event() {
+    let app = TestApp::spawn().await;
+    for handle in ["alice", "bob", "carol"] {
+        app.register(handle).await;
+    }
+    app.wait_for_events("identity.user_registered", 3).await;
+    app.wait_all_published(Duration::from_secs(10)).await;
+
+    // What `trellisctl outbox republish --since 5m` does.
+    let since = OffsetDateTime::now_utc() - time::Duration::minutes(5);
+    let reset = trellis_store::outbox::reset_published_since(&app.db.pool, since).await.unwrap();
+    assert_eq!(reset, 3);
+    app.wait_all_published(Duration::from_secs(10)).await;
+
+    // Within the duplicate window JetStream drops the copies: still exactly three.
+    let reader = app.events().await;
+    let filter = app.subject("events.>");
+    assert_eq!(reader.count(&filter).await.unwrap(), 3);
+    let published: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.outbox WHERE published_at IS NOT NULL")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(published, 3);
+}

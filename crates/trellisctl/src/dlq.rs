@@ -66,7 +66,7 @@ impl Filter {
     }
 }
 
-fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
+pub fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
     if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
         return Ok(t);
     }

@@ -53,6 +53,11 @@ enum Command {
         #[command(subcommand)]
         action: Users,
     },
+    /// The transactional outbox.
+    Outbox {
+        #[command(subcommand)]
+        action: Outbox,
+    },
     /// Dead letters: list, show, stats, replay, purge.
     Dlq {
         #[command(subcommand)]
@@ -71,6 +76,20 @@ enum Migrate {
     },
     /// Lists migrations and whether each is applied.
     Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum Outbox {
+    /// Events written but not yet acknowledged by JetStream.
+    Status,
+    /// Marks every event created since a time as unpublished again, so the relay re-sends it
+    /// (after a lost stream, or events lost to NATS's fsync gap). Consumers are idempotent;
+    /// JetStream drops copies still inside its duplicate window.
+    Republish {
+        /// RFC 3339 time, or a duration ago such as `30m`.
+        #[arg(long)]
+        since: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -110,6 +129,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate { action } => migrate(&pool, action).await,
         Command::Users { action } => users(&pool, action).await,
+        Command::Outbox { action } => outbox(&pool, action).await,
         Command::Dlq { action } => {
             let topology = trellis_runtime::nats::Topology::new(&cli.nats_prefix)?;
             let client = async_nats::ConnectOptions::new()
@@ -146,6 +166,25 @@ async fn migrate(pool: &sqlx::PgPool, action: Migrate) -> anyhow::Result<()> {
             for m in migrate::status(pool).await? {
                 println!("{:<16} {:<8} {}", m.version, if m.applied { "yes" } else { "no" }, m.description);
             }
+        }
+    }
+    Ok(())
+}
+
+async fn outbox(pool: &sqlx::PgPool, action: Outbox) -> anyhow::Result<()> {
+    match action {
+        Outbox::Status => {
+            let pending = trellis_store::outbox::pending_count(pool).await?;
+            let age = trellis_store::outbox::oldest_pending_age_seconds(pool).await?;
+            println!(
+                "pending: {pending}
+oldest pending age: {age:.1}s"
+            );
+        }
+        Outbox::Republish { since } => {
+            let since = dlq::parse_time(&since).map_err(|e| anyhow::anyhow!(e))?;
+            let n = trellis_store::outbox::reset_published_since(pool, since).await?;
+            println!("{n} events marked for republishing; the relay of trellis-api sends them now");
         }
     }
     Ok(())
