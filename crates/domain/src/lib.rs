@@ -5,6 +5,7 @@ pub mod disputes;
 pub mod events;
 pub mod identity;
 pub mod ids;
+pub mod score;
 pub mod social;
 pub mod validation;
 
