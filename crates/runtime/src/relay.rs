@@ -118,25 +118,58 @@ impl Relay {
     }
 
     /// Relays batches until the outbox has no unclaimed event. Returns how many were published.
+    ///
+    /// Two batches are in flight at once: while JetStream acknowledges one, the next is claimed
+    /// (SKIP LOCKED passes over the first's locked rows) and sent. Its publishes follow the
+    /// first's on the one connection, so the stream keeps outbox order.
     pub async fn drain(&self) -> Result<u64, RelayError> {
-        let mut total = 0;
+        let mut total = 0u64;
+        let mut in_flight: Option<InFlight> = None;
         loop {
-            let n = self.relay_batch().await?;
-            total += n as u64;
-            if (n as i64) < self.config.batch_size {
-                return Ok(total);
+            let next = match self.send_batch().await {
+                Ok(next) => next,
+                Err(e) => {
+                    if let Some(prev) = in_flight.take() {
+                        // Marks what was acknowledged; the claim's error is the one to report.
+                        let _ = self.settle(prev).await;
+                    }
+                    return Err(e);
+                }
+            };
+            if let Some(prev) = in_flight.take() {
+                match self.settle(prev).await {
+                    Ok(n) => total += n as u64,
+                    Err(e) => {
+                        if let Some(next) = next {
+                            let _ = self.settle(next).await;
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            match next {
+                Some(batch) => {
+                    let full = batch.claimed as i64 >= self.config.batch_size;
+                    if full {
+                        in_flight = Some(batch);
+                    } else {
+                        return Ok(total + self.settle(batch).await? as u64);
+                    }
+                }
+                None => return Ok(total),
             }
         }
     }
 
-    /// Claims, publishes and marks one batch. Returns how many events it published.
-    pub async fn relay_batch(&self) -> Result<usize, RelayError> {
+    /// Claims and publishes one batch; returns what is still to be acknowledged and marked
+    /// (`None` when there was nothing to claim).
+    async fn send_batch(&self) -> Result<Option<InFlight>, RelayError> {
         let started = Instant::now();
         let mut tx = self.pool.begin().await?;
         let batch = outbox::claim(&mut tx, self.config.batch_size).await?;
         if batch.is_empty() {
             tx.rollback().await?;
-            return Ok(0);
+            return Ok(None);
         }
         let mut acks = Vec::with_capacity(batch.len());
         let mut send_error = None;
@@ -152,6 +185,12 @@ impl Relay {
                 }
             }
         }
+        Ok(Some(InFlight { tx, claimed: batch.len(), acks, send_error, started }))
+    }
+
+    /// Waits for a batch's acknowledgements and marks exactly the acknowledged events published.
+    async fn settle(&self, batch: InFlight) -> Result<usize, RelayError> {
+        let InFlight { mut tx, acks, send_error, started, .. } = batch;
         let results =
             futures::future::join_all(acks.into_iter().map(|(seq, ack)| async move { (seq, ack.await) })).await;
         let mut published = Vec::with_capacity(results.len());
@@ -173,6 +212,16 @@ impl Relay {
             None => Ok(published.len()),
         }
     }
+}
+
+/// A claimed batch whose publishes are sent and whose acknowledgements are awaited; its row
+/// locks hold until it is settled.
+struct InFlight {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    claimed: usize,
+    acks: Vec<(i64, async_nats::jetstream::context::PublishAckFuture)>,
+    send_error: Option<String>,
+    started: Instant,
 }
 
 async fn recv(listener: &mut Option<PgListener>) -> Result<(), sqlx::Error> {
