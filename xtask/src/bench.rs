@@ -15,7 +15,8 @@ use crate::util;
 pub fn run(flags: &flags::Bench) -> anyhow::Result<()> {
     match flags.suite.as_str() {
         "api" => api(flags),
-        other => bail!("unknown bench suite `{other}` (known: api)"),
+        "runtime" => runtime(),
+        other => bail!("unknown bench suite `{other}` (known: api, runtime)"),
     }
 }
 
@@ -328,4 +329,21 @@ fn row(name: &str, load: &Load, target: &str) -> String {
         "| {name} | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms ({} requests, {} errors) | {target} |",
         load.requests_per_sec, load.p50_ms, load.p99_ms, load.requests, load.errors
     )
+}
+
+/// The worker runtime: a 200,000-message drain through a no-op handler, and a 50,000-message
+/// DLQ replay with `trellisctl` (the program is `crates/runtime/benches/runtime.rs`).
+fn runtime() -> anyhow::Result<()> {
+    let stack = Stack::ensure()?;
+    build_release(&["trellisctl"])?;
+    let db = BenchDb::fresh(&stack, "trellis_bench_runtime")?;
+    let mut cmd = util::cargo();
+    cmd.args(["bench", "-q", "-p", "trellis-runtime", "--bench", "runtime"])
+        .env("DATABASE_URL", &db.url)
+        .env("NATS_URL", &stack.nats_url)
+        .env("TRELLISCTL", release_bin("trellisctl"));
+    let rows = util::read(&mut cmd)?;
+    println!("\nmachine: {}\n", machine());
+    println!("| benchmark | result | target |\n|---|---|---|\n{rows}");
+    Ok(())
 }

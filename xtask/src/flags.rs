@@ -15,7 +15,7 @@ commands:
   lint [DIR]         lint the migrations (in migrations/, or DIR) with squawk.
   test [-- ARGS]     fmt check, clippy, lint, then the test suite (ARGS go to the test runner).
   bench SUITE [--duration SECS]
-                     run a benchmark suite against release builds; SUITE is one of: api.
+                     run a benchmark suite against release builds; SUITE is one of: api, runtime.
   help               this text.
 
 environment: DATABASE_URL, NATS_URL, NATS_PREFIX, API_ADDR (see each command's output).";
@@ -114,7 +114,7 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
             Command::Test(Test { runner_args })
         }
         "bench" => {
-            let suite = args.next().context("bench needs a suite name (api)")?;
+            let suite = args.next().context("bench needs a suite name (api, runtime)")?;
             let mut duration = 20;
             while let Some(arg) = args.next() {
                 match arg.as_str() {

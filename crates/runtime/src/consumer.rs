@@ -173,10 +173,12 @@ pub enum ConsumerError {
          consumer"
     )]
     Mismatch { consumer: String, stream: String, field: &'static str, asked: String, got: String },
+    #[error("consumer {consumer} on {stream}: the server refused its configuration: {message}")]
+    Refused { consumer: String, stream: String, message: String },
 }
 
 /// One processor's consumer group: the runner of its main consumer, its replay consumer and
-/// its MAX_DELIVERIES watcher. Every replica of a worker runs one with the same spec.
+/// its MAX_DELIVERIES watchers. Every replica of a worker runs one with the same spec.
 pub struct ConsumerGroup<H> {
     ctx: RunnerContext,
     spec: ConsumerSpec,
@@ -240,33 +242,42 @@ impl<H: Handler> ConsumerGroup<H> {
         }
     }
 
-    fn advisory_config(&self) -> consumer::pull::Config {
+    /// The safety net's consumer of the MAX_DELIVERIES advisories about this group's consumer on
+    /// `stream`. A consumer has one filter subject (nats-server 2.9), and the advisory stream only
+    /// holds `<advisory>.<this deployment's stream>.>` (a wildcard in the stream token would not
+    /// be a subset of it), so there is one per source stream, each with a durable of its own.
+    fn advisory_config(&self, stream: &str, durable: String) -> consumer::pull::Config {
         consumer::pull::Config {
-            filter_subject: format!("{}.*.{}", dlq::MAX_DELIVERIES_ADVISORY, self.durable()),
-            description: Some(format!("trellis MAX_DELIVERIES safety net for {}", self.spec.name)),
+            durable_name: Some(durable),
+            filter_subject: format!("{}.{stream}.{}", dlq::MAX_DELIVERIES_ADVISORY, self.durable()),
+            description: Some(format!("trellis MAX_DELIVERIES safety net for {} on {stream}", self.spec.name)),
             max_deliver: -1,
             ..self.main_config()
         }
     }
 
-    /// Declares (idempotently) and verifies the three consumers.
+    /// Declares (idempotently) and verifies the four consumers.
     pub async fn bind(&self) -> Result<Bound, ConsumerError> {
         let t = &self.ctx.topology;
         let main = declare(&self.ctx.js, &t.events_stream(), self.main_config()).await?;
         let replay = declare(&self.ctx.js, &t.replay_stream(), self.replay_config()).await?;
-        let advisory = declare(&self.ctx.js, &t.advisory_stream(), self.advisory_config()).await?;
+        let main_advisory = self.advisory_config(&t.events_stream(), self.durable());
+        let main_advisory = declare(&self.ctx.js, &t.advisory_stream(), main_advisory).await?;
+        let replay_advisory = self.advisory_config(&t.replay_stream(), format!("{}-replays", self.durable()));
+        let replay_advisory = declare(&self.ctx.js, &t.advisory_stream(), replay_advisory).await?;
         self.bound.store(true, Ordering::Release);
-        Ok(Bound { main, replay, advisory })
+        Ok(Bound { main, replay, advisories: [main_advisory, replay_advisory] })
     }
 
     /// Binds (retrying while NATS is unreachable), then pulls until `stop` is cancelled. On
-    /// `stop` it stops fetching, lets the batch in hand finish, and naks what it holds
-    /// unprocessed. A configuration the server will not keep is returned as an error.
+    /// `stop` it stops fetching and lets the batch in hand (every message of the current pull
+    /// that has arrived) finish; the worker bounds that by its grace period. A configuration
+    /// the server will not keep is returned as an error.
     pub async fn run(self, stop: CancellationToken) -> Result<(), ConsumerError> {
         let bound = loop {
             match self.bind().await {
                 Ok(b) => break b,
-                Err(e @ ConsumerError::Mismatch { .. }) => return Err(e),
+                Err(e @ (ConsumerError::Mismatch { .. } | ConsumerError::Refused { .. })) => return Err(e),
                 Err(e) => {
                     tracing::warn!(consumer = %self.spec.name, error = %e, "binding the consumer failed; retrying");
                     tokio::select! {
@@ -279,9 +290,11 @@ impl<H: Handler> ConsumerGroup<H> {
         let this = Arc::new(self);
         let main = tokio::spawn(this.clone().pull_loop(bound.main, Source::Main, stop.clone()));
         let replay = tokio::spawn(this.clone().pull_loop(bound.replay, Source::Replay, stop.clone()));
-        let advisory = tokio::spawn(this.clone().advisory_loop(bound.advisory, stop.clone()));
+        let [main_advisory, replay_advisory] = bound.advisories;
+        let main_advisory = tokio::spawn(this.clone().advisory_loop(main_advisory, stop.clone()));
+        let replay_advisory = tokio::spawn(this.clone().advisory_loop(replay_advisory, stop.clone()));
         let sampler = tokio::spawn(this.clone().sample_loop(stop.clone()));
-        let _ = tokio::join!(main, replay, advisory, sampler);
+        let _ = tokio::join!(main, replay, main_advisory, replay_advisory, sampler);
         Ok(())
     }
 
@@ -333,12 +346,15 @@ impl<H: Handler> ConsumerGroup<H> {
                 }
             }
             if stop.is_cancelled() {
-                // Whatever arrived but was not handled goes back at once, for another replica.
-                while let Some(Some(Ok(chunk))) =
-                    chunks.next().now_or_never().map(|c| c.map(|v| v.into_iter().collect::<Result<Vec<_>, _>>()))
-                {
-                    for m in chunk {
-                        let _ = m.ack_with(AckKind::Nak(None)).await;
+                // The rest of the batch in hand is finished too. The server already counts every
+                // message of this pull that arrived as delivered to this replica; handing them
+                // back (nak) would redeliver them to another one, which is what a graceful stop
+                // must not do. `ready_chunks` splits a pull by arrival timing, so "the chunk being
+                // handled" is not the batch.
+                while let Some(Some(chunk)) = chunks.next().now_or_never() {
+                    let messages: Vec<jetstream::Message> = chunk.into_iter().filter_map(Result::ok).collect();
+                    if !messages.is_empty() {
+                        self.process(messages, source).await;
                     }
                 }
             }
@@ -598,11 +614,12 @@ impl<H: Handler> ConsumerGroup<H> {
 
 type PullConsumer = consumer::Consumer<consumer::pull::Config>;
 
-/// The three bound consumers of a group.
+/// The bound consumers of a group.
 pub struct Bound {
     main: PullConsumer,
     replay: PullConsumer,
-    advisory: PullConsumer,
+    /// MAX_DELIVERIES advisories about `main` and about `replay`.
+    advisories: [PullConsumer; 2],
 }
 
 /// Creates the consumer, or updates it to `wanted`, and checks the server kept what matters.
@@ -614,7 +631,13 @@ async fn declare(
     let name = wanted.durable_name.clone().unwrap_or_default();
     let request = |e: &dyn std::fmt::Display| ConsumerError::Request { consumer: name.clone(), message: e.to_string() };
     let s = js.get_stream(stream).await.map_err(|e| request(&e))?;
-    let mut c: PullConsumer = s.create_consumer(wanted.clone()).await.map_err(|e| request(&e))?;
+    let mut c: PullConsumer = s.create_consumer(wanted.clone()).await.map_err(|e| match e.kind() {
+        // The server answered and said no: retrying will not change its mind.
+        jetstream::stream::ConsumerErrorKind::JetStream(refusal) => {
+            ConsumerError::Refused { consumer: name.clone(), stream: stream.to_owned(), message: refusal.to_string() }
+        }
+        _ => request(&e),
+    })?;
     let got = c.info().await.map_err(|e| request(&e))?.config.clone();
     let mismatch = |field, asked: String, got: String| ConsumerError::Mismatch {
         consumer: name.clone(),

@@ -325,19 +325,16 @@ pub async fn get(js: &jetstream::Context, topology: &Topology, sequence: u64) ->
     })
 }
 
-/// Replays many dead letters, `window` at a time: the publishes of a window are pipelined, and
-/// each message leaves the DLQ only after its own replay was acknowledged. Returns, per entry,
-/// the replay's sequence in the REPLAY stream or the error.
-pub async fn replay_window(
+/// Publishes replays of many dead letters with their acknowledgements pipelined; does not
+/// remove them from the DLQ (see [`remove`] and [`remove_through`]): a dead letter may leave
+/// only once its own replay was acknowledged. Returns, per entry, the replay's sequence in the
+/// REPLAY stream or the error.
+pub async fn publish_replays(
     js: &jetstream::Context,
     topology: &Topology,
     entries: &[Entry],
     audit_id: &str,
 ) -> Vec<anyhow::Result<u64>> {
-    let stream = match js.get_stream(topology.dlq_stream()).await {
-        Ok(s) => s,
-        Err(e) => return entries.iter().map(|_| Err(anyhow::anyhow!("DLQ stream: {e}"))).collect(),
-    };
     let mut acks = Vec::with_capacity(entries.len());
     for entry in entries {
         let sent = async {
@@ -361,22 +358,40 @@ pub async fn replay_window(
         .await;
         acks.push(sent);
     }
-    let acked = futures::future::join_all(acks.into_iter().map(|sent| async move {
+    futures::future::join_all(acks.into_iter().map(|sent| async move {
         match sent {
             Ok(ack) => ack.await.map(|a| a.sequence).map_err(anyhow::Error::from),
             Err(e) => Err(e),
         }
     }))
-    .await;
-    futures::future::join_all(entries.iter().zip(acked).map(|(entry, result)| {
-        let stream = &stream;
-        async move {
-            let seq = result?;
-            stream.delete_message(entry.sequence).await?;
-            Ok(seq)
-        }
+    .await
+}
+
+/// Removes these dead letters one by one (requests in flight together).
+pub async fn remove(js: &jetstream::Context, topology: &Topology, sequences: &[u64]) -> Vec<anyhow::Result<()>> {
+    let stream = match js.get_stream(topology.dlq_stream()).await {
+        Ok(s) => s,
+        Err(e) => return sequences.iter().map(|_| Err(anyhow::anyhow!("DLQ stream: {e}"))).collect(),
+    };
+    let stream = &stream;
+    futures::future::join_all(sequences.iter().map(|&seq| async move {
+        stream.delete_message(seq).await?;
+        Ok(())
     }))
     .await
+}
+
+/// Removes every dead letter of `consumer` up to and including `sequence` in one request: for
+/// a caller that knows it has acted on all of them.
+pub async fn remove_through(
+    js: &jetstream::Context,
+    topology: &Topology,
+    consumer: &str,
+    sequence: u64,
+) -> anyhow::Result<u64> {
+    let stream = js.get_stream(topology.dlq_stream()).await?;
+    let purged = stream.purge().filter(topology.subject(&format!("dlq.{consumer}"))).sequence(sequence + 1).await?;
+    Ok(purged.purged)
 }
 
 /// Removes a dead letter for good.

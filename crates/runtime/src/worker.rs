@@ -159,6 +159,14 @@ impl Worker {
         if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
             tracing::warn!(?grace, "in-flight work did not finish within the grace period; shutdown was not graceful");
         }
+        // `drain` only queues the drain and returns: flush first, so that the acks of the
+        // messages just finished reach the server before the process exits (otherwise they are
+        // lost and the messages redelivered to another replica after ack_wait).
+        match tokio::time::timeout(self.args.common.io_timeout, self.client.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "flushing the NATS connection failed; some acks may be lost"),
+            Err(_) => tracing::warn!("flushing the NATS connection timed out; some acks may be lost"),
+        }
         if let Err(e) = self.client.drain().await {
             tracing::warn!(error = %e, "draining the NATS connection failed");
         }

@@ -156,7 +156,11 @@ pub async fn run(ctx: &Ctx, command: Dlq) -> anyhow::Result<()> {
                 _ => bail!("--reason is required: say why these messages are replayed"),
             };
             let entries = select(ctx, &sequences, &filter, all).await?;
-            let plan = Replay { reason, dry_run, rate, canary, canary_timeout, actor: actor_or_user(actor) };
+            // Everything a consumer has, from its first dead letter on: windows can then leave
+            // the DLQ with one purge each instead of a request per message.
+            let whole_consumers = sequences.is_empty() && filter_is_consumer_only(&filter);
+            let plan =
+                Replay { reason, dry_run, rate, canary, canary_timeout, actor: actor_or_user(actor), whole_consumers };
             replay(ctx, entries, &sequences, &filter, plan).await
         }
         Dlq::Purge { sequences, filter, all, reason, yes, actor } => {
@@ -170,6 +174,16 @@ pub async fn run(ctx: &Ctx, command: Dlq) -> anyhow::Result<()> {
             purge(ctx, entries, &sequences, &filter, &reason, &actor_or_user(actor)).await
         }
     }
+}
+
+fn filter_is_consumer_only(f: &Filter) -> bool {
+    f.kind.is_none()
+        && f.grep.is_none()
+        && f.since.is_none()
+        && f.until.is_none()
+        && f.from_seq.is_none()
+        && f.to_seq.is_none()
+        && f.fingerprint.is_none()
 }
 
 fn actor_or_user(actor: Option<String>) -> String {
@@ -303,7 +317,7 @@ async fn stats(ctx: &Ctx, filter: &Filter) -> anyhow::Result<()> {
         g.last = g.last.max(e.time);
     }
     let mut rows: Vec<_> = groups.into_iter().collect();
-    rows.sort_by(|a, b| b.1.count.cmp(&a.1.count));
+    rows.sort_by_key(|row| std::cmp::Reverse(row.1.count));
     match ctx.output {
         Output::Json => {
             let json: Vec<_> = rows
@@ -338,6 +352,9 @@ struct Replay {
     canary: Option<usize>,
     canary_timeout: Duration,
     actor: String,
+    /// The selection is every dead letter of its consumers (no gaps), so a replayed window can
+    /// leave the DLQ with one purge per consumer.
+    whole_consumers: bool,
 }
 
 async fn replay(
@@ -435,7 +452,7 @@ async fn replay_audited(ctx: &Ctx, entries: &[Entry], plan: &Replay, audit_id: &
     let bar = progress(entries.len());
     let (canaries, rest) = entries.split_at(plan.canary.unwrap_or(0).min(entries.len()));
     if !canaries.is_empty() {
-        let replay_seqs = send(ctx, canaries, plan.rate, audit_id, &mut result, &bar).await;
+        let replay_seqs = send(ctx, canaries, plan, audit_id, &mut result, &bar).await;
         let died = wait_for_canaries(ctx, canaries, &replay_seqs, audit_id, plan.canary_timeout).await?;
         if died > 0 {
             result.canary_died = Some(died);
@@ -443,7 +460,7 @@ async fn replay_audited(ctx: &Ctx, entries: &[Entry], plan: &Replay, audit_id: &
             return Ok(result);
         }
     }
-    send(ctx, rest, plan.rate, audit_id, &mut result, &bar).await;
+    send(ctx, rest, plan, audit_id, &mut result, &bar).await;
     bar.finish_and_clear();
     Ok(result)
 }
@@ -461,40 +478,70 @@ fn progress(len: usize) -> indicatif::ProgressBar {
     bar
 }
 
-/// Replays `entries` in windows (paced by `rate`); returns the REPLAY sequences it got.
+/// Replays `entries` in windows (paced by `--rate`); returns the REPLAY sequences it got. A
+/// dead letter leaves the DLQ only after its replay was acknowledged.
 async fn send(
     ctx: &Ctx,
     entries: &[Entry],
-    rate: Option<f64>,
+    plan: &Replay,
     audit_id: &str,
     result: &mut ReplayResult,
     bar: &indicatif::ProgressBar,
 ) -> Vec<u64> {
+    let rate = plan.rate.filter(|r| *r > 0.0);
     let window = match rate {
-        Some(r) if r > 0.0 => (r.ceil() as usize).clamp(1, 256),
-        _ => 512,
+        Some(r) => (r.ceil() as usize).clamp(1, 256),
+        None => 1024,
     };
     let started = std::time::Instant::now();
     let mut sent = 0usize;
     let mut replay_seqs = Vec::new();
+    // Stays true while every dead letter so far was replayed: no gaps, so purging through a
+    // window's last sequence removes exactly what was replayed.
+    let mut no_gaps = plan.whole_consumers;
     for chunk in entries.chunks(window) {
-        if let Some(r) = rate.filter(|r| *r > 0.0) {
+        if let Some(r) = rate {
             // Pace: the n-th message may not leave before n / rate seconds.
             let due = Duration::from_secs_f64(sent as f64 / r);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 tokio::time::sleep(wait).await;
             }
         }
-        let outcomes = dlq::replay_window(&ctx.js, &ctx.topology, chunk, audit_id).await;
+        let outcomes = dlq::publish_replays(&ctx.js, &ctx.topology, chunk, audit_id).await;
+        let mut acked = Vec::with_capacity(chunk.len());
         for (entry, outcome) in chunk.iter().zip(outcomes) {
             match outcome {
                 Ok(seq) => {
-                    result.replayed += 1;
+                    acked.push(entry);
                     replay_seqs.push(seq);
                 }
                 Err(e) => result.failed.push((entry.sequence, format!("{e:#}"))),
             }
         }
+        no_gaps &= acked.len() == chunk.len();
+        if no_gaps {
+            let mut last: BTreeMap<&str, u64> = BTreeMap::new();
+            for e in &acked {
+                let seq = last.entry(e.consumer()).or_default();
+                *seq = (*seq).max(e.sequence);
+            }
+            for (consumer, through) in last {
+                if let Err(e) = dlq::remove_through(&ctx.js, &ctx.topology, consumer, through).await {
+                    // Still replayed: a later replay of these would only run them again.
+                    eprintln!(
+                        "warning: replayed dead letters of {consumer} through {through} could not be removed: {e:#}"
+                    );
+                }
+            }
+        } else {
+            let seqs: Vec<u64> = acked.iter().map(|e| e.sequence).collect();
+            for (seq, removed) in seqs.iter().zip(dlq::remove(&ctx.js, &ctx.topology, &seqs).await) {
+                if let Err(e) = removed {
+                    eprintln!("warning: replayed dead letter {seq} could not be removed from the DLQ: {e:#}");
+                }
+            }
+        }
+        result.replayed += acked.len();
         sent += chunk.len();
         bar.inc(chunk.len() as u64);
     }

@@ -61,7 +61,7 @@ enum Command {
     /// Dead letters: list, show, stats, replay, purge.
     Dlq {
         #[command(subcommand)]
-        action: dlq::Dlq,
+        action: Box<dlq::Dlq>,
     },
 }
 
@@ -138,7 +138,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("connecting to NATS at {}", cli.nats_url))?;
             let js = trellis_runtime::nats::jetstream(client, std::time::Duration::from_secs(10));
-            dlq::run(&dlq::Ctx { js, topology, pool, output: cli.output }, action).await
+            dlq::run(&dlq::Ctx { js, topology, pool, output: cli.output }, *action).await
         }
     }
 }

@@ -1,0 +1,8 @@
+//! The worker runtime against real JetStream and PostgreSQL (issue 3 §4): consumer groups,
+//! retries, dead letters, the MAX_DELIVERIES safety net, shutdown, outages, and `trellisctl dlq`.
+//! Each test has its own database and NATS prefix, and drives real `trellis-probe-worker`
+//! processes.
+
+mod dlq;
+mod helpers;
+mod runner;
