@@ -15,8 +15,10 @@ pub struct Config {
     #[arg(long, env = "API_ADDR", default_value = "127.0.0.1:8080")]
     pub api_addr: SocketAddr,
 
-    /// Connections in the request pool.
-    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 32)]
+    /// Connections in the request pool. The default, 4 per CPU core, measured best on the
+    /// 2-core benchmark machine for reads and writes together (see docs/BENCHMARKS.md): more
+    /// connections than PostgreSQL can run at once only add context switches.
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = default_pool_size())]
     pub db_pool_size: u32,
 
     /// Largest accepted request body, in bytes.
@@ -58,4 +60,8 @@ pub struct Config {
     /// Run without the outbox relay (another replica relays).
     #[arg(long, env = "NO_RELAY")]
     pub no_relay: bool,
+}
+
+fn default_pool_size() -> u32 {
+    std::thread::available_parallelism().map_or(8, |n| 4 * n.get() as u32)
 }

@@ -1,6 +1,11 @@
 use clap::Parser;
 use trellis_api::Config;
 
+// The request path allocates many small objects (rows, JSON); glibc malloc showed up at ~6% of
+// the API's CPU under load.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = Config::parse();
