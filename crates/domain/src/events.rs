@@ -74,6 +74,7 @@ pub enum EventPayload {
     DisputeFiled(DisputeFiled),
     DisputeDecided(DisputeDecided),
     ScoreRunRequested(ScoreRunRequested),
+    ScoresUpdated(ScoresUpdated),
 }
 
 impl EventPayload {
@@ -98,6 +99,7 @@ impl EventPayload {
             EventPayload::DisputeFiled(_) => "disputes.filed",
             EventPayload::DisputeDecided(_) => "disputes.decided",
             EventPayload::ScoreRunRequested(_) => "scores.run_requested",
+            EventPayload::ScoresUpdated(_) => "scores.updated",
         }
     }
 
@@ -208,6 +210,19 @@ pub struct DisputeDecided {
 pub struct ScoreRunRequested {
     pub requested_by: Option<UserId>,
     pub reason: String,
+}
+
+/// One chunk of the scores a run changed (a run writes as many chunks as it needs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoresUpdated {
+    pub run_id: uuid::Uuid,
+    pub scores: Vec<UserScore>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct UserScore {
+    pub user_id: UserId,
+    pub score: i32,
 }
 
 #[cfg(test)]

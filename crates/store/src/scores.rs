@@ -1,6 +1,8 @@
-//! `score.user_scores` and `score.runs`.
+//! `score.user_scores`, `score.runs` and `score.scheduler`: what the API reads, and what the
+//! score orchestrator loads and writes.
 
-use sqlx::PgExecutor;
+use futures::TryStreamExt;
+use sqlx::{PgConnection, PgExecutor};
 use time::OffsetDateTime;
 use trellis_domain::UserId;
 use uuid::Uuid;
@@ -11,12 +13,349 @@ pub struct UserScoreRow {
     pub trust: f64,
     pub score: i32,
     pub run_id: Uuid,
+    /// When this value was last computed: the later of the row's own time (it is rewritten
+    /// only when it changes) and the last successful run (which computes every active user).
     pub computed_at: OffsetDateTime,
 }
 
 pub async fn get(db: impl PgExecutor<'_>, user: UserId) -> Result<Option<UserScoreRow>, sqlx::Error> {
-    sqlx::query_as("SELECT user_id, trust, score, run_id, computed_at FROM score.user_scores WHERE user_id = $1")
-        .bind(user.0)
+    sqlx::query_as(
+        "SELECT s.user_id, s.trust, s.score, s.run_id,
+                GREATEST(s.computed_at, (SELECT max(finished_at) FROM score.runs WHERE status = 'succeeded')) AS computed_at
+         FROM score.user_scores s WHERE s.user_id = $1",
+    )
+    .bind(user.0)
+    .fetch_optional(db)
+    .await
+}
+
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct RunRow {
+    pub id: Uuid,
+    pub trigger: String,
+    pub requested_by: Option<Uuid>,
+    pub status: String,
+    pub host: Option<String>,
+    pub algorithm: Option<String>,
+    pub users: Option<i64>,
+    pub edges: Option<i64>,
+    pub iterations: Option<i32>,
+    pub residual: Option<f64>,
+    pub scores_changed: Option<i64>,
+    pub load_ms: Option<i64>,
+    pub compute_ms: Option<i64>,
+    pub write_ms: Option<i64>,
+    pub error: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub started_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+}
+
+const RUN_COLUMNS: &str = "id, trigger, requested_by, status, host, algorithm, users, edges, iterations, residual,
+    scores_changed, load_ms, compute_ms, write_ms, error, created_at, started_at, finished_at";
+
+pub async fn get_run(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<RunRow>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {RUN_COLUMNS} FROM score.runs WHERE id = $1")).bind(id).fetch_optional(db).await
+}
+
+/// The newest run created at or after `since`, if any.
+pub async fn first_run_since(db: impl PgExecutor<'_>, since: OffsetDateTime) -> Result<Option<RunRow>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {RUN_COLUMNS} FROM score.runs WHERE created_at >= $1 ORDER BY created_at LIMIT 1"))
+        .bind(since)
         .fetch_optional(db)
         .await
+}
+
+pub async fn last_success(db: impl PgExecutor<'_>) -> Result<Option<OffsetDateTime>, sqlx::Error> {
+    sqlx::query_scalar("SELECT max(finished_at) FROM score.runs WHERE status = 'succeeded'").fetch_one(db).await
+}
+
+/// Records that a run is wanted. Returns nothing: whoever holds (or next takes) the lease runs it.
+pub async fn request_run(
+    db: impl PgExecutor<'_>,
+    trigger: &str,
+    requested_by: Option<Uuid>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE score.scheduler SET run_pending = true,
+             pending_trigger = CASE WHEN run_pending THEN pending_trigger ELSE $1 END,
+             pending_requested_by = CASE WHEN run_pending THEN pending_requested_by ELSE $2 END,
+             pending_since = CASE WHEN run_pending THEN pending_since ELSE now() END
+         WHERE id = 1",
+    )
+    .bind(trigger)
+    .bind(requested_by)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Takes the pending request, if any: `(trigger, requested_by)`.
+pub async fn take_request(db: impl PgExecutor<'_>) -> Result<Option<(String, Option<Uuid>)>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE score.scheduler s SET run_pending = false, pending_trigger = NULL, pending_requested_by = NULL,
+             pending_since = NULL
+         FROM (SELECT pending_trigger, pending_requested_by FROM score.scheduler WHERE id = 1 AND run_pending FOR UPDATE) old
+         WHERE s.id = 1 RETURNING COALESCE(old.pending_trigger, 'manual'), old.pending_requested_by",
+    )
+    .fetch_optional(db)
+    .await
+}
+
+pub async fn is_run_pending(db: impl PgExecutor<'_>) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT run_pending FROM score.scheduler WHERE id = 1").fetch_one(db).await
+}
+
+/// The one-run-at-a-time lease: a session advisory lock, so a replica that dies (its
+/// connection closes) frees it at once.
+pub const LEASE_KEY: i64 = 0x7472_656c_6c69_7331; // "trellis1"
+
+pub async fn try_lease(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(LEASE_KEY).fetch_one(conn).await
+}
+
+pub async fn release_lease(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_unlock($1)").bind(LEASE_KEY).execute(conn).await?;
+    Ok(())
+}
+
+/// Runs left `running` by a replica that died: only called with the lease held, when no run
+/// can be running.
+pub async fn fail_abandoned_runs(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE score.runs SET status = 'failed', finished_at = now(),
+             error = 'abandoned: the replica running it stopped before it finished'
+         WHERE status = 'running'",
+    )
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+pub async fn start_run(
+    conn: &mut PgConnection,
+    id: Uuid,
+    trigger: &str,
+    requested_by: Option<Uuid>,
+    host: &str,
+    algorithm: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO score.runs (id, trigger, requested_by, status, host, algorithm, started_at)
+         VALUES ($1, $2, $3, 'running', $4, $5, now())",
+    )
+    .bind(id)
+    .bind(trigger)
+    .bind(requested_by)
+    .bind(host)
+    .bind(algorithm)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn fail_run(db: impl PgExecutor<'_>, id: Uuid, error: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE score.runs SET status = 'failed', error = $2, finished_at = now() WHERE id = $1 AND status = 'running'",
+    )
+    .bind(id)
+    .bind(error)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// The graph of one consistent snapshot, in dense node indices `0..n` (ordered by user id).
+pub struct LoadedGraph {
+    pub users: Vec<Uuid>,
+    pub verified: Vec<bool>,
+    /// (owner, contact) pairs between active users.
+    pub edges: Vec<(u32, u32)>,
+    /// Upheld disputes in the last 365 days, per node.
+    pub upheld: Vec<u32>,
+    /// The stored score and trust of each node that has one.
+    pub current: Vec<Option<(i32, f64)>>,
+}
+
+/// Loads the graph from one REPEATABLE READ snapshot with COPY.
+pub async fn load_graph(conn: &mut PgConnection, timeout: std::time::Duration) -> Result<LoadedGraph, sqlx::Error> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *tx).await?;
+    sqlx::query(&format!("SET LOCAL statement_timeout = {}", timeout.as_millis())).execute(&mut *tx).await?;
+    sqlx::query(
+        "CREATE TEMP TABLE score_nodes ON COMMIT DROP AS
+         SELECT id, verified, (row_number() OVER (ORDER BY id) - 1)::int AS idx
+         FROM identity.users WHERE status = 'active'",
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("CREATE UNIQUE INDEX ON score_nodes (id) INCLUDE (idx)").execute(&mut *tx).await?;
+    sqlx::query("ANALYZE score_nodes").execute(&mut *tx).await?;
+
+    let mut users = Vec::new();
+    let mut verified = Vec::new();
+    copy_lines(&mut tx, "COPY (SELECT id, verified FROM score_nodes ORDER BY idx) TO STDOUT", |line| {
+        let (id, v) = line.split_once('\t').ok_or("id\tverified")?;
+        users.push(Uuid::parse_str(id).map_err(|_| "uuid")?);
+        verified.push(v == "t");
+        Ok(())
+    })
+    .await?;
+    let n = users.len();
+    let mut edges = Vec::new();
+    copy_lines(
+        &mut tx,
+        "COPY (SELECT o.idx, t.idx FROM contacts.contacts c
+               JOIN score_nodes o ON o.id = c.owner_id JOIN score_nodes t ON t.id = c.contact_id) TO STDOUT",
+        |line| {
+            let (a, b) = line.split_once('\t').ok_or("owner\tcontact")?;
+            edges.push((a.parse().map_err(|_| "owner")?, b.parse().map_err(|_| "contact")?));
+            Ok(())
+        },
+    )
+    .await?;
+    let mut upheld = vec![0u32; n];
+    copy_lines(
+        &mut tx,
+        "COPY (SELECT n.idx, count(*) FROM security.disputes d JOIN score_nodes n ON n.id = d.target_id
+               WHERE d.status = 'upheld' AND d.decided_at > now() - interval '365 days' GROUP BY n.idx) TO STDOUT",
+        |line| {
+            let (i, k) = line.split_once('\t').ok_or("idx\tcount")?;
+            let i: usize = i.parse().map_err(|_| "idx")?;
+            upheld[i] = k.parse().map_err(|_| "count")?;
+            Ok(())
+        },
+    )
+    .await?;
+    let mut current = vec![None; n];
+    copy_lines(
+        &mut tx,
+        "COPY (SELECT n.idx, s.score, s.trust FROM score.user_scores s JOIN score_nodes n ON n.id = s.user_id) TO STDOUT",
+        |line| {
+            let mut parts = line.split('\t');
+            let i: usize = parts.next().ok_or("idx")?.parse().map_err(|_| "idx")?;
+            let score: i32 = parts.next().ok_or("score")?.parse().map_err(|_| "score")?;
+            let trust: f64 = parts.next().ok_or("trust")?.parse().map_err(|_| "trust")?;
+            current[i] = Some((score, trust));
+            Ok(())
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(LoadedGraph { users, verified, edges, upheld, current })
+}
+
+/// Streams a `COPY … TO STDOUT` (text format) line by line into `each`.
+async fn copy_lines(
+    conn: &mut PgConnection,
+    statement: &str,
+    mut each: impl FnMut(&str) -> Result<(), &'static str>,
+) -> Result<(), sqlx::Error> {
+    let mut stream = conn.copy_out_raw(statement).await?;
+    let mut partial: Vec<u8> = Vec::new();
+    while let Some(chunk) = stream.try_next().await? {
+        partial.extend_from_slice(&chunk);
+        let mut start = 0;
+        while let Some(end) = partial[start..].iter().position(|&b| b == b'\n') {
+            let line = std::str::from_utf8(&partial[start..start + end])
+                .map_err(|e| sqlx::Error::Protocol(format!("COPY output is not UTF-8: {e}")))?;
+            each(line).map_err(|what| sqlx::Error::Protocol(format!("unexpected COPY line ({what}): {line:?}")))?;
+            start += end + 1;
+        }
+        partial.drain(..start);
+    }
+    Ok(())
+}
+
+/// One user's new value.
+pub struct NewScore {
+    pub user_id: Uuid,
+    pub trust: f64,
+    pub score: i32,
+}
+
+/// What a run writes, all in one transaction so that its results become visible together.
+pub struct RunResult<'a> {
+    pub run_id: Uuid,
+    pub changed: &'a [NewScore],
+    pub events: &'a [trellis_domain::events::Event],
+    pub users: i64,
+    pub edges: i64,
+    pub iterations: i32,
+    pub residual: f64,
+    pub load_ms: i64,
+    pub compute_ms: i64,
+}
+
+/// Writes the changed scores, removes the scores of users no longer active, writes the
+/// events, and marks the run succeeded; returns the write phase's duration in ms.
+pub async fn write_run(
+    conn: &mut PgConnection,
+    result: &RunResult<'_>,
+    timeout: std::time::Duration,
+) -> Result<i64, sqlx::Error> {
+    let started = std::time::Instant::now();
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    sqlx::query(&format!("SET LOCAL statement_timeout = {}", timeout.as_millis())).execute(&mut *tx).await?;
+    sqlx::query(
+        "CREATE TEMP TABLE score_new (user_id uuid NOT NULL, trust float8 NOT NULL, score int NOT NULL) ON COMMIT DROP",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let mut copy = tx.copy_in_raw("COPY score_new FROM STDIN").await?;
+    let mut buf = String::with_capacity(1 << 20);
+    for s in result.changed {
+        use std::fmt::Write as _;
+        // `{:?}` of an f64 is its shortest exact round-trip text: no precision is lost.
+        let _ = writeln!(buf, "{}\t{:?}\t{}", s.user_id, s.trust, s.score);
+        if buf.len() > (1 << 20) - 128 {
+            copy.send(buf.as_bytes()).await?;
+            buf.clear();
+        }
+    }
+    if !buf.is_empty() {
+        copy.send(buf.as_bytes()).await?;
+    }
+    copy.finish().await?;
+    sqlx::query(
+        "INSERT INTO score.user_scores (user_id, trust, score, run_id, computed_at)
+         SELECT n.user_id, n.trust, n.score, $1, now() FROM score_new n
+         JOIN identity.users u ON u.id = n.user_id AND u.status = 'active'
+         ON CONFLICT (user_id) DO UPDATE SET trust = EXCLUDED.trust, score = EXCLUDED.score,
+             run_id = EXCLUDED.run_id, computed_at = EXCLUDED.computed_at",
+    )
+    .bind(result.run_id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "DELETE FROM score.user_scores s WHERE NOT EXISTS
+             (SELECT 1 FROM identity.users u WHERE u.id = s.user_id AND u.status = 'active')",
+    )
+    .execute(&mut *tx)
+    .await?;
+    for chunk in result.events.chunks(500) {
+        crate::outbox::insert(&mut tx, chunk).await?;
+    }
+    let write_ms = started.elapsed().as_millis() as i64;
+    sqlx::query(
+        "UPDATE score.runs SET status = 'succeeded', users = $2, edges = $3, iterations = $4, residual = $5,
+             scores_changed = $6, load_ms = $7, compute_ms = $8, write_ms = $9, finished_at = now()
+         WHERE id = $1",
+    )
+    .bind(result.run_id)
+    .bind(result.users)
+    .bind(result.edges)
+    .bind(result.iterations)
+    .bind(result.residual)
+    .bind(result.changed.len() as i64)
+    .bind(result.load_ms)
+    .bind(result.compute_ms)
+    .bind(write_ms)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(started.elapsed().as_millis() as i64)
 }

@@ -1,0 +1,301 @@
+//! The score orchestrator: computes every active user's trust score in batch runs.
+//!
+//! A run is requested by `events.scores.run_requested` (from `trellisctl score run` or
+//! `POST /v1/admin/score-runs`, through the outbox), by the schedule, or at start-up when no run
+//! ever succeeded. One run at a time across every replica: the lease is a PostgreSQL session
+//! advisory lock, which frees itself when its holder's connection dies. Requests that arrive
+//! during a run set `score.scheduler.run_pending`; the holder starts one follow-up run for all
+//! of them.
+//!
+//! A run loads the graph from one snapshot (COPY), computes on every core, and writes the
+//! changed scores, their `events.scores.updated` chunks and the run record in one transaction.
+//! Nothing here assumes which process it runs in: `trellis-api` can run it in-process.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::{Connection, PgConnection, PgPool};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use trellis_domain::UserId;
+use trellis_domain::events::{Event, EventPayload, ScoresUpdated, UserScore};
+use trellis_domain::score::{self, GraphBuilder};
+use trellis_runtime::consumer::{ConsumerSpec, Delivery, MessageHandler, Outcome};
+use trellis_store::scores::{self as store, NewScore, RunResult};
+use uuid::Uuid;
+
+/// The consumer group's name (and durable consumer).
+pub const CONSUMER: &str = "score-orchestrator";
+
+/// Scores per `events.scores.updated` event.
+pub const EVENT_CHUNK: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    /// Run when the last successful run is older than this.
+    pub schedule: Duration,
+    /// How often to check whether a scheduled run is due.
+    pub schedule_check: Duration,
+    /// Statement timeout of a run's load and write phases.
+    pub run_timeout: Duration,
+    /// Threads for the compute phase (default: every core).
+    pub threads: usize,
+    pub host: String,
+}
+
+/// The subject this processor consumes.
+pub fn consumer_spec() -> ConsumerSpec {
+    ConsumerSpec { name: CONSUMER.into(), filter_subject: "events.scores.run_requested".into() }
+}
+
+/// The orchestrator: a library value the runtime drives.
+#[derive(Clone)]
+pub struct Orchestrator {
+    pool: PgPool,
+    config: Arc<Config>,
+    compute: Arc<rayon::ThreadPool>,
+}
+
+/// What one run did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunSummary {
+    pub run_id: Uuid,
+    pub trigger: String,
+    pub users: usize,
+    pub edges: usize,
+    pub iterations: u32,
+    pub residual: f64,
+    pub scores_changed: usize,
+    pub load_ms: u64,
+    pub compute_ms: u64,
+    pub write_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Orchestrator {
+    pub fn new(pool: PgPool, config: Config) -> anyhow::Result<Self> {
+        let compute = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.threads.max(1))
+            .thread_name(|i| format!("score-compute-{i}"))
+            .build()?;
+        Ok(Self { pool, config: Arc::new(config), compute: Arc::new(compute) })
+    }
+
+    /// Asks for a run and, if no other replica holds the lease, runs until no request is
+    /// pending. Returns the runs this call made (none when another replica holds the lease:
+    /// it will see the request).
+    pub async fn request(&self, trigger: &str, requested_by: Option<Uuid>) -> Result<Vec<RunSummary>, RunError> {
+        store::request_run(&self.pool, trigger, requested_by).await?;
+        let mut done = Vec::new();
+        loop {
+            // The lease lives on a connection of its own: if this process dies, PostgreSQL ends
+            // the session and frees the lock.
+            let mut lease = PgConnection::connect(&self.config.database_url).await?;
+            if !store::try_lease(&mut lease).await? {
+                tracing::info!("a score run is in progress elsewhere; this request joins its follow-up");
+                let _ = lease.close().await;
+                return Ok(done);
+            }
+            let abandoned = store::fail_abandoned_runs(&mut lease).await?;
+            if abandoned > 0 {
+                tracing::warn!(abandoned, "marked runs abandoned by a dead replica as failed");
+                metrics::counter!("trellis_score_runs_total", "outcome" => "abandoned").increment(abandoned);
+            }
+            let outcome = async {
+                while let Some((trigger, requested_by)) = store::take_request(&mut lease).await? {
+                    done.push(self.run(&mut lease, &trigger, requested_by).await?);
+                }
+                Ok::<_, RunError>(())
+            }
+            .await;
+            let _ = store::release_lease(&mut lease).await;
+            let _ = lease.close().await;
+            outcome?;
+            // A request may have landed between the last check and the release: look again.
+            if !store::is_run_pending(&self.pool).await? {
+                return Ok(done);
+            }
+        }
+    }
+
+    async fn run(
+        &self,
+        conn: &mut PgConnection,
+        trigger: &str,
+        requested_by: Option<Uuid>,
+    ) -> Result<RunSummary, RunError> {
+        let run_id = Uuid::now_v7();
+        let started = Instant::now();
+        store::start_run(conn, run_id, trigger, requested_by, &self.config.host, score::ALGORITHM_VERSION).await?;
+        tracing::info!(%run_id, trigger, "score run started");
+        let result = self.phases(conn, run_id, trigger).await;
+        let outcome = match &result {
+            Ok(_) => "succeeded",
+            Err(_) => "failed",
+        };
+        metrics::counter!("trellis_score_runs_total", "outcome" => outcome).increment(1);
+        match &result {
+            Ok(summary) => {
+                tracing::info!(%run_id, users = summary.users, edges = summary.edges, iterations = summary.iterations,
+                    changed = summary.scores_changed, elapsed = ?started.elapsed(), "score run succeeded");
+                metrics::gauge!("trellis_score_last_success_timestamp_seconds")
+                    .set(OffsetDateTime::now_utc().unix_timestamp() as f64);
+                metrics::gauge!("trellis_score_users_scored").set(summary.users as f64);
+                metrics::gauge!("trellis_score_iterations").set(summary.iterations as f64);
+            }
+            Err(e) => {
+                tracing::error!(%run_id, error = %e, "score run failed");
+                // On a fresh connection: the run's own may be the broken thing.
+                if let Err(mark) = store::fail_run(&self.pool, run_id, &e.to_string()).await {
+                    tracing::error!(%run_id, error = %mark, "could not mark the run failed");
+                }
+            }
+        }
+        result
+    }
+
+    async fn phases(&self, conn: &mut PgConnection, run_id: Uuid, trigger: &str) -> Result<RunSummary, RunError> {
+        let timeout = self.config.run_timeout;
+        let t = Instant::now();
+        let loaded = store::load_graph(conn, timeout).await?;
+        let load = t.elapsed();
+        metrics::histogram!("trellis_score_run_duration_seconds", "phase" => "load").record(load.as_secs_f64());
+
+        let t = Instant::now();
+        let n = loaded.users.len();
+        let compute = self.compute.clone();
+        let (computed, loaded) = tokio::task::spawn_blocking(move || {
+            compute.install(|| {
+                let n32 = u32::try_from(loaded.users.len()).map_err(|_| "more users than u32 indices".to_owned())?;
+                let mut builder = GraphBuilder::with_edge_capacity(n32 as usize, loaded.edges.len());
+                for &(a, b) in &loaded.edges {
+                    builder.add_edge(a, b);
+                }
+                for (i, v) in loaded.verified.iter().enumerate() {
+                    if *v {
+                        builder.mark_verified(i as u32);
+                    }
+                }
+                let graph = builder.build();
+                let edges = graph.edge_count();
+                let trust = score::compute_trust(&graph);
+                let scores = score::scores(&trust.trust, &loaded.upheld);
+                Ok::<_, String>(((trust, scores, edges), loaded))
+            })
+        })
+        .await
+        .map_err(|e| RunError::Invalid(format!("compute task: {e}")))?
+        .map_err(RunError::Invalid)?;
+        let (trust, scores, edges) = computed;
+        let compute_time = t.elapsed();
+        metrics::histogram!("trellis_score_run_duration_seconds", "phase" => "compute")
+            .record(compute_time.as_secs_f64());
+
+        let changed: Vec<NewScore> = (0..n)
+            .filter(|&i| match loaded.current[i] {
+                Some((s, t)) => s != scores[i] || t.to_bits() != trust.trust[i].to_bits(),
+                None => true,
+            })
+            .map(|i| NewScore { user_id: loaded.users[i], trust: trust.trust[i], score: scores[i] })
+            .collect();
+        let now = OffsetDateTime::now_utc();
+        let events: Vec<Event> = changed
+            .chunks(EVENT_CHUNK)
+            .map(|chunk| {
+                let payload = EventPayload::ScoresUpdated(ScoresUpdated {
+                    run_id,
+                    scores: chunk.iter().map(|s| UserScore { user_id: UserId(s.user_id), score: s.score }).collect(),
+                });
+                Event::new(&payload, None, now)
+            })
+            .collect();
+        let write_ms = store::write_run(
+            conn,
+            &RunResult {
+                run_id,
+                changed: &changed,
+                events: &events,
+                users: n as i64,
+                edges: edges as i64,
+                iterations: trust.iterations as i32,
+                residual: trust.residual,
+                load_ms: load.as_millis() as i64,
+                compute_ms: compute_time.as_millis() as i64,
+            },
+            timeout,
+        )
+        .await?;
+        metrics::histogram!("trellis_score_run_duration_seconds", "phase" => "write").record(write_ms as f64 / 1000.0);
+        Ok(RunSummary {
+            run_id,
+            trigger: trigger.to_owned(),
+            users: n,
+            edges,
+            iterations: trust.iterations,
+            residual: trust.residual,
+            scores_changed: changed.len(),
+            load_ms: load.as_millis() as u64,
+            compute_ms: compute_time.as_millis() as u64,
+            write_ms: write_ms as u64,
+        })
+    }
+
+    /// Requests a run whenever none ever succeeded (start-up) or the last success is older
+    /// than the schedule. Every replica checks; the lease and the pending flag make it one run.
+    pub async fn schedule(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.schedule_check);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            let due = match store::last_success(&self.pool).await {
+                Ok(None) => Some("startup"),
+                Ok(Some(at)) if OffsetDateTime::now_utc() - at >= self.config.schedule => Some("schedule"),
+                Ok(Some(_)) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "checking whether a score run is due failed");
+                    None
+                }
+            };
+            if let Some(trigger) = due {
+                let this = self.clone();
+                // A run can take a while; the check keeps ticking meanwhile.
+                tokio::select! {
+                    result = this.request(trigger, None) => {
+                        if let Err(e) = result {
+                            tracing::warn!(error = %e, trigger, "scheduled score run failed");
+                        }
+                    }
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+impl MessageHandler for Orchestrator {
+    async fn handle_one(&self, delivery: &Delivery) -> Outcome {
+        if delivery.envelope.event_type != "scores.run_requested" {
+            return Outcome::Reject(format!("unexpected event type {:?}", delivery.envelope.event_type));
+        }
+        if delivery.envelope.version != trellis_domain::events::EVENT_VERSION {
+            return Outcome::Reject(format!("unsupported event version {}", delivery.envelope.version));
+        }
+        let requested_by =
+            delivery.envelope.data.get("requested_by").and_then(|v| v.as_str()).and_then(|s| s.parse::<Uuid>().ok());
+        match self.request("manual", requested_by).await {
+            Ok(_) => Outcome::Done,
+            Err(RunError::Invalid(e)) => Outcome::Reject(e),
+            Err(e @ RunError::Database(_)) => Outcome::Retry(e.to_string()),
+        }
+    }
+}

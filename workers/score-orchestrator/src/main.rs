@@ -1,0 +1,86 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use score_orchestrator::{Config, Orchestrator, consumer_spec};
+use trellis_runtime::consumer::{ConsumerGroup, EachMessage};
+use trellis_runtime::worker::{self, WorkerArgs};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+#[command(name = "score-orchestrator", version, about = "Batch trust-score runs over the contact graph")]
+struct Args {
+    #[command(flatten)]
+    worker: WorkerArgs,
+
+    /// Run when the last successful run is older than this.
+    #[arg(long, env = "SCORE_SCHEDULE", value_parser = humantime::parse_duration, default_value = "24h")]
+    schedule: Duration,
+
+    /// How often to check whether a scheduled run is due.
+    #[arg(long, env = "SCORE_SCHEDULE_CHECK", value_parser = humantime::parse_duration, default_value = "1m")]
+    schedule_check: Duration,
+
+    /// Statement timeout of a run's load and write phases.
+    #[arg(long, env = "SCORE_RUN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10m")]
+    run_timeout: Duration,
+
+    /// Compute threads (default: every core).
+    #[arg(long, env = "SCORE_THREADS")]
+    threads: Option<usize>,
+
+    /// Make one run now, print its summary as JSON and exit (for benchmarks and on-call).
+    #[arg(long)]
+    run_once: bool,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let config = Config {
+        database_url: args.worker.common.database_url.expose().to_owned(),
+        schedule: args.schedule,
+        schedule_check: args.schedule_check,
+        run_timeout: args.run_timeout,
+        threads: args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        host: worker::hostname(),
+    };
+    if args.run_once {
+        return run_once(&args.worker, config).await;
+    }
+    worker::main("score-orchestrator", args.worker, move |w| {
+        Box::pin(async move {
+            let orchestrator = Orchestrator::new(w.pool.clone(), config)?;
+            // One run request at a time per replica; the lease serialises replicas.
+            let handler = Arc::new(EachMessage { handler: orchestrator.clone(), concurrency: 1 });
+            w.spawn_group(ConsumerGroup::new(w.ctx.clone(), consumer_spec(), w.args.runner_config(), handler));
+            tokio::spawn(orchestrator.schedule(w.stop_token()));
+            Ok(())
+        })
+    })
+    .await
+}
+
+async fn run_once(args: &WorkerArgs, config: Config) -> std::process::ExitCode {
+    trellis_runtime::telemetry::init_logging(args.common.log_format);
+    let result = async {
+        let mut pool_config = trellis_store::PoolConfig::new("score-orchestrator");
+        pool_config.statement_timeout = args.common.batch_timeout;
+        let pool = trellis_store::connect_lazy(&config.database_url, &pool_config)?;
+        let orchestrator = Orchestrator::new(pool, config)?;
+        let runs = orchestrator.request("cli", None).await?;
+        anyhow::ensure!(!runs.is_empty(), "another replica holds the run lease; the request is pending for it");
+        println!("{}", serde_json::to_string_pretty(&runs)?);
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("score-orchestrator: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
