@@ -42,7 +42,7 @@ pub struct AppState {
     modifiers(&BearerAuth),
     tags(
         (name = "identity"), (name = "contacts"), (name = "circles"), (name = "disputes"),
-        (name = "moderation"), (name = "scores"), (name = "search")
+        (name = "moderation"), (name = "scores"), (name = "search"), (name = "admin")
     )
 )]
 struct ApiDoc;

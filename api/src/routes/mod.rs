@@ -1,5 +1,6 @@
 //! The `/v1` routes, one module per domain; each exports its `router()`.
 
+pub mod admin;
 pub mod circles;
 pub mod contacts;
 pub mod disputes;
@@ -29,6 +30,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(moderation::router())
         .merge(scores::router())
         .merge(search::router())
+        .merge(admin::router())
 }
 
 /// Finds a user by id or handle (`{user}` path segments take either).

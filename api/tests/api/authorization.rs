@@ -138,6 +138,7 @@ fn every_endpoint(w: &World) -> Vec<(Method, &'static str, String, Option<Value>
         ),
         (Method::GET, "/v1/users/{user}/score", format!("/v1/users/{b}/score"), None),
         (Method::GET, "/v1/search/users", "/v1/search/users?q=bob".into(), None),
+        (Method::POST, "/v1/admin/score-runs", "/v1/admin/score-runs".into(), None),
     ]
 }
 
@@ -337,6 +338,23 @@ async fn moderation_needs_the_moderator_or_admin_role() {
         let seen = w.app.get(&format!("/v1/disputes/{dispute}"), Some(&third.token)).await;
         assert_eq!(seen.body["status"], status_after, "after {caller:?} tried");
     }
+}
+
+#[tokio::test]
+async fn only_admins_may_request_a_score_run() {
+    let w = World::new().await;
+    for (caller, want) in [(Caller::Other, 403), (Caller::Owner, 403), (Caller::Moderator, 403), (Caller::Admin, 202)] {
+        let r = w.call(caller, &Method::POST, "/v1/admin/score-runs", &None).await;
+        assert_eq!(r.status, want, "as {caller:?}: {:?}", r.body);
+        if want == 403 {
+            assert_eq!(r.problem(), "forbidden");
+        }
+    }
+    // Exactly the admin's request reached the outbox, attributed to the admin.
+    let requests = w.app.wait_for_events("scores.run_requested", 1).await;
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].payload["data"]["reason"], "POST /v1/admin/score-runs");
+    assert!(requests[0].payload["data"]["requested_by"].is_string());
 }
 
 #[tokio::test]

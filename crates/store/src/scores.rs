@@ -69,6 +69,12 @@ pub async fn first_run_since(db: impl PgExecutor<'_>, since: OffsetDateTime) -> 
         .await
 }
 
+pub async fn latest_run(db: impl PgExecutor<'_>) -> Result<Option<RunRow>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {RUN_COLUMNS} FROM score.runs ORDER BY created_at DESC LIMIT 1"))
+        .fetch_optional(db)
+        .await
+}
+
 pub async fn last_success(db: impl PgExecutor<'_>) -> Result<Option<OffsetDateTime>, sqlx::Error> {
     sqlx::query_scalar("SELECT max(finished_at) FROM score.runs WHERE status = 'succeeded'").fetch_one(db).await
 }

@@ -53,6 +53,11 @@ enum Command {
         #[command(subcommand)]
         action: Users,
     },
+    /// Trust-score runs.
+    Score {
+        #[command(subcommand)]
+        action: Score,
+    },
     /// The transactional outbox.
     Outbox {
         #[command(subcommand)]
@@ -76,6 +81,22 @@ enum Migrate {
     },
     /// Lists migrations and whether each is applied.
     Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum Score {
+    /// Requests a run (`events.scores.run_requested` through the outbox); the score
+    /// orchestrator, wherever it runs, picks it up.
+    Run {
+        /// Wait for the run and print its record; fail if it fails.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30m")]
+        timeout: std::time::Duration,
+    },
+    /// Shows a run's record (the latest when no id is given).
+    Show { run_id: Option<uuid::Uuid> },
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,6 +151,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate { action } => migrate(&pool, action).await,
         Command::Users { action } => users(&pool, action).await,
         Command::Outbox { action } => outbox(&pool, action).await,
+        Command::Score { action } => score(&pool, action, cli.output).await,
         Command::Dlq { action } => {
             let topology = trellis_runtime::nats::Topology::new(&cli.nats_prefix)?;
             let client = async_nats::ConnectOptions::new()
@@ -169,6 +191,84 @@ async fn migrate(pool: &sqlx::PgPool, action: Migrate) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn score(pool: &sqlx::PgPool, action: Score, output: Output) -> anyhow::Result<()> {
+    let print = |run: &trellis_store::scores::RunRow| -> anyhow::Result<()> {
+        match output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(run)?),
+            Output::Table => {
+                println!(
+                    "run {} ({}), trigger {}, host {}",
+                    run.id,
+                    run.status,
+                    run.trigger,
+                    run.host.as_deref().unwrap_or("-")
+                );
+                println!(
+                    "users {}, edges {}, iterations {}, residual {:e}, scores changed {}",
+                    run.users.unwrap_or(0),
+                    run.edges.unwrap_or(0),
+                    run.iterations.unwrap_or(0),
+                    run.residual.unwrap_or(0.0),
+                    run.scores_changed.unwrap_or(0)
+                );
+                println!(
+                    "load {} ms, compute {} ms, write {} ms",
+                    run.load_ms.unwrap_or(0),
+                    run.compute_ms.unwrap_or(0),
+                    run.write_ms.unwrap_or(0)
+                );
+                if let Some(e) = &run.error {
+                    println!("error: {e}");
+                }
+            }
+        }
+        Ok(())
+    };
+    match action {
+        Score::Run { wait, timeout } => {
+            let requested_at = time::OffsetDateTime::now_utc();
+            let payload = EventPayload::ScoreRunRequested(trellis_domain::events::ScoreRunRequested {
+                requested_by: None,
+                reason: "trellisctl score run".into(),
+            });
+            let mut conn = pool.acquire().await?;
+            trellis_store::outbox::insert(&mut conn, &[Event::new(&payload, None, requested_at)]).await?;
+            println!("score run requested");
+            if !wait {
+                return Ok(());
+            }
+            // The run that serves this request starts after it (an earlier one may still be
+            // running, and then a follow-up serves it).
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                if let Some(run) = trellis_store::scores::first_run_since(pool, requested_at).await?
+                    && run.status != "running"
+                {
+                    print(&run)?;
+                    if run.status != "succeeded" {
+                        bail!("the score run {}", run.status);
+                    }
+                    return Ok(());
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    bail!(
+                        "no score run finished within {timeout:?}: is the score orchestrator (or trellis-api with score.executor=monolith) running?"
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+        Score::Show { run_id } => {
+            let run = match run_id {
+                Some(id) => trellis_store::scores::get_run(pool, id).await?,
+                None => trellis_store::scores::latest_run(pool).await?,
+            };
+            let run = run.context("no such run")?;
+            print(&run)
+        }
+    }
 }
 
 async fn outbox(pool: &sqlx::PgPool, action: Outbox) -> anyhow::Result<()> {
