@@ -52,28 +52,39 @@ pub struct ContactBody {
         (status = 404, body = Problem), (status = 422, body = Problem)))]
 async fn put_contact(
     State(state): State<AppState>,
-    principal: Principal,
+    token: BearerToken,
     Path(user): Path<String>,
     Json(body): Json<ContactBody>,
 ) -> ApiResult<(StatusCode, Json<Contact>)> {
     let label = ContactLabel::parse(&body.label)?;
-    let target = resolve_user(&state.pool, &user).await?;
+    // The hottest write: authentication and the target in one round trip.
+    let (target_id, target_handle) = crate::routes::user_key(&user);
+    let (principal, target) = trellis_store::identity::authenticate_with_target(
+        &state.pool,
+        &token.hash,
+        target_id,
+        target_handle.as_deref(),
+    )
+    .await?
+    .ok_or(ApiError::Unauthenticated)?;
+    let principal_id = UserId(principal.user_id);
+    let target = target.ok_or(ApiError::NotFound("user"))?;
     let contact_id = UserId(target.id);
-    if contact_id == principal.user_id {
+    if contact_id == principal_id {
         return Err(ApiError::unprocessable("self-contact", "you cannot add yourself as a contact"));
     }
     if target.status != "active" {
         return Err(ApiError::unprocessable("user-suspended", "that user is suspended"));
     }
-    let change = ContactChanged { owner_id: principal.user_id, contact_id, label: label.as_str().to_owned() };
+    let change = ContactChanged { owner_id: principal_id, contact_id, label: label.as_str().to_owned() };
     let [added, updated] = <[_; 2]>::try_from(events(
-        Some(principal.user_id),
+        Some(principal_id),
         [EventPayload::ContactAdded(change.clone()), EventPayload::ContactUpdated(change)],
     ))
     .expect("two events");
     let (outcome, row) = trellis_store::contacts::upsert_with_event(
         &state.pool,
-        principal.user_id,
+        principal_id,
         contact_id,
         label.as_str(),
         &added,

@@ -33,14 +33,23 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(admin::router())
 }
 
+/// A `{user}` path segment as an id or as a (folded) handle; neither when it is invalid.
+pub fn user_key(id_or_handle: &str) -> (Option<uuid::Uuid>, Option<String>) {
+    if let Ok(id) = id_or_handle.parse::<UserId>() {
+        (Some(id.0), None)
+    } else if let Ok(handle) = Handle::parse(id_or_handle) {
+        (None, Some(handle.as_str().to_owned()))
+    } else {
+        (None, None)
+    }
+}
+
 /// Finds a user by id or handle (`{user}` path segments take either).
 pub async fn resolve_user(db: impl sqlx::PgExecutor<'_>, id_or_handle: &str) -> Result<UserRow, ApiError> {
-    let found = if let Ok(id) = id_or_handle.parse::<UserId>() {
-        trellis_store::identity::find_by_id(db, id).await?
-    } else if let Ok(handle) = Handle::parse(id_or_handle) {
-        trellis_store::identity::find_by_handle(db, handle.as_str()).await?
-    } else {
-        None
+    let found = match user_key(id_or_handle) {
+        (Some(id), _) => trellis_store::identity::find_by_id(db, UserId(id)).await?,
+        (None, Some(handle)) => trellis_store::identity::find_by_handle(db, &handle).await?,
+        (None, None) => None,
     };
     found.ok_or(ApiError::NotFound("user"))
 }

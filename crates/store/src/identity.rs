@@ -179,6 +179,49 @@ pub async fn authenticate(db: impl PgExecutor<'_>, token_hash: &[u8]) -> Result<
     .await
 }
 
+/// The principal behind a live token and, in the same statement, the user that `target` (an
+/// id or a handle) names: one round trip for the writes whose path names a user.
+/// `None` when the token does not authenticate; the target is `None` when no user matches.
+pub async fn authenticate_with_target(
+    db: impl PgExecutor<'_>,
+    token_hash: &[u8],
+    target_id: Option<Uuid>,
+    target_handle: Option<&str>,
+) -> Result<Option<(Principal, Option<TargetRow>)>, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        user_id: Uuid,
+        role: String,
+        target_id: Option<Uuid>,
+        target_status: Option<String>,
+    }
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT p.user_id, p.role, t.id AS target_id, t.status AS target_status
+         FROM (SELECT u.id AS user_id, u.role FROM identity.tokens k JOIN identity.users u ON u.id = k.user_id
+               WHERE k.token_hash = $1 AND k.revoked_at IS NULL AND k.expires_at > now() AND u.status = 'active') p
+         LEFT JOIN identity.users t ON t.id = $2 OR t.handle = $3",
+    )
+    .bind(token_hash)
+    .bind(target_id)
+    .bind(target_handle)
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(|r| {
+        let target = match (r.target_id, r.target_status) {
+            (Some(id), Some(status)) => Some(TargetRow { id, status }),
+            _ => None,
+        };
+        (Principal { user_id: r.user_id, role: r.role }, target)
+    }))
+}
+
+/// A user named in a path: enough to decide whether the command may go on.
+#[derive(Debug, Clone)]
+pub struct TargetRow {
+    pub id: Uuid,
+    pub status: String,
+}
+
 pub async fn revoke_token(db: impl PgExecutor<'_>, token_hash: &[u8]) -> Result<bool, sqlx::Error> {
     let done =
         sqlx::query("UPDATE identity.tokens SET revoked_at = now() WHERE token_hash = $1 AND revoked_at IS NULL")
