@@ -79,6 +79,15 @@ pub async fn last_success(db: impl PgExecutor<'_>) -> Result<Option<OffsetDateTi
     sqlx::query_scalar("SELECT max(finished_at) FROM score.runs WHERE status = 'succeeded'").fetch_one(db).await
 }
 
+/// Whether a run that started after `at` has succeeded: its snapshot reflects everything
+/// committed before `at`, so it serves a request made at `at`.
+pub async fn succeeded_since(db: impl PgExecutor<'_>, at: OffsetDateTime) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM score.runs WHERE status = 'succeeded' AND started_at > $1)")
+        .bind(at)
+        .fetch_one(db)
+        .await
+}
+
 /// Records that a run is wanted. Returns nothing: whoever holds (or next takes) the lease runs it.
 pub async fn request_run(
     db: impl PgExecutor<'_>,

@@ -94,16 +94,78 @@ impl Orchestrator {
     /// it will see the request).
     pub async fn request(&self, trigger: &str, requested_by: Option<Uuid>) -> Result<Vec<RunSummary>, RunError> {
         store::request_run(&self.pool, trigger, requested_by).await?;
+        self.serve(None).await
+    }
+
+    /// A request made at `asked_at` (by the clock of whoever made it): served at once if a run
+    /// that started since has succeeded, as when the request waited behind that run in this
+    /// replica's batch. Otherwise [`Orchestrator::request`].
+    pub async fn request_made_at(
+        &self,
+        asked_at: OffsetDateTime,
+        trigger: &str,
+        requested_by: Option<Uuid>,
+    ) -> Result<Vec<RunSummary>, RunError> {
+        if store::succeeded_since(&self.pool, asked_at).await? {
+            tracing::info!(%asked_at, "a run that started after this request succeeded; it is served");
+            return Ok(Vec::new());
+        }
+        self.request(trigger, requested_by).await
+    }
+
+    /// For the schedule: asks for a run only when no run is in progress anywhere (that run
+    /// serves the schedule too; if it fails, the next check asks again) and the run is still
+    /// due once the lease is held.
+    async fn request_if_idle(&self) -> Result<Vec<RunSummary>, RunError> {
+        let mut lease = PgConnection::connect(&self.config.database_url).await?;
+        if !store::try_lease(&mut lease).await? {
+            let _ = lease.close().await;
+            return Ok(Vec::new());
+        }
+        let due = match self.due().await {
+            Ok(Some(trigger)) => store::request_run(&mut lease, trigger, None).await.map(|()| true),
+            Ok(None) => Ok(false),
+            Err(e) => Err(e),
+        };
+        match due {
+            Ok(true) => self.serve(Some(lease)).await,
+            outcome => {
+                let _ = store::release_lease(&mut lease).await;
+                let _ = lease.close().await;
+                outcome?;
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// The trigger of a run that is due: `startup` when none ever succeeded, `schedule` when
+    /// the last success is older than the schedule.
+    async fn due(&self) -> Result<Option<&'static str>, sqlx::Error> {
+        Ok(match store::last_success(&self.pool).await? {
+            None => Some("startup"),
+            Some(at) if OffsetDateTime::now_utc() - at >= self.config.schedule => Some("schedule"),
+            Some(_) => None,
+        })
+    }
+
+    /// Takes the lease (or uses `held`, already taken) and runs until no request is pending.
+    async fn serve(&self, mut held: Option<PgConnection>) -> Result<Vec<RunSummary>, RunError> {
         let mut done = Vec::new();
         loop {
-            // The lease lives on a connection of its own: if this process dies, PostgreSQL ends
-            // the session and frees the lock.
-            let mut lease = PgConnection::connect(&self.config.database_url).await?;
-            if !store::try_lease(&mut lease).await? {
-                tracing::info!("a score run is in progress elsewhere; this request joins its follow-up");
-                let _ = lease.close().await;
-                return Ok(done);
-            }
+            let mut lease = match held.take() {
+                Some(lease) => lease,
+                None => {
+                    // The lease lives on a connection of its own: if this process dies,
+                    // PostgreSQL ends the session and frees the lock.
+                    let mut lease = PgConnection::connect(&self.config.database_url).await?;
+                    if !store::try_lease(&mut lease).await? {
+                        tracing::info!("a score run is in progress elsewhere; this request joins its follow-up");
+                        let _ = lease.close().await;
+                        return Ok(done);
+                    }
+                    lease
+                }
+            };
             let abandoned = store::fail_abandoned_runs(&mut lease).await?;
             if abandoned > 0 {
                 tracing::warn!(abandoned, "marked runs abandoned by a dead replica as failed");
@@ -257,20 +319,17 @@ impl Orchestrator {
                 _ = tick.tick() => {}
                 _ = stop.cancelled() => return,
             }
-            let due = match store::last_success(&self.pool).await {
-                Ok(None) => Some("startup"),
-                Ok(Some(at)) if OffsetDateTime::now_utc() - at >= self.config.schedule => Some("schedule"),
-                Ok(Some(_)) => None,
+            let due = match self.due().await {
+                Ok(due) => due,
                 Err(e) => {
                     tracing::warn!(error = %e, "checking whether a score run is due failed");
                     None
                 }
             };
             if let Some(trigger) = due {
-                let this = self.clone();
                 // A run can take a while; the check keeps ticking meanwhile.
                 tokio::select! {
-                    result = this.request(trigger, None) => {
+                    result = self.request_if_idle() => {
                         if let Err(e) = result {
                             tracing::warn!(error = %e, trigger, "scheduled score run failed");
                         }
@@ -292,7 +351,7 @@ impl MessageHandler for Orchestrator {
         }
         let requested_by =
             delivery.envelope.data.get("requested_by").and_then(|v| v.as_str()).and_then(|s| s.parse::<Uuid>().ok());
-        match self.request("manual", requested_by).await {
+        match self.request_made_at(delivery.envelope.occurred_at, "manual", requested_by).await {
             Ok(_) => Outcome::Done,
             Err(RunError::Invalid(e)) => Outcome::Reject(e),
             Err(e @ RunError::Database(_)) => Outcome::Retry(e.to_string()),

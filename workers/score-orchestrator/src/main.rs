@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use score_orchestrator::{Config, Orchestrator, consumer_spec};
+use trellis_runtime::config::LogFormat;
 use trellis_runtime::consumer::{ConsumerGroup, EachMessage};
 use trellis_runtime::worker::{self, WorkerArgs};
 
@@ -64,7 +65,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run_once(args: &WorkerArgs, config: Config) -> std::process::ExitCode {
-    trellis_runtime::telemetry::init_logging(args.common.log_format);
+    init_logging_to_stderr(args.common.log_format);
     let result = async {
         let mut pool_config = trellis_store::PoolConfig::new("score-orchestrator");
         pool_config.statement_timeout = args.common.batch_timeout;
@@ -83,4 +84,16 @@ async fn run_once(args: &WorkerArgs, config: Config) -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `--run-once` prints its result on stdout, so its log goes to stderr (the runtime's logger
+/// writes to stdout, as a long-running process's should).
+fn init_logging_to_stderr(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
 }

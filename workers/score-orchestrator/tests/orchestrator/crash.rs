@@ -1,0 +1,79 @@
+use std::time::Duration;
+
+use trellis_testkit::{TestDb, nats_prefix};
+
+use crate::harness::*;
+
+const USERS: i64 = 100_000;
+
+/// Whether a backend of this database is in a run's write phase (copying the new scores in, or
+/// upserting them).
+async fn writing(db: &TestDb) -> bool {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active'
+           AND (query LIKE 'COPY score_new%' OR query LIKE '%INSERT INTO score.user_scores%')
+           AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    n > 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_write_leaves_no_partial_scores_and_a_new_run_succeeds() {
+    let db = TestDb::migrated().await.unwrap();
+    let prefix = nats_prefix();
+    seed_users(&db, USERS, 100).await;
+    seed_contacts(&db, USERS).await;
+
+    // No run ever succeeded: replica-a starts one at once.
+    let mut a = Replica::start(&db, &prefix, "replica-a", &["--schedule-check", "200ms"]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    let mut pace = tokio::time::interval(Duration::from_millis(10));
+    let killed = loop {
+        pace.tick().await;
+        let all = runs(&db).await;
+        assert!(all.iter().all(|r| r.status != "succeeded"), "the run finished before it could be killed: {all:#?}");
+        if writing(&db).await {
+            a.kill();
+            break all;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "replica-a's run never reached its write phase: {all:#?}");
+    };
+    assert_eq!(killed.len(), 1, "{killed:#?}");
+    let killed = &killed[0];
+    assert_eq!((killed.status.as_str(), killed.host.as_deref()), ("running", Some("replica-a")));
+    assert_eq!(count(&db, "SELECT count(*) FROM score.user_scores").await, 0, "no partial scores are visible");
+
+    // A second replica takes over once PostgreSQL has ended the dead replica's session (and with
+    // it the lease): it finds no successful run and runs at start-up.
+    let _b = Replica::start(&db, &prefix, "replica-b", &["--schedule-check", "200ms"]).await;
+    let all = eventually("a successful run by replica-b", Duration::from_secs(45), || async {
+        // All or nothing at every moment in between.
+        let visible = count(&db, "SELECT count(*) FROM score.user_scores").await;
+        assert!(visible == 0 || visible == USERS, "{visible} of {USERS} scores visible");
+        let all = runs(&db).await;
+        all.iter().any(|r| r.status == "succeeded").then_some(all)
+    })
+    .await;
+    let dead = all.iter().find(|r| r.id == killed.id).expect("the killed run is still recorded");
+    assert_eq!(dead.status, "failed", "{dead:#?}");
+    assert!(dead.error.as_deref().unwrap_or("").contains("abandoned"), "{dead:#?}");
+    assert!(dead.finished_at.is_some());
+    let done: Vec<&Run> = all.iter().filter(|r| r.status == "succeeded").collect();
+    assert_eq!(done.len(), 1, "{all:#?}");
+    assert_eq!(done[0].host.as_deref(), Some("replica-b"));
+    assert_eq!(done[0].users, Some(USERS));
+    assert!(
+        done[0].started_at.unwrap() >= dead.finished_at.unwrap(),
+        "the new run started after the dead one was failed"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM score.user_scores").await, USERS);
+    let of_run: i64 = sqlx::query_scalar("SELECT count(*) FROM score.user_scores WHERE run_id = $1")
+        .bind(done[0].id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(of_run, USERS, "every score comes from the run that succeeded");
+}

@@ -1,0 +1,384 @@
+//! The harness: a real `trellis-api` in-process, real `score-orchestrator` child processes, each
+//! test on its own database and NATS prefix, and polling with deadlines.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use clap::Parser;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use trellis_api::{Config, Running};
+use trellis_domain::score::{self, GraphBuilder};
+use trellis_testkit::TestDb;
+use uuid::Uuid;
+
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// Polls `check` every 25 ms until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pace = tokio::time::interval(Duration::from_millis(25));
+    loop {
+        pace.tick().await;
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+    }
+}
+
+/// A `trellis-api` running in this process.
+pub struct Api {
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    _running: Running,
+}
+
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: Uuid,
+    pub handle: String,
+    pub token: String,
+}
+
+impl Api {
+    pub async fn start(db: &TestDb, prefix: &str, extra: &[&str]) -> Self {
+        let nats_url = trellis_testkit::nats_url();
+        let mut args = vec![
+            "trellis-api",
+            "--database-url",
+            &db.url,
+            "--nats-url",
+            &nats_url,
+            "--nats-prefix",
+            prefix,
+            "--api-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "pretty",
+            "--shutdown-grace",
+            "5s",
+        ];
+        args.extend_from_slice(extra);
+        let config = Config::try_parse_from(args).expect("test config parses");
+        let shutdown = CancellationToken::new();
+        let running = trellis_api::start(config, shutdown.clone()).await.expect("the API starts");
+        let http = reqwest::Client::builder().no_proxy().build().expect("http client");
+        Self { addr: running.api_addr, http, shutdown, _running: running }
+    }
+
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("http://{}{path}", self.addr));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.expect("body read");
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    pub async fn register(&self, handle: &str) -> User {
+        let body = json!({"handle": handle, "display_name": handle, "email": format!("{handle}@example.com"), "password": PASSWORD});
+        let (status, body) = self.request(reqwest::Method::POST, "/v1/users", None, Some(body)).await;
+        assert_eq!(status, 201, "registering {handle}: {body:?}");
+        User {
+            id: body["user"]["id"].as_str().unwrap().parse().unwrap(),
+            handle: handle.to_owned(),
+            token: body["token"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    pub async fn add_contact(&self, owner: &User, contact: &User) {
+        let path = format!("/v1/me/contacts/{}", contact.id);
+        let (status, body) =
+            self.request(reqwest::Method::PUT, &path, Some(&owner.token), Some(json!({"label": ""}))).await;
+        assert_eq!(status, 201, "{} adding {}: {body:?}", owner.handle, contact.handle);
+    }
+
+    /// `POST /v1/admin/score-runs`: 202 expected.
+    pub async fn request_run(&self, admin: &User) {
+        let (status, body) =
+            self.request(reqwest::Method::POST, "/v1/admin/score-runs", Some(&admin.token), Some(json!({}))).await;
+        assert_eq!(status, 202, "requesting a score run: {body:?}");
+        assert_eq!(body["status"], "requested");
+    }
+
+    /// `GET /v1/users/{user}/score`: 200 expected.
+    pub async fn score(&self, token: &str, user: Uuid) -> Value {
+        let (status, body) =
+            self.request(reqwest::Method::GET, &format!("/v1/users/{user}/score"), Some(token), None).await;
+        assert_eq!(status, 200, "score of {user}: {body:?}");
+        body
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A `score-orchestrator` child process, killed (SIGKILL) when dropped.
+pub struct Replica {
+    pub child: Child,
+    pub admin: SocketAddr,
+    pub host: String,
+}
+
+pub fn orchestrator() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_score-orchestrator"))
+}
+
+impl Replica {
+    /// Starts a replica named `host` (its `HOSTNAME`, recorded in `score.runs.host`) and waits
+    /// until its `/readyz` answers 200.
+    pub async fn start(db: &TestDb, prefix: &str, host: &str, args: &[&str]) -> Self {
+        let port = trellis_testkit::free_port().expect("a free port");
+        let admin: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = orchestrator()
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .env("NATS_URL", trellis_testkit::nats_url())
+            .env("NATS_PREFIX", prefix)
+            .env("ADMIN_ADDR", admin.to_string())
+            .env("LOG_FORMAT", "json")
+            .env("HOSTNAME", host)
+            .env("SHUTDOWN_GRACE", "2s")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("the orchestrator starts");
+        let mut replica = Self { child, admin, host: host.to_owned() };
+        replica.wait_ready().await;
+        replica
+    }
+
+    async fn wait_ready(&mut self) {
+        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
+        let url = format!("http://{}/readyz", self.admin);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut pace = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            pace.tick().await;
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("replica {} exited before it was ready: {status}", self.host);
+            }
+            if let Ok(resp) = http.get(&url).send().await
+                && resp.status() == 200
+            {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "replica {} not ready after 30 s", self.host);
+        }
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `score-orchestrator --run-once` to completion: (exit status success, stdout).
+pub async fn run_once(db: &TestDb, host: &str) -> (bool, String, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_score-orchestrator"));
+    cmd.arg("--run-once")
+        .env("DATABASE_URL", &db.url)
+        .env("NATS_URL", trellis_testkit::nats_url())
+        .env("LOG_FORMAT", "json")
+        .env("HOSTNAME", host)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("--run-once finishes within 60 s")
+        .expect("--run-once runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `--run-once`, which must succeed; returns its printed summary (one run).
+pub async fn run_once_ok(db: &TestDb) -> Value {
+    let (ok, stdout, stderr) = run_once(db, "run-once").await;
+    assert!(ok, "--run-once failed:\n{stderr}");
+    let runs: Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("--run-once prints JSON ({e}): {stdout}"));
+    let runs = runs.as_array().expect("a list of runs");
+    assert_eq!(runs.len(), 1, "one run: {runs:?}");
+    runs[0].clone()
+}
+
+/// One row of `score.runs`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Run {
+    pub id: Uuid,
+    pub trigger: String,
+    pub requested_by: Option<Uuid>,
+    pub status: String,
+    pub host: Option<String>,
+    pub algorithm: Option<String>,
+    pub users: Option<i64>,
+    pub edges: Option<i64>,
+    pub iterations: Option<i32>,
+    pub residual: Option<f64>,
+    pub scores_changed: Option<i64>,
+    pub load_ms: Option<i64>,
+    pub compute_ms: Option<i64>,
+    pub write_ms: Option<i64>,
+    pub error: Option<String>,
+    pub started_at: Option<OffsetDateTime>,
+    pub finished_at: Option<OffsetDateTime>,
+}
+
+/// Every run, oldest first.
+pub async fn runs(db: &TestDb) -> Vec<Run> {
+    sqlx::query_as(
+        "SELECT id, trigger, requested_by, status, host, algorithm, users, edges, iterations, residual,
+                scores_changed, load_ms, compute_ms, write_ms, error, started_at, finished_at
+         FROM score.runs ORDER BY started_at, id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("reading score.runs")
+}
+
+/// Waits until `count` runs have succeeded; returns every run.
+pub async fn wait_succeeded(db: &TestDb, count: usize, timeout: Duration) -> Vec<Run> {
+    eventually(&format!("{count} succeeded score runs"), timeout, || async {
+        let all = runs(db).await;
+        (all.iter().filter(|r| r.status == "succeeded").count() >= count).then_some(all)
+    })
+    .await
+}
+
+/// Stored `(trust, score)` per user.
+pub async fn stored_scores(db: &TestDb) -> HashMap<Uuid, (f64, i32)> {
+    let rows: Vec<(Uuid, f64, i32)> =
+        sqlx::query_as("SELECT user_id, trust, score FROM score.user_scores").fetch_all(&db.pool).await.unwrap();
+    rows.into_iter().map(|(u, t, s)| (u, (t, s))).collect()
+}
+
+pub async fn count(db: &TestDb, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(&db.pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+pub async fn exec(db: &TestDb, sql: &str) -> u64 {
+    sqlx::query(sql).execute(&db.pool).await.unwrap_or_else(|e| panic!("{sql}: {e}")).rows_affected()
+}
+
+/// A graph the test builds by hand, computed with the domain functions the way the orchestrator
+/// maps it: nodes are the active users in id order.
+pub struct Expected {
+    pub users: Vec<Uuid>,
+    pub trust: Vec<f64>,
+    pub scores: Vec<i32>,
+}
+
+impl Expected {
+    pub fn compute(users: &[Uuid], edges: &[(Uuid, Uuid)], verified: &[Uuid], upheld: &[(Uuid, u32)]) -> Self {
+        let mut users = users.to_vec();
+        users.sort();
+        let index: HashMap<Uuid, u32> = users.iter().enumerate().map(|(i, u)| (*u, i as u32)).collect();
+        let mut builder = GraphBuilder::new(users.len());
+        for (a, b) in edges {
+            builder.add_edge(index[a], index[b]);
+        }
+        for v in verified {
+            builder.mark_verified(index[v]);
+        }
+        let mut disputes = vec![0u32; users.len()];
+        for (u, k) in upheld {
+            disputes[index[u] as usize] = *k;
+        }
+        let trust = score::compute_trust(&builder.build()).trust;
+        let scores = score::scores(&trust, &disputes);
+        Self { users, trust, scores }
+    }
+
+    pub fn of(&self, user: Uuid) -> (f64, i32) {
+        let i = self.users.iter().position(|u| *u == user).expect("a user of the graph");
+        (self.trust[i], self.scores[i])
+    }
+}
+
+/// The `n` users `u1`…`un` created by SQL, with ids in creation order; those with `i % verified_every == 0`
+/// verified. Returns their ids, index 0 = `u1`.
+pub async fn seed_users(db: &TestDb, n: i64, verified_every: i64) -> Vec<Uuid> {
+    exec(
+        db,
+        &format!(
+            "INSERT INTO identity.users (id, handle, display_name, email, password_hash, verified)
+             SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(i), 12, '0'))::uuid, 'u' || i, 'u' || i,
+                    'u' || i || '@example.com', 'x', i % {verified_every} = 0
+             FROM generate_series(1, {n}) i"
+        ),
+    )
+    .await;
+    (1..=n).map(seeded_id).collect()
+}
+
+pub fn seeded_id(i: i64) -> Uuid {
+    format!("00000000-0000-4000-8000-{i:012x}").parse().unwrap()
+}
+
+/// Between 1 and 20 contacts for each of the users `u1`…`un` (about 10.5 on average), to
+/// fixed offsets; foreign-key checks are skipped for speed (every id exists).
+pub async fn seed_contacts(db: &TestDb, n: i64) -> i64 {
+    let mut conn = db.pool.acquire().await.unwrap();
+    sqlx::query("SET session_replication_role = replica").execute(&mut *conn).await.unwrap();
+    let done = sqlx::query(&format!(
+        "INSERT INTO contacts.contacts (owner_id, contact_id)
+         SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(i), 12, '0'))::uuid,
+                ('00000000-0000-4000-8000-' || lpad(to_hex((i - 1 + o.off) % {n} + 1), 12, '0'))::uuid
+         FROM generate_series(1, {n}) i
+         JOIN LATERAL unnest('{{1,7,31,127,499,1999,7919,20011,45007,77003,3,5,11,13,17,19,23,29,37,41}}'::int[])
+             WITH ORDINALITY o(off, k) ON o.k <= 1 + i % 20 AND o.off % {n} <> 0
+         ON CONFLICT DO NOTHING"
+    ))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("SET session_replication_role = DEFAULT").execute(&mut *conn).await.unwrap();
+    done.rows_affected() as i64
+}
+
+/// Makes `user` an admin.
+pub async fn make_admin(db: &TestDb, user: Uuid) {
+    let done = sqlx::query("UPDATE identity.users SET role = 'admin' WHERE id = $1").bind(user).execute(&db.pool).await;
+    assert_eq!(done.unwrap().rows_affected(), 1);
+}
+
+pub async fn set_verified(db: &TestDb, user: Uuid) {
+    let done =
+        sqlx::query("UPDATE identity.users SET verified = true WHERE id = $1").bind(user).execute(&db.pool).await;
+    assert_eq!(done.unwrap().rows_affected(), 1);
+}

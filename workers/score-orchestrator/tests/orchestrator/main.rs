@@ -1,0 +1,12 @@
+//! Integration tests of the score orchestrator (issue 4 §4) against real PostgreSQL and
+//! JetStream: a real `trellis-api` in-process and real `score-orchestrator` processes.
+
+mod harness;
+
+mod crash;
+mod manual;
+mod records;
+mod replicas;
+mod scoring_rules;
+mod staleness;
+mod startup;
