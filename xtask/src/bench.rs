@@ -16,7 +16,8 @@ pub fn run(flags: &flags::Bench) -> anyhow::Result<()> {
     match flags.suite.as_str() {
         "api" => api(flags),
         "runtime" => runtime(),
-        other => bail!("unknown bench suite `{other}` (known: api, runtime)"),
+        "score" => score(flags),
+        other => bail!("unknown bench suite `{other}` (known: api, runtime, score)"),
     }
 }
 
@@ -53,12 +54,29 @@ impl BenchDb {
         Ok(Self { url, psql })
     }
 
+    /// Database `name` on the stack's server as it is, migrated, if it exists.
+    fn existing(stack: &Stack, name: &str) -> anyhow::Result<Option<Self>> {
+        let psql = util::find_program("psql", &[]).context("psql is needed for benchmarks")?;
+        let maintenance = replace_database(&stack.database_url, "postgres");
+        let found = util::read(
+            Command::new(&psql)
+                .arg(&maintenance)
+                .args(["-qAtXc", &format!("SELECT 1 FROM pg_database WHERE datname = '{name}'")]),
+        )?;
+        if found.is_empty() {
+            return Ok(None);
+        }
+        let url = replace_database(&stack.database_url, name);
+        util::run(Command::new(release_bin("trellisctl")).args(["migrate", "up"]).env("DATABASE_URL", &url))?;
+        Ok(Some(Self { url, psql }))
+    }
+
     fn exec(&self, sql: &str) -> anyhow::Result<String> {
         util::read(Command::new(&self.psql).arg(&self.url).args(["-qAtX", "-v", "ON_ERROR_STOP=1", "-c", sql]))
     }
 }
 
-fn replace_database(url: &str, name: &str) -> String {
+pub(crate) fn replace_database(url: &str, name: &str) -> String {
     let (base, query) = url.split_once('?').map(|(b, q)| (b, Some(q))).unwrap_or((url, None));
     let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
     let host_end = base[scheme_end..].find('/').map(|i| i + scheme_end).unwrap_or(base.len());
@@ -69,11 +87,11 @@ fn replace_database(url: &str, name: &str) -> String {
     out
 }
 
-fn release_bin(name: &str) -> PathBuf {
+pub(crate) fn release_bin(name: &str) -> PathBuf {
     util::target_dir().join("release").join(name)
 }
 
-fn build_release(packages: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn build_release(packages: &[&str]) -> anyhow::Result<()> {
     let mut cmd = util::cargo();
     cmd.args(["build", "--release"]);
     for p in packages {
@@ -346,4 +364,135 @@ fn runtime() -> anyhow::Result<()> {
     println!("\nmachine: {}\n", machine());
     println!("| benchmark | result | target |\n|---|---|---|\n{rows}");
     Ok(())
+}
+
+/// The score orchestrator: one full run (`score-orchestrator --run-once`) over a seeded graph of
+/// `--users` users (default 1,000,000) with 20 contacts each on average, timed end to end, with
+/// the process's peak RSS and the phases from the run's record. The graph lives in database
+/// `trellis_bench_score` and is seeded again only when it does not hold exactly that graph.
+/// Before the run, `score.user_scores` is emptied, so that the run writes every score (the worst
+/// case of the write phase; a run over an unchanged graph writes none).
+fn score(flags: &flags::Bench) -> anyhow::Result<()> {
+    const DB: &str = "trellis_bench_score";
+    const AVG_CONTACTS: u64 = 20;
+    let users = flags.users.unwrap_or(1_000_000);
+    let contacts = users.saturating_mul(AVG_CONTACTS);
+    let stack = Stack::ensure()?;
+    build_release(&["trellisctl"])?;
+
+    let reusable = match BenchDb::existing(&stack, DB)? {
+        Some(db) => {
+            let counts =
+                db.exec("SELECT (SELECT count(*) FROM identity.users), (SELECT count(*) FROM contacts.contacts)")?;
+            (counts == format!("{users}|{contacts}")).then_some(db)
+        }
+        None => None,
+    };
+    let db = match reusable {
+        Some(db) => {
+            eprintln!("xtask: bench: {DB} already holds {users} users and {contacts} contacts; not reseeding");
+            db
+        }
+        None => {
+            eprintln!("xtask: bench: seeding {DB} with {users} users, {AVG_CONTACTS} contacts each on average");
+            let db = BenchDb::fresh(&stack, DB)?;
+            let options =
+                crate::seed::Options { users, avg_contacts: AVG_CONTACTS as f64, verified_fraction: 0.1, seed: 42 };
+            let summary = crate::seed::load(&db.psql, &db.url, &options, crate::seed::Mode::Empty)?;
+            eprintln!(
+                "xtask: bench: seeded {} users, {} contacts in {:.1} s",
+                summary.users,
+                summary.contacts,
+                summary.wall.as_secs_f64()
+            );
+            db
+        }
+    };
+
+    build_release(&["score-orchestrator"])?;
+    db.exec("TRUNCATE score.user_scores")?;
+    // A checkpoint now rather than in the middle of the run.
+    db.exec("CHECKPOINT")?;
+    let log = util::target_dir().join("bench-score.log");
+    let summary = util::target_dir().join("bench-score.json");
+    eprintln!("xtask: bench: score-orchestrator --run-once (log: {})", log.display());
+    let run = measure(
+        Command::new(release_bin("score-orchestrator"))
+            .arg("--run-once")
+            .env("DATABASE_URL", &db.url)
+            .env("NATS_URL", &stack.nats_url)
+            .env("NATS_PREFIX", format!("bench{}score", std::process::id()))
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdout(std::fs::File::create(&summary)?)
+            .stderr(std::fs::File::create(&log)?),
+        Duration::from_secs(30 * 60),
+    )?;
+    eprintln!("{}", std::fs::read_to_string(&summary).unwrap_or_default().trim());
+    if !run.status.success() {
+        bail!("score-orchestrator --run-once failed ({}); see {}", run.status, log.display());
+    }
+    let record = db.exec(
+        "SELECT status, users, edges, iterations, residual, scores_changed, load_ms, compute_ms, write_ms
+         FROM score.runs ORDER BY created_at DESC LIMIT 1",
+    )?;
+    let fields: Vec<&str> = record.split('|').collect();
+    let [status, run_users, edges, iterations, residual, changed, load_ms, compute_ms, write_ms] = fields[..] else {
+        bail!("no run record in score.runs (got `{record}`)");
+    };
+    let ms = |text: &str| -> f64 { text.parse().unwrap_or(f64::NAN) };
+    let count = |text: &str| -> String { text.parse().map_or_else(|_| text.to_owned(), crate::seed::thousands) };
+    let (wall_target, compute_target, memory_target) =
+        if users == 1_000_000 { ("≤ 20 s", "≤ 2 s", "≤ 1 GiB") } else { ("—", "—", "—") };
+    let graph = format!("{} users, {} edges", count(run_users), count(edges));
+    println!("\nmachine: {}\n", machine());
+    println!("| benchmark | result | target |\n|---|---|---|");
+    println!(
+        "| score run, {graph}, end to end | {:.2} s wall (load {:.2} s, compute {:.2} s, write {:.2} s; {iterations} iterations, residual {:.1e}; {} scores written; status {status}) | {wall_target} |",
+        run.wall.as_secs_f64(),
+        ms(load_ms) / 1000.0,
+        ms(compute_ms) / 1000.0,
+        ms(write_ms) / 1000.0,
+        ms(residual),
+        count(changed),
+    );
+    println!("| score compute phase, {graph} | {:.0} ms | {compute_target} |", ms(compute_ms));
+    println!("| score peak memory (VmHWM), {graph} | {:.0} MiB | {memory_target} |", run.peak_rss_kib as f64 / 1024.0);
+    Ok(())
+}
+
+/// How a measured process went.
+struct Measured {
+    status: std::process::ExitStatus,
+    wall: Duration,
+    /// The largest `VmHWM` seen in `/proc/<pid>/status`, polled every 50 ms.
+    peak_rss_kib: u64,
+}
+
+/// Runs `cmd` to completion, timing it and sampling its peak resident memory; kills it after
+/// `timeout`.
+fn measure(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Measured> {
+    let started = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("cannot run `{}`", util::display(cmd)))?;
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak_rss_kib = 0;
+    loop {
+        // Read before checking for exit: once reaped, the process's memory figures are gone.
+        if let Ok(status) = std::fs::read_to_string(&status_file) {
+            let hwm = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+            peak_rss_kib = peak_rss_kib.max(hwm.unwrap_or(0));
+        }
+        if let Some(status) = child.try_wait()? {
+            return Ok(Measured { status, wall: started.elapsed(), peak_rss_kib });
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("`{}` still running after {} s; killed it", util::display(cmd), timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

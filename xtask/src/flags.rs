@@ -14,8 +14,16 @@ commands:
                      --stop stops the private ones.
   lint [DIR]         lint the migrations (in migrations/, or DIR) with squawk.
   test [-- ARGS]     fmt check, clippy, lint, then the test suite (ARGS go to the test runner).
-  bench SUITE [--duration SECS]
-                     run a benchmark suite against release builds; SUITE is one of: api, runtime.
+  bench SUITE [--duration SECS] [--users N]
+                     run a benchmark suite against release builds; SUITE is one of: api, runtime,
+                     score (--users: the size of the seeded graph, default 1,000,000).
+  seed [--users N] [--avg-contacts K] [--verified-fraction F] [--seed S]
+       [--database-url URL] [--append | --reset]
+                     load N users (default 100,000) and a heavy-tailed contact graph with K
+                     contacts per user on average (default 20), a fraction F of them verified
+                     (default 0.1), through COPY. Into DATABASE_URL (services discovery) or URL,
+                     created if missing. Refuses a database with users unless --append (add
+                     more) or --reset (delete every user and all that references them first).
   help               this text.
 
 environment: DATABASE_URL, NATS_URL, NATS_PREFIX, API_ADDR (see each command's output).";
@@ -27,12 +35,26 @@ pub enum Command {
     Lint(Lint),
     Test(Test),
     Bench(Bench),
+    Seed(Seed),
 }
 
 pub struct Bench {
     pub suite: String,
     /// Seconds each load phase runs.
     pub duration: u64,
+    /// Users in the seeded graph (`score`).
+    pub users: Option<u64>,
+}
+
+pub struct Seed {
+    pub users: u64,
+    pub avg_contacts: f64,
+    pub verified_fraction: f64,
+    /// The PRNG seed: the same seed, sizes and mode give the same rows.
+    pub seed: u64,
+    pub database_url: Option<String>,
+    pub append: bool,
+    pub reset: bool,
 }
 
 pub struct Up {
@@ -114,17 +136,57 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
             Command::Test(Test { runner_args })
         }
         "bench" => {
-            let suite = args.next().context("bench needs a suite name (api, runtime)")?;
+            let suite = args.next().context("bench needs a suite name (api, runtime, score)")?;
             let mut duration = 20;
+            let mut users = None;
             while let Some(arg) = args.next() {
                 match arg.as_str() {
                     "--duration" => {
                         duration = args.next().context("--duration needs seconds")?.parse().context("--duration")?
                     }
+                    "--users" => {
+                        users = Some(args.next().context("--users needs a number")?.parse().context("--users")?)
+                    }
                     other => bail!("unknown option for `bench`: {other}"),
                 }
             }
-            Command::Bench(Bench { suite, duration })
+            Command::Bench(Bench { suite, duration, users })
+        }
+        "seed" => {
+            let mut seed = Seed {
+                users: 100_000,
+                avg_contacts: 20.0,
+                verified_fraction: 0.1,
+                seed: 42,
+                database_url: None,
+                append: false,
+                reset: false,
+            };
+            while let Some(arg) = args.next() {
+                let (name, inline) = match arg.split_once('=') {
+                    Some((name, value)) => (name.to_owned(), Some(value.to_owned())),
+                    None => (arg.clone(), None),
+                };
+                let mut value = || -> anyhow::Result<String> {
+                    match inline.clone() {
+                        Some(value) => Ok(value),
+                        None => args.next().with_context(|| format!("{name} needs a value")),
+                    }
+                };
+                match name.as_str() {
+                    "--users" => seed.users = value()?.replace('_', "").parse().context("--users")?,
+                    "--avg-contacts" => seed.avg_contacts = value()?.parse().context("--avg-contacts")?,
+                    "--verified-fraction" => {
+                        seed.verified_fraction = value()?.parse().context("--verified-fraction")?
+                    }
+                    "--seed" => seed.seed = value()?.parse().context("--seed")?,
+                    "--database-url" => seed.database_url = Some(value()?),
+                    "--append" => seed.append = true,
+                    "--reset" => seed.reset = true,
+                    _ => bail!("unknown option for `seed`: {arg}"),
+                }
+            }
+            Command::Seed(seed)
         }
         other => bail!("unknown command `{other}`"),
     };

@@ -7,6 +7,7 @@
 mod bench;
 mod flags;
 mod lint;
+mod seed;
 mod services;
 mod test;
 mod up;
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         flags::Command::Lint(lint) => lint::run(&lint),
         flags::Command::Test(test) => test::run(&test),
         flags::Command::Bench(bench) => bench::run(&bench),
+        flags::Command::Seed(seed) => seed::run(&seed),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
