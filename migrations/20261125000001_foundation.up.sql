@@ -121,11 +121,14 @@ CREATE TABLE IF NOT EXISTS score.runs (
     finished_at timestamptz
 );
 
+-- A derived read model, rewritten a million rows at a time by the score orchestrator, which
+-- keeps it consistent itself (only active users, removed when they are not): no foreign keys,
+-- whose per-row checks would double the write phase.
 CREATE TABLE IF NOT EXISTS score.user_scores (
-    user_id uuid PRIMARY KEY REFERENCES identity.users (id),
+    user_id uuid PRIMARY KEY,
     trust double precision NOT NULL,
     score integer NOT NULL CONSTRAINT user_scores_score_check CHECK (score BETWEEN 0 AND 1000),
-    run_id uuid NOT NULL REFERENCES score.runs (id),
+    run_id uuid NOT NULL,
     computed_at timestamptz NOT NULL
 );
 

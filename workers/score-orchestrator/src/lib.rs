@@ -227,7 +227,9 @@ impl Orchestrator {
     async fn phases(&self, conn: &mut PgConnection, run_id: Uuid, trigger: &str) -> Result<RunSummary, RunError> {
         let timeout = self.config.run_timeout;
         let t = Instant::now();
-        let loaded = store::load_graph(conn, timeout).await?;
+        let mut sink = BuilderSink(None);
+        let loaded = store::load_graph(conn, timeout, &mut sink).await?;
+        let mut builder = sink.0.unwrap_or_else(|| GraphBuilder::new(0));
         let load = t.elapsed();
         metrics::histogram!("trellis_score_run_duration_seconds", "phase" => "load").record(load.as_secs_f64());
 
@@ -236,11 +238,6 @@ impl Orchestrator {
         let compute = self.compute.clone();
         let (computed, loaded) = tokio::task::spawn_blocking(move || {
             compute.install(|| {
-                let n32 = u32::try_from(loaded.users.len()).map_err(|_| "more users than u32 indices".to_owned())?;
-                let mut builder = GraphBuilder::with_edge_capacity(n32 as usize, loaded.edges.len());
-                for &(a, b) in &loaded.edges {
-                    builder.add_edge(a, b);
-                }
                 for (i, v) in loaded.verified.iter().enumerate() {
                     if *v {
                         builder.mark_verified(i as u32);
@@ -338,6 +335,19 @@ impl Orchestrator {
                 }
             }
         }
+    }
+}
+
+/// Streams the loaded edges straight into the graph builder.
+struct BuilderSink(Option<GraphBuilder>);
+
+impl store::GraphSink for BuilderSink {
+    fn nodes(&mut self, count: usize, edge_estimate: usize) {
+        self.0 = Some(GraphBuilder::with_edge_capacity(count, edge_estimate));
+    }
+
+    fn edge(&mut self, from: u32, to: u32) {
+        self.0.as_mut().expect("nodes come before edges").add_edge(from, to);
     }
 }
 
