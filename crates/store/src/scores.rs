@@ -201,6 +201,8 @@ pub struct LoadedGraph {
     pub upheld: Vec<u32>,
     /// The stored score and trust of each node that has one.
     pub current: Vec<Option<(i32, f64)>>,
+    /// Stored scores of users who are not active: to remove.
+    pub stale: Vec<Uuid>,
 }
 
 /// Loads the graph from one REPEATABLE READ snapshot with COPY. User ids are mapped to dense
@@ -258,19 +260,21 @@ pub async fn load_graph(
     )
     .await?;
     let mut current = vec![None; n];
+    let mut stale = Vec::new();
     copy_lines(&mut tx, "COPY (SELECT user_id, score, trust FROM score.user_scores) TO STDOUT", |line| {
         let mut parts = line.split('\t');
         let id = Uuid::parse_str(parts.next().ok_or("user")?).map_err(|_| "uuid")?;
         let score: i32 = parts.next().ok_or("score")?.parse().map_err(|_| "score")?;
         let trust: f64 = parts.next().ok_or("trust")?.parse().map_err(|_| "trust")?;
-        if let Some(&i) = index.get(&id) {
-            current[i as usize] = Some((score, trust));
+        match index.get(&id) {
+            Some(&i) => current[i as usize] = Some((score, trust)),
+            None => stale.push(id),
         }
         Ok(())
     })
     .await?;
     tx.commit().await?;
-    Ok(LoadedGraph { users, verified, edges, upheld, current })
+    Ok(LoadedGraph { users, verified, edges, upheld, current, stale })
 }
 
 /// Streams a binary `COPY … TO STDOUT` of rows of two non-null uuids into `each`.
@@ -368,7 +372,13 @@ pub struct NewScore {
 pub struct RunResult<'a> {
     pub run_id: Uuid,
     pub changed: &'a [NewScore],
-    pub events: &'a [trellis_domain::events::Event],
+    /// Builds the `events.scores.updated` event of one chunk of `changed`; called chunk by
+    /// chunk, so a million scores never sit in memory as JSON at once.
+    pub event_of: &'a (dyn Fn(&[NewScore]) -> trellis_domain::events::Event + Sync),
+    /// Scores per event.
+    pub event_chunk: usize,
+    /// Users with a stored score who are no longer active (as of the snapshot).
+    pub stale: &'a [Uuid],
     pub users: i64,
     pub edges: i64,
     pub iterations: i32,
@@ -418,13 +428,15 @@ pub async fn write_run(
     .execute(&mut *tx)
     .await?;
     sqlx::query(
-        "DELETE FROM score.user_scores s WHERE NOT EXISTS
-             (SELECT 1 FROM identity.users u WHERE u.id = s.user_id AND u.status = 'active')",
+        "DELETE FROM score.user_scores WHERE user_id = ANY($1)
+             OR user_id IN (SELECT id FROM identity.users WHERE status <> 'active')",
     )
+    .bind(result.stale)
     .execute(&mut *tx)
     .await?;
-    for chunk in result.events.chunks(500) {
-        crate::outbox::insert(&mut tx, chunk).await?;
+    for group in result.changed.chunks(result.event_chunk.max(1) * 20) {
+        let events: Vec<_> = group.chunks(result.event_chunk.max(1)).map(result.event_of).collect();
+        crate::outbox::insert(&mut tx, &events).await?;
     }
     let write_ms = started.elapsed().as_millis() as i64;
     sqlx::query(

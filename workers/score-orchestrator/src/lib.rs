@@ -266,22 +266,21 @@ impl Orchestrator {
             .map(|i| NewScore { user_id: loaded.users[i], trust: trust.trust[i], score: scores[i] })
             .collect();
         let now = OffsetDateTime::now_utc();
-        let events: Vec<Event> = changed
-            .chunks(EVENT_CHUNK)
-            .map(|chunk| {
-                let payload = EventPayload::ScoresUpdated(ScoresUpdated {
-                    run_id,
-                    scores: chunk.iter().map(|s| UserScore { user_id: UserId(s.user_id), score: s.score }).collect(),
-                });
-                Event::new(&payload, None, now)
-            })
-            .collect();
+        let event_of = move |chunk: &[NewScore]| {
+            let payload = EventPayload::ScoresUpdated(ScoresUpdated {
+                run_id,
+                scores: chunk.iter().map(|s| UserScore { user_id: UserId(s.user_id), score: s.score }).collect(),
+            });
+            Event::new(&payload, None, now)
+        };
         let write_ms = store::write_run(
             conn,
             &RunResult {
                 run_id,
                 changed: &changed,
-                events: &events,
+                event_of: &event_of,
+                event_chunk: EVENT_CHUNK,
+                stale: &loaded.stale,
                 users: n as i64,
                 edges: edges as i64,
                 iterations: trust.iterations as i32,
