@@ -135,3 +135,35 @@ async fn every_response_carries_a_request_id() {
     let req = app.build(Method::GET, "/v1/me", Some(&alice.token), None).header("x-request-id", "trace-me-123");
     assert_eq!(app.send(req).await.header("x-request-id"), Some("trace-me-123"));
 }
+
+#[tokio::test]
+async fn shutdown_lets_a_request_in_flight_finish() {
+    let app = crate::helpers::TestApp::spawn().await;
+    let alice = app.register("alice").await;
+    // Hold the contacts table so the request waits inside the database.
+    let mut blocker = app.db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE contacts.contacts IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
+    let request = app.build(reqwest::Method::GET, "/v1/me/contacts", Some(&alice.token), None);
+    let in_flight = tokio::spawn(request.send());
+    // Wait until the request is blocked on the lock, i.e. truly in flight.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the request never reached the database");
+        tokio::task::yield_now().await;
+    }
+    app.begin_shutdown();
+    blocker.commit().await.unwrap();
+    let response = in_flight.await.unwrap().expect("the in-flight request is answered");
+    assert_eq!(response.status(), 200);
+    // The app then stops cleanly within its grace period.
+    tokio::time::timeout(std::time::Duration::from_secs(10), app.stop()).await.expect("stopped in time");
+}

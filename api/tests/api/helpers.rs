@@ -336,3 +336,10 @@ impl TestApp {
         }
     }
 }
+
+impl TestApp {
+    /// Starts a graceful shutdown (what SIGTERM does) without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+}

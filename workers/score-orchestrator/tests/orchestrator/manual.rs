@@ -69,3 +69,46 @@ async fn a_manual_trigger_leads_to_a_run_whose_scores_the_api_serves() {
     let by_handle = api.request(reqwest::Method::GET, "/v1/users/bob/score", Some(&ada.token), None).await;
     assert_eq!((by_handle.0, by_handle.1["score"].as_i64()), (200, Some(i64::from(expected.of(bob.id).1))));
 }
+
+/// `trellisctl`, built next to this package's binary by the workspace build.
+fn trellisctl() -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_score-orchestrator")).with_file_name("trellisctl");
+    assert!(path.exists(), "{} is missing: build the workspace (cargo build --workspace --bins)", path.display());
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trellisctl_score_run_wait_requests_a_run_and_prints_its_record() {
+    let db = TestDb::migrated().await.unwrap();
+    let prefix = nats_prefix();
+    // The API relays the request; the replica runs it.
+    let _api = Api::start(&db, &prefix, &[]).await;
+    let _replica = Replica::start(&db, &prefix, "replica-a", &["--schedule-check", "200ms"]).await;
+    wait_succeeded(&db, 1, Duration::from_secs(30)).await;
+    seed_users(&db, 50, 5).await;
+
+    let out = tokio::process::Command::new(trellisctl())
+        .args(["--output", "json", "score", "run", "--wait", "--timeout", "60s"])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    let json_start = stdout.find('{').expect("a JSON run record");
+    let record: serde_json::Value = serde_json::from_str(&stdout[json_start..]).unwrap();
+    assert_eq!((record["status"].as_str(), record["trigger"].as_str()), (Some("succeeded"), Some("manual")));
+    assert_eq!(record["users"], 50);
+    let runs = runs(&db).await;
+    assert_eq!(runs.len(), 2, "the start-up run and the requested one");
+
+    // Bad input is a message and a non-zero exit.
+    let bad = tokio::process::Command::new(trellisctl())
+        .args(["score", "show", "not-a-uuid"])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .await
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(!bad.stderr.is_empty());
+}
