@@ -77,3 +77,43 @@ async fn a_replica_killed_mid_write_leaves_no_partial_scores_and_a_new_run_succe
         .unwrap();
     assert_eq!(of_run, USERS, "every score comes from the run that succeeded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_keeps_failing_ends_in_the_dlq_with_every_attempt_marked_failed() {
+    let db = TestDb::migrated().await.unwrap();
+    let prefix = trellis_testkit::nats_prefix();
+    let api = Api::start(&db, &prefix, &[]).await;
+    // A first run, so that the replica makes no start-up run of its own.
+    run_once_ok(&db).await;
+    let admin = api.register("root").await;
+    make_admin(&db, admin.id).await;
+    // From now on every write of scores breaks a constraint: the run fails each time.
+    exec(&db, "ALTER TABLE score.user_scores ADD CONSTRAINT test_refuses_everything CHECK (score < 0) NOT VALID").await;
+    let _replica = Replica::start(
+        &db,
+        &prefix,
+        "replica-a",
+        &["--schedule-check", "1h", "--max-deliver", "2", "--retry-min", "50ms", "--retry-max", "100ms"],
+    )
+    .await;
+    api.request_run(&admin).await;
+
+    let topology = trellis_runtime::nats::Topology::new(&prefix).unwrap();
+    let client = async_nats::connect(trellis_testkit::nats_url()).await.unwrap();
+    let js = trellis_runtime::nats::jetstream(client, Duration::from_secs(5));
+    let dead = eventually("the request in the DLQ", Duration::from_secs(30), || async {
+        let letters = trellis_runtime::dlq::read(&js, &topology, Some(score_orchestrator::CONSUMER), 1).await.ok()?;
+        (!letters.is_empty()).then_some(letters)
+    })
+    .await;
+    assert_eq!(dead.len(), 1, "dead-lettered once");
+    assert_eq!(dead[0].kind(), "transient");
+    assert_eq!(dead[0].original_subject(), "events.scores.run_requested");
+    assert!(dead[0].error().contains("test_refuses_everything"), "{}", dead[0].error());
+    let manual: Vec<Run> = runs(&db).await.into_iter().filter(|r| r.trigger == "manual").collect();
+    assert_eq!(manual.len(), 2, "one run per delivery: {manual:#?}");
+    for run in &manual {
+        assert_eq!(run.status, "failed");
+        assert!(run.error.as_deref().unwrap_or("").contains("test_refuses_everything"), "{run:?}");
+    }
+}
