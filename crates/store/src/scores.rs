@@ -216,19 +216,24 @@ pub async fn load_graph(
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
     sqlx::query(&format!("SET LOCAL statement_timeout = {}", timeout.as_millis())).execute(&mut *tx).await?;
-    let edge_estimate: f64 =
-        sqlx::query_scalar("SELECT GREATEST(reltuples, 0)::float8 FROM pg_class WHERE oid = 'contacts.contacts'::regclass")
-            .fetch_one(&mut *tx)
-            .await?;
+    let edge_estimate: f64 = sqlx::query_scalar(
+        "SELECT GREATEST(reltuples, 0)::float8 FROM pg_class WHERE oid = 'contacts.contacts'::regclass",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
 
     let mut users = Vec::new();
     let mut verified = Vec::new();
-    copy_lines(&mut tx, "COPY (SELECT id, verified FROM identity.users WHERE status = 'active' ORDER BY id) TO STDOUT", |line| {
-        let (id, v) = line.split_once('\t').ok_or("id\tverified")?;
-        users.push(Uuid::parse_str(id).map_err(|_| "uuid")?);
-        verified.push(v == "t");
-        Ok(())
-    })
+    copy_lines(
+        &mut tx,
+        "COPY (SELECT id, verified FROM identity.users WHERE status = 'active' ORDER BY id) TO STDOUT",
+        |line| {
+            let (id, v) = line.split_once('\t').ok_or("id\tverified")?;
+            users.push(Uuid::parse_str(id).map_err(|_| "uuid")?);
+            verified.push(v == "t");
+            Ok(())
+        },
+    )
     .await?;
     let n = users.len();
     let index: std::collections::HashMap<Uuid, u32> = users.iter().enumerate().map(|(i, u)| (*u, i as u32)).collect();
@@ -236,13 +241,17 @@ pub async fn load_graph(
     sink.nodes(n, (edge_estimate * 1.05) as usize);
 
     let mut edges = 0usize;
-    copy_uuid_pairs(&mut tx, "COPY (SELECT owner_id, contact_id FROM contacts.contacts) TO STDOUT (FORMAT binary)", |a, b| {
-        // Edges touching a suspended user are not in the graph.
-        if let (Some(&from), Some(&to)) = (index.get(&a), index.get(&b)) {
-            sink.edge(from, to);
-            edges += 1;
-        }
-    })
+    copy_uuid_pairs(
+        &mut tx,
+        "COPY (SELECT owner_id, contact_id FROM contacts.contacts) TO STDOUT (FORMAT binary)",
+        |a, b| {
+            // Edges touching a suspended user are not in the graph.
+            if let (Some(&from), Some(&to)) = (index.get(&a), index.get(&b)) {
+                sink.edge(from, to);
+                edges += 1;
+            }
+        },
+    )
     .await?;
 
     let mut upheld = vec![0u32; n];
