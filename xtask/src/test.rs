@@ -51,6 +51,10 @@ pub fn run(flags: &flags::Test) -> anyhow::Result<()> {
         util::run(&mut cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
     })?;
     timed("lint", &mut || lint::run(&flags::Lint { dir: None }))?;
+    // Tests start other packages' binaries as real processes (trellis-probe-worker,
+    // trellisctl, score-orchestrator); cargo builds a package's binaries only for that
+    // package's own tests, so build them all first.
+    timed("bins", &mut || util::run(&mut cargo(&["build", "--workspace", "--bins"])))?;
     timed("tests", &mut || {
         let mut cmd = if has_nextest() {
             // An empty workspace is not an error of the runner's (CI reports "ran no test").
