@@ -34,6 +34,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub login_limiter: Arc<LoginLimiter>,
     pub health: Health,
+    pub search_source: Arc<crate::routes::search::SourceCache>,
 }
 
 #[derive(utoipa::OpenApi)]
@@ -193,6 +194,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         config: Arc::new(config.clone()),
         login_limiter: Arc::new(LoginLimiter::new(config.login_rate_per_login, config.login_rate_per_address)),
         health: health.clone(),
+        search_source: Arc::default(),
     };
 
     let listener = tokio::net::TcpListener::bind(config.api_addr)

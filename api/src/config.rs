@@ -49,6 +49,11 @@ pub struct Config {
     #[arg(long, env = "SCORE_STALE_AFTER", value_parser = humantime::parse_duration, default_value = "24h")]
     pub score_stale_after: Duration,
 
+    /// Search answers from the base tables (and says so) while the search projection is more
+    /// than this behind the newest event.
+    #[arg(long, env = "SEARCH_MAX_LAG", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub search_max_lag: Duration,
+
     /// Events the outbox relay publishes per batch.
     #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 2000)]
     pub relay_batch_size: i64,

@@ -1,6 +1,12 @@
-//! User search: `/v1/search/users`.
+//! Search: `/v1/search/users` and `/v1/me/contacts/search`.
+//!
+//! Both answer from the search read model (`"source": "index"`) while the projection is fresh,
+//! and from the base tables (`"source": "database"`, header `x-search-source: database`,
+//! `trellis_search_fallbacks_total`) while it lags more than `SEARCH_MAX_LAG` behind the
+//! newest event or is empty while users exist.
 
 use axum::extract::State;
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -13,7 +19,74 @@ use crate::error::{ApiError, ApiResult, Json, Problem, Query};
 use crate::routes::limit;
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(search_users))
+    OpenApiRouter::new().routes(routes!(search_users)).routes(routes!(search_contacts))
+}
+
+/// Where search answers from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Index,
+    Database,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Index => "index",
+            Source::Database => "database",
+        }
+    }
+}
+
+/// The last freshness decision, reused for a second so that search does not pay for it on
+/// every request.
+#[derive(Default)]
+pub struct SourceCache(std::sync::Mutex<Option<(std::time::Instant, Source)>>);
+
+const SOURCE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn source(state: &AppState, endpoint: &'static str) -> Result<Source, ApiError> {
+    let cached = *state.search_source.0.lock().expect("source cache lock");
+    let source = match cached {
+        Some((at, source)) if at.elapsed() < SOURCE_TTL => source,
+        _ => {
+            let freshness = trellis_store::search::freshness(&state.pool).await?;
+            let source =
+                if freshness.index_usable(state.config.search_max_lag) { Source::Index } else { Source::Database };
+            *state.search_source.0.lock().expect("source cache lock") = Some((std::time::Instant::now(), source));
+            source
+        }
+    };
+    if source == Source::Database {
+        metrics::counter!("trellis_search_fallbacks_total", "endpoint" => endpoint).increment(1);
+    }
+    Ok(source)
+}
+
+fn with_source<T: IntoResponse>(source: Source, body: T) -> Response {
+    let mut response = body.into_response();
+    response.headers_mut().insert("x-search-source", axum::http::HeaderValue::from_static(source.as_str()));
+    response
+}
+
+fn query_text(q: Option<&str>) -> Result<String, ApiError> {
+    let q = q.map(str::trim).unwrap_or("");
+    if q.chars().count() < 2 {
+        return Err(trellis_domain::FieldError::new("q", "too_short", "must be at least 2 characters").into());
+    }
+    if q.chars().count() > 100 {
+        return Err(trellis_domain::FieldError::new("q", "too_long", "must be at most 100 characters").into());
+    }
+    Ok(q.to_owned())
+}
+
+fn offset_of(cursor: Option<&str>) -> Result<i64, ApiError> {
+    match cursor {
+        None => Ok(0),
+        Some(c) => trellis_store::page::decode_cursor(c)
+            .filter(|o: &i64| *o >= 0)
+            .ok_or_else(|| ApiError::bad_request("invalid-cursor", "the cursor is not one this list handed out")),
+    }
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -43,32 +116,26 @@ pub struct SearchResults {
     pub source: &'static str,
 }
 
-/// Searches active users: exact handle, then handle prefix, then name, higher score first.
+/// Searches active users: exact handle, then handle prefix, then name (one typo tolerated from
+/// 3 characters), higher score first among equals.
 #[utoipa::path(get, path = "/v1/search/users", tag = "search", security(("bearer" = [])), params(SearchParams),
     responses((status = 200, body = SearchResults), (status = 401, body = Problem), (status = 422, body = Problem)))]
 async fn search_users(
     State(state): State<AppState>,
     _principal: Principal,
     Query(params): Query<SearchParams>,
-) -> ApiResult<Json<SearchResults>> {
-    let q = params.q.as_deref().map(str::trim).unwrap_or("");
-    if q.chars().count() < 2 {
-        return Err(trellis_domain::FieldError::new("q", "too_short", "must be at least 2 characters").into());
-    }
-    if q.chars().count() > 100 {
-        return Err(trellis_domain::FieldError::new("q", "too_long", "must be at most 100 characters").into());
-    }
+) -> ApiResult<Response> {
+    let q = query_text(params.q.as_deref())?;
     let limit = limit(params.limit, 20, 50)?;
-    let offset: i64 = match &params.cursor {
-        None => 0,
-        Some(c) => trellis_store::page::decode_cursor(c)
-            .filter(|o: &i64| *o >= 0)
-            .ok_or_else(|| ApiError::bad_request("invalid-cursor", "the cursor is not one this list handed out"))?,
+    let offset = offset_of(params.cursor.as_deref())?;
+    let source = source(&state, "users").await?;
+    let mut hits = match source {
+        Source::Index => trellis_store::search::index_users(&state.pool, &q, offset, limit as i64 + 1).await?,
+        Source::Database => trellis_store::search::users(&state.pool, &q, offset, limit as i64 + 1).await?,
     };
-    let mut hits = trellis_store::search::users(&state.pool, q, offset, limit as i64 + 1).await?;
     let next_cursor = (hits.len() > limit).then(|| trellis_store::page::encode_cursor(&(offset + limit as i64)));
     hits.truncate(limit);
-    Ok(Json(SearchResults {
+    let body = SearchResults {
         items: hits
             .into_iter()
             .map(|h| UserHit {
@@ -80,6 +147,63 @@ async fn search_users(
             })
             .collect(),
         next_cursor,
-        source: "database",
-    }))
+        source: source.as_str(),
+    };
+    Ok(with_source(source, Json(body)))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ContactHit {
+    pub user_id: Uuid,
+    pub handle: String,
+    pub display_name: String,
+    pub label: String,
+    /// Names of the caller's circles this contact is in.
+    pub circles: Vec<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ContactResults {
+    pub items: Vec<ContactHit>,
+    pub next_cursor: Option<String>,
+    /// `index` or `database`.
+    pub source: &'static str,
+}
+
+/// Searches the caller's own contacts by handle, name, label or circle name.
+#[utoipa::path(get, path = "/v1/me/contacts/search", tag = "search", security(("bearer" = [])), params(SearchParams),
+    responses((status = 200, body = ContactResults), (status = 401, body = Problem), (status = 422, body = Problem)))]
+async fn search_contacts(
+    State(state): State<AppState>,
+    principal: Principal,
+    Query(params): Query<SearchParams>,
+) -> ApiResult<Response> {
+    let q = query_text(params.q.as_deref())?;
+    let limit = limit(params.limit, 20, 50)?;
+    let offset = offset_of(params.cursor.as_deref())?;
+    let source = source(&state, "contacts").await?;
+    let owner = principal.user_id.0;
+    let mut hits = match source {
+        Source::Index => {
+            trellis_store::search::index_contacts(&state.pool, owner, &q, offset, limit as i64 + 1).await?
+        }
+        Source::Database => trellis_store::search::contacts(&state.pool, owner, &q, offset, limit as i64 + 1).await?,
+    };
+    let next_cursor = (hits.len() > limit).then(|| trellis_store::page::encode_cursor(&(offset + limit as i64)));
+    hits.truncate(limit);
+    let body = ContactResults {
+        items: hits
+            .into_iter()
+            .map(|h| ContactHit {
+                user_id: h.contact_id,
+                handle: h.handle,
+                display_name: h.display_name,
+                label: h.label,
+                circles: h.circles,
+            })
+            .collect(),
+        next_cursor,
+        source: source.as_str(),
+    };
+    Ok(with_source(source, Json(body)))
 }

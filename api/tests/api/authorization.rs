@@ -139,6 +139,7 @@ fn every_endpoint(w: &World) -> Vec<(Method, &'static str, String, Option<Value>
         (Method::GET, "/v1/users/{user}/score", format!("/v1/users/{b}/score"), None),
         (Method::GET, "/v1/search/users", "/v1/search/users?q=bob".into(), None),
         (Method::POST, "/v1/admin/score-runs", "/v1/admin/score-runs".into(), None),
+        (Method::GET, "/v1/me/contacts/search", "/v1/me/contacts/search?q=bob".into(), None),
     ]
 }
 

@@ -218,3 +218,111 @@ async fn search_results_page_through_a_cursor_in_rank_order() {
     let paged: Vec<String> = pages.iter().flat_map(|p| handles(p)).collect();
     assert_eq!(paged, expected, "every hit once, in the same order");
 }
+
+/// Projects the read model from the base tables, as the search projector would, and marks it
+/// caught up with the newest event.
+async fn project_by_hand(app: &TestApp) {
+    sqlx::query(
+        "INSERT INTO search.directory (user_id, handle, display_name, verified, score, status, hidden)
+         SELECT u.id, u.handle, u.display_name, u.verified, s.score, u.status,
+                EXISTS (SELECT 1 FROM security.hidden_users h WHERE h.user_id = u.id)
+         FROM identity.users u LEFT JOIN score.user_scores s ON s.user_id = u.id
+         ON CONFLICT (user_id) DO UPDATE SET display_name = EXCLUDED.display_name, status = EXCLUDED.status",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO search.contacts (owner_id, contact_id, handle, display_name, label, circles, search_text)
+         SELECT c.owner_id, c.contact_id, u.handle, u.display_name, c.label, '{}',
+                lower(u.handle || ' ' || u.display_name || ' ' || c.label)
+         FROM contacts.contacts c JOIN identity.users u ON u.id = c.contact_id
+         ON CONFLICT (owner_id, contact_id) DO NOTHING",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE search.checkpoint SET last_event_at = (SELECT max(created_at) FROM ops.outbox), last_stream_sequence = 1,
+             updated_at = now()",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+}
+
+/// Polls a search until it answers from `source` (the API re-decides at most once a second).
+async fn search_from(app: &TestApp, path: &str, token: &str, source: &str) -> crate::helpers::Resp {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = app.get(path, Some(token)).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        if r.body["source"] == source {
+            assert_eq!(r.header("x-search-source"), Some(source));
+            return r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{path} never answered from {source}: {:?}", r.body);
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn search_answers_from_the_index_when_fresh_and_from_the_database_when_it_lags() {
+    let app = TestApp::spawn().await;
+    let alice = app.register("alice").await;
+    let bob = app.register("bobby").await;
+    app.add_contact(&alice, &bob).await;
+
+    // Users exist but the read model is empty: the database answers, and says so.
+    let db = search_from(&app, "/v1/search/users?q=bob", &alice.token, "database").await;
+    let fallbacks = app.metric("trellis_search_fallbacks_total{endpoint=\"users\"}").await.unwrap_or(0.0);
+    assert!(fallbacks >= 1.0, "fallbacks are counted");
+
+    project_by_hand(&app).await;
+    let index = search_from(&app, "/v1/search/users?q=bob", &alice.token, "index").await;
+    assert_eq!(index.body["items"], db.body["items"], "the same results from either source");
+    let contacts = search_from(&app, "/v1/me/contacts/search?q=bob", &alice.token, "index").await;
+    assert_eq!(contacts.body["items"][0]["handle"], "bobby");
+
+    // A new event the projection has not applied, older than the allowed lag: fallback again.
+    sqlx::query("UPDATE search.checkpoint SET last_event_at = last_event_at - interval '10 minutes'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    app.register("carol").await;
+    search_from(&app, "/v1/search/users?q=bob", &alice.token, "database").await;
+    let contacts = search_from(&app, "/v1/me/contacts/search?q=bob", &alice.token, "database").await;
+    assert_eq!(contacts.body["items"][0]["handle"], "bobby", "the fallback finds the same contact");
+}
+
+#[tokio::test]
+async fn contact_search_matches_handle_name_label_and_circle_and_only_the_callers_own() {
+    let app = TestApp::spawn().await;
+    let alice = app.register("alice").await;
+    let bob = app.register("bobby").await;
+    let carol = app.register("carol").await;
+    let r =
+        app.put(&format!("/v1/me/contacts/{}", bob.id), Some(&alice.token), json!({"label": "climbing partner"})).await;
+    assert_eq!(r.status, 201);
+    app.add_contact(&alice, &carol).await;
+    let circle = app.create_circle(&alice, "Book Club").await;
+    let r = app.put(&format!("/v1/me/circles/{circle}/members/{}", carol.id), Some(&alice.token), json!({})).await;
+    assert_eq!(r.status, 201);
+    // carol's own contacts are not alice's.
+    app.add_contact(&carol, &bob).await;
+
+    for (q, want) in [("bobby", "bobby"), ("climbing", "bobby"), ("book", "carol"), ("carol name", "carol")] {
+        let r =
+            search_from(&app, &format!("/v1/me/contacts/search?q={}", q.replace(' ', "%20")), &alice.token, "database")
+                .await;
+        let handles: Vec<&str> =
+            r.body["items"].as_array().unwrap().iter().map(|i| i["handle"].as_str().unwrap()).collect();
+        assert_eq!(handles, [want], "q={q}");
+    }
+    let r = search_from(&app, "/v1/me/contacts/search?q=book", &alice.token, "database").await;
+    assert_eq!(r.body["items"][0]["circles"], json!(["Book Club"]));
+    let r = search_from(&app, "/v1/me/contacts/search?q=climbing", &carol.token, "database").await;
+    assert_eq!(r.body["items"], json!([]), "carol's search does not see alice's labels");
+    let short = app.get("/v1/me/contacts/search?q=b", Some(&alice.token)).await;
+    assert_eq!(short.status, 422);
+}
