@@ -15,6 +15,7 @@ pub mod outbox;
 pub mod page;
 pub mod scores;
 pub mod search;
+pub mod search_model;
 
 use std::time::Duration;
 

@@ -63,6 +63,11 @@ enum Command {
         #[command(subcommand)]
         action: Outbox,
     },
+    /// The search read model.
+    Search {
+        #[command(subcommand)]
+        action: Search,
+    },
     /// Dead letters: list, show, stats, replay, purge.
     Dlq {
         #[command(subcommand)]
@@ -97,6 +102,13 @@ enum Score {
     },
     /// Shows a run's record (the latest when no id is given).
     Show { run_id: Option<uuid::Uuid> },
+}
+
+#[derive(Debug, Subcommand)]
+enum Search {
+    /// Rebuilds the whole read model (`search.directory`, `search.contacts`) from the base
+    /// tables, in batches of users, while search keeps answering; prints progress per batch.
+    Rebuild,
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,6 +164,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Users { action } => users(&pool, action).await,
         Command::Outbox { action } => outbox(&pool, action).await,
         Command::Score { action } => score(&pool, action, cli.output).await,
+        Command::Search { action: Search::Rebuild } => search_rebuild(&pool).await,
         Command::Dlq { action } => {
             let topology = trellis_runtime::nats::Topology::new(&cli.nats_prefix)?;
             let client = async_nats::ConnectOptions::new()
@@ -190,6 +203,22 @@ async fn migrate(pool: &sqlx::PgPool, action: Migrate) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+async fn search_rebuild(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let done = trellis_store::search_model::rebuild(pool, |p| {
+        println!("search rebuild: {}/{} users, {} rows changed", p.users_done, p.users_total, p.rows_changed);
+    })
+    .await
+    .context("rebuilding the search read model")?;
+    println!(
+        "search rebuild: done: {} users, {} rows changed in {:.1}s",
+        done.users_done,
+        done.rows_changed,
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

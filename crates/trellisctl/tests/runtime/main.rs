@@ -6,3 +6,4 @@
 mod dlq;
 mod helpers;
 mod runner;
+mod search;

@@ -1,0 +1,237 @@
+//! The search read model (`search.directory`, `search.contacts`, `search.checkpoint`): the
+//! set-based projection that the search projector and `trellisctl search rebuild` share.
+//!
+//! Every function re-reads the *current* state of the documents it is given from the base
+//! tables, so applying it for an event is idempotent and the order of events does not matter:
+//! an event only says "this document is dirty".
+//!
+//! Concurrent projections of the same document (several replicas, a rebuild while the
+//! projector runs) are serialised by transaction-level advisory locks taken by [`lock`] before
+//! anything is read: without them, a transaction that read an older state could commit its
+//! upsert after one that read a newer state and leave the stale document behind.
+
+use sqlx::{PgConnection, PgPool};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// The advisory lock class of search documents (first key of the two-key form).
+const LOCK_CLASS: i32 = 0x5EA4;
+/// Lock slots per document kind: bounds the locks one transaction holds (the lock table is
+/// shared and small); a collision only serialises two unrelated documents.
+const LOCK_SLOTS: i32 = 1024;
+
+/// Users per rebuild batch.
+pub const REBUILD_BATCH: i64 = 10_000;
+
+/// Takes the advisory locks of the directory documents of `users` and the contact documents
+/// of `owners`, in one statement and in key order (so two projections cannot deadlock). Call
+/// it first in the projection's transaction; the locks are released at commit or rollback.
+pub async fn lock(conn: &mut PgConnection, users: &[Uuid], owners: &[Uuid]) -> Result<(), sqlx::Error> {
+    if users.is_empty() && owners.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "SELECT count(pg_advisory_xact_lock($3, k))
+         FROM (SELECT DISTINCT k FROM (
+                 SELECT (abs(hashtextextended(id::text, 0)) % $4)::int AS k FROM unnest($1::uuid[]) id
+                 UNION ALL
+                 SELECT $4 + (abs(hashtextextended(id::text, 0)) % $4)::int FROM unnest($2::uuid[]) id) keys
+               ORDER BY k) ordered",
+    )
+    .bind(users)
+    .bind(owners)
+    .bind(LOCK_CLASS)
+    .bind(LOCK_SLOTS)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Upserts the directory documents of `user_ids` from `identity.users`, `score.user_scores`
+/// and `security.hidden_users`, and deletes those of ids that no longer exist. Returns the
+/// rows written or deleted (unchanged documents are not rewritten).
+pub async fn project_users(conn: &mut PgConnection, user_ids: &[Uuid]) -> Result<u64, sqlx::Error> {
+    if user_ids.is_empty() {
+        return Ok(0);
+    }
+    let deleted = sqlx::query(
+        "DELETE FROM search.directory d
+         WHERE d.user_id = ANY($1) AND NOT EXISTS (SELECT 1 FROM identity.users u WHERE u.id = d.user_id)",
+    )
+    .bind(user_ids)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    let written = sqlx::query(
+        "INSERT INTO search.directory AS d (user_id, handle, display_name, verified, score, status, hidden, projected_at)
+         SELECT u.id, u.handle, u.display_name, u.verified, s.score, u.status, h.user_id IS NOT NULL, now()
+         FROM identity.users u
+         LEFT JOIN score.user_scores s ON s.user_id = u.id
+         LEFT JOIN security.hidden_users h ON h.user_id = u.id
+         WHERE u.id = ANY($1)
+         ON CONFLICT (user_id) DO UPDATE SET
+             handle = EXCLUDED.handle, display_name = EXCLUDED.display_name, verified = EXCLUDED.verified,
+             score = EXCLUDED.score, status = EXCLUDED.status, hidden = EXCLUDED.hidden, projected_at = now()
+         WHERE (d.handle, d.display_name, d.verified, d.score, d.status, d.hidden)
+               IS DISTINCT FROM (EXCLUDED.handle, EXCLUDED.display_name, EXCLUDED.verified, EXCLUDED.score,
+                                 EXCLUDED.status, EXCLUDED.hidden)",
+    )
+    .bind(user_ids)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(deleted + written)
+}
+
+/// Replaces the contact documents of `owner_ids`: one per contact, with the contact's handle
+/// and display name, the owner's label and the owner's circles the contact is in (sorted by
+/// name); documents of contacts that are gone are deleted. Returns the rows written or deleted.
+pub async fn project_contacts(conn: &mut PgConnection, owner_ids: &[Uuid]) -> Result<u64, sqlx::Error> {
+    if owner_ids.is_empty() {
+        return Ok(0);
+    }
+    let deleted = sqlx::query(
+        "DELETE FROM search.contacts sc
+         WHERE sc.owner_id = ANY($1)
+           AND NOT EXISTS (SELECT 1 FROM contacts.contacts c
+                           WHERE c.owner_id = sc.owner_id AND c.contact_id = sc.contact_id)",
+    )
+    .bind(owner_ids)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    let written = sqlx::query(
+        "INSERT INTO search.contacts AS sc (owner_id, contact_id, handle, display_name, label, circles, search_text, projected_at)
+         SELECT cur.owner_id, cur.contact_id, cur.handle, cur.display_name, cur.label, cur.circles,
+                lower(cur.handle || ' ' || cur.display_name || ' ' || cur.label || ' ' || array_to_string(cur.circles, ' ')),
+                now()
+         FROM (
+             SELECT c.owner_id, c.contact_id, u.handle, u.display_name, c.label,
+                    coalesce((SELECT array_agg(ci.name ORDER BY ci.name)
+                              FROM circles.members m JOIN circles.circles ci ON ci.id = m.circle_id
+                              WHERE m.owner_id = c.owner_id AND m.user_id = c.contact_id), '{}') AS circles
+             FROM contacts.contacts c JOIN identity.users u ON u.id = c.contact_id
+             WHERE c.owner_id = ANY($1)
+         ) cur
+         ON CONFLICT (owner_id, contact_id) DO UPDATE SET
+             handle = EXCLUDED.handle, display_name = EXCLUDED.display_name, label = EXCLUDED.label,
+             circles = EXCLUDED.circles, search_text = EXCLUDED.search_text, projected_at = now()
+         WHERE (sc.handle, sc.display_name, sc.label, sc.circles, sc.search_text)
+               IS DISTINCT FROM (EXCLUDED.handle, EXCLUDED.display_name, EXCLUDED.label, EXCLUDED.circles,
+                                 EXCLUDED.search_text)",
+    )
+    .bind(owner_ids)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(deleted + written)
+}
+
+/// The owners whose contact documents show any of `user_ids` (they have them as a contact):
+/// a change of a user's handle or display name makes these owners' documents dirty.
+pub async fn owners_showing(conn: &mut PgConnection, user_ids: &[Uuid]) -> Result<Vec<Uuid>, sqlx::Error> {
+    if user_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar("SELECT DISTINCT owner_id FROM contacts.contacts WHERE contact_id = ANY($1)")
+        .bind(user_ids)
+        .fetch_all(conn)
+        .await
+}
+
+/// Moves the checkpoint forward (never back): the newest applied event time and stream
+/// sequence, and `updated_at = now()`.
+pub async fn advance_checkpoint(
+    conn: &mut PgConnection,
+    last_event_at: OffsetDateTime,
+    last_stream_sequence: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE search.checkpoint SET
+             last_event_at = GREATEST(last_event_at, $1),
+             last_stream_sequence = GREATEST(last_stream_sequence, $2),
+             updated_at = now()
+         WHERE id = 1",
+    )
+    .bind(last_event_at)
+    .bind(last_stream_sequence)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The checkpoint row.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Checkpoint {
+    pub last_event_at: Option<OffsetDateTime>,
+    pub last_stream_sequence: Option<i64>,
+    pub updated_at: Option<OffsetDateTime>,
+}
+
+pub async fn checkpoint(conn: &mut PgConnection) -> Result<Checkpoint, sqlx::Error> {
+    sqlx::query_as("SELECT last_event_at, last_stream_sequence, updated_at FROM search.checkpoint WHERE id = 1")
+        .fetch_one(conn)
+        .await
+}
+
+/// Seconds since the checkpoint was last written (`None` before the first write).
+pub async fn checkpoint_age_seconds(pool: &PgPool) -> Result<Option<f64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT extract(epoch FROM clock_timestamp() - updated_at)::float8 FROM search.checkpoint WHERE id = 1",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Where a rebuild stands, after each batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebuildProgress {
+    /// Users whose documents were rebuilt so far.
+    pub users_done: u64,
+    /// Users when the rebuild started (users registered since may make `users_done` larger).
+    pub users_total: u64,
+    /// Rows written or deleted so far.
+    pub rows_changed: u64,
+}
+
+/// Rebuilds the whole read model from the base tables, in batches of [`REBUILD_BATCH`] users
+/// (keyset by id), each in a transaction of its own that takes the same document locks as the
+/// projector, so search keeps answering and concurrent projections stay correct. Documents of
+/// users that no longer exist are deleted at the end. The checkpoint is left as it is. Ends
+/// equal to what the incremental projection produces.
+pub async fn rebuild(pool: &PgPool, mut progress: impl FnMut(RebuildProgress)) -> Result<RebuildProgress, sqlx::Error> {
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM identity.users").fetch_one(pool).await?;
+    let mut state = RebuildProgress { users_done: 0, users_total: total.max(0) as u64, rows_changed: 0 };
+    let mut after = Uuid::nil();
+    loop {
+        let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM identity.users WHERE id > $1 ORDER BY id LIMIT $2")
+            .bind(after)
+            .bind(REBUILD_BATCH)
+            .fetch_all(pool)
+            .await?;
+        let Some(last) = ids.last() else { break };
+        after = *last;
+        let mut tx = pool.begin().await?;
+        lock(&mut tx, &ids, &ids).await?;
+        state.rows_changed += project_users(&mut tx, &ids).await?;
+        state.rows_changed += project_contacts(&mut tx, &ids).await?;
+        tx.commit().await?;
+        state.users_done += ids.len() as u64;
+        progress(state);
+    }
+    let gone = sqlx::query(
+        "DELETE FROM search.directory d WHERE NOT EXISTS (SELECT 1 FROM identity.users u WHERE u.id = d.user_id)",
+    )
+    .execute(pool)
+    .await?
+    .rows_affected();
+    let gone_owners = sqlx::query(
+        "DELETE FROM search.contacts sc WHERE NOT EXISTS (SELECT 1 FROM identity.users u WHERE u.id = sc.owner_id)",
+    )
+    .execute(pool)
+    .await?
+    .rows_affected();
+    state.rows_changed += gone + gone_owners;
+    progress(state);
+    Ok(state)
+}

@@ -1,0 +1,36 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use search_projector::{Projector, consumer_spec, report_checkpoint_age};
+use trellis_runtime::consumer::ConsumerGroup;
+use trellis_runtime::worker::{self, WorkerArgs};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+#[command(name = "search-projector", version, about = "Keeps the search read model fresh from change events")]
+struct Args {
+    #[command(flatten)]
+    worker: WorkerArgs,
+
+    /// How often `trellis_search_checkpoint_age_seconds` is refreshed.
+    #[arg(long, env = "CHECKPOINT_AGE_EVERY", value_parser = humantime::parse_duration, default_value = "5s")]
+    checkpoint_age_every: Duration,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let every = args.checkpoint_age_every;
+    worker::main("search-projector", args.worker, move |w| {
+        Box::pin(async move {
+            let projector = Arc::new(Projector::new(w.pool.clone()));
+            w.spawn_group(ConsumerGroup::new(w.ctx.clone(), consumer_spec(), w.args.runner_config(), projector));
+            tokio::spawn(report_checkpoint_age(w.pool.clone(), every, w.stop_token()));
+            Ok(())
+        })
+    })
+    .await
+}

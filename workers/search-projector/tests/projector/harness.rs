@@ -1,0 +1,412 @@
+//! The harness: a real `trellis-api` in-process, real `search-projector` child processes, each
+//! test on its own database and NATS prefix, and polling with deadlines.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use clap::Parser;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use trellis_api::{Config, Running};
+use trellis_testkit::TestDb;
+use uuid::Uuid;
+
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// Polls `check` every 25 ms until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pace = tokio::time::interval(Duration::from_millis(25));
+    loop {
+        pace.tick().await;
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+    }
+}
+
+/// A `trellis-api` running in this process.
+pub struct Api {
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    _running: Running,
+}
+
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: Uuid,
+    pub handle: String,
+    pub token: String,
+}
+
+impl Api {
+    pub async fn start(db: &TestDb, prefix: &str) -> Self {
+        let nats_url = trellis_testkit::nats_url();
+        let args = vec![
+            "trellis-api",
+            "--database-url",
+            &db.url,
+            "--nats-url",
+            &nats_url,
+            "--nats-prefix",
+            prefix,
+            "--api-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "pretty",
+            "--shutdown-grace",
+            "5s",
+        ];
+        let config = Config::try_parse_from(args).expect("test config parses");
+        let shutdown = CancellationToken::new();
+        let running = trellis_api::start(config, shutdown.clone()).await.expect("the API starts");
+        let http = reqwest::Client::builder().no_proxy().build().expect("http client");
+        Self { addr: running.api_addr, http, shutdown, _running: running }
+    }
+
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("http://{}{path}", self.addr));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.expect("body read");
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    /// A request whose status must be one of `ok`; returns the body.
+    pub async fn expect(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        user: &User,
+        body: Option<Value>,
+        ok: &[u16],
+    ) -> Value {
+        let (status, answer) = self.request(method.clone(), path, Some(&user.token), body).await;
+        assert!(ok.contains(&status), "{} {method} {path}: {status} {answer:?}", user.handle);
+        answer
+    }
+
+    pub async fn register(&self, handle: &str) -> User {
+        let body = json!({"handle": handle, "display_name": handle, "email": format!("{handle}@example.com"), "password": PASSWORD});
+        let (status, body) = self.request(reqwest::Method::POST, "/v1/users", None, Some(body)).await;
+        assert_eq!(status, 201, "registering {handle}: {body:?}");
+        User {
+            id: body["user"]["id"].as_str().unwrap().parse().unwrap(),
+            handle: handle.to_owned(),
+            token: body["token"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    pub async fn put_contact(&self, owner: &User, contact: Uuid, label: &str) {
+        let path = format!("/v1/me/contacts/{contact}");
+        self.expect(reqwest::Method::PUT, &path, owner, Some(json!({"label": label})), &[200, 201]).await;
+    }
+
+    pub async fn remove_contact(&self, owner: &User, contact: Uuid) {
+        self.expect(reqwest::Method::DELETE, &format!("/v1/me/contacts/{contact}"), owner, None, &[204]).await;
+    }
+
+    pub async fn create_circle(&self, owner: &User, name: &str) -> Uuid {
+        let body =
+            self.expect(reqwest::Method::POST, "/v1/me/circles", owner, Some(json!({"name": name})), &[201]).await;
+        body["id"].as_str().expect("a circle id").parse().unwrap()
+    }
+
+    pub async fn rename_circle(&self, owner: &User, circle: Uuid, name: &str) {
+        let path = format!("/v1/me/circles/{circle}");
+        self.expect(reqwest::Method::PATCH, &path, owner, Some(json!({"name": name})), &[200]).await;
+    }
+
+    pub async fn delete_circle(&self, owner: &User, circle: Uuid) {
+        self.expect(reqwest::Method::DELETE, &format!("/v1/me/circles/{circle}"), owner, None, &[204]).await;
+    }
+
+    pub async fn add_member(&self, owner: &User, circle: Uuid, user: Uuid) {
+        let path = format!("/v1/me/circles/{circle}/members/{user}");
+        self.expect(reqwest::Method::PUT, &path, owner, None, &[200, 201]).await;
+    }
+
+    pub async fn remove_member(&self, owner: &User, circle: Uuid, user: Uuid) {
+        let path = format!("/v1/me/circles/{circle}/members/{user}");
+        self.expect(reqwest::Method::DELETE, &path, owner, None, &[204]).await;
+    }
+
+    pub async fn rename_me(&self, user: &User, display_name: &str) {
+        self.expect(reqwest::Method::PATCH, "/v1/me", user, Some(json!({"display_name": display_name})), &[200]).await;
+    }
+
+    /// Files a dispute of `kind` against `target` and has `moderator` uphold it.
+    pub async fn uphold(&self, reporter: &User, moderator: &User, target: Uuid, kind: &str) {
+        let body = json!({"target_id": target.to_string(), "kind": kind, "description": "this is a test dispute"});
+        let filed = self.expect(reqwest::Method::POST, "/v1/disputes", reporter, Some(body), &[201]).await;
+        let id = filed["id"].as_str().expect("a dispute id");
+        let path = format!("/v1/moderation/disputes/{id}/decision");
+        let decision = json!({"decision": "upheld", "note": "confirmed"});
+        self.expect(reqwest::Method::POST, &path, moderator, Some(decision), &[200]).await;
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn make_role(db: &TestDb, user: Uuid, role: &str) {
+    let done =
+        sqlx::query("UPDATE identity.users SET role = $2 WHERE id = $1").bind(user).bind(role).execute(&db.pool).await;
+    assert_eq!(done.unwrap().rows_affected(), 1);
+}
+
+/// A `search-projector` child process, killed (SIGKILL) when dropped.
+pub struct Replica {
+    pub child: Child,
+    pub admin: SocketAddr,
+}
+
+impl Replica {
+    /// Starts a replica and waits until its `/readyz` answers 200.
+    pub async fn start(db: &TestDb, prefix: &str, args: &[&str]) -> Self {
+        let port = trellis_testkit::free_port().expect("a free port");
+        let admin: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_search-projector"))
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .env("NATS_URL", trellis_testkit::nats_url())
+            .env("NATS_PREFIX", prefix)
+            .env("ADMIN_ADDR", admin.to_string())
+            .env("LOG_FORMAT", "json")
+            .env("SHUTDOWN_GRACE", "2s")
+            .env("CHECKPOINT_AGE_EVERY", "200ms")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("the projector starts");
+        let mut replica = Self { child, admin };
+        replica.wait_ready().await;
+        replica
+    }
+
+    async fn wait_ready(&mut self) {
+        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
+        let url = format!("http://{}/readyz", self.admin);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut pace = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            pace.tick().await;
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the projector exited before it was ready: {status}");
+            }
+            if let Ok(resp) = http.get(&url).send().await
+                && resp.status() == 200
+            {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the projector is not ready after 30 s");
+        }
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
+        let resp = http.get(format!("http://{}/metrics", self.admin)).send().await.expect("metrics answer");
+        resp.text().await.expect("metrics text")
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A directory document without `projected_at`.
+pub type DirectoryRow = (Uuid, String, String, bool, Option<i32>, String, bool);
+/// A contact document without `projected_at`.
+pub type ContactRow = (Uuid, Uuid, String, String, String, Vec<String>, String);
+
+/// The read model's documents, in key order (without `projected_at`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Model {
+    pub directory: Vec<DirectoryRow>,
+    pub contacts: Vec<ContactRow>,
+}
+
+pub async fn model(db: &TestDb) -> Model {
+    let directory = sqlx::query_as(
+        "SELECT user_id, handle, display_name, verified, score, status, hidden FROM search.directory ORDER BY user_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("reading search.directory");
+    let contacts = sqlx::query_as(
+        "SELECT owner_id, contact_id, handle, display_name, label, circles, search_text
+         FROM search.contacts ORDER BY owner_id, contact_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("reading search.contacts");
+    Model { directory, contacts }
+}
+
+/// Empties the read model and rebuilds it from the base tables; returns the rebuilt model.
+pub async fn rebuilt_model(db: &TestDb) -> Model {
+    sqlx::query("TRUNCATE search.directory, search.contacts").execute(&db.pool).await.expect("truncating");
+    trellis_store::search_model::rebuild(&db.pool, |_| {}).await.expect("rebuild");
+    model(&db.handle()).await
+}
+
+pub async fn directory_row(db: &TestDb, user: Uuid) -> Option<DirectoryRow> {
+    sqlx::query_as(
+        "SELECT user_id, handle, display_name, verified, score, status, hidden FROM search.directory WHERE user_id = $1",
+    )
+    .bind(user)
+    .fetch_optional(&db.pool)
+    .await
+    .expect("reading search.directory")
+}
+
+pub async fn contact_row(db: &TestDb, owner: Uuid, contact: Uuid) -> Option<ContactRow> {
+    sqlx::query_as(
+        "SELECT owner_id, contact_id, handle, display_name, label, circles, search_text
+         FROM search.contacts WHERE owner_id = $1 AND contact_id = $2",
+    )
+    .bind(owner)
+    .bind(contact)
+    .fetch_optional(&db.pool)
+    .await
+    .expect("reading search.contacts")
+}
+
+/// Waits until every outbox row is published and the projector's consumer has nothing
+/// pending or unacknowledged: the projector has caught up.
+pub async fn caught_up(db: &TestDb, prefix: &str) {
+    let client = async_nats::connect(trellis_testkit::nats_url()).await.expect("NATS");
+    let js = async_nats::jetstream::new(client);
+    let stream = format!("{prefix}_EVENTS");
+    let consumer = format!("{prefix}_{}", search_projector::CONSUMER);
+    eventually("the projector to catch up", Duration::from_secs(60), || {
+        let js = js.clone();
+        let (stream, consumer) = (stream.clone(), consumer.clone());
+        async move {
+            let unpublished: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.outbox WHERE published_at IS NULL")
+                .fetch_one(&db.pool)
+                .await
+                .ok()?;
+            if unpublished > 0 {
+                return None;
+            }
+            let mut c: async_nats::jetstream::consumer::PullConsumer =
+                js.get_stream(&stream).await.ok()?.get_consumer(&consumer).await.ok()?;
+            let info = c.info().await.ok()?;
+            (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+        }
+    })
+    .await;
+}
+
+/// A random history of API mutations: `users` registrations, then `steps` contact, circle and
+/// profile changes chosen by `seed`. Returns the users.
+pub async fn random_history(api: &Api, users: usize, steps: usize, seed: u64) -> Vec<User> {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    struct Circle {
+        id: Uuid,
+        members: BTreeSet<usize>,
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let tag = Uuid::new_v4().simple().to_string();
+    let mut all = Vec::new();
+    for i in 0..users {
+        all.push(api.register(&format!("h{}{i}", &tag[..6])).await);
+    }
+    let mut contacts: BTreeMap<usize, BTreeSet<usize>> = BTreeMap::new();
+    let mut circles: BTreeMap<usize, Vec<Circle>> = BTreeMap::new();
+    let mut names = 0u32;
+    let labels = ["", "friend", "work", "family", "gym"];
+    for _ in 0..steps {
+        let o = rng.random_range(0..users);
+        let owner = &all[o];
+        let theirs = contacts.entry(o).or_default();
+        let their_circles = circles.entry(o).or_default();
+        match rng.random_range(0..9) {
+            0..=2 => {
+                let c = rng.random_range(0..users);
+                if c != o {
+                    api.put_contact(owner, all[c].id, labels[rng.random_range(0..labels.len())]).await;
+                    theirs.insert(c);
+                }
+            }
+            3 => {
+                if let Some(&c) = theirs.iter().nth(rng.random_range(0..theirs.len().max(1))) {
+                    api.remove_contact(owner, all[c].id).await;
+                    theirs.remove(&c);
+                    for circle in their_circles.iter_mut() {
+                        circle.members.remove(&c);
+                    }
+                }
+            }
+            4 => {
+                names += 1;
+                let id = api.create_circle(owner, &format!("Circle {names}")).await;
+                their_circles.push(Circle { id, members: BTreeSet::new() });
+            }
+            5 => {
+                if !their_circles.is_empty() {
+                    names += 1;
+                    let k = rng.random_range(0..their_circles.len());
+                    api.rename_circle(owner, their_circles[k].id, &format!("Renamed {names}")).await;
+                }
+            }
+            6 => {
+                if !their_circles.is_empty() {
+                    let k = rng.random_range(0..their_circles.len());
+                    api.delete_circle(owner, their_circles.remove(k).id).await;
+                }
+            }
+            7 => {
+                if !their_circles.is_empty() && !theirs.is_empty() {
+                    let k = rng.random_range(0..their_circles.len());
+                    let c = *theirs.iter().nth(rng.random_range(0..theirs.len())).unwrap();
+                    if their_circles[k].members.remove(&c) {
+                        api.remove_member(owner, their_circles[k].id, all[c].id).await;
+                    } else {
+                        api.add_member(owner, their_circles[k].id, all[c].id).await;
+                        their_circles[k].members.insert(c);
+                    }
+                }
+            }
+            _ => {
+                names += 1;
+                api.rename_me(owner, &format!("Person {names}")).await;
+            }
+        }
+    }
+    all
+}

@@ -1,0 +1,25 @@
+//! A history of API mutations, projected by two replicas, equals a rebuild from the base tables.
+
+use trellis_testkit::TestDb;
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_project_a_history_equal_to_a_rebuild() {
+    let db = TestDb::migrated().await.unwrap();
+    let prefix = trellis_testkit::nats_prefix();
+    let api = Api::start(&db, &prefix).await;
+    // Small batches, so that both replicas get work while the history is written.
+    let a = Replica::start(&db, &prefix, &["--batch-size", "8"]).await;
+    let b = Replica::start(&db, &prefix, &["--batch-size", "8"]).await;
+    let users = random_history(&api, 12, 250, 7).await;
+    caught_up(&db, &prefix).await;
+    let projected = model(&db).await;
+    assert_eq!(projected.directory.len(), users.len());
+    assert!(!projected.contacts.is_empty(), "the history made contacts");
+    assert_eq!(projected, rebuilt_model(&db).await, "the projected model equals a rebuild");
+    for replica in [&a, &b] {
+        let text = replica.metrics().await;
+        assert!(text.contains("trellis_search_projection_lag_seconds"), "each replica projected batches:\n{text}");
+    }
+}

@@ -1,0 +1,9 @@
+//! Integration tests of the search projector (issue 5 §4) against real PostgreSQL and
+//! JetStream: a real `trellis-api` in-process (its relay publishes the events) and real
+//! `search-projector` processes, or the library's handler fed directly.
+
+mod harness;
+
+mod events;
+mod history;
+mod shuffled;

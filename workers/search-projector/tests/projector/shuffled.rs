@@ -1,0 +1,132 @@
+//! Order independence and idempotency: the library's handler fed a history's events shuffled
+//! and partly duplicated leaves the model equal to a rebuild; malformed and irrelevant events.
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use search_projector::Projector;
+use serde_json::json;
+use time::OffsetDateTime;
+use trellis_domain::events::Envelope;
+use trellis_domain::ids::EventId;
+use trellis_runtime::consumer::{Delivery, Handler, Outcome};
+use trellis_testkit::TestDb;
+
+use crate::harness::*;
+
+/// Every event of the outbox, as the runner would deliver it.
+async fn outbox_deliveries(db: &TestDb) -> Vec<Delivery> {
+    let rows: Vec<(i64, String, serde_json::Value)> =
+        sqlx::query_as("SELECT seq, subject, payload FROM ops.outbox ORDER BY seq").fetch_all(&db.pool).await.unwrap();
+    rows.into_iter()
+        .map(|(seq, subject, payload)| Delivery {
+            subject,
+            envelope: serde_json::from_value(payload).expect("outbox payloads are envelopes"),
+            stream_sequence: seq as u64,
+            deliveries: 1,
+            replays: 0,
+        })
+        .collect()
+}
+
+async fn reset_model(db: &TestDb) {
+    sqlx::query("TRUNCATE search.directory, search.contacts").execute(&db.pool).await.unwrap();
+    sqlx::query("UPDATE search.checkpoint SET last_event_at = NULL, last_stream_sequence = NULL, updated_at = NULL")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shuffled_and_duplicated_events_leave_the_model_equal_to_a_rebuild() {
+    let db = TestDb::migrated().await.unwrap();
+    let prefix = trellis_testkit::nats_prefix();
+    let api = Api::start(&db, &prefix).await;
+    random_history(&api, 10, 150, 11).await;
+    let deliveries = outbox_deliveries(&db).await;
+    let max_sequence = deliveries.iter().map(|d| d.stream_sequence).max().unwrap() as i64;
+    let expected = rebuilt_model(&db).await;
+    assert!(!expected.contacts.is_empty());
+    let projector = Projector::new(db.pool.clone());
+    let handle = tokio::runtime::Handle::current();
+
+    let mut runner = TestRunner::new(ProptestConfig { cases: 8, ..ProptestConfig::default() });
+    let strategy = (any::<u64>(), 1usize..48, 0u32..50);
+    let result = runner.run(&strategy, |(seed, chunk, duplicate_percent)| {
+        tokio::task::block_in_place(|| {
+            handle.block_on(async {
+                reset_model(&db).await;
+                let mut rng = StdRng::seed_from_u64(seed);
+                let mut events = deliveries.clone();
+                for d in &deliveries {
+                    if rng.random_range(0..100) < duplicate_percent {
+                        events.push(Delivery { deliveries: 2, ..d.clone() });
+                    }
+                }
+                events.shuffle(&mut rng);
+                for batch in events.chunks(chunk) {
+                    let outcomes = projector.handle(batch).await;
+                    assert!(outcomes.iter().all(|o| *o == Outcome::Done), "{outcomes:?}");
+                }
+                let projected = model(&db).await;
+                prop_assert_eq!(&projected, &expected);
+                let checkpoint =
+                    trellis_store::search_model::checkpoint(&mut db.pool.acquire().await.unwrap()).await.unwrap();
+                prop_assert_eq!(checkpoint.last_stream_sequence, Some(max_sequence));
+                Ok(())
+            })
+        })
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+fn delivery(event_type: &str, data: serde_json::Value, sequence: u64) -> Delivery {
+    Delivery {
+        subject: format!("events.{event_type}"),
+        envelope: Envelope {
+            id: EventId::new(),
+            event_type: event_type.into(),
+            version: 1,
+            occurred_at: OffsetDateTime::now_utc(),
+            actor_id: None,
+            data,
+        },
+        stream_sequence: sequence,
+        deliveries: 1,
+        replays: 0,
+    }
+}
+
+#[tokio::test]
+async fn irrelevant_events_are_skipped_and_malformed_ones_rejected() {
+    let db = TestDb::migrated().await.unwrap();
+    let projector = Projector::new(db.pool.clone());
+    let batch = [
+        delivery("disputes.filed", json!({"whatever": true}), 1),
+        delivery("identity.user_registered", json!({"handle": "no id"}), 2),
+        delivery("some.future_event", json!(null), 3),
+        delivery("contacts.contact_added", json!({"owner_id": "not a uuid", "contact_id": 1, "label": ""}), 4),
+    ];
+    let outcomes = projector.handle(&batch).await;
+    assert_eq!(outcomes[0], Outcome::Done);
+    assert!(matches!(outcomes[1], Outcome::Reject(_)), "{outcomes:?}");
+    assert_eq!(outcomes[2], Outcome::Done);
+    assert!(matches!(outcomes[3], Outcome::Reject(_)), "{outcomes:?}");
+    let checkpoint = trellis_store::search_model::checkpoint(&mut db.pool.acquire().await.unwrap()).await.unwrap();
+    assert_eq!(checkpoint.last_stream_sequence, Some(3), "skipped events advance the checkpoint; rejected ones do not");
+    // A registration of a user who does not exist (any more) leaves no document.
+    let ghost = uuid::Uuid::now_v7();
+    let outcomes = projector
+        .handle(&[delivery(
+            "identity.user_registered",
+            json!({"user_id": ghost, "handle": "g", "display_name": "G"}),
+            5,
+        )])
+        .await;
+    assert_eq!(outcomes, [Outcome::Done]);
+    assert_eq!(model(&db).await.directory.len(), 0);
+}
