@@ -16,6 +16,7 @@ pub fn run(flags: &flags::Bench) -> anyhow::Result<()> {
     match flags.suite.as_str() {
         "api" => api(flags),
         "runtime" => runtime(),
+        "search" => search(flags),
         "score" => score(flags),
         other => bail!("unknown bench suite `{other}` (known: api, runtime, score)"),
     }
@@ -496,3 +497,84 @@ fn measure(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Measured> {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Search query latency over 1,000,000 seeded users (the database of `bench score`, seeded if
+/// needed): handle-prefix queries and name queries, each with wrk at concurrency 16, answered
+/// from the read model.
+fn search(flags: &flags::Bench) -> anyhow::Result<()> {
+    const DB: &str = "trellis_bench_score";
+    let stack = Stack::ensure()?;
+    build_release(&["trellis-api", "trellisctl"])?;
+    let users = flags.users.unwrap_or(1_000_000);
+    let db = match BenchDb::existing(&stack, DB)? {
+        Some(db) if db.exec("SELECT count(*) FROM identity.users")? == users.to_string() => db,
+        _ => {
+            eprintln!("xtask: bench: seeding {DB} with {users} users");
+            let db = BenchDb::fresh(&stack, DB)?;
+            let options = crate::seed::Options { users, avg_contacts: 20.0, verified_fraction: 0.1, seed: 42 };
+            crate::seed::load(&db.psql, &db.url, &options, crate::seed::Mode::Empty)?;
+            db
+        }
+    };
+    // The directory documents, as the projection writes them (a rebuild would also project
+    // 20M contact documents, which this benchmark does not read).
+    eprintln!("xtask: bench: filling search.directory from the base tables");
+    db.exec(
+        "TRUNCATE search.directory;
+         INSERT INTO search.directory (user_id, handle, display_name, verified, score, status, hidden)
+         SELECT u.id, u.handle, u.display_name, u.verified, s.score, u.status,
+                EXISTS (SELECT 1 FROM security.hidden_users h WHERE h.user_id = u.id)
+         FROM identity.users u LEFT JOIN score.user_scores s ON s.user_id = u.id;
+         UPDATE search.checkpoint SET last_event_at = GREATEST(now(), (SELECT max(created_at) FROM ops.outbox)),
+             updated_at = now();
+         INSERT INTO identity.tokens (token_hash, user_id, expires_at)
+         SELECT sha256(convert_to('trl_bench_search', 'UTF8')), id, now() + interval '1 day'
+         FROM identity.users WHERE handle = 'u1'
+         ON CONFLICT (token_hash) DO UPDATE SET expires_at = EXCLUDED.expires_at, revoked_at = NULL;
+         ANALYZE search.directory;",
+    )?;
+    let scripts = util::target_dir().join("bench-scripts");
+    std::fs::create_dir_all(&scripts)?;
+    let prefix_script = scripts.join("search-prefix.lua");
+    let name_script = scripts.join("search-name.lua");
+    std::fs::write(&prefix_script, SEARCH_PREFIX_SCRIPT.replace("USERS", &users.to_string()))?;
+    std::fs::write(&name_script, SEARCH_NAME_SCRIPT)?;
+    let api = Api::start(&db, &stack, &format!("bench{}search", std::process::id()), &[("NO_RELAY", "true")])?;
+    let mut rows = Vec::new();
+    for (name, script) in [("handle prefix", &prefix_script), ("name", &name_script)] {
+        eprintln!("xtask: bench: GET /v1/search/users, {name} queries, 16 connections, {}s", flags.duration);
+        run_wrk(&format!("{}/v1/search/users", api.url), 16, 3, script)?;
+        let load = run_wrk(&format!("{}/v1/search/users", api.url), 16, flags.duration, script)?;
+        rows.push(row(&format!("GET /v1/search/users, {name} queries, {users} users, c=16"), &load, "p99 ≤ 20 ms"));
+    }
+    drop(api);
+    println!("\nmachine: {}\n", machine());
+    println!("| benchmark | result | target |\n|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+    Ok(())
+}
+
+// Prefixes of random seeded handles (`u<i>`), 3 to 6 characters: from a few hundred thousand
+// matches (`u12`) down to one.
+const SEARCH_PREFIX_SCRIPT: &str = r#"
+math.randomseed(os.time() + math.floor(os.clock() * 1000000))
+wrk.headers["Authorization"] = "Bearer trl_bench_search"
+request = function()
+  local handle = "u" .. math.random(1, USERS)
+  local q = string.sub(handle, 1, math.random(3, math.min(6, #handle)))
+  return wrk.format("GET", "/v1/search/users?q=" .. q)
+end
+"#;
+
+// First and last names of the seed's word lists (ASCII ones), and some with one typo.
+const SEARCH_NAME_SCRIPT: &str = r#"
+math.randomseed(os.time() + math.floor(os.clock() * 1000000))
+wrk.headers["Authorization"] = "Bearer trl_bench_search"
+local names = {"maria", "nakamura", "fischer", "priya", "okafor", "williams", "rafael", "gonzalez",
+  "mohammed", "schmidt", "astrid", "kowalski", "marai", "fischr", "wiliams", "schmit", "lee", "kim", "ana"}
+request = function()
+  return wrk.format("GET", "/v1/search/users?q=" .. names[math.random(1, #names)])
+end
+"#;

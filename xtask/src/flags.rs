@@ -15,7 +15,7 @@ commands:
   lint [DIR]         lint the migrations (in migrations/, or DIR) with squawk.
   test [-- ARGS]     fmt check, clippy, lint, then the test suite (ARGS go to the test runner).
   bench SUITE [--duration SECS] [--users N]
-                     run a benchmark suite against release builds; SUITE is one of: api, runtime,
+                     run a benchmark suite against release builds; SUITE is one of: api, runtime, score, search.
                      score (--users: the size of the seeded graph, default 1,000,000).
   seed [--users N] [--avg-contacts K] [--verified-fraction F] [--seed S]
        [--database-url URL] [--append | --reset]
