@@ -35,6 +35,8 @@ where
 /// A `trellis-api` running in this process.
 pub struct Api {
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`).
+    pub admin: SocketAddr,
     pub http: reqwest::Client,
     shutdown: CancellationToken,
     _running: Running,
@@ -49,8 +51,13 @@ pub struct User {
 
 impl Api {
     pub async fn start(db: &TestDb, prefix: &str) -> Self {
+        Self::start_with(db, prefix, &[]).await
+    }
+
+    /// Starts the API with `extra` command-line arguments (e.g. `--search-max-lag 1s`).
+    pub async fn start_with(db: &TestDb, prefix: &str, extra: &[&str]) -> Self {
         let nats_url = trellis_testkit::nats_url();
-        let args = vec![
+        let mut args = vec![
             "trellis-api",
             "--database-url",
             &db.url,
@@ -67,11 +74,51 @@ impl Api {
             "--shutdown-grace",
             "5s",
         ];
+        args.extend_from_slice(extra);
         let config = Config::try_parse_from(args).expect("test config parses");
         let shutdown = CancellationToken::new();
         let running = trellis_api::start(config, shutdown.clone()).await.expect("the API starts");
         let http = reqwest::Client::builder().no_proxy().build().expect("http client");
-        Self { addr: running.api_addr, http, shutdown, _running: running }
+        Self { addr: running.api_addr, admin: running.admin_addr, http, shutdown, _running: running }
+    }
+
+    /// A search request (`path` with its query string) as `user`: the `x-search-source`
+    /// header and the body. The status must be 200, and the body's `source` must match the
+    /// header.
+    pub async fn search(&self, path: &str, user: &User) -> (String, Value) {
+        let resp = self
+            .http
+            .get(format!("http://{}{path}", self.addr))
+            .bearer_auth(&user.token)
+            .send()
+            .await
+            .expect("search request sent");
+        let status = resp.status().as_u16();
+        let header = resp
+            .headers()
+            .get("x-search-source")
+            .map(|v| v.to_str().expect("an ASCII header").to_owned())
+            .unwrap_or_default();
+        let body: Value = resp.json().await.expect("a JSON body");
+        assert_eq!(status, 200, "GET {path}: {body:?}");
+        assert_eq!(body["source"].as_str(), Some(header.as_str()), "GET {path}: header and body agree");
+        (header, body)
+    }
+
+    /// The admin `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let resp = self.http.get(format!("http://{}/metrics", self.admin)).send().await.expect("metrics answer");
+        resp.text().await.expect("metrics text")
+    }
+
+    /// The value of `trellis_search_fallbacks_total{endpoint="<endpoint>"}` (0 while absent).
+    pub async fn fallbacks(&self, endpoint: &str) -> f64 {
+        let series = format!("trellis_search_fallbacks_total{{endpoint=\"{endpoint}\"}} ");
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|line| line.strip_prefix(&series))
+            .map(|v| v.trim().parse().expect("a counter value"))
+            .unwrap_or(0.0)
     }
 
     pub async fn request(
@@ -178,6 +225,39 @@ pub async fn make_role(db: &TestDb, user: Uuid, role: &str) {
     let done =
         sqlx::query("UPDATE identity.users SET role = $2 WHERE id = $1").bind(user).bind(role).execute(&db.pool).await;
     assert_eq!(done.unwrap().rows_affected(), 1);
+}
+
+/// The handles of a search answer's `items`, sorted.
+pub fn hit_handles(body: &Value) -> Vec<String> {
+    let mut handles: Vec<String> = body["items"]
+        .as_array()
+        .expect("search items")
+        .iter()
+        .map(|i| i["handle"].as_str().expect("a handle").to_owned())
+        .collect();
+    handles.sort();
+    handles
+}
+
+/// The handles of `users`, sorted.
+pub fn handles_of<'a>(users: impl IntoIterator<Item = &'a User>) -> Vec<String> {
+    let mut handles: Vec<String> = users.into_iter().map(|u| u.handle.clone()).collect();
+    handles.sort();
+    handles
+}
+
+/// Waits until the checkpoint's `last_event_at` reaches the newest event in the outbox.
+pub async fn checkpoint_reaches_newest_event(db: &TestDb) {
+    eventually("the checkpoint to reach the newest outbox event", Duration::from_secs(60), || async {
+        let reached: Option<bool> = sqlx::query_scalar(
+            "SELECT c.last_event_at >= (SELECT max(created_at) FROM ops.outbox) FROM search.checkpoint c WHERE c.id = 1",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .ok()?;
+        reached.unwrap_or(false).then_some(())
+    })
+    .await;
 }
 
 /// A `search-projector` child process, killed (SIGKILL) when dropped.

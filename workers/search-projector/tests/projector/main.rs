@@ -5,5 +5,8 @@
 mod harness;
 
 mod events;
+mod fallback;
 mod history;
+mod moderation;
+mod rebuild;
 mod shuffled;
