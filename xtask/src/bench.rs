@@ -548,6 +548,16 @@ fn search(flags: &flags::Bench) -> anyhow::Result<()> {
         rows.push(row(&format!("GET /v1/search/users, {name} queries, {users} users, c=16"), &load, "p99 ≤ 20 ms"));
     }
     drop(api);
+
+    // The projector's ingest, coalescing and freshness (crates' bench program, fresh database).
+    let projector_db = BenchDb::fresh(&stack, "trellis_bench_projector")?;
+    let mut cmd = util::cargo();
+    cmd.args(["bench", "-q", "-p", "search-projector", "--bench", "projector"])
+        .env("DATABASE_URL", &projector_db.url)
+        .env("NATS_URL", &stack.nats_url);
+    eprintln!("xtask: bench: search projector ingest, coalescing and freshness");
+    rows.extend(util::read(&mut cmd)?.lines().map(str::to_owned));
+
     println!("\nmachine: {}\n", machine());
     println!("| benchmark | result | target |\n|---|---|---|");
     for r in rows {
