@@ -45,8 +45,12 @@ pub struct Filter {
 
 impl Filter {
     fn is_empty(&self) -> bool {
-        self.consumer.is_none()
-            && self.kind.is_none()
+        self.consumer.is_none() && self.is_consumer_only()
+    }
+
+    /// Nothing but (at most) a consumer: the selection has no gaps within a consumer.
+    fn is_consumer_only(&self) -> bool {
+        self.kind.is_none()
             && self.grep.is_none()
             && self.since.is_none()
             && self.until.is_none()
@@ -94,16 +98,8 @@ pub enum Dlq {
     },
     /// Sends dead letters back to the one consumer that failed them.
     Replay {
-        /// DLQ sequences (or use filters, or --all).
-        sequences: Vec<u64>,
         #[command(flatten)]
-        filter: Filter,
-        /// Every dead letter.
-        #[arg(long)]
-        all: bool,
-        /// Why (recorded in the audit).
-        #[arg(long)]
-        reason: Option<String>,
+        selection: Selection,
         /// Show what would move; change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -116,25 +112,48 @@ pub enum Dlq {
         /// How long to wait for the canaries' outcome.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
         canary_timeout: Duration,
-        /// Who is acting (default: $USER).
-        #[arg(long, env = "TRELLIS_ACTOR")]
-        actor: Option<String>,
     },
     /// Deletes dead letters for good.
     Purge {
-        sequences: Vec<u64>,
         #[command(flatten)]
-        filter: Filter,
-        #[arg(long)]
-        all: bool,
-        #[arg(long)]
-        reason: Option<String>,
+        selection: Selection,
         /// Required: purging cannot be undone.
         #[arg(long)]
         yes: bool,
-        #[arg(long, env = "TRELLIS_ACTOR")]
-        actor: Option<String>,
     },
+}
+
+/// What `replay` and `purge` act on, and the audit's who and why.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Selection {
+    /// DLQ sequences (or use filters, or --all).
+    pub sequences: Vec<u64>,
+    #[command(flatten)]
+    pub filter: Filter,
+    /// Every dead letter.
+    #[arg(long)]
+    pub all: bool,
+    /// Why (recorded in the audit).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Who is acting (default: $USER).
+    #[arg(long, env = "TRELLIS_ACTOR")]
+    pub actor: Option<String>,
+}
+
+impl Selection {
+    /// The given reason, if it says something.
+    fn reason(&self) -> Option<&str> {
+        self.reason.as_deref().filter(|r| !r.trim().is_empty())
+    }
+
+    fn actor(&self) -> String {
+        self.actor
+            .clone()
+            .or_else(|| std::env::var("USER").ok())
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(|| "unknown".into())
+    }
 }
 
 pub struct Ctx {
@@ -149,45 +168,31 @@ pub async fn run(ctx: &Ctx, command: Dlq) -> anyhow::Result<()> {
         Dlq::List { filter, limit } => list(ctx, &filter, limit).await,
         Dlq::Show { sequence } => show(ctx, sequence).await,
         Dlq::Stats { filter } => stats(ctx, &filter).await,
-        Dlq::Replay { sequences, filter, all, reason, dry_run, rate, canary, canary_timeout, actor } => {
-            let reason = match (reason, dry_run) {
-                (Some(r), _) if !r.trim().is_empty() => r,
-                (_, true) => String::new(),
-                _ => bail!("--reason is required: say why these messages are replayed"),
+        Dlq::Replay { selection, dry_run, rate, canary, canary_timeout } => {
+            let reason = match (selection.reason(), dry_run) {
+                (Some(r), _) => r.to_owned(),
+                (None, true) => String::new(),
+                (None, false) => bail!("--reason is required: say why these messages are replayed"),
             };
-            let entries = select(ctx, &sequences, &filter, all).await?;
+            let entries = select(ctx, &selection).await?;
             // Everything a consumer has, from its first dead letter on: windows can then leave
             // the DLQ with one purge each instead of a request per message.
-            let whole_consumers = sequences.is_empty() && filter_is_consumer_only(&filter);
+            let whole_consumers = selection.sequences.is_empty() && selection.filter.is_consumer_only();
             let plan =
-                Replay { reason, dry_run, rate, canary, canary_timeout, actor: actor_or_user(actor), whole_consumers };
-            replay(ctx, entries, &sequences, &filter, plan).await
+                Replay { reason, dry_run, rate, canary, canary_timeout, actor: selection.actor(), whole_consumers };
+            replay(ctx, entries, &selection, plan).await
         }
-        Dlq::Purge { sequences, filter, all, reason, yes, actor } => {
+        Dlq::Purge { selection, yes } => {
             if !yes {
                 bail!("purging deletes dead letters for good: add --yes to confirm");
             }
-            let Some(reason) = reason.filter(|r| !r.trim().is_empty()) else {
+            let Some(reason) = selection.reason() else {
                 bail!("--reason is required: say why these messages are purged");
             };
-            let entries = select(ctx, &sequences, &filter, all).await?;
-            purge(ctx, entries, &sequences, &filter, &reason, &actor_or_user(actor)).await
+            let entries = select(ctx, &selection).await?;
+            purge(ctx, entries, &selection, reason).await
         }
     }
-}
-
-fn filter_is_consumer_only(f: &Filter) -> bool {
-    f.kind.is_none()
-        && f.grep.is_none()
-        && f.since.is_none()
-        && f.until.is_none()
-        && f.from_seq.is_none()
-        && f.to_seq.is_none()
-        && f.fingerprint.is_none()
-}
-
-fn actor_or_user(actor: Option<String>) -> String {
-    actor.or_else(|| std::env::var("USER").ok()).filter(|a| !a.is_empty()).unwrap_or_else(|| "unknown".into())
 }
 
 async fn read(ctx: &Ctx, filter: &Filter) -> anyhow::Result<Vec<Entry>> {
@@ -197,8 +202,9 @@ async fn read(ctx: &Ctx, filter: &Filter) -> anyhow::Result<Vec<Entry>> {
     Ok(entries.into_iter().filter(|e| filter.matches(e)).collect())
 }
 
-async fn select(ctx: &Ctx, sequences: &[u64], filter: &Filter, all: bool) -> anyhow::Result<Vec<Entry>> {
-    if sequences.is_empty() && filter.is_empty() && !all {
+async fn select(ctx: &Ctx, selection: &Selection) -> anyhow::Result<Vec<Entry>> {
+    let Selection { sequences, filter, all, .. } = selection;
+    if sequences.is_empty() && filter.is_empty() && !*all {
         bail!("nothing selected: give sequences, filters (see --help) or --all");
     }
     if !sequences.is_empty() {
@@ -357,13 +363,7 @@ struct Replay {
     whole_consumers: bool,
 }
 
-async fn replay(
-    ctx: &Ctx,
-    entries: Vec<Entry>,
-    sequences: &[u64],
-    filter: &Filter,
-    plan: Replay,
-) -> anyhow::Result<()> {
+async fn replay(ctx: &Ctx, entries: Vec<Entry>, selection: &Selection, plan: Replay) -> anyhow::Result<()> {
     if plan.dry_run {
         println!("dry run: {} dead letters would be replayed", entries.len());
         for e in &entries {
@@ -390,7 +390,10 @@ async fn replay(
             action: "replay",
             actor: &plan.actor,
             reason: &plan.reason,
-            selection: serde_json::json!({"sequences": sequences, "filter": filter, "rate": plan.rate, "canary": plan.canary}),
+            selection: serde_json::json!({
+                "sequences": selection.sequences, "filter": selection.filter, "all": selection.all,
+                "rate": plan.rate, "canary": plan.canary,
+            }),
             sequences: &seqs,
             dry_run: false,
         },
@@ -588,14 +591,8 @@ async fn wait_for_canaries(
     Ok(back.iter().filter(|e| e.header(dlq::REPLAY_AUDIT_ID) == Some(audit_id)).count())
 }
 
-async fn purge(
-    ctx: &Ctx,
-    entries: Vec<Entry>,
-    sequences: &[u64],
-    filter: &Filter,
-    reason: &str,
-    actor: &str,
-) -> anyhow::Result<()> {
+async fn purge(ctx: &Ctx, entries: Vec<Entry>, selection: &Selection, reason: &str) -> anyhow::Result<()> {
+    let actor = &selection.actor();
     let audit_id = uuid::Uuid::now_v7();
     let seqs: Vec<i64> = entries.iter().map(|e| e.sequence as i64).collect();
     trellis_store::dlq_audit::start(
@@ -605,7 +602,9 @@ async fn purge(
             action: "purge",
             actor,
             reason,
-            selection: serde_json::json!({"sequences": sequences, "filter": filter}),
+            selection: serde_json::json!({
+                "sequences": selection.sequences, "filter": selection.filter, "all": selection.all,
+            }),
             sequences: &seqs,
             dry_run: false,
         },
