@@ -18,7 +18,7 @@ pub enum Severity {
 type CheckFn = dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync;
 
 struct Check {
-    name: &'static str,
+    name: String,
     severity: Severity,
     run: Arc<CheckFn>,
 }
@@ -31,7 +31,7 @@ pub struct Health {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckReport {
-    pub name: &'static str,
+    pub name: String,
     pub severity: Severity,
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -56,13 +56,13 @@ impl Health {
         Self::default()
     }
 
-    pub fn add<F, Fut>(&self, name: &'static str, severity: Severity, check: F)
+    pub fn add<F, Fut>(&self, name: impl Into<String>, severity: Severity, check: F)
     where
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
     {
         let run: Arc<CheckFn> = Arc::new(move || Box::pin(check()));
-        self.checks.write().expect("health lock").push(Arc::new(Check { name, severity, run }));
+        self.checks.write().expect("health lock").push(Arc::new(Check { name: name.into(), severity, run }));
     }
 
     /// Runs every check concurrently, each bounded by `timeout`.
@@ -88,7 +88,7 @@ impl Health {
                     (Severity::Degrading, _) => "degraded",
                 };
             }
-            reports.push(CheckReport { name: check.name, severity: check.severity, ok, error: result.err() });
+            reports.push(CheckReport { name: check.name.clone(), severity: check.severity, ok, error: result.err() });
         }
         Report { status, checks: reports }
     }

@@ -126,8 +126,7 @@ impl Worker {
     pub fn spawn_group<H: Handler>(&self, group: ConsumerGroup<H>) {
         let bound = group.bound_flag();
         let name = group.name().to_owned();
-        let check_name: &'static str = Box::leak(format!("consumer {name}").into_boxed_str());
-        self.health.add(check_name, Severity::Critical, move || {
+        self.health.add(format!("consumer {name}"), Severity::Critical, move || {
             let ok = bound.load(Ordering::Acquire);
             async move { if ok { Ok(()) } else { Err("not bound yet".to_owned()) } }
         });
