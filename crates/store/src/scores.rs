@@ -69,6 +69,11 @@ pub async fn first_run_since(db: impl PgExecutor<'_>, since: OffsetDateTime) -> 
         .await
 }
 
+/// Every run, in the order they started.
+pub async fn runs(db: impl PgExecutor<'_>) -> Result<Vec<RunRow>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {RUN_COLUMNS} FROM score.runs ORDER BY started_at, id")).fetch_all(db).await
+}
+
 pub async fn latest_run(db: impl PgExecutor<'_>) -> Result<Option<RunRow>, sqlx::Error> {
     sqlx::query_as(&format!("SELECT {RUN_COLUMNS} FROM score.runs ORDER BY created_at DESC LIMIT 1"))
         .fetch_optional(db)

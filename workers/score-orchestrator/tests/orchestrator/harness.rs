@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde_json::{Value, json};
-use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use trellis_api::{Config, Running};
 use trellis_domain::score::{self, GraphBuilder};
@@ -238,37 +237,11 @@ pub async fn run_once_ok(db: &TestDb) -> Value {
 }
 
 /// One row of `score.runs`.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct Run {
-    pub id: Uuid,
-    pub trigger: String,
-    pub requested_by: Option<Uuid>,
-    pub status: String,
-    pub host: Option<String>,
-    pub algorithm: Option<String>,
-    pub users: Option<i64>,
-    pub edges: Option<i64>,
-    pub iterations: Option<i32>,
-    pub residual: Option<f64>,
-    pub scores_changed: Option<i64>,
-    pub load_ms: Option<i64>,
-    pub compute_ms: Option<i64>,
-    pub write_ms: Option<i64>,
-    pub error: Option<String>,
-    pub started_at: Option<OffsetDateTime>,
-    pub finished_at: Option<OffsetDateTime>,
-}
+pub use trellis_store::scores::RunRow as Run;
 
 /// Every run, oldest first.
 pub async fn runs(db: &TestDb) -> Vec<Run> {
-    sqlx::query_as(
-        "SELECT id, trigger, requested_by, status, host, algorithm, users, edges, iterations, residual,
-                scores_changed, load_ms, compute_ms, write_ms, error, started_at, finished_at
-         FROM score.runs ORDER BY started_at, id",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .expect("reading score.runs")
+    trellis_store::scores::runs(&db.pool).await.expect("reading score.runs")
 }
 
 /// Waits until `count` runs have succeeded; returns every run.
