@@ -15,9 +15,9 @@ pub struct Config {
     #[arg(long, env = "API_ADDR", default_value = "127.0.0.1:8080")]
     pub api_addr: SocketAddr,
 
-    /// Connections in the request pool. The default, 4 per CPU core, measured best on the
-    /// 2-core benchmark machine for reads and writes together (see docs/BENCHMARKS.md): more
-    /// connections than PostgreSQL can run at once only add context switches.
+    /// Connections in the request pool. The default is 4 per CPU core: on the 2-core benchmark
+    /// machine 32 connections served a fifth fewer reads and no more writes (docs/BENCHMARKS.md);
+    /// more connections than PostgreSQL can run at once only add context switches.
     #[arg(long, env = "DB_POOL_SIZE", default_value_t = default_pool_size())]
     pub db_pool_size: u32,
 

@@ -284,7 +284,9 @@ fn api(flags: &flags::Bench) -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     {
-        let api = Api::start(&db, &stack, &prefix, &[])?;
+        let pool_size = flags.db_pool_size.map(|n| n.to_string());
+        let env: Vec<(&str, &str)> = pool_size.iter().map(|n| ("DB_POOL_SIZE", n.as_str())).collect();
+        let api = Api::start(&db, &stack, &prefix, &env)?;
         let count = db.exec("SELECT count(*) FROM contacts.contacts")?;
         eprintln!(
             "xtask: bench: GET /v1/me/contacts ({count} contacts for bench_1), 32 connections, {}s",

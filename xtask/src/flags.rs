@@ -14,9 +14,10 @@ commands:
                      --stop stops the private ones.
   lint [DIR]         lint the migrations (in migrations/, or DIR) with squawk.
   test [-- ARGS]     fmt check, clippy, lint, then the test suite (ARGS go to the test runner).
-  bench SUITE [--duration SECS] [--users N]
+  bench SUITE [--duration SECS] [--users N] [--db-pool-size N]
                      run a benchmark suite against release builds; SUITE is one of: api, runtime, score, search.
-                     score (--users: the size of the seeded graph, default 1,000,000).
+                     --users: the seeded graph of score and search (default 1,000,000);
+                     --db-pool-size: the API's request pool in the api suite.
   seed [--users N] [--avg-contacts K] [--verified-fraction F] [--seed S]
        [--database-url URL] [--append | --reset]
                      load N users (default 100,000) and a heavy-tailed contact graph with K
@@ -42,8 +43,10 @@ pub struct Bench {
     pub suite: String,
     /// Seconds each load phase runs.
     pub duration: u64,
-    /// Users in the seeded graph (`score`).
+    /// Users in the seeded graph (`score`, `search`).
     pub users: Option<u64>,
+    /// The API's request pool (`api`); the API's own default when absent.
+    pub db_pool_size: Option<u32>,
 }
 
 pub struct Seed {
@@ -136,9 +139,10 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
             Command::Test(Test { runner_args })
         }
         "bench" => {
-            let suite = args.next().context("bench needs a suite name (api, runtime, score)")?;
+            let suite = args.next().context("bench needs a suite name (api, runtime, score, search)")?;
             let mut duration = 20;
             let mut users = None;
+            let mut db_pool_size = None;
             while let Some(arg) = args.next() {
                 match arg.as_str() {
                     "--duration" => {
@@ -147,10 +151,14 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
                     "--users" => {
                         users = Some(args.next().context("--users needs a number")?.parse().context("--users")?)
                     }
+                    "--db-pool-size" => {
+                        let n = args.next().context("--db-pool-size needs a number")?;
+                        db_pool_size = Some(n.parse().context("--db-pool-size")?)
+                    }
                     other => bail!("unknown option for `bench`: {other}"),
                 }
             }
-            Command::Bench(Bench { suite, duration, users })
+            Command::Bench(Bench { suite, duration, users, db_pool_size })
         }
         "seed" => {
             let mut seed = Seed {
