@@ -214,10 +214,7 @@ async fn update_me(
                 "is required to change the e-mail address or the password",
             )
         })?;
-        let me = trellis_store::identity::find_by_id(&state.pool, principal.user_id)
-            .await?
-            .ok_or(ApiError::Unauthenticated)?;
-        let (_, hash) = trellis_store::identity::find_credentials(&state.pool, &me.handle)
+        let hash = trellis_store::identity::password_hash(&state.pool, principal.user_id)
             .await?
             .ok_or(ApiError::Unauthenticated)?;
         if !auth::verify_password(current, Some(hash)).await? {

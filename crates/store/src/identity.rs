@@ -74,6 +74,10 @@ pub async fn find_credentials(db: impl PgExecutor<'_>, login: &str) -> Result<Op
     Ok(row.map(|r| (r.user, r.password_hash)))
 }
 
+pub async fn password_hash(db: impl PgExecutor<'_>, id: UserId) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT password_hash FROM identity.users WHERE id = $1").bind(id.0).fetch_optional(db).await
+}
+
 pub struct ProfileChange<'a> {
     pub display_name: Option<&'a str>,
     pub email: Option<&'a str>,
