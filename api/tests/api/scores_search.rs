@@ -223,7 +223,9 @@ async fn search_results_page_through_a_cursor_in_rank_order() {
 /// Projects the read model from the base tables, as the search projector would, and marks it
 /// caught up with the newest event.
 async fn project_by_hand(app: &TestApp) {
-    trellis_store::search_model::rebuild(&app.db.pool, |_| {}).await.unwrap();
+    trellis_store::search_model::rebuild(&app.db.pool, trellis_store::search_model::RebuildScope::All, |_| {})
+        .await
+        .unwrap();
     sqlx::query(
         "UPDATE search.checkpoint SET last_event_at = (SELECT max(created_at) FROM ops.outbox), last_stream_sequence = 1,
              updated_at = now()",

@@ -236,7 +236,24 @@ pub struct RebuildProgress {
 /// projector, so search keeps answering and concurrent projections stay correct. Documents of
 /// users that no longer exist are deleted at the end. The checkpoint is left as it is. Ends
 /// equal to what the incremental projection produces.
-pub async fn rebuild(pool: &PgPool, mut progress: impl FnMut(RebuildProgress)) -> Result<RebuildProgress, sqlx::Error> {
+/// Which documents a rebuild projects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebuildScope {
+    /// Directory and contact documents.
+    All,
+    /// Directory documents (and their name postings) only.
+    Directory,
+    /// Contact documents only.
+    Contacts,
+}
+
+pub async fn rebuild(
+    pool: &PgPool,
+    scope: RebuildScope,
+    mut progress: impl FnMut(RebuildProgress),
+) -> Result<RebuildProgress, sqlx::Error> {
+    let directory = scope != RebuildScope::Contacts;
+    let contacts = scope != RebuildScope::Directory;
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM identity.users").fetch_one(pool).await?;
     let mut state = RebuildProgress { users_done: 0, users_total: total.max(0) as u64, rows_changed: 0 };
     let mut after = Uuid::nil();
@@ -249,30 +266,37 @@ pub async fn rebuild(pool: &PgPool, mut progress: impl FnMut(RebuildProgress)) -
         let Some(last) = ids.last() else { break };
         after = *last;
         let mut tx = pool.begin().await?;
-        lock(&mut tx, &ids, &ids).await?;
-        state.rows_changed += project_users(&mut tx, &ids).await?;
-        state.rows_changed += project_contacts(&mut tx, &ids).await?;
+        lock(&mut tx, if directory { &ids } else { &[] }, if contacts { &ids } else { &[] }).await?;
+        if directory {
+            state.rows_changed += project_users(&mut tx, &ids).await?;
+        }
+        if contacts {
+            state.rows_changed += project_contacts(&mut tx, &ids).await?;
+        }
         tx.commit().await?;
         state.users_done += ids.len() as u64;
         progress(state);
     }
-    let mut tx = pool.begin().await?;
-    let gone: Vec<Uuid> = sqlx::query_scalar(
-        "DELETE FROM search.directory d WHERE NOT EXISTS (SELECT 1 FROM identity.users u WHERE u.id = d.user_id)
-         RETURNING d.user_id",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    project_name_postings(&mut tx, &gone).await?;
-    tx.commit().await?;
-    let gone = gone.len() as u64;
-    let gone_owners = sqlx::query(
-        "DELETE FROM search.contacts sc WHERE NOT EXISTS (SELECT 1 FROM identity.users u WHERE u.id = sc.owner_id)",
-    )
-    .execute(pool)
-    .await?
-    .rows_affected();
-    state.rows_changed += gone + gone_owners;
+    if directory {
+        let mut tx = pool.begin().await?;
+        let gone: Vec<Uuid> = sqlx::query_scalar(
+            "DELETE FROM search.directory d WHERE NOT EXISTS (SELECT 1 FROM identity.users u WHERE u.id = d.user_id)
+             RETURNING d.user_id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        project_name_postings(&mut tx, &gone).await?;
+        tx.commit().await?;
+        state.rows_changed += gone.len() as u64;
+    }
+    if contacts {
+        state.rows_changed += sqlx::query(
+            "DELETE FROM search.contacts sc WHERE NOT EXISTS (SELECT 1 FROM identity.users u WHERE u.id = sc.owner_id)",
+        )
+        .execute(pool)
+        .await?
+        .rows_affected();
+    }
     progress(state);
     Ok(state)
 }

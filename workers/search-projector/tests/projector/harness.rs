@@ -368,7 +368,9 @@ pub async fn rebuilt_model(db: &TestDb) -> Model {
         .execute(&db.pool)
         .await
         .expect("truncating");
-    trellis_store::search_model::rebuild(&db.pool, |_| {}).await.expect("rebuild");
+    trellis_store::search_model::rebuild(&db.pool, trellis_store::search_model::RebuildScope::All, |_| {})
+        .await
+        .expect("rebuild");
     model(&db.handle()).await
 }
 
