@@ -66,7 +66,8 @@ CREATE INDEX IF NOT EXISTS name_postings_user_idx ON search.name_postings (user_
 CREATE TABLE IF NOT EXISTS search.name_terms (
     term text COLLATE "C" PRIMARY KEY
 );
--- Typo tolerance (one edit): each word under itself and every one-character deletion of it.
+-- Typo tolerance (one edit) for words without digits (a number one digit off is another
+-- number): each word under itself and every one-character deletion of it.
 -- Two words within one edit (substitution, insertion, deletion or adjacent transposition)
 -- share a key, so a query word's own keys find every candidate; the API keeps those truly
 -- within one edit.
@@ -89,6 +90,7 @@ FROM search.name_terms t,
      LATERAL (SELECT t.term AS variant
               UNION
               SELECT left(t.term, i - 1) || substr(t.term, i + 1) FROM generate_series(1, char_length(t.term)) i) v
+WHERE t.term !~ '[0-9]'
 ON CONFLICT (variant, term) DO NOTHING;
 
 -- search.directory is the projector's own read model: these two statements block only its

@@ -333,6 +333,7 @@ async fn name_search_matches_word_prefixes_and_one_typo_alike_over_the_index_and
         ("joann", "Jo Ann Smith-Williams"),
         ("zed", "Zed Q. Fischer"),
         ("ana", "Ana Lee"),
+        ("agent", "Agent 4711"),
     ];
     for (i, (handle, name)) in names.iter().enumerate() {
         let user = app.register(handle).await;
@@ -365,6 +366,9 @@ async fn name_search_matches_word_prefixes_and_one_typo_alike_over_the_index_and
         ("le", &["ana"]),
         ("kin", &["marta"]),
         ("q", &[]),
+        // Numbers match by prefix only: one digit off is another number.
+        ("471", &["agent"]),
+        ("4712", &[]),
     ];
     for (q, expected) in cases {
         let index = store_search(&app, Documents::Index, q).await;

@@ -37,8 +37,9 @@ pub enum Documents {
 /// 1. the exact handle;
 /// 2. handles starting with `q`;
 /// 3. display names whose words match every word of `q` (words of 2 characters or more): a
-///    name word matches a query word that is its prefix or, from 3 characters, within one
-///    edit of it (substitution, insertion, deletion or adjacent transposition);
+///    name word matches a query word that is its prefix or, from 3 characters and when neither
+///    has a digit, within one edit of it (substitution, insertion, deletion or adjacent
+///    transposition);
 ///
 /// and higher score first (unscored last), then handle, within each. A user appears once, in
 /// the first tier they match. Both [`Documents`] go through the same tiers and the same term
@@ -102,9 +103,11 @@ async fn query_words(conn: &mut PgConnection, q: &str) -> Result<Vec<String>, sq
     Ok(words.into_iter().filter(|w| w.chars().count() >= 2).collect())
 }
 
-/// A query word matches a name word that it is a prefix of or, from 3 characters, that is
-/// within one edit of it: over the base tables, this predicate on every document.
-const WORD_MATCHES: &str = "starts_with(w, t.word) OR (char_length(t.word) >= 3 AND search.within_one_edit(w, t.word))";
+/// A query word matches a name word that it is a prefix of or, from 3 characters and when
+/// neither has a digit (a number one digit off is another number), that is within one edit of
+/// it: over the base tables, this predicate on every document.
+const WORD_MATCHES: &str = "starts_with(w, t.word)
+    OR (char_length(t.word) >= 3 AND t.word !~ '[0-9]' AND w !~ '[0-9]' AND search.within_one_edit(w, t.word))";
 
 /// The name tier over the base tables: every document's words are matched against `tokens`.
 async fn base_name_matches(
@@ -142,7 +145,7 @@ async fn indexed_name_matches(
 ) -> Result<Vec<UserHit>, sqlx::Error> {
     let (mut keys, mut key_words) = (Vec::new(), Vec::new());
     for (i, token) in tokens.iter().enumerate() {
-        if token.chars().count() >= 3 {
+        if token.chars().count() >= 3 && !token.chars().any(|c| c.is_ascii_digit()) {
             for key in deletion_keys(token) {
                 keys.push(key);
                 key_words.push(i as i64 + 1);

@@ -88,7 +88,7 @@ pub async fn project_users(conn: &mut PgConnection, user_ids: &[Uuid]) -> Result
 
 /// Replaces the name postings of `user_ids` with those of their current directory documents
 /// (none for a missing, suspended or hidden one), and adds words never seen before to the
-/// term dictionary with their one-deletion variants.
+/// term dictionary, with their one-deletion variants when they have no digit.
 async fn project_name_postings(conn: &mut PgConnection, user_ids: &[Uuid]) -> Result<(), sqlx::Error> {
     if user_ids.is_empty() {
         return Ok(());
@@ -112,6 +112,7 @@ async fn project_name_postings(conn: &mut PgConnection, user_ids: &[Uuid]) -> Re
                        UNION
                        SELECT left(t.term, i - 1) || substr(t.term, i + 1)
                        FROM generate_series(1, char_length(t.term)) i) v
+         WHERE t.term !~ '[0-9]'
          ON CONFLICT (variant, term) DO NOTHING",
     )
     .bind(user_ids)

@@ -137,11 +137,13 @@ async fn search_rebuild_only_directory_leaves_contact_documents_alone() {
     }
     let count = |table: &'static str| {
         let pool = db.pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {table}")).fetch_one(&pool).await.unwrap()
-        }
+        async move { sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {table}")).fetch_one(&pool).await.unwrap() }
     };
     assert_eq!(count("search.directory").await, 3);
-    assert_eq!(count("search.name_postings").await, 6, "ada and lovelace for each user (one-character words are not indexed)");
+    assert_eq!(
+        count("search.name_postings").await,
+        6,
+        "ada and lovelace for each user (one-character words are not indexed)"
+    );
     assert_eq!(count("search.contacts").await, 0, "contacts were not asked for");
 }
