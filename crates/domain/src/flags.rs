@@ -58,11 +58,7 @@ impl Executor {
 
     pub fn parse(raw: &str) -> Result<Self, FieldError> {
         Executor::ALL.into_iter().find(|e| e.as_str() == raw).ok_or_else(|| {
-            FieldError::new(
-                "value",
-                "unknown_value",
-                format!("unknown value {raw:?}: one of {}", names(&Executor::ALL)),
-            )
+            FieldError::new("value", "unknown_value", format!("unknown value {raw:?}: one of {}", names(&Executor::ALL)))
         })
     }
 }
