@@ -52,11 +52,11 @@ CREATE TABLE IF NOT EXISTS search.name_postings (
     user_id uuid NOT NULL,
     score integer,
     handle text NOT NULL,
-    words text[] NOT NULL,
-    PRIMARY KEY (term, user_id)
+    words text[] NOT NULL
 );
--- A word's documents best first: what ranked name search reads, `k` entries per word.
-CREATE INDEX IF NOT EXISTS name_postings_rank_idx
+-- A word's documents best first: what ranked name search reads, `k` entries per word. Handles
+-- are unique, so this is also the key (a word, a user) that the projection keeps unique.
+CREATE UNIQUE INDEX IF NOT EXISTS name_postings_rank_idx
     ON search.name_postings (term, score DESC NULLS LAST, handle) INCLUDE (user_id, words);
 -- What the projection replaces when a document changes.
 CREATE INDEX IF NOT EXISTS name_postings_user_idx ON search.name_postings (user_id);
@@ -81,8 +81,7 @@ CREATE TABLE IF NOT EXISTS search.name_term_variants (
 INSERT INTO search.name_postings (term, user_id, score, handle, words)
 SELECT DISTINCT w.term, d.user_id, d.score, d.handle, search.name_words(d.display_name)
 FROM search.directory d, unnest(search.name_words(d.display_name)) AS w (term)
-WHERE d.status = 'active' AND NOT d.hidden AND char_length(w.term) >= 2
-ON CONFLICT (term, user_id) DO NOTHING;
+WHERE d.status = 'active' AND NOT d.hidden AND char_length(w.term) >= 2;
 INSERT INTO search.name_terms (term) SELECT DISTINCT term FROM search.name_postings ON CONFLICT (term) DO NOTHING;
 INSERT INTO search.name_term_variants (variant, term)
 SELECT DISTINCT v.variant, t.term
