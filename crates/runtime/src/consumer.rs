@@ -185,6 +185,7 @@ pub struct ConsumerGroup<H> {
     config: RunnerConfig,
     handler: Arc<H>,
     bound: Arc<AtomicBool>,
+    pulling: tokio::sync::watch::Sender<bool>,
     first_failures: FirstFailures,
 }
 
@@ -203,6 +204,7 @@ impl<H: Handler> ConsumerGroup<H> {
             config,
             handler,
             bound: Arc::new(AtomicBool::new(false)),
+            pulling: tokio::sync::watch::Sender::new(false),
             first_failures: FirstFailures::default(),
         }
     }
@@ -214,6 +216,13 @@ impl<H: Handler> ConsumerGroup<H> {
     /// True once every consumer is declared and verified (for `/readyz`).
     pub fn bound_flag(&self) -> Arc<AtomicBool> {
         self.bound.clone()
+    }
+
+    /// Turns true once the first pull request on the main consumer has been sent: from then on,
+    /// a message waiting in the stream is on its way to this group. A scheduler over several
+    /// groups uses it to start them in order.
+    pub fn pulling(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.pulling.subscribe()
     }
 
     fn durable(&self) -> String {
@@ -311,6 +320,9 @@ impl<H: Handler> ConsumerGroup<H> {
             let batch = match batch {
                 Ok(b) => {
                     failures = 0;
+                    if source == Source::Main {
+                        self.pulling.send_replace(true);
+                    }
                     b
                 }
                 Err(e) => {

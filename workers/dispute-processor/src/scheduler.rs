@@ -1,0 +1,252 @@
+//! The priority gate: one batch at a time per process, chosen by strict priority with aging.
+//!
+//! Each priority's consumer group hands its batch to [`Gate::enter`] and waits for its turn.
+//! When the gate is free, the next turn goes to:
+//! 1. on an *aging turn*: the waiting batch of a lower priority (P1–P3) whose oldest message has
+//!    waited longer than its priority's maximum wait (the most overdue one if several are);
+//! 2. otherwise: the waiting batch of the highest priority.
+//!
+//! Aging turns alternate with strict turns: a turn after an aged batch is always a strict one.
+//! Without that, a backlog that is entirely overdue (every P3 older than an hour) would take
+//! every turn and starve P0; with it, P0 waits for at most one lower-priority batch, and an
+//! overdue priority gets at least every other turn.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::oneshot;
+use trellis_domain::disputes::Priority;
+
+/// How long a priority's oldest waiting message may wait before it takes the next turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxWaits {
+    pub p1: Duration,
+    pub p2: Duration,
+    pub p3: Duration,
+}
+
+impl Default for MaxWaits {
+    fn default() -> Self {
+        Self { p1: Duration::from_secs(60), p2: Duration::from_secs(600), p3: Duration::from_secs(3600) }
+    }
+}
+
+impl MaxWaits {
+    /// `None` for P0, which never needs aging.
+    pub fn of(&self, p: Priority) -> Option<Duration> {
+        match p {
+            Priority::P0 => None,
+            Priority::P1 => Some(self.p1),
+            Priority::P2 => Some(self.p2),
+            Priority::P3 => Some(self.p3),
+        }
+    }
+}
+
+struct Waiter {
+    priority: Priority,
+    oldest: OffsetDateTime,
+    seq: u64,
+    turn: oneshot::Sender<bool>,
+}
+
+#[derive(Default)]
+struct State {
+    busy: bool,
+    last_turn_aged: bool,
+    next_seq: u64,
+    waiting: Vec<Waiter>,
+}
+
+/// The gate. Cheap to share behind an `Arc`.
+pub struct Gate {
+    max_waits: MaxWaits,
+    state: Mutex<State>,
+}
+
+/// A turn: the gate is held until it is dropped.
+pub struct Turn<'a> {
+    gate: &'a Gate,
+    /// True when the turn was given by aging, not by priority.
+    pub aged: bool,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.gate.release();
+    }
+}
+
+impl Gate {
+    pub fn new(max_waits: MaxWaits) -> Self {
+        Self { max_waits, state: Mutex::default() }
+    }
+
+    /// Waits for a turn for a batch of `priority` whose oldest message was filed at `oldest`.
+    pub async fn enter(&self, priority: Priority, oldest: OffsetDateTime) -> Turn<'_> {
+        let rx = {
+            let mut state = self.state.lock().expect("gate lock");
+            let (tx, rx) = oneshot::channel();
+            let seq = state.next_seq;
+            state.next_seq += 1;
+            state.waiting.push(Waiter { priority, oldest, seq, turn: tx });
+            if !state.busy {
+                self.grant(&mut state, OffsetDateTime::now_utc());
+            }
+            rx
+        };
+        let mut guard = Abandon { gate: self, rx: Some(rx) };
+        let aged =
+            guard.rx.as_mut().expect("receiver").await.expect("a waiter is only dropped by the gate with a turn");
+        guard.rx = None;
+        Turn { gate: self, aged }
+    }
+
+    fn release(&self) {
+        let mut state = self.state.lock().expect("gate lock");
+        state.busy = false;
+        self.grant(&mut state, OffsetDateTime::now_utc());
+    }
+
+    /// Gives the turn to the next waiter (if any); the state must be free.
+    fn grant(&self, state: &mut State, now: OffsetDateTime) {
+        while let Some((index, aged)) = self.pick(state, now) {
+            let w = state.waiting.swap_remove(index);
+            state.busy = true;
+            state.last_turn_aged = aged;
+            if w.turn.send(aged).is_ok() {
+                return;
+            }
+            // The waiter gave up (its future was dropped): the turn goes to the next.
+            state.busy = false;
+        }
+    }
+
+    fn pick(&self, state: &State, now: OffsetDateTime) -> Option<(usize, bool)> {
+        let strict =
+            state.waiting.iter().enumerate().min_by_key(|(_, w)| (w.priority, w.seq)).map(|(i, w)| (i, w.priority))?;
+        if !state.last_turn_aged {
+            let overdue = state
+                .waiting
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| w.priority > strict.1)
+                .filter_map(|(i, w)| {
+                    let max = self.max_waits.of(w.priority)?;
+                    let over = now - w.oldest - max;
+                    over.is_positive().then_some((i, over))
+                })
+                .max_by_key(|(_, over)| *over);
+            if let Some((i, _)) = overdue {
+                return Some((i, true));
+            }
+        }
+        Some((strict.0, false))
+    }
+}
+
+/// Removes a waiter whose future is dropped before its turn; returns a turn it was given
+/// meanwhile.
+struct Abandon<'a> {
+    gate: &'a Gate,
+    rx: Option<oneshot::Receiver<bool>>,
+}
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else { return };
+        rx.close();
+        // Given a turn between the close and now: hand it on.
+        if rx.try_recv().is_ok() {
+            self.gate.release();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn ago(secs: i64) -> OffsetDateTime {
+        OffsetDateTime::now_utc() - time::Duration::seconds(secs)
+    }
+
+    /// Queues batches behind a held turn, releases it, and returns the order they ran in.
+    async fn order(gate: Arc<Gate>, batches: Vec<(Priority, OffsetDateTime)>) -> Vec<(Priority, bool)> {
+        let first = gate.enter(Priority::P0, ago(0)).await;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (p, oldest) in batches {
+            let (g, log) = (gate.clone(), log.clone());
+            tasks.push(tokio::spawn(async move {
+                let turn = g.enter(p, oldest).await;
+                log.lock().unwrap().push((p, turn.aged));
+            }));
+            // Each waiter is queued before the next is spawned.
+            while gate.state.lock().unwrap().waiting.len() < tasks.len() {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(first);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        Arc::try_unwrap(log).unwrap().into_inner().unwrap()
+    }
+
+    #[tokio::test]
+    async fn strict_priority_when_nothing_is_overdue() {
+        let gate = Arc::new(Gate::new(MaxWaits::default()));
+        let got = order(
+            gate,
+            vec![(Priority::P3, ago(5)), (Priority::P1, ago(5)), (Priority::P0, ago(0)), (Priority::P2, ago(5))],
+        )
+        .await;
+        let want: Vec<_> =
+            [Priority::P0, Priority::P1, Priority::P2, Priority::P3].into_iter().map(|p| (p, false)).collect();
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn an_overdue_batch_goes_next_but_not_twice_in_a_row() {
+        let waits = MaxWaits { p1: Duration::from_secs(60), p2: Duration::from_secs(60), p3: Duration::from_secs(60) };
+        let gate = Arc::new(Gate::new(waits));
+        let got = order(
+            gate,
+            vec![(Priority::P3, ago(61)), (Priority::P2, ago(120)), (Priority::P0, ago(0)), (Priority::P1, ago(1))],
+        )
+        .await;
+        // P2 is the most overdue; then a strict turn (P0); then P3, overdue; then P1.
+        assert_eq!(got, vec![(Priority::P2, true), (Priority::P0, false), (Priority::P3, true), (Priority::P1, false)]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_just_inside_its_max_wait_is_not_overdue() {
+        let gate = Arc::new(Gate::new(MaxWaits::default()));
+        let got = order(gate, vec![(Priority::P3, ago(3590)), (Priority::P0, ago(0))]).await;
+        assert_eq!(got, vec![(Priority::P0, false), (Priority::P3, false)]);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_waiter_does_not_keep_the_gate() {
+        let gate = Arc::new(Gate::new(MaxWaits::default()));
+        let held = gate.enter(Priority::P0, ago(0)).await;
+        let waiting = {
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                let _turn = gate.enter(Priority::P3, ago(0)).await;
+            })
+        };
+        while gate.state.lock().unwrap().waiting.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        waiting.abort();
+        let _ = waiting.await;
+        drop(held);
+        let again = tokio::time::timeout(Duration::from_secs(5), gate.enter(Priority::P1, ago(0))).await;
+        assert!(again.is_ok(), "the gate is free again");
+    }
+}
