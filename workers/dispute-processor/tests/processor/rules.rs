@@ -158,3 +158,51 @@ async fn an_upheld_spam_dispute_hides_the_target_from_search() {
     let handles: Vec<&str> = body["items"].as_array().unwrap().iter().filter_map(|i| i["handle"].as_str()).collect();
     assert!(!handles.contains(&spammer.handle.as_str()), "hidden from search: {body:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn moderators_get_needs_review_by_priority_then_age_and_their_decisions_apply_the_effects() {
+    let db = TestDb::migrated().await.unwrap();
+    let prefix = trellis_testkit::nats_prefix();
+    let api = Api::start(&db, &prefix).await;
+    let _replica = Replica::start(&db, &prefix, &[]).await;
+    let t = tag();
+    let reporter = api.register(&format!("rep{t}")).await;
+    let moderator = api.register(&format!("mod{t}")).await;
+    make_role(&db, moderator.id, "moderator").await;
+    let mut filed = Vec::new();
+    for (i, kind) in ["incorrect_info", "harassment", "impersonation", "spam", "impersonation"].into_iter().enumerate()
+    {
+        let target = api.register(&format!("t{i}{t}")).await;
+        let id = api.file(&reporter, target.id, kind).await;
+        assert_eq!(api.decided(&reporter, id).await["status"], "needs_review");
+        filed.push((id, target));
+    }
+    let (status, queue) = api
+        .request(reqwest::Method::GET, "/v1/moderation/disputes?status=needs_review", Some(&moderator.token), None)
+        .await;
+    assert_eq!(status, 200, "{queue:?}");
+    let order: Vec<String> =
+        queue["items"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_owned()).collect();
+    let want: Vec<String> = [2, 4, 1, 3, 0].into_iter().map(|i| filed[i].0.to_string()).collect();
+    assert_eq!(order, want, "P0 (oldest first), P1, P2, P3");
+
+    let (impersonation, impostor) = &filed[2];
+    let (status, body) = api.moderate(&moderator, *impersonation, "upheld").await;
+    assert_eq!(status, 200, "{body:?}");
+    let (status, _) = api.request(reqwest::Method::GET, "/v1/me", Some(&impostor.token), None).await;
+    assert_eq!(status, 401, "upheld by a moderator: the impostor is suspended");
+    let seen = api.dispute(&reporter, *impersonation).await;
+    assert_eq!(seen["status"], "upheld");
+    assert_eq!(seen["decision"]["rule"], "moderator");
+    assert!(reasons(&seen).contains("checked by hand"), "the reporter sees the reasons: {seen:?}");
+    assert!(seen["decision"]["decided_by"].is_null(), "the reporter does not see who decided");
+    let (status, body) = api.moderate(&moderator, *impersonation, "dismissed").await;
+    assert_eq!(status, 409, "{body:?}");
+    let audit: Vec<(String, String)> =
+        sqlx::query_as("SELECT rule, status FROM security.dispute_decisions WHERE dispute_id = $1 ORDER BY id")
+            .bind(impersonation)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(audit, [("R5".into(), "needs_review".into()), ("moderator".into(), "upheld".into())]);
+}
