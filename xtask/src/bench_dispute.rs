@@ -123,20 +123,20 @@ fn seed_sql(backlog: u64, users: u64) -> String {
          INSERT INTO security.disputes (id, reporter_id, target_id, kind, priority, description, created_at, updated_at)
          SELECT gen_random_uuid(), r.id, t.id, 'incorrect_info', 3, 'bench backlog',
                 now() - interval '10 minutes' + n * interval '1 microsecond', now()
-         FROM generate_series(1, {backlog}) AS n
+         FROM generate_series(1::bigint, {backlog}) AS n
          JOIN numbered r ON r.i = (n * 7919) % {users}
          JOIN numbered t ON t.i = (n * 104729 + 1 + n / {users}) % {users}
          WHERE r.id <> t.id;
+         WITH d AS MATERIALIZED (SELECT gen_random_uuid() AS event_id, * FROM security.disputes)
          INSERT INTO ops.outbox (id, subject, payload, created_at)
-         SELECT e.id, 'events.disputes.filed.p3',
-                jsonb_build_object('id', e.id, 'type', 'disputes.filed', 'version', 1,
+         SELECT d.event_id, 'events.disputes.filed.p3',
+                jsonb_build_object('id', d.event_id, 'type', 'disputes.filed', 'version', 1,
                     'occurred_at', to_char(d.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
                     'actor_id', d.reporter_id,
                     'data', jsonb_build_object('dispute_id', d.id, 'reporter_id', d.reporter_id,
                         'target_id', d.target_id, 'kind', 'incorrect_info', 'priority', 'P3')),
                 d.created_at
-         FROM security.disputes d CROSS JOIN LATERAL (SELECT gen_random_uuid() AS id) e
-         ORDER BY d.created_at;
+         FROM d ORDER BY d.created_at;
          INSERT INTO identity.tokens (token_hash, user_id, expires_at)
          SELECT sha256(convert_to('trl_bench_dispute_' || k, 'UTF8')), u.id, now() + interval '1 day'
          FROM generate_series(1, {P0_REPORTERS}) AS k JOIN identity.users u ON u.handle = 'u' || k;"

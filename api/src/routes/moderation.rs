@@ -123,8 +123,8 @@ async fn decide(
     tx.commit().await?;
     // The same counter as the dispute processor's rules (its series exist from the processor's
     // start-up; Prometheus sums both processes).
-    metrics::counter!("trellis_dispute_decisions_total", "outcome" => verdict.status().as_str(), "rule" => MODERATOR_RULE)
-        .increment(1);
-    tracing::info!(dispute = %id, moderator = %principal.user_id, decision = verdict.status().as_str(), "dispute decided by a moderator");
+    let outcome = verdict.status().as_str();
+    metrics::counter!("trellis_dispute_decisions_total", "outcome" => outcome, "rule" => MODERATOR_RULE).increment(1);
+    tracing::info!(dispute = %id, moderator = %principal.user_id, decision = outcome, "dispute decided by a moderator");
     Ok(Json(Dispute::from_row(row, true)))
 }

@@ -94,6 +94,10 @@ pub struct ProcessorArgs {
     /// Batch size of P1–P3 (P0 uses --batch-size): bounds how long a new P0 waits.
     #[arg(long, env = "SHORT_BATCH_SIZE", default_value_t = 64)]
     pub short_batch_size: usize,
+    /// Batches a process decides at once (the gate's slots; each priority pulls this many
+    /// batches in parallel): overlaps one batch's commit and acks with the next one's work.
+    #[arg(long, env = "CONCURRENT_BATCHES", default_value_t = 2)]
+    pub concurrent_batches: usize,
     /// How often the queue gauges (depth, oldest waiting, auto-adjudication ratio) are refreshed.
     #[arg(long, env = "METRICS_EVERY", value_parser = humantime::parse_duration, default_value = "5s")]
     pub metrics_every: Duration,
@@ -107,6 +111,7 @@ impl Default for ProcessorArgs {
             max_wait_p2: waits.p2,
             max_wait_p3: waits.p3,
             short_batch_size: 64,
+            concurrent_batches: 2,
             metrics_every: Duration::from_secs(5),
         }
     }
@@ -132,15 +137,18 @@ struct Inner {
 
 impl Processor {
     pub fn new(pool: PgPool, args: ProcessorArgs) -> Self {
-        let gate = scheduler::Gate::new(args.max_waits());
+        let gate = scheduler::Gate::new(args.max_waits(), args.concurrent_batches);
         Self { inner: Arc::new(Inner { pool, args, gate }) }
     }
 
-    /// The four consumer groups, P0 first. `runner` is P0's configuration; P1–P3 take the
-    /// same with the short batch size.
+    /// The consumer groups, P0 first: `--concurrent-batches` pull loops on each priority's
+    /// consumer (like that many replicas). `runner` is P0's configuration; P1–P3 take the same
+    /// with the short batch size.
     pub fn groups(&self, ctx: RunnerContext, runner: RunnerConfig) -> Groups {
+        let lanes = self.inner.args.concurrent_batches.max(1);
         let groups = Priority::ALL
             .into_iter()
+            .flat_map(|p| std::iter::repeat_n(p, lanes))
             .map(|p| {
                 let mut config = runner.clone();
                 if p != Priority::P0 {
@@ -390,9 +398,17 @@ pub struct Groups {
 }
 
 impl Groups {
-    /// Each group's name and its "bound" flag (for `/readyz`).
+    /// Each group's name (with its lane) and its "bound" flag (for `/readyz`).
     pub fn bound_flags(&self) -> Vec<(String, Arc<AtomicBool>)> {
-        self.groups.iter().map(|g| (g.name().to_owned(), g.bound_flag())).collect()
+        let mut lanes: HashMap<&str, usize> = HashMap::new();
+        self.groups
+            .iter()
+            .map(|g| {
+                let lane = lanes.entry(g.name()).or_default();
+                *lane += 1;
+                (format!("{} lane {lane}", g.name()), g.bound_flag())
+            })
+            .collect()
     }
 
     /// Runs the groups, starting them in priority order, and the metrics reporter, until

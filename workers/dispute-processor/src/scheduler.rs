@@ -1,15 +1,17 @@
-//! The priority gate: one batch at a time per process, chosen by strict priority with aging.
+//! The priority gate: a few batches at a time per process (its slots), chosen by strict
+//! priority with aging.
 //!
-//! Each priority's consumer group hands its batch to [`Gate::enter`] and waits for its turn.
-//! When the gate is free, the next turn goes to:
+//! Each priority's consumer groups hand their batches to [`Gate::enter`] and wait for a turn.
+//! When a slot is free, the next turn goes to:
 //! 1. on an *aging turn*: the waiting batch of a lower priority (P1–P3) whose oldest message has
 //!    waited longer than its priority's maximum wait (the most overdue one if several are);
 //! 2. otherwise: the waiting batch of the highest priority.
 //!
 //! Aging turns alternate with strict turns: a turn after an aged batch is always a strict one.
 //! Without that, a backlog that is entirely overdue (every P3 older than an hour) would take
-//! every turn and starve P0; with it, P0 waits for at most one lower-priority batch, and an
-//! overdue priority gets at least every other turn.
+//! every turn and starve P0; with it, a new P0 waits for at most one lower-priority batch to
+//! finish (the first of the slots to free up), and an overdue priority gets at least every other
+//! turn.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -53,7 +55,7 @@ struct Waiter {
 
 #[derive(Default)]
 struct State {
-    busy: bool,
+    busy: usize,
     last_turn_aged: bool,
     next_seq: u64,
     waiting: Vec<Waiter>,
@@ -62,6 +64,7 @@ struct State {
 /// The gate. Cheap to share behind an `Arc`.
 pub struct Gate {
     max_waits: MaxWaits,
+    slots: usize,
     state: Mutex<State>,
 }
 
@@ -79,8 +82,9 @@ impl Drop for Turn<'_> {
 }
 
 impl Gate {
-    pub fn new(max_waits: MaxWaits) -> Self {
-        Self { max_waits, state: Mutex::default() }
+    /// A gate that lets `slots` batches (at least one) be worked on at once.
+    pub fn new(max_waits: MaxWaits, slots: usize) -> Self {
+        Self { max_waits, slots: slots.max(1), state: Mutex::default() }
     }
 
     /// Waits for a turn for a batch of `priority` whose oldest message was filed at `oldest`.
@@ -91,9 +95,7 @@ impl Gate {
             let seq = state.next_seq;
             state.next_seq += 1;
             state.waiting.push(Waiter { priority, oldest, seq, turn: tx });
-            if !state.busy {
-                self.grant(&mut state, OffsetDateTime::now_utc());
-            }
+            self.grant(&mut state, OffsetDateTime::now_utc());
             rx
         };
         let mut guard = Abandon { gate: self, rx: Some(rx) };
@@ -105,21 +107,21 @@ impl Gate {
 
     fn release(&self) {
         let mut state = self.state.lock().expect("gate lock");
-        state.busy = false;
+        state.busy -= 1;
         self.grant(&mut state, OffsetDateTime::now_utc());
     }
 
-    /// Gives the turn to the next waiter (if any); the state must be free.
+    /// Gives free slots to the next waiters, if any.
     fn grant(&self, state: &mut State, now: OffsetDateTime) {
-        while let Some((index, aged)) = self.pick(state, now) {
+        while state.busy < self.slots
+            && let Some((index, aged)) = self.pick(state, now)
+        {
             let w = state.waiting.swap_remove(index);
-            state.busy = true;
             state.last_turn_aged = aged;
+            // A waiter that gave up (its future was dropped) leaves the slot to the next.
             if w.turn.send(aged).is_ok() {
-                return;
+                state.busy += 1;
             }
-            // The waiter gave up (its future was dropped): the turn goes to the next.
-            state.busy = false;
         }
     }
 
@@ -199,7 +201,7 @@ mod tests {
 
     #[tokio::test]
     async fn strict_priority_when_nothing_is_overdue() {
-        let gate = Arc::new(Gate::new(MaxWaits::default()));
+        let gate = Arc::new(Gate::new(MaxWaits::default(), 1));
         let got = order(
             gate,
             vec![(Priority::P3, ago(5)), (Priority::P1, ago(5)), (Priority::P0, ago(0)), (Priority::P2, ago(5))],
@@ -213,7 +215,7 @@ mod tests {
     #[tokio::test]
     async fn an_overdue_batch_goes_next_but_not_twice_in_a_row() {
         let waits = MaxWaits { p1: Duration::from_secs(60), p2: Duration::from_secs(60), p3: Duration::from_secs(60) };
-        let gate = Arc::new(Gate::new(waits));
+        let gate = Arc::new(Gate::new(waits, 1));
         let got = order(
             gate,
             vec![(Priority::P3, ago(61)), (Priority::P2, ago(120)), (Priority::P0, ago(0)), (Priority::P1, ago(1))],
@@ -225,14 +227,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_just_inside_its_max_wait_is_not_overdue() {
-        let gate = Arc::new(Gate::new(MaxWaits::default()));
+        let gate = Arc::new(Gate::new(MaxWaits::default(), 1));
         let got = order(gate, vec![(Priority::P3, ago(3590)), (Priority::P0, ago(0))]).await;
         assert_eq!(got, vec![(Priority::P0, false), (Priority::P3, false)]);
     }
 
     #[tokio::test]
     async fn an_abandoned_waiter_does_not_keep_the_gate() {
-        let gate = Arc::new(Gate::new(MaxWaits::default()));
+        let gate = Arc::new(Gate::new(MaxWaits::default(), 1));
         let held = gate.enter(Priority::P0, ago(0)).await;
         let waiting = {
             let gate = gate.clone();
@@ -248,5 +250,28 @@ mod tests {
         drop(held);
         let again = tokio::time::timeout(Duration::from_secs(5), gate.enter(Priority::P1, ago(0))).await;
         assert!(again.is_ok(), "the gate is free again");
+    }
+
+    #[tokio::test]
+    async fn with_two_slots_a_p0_takes_the_first_slot_to_free_up() {
+        let gate = Arc::new(Gate::new(MaxWaits::default(), 2));
+        let a = gate.enter(Priority::P3, ago(0)).await;
+        let b = gate.enter(Priority::P3, ago(0)).await;
+        let (g3, g0) = (gate.clone(), gate.clone());
+        let p3 = tokio::spawn(async move { drop(g3.enter(Priority::P3, ago(0)).await) });
+        while gate.state.lock().unwrap().waiting.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let p0 = tokio::spawn(async move { g0.enter(Priority::P0, ago(0)).await.aged });
+        while gate.state.lock().unwrap().waiting.len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        drop(a);
+        // The freed slot is granted inside `drop`: the P3 that waited first still waits.
+        let still_waiting: Vec<Priority> = gate.state.lock().unwrap().waiting.iter().map(|w| w.priority).collect();
+        assert_eq!(still_waiting, [Priority::P3], "the P0 got the freed slot by priority");
+        assert!(!p0.await.unwrap());
+        drop(b);
+        p3.await.unwrap();
     }
 }
