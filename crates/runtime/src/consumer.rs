@@ -310,11 +310,15 @@ impl<H: Handler> ConsumerGroup<H> {
     async fn pull_loop(self: Arc<Self>, consumer: PullConsumer, source: Source, stop: CancellationToken) {
         let mut failures = 0u32;
         while !stop.is_cancelled() {
+            // No idle heartbeats: async-nats 0.51's `Batch` answers a heartbeat with
+            // `Poll::Pending` without registering a waker, so the stream stalls until its own
+            // timer (expiry + 5 s) and drops what arrived meanwhile — a message delivered to an
+            // idle pull would wait for `ack_wait` to be redelivered. The server's expiry (408)
+            // and that timer end a pull just as well.
             let batch = consumer
                 .batch()
                 .max_messages(self.config.batch_size)
                 .expires(self.config.fetch_expiry)
-                .heartbeat(self.config.fetch_expiry / 4)
                 .messages()
                 .await;
             let batch = match batch {

@@ -420,7 +420,15 @@ impl Groups {
         let mut running = Vec::new();
         for group in self.groups {
             let mut pulling = group.pulling();
-            let task = tokio::spawn(group.run(stop.clone()));
+            let name = group.name().to_owned();
+            let group_stop = stop.clone();
+            let task = tokio::spawn(async move {
+                let result = group.run(group_stop).await;
+                if let Err(e) = &result {
+                    tracing::error!(consumer = %name, error = %e, "a dispute consumer group stopped");
+                }
+                result
+            });
             tokio::select! {
                 _ = pulling.wait_for(|p| *p) => {}
                 _ = stop.cancelled() => {}
