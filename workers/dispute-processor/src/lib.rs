@@ -9,11 +9,12 @@
 //! durable consumer per priority (`dispute-processor-p0` … `-p3`, each with one filter subject,
 //! as nats-server 2.9 requires), each with its own replay consumer and DLQ subject, all run by
 //! the runtime's consumer-group runner (ack, nak with backoff, DLQ, replay unchanged). What
-//! makes it a priority queue is the [`scheduler::Gate`] the four handlers share: a process
-//! works on one batch at a time, and when the gate frees up the next turn goes to the highest
-//! waiting priority, except that a lower priority whose oldest message has waited longer than
-//! its maximum wait (P1 1 min, P2 10 min, P3 60 min by default) takes the next turn. Aging
-//! turns alternate with strict ones, so an entirely overdue backlog cannot starve P0.
+//! makes it a priority queue is the [`scheduler::Gate`] their handlers share: a process decides
+//! `--concurrent-batches` batches at once (2 by default: one commits while the next is judged),
+//! and when a slot frees up the next turn goes to the highest waiting priority, except that a
+//! lower priority whose oldest message has waited longer than its maximum wait (P1 1 min, P2
+//! 10 min, P3 60 min by default) takes the next turn. Aging turns alternate with strict ones,
+//! so an entirely overdue backlog cannot starve P0.
 //!
 //! **Why strict.** Every group always has a pull outstanding, so a new P0 reaches the gate as
 //! soon as it is published; the gate never grants a lower priority while a P0 batch waits
@@ -21,10 +22,11 @@
 //! (P1 only once P0's first pull is on the wire, and so on), so a backlog that was queued while
 //! the processor was down is also served P0 first.
 //!
-//! **The in-flight bound.** A group holds at most one pull (its batch size) at a time. P1–P3
-//! pull short batches (`--short-batch-size`, 64 by default), so a P0 that arrives while a
-//! lower-priority batch is being decided waits for that one batch only, and no more than one
-//! short batch per lower priority is ever held by a process.
+//! **The in-flight bound.** A group holds at most one pull (its batch size) at a time, and each
+//! priority has one group per slot. P1–P3 pull short batches (`--short-batch-size`, 64 by
+//! default), so a P0 that arrives while lower-priority batches are being decided waits for the
+//! first of them to finish (one short batch), and a process holds at most `concurrent-batches ×
+//! short-batch-size` (128) messages of a lower priority.
 //!
 //! **Deciding a batch** is one transaction: lock the batch's pending disputes (in id order;
 //! a redelivered or concurrently decided dispute is no longer pending and is acked with no
