@@ -14,19 +14,20 @@
 //! and when a slot frees up the next turn goes to the highest waiting priority, except that a
 //! lower priority whose oldest message has waited longer than its maximum wait (P1 1 min, P2
 //! 10 min, P3 60 min by default) takes the next turn. Aging turns alternate with strict ones,
-//! so an entirely overdue backlog cannot starve P0.
+//! so an entirely overdue backlog cannot starve the others. P0 has one more slot than the
+//! others: it starts even while every regular slot is busy with lower-priority batches.
 //!
 //! **Why strict.** Every group always has a pull outstanding, so a new P0 reaches the gate as
-//! soon as it is published; the gate never grants a lower priority while a P0 batch waits
-//! (save the alternating aging turn). At start-up the groups begin pulling in priority order
+//! soon as it is published; the gate never grants a lower priority while a higher one waits
+//! (save the alternating aging turn), and a P0 never waits for a lower-priority batch at all. At start-up the groups begin pulling in priority order
 //! (P1 only once P0's first pull is on the wire, and so on), so a backlog that was queued while
 //! the processor was down is also served P0 first.
 //!
 //! **The in-flight bound.** A group holds at most one pull (its batch size) at a time, and each
 //! priority has one group per slot. P1–P3 pull short batches (`--short-batch-size`, 64 by
-//! default), so a P0 that arrives while lower-priority batches are being decided waits for the
-//! first of them to finish (one short batch), and a process holds at most `concurrent-batches ×
-//! short-batch-size` (128) messages of a lower priority.
+//! default): they bound the work a P0 shares the database with (P0 does not wait for them, it
+//! runs beside them), and a process holds at most `concurrent-batches × short-batch-size` (128)
+//! messages of a lower priority, leaving the rest in JetStream for other replicas.
 //!
 //! **Deciding a batch** is one transaction: lock the batch's pending disputes (in id order;
 //! a redelivered or concurrently decided dispute is no longer pending and is acked with no

@@ -7,10 +7,12 @@
 //!    waited longer than its priority's maximum wait (the most overdue one if several are);
 //! 2. otherwise: the waiting batch of the highest priority.
 //!
+//! P0 also has a slot of its own: a P0 batch may start while every regular slot is busy, so it
+//! never waits behind lower-priority batches (it waits only behind other P0 batches).
+//!
 //! Aging turns alternate with strict turns: a turn after an aged batch is always a strict one.
 //! Without that, a backlog that is entirely overdue (every P3 older than an hour) would take
-//! every turn and starve P0; with it, a new P0 waits for at most one lower-priority batch to
-//! finish (the first of the slots to free up), and an overdue priority gets at least every other
+//! every turn and starve P1 and P2; with it, an overdue priority gets at least every other
 //! turn.
 
 use std::sync::Mutex;
@@ -111,11 +113,18 @@ impl Gate {
         self.grant(&mut state, OffsetDateTime::now_utc());
     }
 
-    /// Gives free slots to the next waiters, if any.
+    /// Gives free slots to the next waiters, if any. P0 has one slot more than the others: it
+    /// may start while every regular slot is busy, so it never waits behind lower priorities.
     fn grant(&self, state: &mut State, now: OffsetDateTime) {
-        while state.busy < self.slots
-            && let Some((index, aged)) = self.pick(state, now)
-        {
+        loop {
+            let next = if state.busy < self.slots {
+                self.pick(state, now)
+            } else if state.busy == self.slots {
+                Self::pick_p0(state)
+            } else {
+                None
+            };
+            let Some((index, aged)) = next else { return };
             let w = state.waiting.swap_remove(index);
             state.last_turn_aged = aged;
             // A waiter that gave up (its future was dropped) leaves the slot to the next.
@@ -123,6 +132,13 @@ impl Gate {
                 state.busy += 1;
             }
         }
+    }
+
+    /// The first waiting P0 batch, for the reserved slot.
+    fn pick_p0(state: &State) -> Option<(usize, bool)> {
+        let first =
+            state.waiting.iter().enumerate().filter(|(_, w)| w.priority == Priority::P0).min_by_key(|(_, w)| w.seq);
+        first.map(|(i, _)| (i, false))
     }
 
     fn pick(&self, state: &State, now: OffsetDateTime) -> Option<(usize, bool)> {
@@ -182,13 +198,14 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for (p, oldest) in batches {
-            let (g, log) = (gate.clone(), log.clone());
+            let (g, l) = (gate.clone(), log.clone());
             tasks.push(tokio::spawn(async move {
                 let turn = g.enter(p, oldest).await;
-                log.lock().unwrap().push((p, turn.aged));
+                l.lock().unwrap().push((p, turn.aged));
             }));
-            // Each waiter is queued before the next is spawned.
-            while gate.state.lock().unwrap().waiting.len() < tasks.len() {
+            // Each waiter is queued (or, a P0 in the reserved slot, served) before the next is
+            // spawned.
+            while gate.state.lock().unwrap().waiting.len() + log.lock().unwrap().len() < tasks.len() {
                 tokio::task::yield_now().await;
             }
         }
@@ -221,8 +238,12 @@ mod tests {
             vec![(Priority::P3, ago(61)), (Priority::P2, ago(120)), (Priority::P0, ago(0)), (Priority::P1, ago(1))],
         )
         .await;
-        // P2 is the most overdue; then a strict turn (P0); then P3, overdue; then P1.
-        assert_eq!(got, vec![(Priority::P2, true), (Priority::P0, false), (Priority::P3, true), (Priority::P1, false)]);
+        // P0 takes the reserved slot at once; then P2, the most overdue (an aging turn, ahead of
+        // P1); then a strict turn (P1); then P3, the only one left.
+        assert_eq!(
+            got,
+            vec![(Priority::P0, false), (Priority::P2, true), (Priority::P1, false), (Priority::P3, false)]
+        );
     }
 
     #[tokio::test]
@@ -253,24 +274,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn with_two_slots_a_p0_takes_the_first_slot_to_free_up() {
+    async fn a_p0_never_waits_behind_lower_priorities_but_a_second_p0_does() {
         let gate = Arc::new(Gate::new(MaxWaits::default(), 2));
         let a = gate.enter(Priority::P3, ago(0)).await;
         let b = gate.enter(Priority::P3, ago(0)).await;
-        let (g3, g0) = (gate.clone(), gate.clone());
-        let p3 = tokio::spawn(async move { drop(g3.enter(Priority::P3, ago(0)).await) });
+        let p3 = {
+            let g = gate.clone();
+            tokio::spawn(async move { drop(g.enter(Priority::P3, ago(0)).await) })
+        };
         while gate.state.lock().unwrap().waiting.is_empty() {
             tokio::task::yield_now().await;
         }
-        let p0 = tokio::spawn(async move { g0.enter(Priority::P0, ago(0)).await.aged });
+        let first_p0 = tokio::time::timeout(Duration::from_secs(5), gate.enter(Priority::P0, ago(0))).await;
+        let first_p0 = first_p0.expect("a P0 starts while both regular slots are busy");
+        let second = {
+            let g = gate.clone();
+            tokio::spawn(async move { drop(g.enter(Priority::P0, ago(0)).await) })
+        };
         while gate.state.lock().unwrap().waiting.len() < 2 {
             tokio::task::yield_now().await;
         }
         drop(a);
-        // The freed slot is granted inside `drop`: the P3 that waited first still waits.
-        let still_waiting: Vec<Priority> = gate.state.lock().unwrap().waiting.iter().map(|w| w.priority).collect();
-        assert_eq!(still_waiting, [Priority::P3], "the P0 got the freed slot by priority");
-        assert!(!p0.await.unwrap());
+        // The freed slot goes to the waiting P0, not to the P3 that waited longer.
+        let waiting: Vec<Priority> = gate.state.lock().unwrap().waiting.iter().map(|w| w.priority).collect();
+        assert_eq!(waiting, [Priority::P3]);
+        second.await.unwrap();
+        drop(first_p0);
         drop(b);
         p3.await.unwrap();
     }
