@@ -18,12 +18,13 @@ pub fn run(flags: &flags::Bench) -> anyhow::Result<()> {
         "runtime" => runtime(),
         "search" => search(flags),
         "score" => score(flags),
-        other => bail!("unknown bench suite `{other}` (known: api, runtime, score)"),
+        "dispute" => crate::bench_dispute::run(flags),
+        other => bail!("unknown bench suite `{other}` (known: api, runtime, score, search, dispute)"),
     }
 }
 
 /// The machine, for the record.
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -34,14 +35,14 @@ fn machine() -> String {
     format!("{cores} cores ({cpu})")
 }
 
-struct BenchDb {
-    url: String,
-    psql: PathBuf,
+pub(crate) struct BenchDb {
+    pub(crate) url: String,
+    pub(crate) psql: PathBuf,
 }
 
 impl BenchDb {
     /// Drops and recreates database `name` on the stack's server, and migrates it.
-    fn fresh(stack: &Stack, name: &str) -> anyhow::Result<Self> {
+    pub(crate) fn fresh(stack: &Stack, name: &str) -> anyhow::Result<Self> {
         let psql = util::find_program("psql", &[]).context("psql is needed for benchmarks")?;
         let maintenance = replace_database(&stack.database_url, "postgres");
         util::read(
@@ -72,7 +73,7 @@ impl BenchDb {
         Ok(Some(Self { url, psql }))
     }
 
-    fn exec(&self, sql: &str) -> anyhow::Result<String> {
+    pub(crate) fn exec(&self, sql: &str) -> anyhow::Result<String> {
         util::read(Command::new(&self.psql).arg(&self.url).args(["-qAtX", "-v", "ON_ERROR_STOP=1", "-c", sql]))
     }
 }
@@ -102,13 +103,13 @@ pub(crate) fn build_release(packages: &[&str]) -> anyhow::Result<()> {
 }
 
 /// A release `trellis-api` on fixed local ports, killed (SIGTERM, then SIGKILL) on drop.
-struct Api {
+pub(crate) struct Api {
     child: Child,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Api {
-    fn start(db: &BenchDb, stack: &Stack, prefix: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Self> {
+    pub(crate) fn start(db: &BenchDb, stack: &Stack, prefix: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let port = free_port()?;
         let admin = free_port()?;
         let log = util::target_dir().join("bench-api.log");
@@ -149,12 +150,12 @@ impl Drop for Api {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// The status of a GET, or `None` when nothing answers.
-fn http_status(host_port: &str, path: &str) -> anyhow::Result<Option<u16>> {
+pub(crate) fn http_status(host_port: &str, path: &str) -> anyhow::Result<Option<u16>> {
     use std::io::Read as _;
     let Ok(mut stream) = std::net::TcpStream::connect(host_port) else { return Ok(None) };
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;

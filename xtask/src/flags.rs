@@ -47,6 +47,8 @@ pub struct Bench {
     pub users: Option<u64>,
     /// The API's request pool (`api`); the API's own default when absent.
     pub db_pool_size: Option<u32>,
+    /// P3 disputes queued before the measurement (`dispute`).
+    pub backlog: Option<u64>,
 }
 
 pub struct Seed {
@@ -139,10 +141,11 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
             Command::Test(Test { runner_args })
         }
         "bench" => {
-            let suite = args.next().context("bench needs a suite name (api, runtime, score, search)")?;
+            let suite = args.next().context("bench needs a suite name (api, runtime, score, search, dispute)")?;
             let mut duration = 20;
             let mut users = None;
             let mut db_pool_size = None;
+            let mut backlog = None;
             while let Some(arg) = args.next() {
                 match arg.as_str() {
                     "--duration" => {
@@ -155,10 +158,13 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
                         let n = args.next().context("--db-pool-size needs a number")?;
                         db_pool_size = Some(n.parse().context("--db-pool-size")?)
                     }
+                    "--backlog" => {
+                        backlog = Some(args.next().context("--backlog needs a number")?.parse().context("--backlog")?)
+                    }
                     other => bail!("unknown option for `bench`: {other}"),
                 }
             }
-            Command::Bench(Bench { suite, duration, users, db_pool_size })
+            Command::Bench(Bench { suite, duration, users, db_pool_size, backlog })
         }
         "seed" => {
             let mut seed = Seed {

@@ -121,5 +121,10 @@ async fn decide(
     }));
     trellis_store::outbox::insert(&mut tx, &events(Some(principal.user_id), payloads)).await?;
     tx.commit().await?;
+    // The same counter as the dispute processor's rules (its series exist from the processor's
+    // start-up; Prometheus sums both processes).
+    let outcome = verdict.status().as_str();
+    metrics::counter!("trellis_dispute_decisions_total", "outcome" => outcome, "rule" => MODERATOR_RULE).increment(1);
+    tracing::info!(dispute = %id, moderator = %principal.user_id, decision = outcome, "dispute decided by a moderator");
     Ok(Json(Dispute::from_row(row, true)))
 }

@@ -1,6 +1,7 @@
 //! The shared domain of Trellis: identifiers, validated newtypes, the event envelope with its
 //! subjects and payloads, and the pure rules. Nothing in this crate does I/O or is async.
 
+pub mod adjudication;
 pub mod disputes;
 pub mod events;
 pub mod flags;

@@ -192,6 +192,7 @@ pub struct ConsumerGroup<H> {
     config: RunnerConfig,
     handler: Arc<H>,
     bound: Arc<AtomicBool>,
+    pulling: tokio::sync::watch::Sender<bool>,
     first_failures: FirstFailures,
     /// While closed, this process is not the executor: it does not pull (see [`Self::gated`]).
     gate: Option<tokio::sync::watch::Receiver<bool>>,
@@ -213,6 +214,7 @@ impl<H: Handler> ConsumerGroup<H> {
             config,
             handler,
             bound: Arc::new(AtomicBool::new(false)),
+            pulling: tokio::sync::watch::Sender::new(false),
             first_failures: FirstFailures::default(),
             gate: None,
             standing_by: Arc::new(AtomicBool::new(false)),
@@ -224,9 +226,7 @@ impl<H: Handler> ConsumerGroup<H> {
     /// waits (`trellis_consumer_standing_by{consumer}` says so). Until the gate first opens,
     /// the consumers are not even declared. The pull in hand lasts at most `fetch_expiry`,
     /// which bounds the overlap with the new executor; the handler's idempotency absorbs it.
-    /// (Shorter pulls are no answer: nats-server 2.9 left pulls of a second or less unanswered
-    /// until the client gave up on them, seconds later.) The pull in hand is finished rather
-    /// than handed back (nak):
+    /// The pull in hand is finished rather than handed back (nak):
     /// every hand-back would raise the messages' delivery count, and rapid flips could push a
     /// healthy message to `max_deliver` and the DLQ.
     pub fn gated(mut self, gate: tokio::sync::watch::Receiver<bool>) -> Self {
@@ -271,6 +271,13 @@ impl<H: Handler> ConsumerGroup<H> {
     /// True once every consumer is declared and verified (for `/readyz`).
     pub fn bound_flag(&self) -> Arc<AtomicBool> {
         self.bound.clone()
+    }
+
+    /// Turns true once the first pull request on the main consumer has been sent: from then on,
+    /// a message waiting in the stream is on its way to this group. A scheduler over several
+    /// groups uses it to start them in order.
+    pub fn pulling(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.pulling.subscribe()
     }
 
     fn durable(&self) -> String {
@@ -375,15 +382,23 @@ impl<H: Handler> ConsumerGroup<H> {
                 }
             }
             // A held batch's window is a timer of its own (below), not the pull's expiry.
-            let request = consumer
+            // No idle heartbeats: async-nats 0.51's `Batch` answers a heartbeat with
+            // `Poll::Pending` without registering a waker, so the stream stalls until its own
+            // timer (expiry + 5 s) and drops what arrived meanwhile — a message delivered to an
+            // idle pull would wait for `ack_wait` to be redelivered. The server's expiry (408)
+            // and that timer end a pull just as well.
+            let batch = consumer
                 .batch()
                 .max_messages(self.config.batch_size - held.len())
                 .expires(self.config.fetch_expiry)
-                .heartbeat(self.config.fetch_expiry / 4);
-            let batch = request.messages().await;
+                .messages()
+                .await;
             let batch = match batch {
                 Ok(b) => {
                     failures = 0;
+                    if source == Source::Main {
+                        self.pulling.send_replace(true);
+                    }
                     b
                 }
                 Err(e) => {

@@ -160,6 +160,24 @@ impl Worker {
         });
     }
 
+    /// Runs `task` (e.g. a processor that drives several groups itself) like a group: the
+    /// shutdown waits for it within the grace period, and an error stops the worker.
+    pub fn spawn_task<F>(&self, name: &str, task: F)
+    where
+        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let name = name.to_owned();
+        let failures = self.failures.clone();
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            if let Err(e) = task.await {
+                tracing::error!(task = %name, error = format!("{e:#}"), "task cannot run");
+                failures.lock().expect("failures lock").push(e);
+                shutdown.cancel();
+            }
+        });
+    }
+
     /// A token that is cancelled when the groups must stop fetching.
     pub fn stop_token(&self) -> CancellationToken {
         self.stop.clone()

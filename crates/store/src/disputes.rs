@@ -2,6 +2,7 @@
 
 use sqlx::{PgConnection, PgExecutor};
 use time::OffsetDateTime;
+use trellis_domain::adjudication::{Facts, Related};
 use trellis_domain::disputes::{DisputeKind, DisputeStatus, Priority};
 use trellis_domain::{DisputeId, UserId};
 use uuid::Uuid;
@@ -131,15 +132,24 @@ pub struct Decision<'a> {
     pub note: Option<&'a str>,
 }
 
+/// Records a decision on one dispute (a moderator's), with its audit row.
 pub async fn record_decision(
     conn: &mut PgConnection,
     id: DisputeId,
     d: &Decision<'_>,
 ) -> Result<DisputeRow, sqlx::Error> {
     sqlx::query_as(&format!(
-        "UPDATE security.disputes SET status = $2, decision_rule = $3, decision_reasons = $4, rules_version = $5,
-             decided_by = $6, decision_note = $7, decided_at = now(), updated_at = now()
-         WHERE id = $1 RETURNING {COLUMNS}"
+        "WITH decided AS (
+             UPDATE security.disputes SET status = $2, decision_rule = $3, decision_reasons = $4, rules_version = $5,
+                 decided_by = $6, decision_note = $7, decided_at = clock_timestamp(), updated_at = now()
+             WHERE id = $1 RETURNING {COLUMNS}
+         ), audited AS (
+             INSERT INTO security.dispute_decisions
+                 (dispute_id, status, rule, rules_version, reasons, decided_by, note, decided_at)
+             SELECT id, status, decision_rule, rules_version, decision_reasons, decided_by, decision_note, decided_at
+             FROM decided
+         )
+         SELECT {COLUMNS} FROM decided"
     ))
     .bind(id.0)
     .bind(d.status.as_str())
@@ -193,4 +203,227 @@ pub async fn apply_upheld_effects(
         }
         DisputeKind::IncorrectInfo => Ok(Vec::new()),
     }
+}
+
+/// Locks the disputes of `ids` that are still pending (in id order, so that concurrent batches
+/// cannot deadlock on each other) and returns them. A dispute that another transaction decides
+/// first is left out: PostgreSQL re-checks `status` once the lock is granted.
+pub async fn lock_pending(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<DisputeRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM security.disputes WHERE id = ANY($1) AND status = 'pending' ORDER BY id FOR UPDATE"
+    ))
+    .bind(ids)
+    .fetch_all(conn)
+    .await
+}
+
+/// Locks the disputes of `ids` that are still undecided (pending or needs_review), skipping
+/// those another transaction holds: whoever holds one decides it.
+pub async fn lock_undecided(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<DisputeRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM security.disputes
+         WHERE id = ANY($1) AND status IN ('pending', 'needs_review') ORDER BY id FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(ids)
+    .fetch_all(conn)
+    .await
+}
+
+#[derive(sqlx::FromRow)]
+struct FactsRow {
+    id: Uuid,
+    reporter_id: Uuid,
+    kind: String,
+    created_at: OffsetDateTime,
+    now: OffsetDateTime,
+    reporter_suspended: bool,
+    target_suspended: bool,
+    reporter_score: Option<i32>,
+    target_score: Option<i32>,
+    same_reporter: sqlx::types::Json<Vec<RelatedRow>>,
+    reporter_record: sqlx::types::Json<Vec<RelatedRow>>,
+    against_target: sqlx::types::Json<Vec<RelatedRow>>,
+}
+
+#[derive(serde::Deserialize)]
+struct RelatedRow {
+    id: Uuid,
+    reporter_id: Uuid,
+    status: DisputeStatus,
+    #[serde(with = "time::serde::rfc3339")]
+    filed_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    decided_at: Option<OffsetDateTime>,
+    reporter_score: Option<i32>,
+}
+
+impl From<RelatedRow> for Related {
+    fn from(r: RelatedRow) -> Self {
+        Related {
+            id: r.id,
+            reporter_id: r.reporter_id,
+            status: r.status,
+            filed_at: r.filed_at,
+            decided_at: r.decided_at,
+            reporter_score: r.reporter_score,
+        }
+    }
+}
+
+/// The facts the adjudication rules need, for every dispute of `ids`, in one statement. Each
+/// list holds what its rule's window could reach (the rules apply the windows exactly), plus
+/// every undecided dispute, whose status a decision earlier in the same batch may change.
+pub async fn gather_facts(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Facts>, sqlx::Error> {
+    use trellis_domain::adjudication::{CORROBORATION_WINDOW, CREDIBILITY_WINDOW, DUPLICATE_WINDOW};
+    let secs = |d: time::Duration| d.whole_seconds() as f64;
+    let rows: Vec<FactsRow> = sqlx::query_as(
+        "WITH clock AS (SELECT now() AS now)
+         SELECT d.id, d.reporter_id, d.kind, d.created_at, clock.now,
+             ru.status = 'suspended' AS reporter_suspended, tu.status = 'suspended' AS target_suspended,
+             rs.score AS reporter_score, ts.score AS target_score,
+             (SELECT coalesce(jsonb_agg(jsonb_build_object('id', o.id, 'reporter_id', o.reporter_id,
+                      'status', o.status, 'filed_at', o.created_at, 'decided_at', o.decided_at)), '[]')
+                FROM security.disputes o
+               WHERE o.target_id = d.target_id AND o.kind = d.kind AND o.reporter_id = d.reporter_id
+                 AND o.id <> d.id
+                 AND (o.status IN ('pending', 'needs_review') OR o.decided_at >= clock.now - make_interval(secs => $2)))
+               AS same_reporter,
+             (SELECT coalesce(jsonb_agg(jsonb_build_object('id', o.id, 'reporter_id', o.reporter_id,
+                      'status', o.status, 'filed_at', o.created_at, 'decided_at', o.decided_at)), '[]')
+                FROM security.disputes o
+               WHERE o.reporter_id = d.reporter_id AND o.id <> d.id
+                 AND o.created_at >= clock.now - make_interval(secs => $3))
+               AS reporter_record,
+             (SELECT coalesce(jsonb_agg(jsonb_build_object('id', o.id, 'reporter_id', o.reporter_id,
+                      'status', o.status, 'filed_at', o.created_at, 'decided_at', o.decided_at,
+                      'reporter_score', s.score)), '[]')
+                FROM security.disputes o LEFT JOIN score.user_scores s ON s.user_id = o.reporter_id
+               WHERE o.target_id = d.target_id AND o.kind = d.kind AND o.id <> d.id
+                 AND (o.status IN ('pending', 'needs_review') OR o.created_at >= clock.now - make_interval(secs => $4)))
+               AS against_target
+         FROM security.disputes d CROSS JOIN clock
+         JOIN identity.users ru ON ru.id = d.reporter_id
+         JOIN identity.users tu ON tu.id = d.target_id
+         LEFT JOIN score.user_scores rs ON rs.user_id = d.reporter_id
+         LEFT JOIN score.user_scores ts ON ts.user_id = d.target_id
+         WHERE d.id = ANY($1)",
+    )
+    .bind(ids)
+    .bind(secs(DUPLICATE_WINDOW))
+    .bind(secs(CREDIBILITY_WINDOW))
+    .bind(secs(CORROBORATION_WINDOW))
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            let kind = DisputeKind::parse(&r.kind).map_err(|e| sqlx::Error::Decode(e.message.into()))?;
+            Ok(Facts {
+                dispute_id: r.id,
+                reporter_id: r.reporter_id,
+                kind,
+                filed_at: r.created_at,
+                now: r.now,
+                reporter_suspended: r.reporter_suspended,
+                target_suspended: r.target_suspended,
+                target_score: r.target_score,
+                reporter_score: r.reporter_score,
+                same_reporter: r.same_reporter.0.into_iter().map(Related::from).collect(),
+                reporter_record: r.reporter_record.0.into_iter().map(Related::from).collect(),
+                against_target: r.against_target.0.into_iter().map(Related::from).collect(),
+            })
+        })
+        .collect()
+}
+
+/// One automatic decision to record.
+pub struct AutoDecision {
+    pub id: Uuid,
+    pub status: DisputeStatus,
+    pub rule: &'static str,
+    pub reasons: serde_json::Value,
+}
+
+/// What recording a decision returns: enough for the latency metric.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Recorded {
+    pub id: Uuid,
+    pub priority: i16,
+    pub created_at: OffsetDateTime,
+    pub decided_at: OffsetDateTime,
+}
+
+/// Records automatic decisions (locked by the caller) and their audit rows in one statement.
+/// `decided_at` is the statement's clock, as close to the commit as SQL can get.
+pub async fn record_auto_decisions(
+    conn: &mut PgConnection,
+    decisions: &[AutoDecision],
+    rules_version: &str,
+) -> Result<Vec<Recorded>, sqlx::Error> {
+    if decisions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = decisions.iter().map(|d| d.id).collect();
+    let statuses: Vec<&str> = decisions.iter().map(|d| d.status.as_str()).collect();
+    let rules: Vec<&str> = decisions.iter().map(|d| d.rule).collect();
+    let reasons: Vec<&serde_json::Value> = decisions.iter().map(|d| &d.reasons).collect();
+    sqlx::query_as(
+        "WITH decided AS (
+             UPDATE security.disputes d SET status = u.status, decision_rule = u.rule, decision_reasons = u.reasons,
+                 rules_version = $5, decided_by = NULL, decision_note = NULL, decided_at = clock_timestamp(),
+                 updated_at = now()
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[]) AS u(id, status, rule, reasons)
+             WHERE d.id = u.id
+             RETURNING d.id, d.priority, d.created_at, d.decided_at, d.status, d.decision_rule, d.decision_reasons
+         ), audited AS (
+             INSERT INTO security.dispute_decisions (dispute_id, status, rule, rules_version, reasons, decided_at)
+             SELECT id, status, decision_rule, $5, decision_reasons, decided_at FROM decided
+         )
+         SELECT id, priority, created_at, decided_at FROM decided",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&rules)
+    .bind(&reasons)
+    .bind(rules_version)
+    .fetch_all(conn)
+    .await
+}
+
+/// The age in seconds of the oldest pending dispute of each priority (rank 0 … 3) that has one.
+pub async fn oldest_pending_age_seconds(db: impl PgExecutor<'_>) -> Result<Vec<(i16, f64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT p.priority::smallint, extract(epoch FROM now() - o.created_at)::float8
+         FROM generate_series(0, 3) AS p(priority)
+         CROSS JOIN LATERAL (SELECT created_at FROM security.disputes
+                             WHERE status = 'pending' AND priority = p.priority
+                             ORDER BY created_at LIMIT 1) o",
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// The ids of `ids` that are not disputes.
+pub async fn missing(db: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT i FROM UNNEST($1::uuid[]) AS i WHERE NOT EXISTS (SELECT 1 FROM security.disputes d WHERE d.id = i)",
+    )
+    .bind(ids)
+    .fetch_all(db)
+    .await
+}
+
+/// The share of the processor's decisions (R1–R5) of the last `window` that R1–R4 made on
+/// their own; `None` when there were none.
+pub async fn auto_adjudication_ratio(
+    db: impl PgExecutor<'_>,
+    window: std::time::Duration,
+) -> Result<Option<f64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT (count(*) FILTER (WHERE rule IN ('R1', 'R2', 'R3', 'R4')))::float8 / NULLIF(count(*), 0)
+         FROM security.dispute_decisions
+         WHERE rule IN ('R1', 'R2', 'R3', 'R4', 'R5') AND decided_at >= now() - make_interval(secs => $1)",
+    )
+    .bind(window.as_secs_f64())
+    .fetch_one(db)
+    .await
 }

@@ -1,0 +1,452 @@
+//! The dispute processor: drains filed disputes strictly by priority (P0 first), with aging so
+//! that no priority starves, and decides each by the auto-adjudication rules
+//! (`trellis_domain::adjudication`), handing the rest to moderators with reasons. A library
+//! value ([`Processor`]) that the runtime drives; `dispute-processor` is its thin binary, and
+//! `trellis-api` can run the same value in-process ([`Groups::run`] with its own context and
+//! stop token).
+//!
+//! **Four consumers, one gate.** A dispute is filed on `events.disputes.filed.p<N>`; there is one
+//! durable consumer per priority (`dispute-processor-p0` … `-p3`, each with one filter subject,
+//! as nats-server 2.9 requires), each with its own replay consumer and DLQ subject, all run by
+//! the runtime's consumer-group runner (ack, nak with backoff, DLQ, replay unchanged). What
+//! makes it a priority queue is the [`scheduler::Gate`] their handlers share: a process decides
+//! `--concurrent-batches` batches at once (2 by default: one commits while the next is judged),
+//! and when a slot frees up the next turn goes to the highest waiting priority, except that a
+//! lower priority whose oldest message has waited longer than its maximum wait (P1 1 min, P2
+//! 10 min, P3 60 min by default) takes the next turn. Aging turns alternate with strict ones,
+//! so an entirely overdue backlog cannot starve the others. P0 has one more slot than the
+//! others: it starts even while every regular slot is busy with lower-priority batches.
+//!
+//! **Why strict.** Every group always has a pull outstanding, so a new P0 reaches the gate as
+//! soon as it is published; the gate never grants a lower priority while a higher one waits
+//! (save the alternating aging turn), and a P0 never waits for a lower-priority batch at all. At start-up the groups begin pulling in priority order
+//! (P1 only once P0's first pull is on the wire, and so on), so a backlog that was queued while
+//! the processor was down is also served P0 first.
+//!
+//! **The in-flight bound.** A group holds at most one pull (its batch size) at a time, and each
+//! priority has one group per slot. P1–P3 pull short batches (`--short-batch-size`, 64 by
+//! default): they bound the work a P0 shares the database with (P0 does not wait for them, it
+//! runs beside them), and a process holds at most `concurrent-batches × short-batch-size` (128)
+//! messages of a lower priority, leaving the rest in JetStream for other replicas.
+//!
+//! **Deciding a batch** is one transaction: lock the batch's pending disputes (in id order;
+//! a redelivered or concurrently decided dispute is no longer pending and is acked with no
+//! effect, so two replicas never decide one dispute twice), gather the facts of all of them in
+//! one statement, judge them in filing order (a decision earlier in the batch is visible to the
+//! later ones, exactly as one at a time), apply the effects of upheld disputes, record the
+//! decisions and their audit rows in one statement, write the outbox events, commit; then ack.
+
+pub mod scheduler;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer;
+use sqlx::PgPool;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use trellis_domain::adjudication::{self, Facts, RULES_VERSION, Rule};
+use trellis_domain::disputes::{DisputeKind, DisputeStatus, Priority};
+use trellis_domain::events::{DisputeDecided, DisputeFiled, Event, EventPayload, filed_subject};
+use trellis_domain::{DisputeId, UserId};
+use trellis_runtime::consumer::{
+    ConsumerError, ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome, RunnerConfig, RunnerContext,
+};
+use trellis_store::disputes::{AutoDecision, DisputeRow};
+use uuid::Uuid;
+
+pub use scheduler::MaxWaits;
+
+/// The durable consumer of a priority: `dispute-processor-p0` … `dispute-processor-p3`.
+pub fn consumer_name(p: Priority) -> String {
+    format!("dispute-processor-{}", label(p))
+}
+
+/// The consumer group of a priority.
+pub fn consumer_spec(p: Priority) -> ConsumerSpec {
+    ConsumerSpec { name: consumer_name(p), filter_subject: filed_subject(p) }
+}
+
+/// The metric label of a priority: `p0` … `p3`.
+pub fn label(p: Priority) -> &'static str {
+    match p {
+        Priority::P0 => "p0",
+        Priority::P1 => "p1",
+        Priority::P2 => "p2",
+        Priority::P3 => "p3",
+    }
+}
+
+/// The rule label of a moderator's decision in `trellis_dispute_decisions_total`.
+pub const MODERATOR_RULE: &str = "moderator";
+
+/// The processor's settings (flags of the binary; `trellis-api` flattens the same).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProcessorArgs {
+    /// Longest a P1 dispute waits behind higher priorities before it takes the next turn.
+    #[arg(long, env = "MAX_WAIT_P1", value_parser = humantime::parse_duration, default_value = "1m")]
+    pub max_wait_p1: Duration,
+    /// The same for P2.
+    #[arg(long, env = "MAX_WAIT_P2", value_parser = humantime::parse_duration, default_value = "10m")]
+    pub max_wait_p2: Duration,
+    /// The same for P3.
+    #[arg(long, env = "MAX_WAIT_P3", value_parser = humantime::parse_duration, default_value = "60m")]
+    pub max_wait_p3: Duration,
+    /// Batch size of P1–P3 (P0 uses --batch-size): bounds how long a new P0 waits.
+    #[arg(long, env = "SHORT_BATCH_SIZE", default_value_t = 64)]
+    pub short_batch_size: usize,
+    /// Batches a process decides at once (the gate's slots; each priority pulls this many
+    /// batches in parallel): overlaps one batch's commit and acks with the next one's work.
+    #[arg(long, env = "CONCURRENT_BATCHES", default_value_t = 2)]
+    pub concurrent_batches: usize,
+    /// How often the queue gauges (depth, oldest waiting, auto-adjudication ratio) are refreshed.
+    #[arg(long, env = "METRICS_EVERY", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub metrics_every: Duration,
+}
+
+impl Default for ProcessorArgs {
+    fn default() -> Self {
+        let waits = MaxWaits::default();
+        Self {
+            max_wait_p1: waits.p1,
+            max_wait_p2: waits.p2,
+            max_wait_p3: waits.p3,
+            short_batch_size: 64,
+            concurrent_batches: 2,
+            metrics_every: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ProcessorArgs {
+    pub fn max_waits(&self) -> MaxWaits {
+        MaxWaits { p1: self.max_wait_p1, p2: self.max_wait_p2, p3: self.max_wait_p3 }
+    }
+}
+
+/// The processor: a pool, its settings and the priority gate shared by its four handlers.
+#[derive(Clone)]
+pub struct Processor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    args: ProcessorArgs,
+    gate: scheduler::Gate,
+}
+
+impl Processor {
+    pub fn new(pool: PgPool, args: ProcessorArgs) -> Self {
+        let gate = scheduler::Gate::new(args.max_waits(), args.concurrent_batches);
+        Self { inner: Arc::new(Inner { pool, args, gate }) }
+    }
+
+    /// The consumer groups, P0 first: `--concurrent-batches` pull loops on each priority's
+    /// consumer (like that many replicas). `runner` is P0's configuration; P1–P3 take the same
+    /// with the short batch size.
+    pub fn groups(&self, ctx: RunnerContext, runner: RunnerConfig) -> Groups {
+        let lanes = self.inner.args.concurrent_batches.max(1);
+        let groups = Priority::ALL
+            .into_iter()
+            .flat_map(|p| std::iter::repeat_n(p, lanes))
+            .map(|p| {
+                let mut config = runner.clone();
+                if p != Priority::P0 {
+                    config.batch_size = self.inner.args.short_batch_size.max(1);
+                }
+                let handler = Arc::new(PriorityHandler { processor: self.clone(), priority: p });
+                ConsumerGroup::new(ctx.clone(), consumer_spec(p), config, handler)
+            })
+            .collect();
+        Groups { processor: self.clone(), ctx, groups }
+    }
+
+    /// Decides the pending disputes among `ids` in one transaction and returns the ids it
+    /// found pending (the others were already decided, or do not exist).
+    pub async fn decide(&self, ids: &[Uuid]) -> Result<HashSet<Uuid>, sqlx::Error> {
+        let mut tx = self.inner.pool.begin().await?;
+        let locked = trellis_store::disputes::lock_pending(&mut tx, ids).await?;
+        if locked.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let locked_ids: Vec<Uuid> = locked.iter().map(|r| r.id).collect();
+        let mut facts: HashMap<Uuid, Facts> = trellis_store::disputes::gather_facts(&mut tx, &locked_ids)
+            .await?
+            .into_iter()
+            .map(|f| (f.dispute_id, f))
+            .collect();
+        let mut rows: Vec<&DisputeRow> = locked.iter().collect();
+        rows.sort_by_key(|r| (r.created_at, r.id));
+
+        let mut batch = Batch::default();
+        for row in rows {
+            if batch.decided.contains_key(&row.id) {
+                continue; // upheld with an earlier one of the batch (R4)
+            }
+            let Some(mut f) = facts.remove(&row.id) else { continue };
+            batch.overlay(&mut f);
+            let judgement = adjudication::adjudicate(&f);
+            let kind = f.kind;
+            let target = UserId(row.target_id);
+            let reasons = serde_json::json!(judgement.reasons);
+            let mut decided = vec![row.id];
+            if !judgement.also_upheld.is_empty() {
+                let others: Vec<Uuid> =
+                    judgement.also_upheld.iter().copied().filter(|id| !batch.decided.contains_key(id)).collect();
+                let others = trellis_store::disputes::lock_undecided(&mut tx, &others).await?;
+                decided.extend(others.iter().map(|o| o.id));
+            }
+            for id in &decided {
+                batch.record(*id, judgement.status, judgement.rule, reasons.clone(), f.now);
+                batch.events.push(EventPayload::DisputeDecided(DisputeDecided {
+                    dispute_id: DisputeId(*id),
+                    target_id: target,
+                    kind,
+                    status: judgement.status,
+                    rule: judgement.rule.id().to_owned(),
+                    decided_by: None,
+                }));
+            }
+            if judgement.status == DisputeStatus::Upheld {
+                let effects =
+                    trellis_store::disputes::apply_upheld_effects(&mut tx, DisputeId(row.id), kind, target).await?;
+                batch.events.extend(effects);
+                if matches!(kind, DisputeKind::Impersonation | DisputeKind::Harassment) {
+                    batch.suspended.insert(row.target_id);
+                }
+            }
+        }
+        let recorded = trellis_store::disputes::record_auto_decisions(&mut tx, &batch.decisions, RULES_VERSION).await?;
+        let now = OffsetDateTime::now_utc();
+        let events: Vec<Event> = batch.events.iter().map(|p| Event::new(p, None, now)).collect();
+        trellis_store::outbox::insert(&mut tx, &events).await?;
+        tx.commit().await?;
+        for r in &recorded {
+            let p = Priority::from_rank(r.priority).unwrap_or(Priority::P3);
+            let latency = (r.decided_at - r.created_at).as_seconds_f64().max(0.0);
+            metrics::histogram!("trellis_dispute_decision_latency_seconds", "priority" => label(p)).record(latency);
+        }
+        for d in &batch.decisions {
+            metrics::counter!("trellis_dispute_decisions_total", "outcome" => d.status.as_str(), "rule" => d.rule)
+                .increment(1);
+        }
+        Ok(locked_ids.into_iter().collect())
+    }
+
+    /// Refreshes the queue gauges every `metrics_every` until `stop`.
+    pub async fn report_metrics(self, ctx: RunnerContext, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.inner.args.metrics_every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            for p in Priority::ALL {
+                let durable = ctx.topology.name(&consumer_name(p));
+                let info = async {
+                    let mut c: consumer::PullConsumer =
+                        ctx.js.get_consumer_from_stream(durable, ctx.topology.events_stream()).await.ok()?;
+                    c.info().await.ok().map(|i| i.num_pending + i.num_ack_pending as u64)
+                };
+                if let Some(depth) = info.await {
+                    metrics::gauge!("trellis_dispute_queue_depth_messages", "priority" => label(p)).set(depth as f64);
+                }
+            }
+            match trellis_store::disputes::oldest_pending_age_seconds(&self.inner.pool).await {
+                Ok(ages) => {
+                    for p in Priority::ALL {
+                        let age = ages.iter().find(|(rank, _)| *rank == p.rank()).map_or(0.0, |(_, a)| a.max(0.0));
+                        metrics::gauge!("trellis_dispute_oldest_waiting_seconds", "priority" => label(p)).set(age);
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "reading the oldest pending disputes failed"),
+            }
+            match trellis_store::disputes::auto_adjudication_ratio(&self.inner.pool, AUTO_RATIO_WINDOW).await {
+                Ok(Some(ratio)) => metrics::gauge!("trellis_dispute_auto_adjudication_ratio").set(ratio),
+                Ok(None) => {}
+                Err(e) => tracing::debug!(error = %e, "reading the auto-adjudication ratio failed"),
+            }
+        }
+    }
+}
+
+/// The window of `trellis_dispute_auto_adjudication_ratio`.
+pub const AUTO_RATIO_WINDOW: Duration = Duration::from_secs(3600);
+
+/// Sets every series with bounded labels to zero (alerts never see an absent series). Only
+/// the outcome/rule pairs the rules can produce exist.
+pub fn init_metrics() {
+    for p in Priority::ALL {
+        metrics::gauge!("trellis_dispute_queue_depth_messages", "priority" => label(p)).set(0.0);
+        metrics::gauge!("trellis_dispute_oldest_waiting_seconds", "priority" => label(p)).set(0.0);
+        let _ = metrics::histogram!("trellis_dispute_decision_latency_seconds", "priority" => label(p));
+    }
+    for (outcome, rule) in DECISION_SERIES {
+        metrics::counter!("trellis_dispute_decisions_total", "outcome" => outcome, "rule" => rule).absolute(0);
+    }
+    metrics::gauge!("trellis_dispute_auto_adjudication_ratio").set(0.0);
+}
+
+/// Every (outcome, rule) pair of `trellis_dispute_decisions_total`.
+pub const DECISION_SERIES: [(&str, &str); 8] = [
+    ("dismissed", "R1"),
+    ("dismissed", "R2"),
+    ("dismissed", "R3"),
+    ("needs_review", "R3"),
+    ("upheld", "R4"),
+    ("needs_review", "R5"),
+    ("upheld", MODERATOR_RULE),
+    ("dismissed", MODERATOR_RULE),
+];
+
+/// What a batch has decided so far, so that later disputes of the batch see it.
+#[derive(Default)]
+struct Batch {
+    decided: HashMap<Uuid, (DisputeStatus, OffsetDateTime)>,
+    suspended: HashSet<Uuid>,
+    decisions: Vec<AutoDecision>,
+    events: Vec<EventPayload>,
+}
+
+impl Batch {
+    fn record(&mut self, id: Uuid, status: DisputeStatus, rule: Rule, reasons: serde_json::Value, at: OffsetDateTime) {
+        self.decided.insert(id, (status, at));
+        self.decisions.push(AutoDecision { id, status, rule: rule.id(), reasons });
+    }
+
+    /// Applies the batch's earlier decisions to facts read before them.
+    fn overlay(&self, f: &mut Facts) {
+        let lists = [&mut f.same_reporter, &mut f.reporter_record, &mut f.against_target];
+        for list in lists {
+            for r in list.iter_mut() {
+                if let Some((status, at)) = self.decided.get(&r.id) {
+                    r.status = *status;
+                    r.decided_at = Some(*at);
+                }
+            }
+        }
+        f.reporter_suspended |= self.suspended.contains(&f.reporter_id);
+    }
+}
+
+/// The handler of one priority's group: decode, wait for the gate, decide.
+struct PriorityHandler {
+    processor: Processor,
+    priority: Priority,
+}
+
+impl PriorityHandler {
+    fn decode(d: &Delivery) -> Result<Uuid, String> {
+        if d.envelope.event_type != "disputes.filed" {
+            return Err(format!("unexpected event type {} on a dispute subject", d.envelope.event_type));
+        }
+        let filed: DisputeFiled = serde_json::from_value(d.envelope.data.clone())
+            .map_err(|e| format!("malformed disputes.filed data: {e}"))?;
+        Ok(filed.dispute_id.0)
+    }
+}
+
+impl Handler for PriorityHandler {
+    async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        let decoded: Vec<Result<Uuid, String>> = batch.iter().map(Self::decode).collect();
+        let ids: Vec<Uuid> = decoded.iter().filter_map(|d| d.as_ref().ok().copied()).collect();
+        let oldest = batch.iter().map(|d| d.envelope.occurred_at).min().unwrap_or_else(OffsetDateTime::now_utc);
+        let result = if ids.is_empty() {
+            Ok(Vec::new())
+        } else {
+            let turn = self.processor.inner.gate.enter(self.priority, oldest).await;
+            if turn.aged {
+                tracing::debug!(priority = self.priority.as_str(), "an overdue batch takes an aging turn");
+            }
+            match self.processor.decide(&ids).await {
+                // Not pending: already decided (a redelivery, another replica, a moderator), or
+                // missing, which only a corrupt or foreign event can cause.
+                Ok(pending) => {
+                    let rest: Vec<Uuid> = ids.iter().copied().filter(|id| !pending.contains(id)).collect();
+                    if rest.is_empty() {
+                        Ok(Vec::new())
+                    } else {
+                        trellis_store::disputes::missing(&self.processor.inner.pool, &rest).await
+                    }
+                }
+                Err(e) => Err(e),
+            }
+        };
+        let result = result.map(|missing| missing.into_iter().collect::<HashSet<Uuid>>()).map_err(|e| {
+            tracing::warn!(error = %e, priority = self.priority.as_str(), messages = batch.len(), "deciding a batch failed; it will be retried");
+            format!("deciding the batch failed: {e}")
+        });
+        decoded
+            .into_iter()
+            .map(|d| match (d, &result) {
+                (Err(reason), _) => Outcome::Reject(reason),
+                (Ok(_), Err(e)) => Outcome::Retry(e.clone()),
+                (Ok(id), Ok(missing)) if missing.contains(&id) => {
+                    Outcome::Reject(format!("dispute {id} does not exist"))
+                }
+                (Ok(_), Ok(_)) => Outcome::Done,
+            })
+            .collect()
+    }
+}
+
+/// The processor's four consumer groups, ready to run.
+pub struct Groups {
+    processor: Processor,
+    ctx: RunnerContext,
+    groups: Vec<ConsumerGroup<PriorityHandler>>,
+}
+
+impl Groups {
+    /// Each group's name (with its lane) and its "bound" flag (for `/readyz`).
+    pub fn bound_flags(&self) -> Vec<(String, Arc<AtomicBool>)> {
+        let mut lanes: HashMap<&str, usize> = HashMap::new();
+        self.groups
+            .iter()
+            .map(|g| {
+                let lane = lanes.entry(g.name()).or_default();
+                *lane += 1;
+                (format!("{} lane {lane}", g.name()), g.bound_flag())
+            })
+            .collect()
+    }
+
+    /// Runs the groups, starting them in priority order, and the metrics reporter, until
+    /// `stop`: then they stop fetching and finish the batches they hold. Returns the first
+    /// group's error (a configuration the server will not keep).
+    pub async fn run(self, stop: CancellationToken) -> Result<(), ConsumerError> {
+        init_metrics();
+        let reporter = tokio::spawn(self.processor.clone().report_metrics(self.ctx.clone(), stop.clone()));
+        let mut running = Vec::new();
+        for group in self.groups {
+            let mut pulling = group.pulling();
+            let name = group.name().to_owned();
+            let group_stop = stop.clone();
+            let task = tokio::spawn(async move {
+                let result = group.run(group_stop).await;
+                if let Err(e) = &result {
+                    tracing::error!(consumer = %name, error = %e, "a dispute consumer group stopped");
+                }
+                result
+            });
+            tokio::select! {
+                _ = pulling.wait_for(|p| *p) => {}
+                _ = stop.cancelled() => {}
+            }
+            running.push(task);
+        }
+        let mut first_error = Ok(());
+        for task in running {
+            match task.await {
+                Ok(Err(e)) if first_error.is_ok() => first_error = Err(e),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "a dispute consumer group panicked"),
+            }
+        }
+        let _ = reporter.await;
+        first_error
+    }
+}

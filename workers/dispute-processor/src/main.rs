@@ -1,0 +1,43 @@
+use clap::Parser;
+use dispute_processor::{Processor, ProcessorArgs};
+use trellis_runtime::health::Severity;
+use trellis_runtime::worker::{self, WorkerArgs};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dispute-processor",
+    version,
+    about = "Drains disputes strictly by priority and auto-adjudicates them"
+)]
+struct Args {
+    #[command(flatten)]
+    worker: WorkerArgs,
+
+    #[command(flatten)]
+    processor: ProcessorArgs,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let processor_args = args.processor;
+    worker::main("dispute-processor", args.worker, move |w| {
+        Box::pin(async move {
+            let processor = Processor::new(w.pool.clone(), processor_args);
+            let groups = processor.groups(w.ctx.clone(), w.args.runner_config());
+            for (name, bound) in groups.bound_flags() {
+                w.health.add(format!("consumer {name}"), Severity::Critical, move || {
+                    let ok = bound.load(std::sync::atomic::Ordering::Acquire);
+                    async move { if ok { Ok(()) } else { Err("not bound yet".to_owned()) } }
+                });
+            }
+            let stop = w.stop_token();
+            w.spawn_task("dispute-processor", async move { groups.run(stop).await.map_err(Into::into) });
+            Ok(())
+        })
+    })
+    .await
+}

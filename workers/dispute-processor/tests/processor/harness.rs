@@ -1,0 +1,275 @@
+//! The harness: a real `trellis-api` in-process, real `dispute-processor` child processes, each
+//! test on its own database and NATS prefix, and polling with deadlines.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use clap::Parser;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use trellis_api::{Config, Running};
+use trellis_testkit::TestDb;
+use uuid::Uuid;
+
+pub const PASSWORD: &str = "correct horse battery staple";
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Polls `check` every 25 ms until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pace = tokio::time::interval(Duration::from_millis(25));
+    loop {
+        pace.tick().await;
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+    }
+}
+
+/// A `trellis-api` running in this process.
+pub struct Api {
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    _running: Running,
+}
+
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: Uuid,
+    pub handle: String,
+    pub token: String,
+}
+
+impl Api {
+    pub async fn start(db: &TestDb, prefix: &str) -> Self {
+        let nats_url = trellis_testkit::nats_url();
+        let args = vec![
+            "trellis-api",
+            "--database-url",
+            &db.url,
+            "--nats-url",
+            &nats_url,
+            "--nats-prefix",
+            prefix,
+            "--api-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "pretty",
+            "--shutdown-grace",
+            "5s",
+        ];
+        let config = Config::try_parse_from(args).expect("test config parses");
+        let shutdown = CancellationToken::new();
+        let running = trellis_api::start(config, shutdown.clone()).await.expect("the API starts");
+        let http = reqwest::Client::builder().no_proxy().build().expect("http client");
+        Self { addr: running.api_addr, http, shutdown, _running: running }
+    }
+
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("http://{}{path}", self.addr));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.expect("body read");
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    pub async fn register(&self, handle: &str) -> User {
+        let body = json!({"handle": handle, "display_name": handle, "email": format!("{handle}@example.com"), "password": PASSWORD});
+        let (status, body) = self.request(reqwest::Method::POST, "/v1/users", None, Some(body)).await;
+        assert_eq!(status, 201, "registering {handle}: {body:?}");
+        User {
+            id: body["user"]["id"].as_str().unwrap().parse().unwrap(),
+            handle: handle.to_owned(),
+            token: body["token"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    /// Files a dispute and returns its id.
+    pub async fn file(&self, reporter: &User, target: Uuid, kind: &str) -> Uuid {
+        let body = json!({"target_id": target.to_string(), "kind": kind, "description": "a test dispute"});
+        let (status, body) =
+            self.request(reqwest::Method::POST, "/v1/disputes", Some(&reporter.token), Some(body)).await;
+        assert_eq!(status, 201, "filing {kind}: {body:?}");
+        body["id"].as_str().expect("a dispute id").parse().unwrap()
+    }
+
+    /// The dispute as its reporter sees it.
+    pub async fn dispute(&self, reporter: &User, id: Uuid) -> Value {
+        let (status, body) =
+            self.request(reqwest::Method::GET, &format!("/v1/disputes/{id}"), Some(&reporter.token), None).await;
+        assert_eq!(status, 200, "{body:?}");
+        body
+    }
+
+    /// Waits until the reporter sees a decision on the dispute; returns the dispute.
+    pub async fn decided(&self, reporter: &User, id: Uuid) -> Value {
+        eventually(&format!("dispute {id} to be decided"), WAIT, || async move {
+            let d = self.dispute(reporter, id).await;
+            (d["status"] != "pending").then_some(d)
+        })
+        .await
+    }
+
+    pub async fn moderate(&self, moderator: &User, id: Uuid, decision: &str) -> (u16, Value) {
+        let body = json!({"decision": decision, "note": "checked by hand"});
+        let path = format!("/v1/moderation/disputes/{id}/decision");
+        self.request(reqwest::Method::POST, &path, Some(&moderator.token), Some(body)).await
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn make_role(db: &TestDb, user: Uuid, role: &str) {
+    let done =
+        sqlx::query("UPDATE identity.users SET role = $2 WHERE id = $1").bind(user).bind(role).execute(&db.pool).await;
+    assert_eq!(done.unwrap().rows_affected(), 1);
+}
+
+/// Gives `user` a trust score (the orchestrator's output, written as a fixture).
+pub async fn set_score(db: &TestDb, user: Uuid, score: i32) {
+    sqlx::query(
+        "INSERT INTO score.user_scores (user_id, trust, score, run_id, computed_at) VALUES ($1, 0.5, $2, $3, now())
+         ON CONFLICT (user_id) DO UPDATE SET score = EXCLUDED.score",
+    )
+    .bind(user)
+    .bind(score)
+    .bind(Uuid::now_v7())
+    .execute(&db.pool)
+    .await
+    .expect("writing a score");
+}
+
+/// A short random tag for handles.
+pub fn tag() -> String {
+    Uuid::new_v4().simple().to_string()[..6].to_owned()
+}
+
+/// Waits until every outbox row is published.
+pub async fn all_published(db: &TestDb) {
+    eventually("the outbox to be published", WAIT, || async {
+        let unpublished: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.outbox WHERE published_at IS NULL")
+            .fetch_one(&db.pool)
+            .await
+            .ok()?;
+        (unpublished == 0).then_some(())
+    })
+    .await;
+}
+
+/// When each of `ids` was decided (`None` while pending).
+pub async fn decided_at(db: &TestDb, ids: &[Uuid]) -> Vec<(Uuid, Option<OffsetDateTime>)> {
+    sqlx::query_as("SELECT id, decided_at FROM security.disputes WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_all(&db.pool)
+        .await
+        .expect("reading disputes")
+}
+
+/// Waits until none of `ids` is pending.
+pub async fn all_decided(db: &TestDb, ids: &[Uuid]) {
+    eventually("every dispute to be decided", Duration::from_secs(120), || async {
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM security.disputes WHERE id = ANY($1) AND status = 'pending'")
+                .bind(ids)
+                .fetch_one(&db.pool)
+                .await
+                .ok()?;
+        (pending == 0).then_some(())
+    })
+    .await;
+}
+
+/// A `dispute-processor` child process, killed (SIGKILL) when dropped.
+pub struct Replica {
+    pub child: Child,
+    pub admin: SocketAddr,
+}
+
+impl Replica {
+    /// Starts a replica and waits until its `/readyz` answers 200.
+    pub async fn start(db: &TestDb, prefix: &str, args: &[&str]) -> Self {
+        let port = trellis_testkit::free_port().expect("a free port");
+        let admin: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_dispute-processor"))
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .env("NATS_URL", trellis_testkit::nats_url())
+            .env("NATS_PREFIX", prefix)
+            .env("ADMIN_ADDR", admin.to_string())
+            .env("LOG_FORMAT", "json")
+            .env("SHUTDOWN_GRACE", "2s")
+            .env("METRICS_EVERY", "200ms")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("the processor starts");
+        let mut replica = Self { child, admin };
+        replica.wait_ready().await;
+        replica
+    }
+
+    async fn wait_ready(&mut self) {
+        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
+        let url = format!("http://{}/readyz", self.admin);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut pace = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            pace.tick().await;
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the processor exited before it was ready: {status}");
+            }
+            if let Ok(resp) = http.get(&url).send().await
+                && resp.status() == 200
+            {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the processor is not ready after 30 s");
+        }
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
+        let resp = http.get(format!("http://{}/metrics", self.admin)).send().await.expect("metrics answer");
+        resp.text().await.expect("metrics text")
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of a series (its full name with labels) in a `/metrics` text.
+pub fn series(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
