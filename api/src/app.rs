@@ -258,7 +258,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     let score = config.score.config(common.database_url.expose(), ctx.host.clone());
-    for task in crate::processors::spawn(ctx, processors_pool, &flags, score, background.clone())? {
+    for task in
+        crate::processors::spawn(ctx, processors_pool, &flags, score, config.dispute.clone(), background.clone())?
+    {
         tasks.spawn(async move {
             let _ = task.await;
         });

@@ -73,6 +73,10 @@ pub struct Config {
     /// The score orchestrator's settings, for when `score.executor` says `monolith`.
     #[command(flatten)]
     pub score: score_orchestrator::ScoreArgs,
+
+    /// The dispute processor's settings, for when `dispute.executor` says `monolith`.
+    #[command(flatten)]
+    pub dispute: dispute_processor::ProcessorArgs,
 }
 
 fn default_pool_size() -> u32 {

@@ -1,5 +1,6 @@
 //! The processors `trellis-api` runs in-process while a cutover flag says `monolith` (Stage A,
-//! and the rollback of Stage B): the same library values the worker binaries run, pulling from
+//! and the rollback of Stage B): the search projector, the dispute processor and the score
+//! orchestrator, the same library values the worker binaries run, pulling from
 //! the same durable consumers, each gated by its flag. Nothing here knows a consumer's details
 //! beyond its processor's `consumer_spec`.
 
@@ -19,6 +20,7 @@ pub fn spawn(
     pool: PgPool,
     flags: &Flags,
     score: score_orchestrator::Config,
+    dispute: dispute_processor::ProcessorArgs,
     stop: CancellationToken,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut tasks = Vec::new();
@@ -33,7 +35,17 @@ pub fn spawn(
     };
     let group = ConsumerGroup::new(ctx.clone(), search_projector::consumer_spec(), config, projector).gated(search);
     tasks.push(spawn_group("search projector", group.run(stop.clone())));
-    tasks.push(tokio::spawn(search_projector::report_checkpoint_age(pool, Duration::from_secs(5), stop.clone())));
+    tasks.push(tokio::spawn(search_projector::report_checkpoint_age(
+        pool.clone(),
+        Duration::from_secs(5),
+        stop.clone(),
+    )));
+
+    let dispute_gate = flags.gate(Flag::DisputeExecutor, Executor::Monolith);
+    let groups = dispute_processor::Processor::new(pool.clone(), dispute)
+        .groups(ctx.clone(), RunnerConfig::default())
+        .gated(dispute_gate);
+    tasks.push(spawn_group("dispute processor", groups.run(stop.clone())));
 
     let score_gate = flags.gate(Flag::ScoreExecutor, Executor::Monolith);
     let handler = Arc::new(EachMessage { handler: orchestrator.clone(), concurrency: 1 });

@@ -401,15 +401,23 @@ pub struct Groups {
 }
 
 impl Groups {
-    /// Each group's name (with its lane) and its "bound" flag (for `/readyz`).
-    pub fn bound_flags(&self) -> Vec<(String, Arc<AtomicBool>)> {
+    /// Every group pulls only while `gate` is open (the cutover flag `dispute.executor` names
+    /// this process): see [`ConsumerGroup::gated`].
+    pub fn gated(mut self, gate: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.groups = self.groups.into_iter().map(|g| g.gated(gate.clone())).collect();
+        self
+    }
+
+    /// Each group's name (with its lane), its "bound" flag and its "standing by" flag (for
+    /// `/readyz`: a group is ready when bound, or standing by while the other side executes).
+    pub fn readiness_flags(&self) -> Vec<(String, Arc<AtomicBool>, Arc<AtomicBool>)> {
         let mut lanes: HashMap<&str, usize> = HashMap::new();
         self.groups
             .iter()
             .map(|g| {
                 let lane = lanes.entry(g.name()).or_default();
                 *lane += 1;
-                (format!("{} lane {lane}", g.name()), g.bound_flag())
+                (format!("{} lane {lane}", g.name()), g.bound_flag(), g.standing_by_flag())
             })
             .collect()
     }

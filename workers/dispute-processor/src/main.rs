@@ -1,5 +1,8 @@
+use std::sync::atomic::Ordering;
+
 use clap::Parser;
 use dispute_processor::{Processor, ProcessorArgs};
+use trellis_domain::flags::{Executor, Flag};
 use trellis_runtime::health::Severity;
 use trellis_runtime::worker::{self, WorkerArgs};
 
@@ -27,10 +30,11 @@ async fn main() -> std::process::ExitCode {
     worker::main("dispute-processor", args.worker, move |w| {
         Box::pin(async move {
             let processor = Processor::new(w.pool.clone(), processor_args);
-            let groups = processor.groups(w.ctx.clone(), w.args.runner_config());
-            for (name, bound) in groups.bound_flags() {
+            let gate = w.flags.gate(Flag::DisputeExecutor, Executor::Worker);
+            let groups = processor.groups(w.ctx.clone(), w.args.runner_config()).gated(gate);
+            for (name, bound, standing_by) in groups.readiness_flags() {
                 w.health.add(format!("consumer {name}"), Severity::Critical, move || {
-                    let ok = bound.load(std::sync::atomic::Ordering::Acquire);
+                    let ok = bound.load(Ordering::Acquire) || standing_by.load(Ordering::Acquire);
                     async move { if ok { Ok(()) } else { Err("not bound yet".to_owned()) } }
                 });
             }
