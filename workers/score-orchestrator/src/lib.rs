@@ -44,6 +44,26 @@ pub struct Config {
     pub host: String,
 }
 
+/// Exports the orchestrator's series before its first run: counters and histograms at zero, and
+/// the last success as the database records it, so that a restarted replica does not hide (or
+/// fake) a stale score.
+pub async fn initialise_metrics(pool: &PgPool) {
+    for outcome in ["succeeded", "failed", "abandoned"] {
+        metrics::counter!("trellis_score_runs_total", "outcome" => outcome).increment(0);
+    }
+    for phase in ["load", "compute", "write"] {
+        let _ = metrics::histogram!("trellis_score_run_duration_seconds", "phase" => phase);
+    }
+    match store::last_success(pool).await {
+        Ok(Some(at)) => metrics::gauge!("trellis_score_last_success_timestamp_seconds").set(at.unix_timestamp() as f64),
+        // Never succeeded: the staleness alert fires on the absent series.
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the last successful score run; its gauge waits for the next run")
+        }
+    }
+}
+
 /// The subject this processor consumes.
 pub fn consumer_spec() -> ConsumerSpec {
     ConsumerSpec { name: CONSUMER.into(), filter_subject: "events.scores.run_requested".into() }
