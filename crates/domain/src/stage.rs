@@ -34,6 +34,8 @@ pub enum Unit {
 pub struct Trigger {
     /// The alert's name in `deploy/prometheus/trellis.rules.yml`.
     pub alert: &'static str,
+    /// The recording rule there that holds the current value (the alert is `<record> > threshold`).
+    pub record: &'static str,
     pub transition: Transition,
     /// The guide's wording of the metric.
     pub metric: &'static str,
@@ -73,6 +75,7 @@ pub const BINARY_SIZE_BYTES: f64 = 200.0 * 1_000_000.0;
 pub const TRIGGERS: &[Trigger] = &[
     Trigger {
         alert: "StageTriggerScoreBatchDuration",
+        record: "trellis:score_batch_duration_seconds",
         transition: Transition::AToB,
         metric: "score batch duration",
         threshold: SCORE_BATCH_DURATION_SECONDS,
@@ -81,6 +84,7 @@ pub const TRIGGERS: &[Trigger] = &[
     },
     Trigger {
         alert: "StageTriggerSearchIndexLag",
+        record: "trellis:search_index_lag_seconds",
         transition: Transition::AToB,
         metric: "search index update lag",
         threshold: SEARCH_INDEX_LAG_SECONDS,
@@ -89,6 +93,7 @@ pub const TRIGGERS: &[Trigger] = &[
     },
     Trigger {
         alert: "StageTriggerDisputeQueueDepth",
+        record: "trellis:dispute_queue_depth_messages",
         transition: Transition::AToB,
         metric: "dispute queue depth (pending, sustained 1 h)",
         threshold: DISPUTE_QUEUE_DEPTH,
@@ -97,6 +102,7 @@ pub const TRIGGERS: &[Trigger] = &[
     },
     Trigger {
         alert: "StageTriggerApiLatencyDuringBatch",
+        record: "trellis:api_p95_during_batch_seconds",
         transition: Transition::AToB,
         metric: "API p95 latency during batch compute",
         threshold: API_P95_DURING_BATCH_SECONDS,
@@ -105,6 +111,7 @@ pub const TRIGGERS: &[Trigger] = &[
     },
     Trigger {
         alert: "StageTriggerDailyActiveUsersAToB",
+        record: "trellis:api_daily_active_users",
         transition: Transition::AToB,
         metric: "daily active users",
         threshold: DAILY_ACTIVE_USERS_A_TO_B,
@@ -113,6 +120,7 @@ pub const TRIGGERS: &[Trigger] = &[
     },
     Trigger {
         alert: "StageTriggerDailyActiveUsersBToC",
+        record: "trellis:api_daily_active_users",
         transition: Transition::BToC,
         metric: "daily active users",
         threshold: DAILY_ACTIVE_USERS_B_TO_C,
@@ -121,6 +129,7 @@ pub const TRIGGERS: &[Trigger] = &[
     },
     Trigger {
         alert: "StageTriggerBinarySize",
+        record: "trellis:build_binary_size_bytes",
         transition: Transition::BToC,
         metric: "binary size",
         threshold: BINARY_SIZE_BYTES,

@@ -1,6 +1,7 @@
 //! `trellisctl`: the Trellis on-call tool.
 
 mod dlq;
+mod triggers;
 
 use std::process::ExitCode;
 
@@ -73,6 +74,8 @@ enum Command {
         #[command(subcommand)]
         action: Box<dlq::Dlq>,
     },
+    /// The migration guide's stage triggers: metric, threshold, current value, met or not.
+    Triggers(triggers::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -165,6 +168,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Outbox { action } => outbox(&pool, action).await,
         Command::Score { action } => score(&pool, action, cli.output).await,
         Command::Search { action: Search::Rebuild } => search_rebuild(&pool).await,
+        Command::Triggers(args) => triggers::run(&pool, args, cli.output).await,
         Command::Dlq { action } => {
             let topology = trellis_runtime::nats::Topology::new(&cli.nats_prefix)?;
             let client = async_nats::ConnectOptions::new()

@@ -51,6 +51,7 @@ pub async fn initialise_metrics(pool: &PgPool) {
     for outcome in ["succeeded", "failed", "abandoned"] {
         metrics::counter!("trellis_score_runs_total", "outcome" => outcome).increment(0);
     }
+    metrics::gauge!("trellis_score_runs_in_progress").set(0.0);
     for phase in ["load", "compute", "write"] {
         let _ = metrics::histogram!("trellis_score_run_duration_seconds", "phase" => phase);
     }
@@ -218,7 +219,11 @@ impl Orchestrator {
         let started = Instant::now();
         store::start_run(conn, run_id, trigger, requested_by, &self.config.host, score::ALGORITHM_VERSION).await?;
         tracing::info!(%run_id, trigger, "score run started");
+        // "API latency during batch compute" (a stage trigger) needs to know when one runs.
+        let in_progress = metrics::gauge!("trellis_score_runs_in_progress");
+        in_progress.increment(1.0);
         let result = self.phases(conn, run_id, trigger).await;
+        in_progress.decrement(1.0);
         let outcome = match &result {
             Ok(_) => "succeeded",
             Err(_) => "failed",
