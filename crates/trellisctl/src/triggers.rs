@@ -79,7 +79,7 @@ fn print_table(readings: &[Reading]) {
         );
     }
     for (metric, threshold) in MANUAL_TRIGGERS {
-        println!("{:<6} {:<46} {:>20} {:>12} {:<4} {}", "B→C", metric, threshold, "-", "?", "manual check (runbook)");
+        println!("{:<6} {:<46} {:>20} {:>12} {:<4} manual check (runbook)", "B→C", metric, threshold, "-", "?");
     }
 }
 
