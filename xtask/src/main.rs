@@ -5,6 +5,7 @@
 //! PostgreSQL / NATS / squawk binaries, which they install when they can).
 
 mod bench;
+mod deploy;
 mod flags;
 mod lint;
 mod seed;
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
         flags::Command::Up(up) => up::run(&up),
         flags::Command::Services(services) => services::run(&services),
         flags::Command::Lint(lint) => lint::run(&lint),
+        flags::Command::Deploy => deploy::run(),
         flags::Command::Test(test) => test::run(&test),
         flags::Command::Bench(bench) => bench::run(&bench),
         flags::Command::Seed(seed) => seed::run(&seed),

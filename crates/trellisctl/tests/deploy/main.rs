@@ -5,5 +5,6 @@
 
 mod dashboard;
 mod harness;
+mod manifests;
 mod rules;
 mod triggers;
