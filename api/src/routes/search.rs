@@ -17,6 +17,7 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Json, Problem, Query};
 use crate::routes::limit;
+use trellis_store::search::Documents;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(search_users)).routes(routes!(search_contacts))
@@ -133,8 +134,12 @@ async fn search_users(
     let offset = offset_of(params.cursor.as_deref())?;
     let source = source(&state, "users").await?;
     let mut hits = match source {
-        Source::Index => trellis_store::search::index_users(&state.pool, &q, offset, limit as i64 + 1).await?,
-        Source::Database => trellis_store::search::users(&state.pool, &q, offset, limit as i64 + 1).await?,
+        Source::Index => {
+            trellis_store::search::users(&state.pool, Documents::Index, &q, offset, limit as i64 + 1).await?
+        }
+        Source::Database => {
+            trellis_store::search::users(&state.pool, Documents::Base, &q, offset, limit as i64 + 1).await?
+        }
     };
     let next_cursor = (hits.len() > limit).then(|| trellis_store::page::encode_cursor(&(offset + limit as i64)));
     hits.truncate(limit);

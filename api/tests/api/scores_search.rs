@@ -121,7 +121,8 @@ async fn like_wildcards_in_the_query_match_only_themselves() {
     app.register("p_t_fan").await;
     let percent = app.register("percent").await;
     set_display_name(&app, &percent, "100% real").await;
-    for (q, expected) in [("p_t", vec!["p_t_fan"]), ("p%25", vec![]), ("0%25", vec!["percent"]), ("a%5C", vec![])] {
+    // `%`, `_` and `\` are literal in handles; in names they separate words.
+    for (q, expected) in [("p_t", vec!["p_t_fan"]), ("p%25", vec![]), ("100%25", vec!["percent"]), ("a%5C", vec![])] {
         let r = app.get(&format!("/v1/search/users?q={q}"), Some(&searcher.token)).await;
         assert_eq!(r.status, 200, "{q}: {:?}", r.body);
         assert_eq!(handles(r.body["items"].as_array().unwrap()), expected, "q={q}");
@@ -155,7 +156,7 @@ async fn search_ranks_exact_handle_then_handle_prefix_then_name_and_higher_score
     let zoe = app.register("zoe").await;
     let bob = app.register("bob").await;
     set_display_name(&app, &joanne, "Jo Ann Smith").await;
-    set_display_name(&app, &zoe, "Zoe Hanna").await;
+    set_display_name(&app, &zoe, "Zoe Annan").await;
     set_display_name(&app, &bob, "Bob Builder").await;
     // The exact match ranks first even with the lowest score; prefixes and names by score.
     insert_score(&app, &ann, 0.01, 10, 1).await;
@@ -222,26 +223,9 @@ async fn search_results_page_through_a_cursor_in_rank_order() {
 /// Projects the read model from the base tables, as the search projector would, and marks it
 /// caught up with the newest event.
 async fn project_by_hand(app: &TestApp) {
-    sqlx::query(
-        "INSERT INTO search.directory (user_id, handle, display_name, verified, score, status, hidden)
-         SELECT u.id, u.handle, u.display_name, u.verified, s.score, u.status,
-                EXISTS (SELECT 1 FROM security.hidden_users h WHERE h.user_id = u.id)
-         FROM identity.users u LEFT JOIN score.user_scores s ON s.user_id = u.id
-         ON CONFLICT (user_id) DO UPDATE SET display_name = EXCLUDED.display_name, status = EXCLUDED.status",
-    )
-    .execute(&app.db.pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO search.contacts (owner_id, contact_id, handle, display_name, label, circles, search_text)
-         SELECT c.owner_id, c.contact_id, u.handle, u.display_name, c.label, '{}',
-                lower(u.handle || ' ' || u.display_name || ' ' || c.label)
-         FROM contacts.contacts c JOIN identity.users u ON u.id = c.contact_id
-         ON CONFLICT (owner_id, contact_id) DO NOTHING",
-    )
-    .execute(&app.db.pool)
-    .await
-    .unwrap();
+    trellis_store::search_model::rebuild(&app.db.pool, trellis_store::search_model::RebuildScope::All, |_| {})
+        .await
+        .unwrap();
     sqlx::query(
         "UPDATE search.checkpoint SET last_event_at = (SELECT max(created_at) FROM ops.outbox), last_stream_sequence = 1,
              updated_at = now()",
@@ -325,4 +309,71 @@ async fn contact_search_matches_handle_name_label_and_circle_and_only_the_caller
     assert_eq!(r.body["items"], json!([]), "carol's search does not see alice's labels");
     let short = app.get("/v1/me/contacts/search?q=b", Some(&alice.token)).await;
     assert_eq!(short.status, 422);
+}
+
+/// The handles `q` finds over `documents`, straight from the store (ranked, first 50).
+async fn store_search(app: &TestApp, documents: trellis_store::search::Documents, q: &str) -> Vec<String> {
+    trellis_store::search::users(&app.db.pool, documents, q, 0, 50)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.handle)
+        .collect()
+}
+
+#[tokio::test]
+async fn name_search_matches_word_prefixes_and_one_typo_alike_over_the_index_and_the_base_tables() {
+    use trellis_store::search::Documents;
+    let app = TestApp::spawn().await;
+    let names = [
+        ("maria", "Maria Fischer"),
+        ("mariam", "Mariam Okafor"),
+        ("mario", "Mario Rossi"),
+        ("marta", "Marta Kim"),
+        ("joann", "Jo Ann Smith-Williams"),
+        ("zed", "Zed Q. Fischer"),
+        ("ana", "Ana Lee"),
+        ("agent", "Agent 4711"),
+    ];
+    for (i, (handle, name)) in names.iter().enumerate() {
+        let user = app.register(handle).await;
+        set_display_name(&app, &user, name).await;
+        insert_score(&app, &user, 0.1, 100 * (i as i32 + 1), 1).await;
+    }
+    project_by_hand(&app).await;
+    let cases: &[(&str, &[&str])] = &[
+        // A word prefix, best score first (handle matches come first: none here).
+        ("fisch", &["zed", "maria"]),
+        // One edit: deletion, insertion, substitution, adjacent transposition.
+        ("fischr", &["zed", "maria"]),
+        ("fiischer", &["zed", "maria"]),
+        ("fisher", &["zed", "maria"]),
+        ("fischre", &["zed", "maria"]),
+        ("marai", &["maria"]),
+        // Two edits are too many.
+        ("fsher", &[]),
+        // Every word of the query must match a word of the name.
+        ("maria fisch", &["maria"]),
+        ("jo williams", &["joann"]),
+        ("smith williams", &["joann"]),
+        ("maria rossi", &["mario"]),
+        ("maria lee", &[]),
+        // Handle prefix first, then names by score.
+        ("mari", &["mario", "mariam", "maria"]),
+        ("mar", &["marta", "mario", "mariam", "maria"]),
+        ("okafo", &["mariam"]),
+        // No typo allowance below 3 characters; one-character words are not matched.
+        ("le", &["ana"]),
+        ("kin", &["marta"]),
+        ("q", &[]),
+        // Numbers match by prefix only: one digit off is another number.
+        ("471", &["agent"]),
+        ("4712", &[]),
+    ];
+    for (q, expected) in cases {
+        let index = store_search(&app, Documents::Index, q).await;
+        let base = store_search(&app, Documents::Base, q).await;
+        assert_eq!(index, *expected, "q={q:?} over the index");
+        assert_eq!(base, index, "q={q:?}: the base tables and the index agree");
+    }
 }

@@ -96,11 +96,19 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "non-string panic payload".into())
 }
 
+/// The shortest pull request: one made to fill the rest of a batch window.
+const MIN_PULL_EXPIRY: Duration = Duration::from_millis(10);
+
 /// How a consumer group pulls and retries.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
     /// Messages per pull request, and the most a handler sees at once.
     pub batch_size: usize,
+    /// How long a batch may wait for more messages after its first one arrived, across pull
+    /// requests, before it goes to the handler (it goes at once when it is full). Zero hands
+    /// over whatever has arrived. A batch handler that coalesces (the search projector) wants
+    /// a few tens of milliseconds here.
+    pub batch_window: Duration,
     /// Deliveries before a failing message goes to the DLQ.
     pub max_deliver: i64,
     /// How long the server waits for an ack before redelivering.
@@ -120,6 +128,7 @@ impl Default for RunnerConfig {
     fn default() -> Self {
         Self {
             batch_size: 256,
+            batch_window: Duration::ZERO,
             max_deliver: 5,
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 4096,
@@ -320,12 +329,20 @@ impl<H: Handler> ConsumerGroup<H> {
 
     async fn pull_loop(self: Arc<Self>, consumer: PullConsumer, source: Source, stop: CancellationToken) {
         let mut failures = 0u32;
+        // The batch being gathered, and when its window closes (set by its first message).
+        let mut held: Vec<jetstream::Message> = Vec::with_capacity(self.config.batch_size);
+        let mut closes: Option<Instant> = None;
         while !stop.is_cancelled() {
+            // While a batch waits for more, the pull lasts only until its window closes.
+            let expires = match closes {
+                Some(at) => at.saturating_duration_since(Instant::now()).max(MIN_PULL_EXPIRY),
+                None => self.config.fetch_expiry,
+            };
             let batch = consumer
                 .batch()
-                .max_messages(self.config.batch_size)
-                .expires(self.config.fetch_expiry)
-                .heartbeat(self.config.fetch_expiry / 4)
+                .max_messages(self.config.batch_size - held.len())
+                .expires(expires)
+                .heartbeat(expires / 4)
                 .messages()
                 .await;
             let batch = match batch {
@@ -337,6 +354,10 @@ impl<H: Handler> ConsumerGroup<H> {
                     failures += 1;
                     let delay = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
                     tracing::warn!(consumer = %self.spec.name, error = %e, retry_in = ?delay, "pull request failed");
+                    if !held.is_empty() {
+                        self.process(std::mem::take(&mut held), source).await;
+                        closes = None;
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => continue,
                         _ = stop.cancelled() => return,
@@ -345,37 +366,50 @@ impl<H: Handler> ConsumerGroup<H> {
             };
             let mut chunks = batch.ready_chunks(self.config.batch_size);
             loop {
+                let window = async {
+                    match closes {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let chunk = tokio::select! {
                     biased;
                     _ = stop.cancelled() => break,
-                    chunk = chunks.next() => chunk,
+                    _ = window => None,
+                    chunk = chunks.next() => match chunk {
+                        Some(chunk) => Some(chunk),
+                        None => break,
+                    },
                 };
-                let Some(chunk) = chunk else { break };
-                let messages: Vec<jetstream::Message> = chunk
-                    .into_iter()
-                    .filter_map(|m| match m {
+                if let Some(chunk) = chunk {
+                    held.extend(chunk.into_iter().filter_map(|m| match m {
                         Ok(m) => Some(m),
                         Err(e) => {
                             tracing::debug!(consumer = %self.spec.name, error = %e, "pull batch ended");
                             None
                         }
-                    })
-                    .collect();
-                if !messages.is_empty() {
-                    self.process(messages, source).await;
+                    }));
+                    if !held.is_empty() && closes.is_none() {
+                        closes = Some(Instant::now() + self.config.batch_window);
+                    }
+                }
+                let full = held.len() >= self.config.batch_size;
+                if !held.is_empty() && (full || closes.is_some_and(|at| Instant::now() >= at)) {
+                    self.process(std::mem::take(&mut held), source).await;
+                    closes = None;
                 }
             }
             if stop.is_cancelled() {
-                // The rest of the batch in hand is finished too. The server already counts every
-                // message of this pull that arrived as delivered to this replica; handing them
-                // back (nak) would redeliver them to another one, which is what a graceful stop
-                // must not do. `ready_chunks` splits a pull by arrival timing, so "the chunk being
-                // handled" is not the batch.
+                // The batch being gathered and the rest of the pull in hand are finished too.
+                // The server already counts every message of this pull that arrived as
+                // delivered to this replica; handing them back (nak) would redeliver them to
+                // another one, which is what a graceful stop must not do. `ready_chunks`
+                // splits a pull by arrival timing, so "the chunk being handled" is not the batch.
                 while let Some(Some(chunk)) = chunks.next().now_or_never() {
-                    let messages: Vec<jetstream::Message> = chunk.into_iter().filter_map(Result::ok).collect();
-                    if !messages.is_empty() {
-                        self.process(messages, source).await;
-                    }
+                    held.extend(chunk.into_iter().filter_map(Result::ok));
+                }
+                if !held.is_empty() {
+                    self.process(std::mem::take(&mut held), source).await;
                 }
             }
         }

@@ -25,6 +25,11 @@ pub struct WorkerArgs {
     #[arg(long, env = "BATCH_SIZE", default_value_t = 256)]
     pub batch_size: usize,
 
+    /// How long a batch waits for more messages after its first one (across pull requests)
+    /// before it is handled; it is handled at once when full. Zero: what has arrived.
+    #[arg(long, env = "BATCH_WINDOW", value_parser = humantime::parse_duration, default_value = "0s")]
+    pub batch_window: Duration,
+
     /// Messages a per-message handler works on at once.
     #[arg(long, env = "CONCURRENCY", default_value_t = 16)]
     pub concurrency: usize,
@@ -58,6 +63,7 @@ impl WorkerArgs {
     pub fn runner_config(&self) -> RunnerConfig {
         RunnerConfig {
             batch_size: self.batch_size,
+            batch_window: self.batch_window,
             max_deliver: self.max_deliver,
             ack_wait: self.ack_wait,
             max_ack_pending: self.max_ack_pending,

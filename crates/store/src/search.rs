@@ -1,6 +1,6 @@
 //! User search over the base tables (`identity.users` and the scores).
 
-use sqlx::PgExecutor;
+use sqlx::{PgConnection, PgExecutor, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -24,51 +24,189 @@ const BASE_USERS: &str = "SELECT u.id, u.handle, u.display_name, u.verified, s.s
 const INDEXED_USERS: &str = "SELECT d.user_id AS id, d.handle, d.display_name, d.verified, d.score
     FROM search.directory d WHERE d.status = 'active' AND NOT d.hidden";
 
-/// Active users whose handle equals or starts with `q`, or whose display name contains it or
-/// (for 3 characters or more) has a word within one typo of it (trigram word similarity),
-/// ranked exact handle, then prefix, then name, then higher score. `offset` pages. Hidden users
-/// never appear. Over the base tables.
-pub async fn users(db: impl PgExecutor<'_>, q: &str, offset: i64, limit: i64) -> Result<Vec<UserHit>, sqlx::Error> {
-    ranked_users(db, BASE_USERS, q, offset, limit).await
+/// Where a user search reads its documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Documents {
+    /// The base tables (the fallback when the read model lags).
+    Base,
+    /// The search read model.
+    Index,
 }
 
-/// The same search over the read model.
-pub async fn index_users(
-    db: impl PgExecutor<'_>,
+/// Active, not hidden users matching `q`, in rank order, from `offset`, at most `limit`:
+/// 1. the exact handle;
+/// 2. handles starting with `q`;
+/// 3. display names whose words match every word of `q` (words of 2 characters or more): a
+///    name word matches a query word that is its prefix or, from 3 characters and when neither
+///    has a digit, within one edit of it (substitution, insertion, deletion or adjacent
+///    transposition);
+///
+/// and higher score first (unscored last), then handle, within each. A user appears once, in
+/// the first tier they match. Both [`Documents`] go through the same tiers and the same term
+/// expansion, so they differ only in freshness.
+///
+/// **Cost.** Every tier reads at most `offset + limit` documents in rank order rather than
+/// every match: the name tier reads `offset + limit` postings per expanded word from
+/// `search.name_postings` (kept in score order); the handle tier either walks the score-ordered
+/// `directory_rank_idx` until enough handles match (a common prefix) or range-scans the handle
+/// index and sorts the few (a rare one), as the planner's histogram of handles decides. Over
+/// [`Documents::Base`] the tiers scan the base tables: that is the fallback's price.
+pub async fn users(
+    pool: &PgPool,
+    documents: Documents,
     q: &str,
     offset: i64,
     limit: i64,
 ) -> Result<Vec<UserHit>, sqlx::Error> {
-    ranked_users(db, INDEXED_USERS, q, offset, limit).await
-}
-
-/// One matching and ranking for both sources, so that they can only differ in freshness.
-async fn ranked_users(
-    db: impl PgExecutor<'_>,
-    documents: &str,
-    q: &str,
-    offset: i64,
-    limit: i64,
-) -> Result<Vec<UserHit>, sqlx::Error> {
+    let need = offset.saturating_add(limit);
+    let mut conn = pool.acquire().await?;
     let lowered = q.to_lowercase();
-    let like = format!("{}%", escape_like(&lowered));
-    let contains = format!("%{}%", escape_like(&lowered));
-    sqlx::query_as(&format!(
-        "SELECT c.id, c.handle, c.display_name, c.verified, c.score,
-                CASE WHEN c.handle = $1 THEN 0 WHEN c.handle LIKE $2 THEN 1 ELSE 2 END AS rank
-         FROM ({documents}) c
-         WHERE c.handle LIKE $2 OR lower(c.display_name) LIKE $3
-               OR (char_length($1) >= 3 AND $1 <% lower(c.display_name))
-         ORDER BY rank, c.score DESC NULLS LAST, c.handle
-         OFFSET $4 LIMIT $5"
+    let prefix = format!("{}%", escape_like(&lowered));
+    let source = match documents {
+        Documents::Base => BASE_USERS,
+        Documents::Index => INDEXED_USERS,
+    };
+    // The exact handle, then the best `need` other handles with the prefix. The inner LIMIT
+    // reads only ids, scores and handles, so the planner can walk the score order index-only
+    // and stop early; the full documents are fetched for `need + 1` rows.
+    let mut hits: Vec<UserHit> = sqlx::query_as(&format!(
+        "SELECT c.id, c.handle, c.display_name, c.verified, c.score, CASE WHEN c.handle = $1 THEN 0 ELSE 1 END AS rank
+         FROM ((SELECT e.id FROM ({source}) e WHERE e.handle = $1)
+               UNION ALL
+               (SELECT p.id FROM ({source}) p WHERE p.handle LIKE $2 AND p.handle <> $1
+                ORDER BY p.score DESC NULLS LAST, p.handle LIMIT $3)) best
+         JOIN ({source}) c ON c.id = best.id
+         ORDER BY rank, c.score DESC NULLS LAST, c.handle LIMIT $3"
     ))
     .bind(&lowered)
-    .bind(&like)
-    .bind(&contains)
-    .bind(offset)
+    .bind(&prefix)
+    .bind(need)
+    .fetch_all(&mut *conn)
+    .await?;
+    if (hits.len() as i64) < need {
+        let rest = need - hits.len() as i64;
+        let tokens = query_words(&mut conn, q).await?;
+        if !tokens.is_empty() {
+            hits.extend(match documents {
+                Documents::Index => indexed_name_matches(&mut conn, &tokens, &prefix, rest).await?,
+                Documents::Base => base_name_matches(&mut conn, &tokens, &prefix, rest).await?,
+            });
+        }
+    }
+    Ok(hits.into_iter().skip(usize::try_from(offset).unwrap_or(usize::MAX)).collect())
+}
+
+/// The words of `q` that name search matches: as `search.name_words` splits a display name,
+/// 2 characters or more.
+async fn query_words(conn: &mut PgConnection, q: &str) -> Result<Vec<String>, sqlx::Error> {
+    let words: Vec<String> = sqlx::query_scalar("SELECT search.name_words($1)").bind(q).fetch_one(&mut *conn).await?;
+    Ok(words.into_iter().filter(|w| w.chars().count() >= 2).collect())
+}
+
+/// A query word matches a name word that it is a prefix of or, from 3 characters and when
+/// neither has a digit (a number one digit off is another number), that is within one edit of
+/// it: over the base tables, this predicate on every document.
+const WORD_MATCHES: &str = "starts_with(w, t.word)
+    OR (char_length(t.word) >= 3 AND t.word !~ '[0-9]' AND w !~ '[0-9]' AND search.within_one_edit(w, t.word))";
+
+/// The name tier over the base tables: every document's words are matched against `tokens`.
+async fn base_name_matches(
+    conn: &mut PgConnection,
+    tokens: &[String],
+    handle_prefix: &str,
+    limit: i64,
+) -> Result<Vec<UserHit>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT c.id, c.handle, c.display_name, c.verified, c.score, 2 AS rank
+         FROM ({BASE_USERS}) c
+         WHERE c.handle NOT LIKE $2
+           AND NOT EXISTS (SELECT 1 FROM unnest($1::text[]) t (word)
+                           WHERE NOT EXISTS (SELECT 1 FROM unnest(search.name_words(c.display_name)) w
+                                             WHERE char_length(w) >= 2 AND ({WORD_MATCHES})))
+         ORDER BY c.score DESC NULLS LAST, c.handle LIMIT $3"
+    ))
+    .bind(tokens)
+    .bind(handle_prefix)
     .bind(limit)
-    .fetch_all(db)
+    .fetch_all(&mut *conn)
     .await
+}
+
+/// The name tier over the read model. Each query word is first expanded to the indexed name
+/// words it matches (the same match as [`WORD_MATCHES`], found through `search.name_terms` by
+/// prefix and `search.name_term_variants` by one-deletion keys); the word with the fewest
+/// expansions then drives a read of the best `limit` postings of each of its expansions, and
+/// the other words filter inside that read.
+async fn indexed_name_matches(
+    conn: &mut PgConnection,
+    tokens: &[String],
+    handle_prefix: &str,
+    limit: i64,
+) -> Result<Vec<UserHit>, sqlx::Error> {
+    let (mut keys, mut key_words) = (Vec::new(), Vec::new());
+    for (i, token) in tokens.iter().enumerate() {
+        if token.chars().count() >= 3 && !token.chars().any(|c| c.is_ascii_digit()) {
+            for key in deletion_keys(token) {
+                keys.push(key);
+                key_words.push(i as i64 + 1);
+            }
+        }
+    }
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT t.i, n.term
+         FROM unnest($1::text[]) WITH ORDINALITY AS t (word, i),
+              LATERAL (SELECT term FROM search.name_terms WHERE term LIKE t.word || '%') n
+         UNION
+         SELECT k.i, v.term
+         FROM unnest($2::text[], $3::bigint[]) AS k (variant, i)
+         JOIN search.name_term_variants v ON v.variant = k.variant
+         WHERE search.within_one_edit(v.term, ($1::text[])[k.i])",
+    )
+    .bind(tokens)
+    .bind(&keys)
+    .bind(&key_words)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut expansions = vec![Vec::new(); tokens.len()];
+    for (i, term) in rows {
+        expansions[(i - 1) as usize].push(term);
+    }
+    if expansions.iter().any(Vec::is_empty) {
+        return Ok(Vec::new());
+    }
+    expansions.sort_by_key(Vec::len);
+    let (driving, others) = expansions.split_first().expect("at least one word");
+    // Per expansion of the driving word, its best `limit` postings: a user among the overall
+    // best `limit` is among the best `limit` of every word they match, so the union holds the
+    // answer. Every other query word must have one of its expansions among the user's words.
+    sqlx::query_as(
+        "SELECT d.user_id AS id, d.handle, d.display_name, d.verified, d.score, 2 AS rank
+         FROM (SELECT DISTINCT p.user_id
+               FROM unnest($1::text[]) AS t (term),
+                    LATERAL (SELECT p.user_id FROM search.name_postings p
+                             WHERE p.term = t.term AND p.handle NOT LIKE $2
+                               AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements($4::jsonb) o (terms)
+                                               WHERE NOT (p.words && ARRAY(SELECT jsonb_array_elements_text(o.terms))))
+                             ORDER BY p.score DESC NULLS LAST, p.handle LIMIT $3) p) best
+         JOIN search.directory d ON d.user_id = best.user_id
+         ORDER BY d.score DESC NULLS LAST, d.handle LIMIT $3",
+    )
+    .bind(driving)
+    .bind(handle_prefix)
+    .bind(limit)
+    .bind(serde_json::to_value(others).expect("strings serialise"))
+    .fetch_all(&mut *conn)
+    .await
+}
+
+/// A word and every one-character deletion of it: the keys `search.name_term_variants` holds.
+fn deletion_keys(word: &str) -> Vec<String> {
+    let chars: Vec<char> = word.chars().collect();
+    let mut keys = vec![word.to_owned()];
+    keys.extend((0..chars.len()).map(|i| chars[..i].iter().chain(&chars[i + 1..]).collect()));
+    keys.sort_unstable();
+    keys.dedup();
+    keys
 }
 
 fn escape_like(s: &str) -> String {

@@ -48,21 +48,22 @@ pub async fn lock(conn: &mut PgConnection, users: &[Uuid], owners: &[Uuid]) -> R
 }
 
 /// Upserts the directory documents of `user_ids` from `identity.users`, `score.user_scores`
-/// and `security.hidden_users`, and deletes those of ids that no longer exist. Returns the
-/// rows written or deleted (unchanged documents are not rewritten).
+/// and `security.hidden_users`, deletes those of ids that no longer exist, and keeps the name
+/// postings of the documents that changed in step. Returns the documents written or deleted
+/// (unchanged documents are not rewritten).
 pub async fn project_users(conn: &mut PgConnection, user_ids: &[Uuid]) -> Result<u64, sqlx::Error> {
     if user_ids.is_empty() {
         return Ok(0);
     }
-    let deleted = sqlx::query(
+    let mut changed: Vec<Uuid> = sqlx::query_scalar(
         "DELETE FROM search.directory d
-         WHERE d.user_id = ANY($1) AND NOT EXISTS (SELECT 1 FROM identity.users u WHERE u.id = d.user_id)",
+         WHERE d.user_id = ANY($1) AND NOT EXISTS (SELECT 1 FROM identity.users u WHERE u.id = d.user_id)
+         RETURNING d.user_id",
     )
     .bind(user_ids)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    let written = sqlx::query(
+    .fetch_all(&mut *conn)
+    .await?;
+    let written: Vec<Uuid> = sqlx::query_scalar(
         "INSERT INTO search.directory AS d (user_id, handle, display_name, verified, score, status, hidden, projected_at)
          SELECT u.id, u.handle, u.display_name, u.verified, s.score, u.status, h.user_id IS NOT NULL, now()
          FROM identity.users u
@@ -74,13 +75,50 @@ pub async fn project_users(conn: &mut PgConnection, user_ids: &[Uuid]) -> Result
              score = EXCLUDED.score, status = EXCLUDED.status, hidden = EXCLUDED.hidden, projected_at = now()
          WHERE (d.handle, d.display_name, d.verified, d.score, d.status, d.hidden)
                IS DISTINCT FROM (EXCLUDED.handle, EXCLUDED.display_name, EXCLUDED.verified, EXCLUDED.score,
-                                 EXCLUDED.status, EXCLUDED.hidden)",
+                                 EXCLUDED.status, EXCLUDED.hidden)
+         RETURNING d.user_id",
+    )
+    .bind(user_ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    changed.extend(written);
+    project_name_postings(conn, &changed).await?;
+    Ok(changed.len() as u64)
+}
+
+/// Replaces the name postings of `user_ids` with those of their current directory documents
+/// (none for a missing, suspended or hidden one), and adds words never seen before to the
+/// term dictionary, with their one-deletion variants when they have no digit.
+async fn project_name_postings(conn: &mut PgConnection, user_ids: &[Uuid]) -> Result<(), sqlx::Error> {
+    if user_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("DELETE FROM search.name_postings WHERE user_id = ANY($1)").bind(user_ids).execute(&mut *conn).await?;
+    sqlx::query(
+        "WITH postings AS (
+             INSERT INTO search.name_postings (term, user_id, score, handle, words)
+             SELECT DISTINCT w.term, d.user_id, d.score, d.handle, search.name_words(d.display_name)
+             FROM search.directory d, unnest(search.name_words(d.display_name)) AS w (term)
+             WHERE d.user_id = ANY($1) AND d.status = 'active' AND NOT d.hidden AND char_length(w.term) >= 2
+             RETURNING term),
+         new_terms AS (
+             INSERT INTO search.name_terms (term) SELECT DISTINCT term FROM postings
+             ON CONFLICT (term) DO NOTHING
+             RETURNING term)
+         INSERT INTO search.name_term_variants (variant, term)
+         SELECT DISTINCT v.variant, t.term
+         FROM new_terms t,
+              LATERAL (SELECT t.term AS variant
+                       UNION
+                       SELECT left(t.term, i - 1) || substr(t.term, i + 1)
+                       FROM generate_series(1, char_length(t.term)) i) v
+         WHERE t.term !~ '[0-9]'
+         ON CONFLICT (variant, term) DO NOTHING",
     )
     .bind(user_ids)
     .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    Ok(deleted + written)
+    .await?;
+    Ok(())
 }
 
 /// Replaces the contact documents of `owner_ids`: one per contact, with the contact's handle
@@ -199,7 +237,24 @@ pub struct RebuildProgress {
 /// projector, so search keeps answering and concurrent projections stay correct. Documents of
 /// users that no longer exist are deleted at the end. The checkpoint is left as it is. Ends
 /// equal to what the incremental projection produces.
-pub async fn rebuild(pool: &PgPool, mut progress: impl FnMut(RebuildProgress)) -> Result<RebuildProgress, sqlx::Error> {
+/// Which documents a rebuild projects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebuildScope {
+    /// Directory and contact documents.
+    All,
+    /// Directory documents (and their name postings) only.
+    Directory,
+    /// Contact documents only.
+    Contacts,
+}
+
+pub async fn rebuild(
+    pool: &PgPool,
+    scope: RebuildScope,
+    mut progress: impl FnMut(RebuildProgress),
+) -> Result<RebuildProgress, sqlx::Error> {
+    let directory = scope != RebuildScope::Contacts;
+    let contacts = scope != RebuildScope::Directory;
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM identity.users").fetch_one(pool).await?;
     let mut state = RebuildProgress { users_done: 0, users_total: total.max(0) as u64, rows_changed: 0 };
     let mut after = Uuid::nil();
@@ -212,26 +267,37 @@ pub async fn rebuild(pool: &PgPool, mut progress: impl FnMut(RebuildProgress)) -
         let Some(last) = ids.last() else { break };
         after = *last;
         let mut tx = pool.begin().await?;
-        lock(&mut tx, &ids, &ids).await?;
-        state.rows_changed += project_users(&mut tx, &ids).await?;
-        state.rows_changed += project_contacts(&mut tx, &ids).await?;
+        lock(&mut tx, if directory { &ids } else { &[] }, if contacts { &ids } else { &[] }).await?;
+        if directory {
+            state.rows_changed += project_users(&mut tx, &ids).await?;
+        }
+        if contacts {
+            state.rows_changed += project_contacts(&mut tx, &ids).await?;
+        }
         tx.commit().await?;
         state.users_done += ids.len() as u64;
         progress(state);
     }
-    let gone = sqlx::query(
-        "DELETE FROM search.directory d WHERE NOT EXISTS (SELECT 1 FROM identity.users u WHERE u.id = d.user_id)",
-    )
-    .execute(pool)
-    .await?
-    .rows_affected();
-    let gone_owners = sqlx::query(
-        "DELETE FROM search.contacts sc WHERE NOT EXISTS (SELECT 1 FROM identity.users u WHERE u.id = sc.owner_id)",
-    )
-    .execute(pool)
-    .await?
-    .rows_affected();
-    state.rows_changed += gone + gone_owners;
+    if directory {
+        let mut tx = pool.begin().await?;
+        let gone: Vec<Uuid> = sqlx::query_scalar(
+            "DELETE FROM search.directory d WHERE NOT EXISTS (SELECT 1 FROM identity.users u WHERE u.id = d.user_id)
+             RETURNING d.user_id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        project_name_postings(&mut tx, &gone).await?;
+        tx.commit().await?;
+        state.rows_changed += gone.len() as u64;
+    }
+    if contacts {
+        state.rows_changed += sqlx::query(
+            "DELETE FROM search.contacts sc WHERE NOT EXISTS (SELECT 1 FROM identity.users u WHERE u.id = sc.owner_id)",
+        )
+        .execute(pool)
+        .await?
+        .rows_affected();
+    }
     progress(state);
     Ok(state)
 }

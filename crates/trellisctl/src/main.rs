@@ -12,6 +12,7 @@ use trellis_domain::events::{Event, EventPayload, RoleGranted, UserRef};
 use trellis_domain::identity::{Handle, Role};
 use trellis_runtime::config::Secret;
 use trellis_store::PoolConfig;
+use trellis_store::search_model::RebuildScope;
 
 #[derive(Debug, Parser)]
 #[command(name = "trellisctl", version, about = "The Trellis on-call tool")]
@@ -109,9 +110,22 @@ enum Score {
 
 #[derive(Debug, Subcommand)]
 enum Search {
-    /// Rebuilds the whole read model (`search.directory`, `search.contacts`) from the base
-    /// tables, in batches of users, while search keeps answering; prints progress per batch.
-    Rebuild,
+    /// Rebuilds the whole read model (`search.directory` with its name postings,
+    /// `search.contacts`) from the base tables, in batches of users, while search keeps
+    /// answering; prints progress per batch.
+    Rebuild {
+        /// Rebuild only these documents.
+        #[arg(long, value_enum)]
+        only: Option<RebuildOnly>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RebuildOnly {
+    /// Directory documents and their name postings.
+    Directory,
+    /// Contact documents.
+    Contacts,
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,7 +181,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Users { action } => users(&pool, action).await,
         Command::Outbox { action } => outbox(&pool, action).await,
         Command::Score { action } => score(&pool, action, cli.output).await,
-        Command::Search { action: Search::Rebuild } => search_rebuild(&pool).await,
+        Command::Search { action: Search::Rebuild { only } } => {
+            let scope = match only {
+                None => RebuildScope::All,
+                Some(RebuildOnly::Directory) => RebuildScope::Directory,
+                Some(RebuildOnly::Contacts) => RebuildScope::Contacts,
+            };
+            search_rebuild(&pool, scope).await
+        }
         Command::Triggers(args) => triggers::run(&pool, args, cli.output).await,
         Command::Dlq { action } => {
             let topology = trellis_runtime::nats::Topology::new(&cli.nats_prefix)?;
@@ -210,9 +231,9 @@ async fn migrate(pool: &sqlx::PgPool, action: Migrate) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn search_rebuild(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+async fn search_rebuild(pool: &sqlx::PgPool, scope: RebuildScope) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let done = trellis_store::search_model::rebuild(pool, |p| {
+    let done = trellis_store::search_model::rebuild(pool, scope, |p| {
         println!("search rebuild: {}/{} users, {} rows changed", p.users_done, p.users_total, p.rows_changed);
     })
     .await

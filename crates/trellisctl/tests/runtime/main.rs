@@ -3,6 +3,7 @@
 //! Each test has its own database and NATS prefix, and drives real `trellis-probe-worker`
 //! processes.
 
+mod batching;
 mod dlq;
 mod helpers;
 mod runner;

@@ -101,3 +101,49 @@ async fn search_rebuild_rebuilds_the_read_model_with_progress() {
     assert_eq!(search_model::project_contacts(&mut tx, &ids).await.unwrap(), 0, "no contact document differs");
     tx.rollback().await.unwrap();
 }
+
+#[tokio::test]
+async fn search_rebuild_only_directory_leaves_contact_documents_alone() {
+    let db = TestDb::migrated().await.unwrap();
+    exec(
+        &db,
+        "INSERT INTO identity.users (id, handle, display_name, email, password_hash)
+         SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(i), 12, '0'))::uuid, 'u' || i, 'Ada Lovelace ' || i,
+                'u' || i || '@example.com', 'x'
+         FROM generate_series(1, 3) i",
+    )
+    .await;
+    exec(
+        &db,
+        "INSERT INTO contacts.contacts (owner_id, contact_id, label)
+         VALUES ('00000000-0000-4000-8000-000000000001', '00000000-0000-4000-8000-000000000002', 'friend')",
+    )
+    .await;
+    for (only, bad) in [("directory", None), ("contacts", Some("sideways"))] {
+        let mut args = vec!["--database-url", &db.url, "search", "rebuild", "--only"];
+        args.push(bad.unwrap_or(only));
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_trellisctl"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("running trellisctl");
+        if bad.is_some() {
+            assert!(!out.status.success(), "--only sideways must be refused");
+            assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value 'sideways'"));
+            continue;
+        }
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let count = |table: &'static str| {
+        let pool = db.pool.clone();
+        async move { sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {table}")).fetch_one(&pool).await.unwrap() }
+    };
+    assert_eq!(count("search.directory").await, 3);
+    assert_eq!(
+        count("search.name_postings").await,
+        6,
+        "ada and lovelace for each user (one-character words are not indexed)"
+    );
+    assert_eq!(count("search.contacts").await, 0, "contacts were not asked for");
+}

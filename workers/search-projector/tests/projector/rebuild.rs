@@ -71,7 +71,10 @@ async fn a_rebuild_under_concurrent_writes_ends_equal_to_a_fresh_rebuild() {
         let (mut runs, mut overlapped) = (0u32, 0u32);
         loop {
             let before = done.load(Ordering::SeqCst);
-            let progress = trellis_store::search_model::rebuild(&db.pool, |_| {}).await.expect("rebuild");
+            let progress =
+                trellis_store::search_model::rebuild(&db.pool, trellis_store::search_model::RebuildScope::All, |_| {})
+                    .await
+                    .expect("rebuild");
             assert!(progress.users_done >= 8, "{progress:?}");
             runs += 1;
             let after = done.load(Ordering::SeqCst);
