@@ -96,9 +96,6 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "non-string panic payload".into())
 }
 
-/// The shortest pull request: one made to fill the rest of a batch window.
-const MIN_PULL_EXPIRY: Duration = Duration::from_millis(10);
-
 /// How a consumer group pulls and retries.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
@@ -333,18 +330,13 @@ impl<H: Handler> ConsumerGroup<H> {
         let mut held: Vec<jetstream::Message> = Vec::with_capacity(self.config.batch_size);
         let mut closes: Option<Instant> = None;
         while !stop.is_cancelled() {
-            // While a batch waits for more, the pull lasts only until its window closes.
-            let expires = match closes {
-                Some(at) => at.saturating_duration_since(Instant::now()).max(MIN_PULL_EXPIRY),
-                None => self.config.fetch_expiry,
-            };
-            let batch = consumer
+            // A held batch's window is a timer of its own (below), not the pull's expiry.
+            let request = consumer
                 .batch()
                 .max_messages(self.config.batch_size - held.len())
-                .expires(expires)
-                .heartbeat(expires / 4)
-                .messages()
-                .await;
+                .expires(self.config.fetch_expiry)
+                .heartbeat(self.config.fetch_expiry / 4);
+            let batch = request.messages().await;
             let batch = match batch {
                 Ok(b) => {
                     failures = 0;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use search_projector::{Projector, consumer_spec};
+use search_projector::{DEFAULT_BATCH_SIZE, DEFAULT_BATCH_WINDOW, Projector, consumer_spec};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use trellis_runtime::consumer::{ConsumerGroup, RunnerConfig, RunnerContext};
@@ -50,10 +50,19 @@ async fn publish(js: &jetstream::Context, topology: &Topology, users: &[Uuid], c
     Ok(())
 }
 
+/// The `search-projector` binary's batching defaults.
+fn projector_config() -> RunnerConfig {
+    RunnerConfig {
+        batch_size: DEFAULT_BATCH_SIZE.parse().expect("a number"),
+        batch_window: humantime::parse_duration(DEFAULT_BATCH_WINDOW).expect("a duration"),
+        ..RunnerConfig::default()
+    }
+}
+
 /// Runs the group until the consumer has nothing pending nor awaiting an ack; returns the time.
 async fn drain(ctx: &RunnerContext, pool: &sqlx::PgPool, name: &str) -> anyhow::Result<Duration> {
     let spec = trellis_runtime::consumer::ConsumerSpec { name: name.into(), ..consumer_spec() };
-    let config = RunnerConfig { batch_size: 1000, max_ack_pending: 20_000, ..RunnerConfig::default() };
+    let config = RunnerConfig { max_ack_pending: 20_000, ..projector_config() };
     let group = ConsumerGroup::new(ctx.clone(), spec, config, Arc::new(Projector::new(pool.clone())));
     let stop = CancellationToken::new();
     let started = Instant::now();
@@ -77,6 +86,7 @@ async fn drain(ctx: &RunnerContext, pool: &sqlx::PgPool, name: &str) -> anyhow::
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    trellis_runtime::telemetry::init_logging(trellis_runtime::config::LogFormat::Pretty);
     let url = std::env::var("DATABASE_URL")?;
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&url).await?;
     sqlx::query(
@@ -120,7 +130,7 @@ async fn main() -> anyhow::Result<()> {
     nats::ensure_streams(&js, &topology).await?;
     let ctx =
         RunnerContext { js: js.clone(), topology: topology.clone(), host: "bench".into(), version: "bench".into() };
-    let config = RunnerConfig { batch_size: 1000, ..RunnerConfig::default() };
+    let config = projector_config();
     let group = ConsumerGroup::new(ctx, consumer_spec(), config, Arc::new(Projector::new(pool.clone())));
     let stop = CancellationToken::new();
     let run = tokio::spawn(group.run(stop.clone()));

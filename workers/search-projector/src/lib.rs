@@ -41,6 +41,11 @@ use uuid::Uuid;
 /// The durable consumer's name.
 pub const CONSUMER: &str = "search-projector";
 
+/// The projector's defaults for `--batch-size` and `--batch-window`: bigger batches gathered
+/// over a short window coalesce a document's repeated events into one re-read.
+pub const DEFAULT_BATCH_SIZE: &str = "1000";
+pub const DEFAULT_BATCH_WINDOW: &str = "50ms";
+
 /// The consumer group: every event (irrelevant types are skipped by the handler).
 pub fn consumer_spec() -> ConsumerSpec {
     ConsumerSpec { name: CONSUMER.into(), filter_subject: "events.>".into() }

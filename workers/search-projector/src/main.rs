@@ -2,7 +2,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
-use search_projector::{Projector, consumer_spec, report_checkpoint_age};
+use search_projector::{DEFAULT_BATCH_SIZE, DEFAULT_BATCH_WINDOW, Projector, consumer_spec, report_checkpoint_age};
 use trellis_runtime::consumer::ConsumerGroup;
 use trellis_runtime::worker::{self, WorkerArgs};
 
@@ -22,11 +22,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    // Bigger batches gathered over a short window coalesce repeated documents into one
-    // re-read: the projector's own defaults for the shared worker flags.
     let matches = Args::command()
-        .mut_arg("batch_size", |a| a.default_value("1000"))
-        .mut_arg("batch_window", |a| a.default_value("50ms"))
+        .mut_arg("batch_size", |a| a.default_value(DEFAULT_BATCH_SIZE))
+        .mut_arg("batch_window", |a| a.default_value(DEFAULT_BATCH_WINDOW))
         .get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let every = args.checkpoint_age_every;
