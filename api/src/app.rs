@@ -15,6 +15,8 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
+use trellis_runtime::consumer::RunnerContext;
+use trellis_runtime::flags::Flags;
 use trellis_runtime::health::{self, Health, Severity};
 use trellis_runtime::nats::{self, Topology, TopologyError};
 use trellis_runtime::relay::{Relay, RelayConfig};
@@ -196,6 +198,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     relay_pool_config.statement_timeout = common.batch_timeout;
     let relay_pool = trellis_store::connect_lazy(common.database_url.expose(), &relay_pool_config)?;
 
+    // The in-process processors' own pool (a bulkhead, like the relay's): idle unless a
+    // cutover flag says `monolith`.
+    let mut processors_pool_config = PoolConfig::new("trellis-api-processors");
+    processors_pool_config.max_connections = 4;
+    processors_pool_config.acquire_timeout = common.io_timeout;
+    processors_pool_config.statement_timeout = common.batch_timeout;
+    let processors_pool = trellis_store::connect_lazy(common.database_url.expose(), &processors_pool_config)?;
+
     let client = nats::connect(&common.nats_url, "trellis-api", common.io_timeout).await?;
     let js = nats::jetstream(client.clone(), common.io_timeout);
 
@@ -260,6 +270,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         let (activity, pool, interval) = (state.activity.clone(), pool.clone(), config.activity_flush_interval);
         let background = background.clone();
         tasks.spawn(async move { activity.run(pool, interval, background).await });
+    }
+    let flags = Flags::watch(pool.clone(), config.flag_poll, background.clone());
+    let ctx = RunnerContext {
+        js: js.clone(),
+        topology: topology.clone(),
+        host: trellis_runtime::worker::hostname(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let score = config.score.config(common.database_url.expose(), ctx.host.clone());
+    for task in crate::processors::spawn(ctx, processors_pool, &flags, score, background.clone())? {
+        tasks.spawn(async move {
+            let _ = task.await;
+        });
     }
 
     let grace = common.shutdown_grace;

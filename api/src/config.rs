@@ -70,6 +70,14 @@ pub struct Config {
     /// Run without the outbox relay (another replica relays).
     #[arg(long, env = "NO_RELAY")]
     pub no_relay: bool,
+
+    /// How often the cutover flags are read when no change notification arrives.
+    #[arg(long, env = "FLAG_POLL", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub flag_poll: Duration,
+
+    /// The score orchestrator's settings, for when `score.executor` says `monolith`.
+    #[command(flatten)]
+    pub score: score_orchestrator::ScoreArgs,
 }
 
 fn default_pool_size() -> u32 {

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod idempotency;
+pub mod processors;
 pub mod ratelimit;
 pub mod routes;
 pub mod views;

@@ -4,6 +4,7 @@
 
 pub mod disputes;
 pub mod events;
+pub mod flags;
 pub mod identity;
 pub mod ids;
 pub mod score;

@@ -96,6 +96,9 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "non-string panic payload".into())
 }
 
+/// The longest pull of a gated group: how long the old executor may go on after a flip.
+pub const GATED_PULL_EXPIRY: Duration = Duration::from_secs(1);
+
 /// How a consumer group pulls and retries.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
@@ -195,6 +198,9 @@ pub struct ConsumerGroup<H> {
     handler: Arc<H>,
     bound: Arc<AtomicBool>,
     first_failures: FirstFailures,
+    /// While closed, this process is not the executor: it does not pull (see [`Self::gated`]).
+    gate: Option<tokio::sync::watch::Receiver<bool>>,
+    standing_by: Arc<AtomicBool>,
 }
 
 /// A pulling loop's source: the main consumer or the replay consumer.
@@ -213,7 +219,52 @@ impl<H: Handler> ConsumerGroup<H> {
             handler,
             bound: Arc::new(AtomicBool::new(false)),
             first_failures: FirstFailures::default(),
+            gate: None,
+            standing_by: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Pulls only while `gate` is open (the cutover flag names this process the executor).
+    /// When it closes, the group makes no new pull request: it finishes the pull in hand and
+    /// waits (`trellis_consumer_standing_by{consumer}` says so). Until the gate first opens,
+    /// the consumers are not even declared. A gated group's pulls last at most
+    /// [`GATED_PULL_EXPIRY`], which bounds the overlap with the new executor; the handler's
+    /// idempotency absorbs it. The pull in hand is finished rather than handed back (nak):
+    /// every hand-back would raise the messages' delivery count, and rapid flips could push a
+    /// healthy message to `max_deliver` and the DLQ.
+    pub fn gated(mut self, gate: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// True while the group waits for its gate to open (for `/readyz`: standing by is ready).
+    pub fn standing_by_flag(&self) -> Arc<AtomicBool> {
+        self.standing_by.clone()
+    }
+
+    /// Waits until the gate is open (at once without a gate); false if `stop` came first.
+    async fn until_executor(
+        &self,
+        gate: &mut Option<tokio::sync::watch::Receiver<bool>>,
+        stop: &CancellationToken,
+    ) -> bool {
+        let Some(gate) = gate else { return true };
+        if *gate.borrow_and_update() {
+            return true;
+        }
+        self.standing_by.store(true, Ordering::Release);
+        metrics::gauge!("trellis_consumer_standing_by", "consumer" => self.spec.name.clone()).set(1.0);
+        tracing::info!(consumer = %self.spec.name, "not the executor: standing by");
+        let open = tokio::select! {
+            open = gate.wait_for(|open| *open) => open.is_ok(),
+            _ = stop.cancelled() => false,
+        };
+        self.standing_by.store(false, Ordering::Release);
+        metrics::gauge!("trellis_consumer_standing_by", "consumer" => self.spec.name.clone()).set(0.0);
+        if open {
+            tracing::info!(consumer = %self.spec.name, "the executor: pulling");
+        }
+        open
     }
 
     pub fn name(&self) -> &str {
@@ -300,6 +351,9 @@ impl<H: Handler> ConsumerGroup<H> {
     /// the server will not keep is returned as an error.
     pub async fn run(self, stop: CancellationToken) -> Result<(), ConsumerError> {
         self.initialise_series();
+        if !self.until_executor(&mut self.gate.clone(), &stop).await {
+            return Ok(());
+        }
         let bound = loop {
             match self.bind().await {
                 Ok(b) => break b,
@@ -329,13 +383,27 @@ impl<H: Handler> ConsumerGroup<H> {
         // The batch being gathered, and when its window closes (set by its first message).
         let mut held: Vec<jetstream::Message> = Vec::with_capacity(self.config.batch_size);
         let mut closes: Option<Instant> = None;
+        let mut gate = self.gate.clone();
         while !stop.is_cancelled() {
+            if gate.as_ref().is_some_and(|g| !*g.borrow()) {
+                if !held.is_empty() {
+                    self.process(std::mem::take(&mut held), source).await;
+                    closes = None;
+                }
+                if !self.until_executor(&mut gate, &stop).await {
+                    return;
+                }
+            }
             // A held batch's window is a timer of its own (below), not the pull's expiry.
+            let expiry = match gate {
+                Some(_) => self.config.fetch_expiry.min(GATED_PULL_EXPIRY),
+                None => self.config.fetch_expiry,
+            };
             let request = consumer
                 .batch()
                 .max_messages(self.config.batch_size - held.len())
-                .expires(self.config.fetch_expiry)
-                .heartbeat(self.config.fetch_expiry / 4);
+                .expires(expiry)
+                .heartbeat(expiry / 4);
             let batch = request.messages().await;
             let batch = match batch {
                 Ok(b) => {

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod config;
 pub mod consumer;
 pub mod dlq;
+pub mod flags;
 pub mod health;
 pub mod nats;
 pub mod relay;

@@ -228,7 +228,8 @@ struct InFlight {
     started: Instant,
 }
 
-async fn recv(listener: &mut Option<PgListener>) -> Result<(), sqlx::Error> {
+/// The next notification of a LISTEN connection; never, without one (so that polling decides).
+pub(crate) async fn recv(listener: &mut Option<PgListener>) -> Result<(), sqlx::Error> {
     match listener {
         Some(l) => l.recv().await.map(drop),
         None => std::future::pending().await,

@@ -54,6 +54,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "RETRY_MAX", value_parser = humantime::parse_duration, default_value = "30s")]
     pub retry_max: Duration,
 
+    /// How often the cutover flags are read when no change notification arrives.
+    #[arg(long, env = "FLAG_POLL", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub flag_poll: Duration,
+
     /// Connections in the worker's database pool.
     #[arg(long, env = "DB_POOL_SIZE", default_value_t = 8)]
     pub db_pool_size: u32,
@@ -82,6 +86,9 @@ pub struct Worker {
     pub client: async_nats::Client,
     pub ctx: RunnerContext,
     pub health: Health,
+    /// The cutover flags: a processor runs here while its flag says `worker` (see
+    /// [`crate::flags::Flags::gate`]).
+    pub flags: crate::flags::Flags,
     pub shutdown: CancellationToken,
     tracker: TaskTracker,
     stop: CancellationToken,
@@ -112,6 +119,8 @@ impl Worker {
         let host = hostname();
         let ctx = RunnerContext { js, topology, host, version: env!("CARGO_PKG_VERSION").to_owned() };
         declare_streams(&ctx, &shutdown).await?;
+        let stop = CancellationToken::new();
+        let flags = crate::flags::Flags::watch(pool.clone(), args.flag_poll, stop.clone());
         Ok(Self {
             name,
             args,
@@ -119,21 +128,24 @@ impl Worker {
             client,
             ctx,
             health,
+            flags,
             shutdown,
             tracker: TaskTracker::new(),
-            stop: CancellationToken::new(),
+            stop,
             admin,
             admin_addr,
             failures: Arc::default(),
         })
     }
 
-    /// Starts a consumer group; `/readyz` waits for it to be bound.
+    /// Starts a consumer group; `/readyz` waits for it to be bound (or standing by, when its
+    /// cutover flag names the other side).
     pub fn spawn_group<H: Handler>(&self, group: ConsumerGroup<H>) {
         let bound = group.bound_flag();
+        let standing_by = group.standing_by_flag();
         let name = group.name().to_owned();
         self.health.add(format!("consumer {name}"), Severity::Critical, move || {
-            let ok = bound.load(Ordering::Acquire);
+            let ok = bound.load(Ordering::Acquire) || standing_by.load(Ordering::Acquire);
             async move { if ok { Ok(()) } else { Err("not bound yet".to_owned()) } }
         });
         let stop = self.stop.clone();

@@ -9,6 +9,7 @@ pub mod circles;
 pub mod contacts;
 pub mod disputes;
 pub mod dlq_audit;
+pub mod flags;
 pub mod idempotency;
 pub mod identity;
 pub mod migrate;

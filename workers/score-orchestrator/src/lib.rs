@@ -65,6 +65,40 @@ pub async fn initialise_metrics(pool: &PgPool) {
     }
 }
 
+/// The orchestrator's settings as flags, shared by `score-orchestrator` and `trellis-api`
+/// (which runs the orchestrator in-process when `score.executor` says `monolith`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ScoreArgs {
+    /// Run when the last successful run is older than this.
+    #[arg(long = "score-schedule", env = "SCORE_SCHEDULE", value_parser = humantime::parse_duration, default_value = "24h")]
+    pub schedule: Duration,
+
+    /// How often to check whether a scheduled run is due.
+    #[arg(long = "score-schedule-check", env = "SCORE_SCHEDULE_CHECK", value_parser = humantime::parse_duration, default_value = "1m")]
+    pub schedule_check: Duration,
+
+    /// Statement timeout of a run's load and write phases.
+    #[arg(long = "score-run-timeout", env = "SCORE_RUN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10m")]
+    pub run_timeout: Duration,
+
+    /// Compute threads (default: every core).
+    #[arg(long = "score-threads", env = "SCORE_THREADS")]
+    pub threads: Option<usize>,
+}
+
+impl ScoreArgs {
+    pub fn config(&self, database_url: &str, host: String) -> Config {
+        Config {
+            database_url: database_url.to_owned(),
+            schedule: self.schedule,
+            schedule_check: self.schedule_check,
+            run_timeout: self.run_timeout,
+            threads: self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            host,
+        }
+    }
+}
+
 /// The subject this processor consumes.
 pub fn consumer_spec() -> ConsumerSpec {
     ConsumerSpec { name: CONSUMER.into(), filter_subject: "events.scores.run_requested".into() }

@@ -1,10 +1,11 @@
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Parser;
-use score_orchestrator::{Config, Orchestrator, consumer_spec};
+use score_orchestrator::{Config, Orchestrator, ScoreArgs, consumer_spec};
+use trellis_domain::flags::{Executor, Flag};
 use trellis_runtime::config::LogFormat;
 use trellis_runtime::consumer::{ConsumerGroup, EachMessage};
+use trellis_runtime::flags;
 use trellis_runtime::worker::{self, WorkerArgs};
 
 #[global_allocator]
@@ -16,21 +17,8 @@ struct Args {
     #[command(flatten)]
     worker: WorkerArgs,
 
-    /// Run when the last successful run is older than this.
-    #[arg(long, env = "SCORE_SCHEDULE", value_parser = humantime::parse_duration, default_value = "24h")]
-    schedule: Duration,
-
-    /// How often to check whether a scheduled run is due.
-    #[arg(long, env = "SCORE_SCHEDULE_CHECK", value_parser = humantime::parse_duration, default_value = "1m")]
-    schedule_check: Duration,
-
-    /// Statement timeout of a run's load and write phases.
-    #[arg(long, env = "SCORE_RUN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10m")]
-    run_timeout: Duration,
-
-    /// Compute threads (default: every core).
-    #[arg(long, env = "SCORE_THREADS")]
-    threads: Option<usize>,
+    #[command(flatten)]
+    score: ScoreArgs,
 
     /// Make one run now, print its summary as JSON and exit (for benchmarks and on-call).
     #[arg(long)]
@@ -40,14 +28,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let config = Config {
-        database_url: args.worker.common.database_url.expose().to_owned(),
-        schedule: args.schedule,
-        schedule_check: args.schedule_check,
-        run_timeout: args.run_timeout,
-        threads: args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-        host: worker::hostname(),
-    };
+    let config = args.score.config(args.worker.common.database_url.expose(), worker::hostname());
     if args.run_once {
         return run_once(&args.worker, config).await;
     }
@@ -57,8 +38,11 @@ async fn main() -> std::process::ExitCode {
             score_orchestrator::initialise_metrics(&w.pool).await;
             // One run request at a time per replica; the lease serialises replicas.
             let handler = Arc::new(EachMessage { handler: orchestrator.clone(), concurrency: 1 });
-            w.spawn_group(ConsumerGroup::new(w.ctx.clone(), consumer_spec(), w.args.runner_config(), handler));
-            tokio::spawn(orchestrator.schedule(w.stop_token()));
+            let gate = w.flags.gate(Flag::ScoreExecutor, Executor::Worker);
+            w.spawn_group(
+                ConsumerGroup::new(w.ctx.clone(), consumer_spec(), w.args.runner_config(), handler).gated(gate.clone()),
+            );
+            tokio::spawn(flags::while_open(gate, w.stop_token(), move |stop| orchestrator.clone().schedule(stop)));
             Ok(())
         })
     })

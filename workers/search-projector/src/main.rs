@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 use search_projector::{DEFAULT_BATCH_SIZE, DEFAULT_BATCH_WINDOW, Projector, consumer_spec, report_checkpoint_age};
+use trellis_domain::flags::{Executor, Flag};
 use trellis_runtime::consumer::ConsumerGroup;
 use trellis_runtime::worker::{self, WorkerArgs};
 
@@ -31,7 +32,10 @@ async fn main() -> std::process::ExitCode {
     worker::main("search-projector", args.worker, move |w| {
         Box::pin(async move {
             let projector = Arc::new(Projector::new(w.pool.clone()));
-            w.spawn_group(ConsumerGroup::new(w.ctx.clone(), consumer_spec(), w.args.runner_config(), projector));
+            let gate = w.flags.gate(Flag::SearchExecutor, Executor::Worker);
+            w.spawn_group(
+                ConsumerGroup::new(w.ctx.clone(), consumer_spec(), w.args.runner_config(), projector).gated(gate),
+            );
             tokio::spawn(report_checkpoint_age(w.pool.clone(), every, w.stop_token()));
             Ok(())
         })

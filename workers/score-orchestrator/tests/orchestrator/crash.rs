@@ -28,7 +28,7 @@ async fn a_replica_killed_mid_write_leaves_no_partial_scores_and_a_new_run_succe
     seed_contacts(&db, USERS).await;
 
     // No run ever succeeded: replica-a starts one at once.
-    let mut a = Replica::start(&db, &prefix, "replica-a", &["--schedule-check", "200ms"]).await;
+    let mut a = Replica::start(&db, &prefix, "replica-a", &["--score-schedule-check", "200ms"]).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
     let mut pace = tokio::time::interval(Duration::from_millis(10));
     let killed = loop {
@@ -48,7 +48,7 @@ async fn a_replica_killed_mid_write_leaves_no_partial_scores_and_a_new_run_succe
 
     // A second replica takes over once PostgreSQL has ended the dead replica's session (and with
     // it the lease): it finds no successful run and runs at start-up.
-    let _b = Replica::start(&db, &prefix, "replica-b", &["--schedule-check", "200ms"]).await;
+    let _b = Replica::start(&db, &prefix, "replica-b", &["--score-schedule-check", "200ms"]).await;
     let all = eventually("a successful run by replica-b", Duration::from_secs(45), || async {
         // All or nothing at every moment in between.
         let visible = count(&db, "SELECT count(*) FROM score.user_scores").await;
@@ -93,7 +93,7 @@ async fn a_run_that_keeps_failing_ends_in_the_dlq_with_every_attempt_marked_fail
         &db,
         &prefix,
         "replica-a",
-        &["--schedule-check", "1h", "--max-deliver", "2", "--retry-min", "50ms", "--retry-max", "100ms"],
+        &["--score-schedule-check", "1h", "--max-deliver", "2", "--retry-min", "50ms", "--retry-max", "100ms"],
     )
     .await;
     api.request_run(&admin).await;

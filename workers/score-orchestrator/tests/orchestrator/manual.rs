@@ -9,7 +9,7 @@ async fn a_manual_trigger_leads_to_a_run_whose_scores_the_api_serves() {
     let db = TestDb::migrated().await.unwrap();
     let prefix = nats_prefix();
     let api = Api::start(&db, &prefix, &[]).await;
-    let _replica = Replica::start(&db, &prefix, "replica-a", &["--schedule-check", "200ms"]).await;
+    let _replica = Replica::start(&db, &prefix, "replica-a", &["--score-schedule-check", "200ms"]).await;
     // No run ever succeeded: it makes one over the empty graph at start-up.
     let first = wait_succeeded(&db, 1, Duration::from_secs(30)).await;
     assert_eq!((first[0].trigger.as_str(), first[0].users), ("startup", Some(0)));
@@ -83,7 +83,7 @@ async fn trellisctl_score_run_wait_requests_a_run_and_prints_its_record() {
     let prefix = nats_prefix();
     // The API relays the request; the replica runs it.
     let _api = Api::start(&db, &prefix, &[]).await;
-    let _replica = Replica::start(&db, &prefix, "replica-a", &["--schedule-check", "200ms"]).await;
+    let _replica = Replica::start(&db, &prefix, "replica-a", &["--score-schedule-check", "200ms"]).await;
     wait_succeeded(&db, 1, Duration::from_secs(30)).await;
     seed_users(&db, 50, 5).await;
 

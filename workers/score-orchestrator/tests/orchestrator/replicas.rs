@@ -31,8 +31,8 @@ async fn two_replicas_never_run_at_once_and_simultaneous_requests_coalesce() {
     let api = Api::start(&db, &prefix, &[]).await;
     let admin = api.register("root").await;
     make_admin(&db, admin.id).await;
-    let a = Replica::start(&db, &prefix, "replica-a", &["--schedule-check", "200ms"]).await;
-    let b = Replica::start(&db, &prefix, "replica-b", &["--schedule-check", "200ms"]).await;
+    let a = Replica::start(&db, &prefix, "replica-a", &["--score-schedule-check", "200ms"]).await;
+    let b = Replica::start(&db, &prefix, "replica-b", &["--score-schedule-check", "200ms"]).await;
 
     const REQUESTS: usize = 5;
     futures::future::join_all((0..REQUESTS).map(|_| api.request_run(&admin))).await;

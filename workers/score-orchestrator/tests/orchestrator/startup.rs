@@ -12,7 +12,7 @@ async fn an_orchestrator_runs_on_its_own_at_start_up_only_while_no_run_ever_succ
     seed_users(&db, 200, 10).await;
     let edges = seed_contacts(&db, 200).await;
 
-    let mut a = Replica::start(&db, &prefix, "replica-a", &["--schedule-check", "100ms"]).await;
+    let mut a = Replica::start(&db, &prefix, "replica-a", &["--score-schedule-check", "100ms"]).await;
     let all = wait_succeeded(&db, 1, Duration::from_secs(30)).await;
     assert_eq!(all.len(), 1, "{all:#?}");
     let first = &all[0];
@@ -26,7 +26,8 @@ async fn an_orchestrator_runs_on_its_own_at_start_up_only_while_no_run_ever_succ
     // A success exists now: a fresh replica does not run at start-up, only once the success
     // is older than its schedule.
     let schedule = Duration::from_secs(4);
-    let _b = Replica::start(&db, &prefix, "replica-b", &["--schedule", "4s", "--schedule-check", "100ms"]).await;
+    let _b =
+        Replica::start(&db, &prefix, "replica-b", &["--score-schedule", "4s", "--score-schedule-check", "100ms"]).await;
     let ready_at = OffsetDateTime::now_utc();
     let first_done = first.finished_at.unwrap();
     assert!(
@@ -60,7 +61,7 @@ async fn two_replicas_starting_together_make_one_start_up_run() {
     let prefix = nats_prefix();
     seed_users(&db, 30_000, 100).await;
     seed_contacts(&db, 30_000).await;
-    let args = ["--schedule-check", "100ms"];
+    let args = ["--score-schedule-check", "100ms"];
     let (_a, _b) = tokio::join!(
         Replica::start(&db, &prefix, "replica-a", &args),
         Replica::start(&db, &prefix, "replica-b", &args)

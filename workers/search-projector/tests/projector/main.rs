@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod cutover;
 mod events;
 mod fallback;
 mod history;

@@ -1,0 +1,56 @@
+//! The processors `trellis-api` runs in-process while a cutover flag says `monolith` (Stage A,
+//! and the rollback of Stage B): the same library values the worker binaries run, pulling from
+//! the same durable consumers, each gated by its flag. Nothing here knows a consumer's details
+//! beyond its processor's `consumer_spec`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use trellis_domain::flags::{Executor, Flag};
+use trellis_runtime::consumer::{ConsumerGroup, EachMessage, RunnerConfig, RunnerContext};
+use trellis_runtime::flags::{self, Flags};
+
+/// Starts every in-process processor, each idle until its flag says `monolith`; they stop with
+/// `stop`. Returns the tasks to await on shutdown.
+pub fn spawn(
+    ctx: RunnerContext,
+    pool: PgPool,
+    flags: &Flags,
+    score: score_orchestrator::Config,
+    stop: CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+
+    let search = flags.gate(Flag::SearchExecutor, Executor::Monolith);
+    let projector = Arc::new(search_projector::Projector::new(pool.clone()));
+    let orchestrator = score_orchestrator::Orchestrator::new(pool.clone(), score)?;
+    let config = RunnerConfig {
+        batch_size: search_projector::DEFAULT_BATCH_SIZE.parse()?,
+        batch_window: humantime::parse_duration(search_projector::DEFAULT_BATCH_WINDOW)?,
+        ..RunnerConfig::default()
+    };
+    let group = ConsumerGroup::new(ctx.clone(), search_projector::consumer_spec(), config, projector).gated(search);
+    tasks.push(spawn_group("search projector", group.run(stop.clone())));
+    tasks.push(tokio::spawn(search_projector::report_checkpoint_age(pool, Duration::from_secs(5), stop.clone())));
+
+    let score_gate = flags.gate(Flag::ScoreExecutor, Executor::Monolith);
+    let handler = Arc::new(EachMessage { handler: orchestrator.clone(), concurrency: 1 });
+    let group = ConsumerGroup::new(ctx, score_orchestrator::consumer_spec(), RunnerConfig::default(), handler)
+        .gated(score_gate.clone());
+    tasks.push(spawn_group("score orchestrator", group.run(stop.clone())));
+    tasks.push(tokio::spawn(flags::while_open(score_gate, stop, move |stop| orchestrator.clone().schedule(stop))));
+    Ok(tasks)
+}
+
+fn spawn_group(
+    name: &'static str,
+    run: impl std::future::Future<Output = Result<(), trellis_runtime::consumer::ConsumerError>> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = run.await {
+            tracing::error!(processor = name, error = %e, "in-process processor cannot run");
+        }
+    })
+}

@@ -1,0 +1,158 @@
+//! The cutover flags as a process sees them: a watcher that learns of every change within
+//! `poll` (LISTEN/NOTIFY wakes it at once; polling is the truth when a notification is lost)
+//! and exports the value the process acts on, `trellis_flag_state{flag,value}`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use trellis_domain::flags::{Executor, Flag};
+use trellis_store::flags::{self as store, FlagRow};
+
+use crate::relay::recv;
+
+/// How often the flags are read even without a notification.
+pub const DEFAULT_POLL: Duration = Duration::from_secs(1);
+
+/// A flag's state: its value and the executor before it (the primary, in `shadow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct State {
+    pub value: Executor,
+    pub previous: Option<Executor>,
+}
+
+impl State {
+    /// Whether `side` executes the processor: it is the flag's value, or the primary while the
+    /// flag says `shadow` (the candidate only processes a copy).
+    pub fn executes(&self, side: Executor) -> bool {
+        self.value == side || (self.value == Executor::Shadow && self.previous == Some(side))
+    }
+}
+
+/// The flags as last read; `None` until the first read succeeds.
+#[derive(Clone)]
+pub struct Flags {
+    states: HashMap<Flag, watch::Receiver<Option<State>>>,
+}
+
+impl Flags {
+    /// Starts the watcher; it runs until `stop`.
+    pub fn watch(pool: PgPool, poll: Duration, stop: CancellationToken) -> Flags {
+        let mut senders = HashMap::new();
+        let mut states = HashMap::new();
+        for flag in Flag::ALL {
+            let (tx, rx) = watch::channel(None);
+            senders.insert(flag, tx);
+            states.insert(flag, rx);
+        }
+        tokio::spawn(watch_loop(pool, poll, senders, stop));
+        Flags { states }
+    }
+
+    pub fn state(&self, flag: Flag) -> watch::Receiver<Option<State>> {
+        self.states[&flag].clone()
+    }
+
+    /// True while `side` executes `flag`'s processor. Closed until the flags are first read, so
+    /// that no side starts executing on a guess.
+    pub fn gate(&self, flag: Flag, side: Executor) -> watch::Receiver<bool> {
+        let mut state = self.state(flag);
+        let open = move |s: &Option<State>| s.is_some_and(|s| s.executes(side));
+        let (tx, rx) = watch::channel(open(&state.borrow()));
+        tokio::spawn(async move {
+            while state.changed().await.is_ok() {
+                let now = open(&state.borrow_and_update());
+                tx.send_if_modified(|was| std::mem::replace(was, now) != now);
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+}
+
+async fn watch_loop(
+    pool: PgPool,
+    poll: Duration,
+    senders: HashMap<Flag, watch::Sender<Option<State>>>,
+    stop: CancellationToken,
+) {
+    let mut listener: Option<PgListener> = None;
+    loop {
+        match store::list(&pool).await {
+            Ok(rows) => publish(&senders, &rows),
+            Err(e) => tracing::warn!(error = %e, "reading the cutover flags failed; keeping the last values"),
+        }
+        if listener.is_none() {
+            listener = listen(&pool).await;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(poll) => {}
+            got = recv(&mut listener) => {
+                if let Err(e) = got {
+                    tracing::warn!(error = %e, "flags LISTEN connection lost; polling until it is back");
+                    listener = None;
+                }
+            }
+        }
+    }
+}
+
+async fn listen(pool: &PgPool) -> Option<PgListener> {
+    let mut l = PgListener::connect_with(pool).await.ok()?;
+    l.listen(store::CHANNEL).await.ok()?;
+    Some(l)
+}
+
+fn publish(senders: &HashMap<Flag, watch::Sender<Option<State>>>, rows: &[FlagRow]) {
+    for row in rows {
+        let state = State { value: row.value, previous: row.previous };
+        for value in Executor::ALL {
+            metrics::gauge!("trellis_flag_state", "flag" => row.flag.as_str(), "value" => value.as_str())
+                .set(if value == row.value { 1.0 } else { 0.0 });
+        }
+        if let Some(tx) = senders.get(&row.flag) {
+            let changed = tx.send_if_modified(|was| was.replace(state) != Some(state));
+            if changed {
+                tracing::info!(flag = row.flag.as_str(), value = row.value.as_str(), "cutover flag");
+            }
+        }
+    }
+}
+
+/// Runs `task` while `gate` is open: started each time it opens, its token cancelled when it
+/// closes (and awaited), until `stop`. For the parts of a processor that are not a consumer
+/// group (a scheduler), which must run on the executor's side only.
+pub async fn while_open<F, Fut>(mut gate: watch::Receiver<bool>, stop: CancellationToken, task: F)
+where
+    F: Fn(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        tokio::select! {
+            open = async { gate.wait_for(|open| *open).await.is_ok() } => if !open { return },
+            _ = stop.cancelled() => return,
+        }
+        let token = stop.child_token();
+        let run = task(token.clone());
+        tokio::pin!(run);
+        tokio::select! {
+            _ = &mut run => {}
+            closed = async { gate.wait_for(|open| !*open).await.is_ok() } => {
+                token.cancel();
+                run.await;
+                if !closed {
+                    return;
+                }
+            }
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+    }
+}
