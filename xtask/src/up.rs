@@ -48,7 +48,7 @@ pub fn run(flags: &flags::Up) -> anyhow::Result<()> {
     // Dropping `stack` (on return or error) stops the private services started here.
     let stack = Stack::ensure()?;
     let bin_dir = util::target_dir().join("debug");
-    let steps: [(&str, Command); 2] = [
+    let mut steps: Vec<(&str, Command)> = vec![
         ("build", {
             let mut cmd = util::cargo();
             cmd.args(["build", "--workspace", "--bins", "--exclude", "xtask"]);
@@ -60,6 +60,16 @@ pub fn run(flags: &flags::Up) -> anyhow::Result<()> {
             cmd
         }),
     ];
+    // Stage A: trellis-api executes every processor; stage B: the workers do.
+    let executor = if flags.stage == Stage::A { "monolith" } else { "worker" };
+    for flag in ["score.executor", "search.executor", "dispute.executor"] {
+        let mut cmd = Command::new(bin_dir.join("trellisctl"));
+        cmd.args(["flags", "set", flag, executor, "--reason"])
+            .arg(format!("cargo xtask up --stage {}", flags.stage.as_str()))
+            .args(["--actor", "xtask"])
+            .env("DATABASE_URL", &stack.database_url);
+        steps.push(("flags", cmd));
+    }
     for (name, mut cmd) in steps {
         if stop_requested() {
             return Ok(());

@@ -2,8 +2,12 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 use trellis_domain::events::{EventPayload, ScoreRunRequested};
+use trellis_domain::flags::{Executor, Flag};
+use trellis_domain::{FieldError, ValidationErrors};
+use trellis_store::flags::{AuditRow, Change, FlagRow};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -11,11 +15,15 @@ use uuid::Uuid;
 
 use crate::app::AppState;
 use crate::auth::Principal;
-use crate::error::{ApiResult, Json, Problem};
-use crate::routes::events;
+use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
+use crate::routes::{events, limit};
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(request_score_run))
+    OpenApiRouter::new()
+        .routes(routes!(request_score_run))
+        .routes(routes!(list_flags))
+        .routes(routes!(set_flag))
+        .routes(routes!(flag_history))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -44,4 +52,156 @@ async fn request_score_run(
     let mut conn = state.pool.acquire().await?;
     trellis_store::outbox::insert(&mut conn, &evs).await?;
     Ok((StatusCode::ACCEPTED, Json(ScoreRunRequest { event_id: evs[0].envelope.id.0, status: "requested" })))
+}
+
+/// A cutover flag: which side executes a processor.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FlagView {
+    /// `score.executor`, `search.executor` or `dispute.executor`.
+    pub name: &'static str,
+    /// `monolith`, `worker` or `shadow`.
+    pub value: &'static str,
+    /// The value before the last change (in `shadow`, the primary); null if never changed.
+    pub previous: Option<&'static str>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    pub updated_by: String,
+}
+
+impl From<FlagRow> for FlagView {
+    fn from(r: FlagRow) -> Self {
+        Self {
+            name: r.flag.as_str(),
+            value: r.value.as_str(),
+            previous: r.previous.map(Executor::as_str),
+            updated_at: r.updated_at,
+            updated_by: r.updated_by,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FlagList {
+    pub items: Vec<FlagView>,
+}
+
+/// The cutover flags (admins).
+#[utoipa::path(get, path = "/v1/admin/flags", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, body = FlagList), (status = 401, body = Problem), (status = 403, body = Problem)))]
+async fn list_flags(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<FlagList>> {
+    principal.require_admin()?;
+    let rows = trellis_store::flags::list(&state.pool).await?;
+    Ok(Json(FlagList { items: rows.into_iter().map(FlagView::from).collect() }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlagChangeBody {
+    /// `monolith`, `worker` or `shadow`.
+    pub value: String,
+    /// Why; recorded in the audit with the admin's handle.
+    pub reason: String,
+}
+
+/// What a change did; `from` equals `to` when the flag already had the value (nothing is
+/// recorded then).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FlagChanged {
+    pub name: &'static str,
+    pub from: &'static str,
+    pub to: &'static str,
+}
+
+/// Changes a cutover flag (admins); every change is audited (who, when, from, to, why).
+#[utoipa::path(put, path = "/v1/admin/flags/{name}", tag = "admin", security(("bearer" = [])),
+    params(("name" = String, Path, description = "`score.executor`, `search.executor` or `dispute.executor`")),
+    request_body = FlagChangeBody,
+    responses((status = 200, body = FlagChanged), (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 404, body = Problem), (status = 422, body = Problem)))]
+async fn set_flag(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(name): Path<String>,
+    body: Result<Json<FlagChangeBody>, ApiError>,
+) -> ApiResult<Json<FlagChanged>> {
+    // The role is checked before the name and the body: callers without it learn nothing else.
+    principal.require_admin()?;
+    let flag = Flag::parse(&name).map_err(|_| ApiError::NotFound("flag"))?;
+    let Json(body) = body?;
+    let mut errors = ValidationErrors::default();
+    let value = errors.check(Executor::parse(&body.value));
+    let reason = Some(body.reason.trim()).filter(|r| !r.is_empty());
+    if reason.is_none() {
+        errors.0.push(FieldError::new("reason", "required", "say why the flag changes"));
+    }
+    let (Some(value), Some(reason)) = (value, reason) else {
+        return Err(errors.into());
+    };
+    let admin =
+        trellis_store::identity::find_by_id(&state.pool, principal.user_id).await?.ok_or(ApiError::Unauthenticated)?;
+    let changed =
+        trellis_store::flags::set(&state.pool, &Change { flag, value, actor: &admin.handle, reason, forced: false })
+            .await?;
+    Ok(Json(FlagChanged { name: flag.as_str(), from: changed.from.as_str(), to: changed.to.as_str() }))
+}
+
+/// One audited change of a flag.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FlagAuditEntry {
+    pub name: String,
+    pub from: String,
+    pub to: String,
+    /// The admin's handle (API) or the operator's name (`trellisctl`).
+    pub actor: String,
+    pub reason: String,
+    /// Whether the change overrode a promotion gate.
+    pub forced: bool,
+    #[serde(with = "time::serde::rfc3339")]
+    pub changed_at: OffsetDateTime,
+}
+
+impl From<AuditRow> for FlagAuditEntry {
+    fn from(a: AuditRow) -> Self {
+        Self {
+            name: a.name,
+            from: a.from_value,
+            to: a.to_value,
+            actor: a.actor,
+            reason: a.reason,
+            forced: a.forced,
+            changed_at: a.changed_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FlagHistory {
+    /// Newest first.
+    pub items: Vec<FlagAuditEntry>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryParams {
+    /// 1–100, default 20.
+    pub limit: Option<u32>,
+}
+
+/// A cutover flag's audited changes, newest first (admins).
+#[utoipa::path(get, path = "/v1/admin/flags/{name}/history", tag = "admin", security(("bearer" = [])),
+    params(("name" = String, Path, description = "`score.executor`, `search.executor` or `dispute.executor`"),
+        HistoryParams),
+    responses((status = 200, body = FlagHistory), (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 404, body = Problem), (status = 422, body = Problem)))]
+async fn flag_history(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(name): Path<String>,
+    Query(params): Query<HistoryParams>,
+) -> ApiResult<Json<FlagHistory>> {
+    principal.require_admin()?;
+    let flag = Flag::parse(&name).map_err(|_| ApiError::NotFound("flag"))?;
+    let limit = limit(params.limit, 20, 100)?;
+    let rows = trellis_store::flags::audit(&state.pool, Some(flag), limit as i64).await?;
+    Ok(Json(FlagHistory { items: rows.into_iter().map(FlagAuditEntry::from).collect() }))
 }

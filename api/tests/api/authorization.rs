@@ -139,6 +139,14 @@ fn every_endpoint(w: &World) -> Vec<(Method, &'static str, String, Option<Value>
         (Method::GET, "/v1/users/{user}/score", format!("/v1/users/{b}/score"), None),
         (Method::GET, "/v1/search/users", "/v1/search/users?q=bob".into(), None),
         (Method::POST, "/v1/admin/score-runs", "/v1/admin/score-runs".into(), None),
+        (Method::GET, "/v1/admin/flags", "/v1/admin/flags".into(), None),
+        (
+            Method::PUT,
+            "/v1/admin/flags/{name}",
+            "/v1/admin/flags/score.executor".into(),
+            Some(json!({"value": "worker", "reason": "x"})),
+        ),
+        (Method::GET, "/v1/admin/flags/{name}/history", "/v1/admin/flags/score.executor/history".into(), None),
         (Method::GET, "/v1/me/contacts/search", "/v1/me/contacts/search?q=bob".into(), None),
     ]
 }

@@ -7,6 +7,7 @@ mod circles;
 mod contacts;
 mod disputes;
 mod errors;
+mod flags;
 mod helpers;
 mod idempotency;
 mod identity;

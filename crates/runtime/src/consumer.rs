@@ -96,9 +96,6 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "non-string panic payload".into())
 }
 
-/// The longest pull of a gated group: how long the old executor may go on after a flip.
-pub const GATED_PULL_EXPIRY: Duration = Duration::from_secs(1);
-
 /// How a consumer group pulls and retries.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
@@ -115,7 +112,8 @@ pub struct RunnerConfig {
     pub ack_wait: Duration,
     /// Unacknowledged messages the server lets this group hold (all replicas together).
     pub max_ack_pending: i64,
-    /// How long one pull request waits for messages.
+    /// How long one pull request waits for messages (and, for a gated group, how long the old
+    /// executor may go on after a flip).
     pub fetch_expiry: Duration,
     /// Smallest and largest retry delay (exponential, with jitter).
     pub retry_min: Duration,
@@ -227,9 +225,11 @@ impl<H: Handler> ConsumerGroup<H> {
     /// Pulls only while `gate` is open (the cutover flag names this process the executor).
     /// When it closes, the group makes no new pull request: it finishes the pull in hand and
     /// waits (`trellis_consumer_standing_by{consumer}` says so). Until the gate first opens,
-    /// the consumers are not even declared. A gated group's pulls last at most
-    /// [`GATED_PULL_EXPIRY`], which bounds the overlap with the new executor; the handler's
-    /// idempotency absorbs it. The pull in hand is finished rather than handed back (nak):
+    /// the consumers are not even declared. The pull in hand lasts at most `fetch_expiry`,
+    /// which bounds the overlap with the new executor; the handler's idempotency absorbs it.
+    /// (Shorter pulls are no answer: nats-server 2.9 left pulls of a second or less unanswered
+    /// until the client gave up on them, seconds later.) The pull in hand is finished rather
+    /// than handed back (nak):
     /// every hand-back would raise the messages' delivery count, and rapid flips could push a
     /// healthy message to `max_deliver` and the DLQ.
     pub fn gated(mut self, gate: tokio::sync::watch::Receiver<bool>) -> Self {
@@ -395,15 +395,11 @@ impl<H: Handler> ConsumerGroup<H> {
                 }
             }
             // A held batch's window is a timer of its own (below), not the pull's expiry.
-            let expiry = match gate {
-                Some(_) => self.config.fetch_expiry.min(GATED_PULL_EXPIRY),
-                None => self.config.fetch_expiry,
-            };
             let request = consumer
                 .batch()
                 .max_messages(self.config.batch_size - held.len())
-                .expires(expiry)
-                .heartbeat(expiry / 4);
+                .expires(self.config.fetch_expiry)
+                .heartbeat(self.config.fetch_expiry / 4);
             let batch = request.messages().await;
             let batch = match batch {
                 Ok(b) => {

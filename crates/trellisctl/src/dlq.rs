@@ -148,11 +148,7 @@ impl Selection {
     }
 
     fn actor(&self) -> String {
-        self.actor
-            .clone()
-            .or_else(|| std::env::var("USER").ok())
-            .filter(|a| !a.is_empty())
-            .unwrap_or_else(|| "unknown".into())
+        crate::actor(self.actor.clone())
     }
 }
 

@@ -1,6 +1,7 @@
 //! `trellisctl`: the Trellis on-call tool.
 
 mod dlq;
+mod flags;
 mod triggers;
 
 use std::process::ExitCode;
@@ -74,6 +75,11 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         action: Box<dlq::Dlq>,
+    },
+    /// Cutover flags (which side executes each processor): list, get, set, history.
+    Flags {
+        #[command(subcommand)]
+        action: flags::Flags,
     },
     /// The migration guide's stage triggers: metric, threshold, current value, met or not.
     Triggers(triggers::Args),
@@ -189,6 +195,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             search_rebuild(&pool, scope).await
         }
+        Command::Flags { action } => flags::run(&pool, cli.output, action).await,
         Command::Triggers(args) => triggers::run(&pool, args, cli.output).await,
         Command::Dlq { action } => {
             let topology = trellis_runtime::nats::Topology::new(&cli.nats_prefix)?;
@@ -342,6 +349,11 @@ oldest pending age: {age:.1}s"
         }
     }
     Ok(())
+}
+
+/// Who is acting, for an audit: `--actor` (or `TRELLIS_ACTOR`), else `$USER`, else "unknown".
+pub fn actor(given: Option<String>) -> String {
+    given.or_else(|| std::env::var("USER").ok()).filter(|a| !a.trim().is_empty()).unwrap_or_else(|| "unknown".into())
 }
 
 async fn find_user(pool: &sqlx::PgPool, user: &str) -> anyhow::Result<trellis_store::identity::UserRow> {

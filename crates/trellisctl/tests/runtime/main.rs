@@ -1,10 +1,12 @@
 //! The worker runtime against real JetStream and PostgreSQL (issue 3 §4): consumer groups,
-//! retries, dead letters, the MAX_DELIVERIES safety net, shutdown, outages, and `trellisctl dlq`.
+//! retries, dead letters, the MAX_DELIVERIES safety net, shutdown, outages, `trellisctl dlq` and
+//! `trellisctl flags`.
 //! Each test has its own database and NATS prefix, and drives real `trellis-probe-worker`
 //! processes.
 
 mod batching;
 mod dlq;
+mod flags;
 mod helpers;
 mod runner;
 mod search;
