@@ -24,6 +24,7 @@ use trellis_store::PoolConfig;
 use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 
+use crate::activity::ActivityTracker;
 use crate::config::Config;
 use crate::error::{ApiError, ErrorCause, problem_response};
 use crate::ratelimit::LoginLimiter;
@@ -37,6 +38,7 @@ pub struct AppState {
     pub login_limiter: Arc<LoginLimiter>,
     pub health: Health,
     pub search_source: Arc<crate::routes::search::SourceCache>,
+    pub activity: Arc<ActivityTracker>,
 }
 
 #[derive(utoipa::OpenApi)]
@@ -88,6 +90,7 @@ pub fn app(state: AppState) -> Router {
     .layer(DefaultBodyLimit::max(body_limit))
     .layer(middleware::from_fn_with_state(state.clone(), request_timeout))
     .layer(middleware::from_fn(record_request))
+    .layer(middleware::from_fn_with_state(state.clone(), track_activity))
     .with_state(state)
     .merge(trellis_runtime::admin::health_routes(health))
     .layer(PropagateRequestIdLayer::new(request_id.clone()))
@@ -117,6 +120,15 @@ async fn request_timeout(State(state): State<AppState>, request: Request, next: 
         Ok(response) => response,
         Err(_) => ApiError::Unavailable { cause: "request timed out".into() }.into_response(),
     }
+}
+
+/// Remembers the request's bearer token (hashed) for the daily-active-users gauge; whether it
+/// authenticates is settled when the batch is written.
+async fn track_activity(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(token) = crate::auth::bearer_from_headers(request.headers()) {
+        state.activity.saw(crate::auth::hash_token(token));
+    }
+    next.run(request).await
 }
 
 /// `trellis_http_request_duration_seconds{route,method,status_class}`, and the log line of
@@ -169,6 +181,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let common = &config.common;
     let topology = Topology::new(&common.nats_prefix)?;
     let metrics = trellis_runtime::telemetry::install_metrics();
+    for endpoint in routes::search::ENDPOINTS {
+        metrics::counter!("trellis_search_fallbacks_total", "endpoint" => endpoint).increment(0);
+    }
 
     let mut pool_config = PoolConfig::new("trellis-api");
     pool_config.max_connections = config.db_pool_size;
@@ -205,6 +220,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         login_limiter: Arc::new(LoginLimiter::new(config.login_rate_per_login, config.login_rate_per_address)),
         health: health.clone(),
         search_source: Arc::default(),
+        activity: Arc::default(),
     };
 
     let listener = tokio::net::TcpListener::bind(config.api_addr)
@@ -250,6 +266,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         });
     }
     tasks.spawn(prune_idempotency_keys(pool.clone(), background.clone()));
+    {
+        let (activity, pool, interval) = (state.activity.clone(), pool.clone(), config.activity_flush_interval);
+        let background = background.clone();
+        tasks.spawn(async move { activity.run(pool, interval, background).await });
+    }
     let flags = Flags::watch(pool.clone(), config.flag_poll, background.clone());
     let ctx = RunnerContext {
         js: js.clone(),

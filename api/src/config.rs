@@ -62,6 +62,11 @@ pub struct Config {
     #[arg(long, env = "OUTBOX_RETENTION", value_parser = humantime::parse_duration, default_value = "72h")]
     pub outbox_retention: Duration,
 
+    /// How often the users seen by the API are written down and the daily-active-users gauge
+    /// refreshed.
+    #[arg(long, env = "ACTIVITY_FLUSH_INTERVAL", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub activity_flush_interval: Duration,
+
     /// Run without the outbox relay (another replica relays).
     #[arg(long, env = "NO_RELAY")]
     pub no_relay: bool,

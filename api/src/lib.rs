@@ -1,6 +1,7 @@
 //! `trellis-api`: the HTTP API monolith. Commands write their rows and their events in one
 //! transaction; the outbox relay, running in the same process, moves the events to JetStream.
 
+pub mod activity;
 pub mod app;
 pub mod auth;
 pub mod config;

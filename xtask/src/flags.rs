@@ -13,7 +13,10 @@ commands:
                      target/dev-stack/ if needed) and print `export` lines for them;
                      --stop stops the private ones.
   lint [DIR]         lint the migrations (in migrations/, or DIR) with squawk.
-  test [-- ARGS]     fmt check, clippy, lint, then the test suite (ARGS go to the test runner).
+  deploy             validate deploy/ offline: docker-compose config, promtool check and test
+                     rules, kubectl kustomize of both overlays, kubernetes-validate, and the
+                     KEDA ScaledObjects against the vendored CRD schema (installs what is missing).
+  test [-- ARGS]     fmt check, clippy, lint, deploy, then the test suite (ARGS go to the test runner).
   bench SUITE [--duration SECS] [--users N] [--db-pool-size N]
                      run a benchmark suite against release builds; SUITE is one of: api, runtime, score, search.
                      --users: the seeded graph of score and search (default 1,000,000);
@@ -34,6 +37,7 @@ pub enum Command {
     Up(Up),
     Services(Services),
     Lint(Lint),
+    Deploy,
     Test(Test),
     Bench(Bench),
     Seed(Seed),
@@ -130,6 +134,7 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
             Command::Services(Services { stop })
         }
         "lint" => Command::Lint(Lint { dir: args.next().map(Into::into) }),
+        "deploy" => Command::Deploy,
         "test" => {
             let mut runner_args = Vec::new();
             if let Some(arg) = args.next() {

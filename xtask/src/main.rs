@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_dispute;
+mod deploy;
 mod flags;
 mod lint;
 mod seed;
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         flags::Command::Up(up) => up::run(&up),
         flags::Command::Services(services) => services::run(&services),
         flags::Command::Lint(lint) => lint::run(&lint),
+        flags::Command::Deploy => deploy::run(),
         flags::Command::Test(test) => test::run(&test),
         flags::Command::Bench(bench) => bench::run(&bench),
         flags::Command::Seed(seed) => seed::run(&seed),

@@ -1,5 +1,5 @@
 //! `cargo xtask test`: what CI runs (`.ci/run`), in order, stopping at the first failure:
-//! format check, clippy, migration lint, test suite — against PostgreSQL and NATS made
+//! format check, clippy, migration lint, deploy checks, test suite — against PostgreSQL and NATS made
 //! reachable as `cargo xtask services` does (private instances are left running for the next
 //! run).
 
@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::deploy;
 use crate::flags;
 use crate::lint;
 use crate::services::{self, Stack};
@@ -51,6 +52,8 @@ pub fn run(flags: &flags::Test) -> anyhow::Result<()> {
         util::run(&mut cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
     })?;
     timed("lint", &mut || lint::run(&flags::Lint { dir: None }))?;
+    // Also installs Debian's prometheus, whose server the trellisctl deploy tests run.
+    timed("deploy", &mut || deploy::run())?;
     // Tests start other packages' binaries as real processes (trellis-probe-worker,
     // trellisctl, score-orchestrator); cargo builds a package's binaries only for that
     // package's own tests, so build them all first.

@@ -111,10 +111,22 @@ pub fn find_or_pip_install(program: &str, requirement: &str) -> anyhow::Result<P
     if let Some(found) = find_program(program, &python_script_dirs()) {
         return Ok(found);
     }
-    let Some(python) = find_program("python3", &[]) else {
+    if find_program("python3", &[]).is_none() {
         bail!("`{program}` is not installed and there is no python3 to install it; run: pip install {requirement}");
-    };
+    }
     eprintln!("xtask: `{program}` not found; installing it: pip install {requirement}");
+    pip_install(requirement)?;
+    find_program(program, &python_script_dirs()).with_context(|| {
+        format!("installed {requirement} but cannot find `{program}`; is pip's script directory on PATH?")
+    })
+}
+
+/// `pip install <requirement>` with python3, as a user install where the system Python
+/// refuses system-wide installs.
+pub fn pip_install(requirement: &str) -> anyhow::Result<()> {
+    let Some(python) = find_program("python3", &[]) else {
+        bail!("there is no python3 to install {requirement} with");
+    };
     let mut install = Command::new(&python);
     install.args(["-m", "pip", "install", "--quiet", requirement]);
     let output = capture(&mut install)?;
@@ -135,9 +147,7 @@ pub fn find_or_pip_install(program: &str, requirement: &str) -> anyhow::Result<P
             requirement,
         ]))?;
     }
-    find_program(program, &python_script_dirs()).with_context(|| {
-        format!("installed {requirement} but cannot find `{program}`; is pip's script directory on PATH?")
-    })
+    Ok(())
 }
 
 fn python_script_dirs() -> Vec<PathBuf> {

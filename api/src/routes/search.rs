@@ -46,6 +46,9 @@ pub struct SourceCache(std::sync::Mutex<Option<(std::time::Instant, Source)>>);
 
 const SOURCE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The values of `trellis_search_fallbacks_total{endpoint}`.
+pub const ENDPOINTS: [&str; 2] = ["users", "contacts"];
+
 async fn source(state: &AppState, endpoint: &'static str) -> Result<Source, ApiError> {
     let cached = *state.search_source.0.lock().expect("source cache lock");
     let source = match cached {

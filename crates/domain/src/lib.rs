@@ -1,5 +1,6 @@
 //! The shared domain of Trellis: identifiers, validated newtypes, the event envelope with its
-//! subjects and payloads, and the pure rules. Nothing in this crate does I/O or is async.
+//! subjects and payloads, the pure rules and the stage-trigger thresholds. Nothing in this
+//! crate does I/O or is async.
 
 pub mod adjudication;
 pub mod disputes;
@@ -9,6 +10,7 @@ pub mod identity;
 pub mod ids;
 pub mod score;
 pub mod social;
+pub mod stage;
 pub mod validation;
 
 pub use ids::{CircleId, DisputeId, EventId, UserId};

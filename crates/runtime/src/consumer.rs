@@ -184,6 +184,9 @@ pub enum ConsumerError {
     Refused { consumer: String, stream: String, message: String },
 }
 
+/// The values of `trellis_worker_messages_total{outcome}`.
+pub const OUTCOMES: &[&str] = &["ok", "retried", "dead_lettered", "decode_error"];
+
 /// One processor's consumer group: the runner of its main consumer, its replay consumer and
 /// its MAX_DELIVERIES watchers. Every replica of a worker runs one with the same spec.
 pub struct ConsumerGroup<H> {
@@ -280,6 +283,22 @@ impl<H: Handler> ConsumerGroup<H> {
         self.pulling.subscribe()
     }
 
+    /// Exports every series of this group at zero before the first message, so that a scrape
+    /// (and an alert on a rate or an absent series) sees the group from its start.
+    fn initialise_series(&self) {
+        let consumer = self.spec.name.clone();
+        for outcome in OUTCOMES {
+            metrics::counter!("trellis_worker_messages_total", "consumer" => consumer.clone(), "outcome" => *outcome)
+                .increment(0);
+        }
+        metrics::gauge!("trellis_worker_in_flight_messages", "consumer" => consumer.clone()).set(0.0);
+        metrics::gauge!("trellis_dlq_depth_messages", "consumer" => consumer.clone()).increment(0.0);
+        metrics::gauge!("trellis_consumer_pending_messages", "consumer" => consumer.clone()).increment(0.0);
+        metrics::gauge!("trellis_consumer_ack_pending_messages", "consumer" => consumer.clone()).increment(0.0);
+        // Registering is enough: the exporter renders a histogram with no observation yet.
+        let _ = metrics::histogram!("trellis_worker_handle_duration_seconds", "consumer" => consumer);
+    }
+
     fn durable(&self) -> String {
         self.ctx.topology.name(&self.spec.name)
     }
@@ -338,6 +357,7 @@ impl<H: Handler> ConsumerGroup<H> {
     /// that has arrived) finish; the worker bounds that by its grace period. A configuration
     /// the server will not keep is returned as an error.
     pub async fn run(self, stop: CancellationToken) -> Result<(), ConsumerError> {
+        self.initialise_series();
         if !self.until_executor(&mut self.gate.clone(), &stop).await {
             return Ok(());
         }

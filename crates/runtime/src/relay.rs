@@ -68,6 +68,10 @@ impl Relay {
 
     /// Runs until `shutdown`: relays, samples the backlog gauges and prunes.
     pub async fn run(self, shutdown: CancellationToken) {
+        // Counters at zero from the start, so that rates and alerts see them before any event.
+        metrics::counter!("trellis_outbox_published_total").increment(0);
+        metrics::counter!("trellis_outbox_relay_errors_total").increment(0);
+        metrics::counter!("trellis_outbox_pruned_total").increment(0);
         let sampler = tokio::spawn(sample_backlog(self.pool.clone(), shutdown.clone()));
         let pruner = tokio::spawn(prune_loop(self.pool.clone(), self.config.clone(), shutdown.clone()));
         self.relay_loop(&shutdown).await;

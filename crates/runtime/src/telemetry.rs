@@ -44,7 +44,20 @@ pub fn install_metrics() -> PrometheusHandle {
                     }
                 })
                 .expect("spawning the upkeep thread");
+            record_binary_size();
             handle
         })
         .clone()
+}
+
+/// `trellis_build_binary_size_bytes`: the size of this process's executable, read once at
+/// start-up. The guide's B→C table has "API binary size > 200 MB" as a trigger; every binary
+/// exports it so that the trigger (and the dashboard) can see each of them.
+fn record_binary_size() {
+    match std::env::current_exe().and_then(std::fs::metadata) {
+        Ok(meta) => metrics::gauge!("trellis_build_binary_size_bytes").set(meta.len() as f64),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read this executable's size; trellis_build_binary_size_bytes is not exported")
+        }
+    }
 }

@@ -427,3 +427,18 @@ pub async fn auto_adjudication_ratio(
     .fetch_one(db)
     .await
 }
+
+/// Disputes pending now, and those of them that have been pending for longer than `for_at_least`:
+/// when the latter exceeds a depth, the queue has been deeper than it for that whole time.
+pub async fn pending_depth(
+    db: impl PgExecutor<'_>,
+    for_at_least: std::time::Duration,
+) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE created_at < now() - make_interval(secs => $1))
+         FROM security.disputes WHERE status = 'pending'",
+    )
+    .bind(for_at_least.as_secs_f64())
+    .fetch_one(db)
+    .await
+}

@@ -4,6 +4,7 @@
 //! Every function takes an executor or a transaction from its caller, so a command handler
 //! can write its domain rows and its outbox rows in one transaction.
 
+pub mod activity;
 pub mod circles;
 pub mod contacts;
 pub mod disputes;

@@ -472,3 +472,14 @@ pub async fn write_run(
     tx.commit().await?;
     Ok(started.elapsed().as_millis() as i64)
 }
+
+/// Mean wall-clock duration (seconds) of the runs that finished in the last 24 hours, as the
+/// score-batch-duration stage trigger measures it; `None` without such a run.
+pub async fn mean_run_seconds_last_day(db: impl PgExecutor<'_>) -> Result<Option<f64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT avg(extract(epoch FROM finished_at - started_at))::float8 FROM score.runs
+         WHERE finished_at > now() - interval '24 hours' AND started_at IS NOT NULL",
+    )
+    .fetch_one(db)
+    .await
+}

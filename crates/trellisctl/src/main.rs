@@ -2,6 +2,7 @@
 
 mod dlq;
 mod flags;
+mod triggers;
 
 use std::process::ExitCode;
 
@@ -80,6 +81,8 @@ enum Command {
         #[command(subcommand)]
         action: flags::Flags,
     },
+    /// The migration guide's stage triggers: metric, threshold, current value, met or not.
+    Triggers(triggers::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -193,6 +196,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             search_rebuild(&pool, scope).await
         }
         Command::Flags { action } => flags::run(&pool, cli.output, action).await,
+        Command::Triggers(args) => triggers::run(&pool, args, cli.output).await,
         Command::Dlq { action } => {
             let topology = trellis_runtime::nats::Topology::new(&cli.nats_prefix)?;
             let client = async_nats::ConnectOptions::new()

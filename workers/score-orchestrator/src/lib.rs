@@ -44,6 +44,27 @@ pub struct Config {
     pub host: String,
 }
 
+/// Exports the orchestrator's series before its first run: counters and histograms at zero, and
+/// the last success as the database records it, so that a restarted replica does not hide (or
+/// fake) a stale score.
+pub async fn initialise_metrics(pool: &PgPool) {
+    for outcome in ["succeeded", "failed", "abandoned"] {
+        metrics::counter!("trellis_score_runs_total", "outcome" => outcome).increment(0);
+    }
+    metrics::gauge!("trellis_score_runs_in_progress").set(0.0);
+    for phase in ["load", "compute", "write"] {
+        let _ = metrics::histogram!("trellis_score_run_duration_seconds", "phase" => phase);
+    }
+    match store::last_success(pool).await {
+        Ok(Some(at)) => metrics::gauge!("trellis_score_last_success_timestamp_seconds").set(at.unix_timestamp() as f64),
+        // Never succeeded: the staleness alert fires on the absent series.
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the last successful score run; its gauge waits for the next run")
+        }
+    }
+}
+
 /// The orchestrator's settings as flags, shared by `score-orchestrator` and `trellis-api`
 /// (which runs the orchestrator in-process when `score.executor` says `monolith`).
 #[derive(Debug, Clone, clap::Args)]
@@ -232,7 +253,11 @@ impl Orchestrator {
         let started = Instant::now();
         store::start_run(conn, run_id, trigger, requested_by, &self.config.host, score::ALGORITHM_VERSION).await?;
         tracing::info!(%run_id, trigger, "score run started");
+        // "API latency during batch compute" (a stage trigger) needs to know when one runs.
+        let in_progress = metrics::gauge!("trellis_score_runs_in_progress");
+        in_progress.increment(1.0);
         let result = self.phases(conn, run_id, trigger).await;
+        in_progress.decrement(1.0);
         let outcome = match &result {
             Ok(_) => "succeeded",
             Err(_) => "failed",

@@ -198,8 +198,17 @@ impl Handler for Projector {
     }
 }
 
-/// Refreshes `trellis_search_checkpoint_age_seconds` every `every` until `stop`.
+/// Refreshes `trellis_search_checkpoint_age_seconds` every `every` until `stop`. Before that,
+/// exports the projection lag as the database has it (newest event written against newest
+/// applied), so that a restarted replica shows a lag before its first batch.
 pub async fn report_checkpoint_age(pool: PgPool, every: Duration, stop: CancellationToken) {
+    match trellis_store::search::freshness(&pool).await {
+        Ok(freshness) if freshness.lag() < time::Duration::MAX => {
+            metrics::gauge!("trellis_search_projection_lag_seconds").set(freshness.lag().as_seconds_f64())
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "reading the search freshness failed"),
+    }
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {

@@ -1,0 +1,10 @@
+//! `deploy/` against the code: the Prometheus rules agree with the stage-trigger constants and
+//! have runbooks and unit tests; every metric the rules and the Grafana dashboard query is one a
+//! live process exports; `trellisctl triggers` reads real processes, the database and a real
+//! Prometheus. Each test has its own database and NATS prefix.
+
+mod dashboard;
+mod harness;
+mod manifests;
+mod rules;
+mod triggers;

