@@ -7,41 +7,9 @@ use std::time::Duration;
 use serde_json::Value;
 use trellis_testkit::TestDb;
 
-use crate::harness::{System, has_dispute_processor, queried_names, read, yaml};
+use crate::harness::{System, queried_names, read, yaml};
 
 const DASHBOARD: &str = "deploy/grafana/trellis.json";
-
-/// Metrics of the dispute processor (issue 6), fixed by name, queried before its code lands
-/// on this branch. Once `workers/dispute-processor` exists they must be scraped like any other.
-const DISPUTE_PROCESSOR_METRICS: &[&str] = &[
-    "trellis_dispute_queue_depth_messages",
-    "trellis_dispute_oldest_waiting_seconds",
-    "trellis_dispute_decision_latency_seconds_bucket",
-    "trellis_dispute_decisions_total",
-    "trellis_dispute_auto_adjudication_ratio",
-];
-
-/// Metrics of the cutover (issue 7), fixed by name, queried before its code lands. Once any
-/// source file of the workspace names one, it must be scraped like any other.
-const CUTOVER_METRICS: &[&str] = &["trellis_flag_state", "trellis_shadow_comparisons_total"];
-
-/// Whether a Rust source file of the API, the crates or the workers names `metric`.
-fn named_in_sources(metric: &str) -> bool {
-    fn walk(dir: &std::path::Path, metric: &str) -> bool {
-        let Ok(entries) = std::fs::read_dir(dir) else { return false };
-        entries.flatten().any(|entry| {
-            let path = entry.path();
-            if path.is_dir() {
-                // This test's own files name the metrics; they export nothing.
-                !path.ends_with("tests/deploy") && walk(&path, metric)
-            } else {
-                path.extension().is_some_and(|e| e == "rs")
-                    && std::fs::read_to_string(&path).is_ok_and(|text| text.contains(&format!("\"{metric}\"")))
-            }
-        })
-    }
-    ["api", "crates", "workers"].iter().any(|dir| walk(&crate::harness::repo_root().join(dir), metric))
-}
 
 fn dashboard() -> Value {
     serde_json::from_str(&read(DASHBOARD)).expect("the dashboard is JSON")
@@ -92,10 +60,6 @@ async fn every_metric_the_dashboard_and_the_rules_query_is_exported_by_a_live_pr
     for expr in dashboard_exprs().iter().chain(&rule_exprs) {
         queried.extend(queried_names(expr));
     }
-    let mut pending: BTreeSet<&str> =
-        if has_dispute_processor() { BTreeSet::new() } else { DISPUTE_PROCESSOR_METRICS.iter().copied().collect() };
-    pending.extend(CUTOVER_METRICS.iter().copied().filter(|m| !named_in_sources(m)));
-
     // Gauges sampled in the background (consumer pending, DLQ depth, DAU) appear within seconds.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let missing = loop {
@@ -103,10 +67,8 @@ async fn every_metric_the_dashboard_and_the_rules_query_is_exported_by_a_live_pr
         for process in system.processes() {
             exported.extend(crate::harness::exported_names(&process.metrics().await));
         }
-        let missing: Vec<&String> = queried
-            .iter()
-            .filter(|name| !exported.contains(*name) && !records.contains(*name) && !pending.contains(name.as_str()))
-            .collect();
+        let missing: Vec<&String> =
+            queried.iter().filter(|name| !exported.contains(*name) && !records.contains(*name)).collect();
         if missing.is_empty() || tokio::time::Instant::now() >= deadline {
             break missing;
         }

@@ -29,11 +29,6 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// Whether the dispute processor is part of this workspace yet (issue 6).
-pub fn has_dispute_processor() -> bool {
-    repo_root().join("workers/dispute-processor/Cargo.toml").exists()
-}
-
 /// A child process with an admin listener, killed when dropped.
 pub struct Process {
     pub name: String,
@@ -121,10 +116,7 @@ impl System {
             &[("API_ADDR", api_addr.to_string()), ("ACTIVITY_FLUSH_INTERVAL", "200ms".into())],
         )
         .await;
-        let mut names = vec!["score-orchestrator", "search-projector"];
-        if has_dispute_processor() {
-            names.push("dispute-processor");
-        }
+        let names = ["score-orchestrator", "search-projector", "dispute-processor"];
         let mut workers = Vec::new();
         for name in names {
             workers.push(Process::start(name, db, prefix, &[]).await);
