@@ -366,6 +366,8 @@ async fn name_search_matches_word_prefixes_and_one_typo_alike_over_the_index_and
         ("le", &["ana"]),
         ("kin", &["marta"]),
         ("q", &[]),
+        // One-character words of the query are left out, not required.
+        ("zed q fisch", &["zed"]),
         // Numbers match by prefix only: one digit off is another number.
         ("471", &["agent"]),
         ("4712", &[]),

@@ -85,23 +85,18 @@ pub async fn users(
     .await?;
     if (hits.len() as i64) < need {
         let rest = need - hits.len() as i64;
-        let tokens = query_words(&mut conn, q).await?;
-        if !tokens.is_empty() {
-            hits.extend(match documents {
-                Documents::Index => indexed_name_matches(&mut conn, &tokens, &prefix, rest).await?,
-                Documents::Base => base_name_matches(&mut conn, &tokens, &prefix, rest).await?,
-            });
-        }
+        hits.extend(match documents {
+            Documents::Index => indexed_name_matches(&mut conn, q, &prefix, rest).await?,
+            Documents::Base => base_name_matches(&mut conn, q, &prefix, rest).await?,
+        });
     }
     Ok(hits.into_iter().skip(usize::try_from(offset).unwrap_or(usize::MAX)).collect())
 }
 
-/// The words of `q` that name search matches: as `search.name_words` splits a display name,
-/// 2 characters or more.
-async fn query_words(conn: &mut PgConnection, q: &str) -> Result<Vec<String>, sqlx::Error> {
-    let words: Vec<String> = sqlx::query_scalar("SELECT search.name_words($1)").bind(q).fetch_one(&mut *conn).await?;
-    Ok(words.into_iter().filter(|w| w.chars().count() >= 2).collect())
-}
+/// The words of `$1` that name search matches (as `search.name_words` splits a display name,
+/// 2 characters or more), numbered from 1.
+const QUERY_WORDS: &str = "SELECT t.word, t.i FROM unnest(search.name_words($1)) WITH ORDINALITY AS t (word, i)
+    WHERE char_length(t.word) >= 2";
 
 /// A query word matches a name word that it is a prefix of or, from 3 characters and when
 /// neither has a digit (a number one digit off is another number), that is within one edit of
@@ -109,23 +104,25 @@ async fn query_words(conn: &mut PgConnection, q: &str) -> Result<Vec<String>, sq
 const WORD_MATCHES: &str = "starts_with(w, t.word)
     OR (char_length(t.word) >= 3 AND t.word !~ '[0-9]' AND w !~ '[0-9]' AND search.within_one_edit(w, t.word))";
 
-/// The name tier over the base tables: every document's words are matched against `tokens`.
+/// The name tier over the base tables: every document's words are matched against the words
+/// of `q` (none: no name matches).
 async fn base_name_matches(
     conn: &mut PgConnection,
-    tokens: &[String],
+    q: &str,
     handle_prefix: &str,
     limit: i64,
 ) -> Result<Vec<UserHit>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT c.id, c.handle, c.display_name, c.verified, c.score, 2 AS rank
+        "WITH t AS ({QUERY_WORDS})
+         SELECT c.id, c.handle, c.display_name, c.verified, c.score, 2 AS rank
          FROM ({BASE_USERS}) c
-         WHERE c.handle NOT LIKE $2
-           AND NOT EXISTS (SELECT 1 FROM unnest($1::text[]) t (word)
+         WHERE EXISTS (SELECT 1 FROM t) AND c.handle NOT LIKE $2
+           AND NOT EXISTS (SELECT 1 FROM t
                            WHERE NOT EXISTS (SELECT 1 FROM unnest(search.name_words(c.display_name)) w
                                              WHERE char_length(w) >= 2 AND ({WORD_MATCHES})))
          ORDER BY c.score DESC NULLS LAST, c.handle LIMIT $3"
     ))
-    .bind(tokens)
+    .bind(q)
     .bind(handle_prefix)
     .bind(limit)
     .fetch_all(&mut *conn)
@@ -139,37 +136,46 @@ async fn base_name_matches(
 /// the other words filter inside that read.
 async fn indexed_name_matches(
     conn: &mut PgConnection,
-    tokens: &[String],
+    q: &str,
     handle_prefix: &str,
     limit: i64,
 ) -> Result<Vec<UserHit>, sqlx::Error> {
-    let (mut keys, mut key_words) = (Vec::new(), Vec::new());
-    for (i, token) in tokens.iter().enumerate() {
-        if token.chars().count() >= 3 && !token.chars().any(|c| c.is_ascii_digit()) {
-            for key in deletion_keys(token) {
-                keys.push(key);
-                key_words.push(i as i64 + 1);
-            }
-        }
-    }
-    let rows: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT t.i, n.term
-         FROM unnest($1::text[]) WITH ORDINALITY AS t (word, i),
-              LATERAL (SELECT term FROM search.name_terms WHERE term LIKE t.word || '%') n
-         UNION
-         SELECT k.i, v.term
-         FROM unnest($2::text[], $3::bigint[]) AS k (variant, i)
-         JOIN search.name_term_variants v ON v.variant = k.variant
-         WHERE search.within_one_edit(v.term, ($1::text[])[k.i])",
-    )
-    .bind(tokens)
-    .bind(&keys)
-    .bind(&key_words)
+    // One row per query word (no term), then one per expansion: by prefix (a range of the
+    // byte-ordered dictionary) and by one-deletion keys checked with `search.within_one_edit`.
+    let rows: Vec<(i64, Option<String>)> = sqlx::query_as(&format!(
+        "WITH t AS ({QUERY_WORDS}),
+         keys AS (
+             SELECT t.i, t.word, t.word AS variant FROM t WHERE char_length(t.word) >= 3 AND t.word !~ '[0-9]'
+             UNION
+             SELECT t.i, t.word, left(t.word, g - 1) || substr(t.word, g + 1)
+             FROM t, generate_series(1, char_length(t.word)) g
+             WHERE char_length(t.word) >= 3 AND t.word !~ '[0-9]')
+         SELECT t.i, NULL::text FROM t
+         UNION ALL
+         SELECT t.i, n.term::text
+         FROM t, LATERAL (SELECT term FROM search.name_terms
+                          WHERE term >= t.word COLLATE \"C\" AND term < (t.word || chr(1114111)) COLLATE \"C\"
+                            AND starts_with(term, t.word)) n
+         UNION ALL
+         SELECT k.i, v.term::text
+         FROM keys k JOIN search.name_term_variants v ON v.variant = k.variant COLLATE \"C\"
+         WHERE search.within_one_edit(v.term, k.word)"
+    ))
+    .bind(q)
     .fetch_all(&mut *conn)
     .await?;
-    let mut expansions = vec![Vec::new(); tokens.len()];
+    let mut by_word: std::collections::BTreeMap<i64, Vec<String>> = std::collections::BTreeMap::new();
     for (i, term) in rows {
-        expansions[(i - 1) as usize].push(term);
+        let terms = by_word.entry(i).or_default();
+        terms.extend(term);
+    }
+    if by_word.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut expansions: Vec<Vec<String>> = by_word.into_values().collect();
+    for terms in &mut expansions {
+        terms.sort_unstable();
+        terms.dedup();
     }
     if expansions.iter().any(Vec::is_empty) {
         return Ok(Vec::new());
@@ -197,16 +203,6 @@ async fn indexed_name_matches(
     .bind(serde_json::to_value(others).expect("strings serialise"))
     .fetch_all(&mut *conn)
     .await
-}
-
-/// A word and every one-character deletion of it: the keys `search.name_term_variants` holds.
-fn deletion_keys(word: &str) -> Vec<String> {
-    let chars: Vec<char> = word.chars().collect();
-    let mut keys = vec![word.to_owned()];
-    keys.extend((0..chars.len()).map(|i| chars[..i].iter().chain(&chars[i + 1..]).collect()));
-    keys.sort_unstable();
-    keys.dedup();
-    keys
 }
 
 fn escape_like(s: &str) -> String {
