@@ -78,6 +78,9 @@ pub async fn users(
          JOIN ({source}) c ON c.id = best.id
          ORDER BY rank, c.score DESC NULLS LAST, c.handle LIMIT $3"
     ))
+    // Planned for each query's own prefix: a cached generic plan knows no prefix, so it walks
+    // the score order for every one, and a rare prefix then reads the whole index (300 ms).
+    .persistent(false)
     .bind(&lowered)
     .bind(&prefix)
     .bind(need)
