@@ -19,7 +19,8 @@ pub fn run(flags: &flags::Bench) -> anyhow::Result<()> {
         "search" => search(flags),
         "score" => score(flags),
         "dispute" => crate::bench_dispute::run(flags),
-        other => bail!("unknown bench suite `{other}` (known: api, runtime, score, search, dispute)"),
+        "cutover" => crate::bench_cutover::run(),
+        other => bail!("unknown bench suite `{other}` (known: api, runtime, score, search, dispute, cutover)"),
     }
 }
 

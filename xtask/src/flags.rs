@@ -18,7 +18,7 @@ commands:
                      KEDA ScaledObjects against the vendored CRD schema (installs what is missing).
   test [-- ARGS]     fmt check, clippy, lint, deploy, then the test suite (ARGS go to the test runner).
   bench SUITE [--duration SECS] [--users N] [--db-pool-size N]
-                     run a benchmark suite against release builds; SUITE is one of: api, runtime, score, search.
+                     run a benchmark suite against release builds; SUITE is one of: api, runtime, score, search, dispute, cutover.
                      --users: the seeded graph of score and search (default 1,000,000);
                      --db-pool-size: the API's request pool in the api suite.
   seed [--users N] [--avg-contacts K] [--verified-fraction F] [--seed S]
@@ -146,7 +146,8 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
             Command::Test(Test { runner_args })
         }
         "bench" => {
-            let suite = args.next().context("bench needs a suite name (api, runtime, score, search, dispute)")?;
+            let suite =
+                args.next().context("bench needs a suite name (api, runtime, score, search, dispute, cutover)")?;
             let mut duration = 20;
             let mut users = None;
             let mut db_pool_size = None;

@@ -5,6 +5,7 @@
 //! PostgreSQL / NATS / squawk binaries, which they install when they can).
 
 mod bench;
+mod bench_cutover;
 mod bench_dispute;
 mod deploy;
 mod flags;
