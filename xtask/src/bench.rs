@@ -138,17 +138,55 @@ impl Api {
 
 impl Drop for Api {
     fn drop(&mut self) {
-        let _ = crate::services::terminate(self.child.id());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop(&mut self.child);
     }
+}
+
+/// A release worker binary on a benchmark's database and NATS prefix, its admin listener on
+/// `admin`, its log in `target/bench-<name>.log`; stopped (SIGTERM, then SIGKILL) on drop.
+pub(crate) struct Worker {
+    child: Child,
+}
+
+impl Worker {
+    pub(crate) fn start(name: &str, db: &BenchDb, stack: &Stack, prefix: &str, admin: &str) -> anyhow::Result<Self> {
+        let log = util::target_dir().join(format!("bench-{name}.log"));
+        eprintln!("xtask: bench: {name} (log: {})", log.display());
+        let child = Command::new(release_bin(name))
+            .env("DATABASE_URL", &db.url)
+            .env("NATS_URL", &stack.nats_url)
+            .env("NATS_PREFIX", prefix)
+            .env("ADMIN_ADDR", admin)
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let worker = Self { child };
+        util::wait_until(name, Duration::from_secs(30), || Ok(http_status(admin, "/readyz")? == Some(200)))?;
+        Ok(worker)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+/// SIGTERM, up to 10 s for a graceful exit, then SIGKILL.
+fn stop(child: &mut Child) {
+    let _ = crate::services::terminate(child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 pub(crate) fn free_port() -> anyhow::Result<u16> {
@@ -157,13 +195,18 @@ pub(crate) fn free_port() -> anyhow::Result<u16> {
 
 /// The status of a GET, or `None` when nothing answers.
 pub(crate) fn http_status(host_port: &str, path: &str) -> anyhow::Result<Option<u16>> {
+    Ok(http_get(host_port, path)?.and_then(|text| text.split_whitespace().nth(1)?.parse().ok()))
+}
+
+/// The whole response to a GET (status line, headers and body), or `None` when nothing answers.
+pub(crate) fn http_get(host_port: &str, path: &str) -> anyhow::Result<Option<String>> {
     use std::io::Read as _;
     let Ok(mut stream) = std::net::TcpStream::connect(host_port) else { return Ok(None) };
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     write!(stream, "GET {path} HTTP/1.1\r\nHost: {host_port}\r\nConnection: close\r\n\r\n")?;
-    let mut head = String::new();
-    let _ = stream.read_to_string(&mut head);
-    Ok(head.split_whitespace().nth(1).and_then(|s| s.parse().ok()))
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    Ok(Some(text))
 }
 
 fn wrk() -> anyhow::Result<PathBuf> {

@@ -4,15 +4,13 @@
 //! from the moment `trellisctl` returns (the change is committed) until both processes export
 //! the new value (`trellis_flag_state`), scraped every 5 ms.
 
-use std::io::{Read as _, Write as _};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 
-use crate::bench::{Api, BenchDb, build_release, free_port, http_status, machine, release_bin};
+use crate::bench::{Api, BenchDb, Worker, build_release, free_port, http_get, machine, release_bin};
 use crate::services::Stack;
-use crate::util;
 
 const FLIPS: usize = 50;
 
@@ -24,7 +22,7 @@ pub fn run() -> anyhow::Result<()> {
     let api_admin = format!("127.0.0.1:{}", free_port()?);
     let _api = Api::start(&db, &stack, &prefix, &[("ADMIN_ADDR", api_admin.as_str())])?;
     let worker_admin = format!("127.0.0.1:{}", free_port()?);
-    let _worker = Worker::start(&db, &stack, &prefix, &worker_admin)?;
+    let _worker = Worker::start("search-projector", &db, &stack, &prefix, &worker_admin)?;
 
     let mut samples = Vec::with_capacity(FLIPS);
     for i in 0..FLIPS {
@@ -39,7 +37,7 @@ pub fn run() -> anyhow::Result<()> {
         let committed = Instant::now();
         let series = format!("trellis_flag_state{{flag=\"search.executor\",value=\"{value}\"}} 1");
         for admin in [&api_admin, &worker_admin] {
-            while !metrics(admin)?.lines().any(|line| line.trim_end() == series) {
+            while !http_get(admin, "/metrics")?.unwrap_or_default().lines().any(|line| line.trim_end() == series) {
                 ensure!(committed.elapsed() < Duration::from_secs(10), "{value} did not reach {admin} within 10 s");
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -57,54 +55,4 @@ pub fn run() -> anyhow::Result<()> {
         at(1.0)
     );
     Ok(())
-}
-
-/// The body of `GET /metrics` (with the response head, which no metric line matches).
-fn metrics(host_port: &str) -> anyhow::Result<String> {
-    let mut stream = std::net::TcpStream::connect(host_port).context("connecting to /metrics")?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {host_port}\r\nConnection: close\r\n\r\n")?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    Ok(text)
-}
-
-/// A release `search-projector`, killed (SIGTERM, then SIGKILL) on drop.
-struct Worker {
-    child: Child,
-}
-
-impl Worker {
-    fn start(db: &BenchDb, stack: &Stack, prefix: &str, admin: &str) -> anyhow::Result<Self> {
-        let child = Command::new(release_bin("search-projector"))
-            .env("DATABASE_URL", &db.url)
-            .env("NATS_URL", &stack.nats_url)
-            .env("NATS_PREFIX", prefix)
-            .env("ADMIN_ADDR", admin)
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting search-projector")?;
-        let worker = Self { child };
-        util::wait_until("search-projector", Duration::from_secs(30), || {
-            Ok(http_status(admin, "/readyz")? == Some(200))
-        })?;
-        Ok(worker)
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = crate::services::terminate(self.child.id());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

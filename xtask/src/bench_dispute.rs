@@ -9,7 +9,6 @@
 //! - P0 latency: from the API's 201 (this process's clock) to the P0's `decided_at` (the
 //!   database's clock, same machine), for the P0s answered while the backlog was draining.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::bench::{Api, BenchDb, build_release, free_port, http_status, machine, release_bin};
+use crate::bench::{Api, BenchDb, Worker, build_release, free_port, machine};
 use crate::flags;
 use crate::services::Stack;
 use crate::util;
@@ -47,7 +46,7 @@ pub fn run(flags: &flags::Bench) -> anyhow::Result<()> {
     eprintln!("xtask: bench: backlog published to JetStream in {:.1} s", started.elapsed().as_secs_f64());
     db.exec("ANALYZE")?;
 
-    let processor = Processor::start(&db, &stack, &prefix)?;
+    let processor = Worker::start("dispute-processor", &db, &stack, &prefix, &format!("127.0.0.1:{}", free_port()?))?;
     let stop = Arc::new(AtomicBool::new(false));
     let filer = {
         let (url, stop) = (api.url.clone(), stop.clone());
@@ -180,49 +179,4 @@ fn file_p0s(url: &str, users: u64, stop: &AtomicBool) -> anyhow::Result<Vec<(Str
         }
     }
     Ok(filed)
-}
-
-/// A release `dispute-processor`, killed (SIGTERM, then SIGKILL) on drop.
-struct Processor {
-    child: Child,
-}
-
-impl Processor {
-    fn start(db: &BenchDb, stack: &Stack, prefix: &str) -> anyhow::Result<Self> {
-        let admin = free_port()?;
-        let log = util::target_dir().join("bench-dispute-processor.log");
-        eprintln!("xtask: bench: dispute-processor (log: {})", log.display());
-        let child = Command::new(release_bin("dispute-processor"))
-            .env("DATABASE_URL", &db.url)
-            .env("NATS_URL", &stack.nats_url)
-            .env("NATS_PREFIX", prefix)
-            .env("ADMIN_ADDR", format!("127.0.0.1:{admin}"))
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("starting dispute-processor")?;
-        let processor = Self { child };
-        let ready = format!("127.0.0.1:{admin}");
-        util::wait_until("dispute-processor", Duration::from_secs(30), || {
-            Ok(http_status(&ready, "/readyz")? == Some(200))
-        })?;
-        Ok(processor)
-    }
-}
-
-impl Drop for Processor {
-    fn drop(&mut self) {
-        let _ = crate::services::terminate(self.child.id());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

@@ -1,26 +1,12 @@
 //! `trellisctl flags`: list, get, set (audited, refused without a reason or with an unknown
 //! name or value) and history, against a real database.
 
-use std::process::Stdio;
-
 use trellis_testkit::TestDb;
 
-use crate::helpers::Ctl;
+use crate::helpers::{Ctl, run_ctl};
 
 async fn ctl(db: &TestDb, args: &[&str]) -> Ctl {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_trellisctl"))
-        .args(["--database-url", &db.url])
-        .args(args)
-        .env("TRELLIS_ACTOR", "flags-tests")
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("running trellisctl");
-    Ctl {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    run_ctl(&["--database-url", &db.url], args, "flags-tests").await
 }
 
 /// Every audit row: (name, from, to, actor, reason, forced).

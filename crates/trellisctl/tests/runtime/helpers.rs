@@ -175,19 +175,25 @@ impl Env {
 
     /// Runs `trellisctl` with this test's database, NATS server and prefix.
     pub async fn ctl(&self, args: &[&str]) -> Ctl {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_trellisctl"))
-            .args(["--database-url", &self.db.url, "--nats-url", &self.nats_url, "--nats-prefix", &self.prefix])
-            .args(args)
-            .env("TRELLIS_ACTOR", "runtime-tests")
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .expect("running trellisctl");
-        Ctl {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        let connection = ["--database-url", &self.db.url, "--nats-url", &self.nats_url, "--nats-prefix", &self.prefix];
+        run_ctl(&connection, args, "runtime-tests").await
+    }
+}
+
+/// Runs `trellisctl` with `connection` flags, then `args`, as `actor`.
+pub async fn run_ctl(connection: &[&str], args: &[&str], actor: &str) -> Ctl {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_trellisctl"))
+        .args(connection)
+        .args(args)
+        .env("TRELLIS_ACTOR", actor)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("running trellisctl");
+    Ctl {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 
