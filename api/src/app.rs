@@ -279,13 +279,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     let score = config.score.config(common.database_url.expose(), ctx.host.clone());
-    for task in
-        crate::processors::spawn(ctx, processors_pool, &flags, score, config.dispute.clone(), background.clone())?
-    {
-        tasks.spawn(async move {
-            let _ = task.await;
-        });
-    }
+    let dispute = config.dispute.clone();
+    crate::processors::spawn(&mut tasks, ctx, processors_pool, &flags, score, dispute, background.clone())?;
 
     let grace = common.shutdown_grace;
     let app = app(state).into_make_service_with_connect_info::<SocketAddr>();

@@ -8,23 +8,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use trellis_domain::flags::{Executor, Flag};
 use trellis_runtime::consumer::{ConsumerGroup, EachMessage, RunnerConfig, RunnerContext};
 use trellis_runtime::flags::{self, Flags};
 
-/// Starts every in-process processor, each idle until its flag says `monolith`; they stop with
-/// `stop`. Returns the tasks to await on shutdown.
+/// Starts every in-process processor in `tasks`, each idle until its flag says `monolith`;
+/// they stop with `stop`.
 pub fn spawn(
+    tasks: &mut JoinSet<()>,
     ctx: RunnerContext,
     pool: PgPool,
     flags: &Flags,
     score: score_orchestrator::Config,
     dispute: dispute_processor::ProcessorArgs,
     stop: CancellationToken,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let mut tasks = Vec::new();
-
+) -> anyhow::Result<()> {
     let search = flags.gate(Flag::SearchExecutor, Executor::Monolith);
     let projector = Arc::new(search_projector::Projector::new(pool.clone()));
     let orchestrator = score_orchestrator::Orchestrator::new(pool.clone(), score)?;
@@ -34,35 +34,29 @@ pub fn spawn(
         ..RunnerConfig::default()
     };
     let group = ConsumerGroup::new(ctx.clone(), search_projector::consumer_spec(), config, projector).gated(search);
-    tasks.push(spawn_group("search projector", group.run(stop.clone())));
-    tasks.push(tokio::spawn(search_projector::report_checkpoint_age(
-        pool.clone(),
-        Duration::from_secs(5),
-        stop.clone(),
-    )));
+    tasks.spawn(report_failure("search projector", group.run(stop.clone())));
+    tasks.spawn(search_projector::report_checkpoint_age(pool.clone(), Duration::from_secs(5), stop.clone()));
 
     let dispute_gate = flags.gate(Flag::DisputeExecutor, Executor::Monolith);
     let groups = dispute_processor::Processor::new(pool.clone(), dispute)
         .groups(ctx.clone(), RunnerConfig::default())
         .gated(dispute_gate);
-    tasks.push(spawn_group("dispute processor", groups.run(stop.clone())));
+    tasks.spawn(report_failure("dispute processor", groups.run(stop.clone())));
 
     let score_gate = flags.gate(Flag::ScoreExecutor, Executor::Monolith);
     let handler = Arc::new(EachMessage { handler: orchestrator.clone(), concurrency: 1 });
     let group = ConsumerGroup::new(ctx, score_orchestrator::consumer_spec(), RunnerConfig::default(), handler)
         .gated(score_gate.clone());
-    tasks.push(spawn_group("score orchestrator", group.run(stop.clone())));
-    tasks.push(tokio::spawn(flags::while_open(score_gate, stop, move |stop| orchestrator.clone().schedule(stop))));
-    Ok(tasks)
+    tasks.spawn(report_failure("score orchestrator", group.run(stop.clone())));
+    tasks.spawn(flags::while_open(score_gate, stop, move |stop| orchestrator.clone().schedule(stop)));
+    Ok(())
 }
 
-fn spawn_group(
+async fn report_failure(
     name: &'static str,
-    run: impl std::future::Future<Output = Result<(), trellis_runtime::consumer::ConsumerError>> + Send + 'static,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        if let Err(e) = run.await {
-            tracing::error!(processor = name, error = %e, "in-process processor cannot run");
-        }
-    })
+    run: impl std::future::Future<Output = Result<(), trellis_runtime::consumer::ConsumerError>>,
+) {
+    if let Err(e) = run.await {
+        tracing::error!(processor = name, error = %e, "in-process processor cannot run");
+    }
 }
