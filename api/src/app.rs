@@ -180,7 +180,9 @@ impl Running {
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
     let common = &config.common;
     let topology = Topology::new(&common.nats_prefix)?;
+    config.promotion.policy().map_err(anyhow::Error::msg)?;
     let metrics = trellis_runtime::telemetry::install_metrics();
+    trellis_runtime::shadow::init_metrics();
     for endpoint in routes::search::ENDPOINTS {
         metrics::counter!("trellis_search_fallbacks_total", "endpoint" => endpoint).increment(0);
     }

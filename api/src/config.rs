@@ -82,6 +82,9 @@ pub struct Config {
     /// The dispute processor's settings, for when `dispute.executor` says `monolith`.
     #[command(flatten)]
     pub dispute: dispute_processor::ProcessorArgs,
+
+    #[command(flatten)]
+    pub promotion: trellis_runtime::config::PromotionArgs,
 }
 
 fn default_pool_size() -> u32 {

@@ -52,6 +52,28 @@ pub fn spawn(
     Ok(())
 }
 
+/// Runs `flag`'s shadow candidate in-process while the monolith is the candidate (the worker
+/// is the primary): the group `make` builds, from new messages only, and `comparer` beside it
+/// (see [`trellis_runtime::shadow::run_candidate`]).
+#[allow(dead_code)] // each processor's candidate is wired here as it gains one
+fn spawn_candidate<H, F, C, Fut>(
+    tasks: &mut JoinSet<()>,
+    flags: &Flags,
+    flag: Flag,
+    make: F,
+    comparer: C,
+    stop: CancellationToken,
+) where
+    H: trellis_runtime::consumer::Handler,
+    F: Fn() -> ConsumerGroup<H> + Send + Sync + 'static,
+    C: Fn(CancellationToken) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let gate = flags.candidate_gate(flag, Executor::Monolith);
+    tasks.spawn(trellis_runtime::shadow::run_candidate(make, gate.clone(), stop.clone()));
+    tasks.spawn(flags::while_open(gate, stop, comparer));
+}
+
 async fn report_failure(
     name: &'static str,
     run: impl std::future::Future<Output = Result<(), trellis_runtime::consumer::ConsumerError>>,

@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 use trellis_domain::events::{EventPayload, ScoreRunRequested};
 use trellis_domain::flags::{Executor, Flag};
 use trellis_domain::{FieldError, ValidationErrors};
-use trellis_store::flags::{AuditRow, Change, FlagRow};
+use trellis_store::flags::{AuditRow, Change, FlagRow, SetError};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -101,6 +101,9 @@ pub struct FlagChangeBody {
     pub value: String,
     /// Why; recorded in the audit with the admin's handle.
     pub reason: String,
+    /// Promote the worker even though the promotion gate refuses (recorded as forced).
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// What a change did; `from` equals `to` when the flag already had the value (nothing is
@@ -110,6 +113,9 @@ pub struct FlagChanged {
     pub name: &'static str,
     pub from: &'static str,
     pub to: &'static str,
+    /// Why the promotion gate refused the change that `force` pushed through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forced_past: Option<String>,
 }
 
 /// Changes a cutover flag (admins); every change is audited (who, when, from, to, why).
@@ -117,7 +123,8 @@ pub struct FlagChanged {
     params(("name" = String, Path, description = "`score.executor`, `search.executor` or `dispute.executor`")),
     request_body = FlagChangeBody,
     responses((status = 200, body = FlagChanged), (status = 401, body = Problem), (status = 403, body = Problem),
-        (status = 404, body = Problem), (status = 422, body = Problem)))]
+        (status = 404, body = Problem), (status = 409, body = Problem, description = "the promotion gate refused"),
+        (status = 422, body = Problem)))]
 async fn set_flag(
     State(state): State<AppState>,
     principal: Principal,
@@ -139,10 +146,19 @@ async fn set_flag(
     };
     let admin =
         trellis_store::identity::find_by_id(&state.pool, principal.user_id).await?.ok_or(ApiError::Unauthenticated)?;
-    let changed =
-        trellis_store::flags::set(&state.pool, &Change { flag, value, actor: &admin.handle, reason, forced: false })
-            .await?;
-    Ok(Json(FlagChanged { name: flag.as_str(), from: changed.from.as_str(), to: changed.to.as_str() }))
+    let policy = state.config.promotion.policy().map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?;
+    let change = Change { flag, value, actor: &admin.handle, reason, forced: body.force };
+    let changed = match trellis_store::flags::set_checked(&state.pool, &change, &policy).await {
+        Ok(changed) => changed,
+        Err(SetError::Refused(why)) => return Err(ApiError::conflict("promotion-refused", why)),
+        Err(SetError::Database(e)) => return Err(e.into()),
+    };
+    Ok(Json(FlagChanged {
+        name: flag.as_str(),
+        from: changed.from.as_str(),
+        to: changed.to.as_str(),
+        forced_past: changed.forced_past,
+    }))
 }
 
 /// One audited change of a flag.

@@ -9,6 +9,7 @@ pub mod flags;
 pub mod identity;
 pub mod ids;
 pub mod score;
+pub mod shadow;
 pub mod social;
 pub mod stage;
 pub mod validation;

@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use trellis_domain::shadow::PromotionPolicy;
+
 /// A secret string whose `Debug` output is redacted.
 #[derive(Clone)]
 pub struct Secret(String);
@@ -67,4 +69,34 @@ pub struct CommonArgs {
     /// How long SIGTERM waits for in-flight work before giving up on it.
     #[arg(long, env = "SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "20s")]
     pub shutdown_grace: Duration,
+}
+
+/// The promotion gate of the cutover flags: a change that makes the worker a processor's
+/// executor needs a shadow period with enough comparisons and few enough mismatches
+/// (`trellisctl flags set`, and the admin API of `trellis-api`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PromotionArgs {
+    /// Comparisons (matched + mismatched) the shadow period must have made.
+    #[arg(long = "promotion-min-comparisons", env = "TRELLIS_PROMOTION_MIN_COMPARISONS",
+          default_value_t = PromotionPolicy::DEFAULT_MIN_COMPARISONS)]
+    pub min_comparisons: i64,
+    /// Highest mismatch rate allowed, as a fraction (0.001 = 0.1 %).
+    #[arg(long = "promotion-max-mismatch-rate", env = "TRELLIS_PROMOTION_MAX_MISMATCH_RATE",
+          default_value_t = PromotionPolicy::DEFAULT_MAX_MISMATCH_RATE)]
+    pub max_mismatch_rate: f64,
+}
+
+impl PromotionArgs {
+    pub fn policy(&self) -> Result<PromotionPolicy, String> {
+        if self.min_comparisons < 0 {
+            return Err(format!("--promotion-min-comparisons must be at least 0, not {}", self.min_comparisons));
+        }
+        if !(0.0..=1.0).contains(&self.max_mismatch_rate) {
+            return Err(format!(
+                "--promotion-max-mismatch-rate is a fraction between 0 and 1, not {}",
+                self.max_mismatch_rate
+            ));
+        }
+        Ok(PromotionPolicy { min_comparisons: self.min_comparisons, max_mismatch_rate: self.max_mismatch_rate })
+    }
 }

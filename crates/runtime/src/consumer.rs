@@ -200,6 +200,8 @@ pub struct ConsumerGroup<H> {
     /// While closed, this process is not the executor: it does not pull (see [`Self::gated`]).
     gate: Option<tokio::sync::watch::Receiver<bool>>,
     standing_by: Arc<AtomicBool>,
+    /// Whether a new main consumer starts at the stream's end rather than its start.
+    new_messages_only: bool,
 }
 
 /// A pulling loop's source: the main consumer or the replay consumer.
@@ -221,7 +223,44 @@ impl<H: Handler> ConsumerGroup<H> {
             first_failures: FirstFailures::default(),
             gate: None,
             standing_by: Arc::new(AtomicBool::new(false)),
+            new_messages_only: false,
         }
+    }
+
+    /// A main consumer created by this group delivers only the messages published after its
+    /// creation (a shadow candidate's copy starts when its period does, not with the
+    /// stream's history).
+    pub fn new_messages_only(mut self) -> Self {
+        self.new_messages_only = true;
+        self
+    }
+
+    /// Deletes the group's durable consumers (main, replay and the two MAX_DELIVERIES
+    /// watchers); an absent one is not an error. For a shadow candidate whose period ended: the
+    /// next period starts afresh instead of with the backlog of the gap.
+    pub async fn delete_consumers(&self) -> Result<(), ConsumerError> {
+        let t = &self.ctx.topology;
+        let durable = self.durable();
+        for (stream, name) in [
+            (t.events_stream(), durable.clone()),
+            (t.replay_stream(), durable.clone()),
+            (t.advisory_stream(), durable.clone()),
+            (t.advisory_stream(), format!("{durable}-replays")),
+        ] {
+            let request =
+                |e: &dyn std::fmt::Display| ConsumerError::Request { consumer: name.clone(), message: e.to_string() };
+            let s = self.ctx.js.get_stream(&stream).await.map_err(|e| request(&e))?;
+            match s.delete_consumer(&name).await {
+                Ok(_) => {}
+                Err(e) => match e.kind() {
+                    jetstream::stream::ConsumerErrorKind::JetStream(j)
+                        if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND => {}
+                    _ => return Err(request(&e)),
+                },
+            }
+        }
+        self.bound.store(false, Ordering::Release);
+        Ok(())
     }
 
     /// Pulls only while `gate` is open (the cutover flag names this process the executor).
@@ -312,7 +351,11 @@ impl<H: Handler> ConsumerGroup<H> {
             ack_wait: self.config.ack_wait,
             max_deliver: self.config.max_deliver,
             max_ack_pending: self.config.max_ack_pending,
-            deliver_policy: consumer::DeliverPolicy::All,
+            deliver_policy: if self.new_messages_only {
+                consumer::DeliverPolicy::New
+            } else {
+                consumer::DeliverPolicy::All
+            },
             ..Default::default()
         }
     }

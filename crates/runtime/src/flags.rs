@@ -30,6 +30,12 @@ impl State {
     pub fn executes(&self, side: Executor) -> bool {
         self.value == side || (self.value == Executor::Shadow && self.previous == Some(side))
     }
+
+    /// Whether `side` runs the candidate: the flag says `shadow` and the other side is the
+    /// primary.
+    pub fn is_candidate(&self, side: Executor) -> bool {
+        self.value == Executor::Shadow && self.previous.is_some_and(|p| p != side && p != Executor::Shadow)
+    }
 }
 
 /// The flags as last read; `None` until the first read succeeds.
@@ -59,8 +65,17 @@ impl Flags {
     /// True while `side` executes `flag`'s processor. Closed until the flags are first read, so
     /// that no side starts executing on a guess.
     pub fn gate(&self, flag: Flag, side: Executor) -> watch::Receiver<bool> {
+        self.gate_on(flag, move |s| s.executes(side))
+    }
+
+    /// True while `side` runs `flag`'s candidate (see [`State::is_candidate`]).
+    pub fn candidate_gate(&self, flag: Flag, side: Executor) -> watch::Receiver<bool> {
+        self.gate_on(flag, move |s| s.is_candidate(side))
+    }
+
+    fn gate_on(&self, flag: Flag, open: impl Fn(State) -> bool + Send + Sync + 'static) -> watch::Receiver<bool> {
         let mut state = self.state(flag);
-        let open = move |s: &Option<State>| s.is_some_and(|s| s.executes(side));
+        let open = move |s: &Option<State>| s.is_some_and(&open);
         let (tx, rx) = watch::channel(open(&state.borrow()));
         tokio::spawn(async move {
             while state.changed().await.is_ok() {

@@ -9,6 +9,7 @@ pub mod flags;
 pub mod health;
 pub mod nats;
 pub mod relay;
+pub mod shadow;
 pub mod shutdown;
 pub mod telemetry;
 pub mod worker;

@@ -104,6 +104,7 @@ impl Worker {
         let common = &args.common;
         let topology = Topology::new(&common.nats_prefix)?;
         let metrics = crate::telemetry::install_metrics();
+        crate::shadow::init_metrics();
         let mut pool_config = trellis_store::PoolConfig::new(name);
         pool_config.max_connections = args.db_pool_size;
         pool_config.acquire_timeout = common.io_timeout;
@@ -158,6 +159,21 @@ impl Worker {
                 shutdown.cancel();
             }
         });
+    }
+
+    /// Runs `flag`'s shadow candidate (the group `make` builds, see
+    /// [`crate::shadow::run_candidate`]) while this worker is the candidate, and `comparer`
+    /// (started each time a period begins, its token cancelled when it ends) beside it.
+    pub fn spawn_candidate<H, F, C, Fut>(&self, flag: trellis_domain::flags::Flag, make: F, comparer: C)
+    where
+        H: Handler,
+        F: Fn() -> ConsumerGroup<H> + Send + Sync + 'static,
+        C: Fn(CancellationToken) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let gate = self.flags.candidate_gate(flag, trellis_domain::flags::Executor::Worker);
+        self.tracker.spawn(crate::shadow::run_candidate(make, gate.clone(), self.stop.clone()));
+        self.tracker.spawn(crate::flags::while_open(gate, self.stop.clone(), comparer));
     }
 
     /// Runs `task` (e.g. a processor that drives several groups itself) like a group: the

@@ -3,6 +3,9 @@
 use sqlx::{PgExecutor, PgPool};
 use time::OffsetDateTime;
 use trellis_domain::flags::{Executor, Flag};
+use trellis_domain::shadow::PromotionPolicy;
+
+use crate::shadow;
 
 /// The channel a change is announced on (the payload is the flag's name). Announcements wake
 /// the watchers early; their polling is the truth when one is lost.
@@ -62,24 +65,67 @@ pub struct Change<'a> {
 }
 
 /// What a change did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Changed {
     pub from: Executor,
     pub to: Executor,
+    /// Why the promotion gate refused a change that was forced through (recorded as forced).
+    pub forced_past: Option<String>,
+}
+
+/// Why a change was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum SetError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// The promotion gate refused: the message says why and how to go on.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Sets a flag like [`set`], but refuses to promote the worker to executor of a processor (a
+/// change to `worker` from `monolith`, or from `shadow` with the monolith as primary) unless
+/// the change is forced or the latest shadow period, with the worker as candidate, satisfies
+/// `policy`. Rolling back, or going to `shadow`, is never refused. This is the path of
+/// operators (`trellisctl flags set`, the admin API).
+pub async fn set_checked(pool: &PgPool, change: &Change<'_>, policy: &PromotionPolicy) -> Result<Changed, SetError> {
+    apply(pool, change, Some(policy)).await
 }
 
 /// Sets a flag, writes the audit row and announces the change, in one transaction. Setting
-/// the value a flag already has changes nothing and writes nothing.
+/// the value a flag already has changes nothing and writes nothing. No promotion gate: for
+/// set-up and tests ([`set_checked`] is the operators' path).
 pub async fn set(pool: &PgPool, change: &Change<'_>) -> Result<Changed, sqlx::Error> {
+    apply(pool, change, None).await.map_err(|e| match e {
+        SetError::Database(e) => e,
+        SetError::Refused(why) => sqlx::Error::Protocol(why),
+    })
+}
+
+async fn apply(pool: &PgPool, change: &Change<'_>, policy: Option<&PromotionPolicy>) -> Result<Changed, SetError> {
     let mut tx = pool.begin().await?;
-    let from: String = sqlx::query_scalar("SELECT value FROM ops.feature_flags WHERE name = $1 FOR UPDATE")
-        .bind(change.flag.as_str())
-        .fetch_one(&mut *tx)
-        .await?;
-    let from = Executor::parse(&from).map_err(|e| sqlx::Error::Decode(e.message.into()))?;
+    let (from, previous): (String, Option<String>) =
+        sqlx::query_as("SELECT value, previous_value FROM ops.feature_flags WHERE name = $1 FOR UPDATE")
+            .bind(change.flag.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+    let decode = |e: trellis_domain::FieldError| sqlx::Error::Decode(e.message.into());
+    let from = Executor::parse(&from).map_err(decode)?;
+    let previous = previous.as_deref().map(Executor::parse).transpose().map_err(decode)?;
     if from == change.value {
-        return Ok(Changed { from, to: from });
+        return Ok(Changed { from, to: from, forced_past: None });
     }
+    let promotes = change.value == Executor::Worker
+        && (from == Executor::Monolith || (from == Executor::Shadow && previous == Some(Executor::Monolith)));
+    let refusal = match policy.filter(|_| promotes) {
+        Some(policy) => promotion_refusal(&mut tx, change.flag, policy).await?,
+        None => None,
+    };
+    if refusal.is_some() && !change.forced {
+        return Err(SetError::Refused(refusal.unwrap_or_default()));
+    }
+    // Through the gate, `forced` records that it was forced past a refusal.
+    let forced = if policy.is_some() { refusal.is_some() } else { change.forced };
     sqlx::query(
         "UPDATE ops.feature_flags SET value = $2, previous_value = value, updated_at = now(), updated_by = $3
          WHERE name = $1",
@@ -98,12 +144,45 @@ pub async fn set(pool: &PgPool, change: &Change<'_>) -> Result<Changed, sqlx::Er
     .bind(change.value.as_str())
     .bind(change.actor)
     .bind(change.reason)
-    .bind(change.forced)
+    .bind(forced)
     .execute(&mut *tx)
     .await?;
     sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL).bind(change.flag.as_str()).execute(&mut *tx).await?;
     tx.commit().await?;
-    Ok(Changed { from, to: change.value })
+    Ok(Changed { from, to: change.value, forced_past: refusal })
+}
+
+/// Why the worker may not become `flag`'s executor yet, or `None`.
+async fn promotion_refusal(
+    conn: &mut sqlx::PgConnection,
+    flag: Flag,
+    policy: &PromotionPolicy,
+) -> Result<Option<String>, sqlx::Error> {
+    let processor = trellis_domain::shadow::processor(flag);
+    let force = "pass --force to promote anyway (the change is recorded as forced)";
+    let period = match shadow::latest_period(&mut *conn, flag).await? {
+        // Only the period in progress counts: evidence from an earlier one may predate the code now deployed.
+        Some(p) if p.primary == Executor::Monolith && p.ended_at.is_none() => p,
+        _ => {
+            return Ok(Some(format!(
+                "{flag} is not running the worker in shadow: set it to shadow from monolith, read `trellisctl parity \
+                 {processor}`, then promote; or {force}",
+                flag = flag.as_str()
+            )));
+        }
+    };
+    let tally = shadow::tally(&mut *conn, flag, &period).await?;
+    Ok(policy.refusal(&tally).map(|why| {
+        format!(
+            "the worker's shadow period of {flag} since {since} does not pass the promotion gate: {why} ({matched} \
+             matched, {mismatched} mismatched, {missing} missing; `trellisctl parity {processor}` shows them); {force}",
+            flag = flag.as_str(),
+            since = period.started_at,
+            matched = tally.matched,
+            mismatched = tally.mismatched,
+            missing = tally.missing,
+        )
+    }))
 }
 
 /// One audited change.

@@ -5,7 +5,8 @@ use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use trellis_domain::flags::{Executor, Flag};
-use trellis_store::flags::{AuditRow, Change, FlagRow};
+use trellis_runtime::config::PromotionArgs;
+use trellis_store::flags::{AuditRow, Change, FlagRow, SetError};
 
 use crate::Output;
 
@@ -31,6 +32,11 @@ pub enum Flags {
         /// Who is acting (default: $USER).
         #[arg(long, env = "TRELLIS_ACTOR")]
         actor: Option<String>,
+        /// Promote the worker even though the promotion gate refuses (recorded as forced).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        gate: PromotionArgs,
     },
     /// The audit: the newest changes first.
     History {
@@ -57,28 +63,36 @@ pub async fn run(pool: &sqlx::PgPool, output: Output, command: Flags) -> anyhow:
             }
             Ok(())
         }
-        Flags::Set { name, value, reason, actor } => {
+        Flags::Set { name, value, reason, actor, force, gate } => {
             let flag = parse_flag(&name)?;
             let value = Executor::parse(&value).map_err(|e| anyhow::anyhow!(e.message))?;
             let Some(reason) = reason.as_deref().map(str::trim).filter(|r| !r.is_empty()) else {
                 bail!("--reason is required: say why {name} changes");
             };
             let actor = crate::actor(actor);
-            let change = Change { flag, value, actor: &actor, reason, forced: false };
-            let changed = trellis_store::flags::set(pool, &change).await.with_context(|| format!("setting {name}"))?;
+            let policy = gate.policy().map_err(|e| anyhow::anyhow!(e))?;
+            let change = Change { flag, value, actor: &actor, reason, forced: force };
+            let changed = match trellis_store::flags::set_checked(pool, &change, &policy).await {
+                Ok(changed) => changed,
+                Err(SetError::Refused(why)) => bail!("refused to set {name} to {}: {why}", value.as_str()),
+                Err(SetError::Database(e)) => return Err(e).with_context(|| format!("setting {name}")),
+            };
             match output {
                 Output::Json => println!(
                     "{}",
                     serde_json::to_string_pretty(&json!({
                         "name": flag.as_str(), "from": changed.from.as_str(), "to": changed.to.as_str(),
-                        "changed": changed.from != changed.to,
+                        "changed": changed.from != changed.to, "forced_past": changed.forced_past,
                     }))?
                 ),
                 Output::Table if changed.from == changed.to => {
                     println!("{name} is already {}: nothing changed, nothing recorded", changed.to.as_str())
                 }
                 Output::Table => {
-                    println!("{name}: {} → {} (by {actor}: {reason})", changed.from.as_str(), changed.to.as_str())
+                    println!("{name}: {} → {} (by {actor}: {reason})", changed.from.as_str(), changed.to.as_str());
+                    if let Some(why) = &changed.forced_past {
+                        println!("forced past the promotion gate, recorded as forced: {why}");
+                    }
                 }
             }
             Ok(())

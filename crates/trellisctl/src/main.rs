@@ -2,6 +2,7 @@
 
 mod dlq;
 mod flags;
+mod parity;
 mod triggers;
 
 use std::process::ExitCode;
@@ -81,6 +82,9 @@ enum Command {
         #[command(subcommand)]
         action: flags::Flags,
     },
+    /// Shadow parity: how a candidate's outputs compare with the primary's (matched, mismatched,
+    /// missing, and the first differences field by field).
+    Parity(parity::Args),
     /// The migration guide's stage triggers: metric, threshold, current value, met or not.
     Triggers(triggers::Args),
 }
@@ -197,6 +201,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Flags { action } => flags::run(&pool, cli.output, action).await,
         Command::Triggers(args) => triggers::run(&pool, args, cli.output).await,
+        Command::Parity(args) => parity::run(&pool, args, cli.output).await,
         Command::Dlq { action } => {
             let topology = trellis_runtime::nats::Topology::new(&cli.nats_prefix)?;
             let client = async_nats::ConnectOptions::new()
