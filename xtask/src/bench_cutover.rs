@@ -29,7 +29,8 @@ pub fn run() -> anyhow::Result<()> {
         let value = if i % 2 == 0 { "monolith" } else { "worker" };
         let status = Command::new(release_bin("trellisctl"))
             .args(["--database-url", &db.url, "flags", "set", "search.executor", value])
-            .args(["--reason", "cargo xtask bench cutover", "--actor", "xtask"])
+            // Flips, not promotions: past the promotion gate.
+            .args(["--reason", "cargo xtask bench cutover", "--actor", "xtask", "--force"])
             .stdout(Stdio::null())
             .status()
             .context("running trellisctl flags set")?;

@@ -60,13 +60,15 @@ pub fn run(flags: &flags::Up) -> anyhow::Result<()> {
             cmd
         }),
     ];
-    // Stage A: trellis-api executes every processor; stage B: the workers do.
+    // Stage A: trellis-api executes every processor; stage B: the workers do. A development
+    // stack has no shadow period to pass the promotion gate with: the move to the workers is
+    // forced (and audited as such).
     let executor = if flags.stage == Stage::A { "monolith" } else { "worker" };
     for flag in ["score.executor", "search.executor", "dispute.executor"] {
         let mut cmd = Command::new(bin_dir.join("trellisctl"));
         cmd.args(["flags", "set", flag, executor, "--reason"])
             .arg(format!("cargo xtask up --stage {}", flags.stage.as_str()))
-            .args(["--actor", "xtask"])
+            .args(["--actor", "xtask", "--force"])
             .env("DATABASE_URL", &stack.database_url);
         steps.push(("flags", cmd));
     }

@@ -131,7 +131,7 @@ async fn unknown_flags_are_404_and_bad_values_or_reasons_are_422_per_field() {
     let r = app.put("/v1/admin/flags/score.executor", t, json!({"value": "Worker", "reason": "x"})).await;
     assert!(r.body["errors"][0]["message"].as_str().unwrap().contains("monolith, worker, shadow"), "{:?}", r.body);
     let r =
-        app.put("/v1/admin/flags/score.executor", t, json!({"value": "monolith", "reason": "x", "force": true})).await;
+        app.put("/v1/admin/flags/score.executor", t, json!({"value": "monolith", "reason": "x", "forse": true})).await;
     assert_eq!((r.status, r.problem()), (422, "validation"), "unknown fields are refused: {:?}", r.body);
 
     assert!(audit(&app).await.is_empty(), "nothing recorded");
@@ -171,4 +171,63 @@ async fn only_admins_read_or_change_flags() {
     assert_eq!(values(&app, &root.token).await, all_worker(), "nothing changed");
     let r = app.request(Method::PUT, "/v1/admin/flags/score.executor", Some(&root.token), change).await;
     assert_eq!(r.status, 200, "the admin may: {:?}", r.body);
+}
+
+/// Records `n` comparisons of the score orchestrator's shadow: `matched` of them matched.
+async fn comparisons(app: &TestApp, n: i64, matched: i64) {
+    use trellis_domain::shadow::{Comparison, ComparisonResult};
+    let mut all =
+        vec![Comparison { key: "run a/b".into(), result: ComparisonResult::Matched, count: matched, diffs: vec![] }];
+    for i in 0..(n - matched) {
+        all.push(Comparison::of(format!("user {i}"), &json!({"score": 1}), &json!({"score": 2})));
+    }
+    trellis_store::shadow::record(&app.db.pool, trellis_domain::flags::Flag::ScoreExecutor, &all).await.unwrap();
+}
+
+#[tokio::test]
+async fn promoting_the_worker_needs_a_passing_shadow_period_or_force_which_is_audited() {
+    let app = TestApp::spawn().await;
+    let root = admin(&app).await;
+    let t = Some(root.token.as_str());
+    let put = |value: &'static str, force: bool| {
+        app.put("/v1/admin/flags/score.executor", t, json!({"value": value, "reason": "cutover", "force": force}))
+    };
+    assert_eq!(put("monolith", false).await.status, 200, "a rollback is never refused");
+
+    // Straight from monolith: no shadow period in progress.
+    let r = put("worker", false).await;
+    assert_eq!((r.status, r.problem()), (409, "promotion-refused"), "{:?}", r.body);
+    assert!(r.body["detail"].as_str().unwrap().contains("is not running the worker in shadow"), "{:?}", r.body);
+
+    // In shadow, with the monolith as primary: too few comparisons (the default asks 1000), then
+    // enough but too many mismatches (the default allows 0.1 %).
+    assert_eq!(put("shadow", false).await.status, 200);
+    comparisons(&app, 10, 10).await;
+    let r = put("worker", false).await;
+    assert_eq!((r.status, r.problem()), (409, "promotion-refused"), "{:?}", r.body);
+    let detail = r.body["detail"].as_str().unwrap();
+    assert!(detail.contains("10 comparisons made, 1000 required") && detail.contains("--force"), "{detail}");
+    comparisons(&app, 1000, 990).await;
+    let r = put("worker", false).await;
+    assert!(r.body["detail"].as_str().unwrap().contains("mismatch rate 0.9901% (10 of 1010)"), "{:?}", r.body);
+    let now = values(&app, &root.token).await.into_iter().find(|(name, _)| name == "score.executor").unwrap();
+    assert_eq!(now.1, "shadow", "nothing changed");
+
+    // Forced through: changed, and the audit says so.
+    let r = put("worker", true).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(r.body["forced_past"].as_str().unwrap().contains("mismatch rate"), "{:?}", r.body);
+    let forced: Vec<bool> = audit(&app).await.into_iter().map(|a| a.5).collect();
+    assert_eq!(forced, [false, false, true], "only the forced promotion is recorded as forced");
+
+    // A new shadow period starts its count afresh; a clean one passes without force.
+    assert_eq!(put("monolith", false).await.status, 200);
+    assert_eq!(put("shadow", false).await.status, 200);
+    let r = put("worker", false).await;
+    assert!(r.body["detail"].as_str().unwrap().contains("0 comparisons made"), "{:?}", r.body);
+    comparisons(&app, 1000, 1000).await;
+    let r = put("worker", false).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(r.body.get("forced_past").is_none(), "{:?}", r.body);
+    assert!(!audit(&app).await.last().unwrap().5, "not forced");
 }

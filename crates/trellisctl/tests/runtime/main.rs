@@ -8,5 +8,7 @@ mod batching;
 mod dlq;
 mod flags;
 mod helpers;
+mod parity;
 mod runner;
 mod search;
+mod shadow;
