@@ -9,6 +9,7 @@ mod dlq;
 mod flags;
 mod helpers;
 mod parity;
+mod runbook;
 mod runner;
 mod search;
 mod shadow;
