@@ -346,6 +346,7 @@ impl Orchestrator {
                 residual: trust.residual,
                 load_ms: load.as_millis() as i64,
                 compute_ms: compute_time.as_millis() as i64,
+                input_digest: loaded.input_digest,
             },
             timeout,
         )
