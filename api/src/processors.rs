@@ -45,9 +45,18 @@ pub fn spawn(
 
     let score_gate = flags.gate(Flag::ScoreExecutor, Executor::Monolith);
     let handler = Arc::new(EachMessage { handler: orchestrator.clone(), concurrency: 1 });
-    let group = ConsumerGroup::new(ctx, score_orchestrator::consumer_spec(), RunnerConfig::default(), handler)
+    let group = ConsumerGroup::new(ctx.clone(), score_orchestrator::consumer_spec(), RunnerConfig::default(), handler)
         .gated(score_gate.clone());
     tasks.spawn(report_failure("score orchestrator", group.run(stop.clone())));
+    // While score.executor says shadow with the worker as primary, the monolith is the
+    // candidate: its own copy of the requests, the production rules, shadow tables only.
+    let candidate = score_orchestrator::shadow::Candidate::new(&orchestrator, score_orchestrator::Rules::PRODUCTION);
+    let make = {
+        let (candidate, ctx) = (candidate.clone(), ctx.clone());
+        move || candidate.group(ctx.clone(), RunnerConfig::default())
+    };
+    let compare = move |stop| candidate.clone().compare(stop);
+    spawn_candidate(tasks, flags, Flag::ScoreExecutor, make, compare, stop.clone());
     tasks.spawn(flags::while_open(score_gate, stop, move |stop| orchestrator.clone().schedule(stop)));
     Ok(())
 }
@@ -55,7 +64,6 @@ pub fn spawn(
 /// Runs `flag`'s shadow candidate in-process while the monolith is the candidate (the worker
 /// is the primary): the group `make` builds, from new messages only, and `comparer` beside it
 /// (see [`trellis_runtime::shadow::run_candidate`]).
-#[allow(dead_code)] // each processor's candidate is wired here as it gains one
 fn spawn_candidate<H, F, C, Fut>(
     tasks: &mut JoinSet<()>,
     flags: &Flags,

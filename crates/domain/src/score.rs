@@ -364,6 +364,76 @@ pub fn scores(trust: &[f64], upheld_disputes: &[u32]) -> Vec<i32> {
     scores
 }
 
+/// An order-independent digest of a run's input: the active users (id, verified), the contact
+/// edges between them and the upheld disputes counted against them. Two runs whose digests are
+/// equal computed from the same input (up to a 64-bit hash collision), so a shadow candidate's
+/// run is compared with the primary run of the same digest (`docs/workers/score-orchestrator.md`).
+///
+/// The digest is the wrapping sum of one 64-bit value per input element, so the order in which
+/// rows arrive does not matter and no element is kept. Each value is the SplitMix64 finaliser
+/// (a bijection on `u64`) of the element, salted by its kind. Edges and dispute counts are
+/// hashed by the dense index of their users (the user's rank among the active users by id, as
+/// the loader numbers them): equal user sets number users alike, and the user elements already
+/// tell unequal sets apart. That keeps the per-edge cost at one multiply-xorshift chain on
+/// values already in registers.
+///
+/// The value is stored (`score.runs.input_digest`, `shadow.score_runs.input_digest`) and compared
+/// across processes and releases: this definition must not change without a new name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct InputDigest(u64);
+
+impl InputDigest {
+    // Random salts, one per kind of element, so that an edge and a dispute count over the same
+    // numbers hash apart.
+    const USER: u64 = 0x5be0_cd19_137e_2179;
+    const EDGE: u64 = 0x1f83_d9ab_fb41_bd6b;
+    const UPHELD: u64 = 0x9b05_688c_2b3e_6c1f;
+
+    pub fn new() -> Self {
+        Self(0)
+    }
+
+    /// An active user and whether they are verified.
+    #[inline]
+    pub fn add_user(&mut self, id: uuid::Uuid, verified: bool) {
+        let (hi, lo) = id.as_u64_pair();
+        let element = mix(mix(mix(hi ^ Self::USER) ^ lo) ^ u64::from(verified));
+        self.0 = self.0.wrapping_add(element);
+    }
+
+    /// An edge `from → to` between the dense indices of two active users.
+    #[inline]
+    pub fn add_edge(&mut self, from: u32, to: u32) {
+        let element = mix(((u64::from(from) << 32) | u64::from(to)) ^ Self::EDGE);
+        self.0 = self.0.wrapping_add(element);
+    }
+
+    /// `count` upheld disputes (in the penalty window) against the user at dense index `node`.
+    #[inline]
+    pub fn add_upheld(&mut self, node: u32, count: u32) {
+        let element = mix(((u64::from(node) << 32) | u64::from(count)) ^ Self::UPHELD);
+        self.0 = self.0.wrapping_add(element);
+    }
+
+    pub fn value(self) -> u64 {
+        self.0
+    }
+
+    /// The digest as PostgreSQL stores it (a `bigint`: the same 64 bits).
+    pub fn as_i64(self) -> i64 {
+        self.0 as i64
+    }
+}
+
+/// The SplitMix64 finaliser (Steele, Lea and Flood 2014): every input bit affects every output
+/// bit, and it is a bijection, so distinct elements of one kind never hash alike.
+#[inline]
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -623,6 +693,44 @@ mod tests {
             )
                 .prop_map(move |(edges, verified, disputes)| Parts { n, edges, verified, disputes })
         })
+    }
+
+    #[test]
+    fn the_input_digest_ignores_order_and_sees_every_element() {
+        let ids: Vec<uuid::Uuid> = (1..=4u128).map(|i| uuid::Uuid::from_u128(i << 64 | i)).collect();
+        let digest = |users: &[(usize, bool)], edges: &[(u32, u32)], upheld: &[(u32, u32)]| {
+            let mut d = InputDigest::new();
+            for &(i, verified) in users {
+                d.add_user(ids[i], verified);
+            }
+            for &(from, to) in edges {
+                d.add_edge(from, to);
+            }
+            for &(node, count) in upheld {
+                d.add_upheld(node, count);
+            }
+            d.value()
+        };
+        let users = [(0, true), (1, false), (2, false), (3, true)];
+        let base = digest(&users, &[(0, 1), (1, 2), (2, 0)], &[(3, 2)]);
+        // Any order of users and rows: the same digest.
+        let shuffled = [(3, true), (1, false), (0, true), (2, false)];
+        assert_eq!(digest(&shuffled, &[(2, 0), (0, 1), (1, 2)], &[(3, 2)]), base);
+        // Any change to any element: another digest.
+        let others = [
+            digest(&[(0, true), (1, true), (2, false), (3, true)], &[(0, 1), (1, 2), (2, 0)], &[(3, 2)]),
+            digest(&users[..3], &[(0, 1), (1, 2), (2, 0)], &[(3, 2)]),
+            digest(&users, &[(0, 1), (1, 2), (0, 2)], &[(3, 2)]),
+            digest(&users, &[(0, 1), (1, 2)], &[(3, 2)]),
+            digest(&users, &[(0, 1), (1, 2), (2, 0)], &[(3, 3)]),
+            digest(&users, &[(0, 1), (1, 2), (2, 0)], &[]),
+            // The same numbers as another kind of element.
+            digest(&users, &[(0, 1), (1, 2), (2, 0), (3, 2)], &[]),
+        ];
+        for (i, other) in others.iter().enumerate() {
+            assert_ne!(*other, base, "change {i}");
+        }
+        assert_eq!(InputDigest::new().value(), 0);
     }
 
     proptest! {

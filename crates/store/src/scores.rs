@@ -5,6 +5,7 @@ use futures::TryStreamExt;
 use sqlx::{PgConnection, PgExecutor};
 use time::OffsetDateTime;
 use trellis_domain::UserId;
+use trellis_domain::score::InputDigest;
 use uuid::Uuid;
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -46,6 +47,10 @@ pub struct RunRow {
     pub compute_ms: Option<i64>,
     pub write_ms: Option<i64>,
     pub error: Option<String>,
+    /// The digest of the run's input ([`trellis_domain::score::InputDigest`]; none for runs
+    /// recorded before digests), shown as 16 hex digits.
+    #[serde(serialize_with = "digest_hex")]
+    pub input_digest: Option<i64>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -55,7 +60,19 @@ pub struct RunRow {
 }
 
 const RUN_COLUMNS: &str = "id, trigger, requested_by, status, host, algorithm, users, edges, iterations, residual,
-    scores_changed, load_ms, compute_ms, write_ms, error, created_at, started_at, finished_at";
+    scores_changed, load_ms, compute_ms, write_ms, error, input_digest, created_at, started_at, finished_at";
+
+/// An input digest as operators see it: its 64 bits in hex.
+pub fn digest_text(digest: i64) -> String {
+    format!("{:016x}", digest as u64)
+}
+
+fn digest_hex<S: serde::Serializer>(digest: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+    match digest {
+        Some(d) => s.serialize_str(&digest_text(*d)),
+        None => s.serialize_none(),
+    }
+}
 
 pub async fn get_run(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<RunRow>, sqlx::Error> {
     sqlx::query_as(&format!("SELECT {RUN_COLUMNS} FROM score.runs WHERE id = $1")).bind(id).fetch_optional(db).await
@@ -204,19 +221,45 @@ pub struct LoadedGraph {
     pub edges: usize,
     /// Upheld disputes in the last 365 days, per node.
     pub upheld: Vec<u32>,
-    /// The stored score and trust of each node that has one.
+    /// The digest of everything above (users, verified, edges, upheld counts): equal digests,
+    /// equal inputs.
+    pub input_digest: InputDigest,
+    /// When the snapshot's transaction began (by the database's clock): everything committed
+    /// before then is in it.
+    pub snapshot_at: OffsetDateTime,
+    /// The stored score and trust of each node that has one (all `None` for [`load_input`]).
     pub current: Vec<Option<(i32, f64)>>,
-    /// Stored scores of users who are not active: to remove.
+    /// Stored scores of users who are not active: to remove (empty for [`load_input`]).
     pub stale: Vec<Uuid>,
 }
 
-/// Loads the graph from one REPEATABLE READ snapshot with COPY. User ids are mapped to dense
-/// indices here rather than joined in SQL: a plain binary COPY of the contact table is the
-/// cheapest way to read 20M edges out of PostgreSQL.
+/// Loads the graph and the stored scores from one REPEATABLE READ snapshot with COPY, for a
+/// run that writes what changed. User ids are mapped to dense indices here rather than joined
+/// in SQL: a plain binary COPY of the contact table is the cheapest way to read 20M edges out
+/// of PostgreSQL.
 pub async fn load_graph(
     conn: &mut PgConnection,
     timeout: std::time::Duration,
     sink: &mut impl GraphSink,
+) -> Result<LoadedGraph, sqlx::Error> {
+    load(conn, timeout, sink, true).await
+}
+
+/// Loads the graph like [`load_graph`], without the stored scores: the input of a shadow
+/// candidate's run, which writes all of its scores elsewhere.
+pub async fn load_input(
+    conn: &mut PgConnection,
+    timeout: std::time::Duration,
+    sink: &mut impl GraphSink,
+) -> Result<LoadedGraph, sqlx::Error> {
+    load(conn, timeout, sink, false).await
+}
+
+async fn load(
+    conn: &mut PgConnection,
+    timeout: std::time::Duration,
+    sink: &mut impl GraphSink,
+    with_current: bool,
 ) -> Result<LoadedGraph, sqlx::Error> {
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
@@ -226,7 +269,10 @@ pub async fn load_graph(
     )
     .fetch_one(&mut *tx)
     .await?;
+    // The transaction's start: no later than its snapshot, so anything committed before it is in.
+    let snapshot_at: OffsetDateTime = sqlx::query_scalar("SELECT now()").fetch_one(&mut *tx).await?;
 
+    let mut digest = InputDigest::new();
     let mut users = Vec::new();
     let mut verified = Vec::new();
     copy_lines(
@@ -234,7 +280,9 @@ pub async fn load_graph(
         "COPY (SELECT id, verified FROM identity.users WHERE status = 'active' ORDER BY id) TO STDOUT",
         |line| {
             let (id, v) = line.split_once('\t').ok_or("id\tverified")?;
-            users.push(Uuid::parse_str(id).map_err(|_| "uuid")?);
+            let id = Uuid::parse_str(id).map_err(|_| "uuid")?;
+            digest.add_user(id, v == "t");
+            users.push(id);
             verified.push(v == "t");
             Ok(())
         },
@@ -253,6 +301,7 @@ pub async fn load_graph(
             // Edges touching a suspended user are not in the graph.
             if let (Some(&from), Some(&to)) = (index.get(&a), index.get(&b)) {
                 sink.edge(from, to);
+                digest.add_edge(from, to);
                 edges += 1;
             }
         },
@@ -267,7 +316,9 @@ pub async fn load_graph(
         |line| {
             let (id, k) = line.split_once('\t').ok_or("target\tcount")?;
             if let Some(&i) = index.get(&Uuid::parse_str(id).map_err(|_| "uuid")?) {
-                upheld[i as usize] = k.parse().map_err(|_| "count")?;
+                let k = k.parse().map_err(|_| "count")?;
+                digest.add_upheld(i, k);
+                upheld[i as usize] = k;
             }
             Ok(())
         },
@@ -275,20 +326,22 @@ pub async fn load_graph(
     .await?;
     let mut current = vec![None; n];
     let mut stale = Vec::new();
-    copy_lines(&mut tx, "COPY (SELECT user_id, score, trust FROM score.user_scores) TO STDOUT", |line| {
-        let mut parts = line.split('\t');
-        let id = Uuid::parse_str(parts.next().ok_or("user")?).map_err(|_| "uuid")?;
-        let score: i32 = parts.next().ok_or("score")?.parse().map_err(|_| "score")?;
-        let trust: f64 = parts.next().ok_or("trust")?.parse().map_err(|_| "trust")?;
-        match index.get(&id) {
-            Some(&i) => current[i as usize] = Some((score, trust)),
-            None => stale.push(id),
-        }
-        Ok(())
-    })
-    .await?;
+    if with_current {
+        copy_lines(&mut tx, "COPY (SELECT user_id, score, trust FROM score.user_scores) TO STDOUT", |line| {
+            let mut parts = line.split('\t');
+            let id = Uuid::parse_str(parts.next().ok_or("user")?).map_err(|_| "uuid")?;
+            let score: i32 = parts.next().ok_or("score")?.parse().map_err(|_| "score")?;
+            let trust: f64 = parts.next().ok_or("trust")?.parse().map_err(|_| "trust")?;
+            match index.get(&id) {
+                Some(&i) => current[i as usize] = Some((score, trust)),
+                None => stale.push(id),
+            }
+            Ok(())
+        })
+        .await?;
+    }
     tx.commit().await?;
-    Ok(LoadedGraph { users, verified, edges, upheld, current, stale })
+    Ok(LoadedGraph { users, verified, edges, upheld, input_digest: digest, snapshot_at, current, stale })
 }
 
 /// Streams a binary `COPY … TO STDOUT` of rows of two non-null uuids into `each`.
@@ -399,6 +452,8 @@ pub struct RunResult<'a> {
     pub residual: f64,
     pub load_ms: i64,
     pub compute_ms: i64,
+    /// The digest of the run's input.
+    pub input_digest: InputDigest,
 }
 
 /// Writes the changed scores, removes the scores of users no longer active, writes the
@@ -455,7 +510,7 @@ pub async fn write_run(
     let write_ms = started.elapsed().as_millis() as i64;
     sqlx::query(
         "UPDATE score.runs SET status = 'succeeded', users = $2, edges = $3, iterations = $4, residual = $5,
-             scores_changed = $6, load_ms = $7, compute_ms = $8, write_ms = $9, finished_at = now()
+             scores_changed = $6, load_ms = $7, compute_ms = $8, write_ms = $9, input_digest = $10, finished_at = now()
          WHERE id = $1",
     )
     .bind(result.run_id)
@@ -467,6 +522,7 @@ pub async fn write_run(
     .bind(result.load_ms)
     .bind(result.compute_ms)
     .bind(write_ms)
+    .bind(result.input_digest.as_i64())
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

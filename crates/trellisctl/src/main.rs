@@ -285,6 +285,9 @@ async fn score(pool: &sqlx::PgPool, action: Score, output: Output) -> anyhow::Re
                     run.compute_ms.unwrap_or(0),
                     run.write_ms.unwrap_or(0)
                 );
+                if let Some(digest) = run.input_digest {
+                    println!("input digest {}", trellis_store::scores::digest_text(digest));
+                }
                 if let Some(e) = &run.error {
                     println!("error: {e}");
                 }

@@ -10,6 +10,12 @@
 //! A run loads the graph from one snapshot (COPY), computes on every core, and writes the
 //! changed scores, their `events.scores.updated` chunks and the run record in one transaction.
 //! Nothing here assumes which process it runs in: `trellis-api` can run it in-process.
+//!
+//! Every run records the digest of its input ([`trellis_domain::score::InputDigest`]), so that a
+//! shadow candidate ([`shadow::Candidate`]) can be compared with the primary run of the same
+//! input.
+
+pub mod shadow;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +25,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use trellis_domain::UserId;
 use trellis_domain::events::{Event, EventPayload, ScoresUpdated, UserScore};
-use trellis_domain::score::{self, GraphBuilder};
+use trellis_domain::score::{self, Graph, GraphBuilder, TrustResult};
 use trellis_runtime::consumer::{ConsumerSpec, Delivery, MessageHandler, Outcome};
 use trellis_store::scores::{self as store, NewScore, RunResult};
 use uuid::Uuid;
@@ -42,6 +48,8 @@ pub struct Config {
     /// Threads for the compute phase (default: every core).
     pub threads: usize,
     pub host: String,
+    /// How long a shadow candidate's run waits for a primary run on the same input.
+    pub shadow_wait: Duration,
 }
 
 /// Exports the orchestrator's series before its first run: counters and histograms at zero, and
@@ -84,6 +92,11 @@ pub struct ScoreArgs {
     /// Compute threads (default: every core).
     #[arg(long = "score-threads", env = "SCORE_THREADS")]
     pub threads: Option<usize>,
+
+    /// Shadow: how long a candidate run waits for a primary run on the same input before it is
+    /// recorded as missing.
+    #[arg(long = "score-shadow-wait", env = "SCORE_SHADOW_WAIT", value_parser = humantime::parse_duration, default_value = "15m")]
+    pub shadow_wait: Duration,
 }
 
 impl ScoreArgs {
@@ -95,6 +108,7 @@ impl ScoreArgs {
             run_timeout: self.run_timeout,
             threads: self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
             host,
+            shadow_wait: self.shadow_wait,
         }
     }
 }
@@ -102,6 +116,30 @@ impl ScoreArgs {
 /// The subject this processor consumes.
 pub fn consumer_spec() -> ConsumerSpec {
     ConsumerSpec { name: CONSUMER.into(), filter_subject: "events.scores.run_requested".into() }
+}
+
+/// The rules a run computes with. The orchestrator always runs [`Rules::PRODUCTION`], the
+/// `trellis_domain::score` functions; a shadow candidate runs the rules it is given.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    /// Recorded with each run (`score.runs.algorithm`, `shadow.score_runs.algorithm`).
+    pub algorithm: &'static str,
+    /// The trust of every node.
+    pub trust: fn(&Graph) -> TrustResult,
+    /// The scores from the trust and each node's upheld disputes.
+    pub scores: fn(&[f64], &[u32]) -> Vec<i32>,
+}
+
+impl Rules {
+    pub const PRODUCTION: Rules =
+        Rules { algorithm: score::ALGORITHM_VERSION, trust: score::compute_trust, scores: score::scores };
+}
+
+/// What a run's compute phase produced.
+struct Computed {
+    trust: TrustResult,
+    scores: Vec<i32>,
+    edges: usize,
 }
 
 /// The orchestrator: a library value the runtime drives.
@@ -251,7 +289,7 @@ impl Orchestrator {
     ) -> Result<RunSummary, RunError> {
         let run_id = Uuid::now_v7();
         let started = Instant::now();
-        store::start_run(conn, run_id, trigger, requested_by, &self.config.host, score::ALGORITHM_VERSION).await?;
+        store::start_run(conn, run_id, trigger, requested_by, &self.config.host, Rules::PRODUCTION.algorithm).await?;
         tracing::info!(%run_id, trigger, "score run started");
         // "API latency during batch compute" (a stage trigger) needs to know when one runs.
         let in_progress = metrics::gauge!("trellis_score_runs_in_progress");
@@ -288,31 +326,12 @@ impl Orchestrator {
         let t = Instant::now();
         let mut sink = BuilderSink(None);
         let loaded = store::load_graph(conn, timeout, &mut sink).await?;
-        let mut builder = sink.0.unwrap_or_else(|| GraphBuilder::new(0));
         let load = t.elapsed();
         metrics::histogram!("trellis_score_run_duration_seconds", "phase" => "load").record(load.as_secs_f64());
 
         let t = Instant::now();
         let n = loaded.users.len();
-        let compute = self.compute.clone();
-        let (computed, loaded) = tokio::task::spawn_blocking(move || {
-            compute.install(|| {
-                for (i, v) in loaded.verified.iter().enumerate() {
-                    if *v {
-                        builder.mark_verified(i as u32);
-                    }
-                }
-                let graph = builder.build();
-                let edges = graph.edge_count();
-                let trust = score::compute_trust(&graph);
-                let scores = score::scores(&trust.trust, &loaded.upheld);
-                Ok::<_, String>(((trust, scores, edges), loaded))
-            })
-        })
-        .await
-        .map_err(|e| RunError::Invalid(format!("compute task: {e}")))?
-        .map_err(RunError::Invalid)?;
-        let (trust, scores, edges) = computed;
+        let (Computed { trust, scores, edges }, loaded) = self.compute(Rules::PRODUCTION, sink, loaded).await?;
         let compute_time = t.elapsed();
         metrics::histogram!("trellis_score_run_duration_seconds", "phase" => "compute")
             .record(compute_time.as_secs_f64());
@@ -346,6 +365,7 @@ impl Orchestrator {
                 residual: trust.residual,
                 load_ms: load.as_millis() as i64,
                 compute_ms: compute_time.as_millis() as i64,
+                input_digest: loaded.input_digest,
             },
             timeout,
         )
@@ -363,6 +383,42 @@ impl Orchestrator {
             compute_ms: compute_time.as_millis() as u64,
             write_ms: write_ms as u64,
         })
+    }
+
+    /// The compute phase on the compute pool: the graph the sink built, with `rules`.
+    async fn compute(
+        &self,
+        rules: Rules,
+        sink: BuilderSink,
+        loaded: store::LoadedGraph,
+    ) -> Result<(Computed, store::LoadedGraph), RunError> {
+        let mut builder = sink.0.unwrap_or_else(|| GraphBuilder::new(0));
+        let compute = self.compute.clone();
+        tokio::task::spawn_blocking(move || {
+            compute.install(|| {
+                for (i, v) in loaded.verified.iter().enumerate() {
+                    if *v {
+                        builder.mark_verified(i as u32);
+                    }
+                }
+                let graph = builder.build();
+                let edges = graph.edge_count();
+                let trust = (rules.trust)(&graph);
+                let scores = (rules.scores)(&trust.trust, &loaded.upheld);
+                if trust.trust.len() != loaded.users.len() || scores.len() != loaded.users.len() {
+                    return Err(RunError::Invalid(format!(
+                        "the rules {} computed {} trust values and {} scores for {} users",
+                        rules.algorithm,
+                        trust.trust.len(),
+                        scores.len(),
+                        loaded.users.len()
+                    )));
+                }
+                Ok((Computed { trust, scores, edges }, loaded))
+            })
+        })
+        .await
+        .map_err(|e| RunError::Invalid(format!("compute task: {e}")))?
     }
 
     /// Requests a run whenever none ever succeeded (start-up) or the last success is older
@@ -409,13 +465,21 @@ impl store::GraphSink for BuilderSink {
     }
 }
 
+/// A run request's type and version, or the rejection of anything else.
+fn check_request(delivery: &Delivery) -> Result<(), Outcome> {
+    if delivery.envelope.event_type != "scores.run_requested" {
+        return Err(Outcome::Reject(format!("unexpected event type {:?}", delivery.envelope.event_type)));
+    }
+    if delivery.envelope.version != trellis_domain::events::EVENT_VERSION {
+        return Err(Outcome::Reject(format!("unsupported event version {}", delivery.envelope.version)));
+    }
+    Ok(())
+}
+
 impl MessageHandler for Orchestrator {
     async fn handle_one(&self, delivery: &Delivery) -> Outcome {
-        if delivery.envelope.event_type != "scores.run_requested" {
-            return Outcome::Reject(format!("unexpected event type {:?}", delivery.envelope.event_type));
-        }
-        if delivery.envelope.version != trellis_domain::events::EVENT_VERSION {
-            return Outcome::Reject(format!("unsupported event version {}", delivery.envelope.version));
+        if let Err(rejected) = check_request(delivery) {
+            return rejected;
         }
         let requested_by =
             delivery.envelope.data.get("requested_by").and_then(|v| v.as_str()).and_then(|s| s.parse::<Uuid>().ok());

@@ -1,7 +1,8 @@
 use std::sync::Arc;
 
 use clap::Parser;
-use score_orchestrator::{Config, Orchestrator, ScoreArgs, consumer_spec};
+use score_orchestrator::shadow::Candidate;
+use score_orchestrator::{Config, Orchestrator, Rules, ScoreArgs, consumer_spec};
 use trellis_domain::flags::{Executor, Flag};
 use trellis_runtime::config::LogFormat;
 use trellis_runtime::consumer::{ConsumerGroup, EachMessage};
@@ -42,6 +43,15 @@ async fn main() -> std::process::ExitCode {
             w.spawn_group(
                 ConsumerGroup::new(w.ctx.clone(), consumer_spec(), w.args.runner_config(), handler).gated(gate.clone()),
             );
+            // While score.executor says shadow with the monolith as primary, this worker is the
+            // candidate: its own copy of the requests, the production rules, shadow tables only.
+            let candidate = Candidate::new(&orchestrator, Rules::PRODUCTION);
+            let (ctx, runner) = (w.ctx.clone(), w.args.runner_config());
+            let make = {
+                let candidate = candidate.clone();
+                move || candidate.group(ctx.clone(), runner.clone())
+            };
+            w.spawn_candidate(Flag::ScoreExecutor, make, move |stop| candidate.clone().compare(stop));
             tokio::spawn(flags::while_open(gate, w.stop_token(), move |stop| orchestrator.clone().schedule(stop)));
             Ok(())
         })

@@ -355,3 +355,92 @@ pub async fn set_verified(db: &TestDb, user: Uuid) {
         sqlx::query("UPDATE identity.users SET verified = true WHERE id = $1").bind(user).execute(&db.pool).await;
     assert_eq!(done.unwrap().rows_affected(), 1);
 }
+
+/// `trellisctl`, built next to this package's binary by the workspace build.
+pub fn trellisctl() -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_score-orchestrator")).with_file_name("trellisctl");
+    assert!(path.exists(), "{} is missing: build the workspace (cargo build --workspace --bins)", path.display());
+    path
+}
+
+/// Runs `trellisctl args…` on the test's database: (exit status success, stdout, stderr).
+pub async fn run_trellisctl(db: &TestDb, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(trellisctl())
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .env("TRELLIS_ACTOR", "test")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("trellisctl runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Sets `score.executor` without the promotion gate (set-up, not the operator's path).
+pub async fn set_score_executor(db: &TestDb, value: trellis_domain::flags::Executor) {
+    let change = trellis_store::flags::Change {
+        flag: trellis_domain::flags::Flag::ScoreExecutor,
+        value,
+        actor: "test",
+        reason: "test set-up",
+        forced: false,
+    };
+    trellis_store::flags::set(&db.pool, &change).await.expect("setting score.executor");
+}
+
+/// Waits until the durable consumer `name` (without prefix) exists on the events stream.
+pub async fn wait_for_consumer(prefix: &str, name: &str) {
+    let client = async_nats::connect(trellis_testkit::nats_url()).await.expect("NATS");
+    let js = async_nats::jetstream::new(client);
+    let (stream, consumer) = (format!("{prefix}_EVENTS"), format!("{prefix}_{name}"));
+    eventually(&format!("consumer {consumer}"), Duration::from_secs(30), || {
+        let (js, stream, consumer) = (js.clone(), stream.clone(), consumer.clone());
+        async move {
+            let _: async_nats::jetstream::consumer::PullConsumer =
+                js.get_stream(&stream).await.ok()?.get_consumer(&consumer).await.ok()?;
+            Some(())
+        }
+    })
+    .await;
+}
+
+/// The production rules' expected output over the graph as the database holds it now (active
+/// users, their contacts, verified flags; no disputes).
+pub async fn expected_from_db(db: &TestDb) -> Expected {
+    let users: Vec<(Uuid, bool)> = sqlx::query_as("SELECT id, verified FROM identity.users WHERE status = 'active'")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let edges: Vec<(Uuid, Uuid)> =
+        sqlx::query_as("SELECT owner_id, contact_id FROM contacts.contacts").fetch_all(&db.pool).await.unwrap();
+    let ids: Vec<Uuid> = users.iter().map(|u| u.0).collect();
+    let verified: Vec<Uuid> = users.iter().filter(|u| u.1).map(|u| u.0).collect();
+    Expected::compute(&ids, &edges, &verified, &[])
+}
+
+/// Waits until every event in the outbox is published and consumer `name` (without prefix) has
+/// acknowledged everything it was delivered.
+pub async fn handled_all(db: &TestDb, prefix: &str, name: &str) {
+    let client = async_nats::connect(trellis_testkit::nats_url()).await.expect("NATS");
+    let js = async_nats::jetstream::new(client);
+    let (stream, consumer) = (format!("{prefix}_EVENTS"), format!("{prefix}_{name}"));
+    eventually(&format!("consumer {consumer} to handle everything"), Duration::from_secs(60), || {
+        let (js, stream, consumer) = (js.clone(), stream.clone(), consumer.clone());
+        async move {
+            let unpublished = count(db, "SELECT count(*) FROM ops.outbox WHERE published_at IS NULL").await;
+            if unpublished > 0 {
+                return None;
+            }
+            let mut c: async_nats::jetstream::consumer::PullConsumer =
+                js.get_stream(&stream).await.ok()?.get_consumer(&consumer).await.ok()?;
+            let info = c.info().await.ok()?;
+            (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+        }
+    })
+    .await;
+}

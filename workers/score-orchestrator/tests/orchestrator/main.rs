@@ -8,5 +8,6 @@ mod manual;
 mod records;
 mod replicas;
 mod scoring_rules;
+mod shadow;
 mod staleness;
 mod startup;

@@ -70,13 +70,6 @@ async fn a_manual_trigger_leads_to_a_run_whose_scores_the_api_serves() {
     assert_eq!((by_handle.0, by_handle.1["score"].as_i64()), (200, Some(i64::from(expected.of(bob.id).1))));
 }
 
-/// `trellisctl`, built next to this package's binary by the workspace build.
-fn trellisctl() -> std::path::PathBuf {
-    let path = std::path::Path::new(env!("CARGO_BIN_EXE_score-orchestrator")).with_file_name("trellisctl");
-    assert!(path.exists(), "{} is missing: build the workspace (cargo build --workspace --bins)", path.display());
-    path
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trellisctl_score_run_wait_requests_a_run_and_prints_its_record() {
     let db = TestDb::migrated().await.unwrap();
