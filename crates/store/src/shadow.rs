@@ -108,7 +108,8 @@ pub async fn first_differences(
     period: &Period,
     limit: i64,
 ) -> Result<Vec<Recorded>, sqlx::Error> {
-    let rows: Vec<(String, String, i64, sqlx::types::Json<Vec<FieldDiff>>, OffsetDateTime)> = sqlx::query_as(
+    type Row = (String, String, i64, sqlx::types::Json<Vec<FieldDiff>>, OffsetDateTime);
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT key, result, count, diffs, compared_at FROM shadow.comparisons
          WHERE processor = $1 AND result <> 'matched'
            AND compared_at >= $2 AND ($3::timestamptz IS NULL OR compared_at < $3)
