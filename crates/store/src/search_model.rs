@@ -124,6 +124,17 @@ pub async fn contact_documents(
 /// of `owners`, in one statement and in key order (so two projections cannot deadlock). Call
 /// it first in the projection's transaction; the locks are released at commit or rollback.
 pub async fn lock(conn: &mut PgConnection, users: &[Uuid], owners: &[Uuid]) -> Result<(), sqlx::Error> {
+    lock_class(conn, LOCK_CLASS, users, owners).await
+}
+
+/// [`lock`] in the advisory lock class `class` (the shadow candidate's documents have their own,
+/// so that it never waits for the primary's projection, nor the primary for it).
+pub(crate) async fn lock_class(
+    conn: &mut PgConnection,
+    class: i32,
+    users: &[Uuid],
+    owners: &[Uuid],
+) -> Result<(), sqlx::Error> {
     if users.is_empty() && owners.is_empty() {
         return Ok(());
     }
@@ -137,7 +148,7 @@ pub async fn lock(conn: &mut PgConnection, users: &[Uuid], owners: &[Uuid]) -> R
     )
     .bind(users)
     .bind(owners)
-    .bind(LOCK_CLASS)
+    .bind(class)
     .bind(LOCK_SLOTS)
     .execute(conn)
     .await?;
