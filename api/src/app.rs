@@ -280,9 +280,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         host: trellis_runtime::worker::hostname(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
-    let score = config.score.config(common.database_url.expose(), ctx.host.clone());
-    let dispute = config.dispute.clone();
-    crate::processors::spawn(&mut tasks, ctx, processors_pool, &flags, score, dispute, background.clone())?;
+    let settings = crate::processors::Settings {
+        score: config.score.config(common.database_url.expose(), ctx.host.clone()),
+        dispute: config.dispute.clone(),
+        search_shadow: config.search_shadow.config().map_err(anyhow::Error::msg)?,
+    };
+    crate::processors::spawn(&mut tasks, ctx, processors_pool, &flags, settings, background.clone())?;
 
     let grace = common.shutdown_grace;
     let app = app(state).into_make_service_with_connect_info::<SocketAddr>();

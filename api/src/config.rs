@@ -85,6 +85,11 @@ pub struct Config {
 
     #[command(flatten)]
     pub promotion: trellis_runtime::config::PromotionArgs,
+
+    /// The search projector's shadow candidate, for when `search.executor` says `shadow` with the
+    /// worker as the primary.
+    #[command(flatten)]
+    pub search_shadow: search_projector::shadow::ShadowArgs,
 }
 
 fn default_pool_size() -> u32 {

@@ -1,8 +1,9 @@
 //! The processors `trellis-api` runs in-process while a cutover flag says `monolith` (Stage A,
 //! and the rollback of Stage B): the search projector, the dispute processor and the score
 //! orchestrator, the same library values the worker binaries run, pulling from
-//! the same durable consumers, each gated by its flag. Nothing here knows a consumer's details
-//! beyond its processor's `consumer_spec`.
+//! the same durable consumers, each gated by its flag; and the search projector's shadow
+//! candidate while `search.executor` says `shadow` with the worker as the primary. Nothing here
+//! knows a consumer's details beyond its processor's `consumer_spec`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,17 +15,25 @@ use trellis_domain::flags::{Executor, Flag};
 use trellis_runtime::consumer::{ConsumerGroup, EachMessage, RunnerConfig, RunnerContext};
 use trellis_runtime::flags::{self, Flags};
 
-/// Starts every in-process processor in `tasks`, each idle until its flag says `monolith`;
-/// they stop with `stop`.
+/// The in-process processors' settings.
+pub struct Settings {
+    pub score: score_orchestrator::Config,
+    pub dispute: dispute_processor::ProcessorArgs,
+    pub search_shadow: search_projector::shadow::ComparerConfig,
+}
+
+/// Starts every in-process processor in `tasks`, each idle until its flag says `monolith`
+/// (the search candidate: until it says `shadow` with the worker as the primary); they stop
+/// with `stop`.
 pub fn spawn(
     tasks: &mut JoinSet<()>,
     ctx: RunnerContext,
     pool: PgPool,
     flags: &Flags,
-    score: score_orchestrator::Config,
-    dispute: dispute_processor::ProcessorArgs,
+    settings: Settings,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Settings { score, dispute, search_shadow } = settings;
     let search = flags.gate(Flag::SearchExecutor, Executor::Monolith);
     let projector = Arc::new(search_projector::Projector::new(pool.clone()));
     let orchestrator = score_orchestrator::Orchestrator::new(pool.clone(), score)?;
@@ -33,8 +42,27 @@ pub fn spawn(
         batch_window: humantime::parse_duration(search_projector::DEFAULT_BATCH_WINDOW)?,
         ..RunnerConfig::default()
     };
-    let group = ConsumerGroup::new(ctx.clone(), search_projector::consumer_spec(), config, projector).gated(search);
+    let group =
+        ConsumerGroup::new(ctx.clone(), search_projector::consumer_spec(), config.clone(), projector).gated(search);
     tasks.spawn(report_failure("search projector", group.run(stop.clone())));
+    let comparer = search_projector::shadow::Comparer::new(pool.clone(), ctx.clone(), search_shadow);
+    let (candidate_ctx, candidate_pool) = (ctx.clone(), pool.clone());
+    spawn_candidate(
+        tasks,
+        flags,
+        Flag::SearchExecutor,
+        move || {
+            let rule = search_projector::shadow::Rule::SHARED;
+            search_projector::shadow::candidate_group(
+                candidate_ctx.clone(),
+                config.clone(),
+                candidate_pool.clone(),
+                rule,
+            )
+        },
+        move |stop| comparer.clone().run(stop),
+        stop.clone(),
+    );
     tasks.spawn(search_projector::report_checkpoint_age(pool.clone(), Duration::from_secs(5), stop.clone()));
 
     let dispute_gate = flags.gate(Flag::DisputeExecutor, Executor::Monolith);

@@ -18,6 +18,7 @@ pub mod page;
 pub mod scores;
 pub mod search;
 pub mod search_model;
+pub mod search_shadow;
 pub mod shadow;
 pub mod shadow_scores;
 

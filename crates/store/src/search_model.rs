@@ -23,10 +23,118 @@ const LOCK_SLOTS: i32 = 1024;
 /// Users per rebuild batch.
 pub const REBUILD_BATCH: i64 = 10_000;
 
+/// How a directory document is built from the base tables, for the users `$1`: the one
+/// definition that the projection's upsert ([`project_users`]) and the shadow candidate
+/// ([`directory_documents`]) share. `$extra` appends select-list items after the document's
+/// columns (the upsert's `projected_at`), so the projection runs the statement it always ran,
+/// without a subquery in between.
+macro_rules! directory_documents_sql {
+    ($($extra:literal)?) => {
+        concat!(
+            "SELECT u.id AS user_id, u.handle, u.display_name, u.verified, s.score, u.status,
+                    h.user_id IS NOT NULL AS hidden",
+            $($extra,)?
+            "
+         FROM identity.users u
+         LEFT JOIN score.user_scores s ON s.user_id = u.id
+         LEFT JOIN security.hidden_users h ON h.user_id = u.id
+         WHERE u.id = ANY($1)"
+        )
+    };
+}
+
+/// How the contact documents of the owners `$1` are built from the base tables: one per
+/// contact, with the contact's handle and display name, the owner's label, the owner's circles
+/// the contact is in (sorted by name) and the text contact search matches. Shared like
+/// `directory_documents_sql!` ([`project_contacts`], [`contact_documents`]).
+macro_rules! contact_documents_sql {
+    ($($extra:literal)?) => {
+        concat!(
+            "SELECT cur.owner_id, cur.contact_id, cur.handle, cur.display_name, cur.label, cur.circles,
+                lower(cur.handle || ' ' || cur.display_name || ' ' || cur.label || ' ' || array_to_string(cur.circles, ' '))
+                    AS search_text",
+            $($extra,)?
+            "
+         FROM (
+             SELECT c.owner_id, c.contact_id, u.handle, u.display_name, c.label,
+                    coalesce((SELECT array_agg(ci.name ORDER BY ci.name)
+                              FROM circles.members m JOIN circles.circles ci ON ci.id = m.circle_id
+                              WHERE m.owner_id = c.owner_id AND m.user_id = c.contact_id), '{}') AS circles
+             FROM contacts.contacts c JOIN identity.users u ON u.id = c.contact_id
+             WHERE c.owner_id = ANY($1)
+         ) cur"
+        )
+    };
+}
+
+/// A directory document: what user search reads of one user. Serialised (without the id) as
+/// the shadow comparison sees it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
+pub struct DirectoryDocument {
+    #[serde(skip)]
+    pub user_id: Uuid,
+    pub handle: String,
+    pub display_name: String,
+    pub verified: bool,
+    pub score: Option<i32>,
+    /// active | suspended
+    pub status: String,
+    pub hidden: bool,
+}
+
+/// A contact document: what contact search reads of one owner's contact. Serialised (without
+/// the ids) as the shadow comparison sees it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
+pub struct ContactDocument {
+    #[serde(skip)]
+    pub owner_id: Uuid,
+    #[serde(skip)]
+    pub contact_id: Uuid,
+    pub handle: String,
+    pub display_name: String,
+    pub label: String,
+    pub circles: Vec<String>,
+    pub search_text: String,
+}
+
+/// The directory documents of `user_ids` as the base tables have them now (none for an id
+/// that is not a user).
+pub async fn directory_documents(
+    conn: &mut PgConnection,
+    user_ids: &[Uuid],
+) -> Result<Vec<DirectoryDocument>, sqlx::Error> {
+    if user_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_as(directory_documents_sql!()).bind(user_ids).fetch_all(conn).await
+}
+
+/// The contact documents of `owner_ids` as the base tables have them now.
+pub async fn contact_documents(
+    conn: &mut PgConnection,
+    owner_ids: &[Uuid],
+) -> Result<Vec<ContactDocument>, sqlx::Error> {
+    if owner_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_as(contact_documents_sql!()).bind(owner_ids).fetch_all(conn).await
+}
+
 /// Takes the advisory locks of the directory documents of `users` and the contact documents
 /// of `owners`, in one statement and in key order (so two projections cannot deadlock). Call
 /// it first in the projection's transaction; the locks are released at commit or rollback.
 pub async fn lock(conn: &mut PgConnection, users: &[Uuid], owners: &[Uuid]) -> Result<(), sqlx::Error> {
+    lock_class(conn, LOCK_CLASS, users, owners).await
+}
+
+/// [`lock`] in the advisory lock class `class` (the shadow candidate's documents have their own,
+/// so that it never waits for the primary's projection, nor the primary for it).
+pub(crate) async fn lock_class(
+    conn: &mut PgConnection,
+    class: i32,
+    users: &[Uuid],
+    owners: &[Uuid],
+) -> Result<(), sqlx::Error> {
     if users.is_empty() && owners.is_empty() {
         return Ok(());
     }
@@ -40,7 +148,7 @@ pub async fn lock(conn: &mut PgConnection, users: &[Uuid], owners: &[Uuid]) -> R
     )
     .bind(users)
     .bind(owners)
-    .bind(LOCK_CLASS)
+    .bind(class)
     .bind(LOCK_SLOTS)
     .execute(conn)
     .await?;
@@ -64,19 +172,18 @@ pub async fn project_users(conn: &mut PgConnection, user_ids: &[Uuid]) -> Result
     .fetch_all(&mut *conn)
     .await?;
     let written: Vec<Uuid> = sqlx::query_scalar(
-        "INSERT INTO search.directory AS d (user_id, handle, display_name, verified, score, status, hidden, projected_at)
-         SELECT u.id, u.handle, u.display_name, u.verified, s.score, u.status, h.user_id IS NOT NULL, now()
-         FROM identity.users u
-         LEFT JOIN score.user_scores s ON s.user_id = u.id
-         LEFT JOIN security.hidden_users h ON h.user_id = u.id
-         WHERE u.id = ANY($1)
+        concat!(
+            "INSERT INTO search.directory AS d (user_id, handle, display_name, verified, score, status, hidden, projected_at)\n",
+            directory_documents_sql!(", now()"),
+            "
          ON CONFLICT (user_id) DO UPDATE SET
              handle = EXCLUDED.handle, display_name = EXCLUDED.display_name, verified = EXCLUDED.verified,
              score = EXCLUDED.score, status = EXCLUDED.status, hidden = EXCLUDED.hidden, projected_at = now()
          WHERE (d.handle, d.display_name, d.verified, d.score, d.status, d.hidden)
                IS DISTINCT FROM (EXCLUDED.handle, EXCLUDED.display_name, EXCLUDED.verified, EXCLUDED.score,
                                  EXCLUDED.status, EXCLUDED.hidden)
-         RETURNING d.user_id",
+         RETURNING d.user_id"
+        ),
     )
     .bind(user_ids)
     .fetch_all(&mut *conn)
@@ -139,24 +246,17 @@ pub async fn project_contacts(conn: &mut PgConnection, owner_ids: &[Uuid]) -> Re
     .await?
     .rows_affected();
     let written = sqlx::query(
-        "INSERT INTO search.contacts AS sc (owner_id, contact_id, handle, display_name, label, circles, search_text, projected_at)
-         SELECT cur.owner_id, cur.contact_id, cur.handle, cur.display_name, cur.label, cur.circles,
-                lower(cur.handle || ' ' || cur.display_name || ' ' || cur.label || ' ' || array_to_string(cur.circles, ' ')),
-                now()
-         FROM (
-             SELECT c.owner_id, c.contact_id, u.handle, u.display_name, c.label,
-                    coalesce((SELECT array_agg(ci.name ORDER BY ci.name)
-                              FROM circles.members m JOIN circles.circles ci ON ci.id = m.circle_id
-                              WHERE m.owner_id = c.owner_id AND m.user_id = c.contact_id), '{}') AS circles
-             FROM contacts.contacts c JOIN identity.users u ON u.id = c.contact_id
-             WHERE c.owner_id = ANY($1)
-         ) cur
+        concat!(
+            "INSERT INTO search.contacts AS sc (owner_id, contact_id, handle, display_name, label, circles, search_text, projected_at)\n",
+            contact_documents_sql!(", now()"),
+            "
          ON CONFLICT (owner_id, contact_id) DO UPDATE SET
              handle = EXCLUDED.handle, display_name = EXCLUDED.display_name, label = EXCLUDED.label,
              circles = EXCLUDED.circles, search_text = EXCLUDED.search_text, projected_at = now()
          WHERE (sc.handle, sc.display_name, sc.label, sc.circles, sc.search_text)
                IS DISTINCT FROM (EXCLUDED.handle, EXCLUDED.display_name, EXCLUDED.label, EXCLUDED.circles,
-                                 EXCLUDED.search_text)",
+                                 EXCLUDED.search_text)"
+        ),
     )
     .bind(owner_ids)
     .execute(&mut *conn)

@@ -21,6 +21,10 @@
 //! batch is acked after the commit. Duplicates and reordering therefore cannot corrupt the
 //! model; concurrent replicas are serialised per document by advisory locks
 //! ([`trellis_store::search_model::lock`]).
+//!
+//! **Shadow.** While `search.executor` says `shadow`, the candidate side runs [`shadow`]: its
+//! own copy of the events projected into `shadow.search_*`, compared with the read model on the
+//! same input (docs/workers/search-projector.md).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -37,6 +41,8 @@ use trellis_domain::events::{
 use trellis_runtime::consumer::{ConsumerSpec, Delivery, Handler, Outcome};
 use trellis_store::search_model;
 use uuid::Uuid;
+
+pub mod shadow;
 
 /// The durable consumer's name.
 pub const CONSUMER: &str = "search-projector";

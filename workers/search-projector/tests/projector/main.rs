@@ -10,4 +10,5 @@ mod fallback;
 mod history;
 mod moderation;
 mod rebuild;
+mod shadow;
 mod shuffled;
