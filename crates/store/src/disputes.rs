@@ -233,6 +233,7 @@ pub async fn lock_undecided(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec
 struct FactsRow {
     id: Uuid,
     reporter_id: Uuid,
+    target_id: Uuid,
     kind: String,
     created_at: OffsetDateTime,
     now: OffsetDateTime,
@@ -278,7 +279,7 @@ pub async fn gather_facts(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<F
     let secs = |d: time::Duration| d.whole_seconds() as f64;
     let rows: Vec<FactsRow> = sqlx::query_as(
         "WITH clock AS (SELECT now() AS now)
-         SELECT d.id, d.reporter_id, d.kind, d.created_at, clock.now,
+         SELECT d.id, d.reporter_id, d.target_id, d.kind, d.created_at, clock.now,
              ru.status = 'suspended' AS reporter_suspended, tu.status = 'suspended' AS target_suspended,
              rs.score AS reporter_score, ts.score AS target_score,
              (SELECT coalesce(jsonb_agg(jsonb_build_object('id', o.id, 'reporter_id', o.reporter_id,
@@ -320,6 +321,7 @@ pub async fn gather_facts(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<F
             Ok(Facts {
                 dispute_id: r.id,
                 reporter_id: r.reporter_id,
+                target_id: r.target_id,
                 kind,
                 filed_at: r.created_at,
                 now: r.now,

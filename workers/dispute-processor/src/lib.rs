@@ -317,7 +317,8 @@ impl Batch {
         self.decisions.push(AutoDecision { id, status, rule: rule.id(), reasons });
     }
 
-    /// Applies the batch's earlier decisions to facts read before them.
+    /// Applies the batch's earlier decisions to facts read before them: the status of the
+    /// disputes they decided, and the users they suspended (reporter or target).
     fn overlay(&self, f: &mut Facts) {
         let lists = [&mut f.same_reporter, &mut f.reporter_record, &mut f.against_target];
         for list in lists {
@@ -329,6 +330,7 @@ impl Batch {
             }
         }
         f.reporter_suspended |= self.suspended.contains(&f.reporter_id);
+        f.target_suspended |= self.suspended.contains(&f.target_id);
     }
 }
 
@@ -456,5 +458,40 @@ impl Groups {
         }
         let _ = reporter.await;
         first_error
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An impersonation upheld earlier in a batch suspends its target for the later disputes of
+    /// the batch: a harassment dispute against the same user judged after it is moot (R2), as
+    /// it would be one at a time.
+    #[test]
+    fn an_earlier_suspension_in_the_batch_reaches_a_later_dispute_against_the_target() {
+        let now = OffsetDateTime::now_utc();
+        let target = Uuid::from_u128(90);
+        let mut batch = Batch::default();
+        batch.record(Uuid::from_u128(1), DisputeStatus::Upheld, Rule::R4Corroborated, serde_json::json!([]), now);
+        batch.suspended.insert(target);
+        let mut f = Facts {
+            dispute_id: Uuid::from_u128(4),
+            reporter_id: Uuid::from_u128(14),
+            target_id: target,
+            kind: DisputeKind::Harassment,
+            filed_at: now,
+            now,
+            reporter_suspended: false,
+            target_suspended: false,
+            target_score: None,
+            same_reporter: Vec::new(),
+            reporter_record: Vec::new(),
+            against_target: Vec::new(),
+            reporter_score: None,
+        };
+        batch.overlay(&mut f);
+        assert!(f.target_suspended && !f.reporter_suspended);
+        assert_eq!(adjudication::adjudicate(&f).rule, Rule::R2Invalid);
     }
 }
