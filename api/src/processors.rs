@@ -38,10 +38,20 @@ pub fn spawn(
     tasks.spawn(search_projector::report_checkpoint_age(pool.clone(), Duration::from_secs(5), stop.clone()));
 
     let dispute_gate = flags.gate(Flag::DisputeExecutor, Executor::Monolith);
+    let candidate = dispute_processor::Candidate::new(pool.clone(), &dispute, dispute_processor::Rules::CURRENT);
     let groups = dispute_processor::Processor::new(pool.clone(), dispute)
         .groups(ctx.clone(), RunnerConfig::default())
         .gated(dispute_gate);
     tasks.spawn(report_failure("dispute processor", groups.run(stop.clone())));
+    let (candidate_ctx, comparer) = (ctx.clone(), candidate.clone());
+    spawn_candidate(
+        tasks,
+        flags,
+        Flag::DisputeExecutor,
+        move || candidate.group(candidate_ctx.clone(), RunnerConfig::default()),
+        move |stop| comparer.clone().compare(stop),
+        stop.clone(),
+    );
 
     let score_gate = flags.gate(Flag::ScoreExecutor, Executor::Monolith);
     let handler = Arc::new(EachMessage { handler: orchestrator.clone(), concurrency: 1 });
@@ -55,7 +65,6 @@ pub fn spawn(
 /// Runs `flag`'s shadow candidate in-process while the monolith is the candidate (the worker
 /// is the primary): the group `make` builds, from new messages only, and `comparer` beside it
 /// (see [`trellis_runtime::shadow::run_candidate`]).
-#[allow(dead_code)] // each processor's candidate is wired here as it gains one
 fn spawn_candidate<H, F, C, Fut>(
     tasks: &mut JoinSet<()>,
     flags: &Flags,

@@ -26,11 +26,17 @@ pub fn init_metrics() {
 /// Records comparisons of `flag`'s processor and counts them in the metric.
 pub async fn record(pool: &PgPool, flag: Flag, comparisons: &[Comparison]) -> Result<(), sqlx::Error> {
     trellis_store::shadow::record(pool, flag, comparisons).await?;
+    count(flag, comparisons);
+    Ok(())
+}
+
+/// Counts comparisons in the metric: for a caller that recorded them itself, in a transaction
+/// with what it compared (`trellis_store::shadow::record`), once that transaction committed.
+pub fn count(flag: Flag, comparisons: &[Comparison]) {
     for c in comparisons {
         metrics::counter!("trellis_shadow_comparisons_total", "processor" => processor(flag), "result" => c.result.as_str())
             .increment(c.count.max(0) as u64);
     }
-    Ok(())
 }
 
 /// The candidate's consumer: the processor's, named `<name>-shadow`.

@@ -19,6 +19,7 @@ pub mod scores;
 pub mod search;
 pub mod search_model;
 pub mod shadow;
+pub mod shadow_disputes;
 
 use std::time::Duration;
 

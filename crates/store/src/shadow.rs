@@ -100,6 +100,9 @@ pub struct Recorded {
     pub compared_at: OffsetDateTime,
 }
 
+/// key, result, count, diffs, compared_at.
+type DifferenceRow = (String, String, i64, sqlx::types::Json<Vec<FieldDiff>>, OffsetDateTime);
+
 /// The first `limit` comparisons of `period` that did not match (mismatched or missing), in
 /// the order they were made.
 pub async fn first_differences(
@@ -108,7 +111,7 @@ pub async fn first_differences(
     period: &Period,
     limit: i64,
 ) -> Result<Vec<Recorded>, sqlx::Error> {
-    let rows: Vec<(String, String, i64, sqlx::types::Json<Vec<FieldDiff>>, OffsetDateTime)> = sqlx::query_as(
+    let rows: Vec<DifferenceRow> = sqlx::query_as(
         "SELECT key, result, count, diffs, compared_at FROM shadow.comparisons
          WHERE processor = $1 AND result <> 'matched'
            AND compared_at >= $2 AND ($3::timestamptz IS NULL OR compared_at < $3)
