@@ -1,9 +1,9 @@
 //! The processors `trellis-api` runs in-process while a cutover flag says `monolith` (Stage A,
 //! and the rollback of Stage B): the search projector, the dispute processor and the score
 //! orchestrator, the same library values the worker binaries run, pulling from
-//! the same durable consumers, each gated by its flag; and the search projector's shadow
-//! candidate while `search.executor` says `shadow` with the worker as the primary. Nothing here
-//! knows a consumer's details beyond its processor's `consumer_spec`.
+//! the same durable consumers, each gated by its flag; and each processor's shadow candidate
+//! while its flag says `shadow` with the worker as the primary. Nothing here knows a consumer's
+//! details beyond its processor's `consumer_spec`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,8 +23,8 @@ pub struct Settings {
 }
 
 /// Starts every in-process processor in `tasks`, each idle until its flag says `monolith`
-/// (the search candidate: until it says `shadow` with the worker as the primary); they stop
-/// with `stop`.
+/// (each candidate: until it says `shadow` with the worker as the primary); they stop with
+/// `stop`.
 pub fn spawn(
     tasks: &mut JoinSet<()>,
     ctx: RunnerContext,
@@ -52,7 +52,7 @@ pub fn spawn(
         flags,
         Flag::SearchExecutor,
         move || {
-            let rule = search_projector::shadow::Rule::SHARED;
+            let rule = search_projector::shadow::Rules::PRODUCTION;
             search_projector::shadow::candidate_group(
                 candidate_ctx.clone(),
                 config.clone(),
@@ -66,10 +66,20 @@ pub fn spawn(
     tasks.spawn(search_projector::report_checkpoint_age(pool.clone(), Duration::from_secs(5), stop.clone()));
 
     let dispute_gate = flags.gate(Flag::DisputeExecutor, Executor::Monolith);
+    let candidate = dispute_processor::Candidate::new(pool.clone(), &dispute, dispute_processor::Rules::PRODUCTION);
     let groups = dispute_processor::Processor::new(pool.clone(), dispute)
         .groups(ctx.clone(), RunnerConfig::default())
         .gated(dispute_gate);
     tasks.spawn(report_failure("dispute processor", groups.run(stop.clone())));
+    let (candidate_ctx, comparer) = (ctx.clone(), candidate.clone());
+    spawn_candidate(
+        tasks,
+        flags,
+        Flag::DisputeExecutor,
+        move || candidate.group(candidate_ctx.clone(), RunnerConfig::default()),
+        move |stop| comparer.clone().compare(stop),
+        stop.clone(),
+    );
 
     let score_gate = flags.gate(Flag::ScoreExecutor, Executor::Monolith);
     let handler = Arc::new(EachMessage { handler: orchestrator.clone(), concurrency: 1 });

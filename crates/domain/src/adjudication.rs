@@ -86,6 +86,9 @@ pub struct Related {
 pub struct Facts {
     pub dispute_id: Uuid,
     pub reporter_id: Uuid,
+    /// Not read by the rules: a batch's earlier decisions suspend targets (see the processor's
+    /// in-batch overlay).
+    pub target_id: Uuid,
     pub kind: DisputeKind,
     pub filed_at: OffsetDateTime,
     /// When the rules are applied.
@@ -259,6 +262,7 @@ mod tests {
         Facts {
             dispute_id: Uuid::from_u128(1_000),
             reporter_id: me(),
+            target_id: Uuid::from_u128(2),
             kind,
             filed_at: NOW - Duration::minutes(1),
             now: NOW,

@@ -36,6 +36,15 @@ impl DisputeKind {
         }
     }
 
+    /// Whether upholding a dispute of this kind suspends its target (and revokes their tokens):
+    /// impersonation and harassment. Spam hides the target; incorrect information changes nothing.
+    pub fn suspends_target(self) -> bool {
+        match self {
+            DisputeKind::Impersonation | DisputeKind::Harassment => true,
+            DisputeKind::Spam | DisputeKind::IncorrectInfo => false,
+        }
+    }
+
     pub fn parse(raw: &str) -> Result<Self, FieldError> {
         DisputeKind::ALL.into_iter().find(|k| k.as_str() == raw).ok_or_else(|| {
             FieldError::new("kind", "unknown", "must be one of impersonation, harassment, spam, incorrect_info")

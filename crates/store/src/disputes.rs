@@ -173,36 +173,33 @@ pub async fn apply_upheld_effects(
     target: UserId,
 ) -> Result<Vec<trellis_domain::events::EventPayload>, sqlx::Error> {
     use trellis_domain::events::{EventPayload, UserSuspended};
-    match kind {
-        DisputeKind::Impersonation | DisputeKind::Harassment => {
-            let was_active: Option<bool> =
-                sqlx::query_scalar("SELECT status = 'active' FROM identity.users WHERE id = $1 FOR UPDATE")
-                    .bind(target.0)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-            crate::identity::suspend(conn, target).await?;
-            Ok(if was_active == Some(true) {
-                vec![EventPayload::UserSuspended(UserSuspended {
-                    user_id: target,
-                    reason: format!("upheld {} dispute", kind.as_str()),
-                    dispute_id: Some(dispute),
-                })]
-            } else {
-                Vec::new()
-            })
-        }
-        DisputeKind::Spam => {
-            sqlx::query(
-                "INSERT INTO security.hidden_users (user_id, dispute_id) VALUES ($1, $2) ON CONFLICT (user_id) DO NOTHING",
-            )
-            .bind(target.0)
-            .bind(dispute.0)
-            .execute(conn)
-            .await?;
-            Ok(Vec::new())
-        }
-        DisputeKind::IncorrectInfo => Ok(Vec::new()),
+    if kind.suspends_target() {
+        let was_active: Option<bool> =
+            sqlx::query_scalar("SELECT status = 'active' FROM identity.users WHERE id = $1 FOR UPDATE")
+                .bind(target.0)
+                .fetch_optional(&mut *conn)
+                .await?;
+        crate::identity::suspend(conn, target).await?;
+        return Ok(if was_active == Some(true) {
+            vec![EventPayload::UserSuspended(UserSuspended {
+                user_id: target,
+                reason: format!("upheld {} dispute", kind.as_str()),
+                dispute_id: Some(dispute),
+            })]
+        } else {
+            Vec::new()
+        });
     }
+    if kind == DisputeKind::Spam {
+        sqlx::query(
+            "INSERT INTO security.hidden_users (user_id, dispute_id) VALUES ($1, $2) ON CONFLICT (user_id) DO NOTHING",
+        )
+        .bind(target.0)
+        .bind(dispute.0)
+        .execute(conn)
+        .await?;
+    }
+    Ok(Vec::new())
 }
 
 /// Locks the disputes of `ids` that are still pending (in id order, so that concurrent batches
@@ -233,13 +230,16 @@ pub async fn lock_undecided(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec
 struct FactsRow {
     id: Uuid,
     reporter_id: Uuid,
+    target_id: Uuid,
     kind: String,
     created_at: OffsetDateTime,
     now: OffsetDateTime,
+    snapshot: String,
     reporter_suspended: bool,
     target_suspended: bool,
     reporter_score: Option<i32>,
     target_score: Option<i32>,
+    scores_seen: bool,
     same_reporter: sqlx::types::Json<Vec<RelatedRow>>,
     reporter_record: sqlx::types::Json<Vec<RelatedRow>>,
     against_target: sqlx::types::Json<Vec<RelatedRow>>,
@@ -255,6 +255,13 @@ struct RelatedRow {
     #[serde(with = "time::serde::rfc3339::option")]
     decided_at: Option<OffsetDateTime>,
     reporter_score: Option<i32>,
+    /// As of a past snapshot: whether the score read is the one that snapshot saw.
+    #[serde(default = "seen")]
+    score_seen: bool,
+}
+
+fn seen() -> bool {
+    true
 }
 
 impl From<RelatedRow> for Related {
@@ -270,34 +277,139 @@ impl From<RelatedRow> for Related {
     }
 }
 
-/// The facts the adjudication rules need, for every dispute of `ids`, in one statement. Each
-/// list holds what its rule's window could reach (the rules apply the windows exactly), plus
-/// every undecided dispute, whose status a decision earlier in the same batch may change.
-pub async fn gather_facts(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Facts>, sqlx::Error> {
-    use trellis_domain::adjudication::{CORROBORATION_WINDOW, CREDIBILITY_WINDOW, DUPLICATE_WINDOW};
-    let secs = |d: time::Duration| d.whole_seconds() as f64;
-    let rows: Vec<FactsRow> = sqlx::query_as(
-        "WITH clock AS (SELECT now() AS now)
-         SELECT d.id, d.reporter_id, d.kind, d.created_at, clock.now,
-             ru.status = 'suspended' AS reporter_suspended, tu.status = 'suspended' AS target_suspended,
-             rs.score AS reporter_score, ts.score AS target_score,
+/// When and on what a batch's facts were read: the rules' clock (`now()`, the transaction's
+/// start) and the MVCC snapshot of the statement that read them (`pg_current_snapshot()`, as
+/// text). Recorded with every automatic decision, so that the facts can be read again as the
+/// decision saw them (the shadow candidate does).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FactsClock {
+    pub at: OffsetDateTime,
+    pub snapshot: String,
+}
+
+/// A batch of the processor's whose facts are read again: its clock and snapshot, and its
+/// transaction (`security.dispute_decisions.xact`, as text), whose own decisions came after
+/// its facts.
+#[derive(Debug, Clone, Copy)]
+pub struct AsOf<'a> {
+    pub clock: &'a FactsClock,
+    pub xact: &'a str,
+}
+
+/// What [`gather_facts`] read.
+#[derive(Debug)]
+pub struct Gathered {
+    pub facts: Vec<Facts>,
+    /// The statement's clock and snapshot (as of a past batch: that batch's); `None` when none
+    /// of the ids is a dispute.
+    pub clock: Option<FactsClock>,
+    /// As of a past batch: the disputes whose facts read a trust score written after its
+    /// snapshot. Scores keep no history, so those facts cannot be read again as they were.
+    pub rescored: Vec<Uuid>,
+}
+
+/// The parts of the facts statement that say where each fact comes from: the tables as they
+/// are, or as a past snapshot saw them. The rest of the statement is shared: the facts have one
+/// definition.
+struct Source {
+    clock: &'static str,
+    ctes: &'static str,
+    disputes: &'static str,
+    reporter_suspended: String,
+    target_suspended: String,
+    scores_seen: &'static str,
+    related_score_seen: &'static str,
+}
+
+impl Source {
+    /// The facts as they are (the processor's statement).
+    fn current() -> Self {
+        Source {
+            clock: "SELECT now() AS now, pg_current_snapshot()::text AS snapshot",
+            ctes: "",
+            disputes: "security.disputes",
+            reporter_suspended: "ru.status = 'suspended'".into(),
+            target_suspended: "tu.status = 'suspended'".into(),
+            scores_seen: "true",
+            related_score_seen: "",
+        }
+    }
+
+    /// The facts as a past batch read them ($5 its clock, $6 its snapshot, $7 its transaction).
+    /// A decision or a filing is in them when its transaction is visible in the snapshot (a row
+    /// written before transactions were recorded, when it is older than the clock); the batch's
+    /// own decisions came after them. A user was suspended when an upheld dispute of a
+    /// suspending kind against them was visible, or, suspended now by no dispute at all, by
+    /// other means (taken to be earlier).
+    fn as_of() -> Self {
+        let kinds: Vec<String> =
+            DisputeKind::ALL.into_iter().filter(|k| k.suspends_target()).map(|k| format!("'{}'", k.as_str())).collect();
+        let kinds = kinds.join(", ");
+        // Scalar subqueries with LIMIT 1 rather than EXISTS: the planner may turn an EXISTS into
+        // one hash of every upheld decision, where two index probes per user are what is needed.
+        let suspending = |u: &str, decisions: &str| {
+            format!(
+                "coalesce((SELECT true FROM security.disputes s JOIN {decisions} x ON x.dispute_id = s.id
+                           WHERE s.target_id = {u}.id AND s.kind IN ({kinds}) AND x.status = 'upheld' LIMIT 1), false)"
+            )
+        };
+        let suspended = |u: &str| {
+            format!(
+                "({} OR ({u}.status = 'suspended' AND NOT {}))",
+                suspending(u, "visible_decisions"),
+                suspending(u, "security.dispute_decisions")
+            )
+        };
+        Source {
+            clock: "SELECT $5::timestamptz AS now, $6::text AS snapshot",
+            ctes: ", visible_decisions AS NOT MATERIALIZED (
+                 SELECT x.id, x.dispute_id, x.status, x.decided_at FROM security.dispute_decisions x
+                 WHERE x.xact IS DISTINCT FROM $7::xid8
+                   AND CASE WHEN x.xact IS NULL THEN x.decided_at < $5
+                            ELSE pg_visible_in_snapshot(x.xact, $6::pg_snapshot) END
+             ), disputes_as_of AS NOT MATERIALIZED (
+                 SELECT o.id, o.reporter_id, o.target_id, o.kind, o.created_at,
+                     coalesce(v.status, 'pending') AS status, v.decided_at
+                 FROM security.disputes o
+                 LEFT JOIN LATERAL (SELECT x.status, x.decided_at FROM visible_decisions x WHERE x.dispute_id = o.id
+                                    ORDER BY x.decided_at DESC, x.id DESC LIMIT 1) v ON true
+                 WHERE CASE WHEN o.filed_xact IS NULL THEN o.created_at < $5
+                            ELSE pg_visible_in_snapshot(o.filed_xact, $6::pg_snapshot) END
+             )",
+            disputes: "disputes_as_of",
+            reporter_suspended: suspended("ru"),
+            target_suspended: suspended("tu"),
+            scores_seen: "(rs.user_id IS NULL OR shadow.xmin_visible_in(rs.xmin, $6::pg_snapshot))
+                 AND (ts.user_id IS NULL OR shadow.xmin_visible_in(ts.xmin, $6::pg_snapshot))",
+            related_score_seen: ", 'score_seen', s.user_id IS NULL OR shadow.xmin_visible_in(s.xmin, $6::pg_snapshot)",
+        }
+    }
+
+    fn statement(&self) -> String {
+        let Source { clock, ctes, disputes, reporter_suspended, target_suspended, scores_seen, related_score_seen } =
+            self;
+        format!(
+            "WITH clock AS ({clock}){ctes}
+         SELECT d.id, d.reporter_id, d.target_id, d.kind, d.created_at, clock.now, clock.snapshot,
+             {reporter_suspended} AS reporter_suspended, {target_suspended} AS target_suspended,
+             rs.score AS reporter_score, ts.score AS target_score, {scores_seen} AS scores_seen,
              (SELECT coalesce(jsonb_agg(jsonb_build_object('id', o.id, 'reporter_id', o.reporter_id,
                       'status', o.status, 'filed_at', o.created_at, 'decided_at', o.decided_at)), '[]')
-                FROM security.disputes o
+                FROM {disputes} o
                WHERE o.target_id = d.target_id AND o.kind = d.kind AND o.reporter_id = d.reporter_id
                  AND o.id <> d.id
                  AND (o.status IN ('pending', 'needs_review') OR o.decided_at >= clock.now - make_interval(secs => $2)))
                AS same_reporter,
              (SELECT coalesce(jsonb_agg(jsonb_build_object('id', o.id, 'reporter_id', o.reporter_id,
                       'status', o.status, 'filed_at', o.created_at, 'decided_at', o.decided_at)), '[]')
-                FROM security.disputes o
+                FROM {disputes} o
                WHERE o.reporter_id = d.reporter_id AND o.id <> d.id
                  AND o.created_at >= clock.now - make_interval(secs => $3))
                AS reporter_record,
              (SELECT coalesce(jsonb_agg(jsonb_build_object('id', o.id, 'reporter_id', o.reporter_id,
                       'status', o.status, 'filed_at', o.created_at, 'decided_at', o.decided_at,
-                      'reporter_score', s.score)), '[]')
-                FROM security.disputes o LEFT JOIN score.user_scores s ON s.user_id = o.reporter_id
+                      'reporter_score', s.score{related_score_seen})), '[]')
+                FROM {disputes} o LEFT JOIN score.user_scores s ON s.user_id = o.reporter_id
                WHERE o.target_id = d.target_id AND o.kind = d.kind AND o.id <> d.id
                  AND (o.status IN ('pending', 'needs_review') OR o.created_at >= clock.now - make_interval(secs => $4)))
                AS against_target
@@ -306,20 +418,50 @@ pub async fn gather_facts(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<F
          JOIN identity.users tu ON tu.id = d.target_id
          LEFT JOIN score.user_scores rs ON rs.user_id = d.reporter_id
          LEFT JOIN score.user_scores ts ON ts.user_id = d.target_id
-         WHERE d.id = ANY($1)",
-    )
-    .bind(ids)
-    .bind(secs(DUPLICATE_WINDOW))
-    .bind(secs(CREDIBILITY_WINDOW))
-    .bind(secs(CORROBORATION_WINDOW))
-    .fetch_all(conn)
-    .await?;
-    rows.into_iter()
+         WHERE d.id = ANY($1)"
+        )
+    }
+}
+
+/// The facts the adjudication rules need, for every dispute of `ids`, in one statement. Each
+/// list holds what its rule's window could reach (the rules apply the windows exactly), plus
+/// every undecided dispute, whose status a decision earlier in the same batch may change.
+///
+/// With `as_of`, the facts as a past batch of the processor read them: the same statement, each
+/// table replaced by that table as the batch's snapshot saw it, and the batch's clock.
+pub async fn gather_facts(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    as_of: Option<AsOf<'_>>,
+) -> Result<Gathered, sqlx::Error> {
+    use trellis_domain::adjudication::{CORROBORATION_WINDOW, CREDIBILITY_WINDOW, DUPLICATE_WINDOW};
+    let secs = |d: time::Duration| d.whole_seconds() as f64;
+    let sql = match as_of {
+        None => Source::current().statement(),
+        Some(_) => Source::as_of().statement(),
+    };
+    let mut query = sqlx::query_as::<_, FactsRow>(&sql)
+        .bind(ids)
+        .bind(secs(DUPLICATE_WINDOW))
+        .bind(secs(CREDIBILITY_WINDOW))
+        .bind(secs(CORROBORATION_WINDOW));
+    if let Some(a) = as_of {
+        query = query.bind(a.clock.at).bind(&a.clock.snapshot).bind(a.xact);
+    }
+    let rows = query.fetch_all(conn).await?;
+    let clock = rows.first().map(|r| FactsClock { at: r.now, snapshot: r.snapshot.clone() });
+    let mut rescored = Vec::new();
+    let facts = rows
+        .into_iter()
         .map(|r| {
             let kind = DisputeKind::parse(&r.kind).map_err(|e| sqlx::Error::Decode(e.message.into()))?;
+            if !r.scores_seen || r.against_target.0.iter().any(|o| !o.score_seen) {
+                rescored.push(r.id);
+            }
             Ok(Facts {
                 dispute_id: r.id,
                 reporter_id: r.reporter_id,
+                target_id: r.target_id,
                 kind,
                 filed_at: r.created_at,
                 now: r.now,
@@ -332,7 +474,8 @@ pub async fn gather_facts(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<F
                 against_target: r.against_target.0.into_iter().map(Related::from).collect(),
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(Gathered { facts, clock, rescored })
 }
 
 /// One automatic decision to record.
@@ -352,12 +495,16 @@ pub struct Recorded {
     pub decided_at: OffsetDateTime,
 }
 
-/// Records automatic decisions (locked by the caller) and their audit rows in one statement.
-/// `decided_at` is the statement's clock, as close to the commit as SQL can get.
+/// Records automatic decisions (locked by the caller) and their audit rows in one statement,
+/// with the clock and snapshot of the facts they were judged on and (by default) the
+/// transaction's id. `decided_at` is the statement's clock (as close to the commit as SQL can
+/// get) plus one microsecond per decision before it in `decisions`: the decisions of a batch
+/// are ordered as they were made, so that the record says which of them each one saw.
 pub async fn record_auto_decisions(
     conn: &mut PgConnection,
     decisions: &[AutoDecision],
     rules_version: &str,
+    facts: &FactsClock,
 ) -> Result<Vec<Recorded>, sqlx::Error> {
     if decisions.is_empty() {
         return Ok(Vec::new());
@@ -367,16 +514,18 @@ pub async fn record_auto_decisions(
     let rules: Vec<&str> = decisions.iter().map(|d| d.rule).collect();
     let reasons: Vec<&serde_json::Value> = decisions.iter().map(|d| &d.reasons).collect();
     sqlx::query_as(
-        "WITH decided AS (
+        "WITH clock AS (SELECT clock_timestamp() AS t), decided AS (
              UPDATE security.disputes d SET status = u.status, decision_rule = u.rule, decision_reasons = u.reasons,
-                 rules_version = $5, decided_by = NULL, decision_note = NULL, decided_at = clock_timestamp(),
-                 updated_at = now()
-             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[]) AS u(id, status, rule, reasons)
+                 rules_version = $5, decided_by = NULL, decision_note = NULL,
+                 decided_at = clock.t + (u.n - 1) * interval '1 microsecond', updated_at = now()
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[]) WITH ORDINALITY AS u(id, status, rule, reasons, n),
+                 clock
              WHERE d.id = u.id
              RETURNING d.id, d.priority, d.created_at, d.decided_at, d.status, d.decision_rule, d.decision_reasons
          ), audited AS (
-             INSERT INTO security.dispute_decisions (dispute_id, status, rule, rules_version, reasons, decided_at)
-             SELECT id, status, decision_rule, $5, decision_reasons, decided_at FROM decided
+             INSERT INTO security.dispute_decisions
+                 (dispute_id, status, rule, rules_version, reasons, decided_at, facts_at, facts_snapshot)
+             SELECT id, status, decision_rule, $5, decision_reasons, decided_at, $6, $7::pg_snapshot FROM decided
          )
          SELECT id, priority, created_at, decided_at FROM decided",
     )
@@ -385,6 +534,8 @@ pub async fn record_auto_decisions(
     .bind(&rules)
     .bind(&reasons)
     .bind(rules_version)
+    .bind(facts.at)
+    .bind(&facts.snapshot)
     .fetch_all(conn)
     .await
 }

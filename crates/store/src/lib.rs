@@ -18,9 +18,10 @@ pub mod page;
 pub mod scores;
 pub mod search;
 pub mod search_model;
-pub mod search_shadow;
 pub mod shadow;
+pub mod shadow_disputes;
 pub mod shadow_scores;
+pub mod shadow_search;
 
 use std::time::Duration;
 

@@ -33,10 +33,14 @@
 //! a redelivered or concurrently decided dispute is no longer pending and is acked with no
 //! effect, so two replicas never decide one dispute twice), gather the facts of all of them in
 //! one statement, judge them in filing order (a decision earlier in the batch is visible to the
-//! later ones, exactly as one at a time), apply the effects of upheld disputes, record the
-//! decisions and their audit rows in one statement, write the outbox events, commit; then ack.
+//! later ones, exactly as one at a time: `batch`), apply the effects of upheld disputes, record
+//! the decisions and their audit rows in one statement (in the order they were made, with the
+//! clock and snapshot the facts were read with: what the shadow candidate needs to read the
+//! same facts again, see [`shadow`]), write the outbox events, commit; then ack.
 
+mod batch;
 pub mod scheduler;
+pub mod shadow;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -47,17 +51,20 @@ use async_nats::jetstream::consumer;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
-use trellis_domain::adjudication::{self, Facts, RULES_VERSION, Rule};
-use trellis_domain::disputes::{DisputeKind, DisputeStatus, Priority};
+use trellis_domain::adjudication::Facts;
+use trellis_domain::disputes::{DisputeStatus, Priority};
 use trellis_domain::events::{DisputeDecided, DisputeFiled, Event, EventPayload, filed_subject};
 use trellis_domain::{DisputeId, UserId};
 use trellis_runtime::consumer::{
     ConsumerError, ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome, RunnerConfig, RunnerContext,
 };
-use trellis_store::disputes::{AutoDecision, DisputeRow};
+use trellis_store::disputes::DisputeRow;
 use uuid::Uuid;
 
+use batch::Batch;
+pub use batch::Rules;
 pub use scheduler::MaxWaits;
+pub use shadow::Candidate;
 
 /// The durable consumer of a priority: `dispute-processor-p0` … `dispute-processor-p3`.
 pub fn consumer_name(p: Priority) -> String {
@@ -104,6 +111,14 @@ pub struct ProcessorArgs {
     /// How often the queue gauges (depth, oldest waiting, auto-adjudication ratio) are refreshed.
     #[arg(long, env = "METRICS_EVERY", value_parser = humantime::parse_duration, default_value = "5s")]
     pub metrics_every: Duration,
+    /// Shadow candidate: how often the comparer looks for filings the primary has decided.
+    #[arg(long, env = "DISPUTE_SHADOW_COMPARE_EVERY", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub dispute_shadow_compare_every: Duration,
+    /// Shadow candidate: a filing the primary has not decided this long after the candidate
+    /// received it is recorded as missing (and never compared). Above `--max-wait-p3`: a P3
+    /// filing may wait that long behind higher priorities.
+    #[arg(long, env = "DISPUTE_SHADOW_MISSING_AFTER", value_parser = humantime::parse_duration, default_value = "2h")]
+    pub dispute_shadow_missing_after: Duration,
 }
 
 impl Default for ProcessorArgs {
@@ -116,6 +131,8 @@ impl Default for ProcessorArgs {
             short_batch_size: 64,
             concurrent_batches: 2,
             metrics_every: Duration::from_secs(5),
+            dispute_shadow_compare_every: Duration::from_secs(1),
+            dispute_shadow_missing_after: Duration::from_secs(2 * 3600),
         }
     }
 }
@@ -167,61 +184,58 @@ impl Processor {
     /// Decides the pending disputes among `ids` in one transaction and returns the ids it
     /// found pending (the others were already decided, or do not exist).
     pub async fn decide(&self, ids: &[Uuid]) -> Result<HashSet<Uuid>, sqlx::Error> {
+        let rules = Rules::PRODUCTION;
         let mut tx = self.inner.pool.begin().await?;
         let locked = trellis_store::disputes::lock_pending(&mut tx, ids).await?;
         if locked.is_empty() {
             return Ok(HashSet::new());
         }
         let locked_ids: Vec<Uuid> = locked.iter().map(|r| r.id).collect();
-        let mut facts: HashMap<Uuid, Facts> = trellis_store::disputes::gather_facts(&mut tx, &locked_ids)
-            .await?
-            .into_iter()
-            .map(|f| (f.dispute_id, f))
-            .collect();
+        let gathered = trellis_store::disputes::gather_facts(&mut tx, &locked_ids, None).await?;
+        let Some(clock) = gathered.clock else { return Ok(HashSet::new()) };
+        let mut facts: HashMap<Uuid, Facts> = gathered.facts.into_iter().map(|f| (f.dispute_id, f)).collect();
         let mut rows: Vec<&DisputeRow> = locked.iter().collect();
         rows.sort_by_key(|r| (r.created_at, r.id));
 
         let mut batch = Batch::default();
+        let mut events = Vec::new();
         for row in rows {
-            if batch.decided.contains_key(&row.id) {
+            if batch.has_decided(row.id) {
                 continue; // upheld with an earlier one of the batch (R4)
             }
-            let Some(mut f) = facts.remove(&row.id) else { continue };
-            batch.overlay(&mut f);
-            let judgement = adjudication::adjudicate(&f);
-            let kind = f.kind;
-            let target = UserId(row.target_id);
-            let reasons = serde_json::json!(judgement.reasons);
-            let mut decided = vec![row.id];
-            if !judgement.also_upheld.is_empty() {
-                let others: Vec<Uuid> =
-                    judgement.also_upheld.iter().copied().filter(|id| !batch.decided.contains_key(id)).collect();
-                let others = trellis_store::disputes::lock_undecided(&mut tx, &others).await?;
-                decided.extend(others.iter().map(|o| o.id));
-            }
-            for id in &decided {
-                batch.record(*id, judgement.status, judgement.rule, reasons.clone(), f.now);
-                batch.events.push(EventPayload::DisputeDecided(DisputeDecided {
-                    dispute_id: DisputeId(*id),
-                    target_id: target,
-                    kind,
+            let Some(f) = facts.remove(&row.id) else { continue };
+            let (f, judgement) = batch.judge(f, &rules);
+            let others = batch.co_upheld(&judgement);
+            let locked = if others.is_empty() {
+                Vec::new()
+            } else {
+                trellis_store::disputes::lock_undecided(&mut tx, &others).await?.iter().map(|o| o.id).collect()
+            };
+            for id in batch.record(&f, &judgement, &locked) {
+                events.push(EventPayload::DisputeDecided(DisputeDecided {
+                    dispute_id: DisputeId(id),
+                    target_id: UserId(f.target_id),
+                    kind: f.kind,
                     status: judgement.status,
                     rule: judgement.rule.id().to_owned(),
                     decided_by: None,
                 }));
             }
             if judgement.status == DisputeStatus::Upheld {
-                let effects =
-                    trellis_store::disputes::apply_upheld_effects(&mut tx, DisputeId(row.id), kind, target).await?;
-                batch.events.extend(effects);
-                if matches!(kind, DisputeKind::Impersonation | DisputeKind::Harassment) {
-                    batch.suspended.insert(row.target_id);
-                }
+                let effects = trellis_store::disputes::apply_upheld_effects(
+                    &mut tx,
+                    DisputeId(row.id),
+                    f.kind,
+                    UserId(f.target_id),
+                )
+                .await?;
+                events.extend(effects);
             }
         }
-        let recorded = trellis_store::disputes::record_auto_decisions(&mut tx, &batch.decisions, RULES_VERSION).await?;
+        let recorded =
+            trellis_store::disputes::record_auto_decisions(&mut tx, &batch.decisions, rules.version, &clock).await?;
         let now = OffsetDateTime::now_utc();
-        let events: Vec<Event> = batch.events.iter().map(|p| Event::new(p, None, now)).collect();
+        let events: Vec<Event> = events.iter().map(|p| Event::new(p, None, now)).collect();
         trellis_store::outbox::insert(&mut tx, &events).await?;
         tx.commit().await?;
         for r in &recorded {
@@ -302,56 +316,25 @@ pub const DECISION_SERIES: [(&str, &str); 8] = [
     ("dismissed", MODERATOR_RULE),
 ];
 
-/// What a batch has decided so far, so that later disputes of the batch see it.
-#[derive(Default)]
-struct Batch {
-    decided: HashMap<Uuid, (DisputeStatus, OffsetDateTime)>,
-    suspended: HashSet<Uuid>,
-    decisions: Vec<AutoDecision>,
-    events: Vec<EventPayload>,
-}
-
-impl Batch {
-    fn record(&mut self, id: Uuid, status: DisputeStatus, rule: Rule, reasons: serde_json::Value, at: OffsetDateTime) {
-        self.decided.insert(id, (status, at));
-        self.decisions.push(AutoDecision { id, status, rule: rule.id(), reasons });
-    }
-
-    /// Applies the batch's earlier decisions to facts read before them.
-    fn overlay(&self, f: &mut Facts) {
-        let lists = [&mut f.same_reporter, &mut f.reporter_record, &mut f.against_target];
-        for list in lists {
-            for r in list.iter_mut() {
-                if let Some((status, at)) = self.decided.get(&r.id) {
-                    r.status = *status;
-                    r.decided_at = Some(*at);
-                }
-            }
-        }
-        f.reporter_suspended |= self.suspended.contains(&f.reporter_id);
-    }
-}
-
 /// The handler of one priority's group: decode, wait for the gate, decide.
 struct PriorityHandler {
     processor: Processor,
     priority: Priority,
 }
 
-impl PriorityHandler {
-    fn decode(d: &Delivery) -> Result<Uuid, String> {
-        if d.envelope.event_type != "disputes.filed" {
-            return Err(format!("unexpected event type {} on a dispute subject", d.envelope.event_type));
-        }
-        let filed: DisputeFiled = serde_json::from_value(d.envelope.data.clone())
-            .map_err(|e| format!("malformed disputes.filed data: {e}"))?;
-        Ok(filed.dispute_id.0)
+/// The dispute a `disputes.filed` delivery files.
+fn decode_filed(d: &Delivery) -> Result<Uuid, String> {
+    if d.envelope.event_type != "disputes.filed" {
+        return Err(format!("unexpected event type {} on a dispute subject", d.envelope.event_type));
     }
+    let filed: DisputeFiled =
+        serde_json::from_value(d.envelope.data.clone()).map_err(|e| format!("malformed disputes.filed data: {e}"))?;
+    Ok(filed.dispute_id.0)
 }
 
 impl Handler for PriorityHandler {
     async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
-        let decoded: Vec<Result<Uuid, String>> = batch.iter().map(Self::decode).collect();
+        let decoded: Vec<Result<Uuid, String>> = batch.iter().map(decode_filed).collect();
         let ids: Vec<Uuid> = decoded.iter().filter_map(|d| d.as_ref().ok().copied()).collect();
         let oldest = batch.iter().map(|d| d.envelope.occurred_at).min().unwrap_or_else(OffsetDateTime::now_utc);
         let result = if ids.is_empty() {

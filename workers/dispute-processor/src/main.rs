@@ -1,7 +1,7 @@
 use std::sync::atomic::Ordering;
 
 use clap::Parser;
-use dispute_processor::{Processor, ProcessorArgs};
+use dispute_processor::{Candidate, Processor, ProcessorArgs, Rules};
 use trellis_domain::flags::{Executor, Flag};
 use trellis_runtime::health::Severity;
 use trellis_runtime::worker::{self, WorkerArgs};
@@ -29,6 +29,7 @@ async fn main() -> std::process::ExitCode {
     let processor_args = args.processor;
     worker::main("dispute-processor", args.worker, move |w| {
         Box::pin(async move {
+            let candidate = Candidate::new(w.pool.clone(), &processor_args, Rules::PRODUCTION);
             let processor = Processor::new(w.pool.clone(), processor_args);
             let gate = w.flags.gate(Flag::DisputeExecutor, Executor::Worker);
             let groups = processor.groups(w.ctx.clone(), w.args.runner_config()).gated(gate);
@@ -40,6 +41,14 @@ async fn main() -> std::process::ExitCode {
             }
             let stop = w.stop_token();
             w.spawn_task("dispute-processor", async move { groups.run(stop).await.map_err(Into::into) });
+            // The shadow candidate, while the flag says `shadow` and trellis-api is the primary.
+            let (ctx, runner) = (w.ctx.clone(), w.args.runner_config());
+            let comparer = candidate.clone();
+            w.spawn_candidate(
+                Flag::DisputeExecutor,
+                move || candidate.group(ctx.clone(), runner.clone()),
+                move |stop| comparer.clone().compare(stop),
+            );
             Ok(())
         })
     })

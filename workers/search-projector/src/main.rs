@@ -2,7 +2,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
-use search_projector::shadow::{Comparer, Rule, ShadowArgs, candidate_group};
+use search_projector::shadow::{Comparer, Rules, ShadowArgs, candidate_group};
 use search_projector::{DEFAULT_BATCH_SIZE, DEFAULT_BATCH_WINDOW, Projector, consumer_spec, report_checkpoint_age};
 use trellis_domain::flags::{Executor, Flag};
 use trellis_runtime::consumer::ConsumerGroup;
@@ -46,7 +46,7 @@ async fn main() -> std::process::ExitCode {
             let (ctx, config, pool) = (w.ctx.clone(), w.args.runner_config(), w.pool.clone());
             w.spawn_candidate(
                 Flag::SearchExecutor,
-                move || candidate_group(ctx.clone(), config.clone(), pool.clone(), Rule::SHARED),
+                move || candidate_group(ctx.clone(), config.clone(), pool.clone(), Rules::PRODUCTION),
                 move |stop| comparer.clone().run(stop),
             );
             tokio::spawn(report_checkpoint_age(w.pool.clone(), every, w.stop_token()));

@@ -4,8 +4,8 @@
 //! `search-projector-shadow`) while `search.executor` says `shadow` and this side is not the
 //! primary. For each batch it re-reads the dirty documents with the read model's own document
 //! SELECT ([`search_model::directory_documents`], [`search_model::contact_documents`]: one
-//! definition, shared with the projection's upsert), applies its [`Rule`] on top (production:
-//! [`Rule::SHARED`], which changes nothing), and writes them to `shadow.search_directory` /
+//! definition, shared with the projection's upsert), applies its [`Rules`] on top (production:
+//! [`Rules::PRODUCTION`], which changes nothing), and writes them to `shadow.search_directory` /
 //! `shadow.search_contacts` with its own checkpoint: nothing else, so it has no external effect.
 //! Every re-read stores a new `version` of the document and raises its `through_sequence` to
 //! the stream sequence of the event that dirtied *that document* (not the batch's highest).
@@ -38,7 +38,7 @@ use trellis_domain::flags::Flag;
 use trellis_domain::shadow::{Comparison, ComparisonResult, field_diffs};
 use trellis_runtime::consumer::{ConsumerGroup, Delivery, Handler, Outcome, RunnerConfig, RunnerContext};
 use trellis_store::search_model::{self, ContactDocument, DirectoryDocument};
-use trellis_store::search_shadow::{self, DocKey, Marks, Pair, Written};
+use trellis_store::shadow_search::{self, DocKey, Marks, Pair, Written};
 use uuid::Uuid;
 
 use crate::{CONSUMER, consumer_spec, dirty};
@@ -48,16 +48,16 @@ const FLAG: Flag = Flag::SearchExecutor;
 
 /// How the candidate turns a document, as the shared definition builds it from the base
 /// tables, into the document it stores: a transformation applied on top. Production's candidate
-/// runs [`Rule::SHARED`]; a test passes a deliberately different one.
+/// runs [`Rules::PRODUCTION`]; a test passes a deliberately different one.
 #[derive(Debug, Clone, Copy)]
-pub struct Rule {
+pub struct Rules {
     pub directory: fn(&mut DirectoryDocument),
     pub contact: fn(&mut ContactDocument),
 }
 
-impl Rule {
+impl Rules {
     /// The documents exactly as the read model's definition builds them.
-    pub const SHARED: Rule = Rule { directory: unchanged, contact: unchanged };
+    pub const PRODUCTION: Rules = Rules { directory: unchanged, contact: unchanged };
 }
 
 fn unchanged<T>(_: &mut T) {}
@@ -101,7 +101,12 @@ pub struct ComparerConfig {
 
 /// The candidate's consumer group: its own durable consumer (`search-projector-shadow`) over
 /// `events.>`, driving a [`Candidate`] with `rule`.
-pub fn candidate_group(ctx: RunnerContext, config: RunnerConfig, pool: PgPool, rule: Rule) -> ConsumerGroup<Candidate> {
+pub fn candidate_group(
+    ctx: RunnerContext,
+    config: RunnerConfig,
+    pool: PgPool,
+    rule: Rules,
+) -> ConsumerGroup<Candidate> {
     let spec = trellis_runtime::shadow::candidate_spec(consumer_spec());
     ConsumerGroup::new(ctx, spec, config, Arc::new(Candidate::new(pool, rule)))
 }
@@ -163,11 +168,11 @@ impl DocumentPlan {
 /// The candidate: a batch handler over its copy of the events that writes shadow tables only.
 pub struct Candidate {
     pool: PgPool,
-    rule: Rule,
+    rule: Rules,
 }
 
 impl Candidate {
-    pub fn new(pool: PgPool, rule: Rule) -> Self {
+    pub fn new(pool: PgPool, rule: Rules) -> Self {
         Self { pool, rule }
     }
 
@@ -180,13 +185,13 @@ impl Candidate {
         let mut tx = self.pool.begin().await?;
         let shown: Vec<Uuid> = plan.shown.keys().copied().collect();
         let mut pairs: BTreeMap<(Uuid, Uuid), i64> = BTreeMap::new();
-        for (owner, contact) in search_shadow::contacts_showing(&mut tx, &shown).await? {
+        for (owner, contact) in shadow_search::contacts_showing(&mut tx, &shown).await? {
             pairs.insert((owner, contact), plan.shown[&contact]);
         }
         let users: Vec<Uuid> = plan.users.keys().copied().collect();
         let read_owners: BTreeSet<Uuid> = plan.owners.keys().copied().chain(pairs.keys().map(|k| k.0)).collect();
         let read_owners: Vec<Uuid> = read_owners.into_iter().collect();
-        search_shadow::lock(&mut tx, &users, &read_owners).await?;
+        shadow_search::lock(&mut tx, &users, &read_owners).await?;
 
         let mut directory: BTreeMap<Uuid, Written<Uuid>> =
             plan.users.iter().map(|(&key, &sequence)| (key, Written { key, document: None, sequence })).collect();
@@ -194,7 +199,7 @@ impl Candidate {
             let key = doc.user_id;
             (self.rule.directory)(&mut doc);
             if let Some(row) = directory.get_mut(&key) {
-                row.document = Some(search_shadow::to_json(&doc)?);
+                row.document = Some(shadow_search::to_json(&doc)?);
             }
         }
 
@@ -208,7 +213,7 @@ impl Candidate {
         let mut contacts: BTreeMap<(Uuid, Uuid), Written<(Uuid, Uuid)>> = BTreeMap::new();
         // Known documents of a dirty owner, and documents dirtied through a shown user, that the
         // re-read does not return are gone: tombstones.
-        let known = search_shadow::contact_keys(&mut tx, &owners).await?;
+        let known = shadow_search::contact_keys(&mut tx, &owners).await?;
         for key in known.into_iter().chain(pairs.keys().copied()) {
             if let Some(sequence) = dirtied(&key) {
                 contacts.insert(key, Written { key, document: None, sequence });
@@ -219,14 +224,14 @@ impl Candidate {
             // Another document of an owner re-read for a shown user: not dirty, not written.
             let Some(sequence) = dirtied(&key) else { continue };
             (self.rule.contact)(&mut doc);
-            contacts.insert(key, Written { key, document: Some(search_shadow::to_json(&doc)?), sequence });
+            contacts.insert(key, Written { key, document: Some(shadow_search::to_json(&doc)?), sequence });
         }
 
         let directory: Vec<Written<Uuid>> = directory.into_values().collect();
         let contacts: Vec<Written<(Uuid, Uuid)>> = contacts.into_values().collect();
-        search_shadow::write_directory(&mut tx, &directory).await?;
-        search_shadow::write_contacts(&mut tx, &contacts).await?;
-        search_shadow::advance_checkpoint(&mut tx, newest, plan.max_stream_sequence).await?;
+        shadow_search::write_directory(&mut tx, &directory).await?;
+        shadow_search::write_contacts(&mut tx, &contacts).await?;
+        shadow_search::advance_checkpoint(&mut tx, newest, plan.max_stream_sequence).await?;
         tx.commit().await
     }
 }
@@ -508,7 +513,7 @@ impl Comparer {
                 _ = stop.cancelled() => return,
             }
         };
-        match search_shadow::prune(&self.pool, started_at).await {
+        match shadow_search::prune(&self.pool, started_at).await {
             Ok(n) => tracing::info!(deleted = n, "search shadow period: earlier candidate documents deleted"),
             Err(e) => tracing::warn!(error = %e, "deleting earlier candidate documents failed"),
         }
@@ -557,16 +562,16 @@ impl Comparer {
         };
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
-        let marks = search_shadow::marks(&mut tx).await?;
+        let marks = shadow_search::marks(&mut tx).await?;
         let mut verdicts = Vec::new();
         let due = ledger.due(floors);
         if !due.is_empty() {
-            let current = search_shadow::current(&mut tx, &due).await?;
+            let current = shadow_search::current(&mut tx, &due).await?;
             verdicts.extend(ledger.confirm(&due, &current));
         }
         verdicts.extend(ledger.expire(&marks, floors));
         if ledger.has_room() {
-            let pairs = search_shadow::unsettled(&mut tx, since, &ledger.pending(), self.config.batch).await?;
+            let pairs = shadow_search::unsettled(&mut tx, since, &ledger.pending(), self.config.batch).await?;
             verdicts.extend(ledger.sight(pairs, &marks, floors));
         }
         let ready = ledger.fence_ready(&marks);
@@ -586,7 +591,7 @@ impl Comparer {
         }
         let versions: Vec<(DocKey, i64)> = verdicts.iter().map(Verdict::version).collect();
         let mut tx = self.pool.begin().await?;
-        let settled: HashSet<(DocKey, i64)> = search_shadow::settle(&mut tx, &versions).await?.into_iter().collect();
+        let settled: HashSet<(DocKey, i64)> = shadow_search::settle(&mut tx, &versions).await?.into_iter().collect();
         let comparisons: Vec<(DocKey, Comparison)> = verdicts
             .into_iter()
             .filter_map(|v| match v {

@@ -7,3 +7,5 @@ mod harness;
 mod idempotency;
 mod priority;
 mod rules;
+mod shadow_parity;
+mod shadow_replay;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
-use search_projector::shadow::{Comparer, ComparerConfig, Rule, candidate_group};
+use search_projector::shadow::{Comparer, ComparerConfig, Rules, candidate_group};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use trellis_domain::flags::{Executor, Flag};
@@ -128,7 +128,7 @@ async fn consumers_caught_up(db: &TestDb, prefix: &str, consumers: &[String]) {
 async fn all_settled(db: &TestDb) {
     let since = period(db).await.started_at;
     eventually("every candidate document version to be settled", SETTLE, || async {
-        let left = trellis_store::search_shadow::unsettled_count(&db.pool, since).await.ok()?;
+        let left = trellis_store::shadow_search::unsettled_count(&db.pool, since).await.ok()?;
         (left == 0).then_some(())
     })
     .await;
@@ -223,7 +223,7 @@ async fn a_candidate_with_a_different_rule_is_caught_field_by_field_and_the_gate
         host: "test".into(),
         version: "test".into(),
     };
-    let shouting = Rule { directory: |_| {}, contact: |d| d.label = d.label.to_uppercase() };
+    let shouting = Rules { directory: |_| {}, contact: |d| d.label = d.label.to_uppercase() };
     let config = RunnerConfig { batch_size: 1000, batch_window: Duration::from_millis(50), ..RunnerConfig::default() };
     let flags = trellis_runtime::flags::Flags::watch(db.pool.clone(), Duration::from_millis(200), stop.clone());
     let gate = flags.candidate_gate(Flag::SearchExecutor, Executor::Worker);
@@ -385,7 +385,7 @@ async fn the_candidate_alone_writes_only_its_shadow_tables_and_unanswered_docume
 
     // The candidate keeps its own checkpoint: the last event it applied.
     let mut conn = db.pool.acquire().await.unwrap();
-    let own = trellis_store::search_shadow::checkpoint(&mut conn).await.unwrap();
+    let own = trellis_store::shadow_search::checkpoint(&mut conn).await.unwrap();
     let mut stream = jetstream().await.get_stream(format!("{prefix}_EVENTS")).await.unwrap();
     let last = stream.info().await.unwrap().state.last_sequence;
     assert_eq!(own.last_stream_sequence, Some(last as i64), "the candidate's checkpoint");
@@ -450,7 +450,7 @@ async fn rounds_until_settled(
     loop {
         pace.tick().await;
         comparer.round(ledger, since).await.expect("a comparison round");
-        let left = trellis_store::search_shadow::unsettled_count(&db.pool, since).await.unwrap();
+        let left = trellis_store::shadow_search::unsettled_count(&db.pool, since).await.unwrap();
         if left == 0 && ledger.pending().is_empty() {
             return;
         }
@@ -489,7 +489,7 @@ async fn a_difference_from_a_change_whose_event_is_not_published_yet_is_not_a_mi
     let flags = trellis_runtime::flags::Flags::watch(db.pool.clone(), Duration::from_millis(200), stop.clone());
     let gate = flags.candidate_gate(Flag::SearchExecutor, Executor::Worker);
     let (pool, group_ctx) = (db.pool.clone(), ctx.clone());
-    let make = move || candidate_group(group_ctx.clone(), RunnerConfig::default(), pool.clone(), Rule::SHARED);
+    let make = move || candidate_group(group_ctx.clone(), RunnerConfig::default(), pool.clone(), Rules::PRODUCTION);
     tokio::spawn(trellis_runtime::shadow::run_candidate(make, gate, stop.clone()));
     let config = ComparerConfig { every: Duration::from_secs(1), missing_after: Duration::from_secs(300), batch: 1000 };
     let comparer = Comparer::new(db.pool.clone(), ctx, config);
@@ -516,7 +516,7 @@ async fn a_difference_from_a_change_whose_event_is_not_published_yet_is_not_a_mi
         .await
         .unwrap();
     assert_eq!(contact_row(&db, owner.id, friend.id).await.unwrap().4, "after");
-    let document = trellis_store::search_shadow::DocKey::Contact { owner: owner.id, contact: friend.id };
+    let document = trellis_store::shadow_search::DocKey::Contact { owner: owner.id, contact: friend.id };
     comparer.round(&mut ledger, since).await.unwrap();
     let pending = ledger.pending();
     assert_eq!(pending.iter().map(|p| p.0).collect::<Vec<_>>(), [document], "a suspect, not a verdict");
