@@ -31,10 +31,15 @@ async fn main() -> std::process::ExitCode {
         Box::pin(async move {
             let processor = Processor::new(w.pool.clone(), processor_args);
             let gate = w.flags.gate(Flag::DisputeExecutor, Executor::Worker);
-            let groups = processor.groups(w.ctx.clone(), w.args.runner_config()).gated(gate);
+            let groups = processor.groups(w.ctx.clone(), w.args.runner_config()).gated(gate.clone());
             for (name, bound, standing_by) in groups.readiness_flags() {
+                let gate = gate.clone();
                 w.health.add(format!("consumer {name}"), Severity::Critical, move || {
-                    let ok = bound.load(Ordering::Acquire) || standing_by.load(Ordering::Acquire);
+                    // A group starts once the priority above it pulls, so while the flag names
+                    // the other side only P0's groups run (and stand by); the others are not
+                    // started, and stand by just as well.
+                    let executing = *gate.borrow();
+                    let ok = bound.load(Ordering::Acquire) || standing_by.load(Ordering::Acquire) || !executing;
                     async move { if ok { Ok(()) } else { Err("not bound yet".to_owned()) } }
                 });
             }
