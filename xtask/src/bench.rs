@@ -19,7 +19,7 @@ pub fn run(flags: &flags::Bench) -> anyhow::Result<()> {
         "search" => search(flags),
         "score" => score(flags),
         "dispute" => crate::bench_dispute::run(flags),
-        "cutover" => crate::bench_cutover::run(),
+        "cutover" => crate::bench_cutover::run(flags),
         other => bail!("unknown bench suite `{other}` (known: api, runtime, score, search, dispute, cutover)"),
     }
 }

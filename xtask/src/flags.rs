@@ -17,10 +17,12 @@ commands:
                      rules, kubectl kustomize of both overlays, kubernetes-validate, and the
                      KEDA ScaledObjects against the vendored CRD schema (installs what is missing).
   test [-- ARGS]     fmt check, clippy, lint, deploy, then the test suite (ARGS go to the test runner).
-  bench SUITE [--duration SECS] [--users N] [--db-pool-size N]
+  bench SUITE [--duration SECS] [--users N] [--db-pool-size N] [--rate N]
                      run a benchmark suite against release builds; SUITE is one of: api, runtime, score, search, dispute, cutover.
-                     --users: the seeded graph of score and search (default 1,000,000);
-                     --db-pool-size: the API's request pool in the api suite.
+                     --users: the seeded graph of score and search (default 1,000,000), of
+                     cutover's score phase (default 100,000);
+                     --db-pool-size: the API's request pool in the api suite;
+                     --rate: cutover's steady load, in writes per second (default 500).
   seed [--users N] [--avg-contacts K] [--verified-fraction F] [--seed S]
        [--database-url URL] [--append | --reset]
                      load N users (default 100,000) and a heavy-tailed contact graph with K
@@ -53,6 +55,8 @@ pub struct Bench {
     pub db_pool_size: Option<u32>,
     /// P3 disputes queued before the measurement (`dispute`).
     pub backlog: Option<u64>,
+    /// Writes per second of the steady load (`cutover`).
+    pub rate: Option<u64>,
 }
 
 pub struct Seed {
@@ -152,6 +156,7 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
             let mut users = None;
             let mut db_pool_size = None;
             let mut backlog = None;
+            let mut rate = None;
             while let Some(arg) = args.next() {
                 match arg.as_str() {
                     "--duration" => {
@@ -167,10 +172,11 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
                     "--backlog" => {
                         backlog = Some(args.next().context("--backlog needs a number")?.parse().context("--backlog")?)
                     }
+                    "--rate" => rate = Some(args.next().context("--rate needs a number")?.parse().context("--rate")?),
                     other => bail!("unknown option for `bench`: {other}"),
                 }
             }
-            Command::Bench(Bench { suite, duration, users, db_pool_size, backlog })
+            Command::Bench(Bench { suite, duration, users, db_pool_size, backlog, rate })
         }
         "seed" => {
             let mut seed = Seed {

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -34,12 +35,18 @@ where
     }
 }
 
-/// A `trellis-api` running in this process.
+/// A `trellis-api`: running in this process, or a child process (which a test can kill).
 pub struct Api {
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`).
+    pub admin: SocketAddr,
     pub http: reqwest::Client,
-    shutdown: CancellationToken,
-    _running: Running,
+    process: ApiProcess,
+}
+
+enum ApiProcess {
+    InProcess { shutdown: CancellationToken, _running: Running },
+    Child(Child),
 }
 
 #[derive(Debug, Clone)]
@@ -51,8 +58,13 @@ pub struct User {
 
 impl Api {
     pub async fn start(db: &TestDb, prefix: &str) -> Self {
+        Self::start_with(db, prefix, &[]).await
+    }
+
+    /// Starts the API in this process with `extra` command-line arguments (e.g. `--flag-poll 200ms`).
+    pub async fn start_with(db: &TestDb, prefix: &str, extra: &[&str]) -> Self {
         let nats_url = trellis_testkit::nats_url();
-        let args = vec![
+        let mut args = vec![
             "trellis-api",
             "--database-url",
             &db.url,
@@ -69,11 +81,79 @@ impl Api {
             "--shutdown-grace",
             "5s",
         ];
+        args.extend_from_slice(extra);
         let config = Config::try_parse_from(args).expect("test config parses");
         let shutdown = CancellationToken::new();
         let running = trellis_api::start(config, shutdown.clone()).await.expect("the API starts");
         let http = reqwest::Client::builder().no_proxy().build().expect("http client");
-        Self { addr: running.api_addr, http, shutdown, _running: running }
+        let (addr, admin) = (running.api_addr, running.admin_addr);
+        Self { addr, admin, http, process: ApiProcess::InProcess { shutdown, _running: running } }
+    }
+
+    /// Starts the `trellis-api` binary as a child process with `env` on top of the test's
+    /// settings, and waits until its `/readyz` answers 200. The binary is the workspace's, built
+    /// next to this package's (`cargo build --workspace --bins`, as `cargo xtask test` does):
+    /// Cargo only builds the binaries of the package under test.
+    pub async fn spawn(db: &TestDb, prefix: &str, env: &[(&str, &str)]) -> Self {
+        let binary = Path::new(env!("CARGO_BIN_EXE_dispute-processor")).with_file_name("trellis-api");
+        assert!(
+            binary.exists(),
+            "{} is missing: build the workspace (cargo build --workspace --bins)",
+            binary.display()
+        );
+        let port = |what| -> SocketAddr {
+            let port = trellis_testkit::free_port().unwrap_or_else(|e| panic!("a free port for {what}: {e}"));
+            format!("127.0.0.1:{port}").parse().unwrap()
+        };
+        let (addr, admin) = (port("the API"), port("the admin listener"));
+        let mut cmd = Command::new(binary);
+        cmd.env("DATABASE_URL", &db.url)
+            .env("NATS_URL", trellis_testkit::nats_url())
+            .env("NATS_PREFIX", prefix)
+            .env("API_ADDR", addr.to_string())
+            .env("ADMIN_ADDR", admin.to_string())
+            .env("LOG_FORMAT", "json")
+            .env("SHUTDOWN_GRACE", "5s")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("trellis-api starts");
+        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build().expect("http client");
+        let ready = format!("http://{admin}/readyz");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut pace = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            pace.tick().await;
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("trellis-api exited before it was ready: {status}");
+            }
+            if let Ok(resp) = http.get(&ready).send().await
+                && resp.status() == 200
+            {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "trellis-api is not ready after 30 s");
+        }
+        Self { addr, admin, http, process: ApiProcess::Child(child) }
+    }
+
+    /// SIGKILL (a child process only), and wait until it is gone.
+    pub fn kill(&mut self) {
+        match &mut self.process {
+            ApiProcess::Child(child) => {
+                child.kill().expect("SIGKILL the API");
+                child.wait().expect("the killed API is reaped");
+            }
+            ApiProcess::InProcess { .. } => panic!("an in-process API cannot be killed"),
+        }
+    }
+
+    /// The admin `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let resp = self.http.get(format!("http://{}/metrics", self.admin)).send().await.expect("metrics answer");
+        resp.text().await.expect("metrics text")
     }
 
     pub async fn request(
@@ -142,7 +222,13 @@ impl Api {
 
 impl Drop for Api {
     fn drop(&mut self) {
-        self.shutdown.cancel();
+        match &mut self.process {
+            ApiProcess::InProcess { shutdown, .. } => shutdown.cancel(),
+            ApiProcess::Child(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
     }
 }
 
@@ -267,6 +353,22 @@ impl Drop for Replica {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The sum of the series of metric `name` whose labels include every one of `labels` (each
+/// `key="value"`) in a `/metrics` text; 0 when there is none.
+pub fn sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (set, value) = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            let set: Vec<&str> = set.split(',').collect();
+            labels.iter().all(|l| set.contains(l)).then(|| value.trim().parse::<f64>().ok())?
+        })
+        .sum()
 }
 
 /// The value of a series (its full name with labels) in a `/metrics` text.

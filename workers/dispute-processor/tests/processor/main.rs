@@ -1,9 +1,10 @@
-//! Integration tests of the dispute processor (issue 6 §5) against real PostgreSQL and
-//! JetStream: a real `trellis-api` in-process (its relay publishes the events), real
-//! `dispute-processor` processes, or the library fed directly.
+//! Integration tests of the dispute processor (issue 6 §5, its cutover: issue 7) against real
+//! PostgreSQL and JetStream: a real `trellis-api` in-process or as a child process (its relay
+//! publishes the events), real `dispute-processor` processes, or the library fed directly.
 
 mod harness;
 
+mod cutover;
 mod idempotency;
 mod priority;
 mod rules;

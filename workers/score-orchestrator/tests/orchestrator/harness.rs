@@ -37,6 +37,8 @@ where
 /// A `trellis-api` running in this process.
 pub struct Api {
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`).
+    pub admin: SocketAddr,
     pub http: reqwest::Client,
     shutdown: CancellationToken,
     _running: Running,
@@ -74,7 +76,13 @@ impl Api {
         let shutdown = CancellationToken::new();
         let running = trellis_api::start(config, shutdown.clone()).await.expect("the API starts");
         let http = reqwest::Client::builder().no_proxy().build().expect("http client");
-        Self { addr: running.api_addr, http, shutdown, _running: running }
+        Self { addr: running.api_addr, admin: running.admin_addr, http, shutdown, _running: running }
+    }
+
+    /// The admin `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let resp = self.http.get(format!("http://{}/metrics", self.admin)).send().await.expect("metrics answer");
+        resp.text().await.expect("metrics text")
     }
 
     pub async fn request(
@@ -115,12 +123,13 @@ impl Api {
         assert_eq!(status, 201, "{} adding {}: {body:?}", owner.handle, contact.handle);
     }
 
-    /// `POST /v1/admin/score-runs`: 202 expected.
-    pub async fn request_run(&self, admin: &User) {
+    /// `POST /v1/admin/score-runs`: 202 expected. Returns the id of the request's event.
+    pub async fn request_run(&self, admin: &User) -> Uuid {
         let (status, body) =
             self.request(reqwest::Method::POST, "/v1/admin/score-runs", Some(&admin.token), Some(json!({}))).await;
         assert_eq!(status, 202, "requesting a score run: {body:?}");
         assert_eq!(body["status"], "requested");
+        body["event_id"].as_str().and_then(|id| id.parse().ok()).expect("the request's event id")
     }
 
     /// `GET /v1/users/{user}/score`: 200 expected.
@@ -191,6 +200,13 @@ impl Replica {
         }
     }
 
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
+        let resp = http.get(format!("http://{}/metrics", self.admin)).send().await.expect("metrics answer");
+        resp.text().await.expect("metrics text")
+    }
+
     /// SIGKILL, and wait for the process to be gone.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -202,6 +218,20 @@ impl Drop for Replica {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `trellis_worker_messages_total{consumer="score-orchestrator",outcome="ok"}` in a `/metrics`
+/// text: run requests a process handled.
+pub fn handled(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("trellis_worker_messages_total{")
+                && l.contains("consumer=\"score-orchestrator\"")
+                && l.contains("outcome=\"ok\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// `score-orchestrator --run-once` to completion: (exit status success, stdout).

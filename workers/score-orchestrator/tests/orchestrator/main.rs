@@ -1,9 +1,10 @@
-//! Integration tests of the score orchestrator (issue 4 §4) against real PostgreSQL and
-//! JetStream: a real `trellis-api` in-process and real `score-orchestrator` processes.
+//! Integration tests of the score orchestrator (issue 4 §4, its cutover: issue 7) against real
+//! PostgreSQL and JetStream: a real `trellis-api` in-process and real `score-orchestrator` processes.
 
 mod harness;
 
 mod crash;
+mod cutover;
 mod manual;
 mod records;
 mod replicas;

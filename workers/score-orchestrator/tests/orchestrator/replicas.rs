@@ -4,20 +4,6 @@ use trellis_testkit::{TestDb, nats_prefix};
 
 use crate::harness::*;
 
-/// `trellis_worker_messages_total{consumer="score-orchestrator",outcome="ok"}` of a replica.
-async fn handled(replica: &Replica) -> f64 {
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let text = http.get(format!("http://{}/metrics", replica.admin)).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .filter(|l| {
-            l.starts_with("trellis_worker_messages_total{")
-                && l.contains("consumer=\"score-orchestrator\"")
-                && l.contains("outcome=\"ok\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_never_run_at_once_and_simultaneous_requests_coalesce() {
     let db = TestDb::migrated().await.unwrap();
@@ -38,7 +24,7 @@ async fn two_replicas_never_run_at_once_and_simultaneous_requests_coalesce() {
     futures::future::join_all((0..REQUESTS).map(|_| api.request_run(&admin))).await;
     // Every request is handled (acknowledged by one replica or the other) …
     eventually("every run request handled", Duration::from_secs(45), || async {
-        (handled(&a).await + handled(&b).await >= REQUESTS as f64).then_some(())
+        (handled(&a.metrics().await) + handled(&b.metrics().await) >= REQUESTS as f64).then_some(())
     })
     .await;
     // … and nothing is left to run.
