@@ -200,9 +200,10 @@ impl Replica {
         }
     }
 
-    /// The `/metrics` text.
+    /// The `/metrics` text. A replica computing a run keeps every core busy, so its answer may
+    /// take seconds on a loaded machine.
     pub async fn metrics(&self) -> String {
-        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
+        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().unwrap();
         let resp = http.get(format!("http://{}/metrics", self.admin)).send().await.expect("metrics answer");
         resp.text().await.expect("metrics text")
     }
