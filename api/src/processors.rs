@@ -83,7 +83,8 @@ pub fn spawn(
 
     let score_gate = flags.gate(Flag::ScoreExecutor, Executor::Monolith);
     let handler = Arc::new(EachMessage { handler: orchestrator.clone(), concurrency: 1 });
-    let score_runner = RunnerConfig { batch_size: score_orchestrator::DEFAULT_BATCH_SIZE.parse()?, ..RunnerConfig::default() };
+    let score_runner =
+        RunnerConfig { batch_size: score_orchestrator::DEFAULT_BATCH_SIZE.parse()?, ..RunnerConfig::default() };
     let group = ConsumerGroup::new(ctx.clone(), score_orchestrator::consumer_spec(), score_runner.clone(), handler)
         .gated(score_gate.clone());
     tasks.spawn(report_failure("score orchestrator", group.run(stop.clone())));
