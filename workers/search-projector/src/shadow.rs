@@ -21,7 +21,8 @@
 //! (1) W_p ≥ its `through_sequence` and (2) W_c ≥ CP_p. Equal: matched. Unequal: a suspect,
 //! whose fence is the stream's last sequence once every outbox row of its snapshot is published;
 //! it is confirmed mismatched only if, once both floors have passed the fence, the candidate's
-//! version is unchanged and the two documents still differ; otherwise it is dropped. Why this
+//! version is unchanged (recorded with the differences *of the sighting's* two documents: the
+//! primary may have applied events past the fence since); otherwise it is dropped. Why this
 //! is sound (and why floors, not the checkpoints, and an outbox-based fence, not the stream's
 //! last sequence at sighting): docs/workers/search-projector.md, "Shadow".
 
@@ -272,6 +273,11 @@ struct Suspect {
     outbox_newest: i64,
     /// The stream's last sequence once every outbox row up to `outbox_newest` was published.
     fence: Option<i64>,
+    /// The two documents as the sighting's snapshot had them: the pair the fence proves were
+    /// made from the same input. The read model's document read at confirmation may already
+    /// reflect events past the fence that the candidate has not applied yet.
+    primary: Value,
+    candidate: Value,
 }
 
 /// What the comparer decided about one version.
@@ -338,8 +344,13 @@ impl Ledger {
 
     /// Decides the due suspects from their current versions (`current`, read in one snapshot):
     /// a changed version is dropped unsettled (the new one is compared in its own right); an
-    /// unchanged one is mismatched if the documents still differ, and settled without a
-    /// comparison otherwise.
+    /// unchanged one is mismatched with the differences of its *sighting's* two documents (the
+    /// ones the fence proved same-input), and settled without a comparison if the read model's
+    /// current document now agrees with it.
+    ///
+    /// The read model's current document is no evidence for the mismatch: the primary may have
+    /// applied events past the fence since (the floors only say both passed it), which the
+    /// candidate, its version unchanged, has not applied yet.
     pub fn confirm(&mut self, due: &[DocKey], current: &[Pair]) -> Vec<Verdict> {
         let mut verdicts = Vec::new();
         for key in due {
@@ -347,11 +358,10 @@ impl Ledger {
             let Some(pair) = current.iter().find(|p| p.key == *key && p.version == suspect.version) else {
                 continue;
             };
-            let (primary, candidate) = (null_or(&pair.primary), null_or(&pair.candidate));
-            if field_diffs(&primary, &candidate).is_empty() {
+            if field_diffs(&null_or(&pair.primary), &suspect.candidate).is_empty() {
                 verdicts.push(Verdict::Drop { key: *key, version: suspect.version });
             } else {
-                let comparison = Comparison::of(label(*key, suspect.version), &primary, &candidate);
+                let comparison = Comparison::of(label(*key, suspect.version), &suspect.primary, &suspect.candidate);
                 verdicts.push(Verdict::Record { key: *key, version: suspect.version, comparison });
             }
         }
@@ -426,6 +436,8 @@ impl Ledger {
                     sighted_at: marks.clock,
                     outbox_newest: marks.outbox_newest,
                     fence: None,
+                    primary,
+                    candidate,
                 };
                 self.suspects.insert(pair.key, suspect);
             }
@@ -726,6 +738,32 @@ mod tests {
         let v =
             ledger.sight(vec![current[0].clone()], &marks(t(12), 58, 9, None), Floors { primary: 60, candidate: 60 });
         assert_eq!(results(&v), [(key(1), Some(ComparisonResult::Matched))]);
+    }
+
+    #[test]
+    fn a_confirmed_mismatch_shows_the_sightings_documents_not_what_the_primary_applied_past_the_fence() {
+        let mut ledger = Ledger::new(Duration::from_secs(300));
+        let contact = DocKey::Contact { owner: Uuid::from_u128(1), contact: Uuid::from_u128(2) };
+        let doc = |label: &str, circles: &[&str]| json!({"label": label, "circles": circles});
+        // Sighted: the candidate's rule differs (label) on the same input (no circle yet).
+        let m = marks(t(10), 50, 9, None);
+        let v = ledger.sight(
+            vec![pair(contact, 1, 40, doc("gym", &[]), doc("GYM", &[]))],
+            &m,
+            Floors { primary: 45, candidate: 50 },
+        );
+        assert!(v.is_empty());
+        ledger.set_fence(&ledger.fence_ready(&m), 60);
+        // A circle membership (stream sequence 62, after the fence) is applied by the primary;
+        // the candidate has passed the fence but not 62, so its version 1 is unchanged.
+        let floors = Floors { primary: 62, candidate: 60 };
+        let due = ledger.due(floors);
+        assert_eq!(due, [contact]);
+        let v = ledger.confirm(&due, &[pair(contact, 1, 40, doc("gym", &["Gym buddies"]), doc("GYM", &[]))]);
+        assert_eq!(results(&v), [(contact, Some(ComparisonResult::Mismatched))]);
+        let Verdict::Record { comparison, .. } = &v[0] else { unreachable!() };
+        let fields: Vec<&str> = comparison.diffs.iter().map(|d| d.field.as_str()).collect();
+        assert_eq!(fields, ["label"], "only the rule's difference, not the circle the candidate has yet to apply");
     }
 
     #[test]
