@@ -36,7 +36,8 @@ pub fn spawn(
     let Settings { score, dispute, search_shadow } = settings;
     let search = flags.gate(Flag::SearchExecutor, Executor::Monolith);
     let projector = Arc::new(search_projector::Projector::new(pool.clone()));
-    let orchestrator = score_orchestrator::Orchestrator::new(pool.clone(), score)?;
+    let orchestrator = score_orchestrator::Orchestrator::new(pool.clone(), score)?
+        .executing_while(flags.gate(Flag::ScoreExecutor, Executor::Monolith));
     let config = RunnerConfig {
         batch_size: search_projector::DEFAULT_BATCH_SIZE.parse()?,
         batch_window: humantime::parse_duration(search_projector::DEFAULT_BATCH_WINDOW)?,

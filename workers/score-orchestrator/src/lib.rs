@@ -156,6 +156,8 @@ pub struct Orchestrator {
     pool: PgPool,
     config: Arc<Config>,
     compute: Arc<rayon::ThreadPool>,
+    /// While false, this side is not the executor (see [`Orchestrator::executing_while`]).
+    executing: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// What one run did.
@@ -187,7 +189,20 @@ impl Orchestrator {
             .num_threads(config.threads.max(1))
             .thread_name(|i| format!("score-compute-{i}"))
             .build()?;
-        Ok(Self { pool, config: Arc::new(config), compute: Arc::new(compute) })
+        Ok(Self { pool, config: Arc::new(config), compute: Arc::new(compute), executing: None })
+    }
+
+    /// Serves pending requests only while `gate` is open (the cutover flag names this side):
+    /// a lease holder that stops being the executor finishes the run in progress and leaves the
+    /// pending request to the new executor, instead of making follow-up runs for as long as
+    /// requests keep arriving during them.
+    pub fn executing_while(mut self, gate: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.executing = Some(gate);
+        self
+    }
+
+    fn is_executor(&self) -> bool {
+        self.executing.as_ref().is_none_or(|gate| *gate.borrow())
     }
 
     /// Asks for a run and, if no other replica holds the lease, runs until no request is
@@ -273,7 +288,9 @@ impl Orchestrator {
                 metrics::counter!("trellis_score_runs_total", "outcome" => "abandoned").increment(abandoned);
             }
             let outcome = async {
-                while let Some((trigger, requested_by)) = store::take_request(&mut lease).await? {
+                // The pending request stays set for the new executor once this side is not.
+                while self.is_executor() {
+                    let Some((trigger, requested_by)) = store::take_request(&mut lease).await? else { break };
                     done.push(self.run(&mut lease, &trigger, requested_by).await?);
                 }
                 Ok::<_, RunError>(())
@@ -283,7 +300,7 @@ impl Orchestrator {
             let _ = lease.close().await;
             outcome?;
             // A request may have landed between the last check and the release: look again.
-            if !store::is_run_pending(&self.pool).await? {
+            if !self.is_executor() || !store::is_run_pending(&self.pool).await? {
                 return Ok(done);
             }
         }
@@ -437,6 +454,21 @@ impl Orchestrator {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop.cancelled() => return,
+            }
+            // A request the previous executor left pending when the flag moved here.
+            match store::is_run_pending(&self.pool).await {
+                Ok(true) => {
+                    tokio::select! {
+                        result = self.serve(None) => {
+                            if let Err(e) = result {
+                                tracing::warn!(error = %e, "serving a pending score run request failed");
+                            }
+                        }
+                        _ = stop.cancelled() => return,
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "checking for a pending score run request failed"),
             }
             let due = match self.due().await {
                 Ok(due) => due,

@@ -36,11 +36,11 @@ async fn main() -> std::process::ExitCode {
     }
     worker::main("score-orchestrator", args.worker, move |w| {
         Box::pin(async move {
-            let orchestrator = Orchestrator::new(w.pool.clone(), config)?;
+            let gate = w.flags.gate(Flag::ScoreExecutor, Executor::Worker);
+            let orchestrator = Orchestrator::new(w.pool.clone(), config)?.executing_while(gate.clone());
             score_orchestrator::initialise_metrics(&w.pool).await;
             // One run request at a time per replica; the lease serialises replicas.
             let handler = Arc::new(EachMessage { handler: orchestrator.clone(), concurrency: 1 });
-            let gate = w.flags.gate(Flag::ScoreExecutor, Executor::Worker);
             w.spawn_group(
                 ConsumerGroup::new(w.ctx.clone(), consumer_spec(), w.args.runner_config(), handler).gated(gate.clone()),
             );

@@ -45,8 +45,11 @@ async fn flip(db: &TestDb, value: Executor) {
 async fn flipping_the_score_executor_under_writes_serves_every_run_request_once() {
     let db = TestDb::migrated().await.unwrap();
     let prefix = nats_prefix();
-    let api = Api::start(&db, &prefix, &["--flag-poll", "200ms"]).await;
-    let worker = Replica::start(&db, &prefix, "replica-a", &["--flag-poll", "200ms"]).await;
+    // A lease holder that stops being the executor leaves the pending request to the new one,
+    // which serves it on its next message or schedule check.
+    let fast = ["--flag-poll", "200ms", "--score-schedule-check", "500ms"];
+    let api = Api::start(&db, &prefix, &fast).await;
+    let worker = Replica::start(&db, &prefix, "replica-a", &fast).await;
     // The flag starts at `worker`: the worker makes the start-up run.
     wait_succeeded(&db, 1, Duration::from_secs(30)).await;
     // A small graph keeps every handler short. One busy for longer than its pull's expiry plus
@@ -125,7 +128,14 @@ async fn flipping_the_score_executor_under_writes_serves_every_run_request_once(
     assert_eq!(consumer.delivered.consumer_sequence, asked.len() as u64, "each request delivered once");
     let events = count(&db, "SELECT count(*) FROM ops.outbox").await;
     assert_eq!(stream.info().await.unwrap().state.messages, events as u64, "one stream message per outbox event");
-    assert_eq!(count(&db, "SELECT count(*) FROM score.scheduler WHERE run_pending").await, 0, "no request pending");
+    eventually("no request to be left pending", Duration::from_secs(30), || async {
+        (count(&db, "SELECT count(*) FROM score.scheduler WHERE run_pending").await == 0).then_some(())
+    })
+    .await;
+    eventually("no run to be in progress", Duration::from_secs(30), || async {
+        runs(&db).await.iter().all(|r| r.status != "running").then_some(())
+    })
+    .await;
 
     let all = runs(&db).await;
     let unfinished: Vec<&Run> = all.iter().filter(|r| r.status != "succeeded").collect();
@@ -163,6 +173,9 @@ async fn flipping_the_score_executor_under_writes_serves_every_run_request_once(
     let contacts = count(&db, "SELECT count(*) FROM contacts.contacts").await;
     let active = count(&db, "SELECT count(*) FROM identity.users WHERE status = 'active'").await;
     assert_eq!((final_run.users, final_run.edges), (Some(active), Some(contacts)), "{final_run:#?}");
+    // The flag ended on `worker`: the last request, made after that, is the worker's to run —
+    // a lease holder that is no longer the executor makes no follow-up runs.
+    assert_eq!(final_run.host.as_deref(), Some(worker.host.as_str()), "{final_run:#?}");
 
     // Both sides handled requests, and each delivery was handled once, by one side.
     let (in_api, in_worker) =
