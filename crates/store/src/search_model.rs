@@ -284,13 +284,23 @@ pub async fn advance_checkpoint(
     last_event_at: OffsetDateTime,
     last_stream_sequence: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE search.checkpoint SET
+    advance_checkpoint_in(conn, "search.checkpoint", last_event_at, last_stream_sequence).await
+}
+
+/// [`advance_checkpoint`] of a checkpoint table of the same shape (the shadow candidate's).
+pub(crate) async fn advance_checkpoint_in(
+    conn: &mut PgConnection,
+    table: &'static str,
+    last_event_at: OffsetDateTime,
+    last_stream_sequence: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "UPDATE {table} SET
              last_event_at = GREATEST(last_event_at, $1),
              last_stream_sequence = GREATEST(last_stream_sequence, $2),
              updated_at = now()
-         WHERE id = 1",
-    )
+         WHERE id = 1"
+    ))
     .bind(last_event_at)
     .bind(last_stream_sequence)
     .execute(conn)
@@ -307,7 +317,12 @@ pub struct Checkpoint {
 }
 
 pub async fn checkpoint(conn: &mut PgConnection) -> Result<Checkpoint, sqlx::Error> {
-    sqlx::query_as("SELECT last_event_at, last_stream_sequence, updated_at FROM search.checkpoint WHERE id = 1")
+    checkpoint_in(conn, "search.checkpoint").await
+}
+
+/// [`checkpoint`] of a checkpoint table of the same shape (the shadow candidate's).
+pub(crate) async fn checkpoint_in(conn: &mut PgConnection, table: &'static str) -> Result<Checkpoint, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT last_event_at, last_stream_sequence, updated_at FROM {table} WHERE id = 1"))
         .fetch_one(conn)
         .await
 }

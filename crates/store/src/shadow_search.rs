@@ -118,26 +118,15 @@ pub async fn advance_checkpoint(
     last_event_at: OffsetDateTime,
     last_stream_sequence: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE shadow.search_checkpoint SET
-             last_event_at = GREATEST(last_event_at, $1),
-             last_stream_sequence = GREATEST(last_stream_sequence, $2),
-             updated_at = now()
-         WHERE id = 1",
-    )
-    .bind(last_event_at)
-    .bind(last_stream_sequence)
-    .execute(conn)
-    .await?;
-    Ok(())
+    crate::search_model::advance_checkpoint_in(conn, CHECKPOINT, last_event_at, last_stream_sequence).await
 }
 
 /// The candidate's checkpoint row.
 pub async fn checkpoint(conn: &mut PgConnection) -> Result<crate::search_model::Checkpoint, sqlx::Error> {
-    sqlx::query_as("SELECT last_event_at, last_stream_sequence, updated_at FROM shadow.search_checkpoint WHERE id = 1")
-        .fetch_one(conn)
-        .await
+    crate::search_model::checkpoint_in(conn, CHECKPOINT).await
 }
+
+const CHECKPOINT: &str = "shadow.search_checkpoint";
 
 /// Deletes the documents written before `before` (an earlier shadow period's: the candidate did
 /// not follow the events in between, so they are no evidence of this one).

@@ -193,15 +193,21 @@ impl Handler for Projector {
             tracing::warn!(error = %e, messages = batch.len(), "projecting a batch failed; it will be retried");
             format!("projecting the batch failed: {e}")
         });
-        plan.rejected
-            .into_iter()
-            .map(|rejected| match (rejected, &error) {
-                (Some(reason), _) => Outcome::Reject(reason),
-                (None, Some(e)) => Outcome::Retry(e.clone()),
-                (None, None) => Outcome::Done,
-            })
-            .collect()
+        outcomes(plan.rejected, error)
     }
+}
+
+/// One outcome per delivery of a batch applied in one transaction: the rejected ones (`Some`
+/// reason) are rejected; the others are done, or all retried with `error` when the batch failed.
+pub fn outcomes(rejected: Vec<Option<String>>, error: Option<String>) -> Vec<Outcome> {
+    rejected
+        .into_iter()
+        .map(|rejected| match (rejected, &error) {
+            (Some(reason), _) => Outcome::Reject(reason),
+            (None, Some(e)) => Outcome::Retry(e.clone()),
+            (None, None) => Outcome::Done,
+        })
+        .collect()
 }
 
 /// Refreshes `trellis_search_checkpoint_age_seconds` every `every` until `stop`. Before that,

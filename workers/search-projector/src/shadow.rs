@@ -244,14 +244,7 @@ impl Handler for Candidate {
             tracing::warn!(error = %e, messages = batch.len(), "the search candidate's batch failed; it will be retried");
             format!("the search candidate's batch failed: {e}")
         });
-        plan.rejected
-            .into_iter()
-            .map(|rejected| match (rejected, &error) {
-                (Some(reason), _) => Outcome::Reject(reason),
-                (None, Some(e)) => Outcome::Retry(e.clone()),
-                (None, None) => Outcome::Done,
-            })
-            .collect()
+        crate::outcomes(plan.rejected, error)
     }
 }
 
