@@ -347,7 +347,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         header_read_timeout: config.header_read_timeout,
         max_connections: config.max_connections,
         max_connections_per_address: config.max_connections_per_address,
-        trusted_proxies: config.trusted_proxies.clone().into(),
+        trusted_proxies: config.trusted_proxies.as_slice().into(),
     };
     let app = app(state);
     let task = tokio::spawn(async move {

@@ -44,6 +44,34 @@ impl ClientAddress {
     }
 }
 
+/// `TRUSTED_PROXIES`: comma-separated CIDRs or bare addresses; empty means none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    pub fn as_slice(&self) -> &[IpNet] {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for TrustedProxies {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|entry| !entry.is_empty())
+            .map(|entry| {
+                entry
+                    .parse::<IpNet>()
+                    .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| format!("{entry:?} is neither a CIDR (10.0.0.0/8) nor an IP address"))
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+}
+
 pub fn is_trusted(ip: IpAddr, trusted_proxies: &[IpNet]) -> bool {
     let ip = ip.to_canonical();
     trusted_proxies.iter().any(|net| net.contains(&ip))
@@ -131,7 +159,7 @@ impl FromRequestParts<AppState> for ClientAddress {
             .get::<ConnectInfo<SocketAddr>>()
             .copied()
             .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("the server gave the request no peer address")))?;
-        Ok(Self::resolve(peer, &parts.headers, &state.config.trusted_proxies))
+        Ok(Self::resolve(peer, &parts.headers, state.config.trusted_proxies.as_slice()))
     }
 }
 
@@ -183,6 +211,15 @@ mod tests {
         // Forwarded wins over X-Forwarded-For.
         let both = [("forwarded", "for=198.51.100.7"), ("x-forwarded-for", "198.51.100.8")];
         assert_eq!(resolved("10.0.0.2", &both, &trusted), "198.51.100.7");
+    }
+
+    #[test]
+    fn the_trusted_proxy_list_takes_cidrs_and_addresses_and_may_be_empty() {
+        let parsed: TrustedProxies = " 10.0.0.0/8, 192.0.2.7 ,fd00::/8".parse().unwrap();
+        assert_eq!(parsed.as_slice(), nets(&["10.0.0.0/8", "192.0.2.7/32", "fd00::/8"]));
+        assert_eq!("".parse::<TrustedProxies>().unwrap(), TrustedProxies::default());
+        assert!("10.0.0.0/33".parse::<TrustedProxies>().is_err());
+        assert!("proxy.internal".parse::<TrustedProxies>().is_err());
     }
 
     #[test]

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use trellis_runtime::config::{CommonArgs, Secret};
 
+use crate::client_address::TrustedProxies;
+
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "trellis-api", version, about = "The Trellis HTTP API monolith and its outbox relay")]
 pub struct Config {
@@ -77,8 +79,9 @@ pub struct Config {
     /// (`10.0.0.0/8,fd00::/8`). A request whose TCP peer is in the list is attributed to the
     /// nearest untrusted address of `Forwarded` (or, without it, `X-Forwarded-For`); any other
     /// request to its TCP peer. Empty (the default): forwarded headers are ignored.
-    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',', num_args = 0..)]
-    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// A bare address is a single-address network.
+    #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: TrustedProxies,
 
     /// Password hashes and verifications (argon2id, 19 MiB each) run at once. The default is
     /// one per CPU core.
