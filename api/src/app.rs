@@ -11,7 +11,10 @@ use axum::http::{HeaderName, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hmac::{Hmac, Mac as _};
+use sha2::Sha256;
 use sqlx::PgPool;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -21,21 +24,28 @@ use trellis_runtime::health::{self, Health, Severity};
 use trellis_runtime::nats::{self, Topology, TopologyError};
 use trellis_runtime::relay::{Relay, RelayConfig};
 use trellis_store::PoolConfig;
+use trellis_store::page::CursorKey;
 use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::activity::ActivityTracker;
+use crate::auth::HashingGate;
 use crate::config::Config;
 use crate::error::{ApiError, ErrorCause, problem_response};
-use crate::ratelimit::LoginLimiter;
-use crate::{idempotency, routes};
+use crate::ratelimit::Limiters;
+use crate::{idempotency, routes, serve};
 
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
     pub config: Arc<Config>,
-    pub login_limiter: Arc<LoginLimiter>,
+    pub limiters: Arc<Limiters>,
+    pub hashing: Arc<HashingGate>,
+    /// Seals every list cursor (`trellis_store::page`).
+    pub cursor_key: Arc<CursorKey>,
+    /// Requests in flight, at most `MAX_IN_FLIGHT_REQUESTS`.
+    pub in_flight: Arc<Semaphore>,
     pub health: Health,
     pub search_source: Arc<crate::routes::search::SourceCache>,
     pub activity: Arc<ActivityTracker>,
@@ -89,6 +99,7 @@ pub fn app(state: AppState) -> Router {
     .layer(middleware::from_fn_with_state(state.clone(), idempotency::layer))
     .layer(DefaultBodyLimit::max(body_limit))
     .layer(middleware::from_fn_with_state(state.clone(), request_timeout))
+    .layer(middleware::from_fn_with_state(state.clone(), shed_load))
     .layer(middleware::from_fn(record_request))
     .layer(middleware::from_fn_with_state(state.clone(), track_activity))
     .with_state(state)
@@ -122,6 +133,26 @@ async fn request_timeout(State(state): State<AppState>, request: Request, next: 
     }
 }
 
+/// Load shedding: beyond `MAX_IN_FLIGHT_REQUESTS` a request is answered 503 at once, so that
+/// a flood makes no queue that legitimate requests would wait behind.
+async fn shed_load(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
+        metrics::counter!("trellis_api_requests_shed_total", "reason" => "in_flight").increment(1);
+        return ApiError::Overloaded { retry_after_secs: 1 }.into_response();
+    };
+    next.run(request).await
+}
+
+/// The values of `trellis_api_login_responses_total{status}`: every status `POST /v1/sessions`
+/// answers with, and `other`.
+pub const LOGIN_STATUSES: [&str; 10] = ["201", "400", "401", "403", "413", "415", "422", "429", "503", "other"];
+
+fn count_login_response(status: StatusCode) {
+    let code = status.as_str();
+    let label = LOGIN_STATUSES.iter().copied().find(|s| *s == code).unwrap_or("other");
+    metrics::counter!("trellis_api_login_responses_total", "status" => label).increment(1);
+}
+
 /// Remembers the request's bearer token (hashed) for the daily-active-users gauge; whether it
 /// authenticates is settled when the batch is written.
 async fn track_activity(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -143,6 +174,9 @@ async fn record_request(request: Request, next: Next) -> Response {
         .unwrap_or_else(|| "unmatched".to_owned());
     let response = next.run(request).await;
     let status = response.status();
+    if route == "/v1/sessions" && method == "POST" {
+        count_login_response(status);
+    }
     let class = match status.as_u16() {
         100..=199 => "1xx",
         200..=299 => "2xx",
@@ -186,6 +220,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     for endpoint in routes::search::ENDPOINTS {
         metrics::counter!("trellis_search_fallbacks_total", "endpoint" => endpoint).increment(0);
     }
+    for status in LOGIN_STATUSES {
+        metrics::counter!("trellis_api_login_responses_total", "status" => status).increment(0);
+    }
+    for operation in crate::auth::HASH_OPERATIONS {
+        metrics::counter!("trellis_api_password_hashes_total", "operation" => operation).increment(0);
+    }
+    for limiter in crate::ratelimit::LIMITERS {
+        metrics::gauge!("trellis_api_rate_limiter_keys", "limiter" => limiter).set(0.0);
+    }
+    for reason in serve::SHED_REASONS {
+        metrics::counter!("trellis_api_requests_shed_total", "reason" => reason).increment(0);
+    }
+    let cursor_key = cursor_key(&config)?;
 
     let mut pool_config = PoolConfig::new("trellis-api");
     pool_config.max_connections = config.db_pool_size;
@@ -219,7 +266,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let state = AppState {
         pool: pool.clone(),
         config: Arc::new(config.clone()),
-        login_limiter: Arc::new(LoginLimiter::new(config.login_rate_per_login, config.login_rate_per_address)),
+        limiters: Arc::new(Limiters::new(&config)),
+        hashing: Arc::new(HashingGate::new(config.password_hash_concurrency, config.password_hash_queue)),
+        cursor_key: Arc::new(cursor_key),
+        in_flight: Arc::new(Semaphore::new(config.max_in_flight_requests.max(1))),
         health: health.clone(),
         search_source: Arc::default(),
         activity: Arc::default(),
@@ -269,6 +319,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     }
     tasks.spawn(prune_idempotency_keys(pool.clone(), background.clone()));
     {
+        let (limiters, interval) = (state.limiters.clone(), config.rate_limiter_prune_interval);
+        let background = background.clone();
+        tasks.spawn(async move { limiters.prune(interval, background).await });
+    }
+    {
         let (activity, pool, interval) = (state.activity.clone(), pool.clone(), config.activity_flush_interval);
         let background = background.clone();
         tasks.spawn(async move { activity.run(pool, interval, background).await });
@@ -288,11 +343,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     crate::processors::spawn(&mut tasks, ctx, processors_pool, &flags, settings, background.clone())?;
 
     let grace = common.shutdown_grace;
-    let app = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    let limits = serve::Limits {
+        header_read_timeout: config.header_read_timeout,
+        max_connections: config.max_connections,
+        max_connections_per_address: config.max_connections_per_address,
+        trusted_proxies: config.trusted_proxies.as_slice().into(),
+    };
+    let app = app(state);
     let task = tokio::spawn(async move {
-        let serve_shutdown = shutdown.clone();
-        let server = axum::serve(listener, app).with_graceful_shutdown(serve_shutdown.cancelled_owned());
-        let server = tokio::spawn(async move { server.await });
+        let server = tokio::spawn(serve::serve(listener, app, limits, shutdown.clone()));
         shutdown.cancelled().await;
         // In-flight requests get the grace period; then whatever is left is cut off.
         let mut server = server;
@@ -314,6 +373,34 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         Ok(())
     });
     Ok(Running { api_addr, admin_addr, pool, task })
+}
+
+/// Shortest `CURSOR_KEY` accepted, in bytes.
+const CURSOR_KEY_MIN_LEN: usize = 32;
+
+/// The cursor key: `CURSOR_KEY`, or one derived from `DATABASE_URL` (see the flag's doc).
+fn cursor_key(config: &Config) -> anyhow::Result<CursorKey> {
+    if let Some(key) = &config.cursor_key {
+        anyhow::ensure!(
+            key.expose().len() >= CURSOR_KEY_MIN_LEN,
+            "CURSOR_KEY must be at least {CURSOR_KEY_MIN_LEN} bytes (e.g. `openssl rand -base64 32`)"
+        );
+        return Ok(CursorKey::new(key.expose().as_bytes()));
+    }
+    let url = config.common.database_url.expose();
+    let has_password = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .is_some_and(|(userinfo, _)| userinfo.split_once(':').is_some_and(|(_, password)| !password.is_empty()));
+    if !has_password {
+        tracing::warn!(
+            "CURSOR_KEY is not set and DATABASE_URL has no password: list cursors can be forged by anyone who knows \
+             the database URL; set CURSOR_KEY in production"
+        );
+    }
+    let mut mac = Hmac::<Sha256>::new_from_slice(url.as_bytes()).expect("HMAC takes a key of any length");
+    mac.update(b"trellis cursor key v1");
+    Ok(CursorKey::new(&mac.finalize().into_bytes()))
 }
 
 /// Declares the streams, retrying while NATS is unreachable; a configuration the server does

@@ -1,5 +1,8 @@
 //! Bearer tokens, password hashing and the authenticated principal.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use axum::extract::FromRequestParts;
@@ -9,6 +12,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use trellis_domain::UserId;
 use trellis_domain::identity::{Password, Role};
 
@@ -46,38 +50,98 @@ pub async fn issue_token(
     Ok(IssuedToken { token, expires_at })
 }
 
-/// Hashes with argon2id (the crate's defaults: 19 MiB, 2 passes) off the async threads.
-pub async fn hash_password(password: Password) -> anyhow::Result<String> {
-    tokio::task::spawn_blocking(move || {
-        let mut salt = [0u8; 16];
-        rand::rng().fill_bytes(&mut salt);
-        let salt = SaltString::encode_b64(&salt).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
-        Argon2::default()
-            .hash_password(password.expose().as_bytes(), &salt)
-            .map(|h| h.to_string())
-            .map_err(|e| anyhow::anyhow!("hashing: {e}"))
-    })
-    .await?
+/// Bounds the password hashing and verification in progress: each is argon2id with the
+/// crate's defaults (19 MiB, 2 passes) on a blocking thread, so without a bound a burst of
+/// registrations or logins takes every core and up to 512 blocking threads' worth of memory.
+/// `PASSWORD_HASH_CONCURRENCY` run at once, `PASSWORD_HASH_QUEUE` more wait; beyond that a
+/// request is answered 503 with `Retry-After` at once.
+pub struct HashingGate {
+    permits: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    queue: usize,
 }
 
-/// Verifies off the async threads. With no stored hash (unknown login) it verifies against a
-/// fixed dummy so that the response takes as long either way.
-pub async fn verify_password(candidate: String, stored: Option<String>) -> anyhow::Result<bool> {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    tokio::task::spawn_blocking(move || {
-        let dummy = DUMMY.get_or_init(|| {
+/// Decrements the queue length when a waiter leaves it, however it leaves.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The values of `trellis_api_password_hashes_total{operation}`.
+pub const HASH_OPERATIONS: [&str; 2] = ["hash", "verify"];
+
+impl HashingGate {
+    pub fn new(concurrency: usize, queue: usize) -> Self {
+        Self { permits: Arc::new(Semaphore::new(concurrency.max(1))), waiting: AtomicUsize::new(0), queue }
+    }
+
+    /// A slot for one hash, waiting in the queue when it has room.
+    async fn enter(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        let queue = self.queue;
+        self.waiting.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w < queue).then_some(w + 1)).map_err(
+            |_| {
+                metrics::counter!("trellis_api_requests_shed_total", "reason" => "password_hashing").increment(1);
+                ApiError::Overloaded { retry_after_secs: 1 }
+            },
+        )?;
+        let _waiting = Waiting(&self.waiting);
+        Ok(self.permits.clone().acquire_owned().await.expect("the hashing semaphore is never closed"))
+    }
+
+    /// Hashes with argon2id off the async threads.
+    pub async fn hash_password(&self, password: Password) -> Result<String, ApiError> {
+        let permit = self.enter().await?;
+        metrics::counter!("trellis_api_password_hashes_total", "operation" => "hash").increment(1);
+        // The permit moves into the blocking task: a request cut off by its timeout does not
+        // free the slot while its hash still runs.
+        let hashed = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut salt = [0u8; 16];
+            rand::rng().fill_bytes(&mut salt);
+            let salt = SaltString::encode_b64(&salt).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
             Argon2::default()
-                .hash_password(b"trellis-dummy-password", &SaltString::encode_b64(b"trellis-dummy-salt").expect("salt"))
-                .expect("hashing a constant")
-                .to_string()
-        });
-        let known = stored.is_some();
-        let hash_text = stored.unwrap_or_else(|| dummy.clone());
-        let hash = PasswordHash::new(&hash_text).map_err(|e| anyhow::anyhow!("stored hash: {e}"))?;
-        let ok = Argon2::default().verify_password(candidate.as_bytes(), &hash).is_ok();
-        Ok(known && ok)
-    })
-    .await?
+                .hash_password(password.expose().as_bytes(), &salt)
+                .map(|h| h.to_string())
+                .map_err(|e| anyhow::anyhow!("hashing: {e}"))
+        })
+        .await
+        .map_err(anyhow::Error::from)??;
+        Ok(hashed)
+    }
+
+    /// Verifies off the async threads. With no stored hash (unknown login) it verifies against
+    /// a fixed dummy so that the response takes as long either way.
+    pub async fn verify_password(&self, candidate: String, stored: Option<String>) -> Result<bool, ApiError> {
+        static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let permit = self.enter().await?;
+        metrics::counter!("trellis_api_password_hashes_total", "operation" => "verify").increment(1);
+        let valid = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let dummy = DUMMY.get_or_init(|| {
+                Argon2::default()
+                    .hash_password(
+                        b"trellis-dummy-password",
+                        &SaltString::encode_b64(b"trellis-dummy-salt").expect("salt"),
+                    )
+                    .expect("hashing a constant")
+                    .to_string()
+            });
+            let known = stored.is_some();
+            let hash_text = stored.unwrap_or_else(|| dummy.clone());
+            let hash = PasswordHash::new(&hash_text).map_err(|e| anyhow::anyhow!("stored hash: {e}"))?;
+            let ok = Argon2::default().verify_password(candidate.as_bytes(), &hash).is_ok();
+            anyhow::Ok(known && ok)
+        })
+        .await
+        .map_err(anyhow::Error::from)??;
+        Ok(valid)
+    }
 }
 
 /// The caller, authenticated by a live bearer token of an active user.
@@ -153,10 +217,28 @@ mod tests {
 
     #[tokio::test]
     async fn passwords_verify_only_against_their_own_hash() {
-        let hash = hash_password(Password::parse("correct horse battery").unwrap()).await.unwrap();
+        let gate = HashingGate::new(1, 1);
+        let hash = gate.hash_password(Password::parse("correct horse battery").unwrap()).await.unwrap();
         assert!(hash.starts_with("$argon2id$"));
-        assert!(verify_password("correct horse battery".into(), Some(hash.clone())).await.unwrap());
-        assert!(!verify_password("wrong horse battery".into(), Some(hash)).await.unwrap());
-        assert!(!verify_password("trellis-dummy-password".into(), None).await.unwrap());
+        assert!(gate.verify_password("correct horse battery".into(), Some(hash.clone())).await.unwrap());
+        assert!(!gate.verify_password("wrong horse battery".into(), Some(hash)).await.unwrap());
+        assert!(!gate.verify_password("trellis-dummy-password".into(), None).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_full_gate_answers_overloaded_at_once_and_frees_its_queue() {
+        let gate = HashingGate::new(1, 1);
+        let busy = gate.enter().await.unwrap();
+        let queued = gate.enter();
+        tokio::pin!(queued);
+        // The queued request waits (its slot in the queue is taken when it is first polled).
+        assert!(futures::poll!(queued.as_mut()).is_pending());
+        let refused = gate.enter().await.unwrap_err();
+        assert!(matches!(refused, ApiError::Overloaded { .. }), "{refused:?}");
+        drop(busy);
+        let second = queued.await.unwrap();
+        drop(second);
+        assert_eq!(gate.waiting.load(Ordering::Acquire), 0);
+        assert!(gate.enter().await.is_ok());
     }
 }

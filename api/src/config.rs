@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use trellis_runtime::config::CommonArgs;
+use trellis_runtime::config::{CommonArgs, Secret};
+
+use crate::client_address::TrustedProxies;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "trellis-api", version, about = "The Trellis HTTP API monolith and its outbox relay")]
@@ -37,13 +39,102 @@ pub struct Config {
     #[arg(long, env = "IDEMPOTENCY_TTL", value_parser = humantime::parse_duration, default_value = "24h")]
     pub idempotency_ttl: Duration,
 
-    /// Login attempts allowed per login name per minute.
-    #[arg(long, env = "LOGIN_RATE_PER_LOGIN", default_value_t = 10)]
-    pub login_rate_per_login: u32,
+    /// Login attempts allowed per account per minute: per user once the login names one (its
+    /// handle and its e-mail address share one allowance), per login name otherwise. Answered
+    /// with 429 and `Retry-After`.
+    #[arg(long, env = "LOGIN_RATE_PER_ACCOUNT", default_value_t = 10)]
+    pub login_rate_per_account: u32,
 
-    /// Login attempts allowed per client address per minute.
+    /// Login attempts allowed per client address (an IPv6 /64 counts as one) per minute,
+    /// checked before anything else of a login. Answered with 429 and `Retry-After`.
     #[arg(long, env = "LOGIN_RATE_PER_ADDRESS", default_value_t = 60)]
     pub login_rate_per_address: u32,
+
+    /// Registrations allowed per client address (an IPv6 /64 counts as one) per hour. Answered
+    /// with 429 and `Retry-After`.
+    #[arg(long, env = "REGISTRATION_RATE_PER_ADDRESS", default_value_t = 20)]
+    pub registration_rate_per_address: u32,
+
+    /// Registrations allowed per minute from all addresses together, per replica. Answered
+    /// with 429 and `Retry-After`.
+    #[arg(long, env = "REGISTRATION_RATE_GLOBAL", default_value_t = 300)]
+    pub registration_rate_global: u32,
+
+    /// Checks of the current password (`PATCH /v1/me` changing the e-mail or password)
+    /// allowed per user per hour. Answered with 429 and `Retry-After`.
+    #[arg(long, env = "CURRENT_PASSWORD_RATE_PER_USER", default_value_t = 10)]
+    pub current_password_rate_per_user: u32,
+
+    /// Keys each keyed rate limiter keeps at most (accounts, addresses, users). When full, the
+    /// key closest to a fresh allowance is forgotten first, so a flood of new keys cannot push
+    /// out the state of a key that is being limited.
+    #[arg(long, env = "RATE_LIMITER_CAPACITY", default_value_t = 100_000)]
+    pub rate_limiter_capacity: usize,
+
+    /// How often the rate limiters forget keys whose allowance has fully recovered.
+    #[arg(long, env = "RATE_LIMITER_PRUNE_INTERVAL", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub rate_limiter_prune_interval: Duration,
+
+    /// Proxies whose forwarded-for headers are believed, as a comma-separated list of CIDRs
+    /// (`10.0.0.0/8,fd00::/8`). A request whose TCP peer is in the list is attributed to the
+    /// nearest untrusted address of `Forwarded` (or, without it, `X-Forwarded-For`); any other
+    /// request to its TCP peer. Empty (the default): forwarded headers are ignored.
+    /// A bare address is a single-address network.
+    #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: TrustedProxies,
+
+    /// Password hashes and verifications (argon2id, 19 MiB each) run at once. The default is
+    /// one per CPU core.
+    #[arg(long, env = "PASSWORD_HASH_CONCURRENCY", default_value_t = default_hash_concurrency())]
+    pub password_hash_concurrency: usize,
+
+    /// Requests that may wait for a password-hashing slot; beyond that, a request that needs
+    /// one is answered 503 with `Retry-After` at once. The default is 4 per CPU core.
+    #[arg(long, env = "PASSWORD_HASH_QUEUE", default_value_t = 4 * default_hash_concurrency())]
+    pub password_hash_queue: usize,
+
+    /// The key that seals list cursors (HMAC-SHA256), at least 32 bytes; every replica of a
+    /// deployment needs the same one. Set it in production. Unset, it is derived from
+    /// `DATABASE_URL` (replicas that share a database agree), which is as secret as that URL's
+    /// password; without a password in the URL a warning is logged, as anyone who knows the URL
+    /// can then forge cursors (they stay within the search offset cap).
+    #[arg(long, env = "CURSOR_KEY")]
+    pub cursor_key: Option<Secret>,
+
+    /// A connection that has not sent a complete request head within this time is closed; the
+    /// same bound applies to an idle keep-alive connection.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub header_read_timeout: Duration,
+
+    /// Open client connections at most; a connection beyond it is answered 503 with
+    /// `Retry-After` and closed.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Open connections per client address (an IPv6 /64 counts as one) at most; one beyond it is
+    /// answered 503 with `Retry-After` and closed. Connections from `TRUSTED_PROXIES` are
+    /// counted in `MAX_CONNECTIONS` only.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 128)]
+    pub max_connections_per_address: usize,
+
+    /// Requests handled at once; one beyond it is answered 503 with `Retry-After` at once
+    /// rather than queued.
+    #[arg(long, env = "MAX_IN_FLIGHT_REQUESTS", default_value_t = 512)]
+    pub max_in_flight_requests: usize,
+
+    /// Open (pending or needs-review) disputes one reporter may have, of any priority. Filing
+    /// another is answered 429.
+    #[arg(long, env = "DISPUTE_OPEN_LIMIT", default_value_t = 20)]
+    pub dispute_open_limit: i64,
+
+    /// Open P0 (impersonation) disputes one reporter may have. Filing another is answered 429.
+    #[arg(long, env = "DISPUTE_OPEN_LIMIT_P0", default_value_t = 3)]
+    pub dispute_open_limit_p0: i64,
+
+    /// How old an account must be to file a P0 (impersonation) dispute: a P0 dispute jumps
+    /// every queue and can suspend its target. Younger accounts are answered 422.
+    #[arg(long, env = "DISPUTE_P0_MIN_ACCOUNT_AGE", value_parser = humantime::parse_duration, default_value = "24h")]
+    pub dispute_p0_min_account_age: Duration,
 
     /// A score older than this is served with `stale: true`.
     #[arg(long, env = "SCORE_STALE_AFTER", value_parser = humantime::parse_duration, default_value = "24h")]
@@ -90,6 +181,10 @@ pub struct Config {
     /// worker as the primary.
     #[command(flatten)]
     pub search_shadow: search_projector::shadow::ShadowArgs,
+}
+
+fn default_hash_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 fn default_pool_size() -> u32 {

@@ -57,6 +57,13 @@ pub enum ApiError {
     PayloadTooLarge,
     #[error("too many requests")]
     RateLimited { retry_after_secs: u64 },
+    /// A quota other than a request rate (open disputes): 429 with its own slug.
+    #[error("{detail}")]
+    QuotaExceeded { slug: &'static str, detail: String, retry_after_secs: u64 },
+    /// Load shedding: the server is at capacity (connections, requests in flight, password
+    /// hashing) and answers at once instead of queueing.
+    #[error("the server is at capacity")]
+    Overloaded { retry_after_secs: u64 },
     #[error("service unavailable: {cause}")]
     Unavailable { cause: String },
     #[error("internal error: {0:#}")]
@@ -86,8 +93,8 @@ impl ApiError {
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RateLimited { .. } | ApiError::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable { .. } | ApiError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -97,13 +104,15 @@ impl ApiError {
             ApiError::Validation(_) => "validation",
             ApiError::BadRequest { slug, .. }
             | ApiError::Conflict { slug, .. }
-            | ApiError::Unprocessable { slug, .. } => slug,
+            | ApiError::Unprocessable { slug, .. }
+            | ApiError::QuotaExceeded { slug, .. } => slug,
             ApiError::Unauthenticated => "unauthenticated",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not-found",
             ApiError::UnsupportedMediaType => "unsupported-media-type",
             ApiError::PayloadTooLarge => "payload-too-large",
             ApiError::RateLimited { .. } => "rate-limited",
+            ApiError::Overloaded { .. } => "overloaded",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -115,6 +124,7 @@ impl ApiError {
             ApiError::Unavailable { .. } => {
                 Some("a backing service is unavailable or too slow; retry after the indicated delay".into())
             }
+            ApiError::Overloaded { .. } => Some("the server is at capacity; retry after the indicated delay".into()),
             // Server-side causes stay in the logs.
             ApiError::Internal(_) => None,
             other => Some(other.to_string()),
@@ -152,7 +162,9 @@ impl IntoResponse for ApiError {
         };
         let mut response = problem_response(status, self.slug(), self.detail(), errors);
         match &self {
-            ApiError::RateLimited { retry_after_secs } => {
+            ApiError::RateLimited { retry_after_secs }
+            | ApiError::QuotaExceeded { retry_after_secs, .. }
+            | ApiError::Overloaded { retry_after_secs } => {
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
             ApiError::Unavailable { .. } => {
@@ -163,7 +175,9 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
-        if status.is_server_error() {
+        // Shed load is counted (`trellis_api_requests_shed_total`), not logged: under a flood
+        // a log line per refusal would be a flood of its own.
+        if status.is_server_error() && !matches!(self, ApiError::Overloaded { .. }) {
             response.extensions_mut().insert(ErrorCause(std::sync::Arc::new(self.to_string())));
         }
         response

@@ -4,12 +4,14 @@
 pub mod activity;
 pub mod app;
 pub mod auth;
+pub mod client_address;
 pub mod config;
 pub mod error;
 pub mod idempotency;
 pub mod processors;
 pub mod ratelimit;
 pub mod routes;
+pub mod serve;
 pub mod views;
 
 pub use app::{Running, start};

@@ -6,7 +6,6 @@ use trellis_store::circles::{CircleRow, MemberRow};
 use trellis_store::contacts::ContactRow;
 use trellis_store::disputes::DisputeRow;
 use trellis_store::identity::UserRow;
-use trellis_store::page::Page;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -17,20 +16,14 @@ pub struct List<T: ToSchema> {
     pub next_cursor: Option<String>,
 }
 
-impl<T: ToSchema> List<T> {
-    pub fn from_page<R>(page: Page<R>, f: impl FnMut(R) -> T) -> Self {
-        let page = page.map(f);
-        Self { items: page.items, next_cursor: page.next_cursor }
-    }
-}
-
 /// `?limit=&cursor=` of every list.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct PageParams {
     /// 1–100, default 50.
     pub limit: Option<u32>,
-    /// `next_cursor` of the previous page.
+    /// `next_cursor` of the previous page of the same list (cursors are sealed: any other
+    /// string is a 400).
     pub cursor: Option<String>,
 }
 

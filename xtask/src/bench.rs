@@ -122,6 +122,11 @@ impl Api {
             .env("ADMIN_ADDR", format!("127.0.0.1:{admin}"))
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "warn")
+            // The benchmarks are one legitimate client that files disputes for seeded (just
+            // created) users at full speed: the dispute limits of docs/SECURITY.md are opened.
+            .env("DISPUTE_P0_MIN_ACCOUNT_AGE", "0s")
+            .env("DISPUTE_OPEN_LIMIT", "1000000000")
+            .env("DISPUTE_OPEN_LIMIT_P0", "1000000000")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?);
         for (k, v) in extra_env {

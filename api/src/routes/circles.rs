@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
-use crate::routes::{events, page, resolve_user};
+use crate::routes::{events, list, page, resolve_user};
 use crate::views::{Circle, CircleMember, List, PageParams};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -49,9 +49,9 @@ async fn list_circles(
     principal: Principal,
     Query(params): Query<PageParams>,
 ) -> ApiResult<Json<List<Circle>>> {
-    let (limit, after) = page::<Uuid>(&params)?;
+    let (limit, after) = page::<Uuid>(&state, "circles", &params)?;
     let rows = trellis_store::circles::list(&state.pool, principal.user_id, after, limit).await?;
-    Ok(Json(List::from_page(rows, Circle::from)))
+    Ok(Json(list(&state, "circles", rows, Circle::from)))
 }
 
 /// Creates a circle.
@@ -152,11 +152,11 @@ async fn list_members(
     Path(id): Path<Uuid>,
     Query(params): Query<PageParams>,
 ) -> ApiResult<Json<List<CircleMember>>> {
-    let (limit, after) = page::<Uuid>(&params)?;
+    let (limit, after) = page::<Uuid>(&state, "circle-members", &params)?;
     let id = CircleId(id);
     trellis_store::circles::get(&state.pool, principal.user_id, id).await?.ok_or(ApiError::NotFound("circle"))?;
     let rows = trellis_store::circles::members(&state.pool, id, after, limit).await?;
-    Ok(Json(List::from_page(rows, CircleMember::from)))
+    Ok(Json(list(&state, "circle-members", rows, CircleMember::from)))
 }
 
 /// Adds one of the caller's contacts to a circle (201; 200 if already a member).

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::auth::{BearerToken, Principal};
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
-use crate::routes::{events, page, resolve_user};
+use crate::routes::{events, list, page, resolve_user};
 use crate::views::{Contact, List, PageParams};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -30,11 +30,11 @@ async fn list_contacts(
     token: BearerToken,
     Query(params): Query<PageParams>,
 ) -> ApiResult<Json<List<Contact>>> {
-    let (limit, after) = page::<Uuid>(&params)?;
+    let (limit, after) = page::<Uuid>(&state, "contacts", &params)?;
     let (_, rows) = trellis_store::contacts::list_for_token(&state.pool, &token.hash, after, limit)
         .await?
         .ok_or(ApiError::Unauthenticated)?;
-    Ok(Json(List::from_page(rows, Contact::from)))
+    Ok(Json(list(&state, "contacts", rows, Contact::from)))
 }
 
 #[derive(Debug, Deserialize, ToSchema, Default)]

@@ -4,7 +4,8 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use trellis_domain::disputes::{Description, DisputeKind};
+use time::OffsetDateTime;
+use trellis_domain::disputes::{Description, DisputeKind, Priority};
 use trellis_domain::events::{DisputeFiled, EventPayload};
 use trellis_domain::{DisputeId, FieldError, UserId, ValidationErrors};
 use trellis_store::disputes::NewDispute;
@@ -16,8 +17,12 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
-use crate::routes::{events, page, resolve_user};
+use crate::routes::{events, list, page, resolve_user};
 use crate::views::{Dispute, List, PageParams};
+
+/// The `Retry-After` of `open-dispute-limit`: a hint, as the allowance comes back when a
+/// dispute is decided (automatic decisions take seconds; reviews take longer).
+const OPEN_LIMIT_RETRY_SECS: u64 = 300;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(file_dispute)).routes(routes!(get_dispute)).routes(routes!(my_disputes))
@@ -36,9 +41,17 @@ pub struct DisputeBody {
 }
 
 /// Files a dispute; its priority follows from its kind.
+///
+/// Any signed-in user may file. Limits: a reporter may have at most `DISPUTE_OPEN_LIMIT`
+/// (default 20) open disputes (pending or needs review), of which at most
+/// `DISPUTE_OPEN_LIMIT_P0` (default 3) at P0; filing beyond either is answered 429
+/// `open-dispute-limit` with `Retry-After` (a hint: the allowance comes back as the reporter's
+/// open disputes are decided). A P0 dispute (impersonation) jumps every queue and can suspend
+/// its target, so the reporter's account must be at least `DISPUTE_P0_MIN_ACCOUNT_AGE` old
+/// (default 24 h); a younger account is answered 422 `account-too-new`.
 #[utoipa::path(post, path = "/v1/disputes", tag = "disputes", security(("bearer" = [])), request_body = DisputeBody,
     responses((status = 201, body = Dispute), (status = 401, body = Problem), (status = 404, body = Problem),
-        (status = 422, body = Problem)))]
+        (status = 422, body = Problem), (status = 429, body = Problem)))]
 async fn file_dispute(
     State(state): State<AppState>,
     principal: Principal,
@@ -60,8 +73,43 @@ async fn file_dispute(
     if target_id == principal.user_id {
         return Err(ApiError::unprocessable("self-dispute", "you cannot file a dispute against yourself"));
     }
+    let p0 = kind.priority() == Priority::P0;
+    if p0 {
+        let reporter = trellis_store::identity::find_by_id(&state.pool, principal.user_id)
+            .await?
+            .ok_or(ApiError::Unauthenticated)?;
+        let min_age = state.config.dispute_p0_min_account_age;
+        if OffsetDateTime::now_utc() - reporter.created_at < min_age {
+            return Err(ApiError::unprocessable(
+                "account-too-new",
+                format!(
+                    "an account must be at least {} old to file an impersonation (P0) dispute",
+                    humantime::format_duration(min_age)
+                ),
+            ));
+        }
+    }
     let id = DisputeId::new();
     let mut tx = state.pool.begin().await?;
+    let open = trellis_store::disputes::lock_and_count_open(&mut tx, principal.user_id).await?;
+    if open.all >= state.config.dispute_open_limit || (p0 && open.p0 >= state.config.dispute_open_limit_p0) {
+        let detail = if p0 && open.p0 >= state.config.dispute_open_limit_p0 {
+            format!(
+                "you have {} open P0 disputes, the most one reporter may have; file again when one is decided",
+                open.p0
+            )
+        } else {
+            format!(
+                "you have {} open disputes, the most one reporter may have; file again when one is decided",
+                open.all
+            )
+        };
+        return Err(ApiError::QuotaExceeded {
+            slug: "open-dispute-limit",
+            detail,
+            retry_after_secs: OPEN_LIMIT_RETRY_SECS,
+        });
+    }
     let row = trellis_store::disputes::insert(
         &mut tx,
         &NewDispute {
@@ -116,8 +164,8 @@ async fn my_disputes(
     principal: Principal,
     Query(params): Query<PageParams>,
 ) -> ApiResult<Json<List<Dispute>>> {
-    let (limit, before) = page::<Uuid>(&params)?;
+    let (limit, before) = page::<Uuid>(&state, "my-disputes", &params)?;
     let rows = trellis_store::disputes::list_by_reporter(&state.pool, principal.user_id, before, limit).await?;
     let moderator = principal.role.can_moderate();
-    Ok(Json(List::from_page(rows, |r| Dispute::from_row(r, moderator))))
+    Ok(Json(list(&state, "my-disputes", rows, |r| Dispute::from_row(r, moderator))))
 }

@@ -1,14 +1,12 @@
 //! Accounts and sessions: `/v1/users`, `/v1/sessions`, `/v1/me`.
 
-use std::net::SocketAddr;
-
-use axum::extract::{ConnectInfo, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use trellis_domain::events::{EventPayload, ProfileUpdated, UserRegistered};
-use trellis_domain::identity::{DisplayName, Email, Handle, Password};
+use trellis_domain::identity::{DisplayName, Email, Handle, LOGIN_MAX_LEN, Password, canonical_login};
 use trellis_domain::{UserId, ValidationErrors};
 use trellis_store::identity::{NewUser, ProfileChange};
 use utoipa::ToSchema;
@@ -17,8 +15,10 @@ use utoipa_axum::routes;
 
 use crate::app::AppState;
 use crate::auth::{self, Principal};
+use crate::client_address::ClientAddress;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem};
 use crate::idempotency::TokenIssued;
+use crate::ratelimit::AccountKey;
 use crate::routes::{events, resolve_user};
 use crate::views::{Me, PublicUser};
 
@@ -49,9 +49,22 @@ pub struct Registered {
 }
 
 /// Registers a user and signs them in.
+///
+/// Anyone may call it. It is rate-limited per client address (`REGISTRATION_RATE_PER_ADDRESS`
+/// per hour) and for everyone together (`REGISTRATION_RATE_GLOBAL` per minute), answering 429
+/// with `Retry-After`; it checks that the handle and e-mail address are free before it hashes
+/// the password, and the hashing waits for a slot (`PASSWORD_HASH_CONCURRENCY`, with a queue of
+/// `PASSWORD_HASH_QUEUE`), answering 503 with `Retry-After` when none is free. A taken handle is
+/// `handle-taken` (handles are public); a taken e-mail address is the generic
+/// `registration-refused`, which does not say that the address has an account.
 #[utoipa::path(post, path = "/v1/users", tag = "identity", request_body = Registration,
-    responses((status = 201, body = Registered), (status = 409, body = Problem), (status = 422, body = Problem)))]
-async fn register(State(state): State<AppState>, Json(body): Json<Registration>) -> ApiResult<Response> {
+    responses((status = 201, body = Registered), (status = 409, body = Problem), (status = 422, body = Problem),
+        (status = 429, body = Problem), (status = 503, body = Problem)))]
+async fn register(
+    State(state): State<AppState>,
+    client: ClientAddress,
+    Json(body): Json<Registration>,
+) -> ApiResult<Response> {
     let mut errors = ValidationErrors::default();
     let handle = errors.check(Handle::parse(&body.handle));
     let display_name = errors.check(DisplayName::parse(&body.display_name));
@@ -61,7 +74,15 @@ async fn register(State(state): State<AppState>, Json(body): Json<Registration>)
     else {
         return Err(errors.into());
     };
-    let password_hash = auth::hash_password(password).await?;
+    state.limiters.check_registration(client).map_err(|retry_after_secs| ApiError::RateLimited { retry_after_secs })?;
+    let taken = trellis_store::identity::taken(&state.pool, handle.as_str(), email.as_str()).await?;
+    if taken.handle {
+        return Err(handle_taken());
+    }
+    if taken.email {
+        return Err(registration_refused());
+    }
+    let password_hash = state.hashing.hash_password(password).await?;
     let id = UserId::new();
     let mut tx = state.pool.begin().await?;
     let user = trellis_store::identity::insert_user(
@@ -98,18 +119,40 @@ async fn register(State(state): State<AppState>, Json(body): Json<Registration>)
     Ok(response)
 }
 
+fn handle_taken() -> ApiError {
+    ApiError::conflict("handle-taken", "that handle is already taken")
+}
+
+/// The one answer for an e-mail address that is already registered: it names neither the
+/// address nor an account.
+fn registration_refused() -> ApiError {
+    ApiError::conflict(
+        "registration-refused",
+        "these details cannot be used to register; if you have an account, sign in or reset its password",
+    )
+}
+
 /// Maps the unique constraints of `identity.users` to conflicts.
 fn unique_violation(e: sqlx::Error) -> ApiError {
     match trellis_store::violated_constraint(&e) {
-        Some("users_handle_key") => ApiError::conflict("handle-taken", "that handle is already taken"),
-        Some("users_email_key") => ApiError::conflict("email-taken", "that e-mail address is already registered"),
+        Some("users_handle_key") => handle_taken(),
+        Some("users_email_key") => registration_refused(),
+        _ => e.into(),
+    }
+}
+
+/// A profile change to an e-mail address another account has. The caller proved their password
+/// for it, and such checks are limited per user (`CURRENT_PASSWORD_RATE_PER_USER`).
+fn email_unavailable(e: sqlx::Error) -> ApiError {
+    match trellis_store::violated_constraint(&e) {
+        Some("users_email_key") => ApiError::conflict("email-unavailable", "that e-mail address cannot be used"),
         _ => e.into(),
     }
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct Login {
-    /// Handle or e-mail address.
+    /// Handle or e-mail address, at most 254 characters.
     pub login: String,
     pub password: String,
 }
@@ -122,29 +165,47 @@ pub struct Session {
     pub expires_at: OffsetDateTime,
 }
 
-/// Signs in with a handle or e-mail and a password. Rate-limited per login and per address.
+/// Signs in with a handle or e-mail and a password.
+///
+/// Anyone may call it. In order: a `login` longer than 254 characters is a 422; the client
+/// address's allowance (`LOGIN_RATE_PER_ADDRESS` per minute) is checked, then the account's
+/// (`LOGIN_RATE_PER_ACCOUNT` per minute: the user's when the login names one, so that a handle
+/// and an e-mail address of one user share it; the login name's otherwise), each answering 429
+/// with `Retry-After`; the password check waits for a hashing slot and answers 503 with
+/// `Retry-After` when none is free.
 #[utoipa::path(post, path = "/v1/sessions", tag = "identity", request_body = Login,
     responses((status = 201, body = Session), (status = 401, body = Problem), (status = 403, body = Problem),
-        (status = 429, body = Problem)))]
-async fn login(
-    State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Json(body): Json<Login>,
-) -> ApiResult<Response> {
-    let login = body.login.trim().to_lowercase();
+        (status = 422, body = Problem), (status = 429, body = Problem), (status = 503, body = Problem)))]
+async fn login(State(state): State<AppState>, client: ClientAddress, Json(body): Json<Login>) -> ApiResult<Response> {
+    // Bounded before anything else looks at it: the login becomes a limiter key and a query.
+    if body.login.chars().count() > LOGIN_MAX_LEN {
+        return Err(trellis_domain::FieldError::new("login", "too_long", "must be at most 254 characters").into());
+    }
+    let login = canonical_login(&body.login);
     if login.is_empty() {
         return Err(trellis_domain::FieldError::new("login", "required", "must not be empty").into());
     }
+    // A refused address inserts no account key.
     state
-        .login_limiter
-        .check(&login, peer.ip())
+        .limiters
+        .login_address
+        .check(&client)
         .map_err(|retry_after_secs| ApiError::RateLimited { retry_after_secs })?;
     let found = trellis_store::identity::find_credentials(&state.pool, &login).await?;
+    let account = match &found {
+        Some((user, _)) => AccountKey::User(user.id),
+        None => AccountKey::login(&login),
+    };
+    state
+        .limiters
+        .login_account
+        .check(&account)
+        .map_err(|retry_after_secs| ApiError::RateLimited { retry_after_secs })?;
     let (user, hash) = match found {
         Some((user, hash)) => (Some(user), Some(hash)),
         None => (None, None),
     };
-    let valid = auth::verify_password(body.password, hash).await?;
+    let valid = state.hashing.verify_password(body.password, hash).await?;
     let user = match user {
         Some(user) if valid => user,
         _ => return Err(ApiError::Unauthenticated),
@@ -190,9 +251,13 @@ pub struct MeChange {
 }
 
 /// Changes the caller's display name, e-mail or password.
+///
+/// Changing the e-mail address or the password checks `current_password`: at most
+/// `CURRENT_PASSWORD_RATE_PER_USER` checks per user per hour (429 with `Retry-After` beyond),
+/// each waiting for a hashing slot (503 with `Retry-After` when none is free).
 #[utoipa::path(patch, path = "/v1/me", tag = "identity", security(("bearer" = [])), request_body = MeChange,
     responses((status = 200, body = Me), (status = 401, body = Problem), (status = 409, body = Problem),
-        (status = 422, body = Problem)))]
+        (status = 422, body = Problem), (status = 429, body = Problem), (status = 503, body = Problem)))]
 async fn update_me(
     State(state): State<AppState>,
     principal: Principal,
@@ -214,15 +279,20 @@ async fn update_me(
                 "is required to change the e-mail address or the password",
             )
         })?;
+        state
+            .limiters
+            .current_password
+            .check(&principal.user_id.0)
+            .map_err(|retry_after_secs| ApiError::RateLimited { retry_after_secs })?;
         let hash = trellis_store::identity::password_hash(&state.pool, principal.user_id)
             .await?
             .ok_or(ApiError::Unauthenticated)?;
-        if !auth::verify_password(current, Some(hash)).await? {
+        if !state.hashing.verify_password(current, Some(hash)).await? {
             return Err(trellis_domain::FieldError::new("current_password", "incorrect", "is not your password").into());
         }
     }
     let password_hash = match password {
-        Some(p) => Some(auth::hash_password(p).await?),
+        Some(p) => Some(state.hashing.hash_password(p).await?),
         None => None,
     };
     let mut tx = state.pool.begin().await?;
@@ -236,7 +306,7 @@ async fn update_me(
         },
     )
     .await
-    .map_err(unique_violation)?;
+    .map_err(email_unavailable)?;
     let evs = events(
         Some(principal.user_id),
         [EventPayload::ProfileUpdated(ProfileUpdated {

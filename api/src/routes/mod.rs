@@ -15,11 +15,12 @@ use trellis_domain::UserId;
 use trellis_domain::events::{Event, EventPayload};
 use trellis_domain::identity::Handle;
 use trellis_store::identity::UserRow;
+use trellis_store::page::Page;
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::views::PageParams;
+use crate::views::{List, PageParams};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -65,17 +66,35 @@ pub fn limit(requested: Option<u32>, default: u32, max: u32) -> Result<usize, Ap
     }
 }
 
-/// The page's limit (default 50, at most 100) and its decoded cursor.
-pub fn page<K: DeserializeOwned>(params: &PageParams) -> Result<(usize, Option<K>), ApiError> {
+/// The page's limit (default 50, at most 100) and the position in its cursor, which must be
+/// one that the list `list` handed out (sealed with the cursor key).
+pub fn page<K: DeserializeOwned>(
+    state: &AppState,
+    list: &'static str,
+    params: &PageParams,
+) -> Result<(usize, Option<K>), ApiError> {
     let limit = limit(params.limit, 50, 100)?;
-    let cursor = match &params.cursor {
-        None => None,
-        Some(c) => Some(
-            trellis_store::page::decode_cursor(c)
-                .ok_or_else(|| ApiError::bad_request("invalid-cursor", "the cursor is not one this list handed out"))?,
-        ),
-    };
+    let cursor = params.cursor.as_deref().map(|c| open_cursor(state, list, c)).transpose()?;
     Ok((limit, cursor))
+}
+
+/// The position inside a cursor the list `list` handed out; a 400 for any other string.
+pub fn open_cursor<K: DeserializeOwned>(state: &AppState, list: &'static str, cursor: &str) -> Result<K, ApiError> {
+    state
+        .cursor_key
+        .open(list, cursor)
+        .ok_or_else(|| ApiError::bad_request("invalid-cursor", "the cursor is not one this list handed out"))
+}
+
+/// A page as the client sees it: its items, and its next cursor sealed for the list `list`.
+pub fn list<R, T: utoipa::ToSchema>(
+    state: &AppState,
+    list: &'static str,
+    page: Page<R>,
+    f: impl FnMut(R) -> T,
+) -> List<T> {
+    let next_cursor = page.next.as_ref().map(|next| state.cursor_key.seal(list, next));
+    List { items: page.items.into_iter().map(f).collect(), next_cursor }
 }
 
 /// Events of one command, all stamped with the same time and actor.

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
-use crate::routes::{events, page};
+use crate::routes::{events, list, page};
 use crate::views::{Dispute, List, PageParams};
 
 /// The rule id of a moderator's decision.
@@ -48,9 +48,10 @@ async fn queue(
     principal.require_moderator()?;
     let status = params.status.as_deref().map(DisputeStatus::parse).transpose()?;
     let priority = params.priority.as_deref().map(Priority::parse).transpose()?;
-    let (limit, after) = page::<QueueKey>(&PageParams { limit: params.limit, cursor: params.cursor })?;
+    let (limit, after) =
+        page::<QueueKey>(&state, "moderation-queue", &PageParams { limit: params.limit, cursor: params.cursor })?;
     let rows = trellis_store::disputes::list_queue(&state.pool, status, priority, after, limit).await?;
-    Ok(Json(List::from_page(rows, |r| Dispute::from_row(r, true))))
+    Ok(Json(list(&state, "moderation-queue", rows, |r| Dispute::from_row(r, true))))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -16,7 +16,8 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Json, Problem, Query};
-use crate::routes::limit;
+use crate::routes::{limit, open_cursor};
+use trellis_store::page::Cursor;
 use trellis_store::search::Documents;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -84,13 +85,29 @@ fn query_text(q: Option<&str>) -> Result<String, ApiError> {
     Ok(q.to_owned())
 }
 
-fn offset_of(cursor: Option<&str>) -> Result<i64, ApiError> {
-    match cursor {
-        None => Ok(0),
-        Some(c) => trellis_store::page::decode_cursor(c)
-            .filter(|o: &i64| *o >= 0)
-            .ok_or_else(|| ApiError::bad_request("invalid-cursor", "the cursor is not one this list handed out")),
+/// Results a search pages through at most: every tier reads `offset + limit` rows, so the
+/// offset is what bounds a search's cost. Past it the results end (`next_cursor` is null);
+/// a narrower query finds the rest.
+pub const MAX_RESULTS: i64 = 1000;
+
+/// The offset in a search cursor: a sealed cursor this list handed out (400 otherwise), within
+/// [`MAX_RESULTS`] (422 otherwise: a cursor sealed before the cap was lowered).
+fn offset_of(state: &AppState, list: &'static str, cursor: Option<&str>) -> Result<i64, ApiError> {
+    let Some(cursor) = cursor else { return Ok(0) };
+    let offset: i64 = open_cursor(state, list, cursor)?;
+    if !(0..MAX_RESULTS).contains(&offset) {
+        return Err(ApiError::unprocessable(
+            "cursor-out-of-range",
+            format!("search pages reach the first {MAX_RESULTS} results at most; narrow the query"),
+        ));
     }
+    Ok(offset)
+}
+
+/// The cursor of the page after `offset`, if there are more results within [`MAX_RESULTS`].
+fn next_cursor(state: &AppState, list: &'static str, more: bool, offset: i64, limit: usize) -> Option<String> {
+    let next = offset + limit as i64;
+    (more && next < MAX_RESULTS).then(|| state.cursor_key.seal(list, &Cursor::of(&next)))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -100,6 +117,8 @@ pub struct SearchParams {
     pub q: Option<String>,
     /// 1–50, default 20.
     pub limit: Option<u32>,
+    /// `next_cursor` of the previous page of the same search. Cursors are sealed (any other
+    /// string is a 400), and pages reach the first 1,000 results at most.
     pub cursor: Option<String>,
 }
 
@@ -123,7 +142,8 @@ pub struct SearchResults {
 /// Searches active users: exact handle, then handle prefix, then name (one typo tolerated from
 /// 3 characters), higher score first among equals.
 #[utoipa::path(get, path = "/v1/search/users", tag = "search", security(("bearer" = [])), params(SearchParams),
-    responses((status = 200, body = SearchResults), (status = 401, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 200, body = SearchResults), (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 422, body = Problem)))]
 async fn search_users(
     State(state): State<AppState>,
     _principal: Principal,
@@ -131,7 +151,9 @@ async fn search_users(
 ) -> ApiResult<Response> {
     let q = query_text(params.q.as_deref())?;
     let limit = limit(params.limit, 20, 50)?;
-    let offset = offset_of(params.cursor.as_deref())?;
+    let offset = offset_of(&state, "search-users", params.cursor.as_deref())?;
+    // The last page within the cap is cut short rather than crossing it.
+    let limit = limit.min((MAX_RESULTS - offset) as usize);
     let source = source(&state, "users").await?;
     let mut hits = match source {
         Source::Index => {
@@ -141,7 +163,7 @@ async fn search_users(
             trellis_store::search::users(&state.pool, Documents::Base, &q, offset, limit as i64 + 1).await?
         }
     };
-    let next_cursor = (hits.len() > limit).then(|| trellis_store::page::encode_cursor(&(offset + limit as i64)));
+    let next_cursor = next_cursor(&state, "search-users", hits.len() > limit, offset, limit);
     hits.truncate(limit);
     let body = SearchResults {
         items: hits
@@ -180,7 +202,8 @@ pub struct ContactResults {
 
 /// Searches the caller's own contacts by handle, name, label or circle name.
 #[utoipa::path(get, path = "/v1/me/contacts/search", tag = "search", security(("bearer" = [])), params(SearchParams),
-    responses((status = 200, body = ContactResults), (status = 401, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 200, body = ContactResults), (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 422, body = Problem)))]
 async fn search_contacts(
     State(state): State<AppState>,
     principal: Principal,
@@ -188,7 +211,8 @@ async fn search_contacts(
 ) -> ApiResult<Response> {
     let q = query_text(params.q.as_deref())?;
     let limit = limit(params.limit, 20, 50)?;
-    let offset = offset_of(params.cursor.as_deref())?;
+    let offset = offset_of(&state, "search-contacts", params.cursor.as_deref())?;
+    let limit = limit.min((MAX_RESULTS - offset) as usize);
     let source = source(&state, "contacts").await?;
     let owner = principal.user_id.0;
     let mut hits = match source {
@@ -197,7 +221,7 @@ async fn search_contacts(
         }
         Source::Database => trellis_store::search::contacts(&state.pool, owner, &q, offset, limit as i64 + 1).await?,
     };
-    let next_cursor = (hits.len() > limit).then(|| trellis_store::page::encode_cursor(&(offset + limit as i64)));
+    let next_cursor = next_cursor(&state, "search-contacts", hits.len() > limit, offset, limit);
     hits.truncate(limit);
     let body = ContactResults {
         items: hits

@@ -92,6 +92,14 @@ impl TestApp {
         .into_iter()
         .map(String::from)
         .collect();
+        // Tests file impersonation disputes from accounts made a moment before, and register
+        // more users from one address than an hour's production allowance; the tests of these
+        // limits pass their own values.
+        for (flag, value) in [("--dispute-p0-min-account-age", "0s"), ("--registration-rate-per-address", "10000")] {
+            if !options.args.iter().any(|a| a == flag) {
+                args.extend([flag.to_owned(), value.to_owned()]);
+            }
+        }
         args.extend(options.args);
         let config = Config::try_parse_from(args).expect("test config parses");
         let shutdown = CancellationToken::new();
@@ -247,6 +255,44 @@ impl TestApp {
             .filter(|l| !l.starts_with('#'))
             .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
             .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// The value of the series `name{labels}` on the admin `/metrics` (`labels` as Prometheus
+    /// prints them, e.g. `limiter="login_account"`), if it is there.
+    pub async fn labelled_metric(&self, name: &str, labels: &str) -> Option<f64> {
+        let (status, text) = self.admin_get("/metrics").await;
+        assert_eq!(status, 200, "/metrics answers");
+        let series = format!("{name}{{{labels}}} ");
+        text.lines().find_map(|l| l.strip_prefix(&series)).and_then(|v| v.trim().parse().ok())
+    }
+
+    /// An HTTP client whose connections come from `ip` (a loopback address such as
+    /// `127.0.0.2`): tests tell clients apart by source address.
+    pub fn client_from(ip: &str) -> reqwest::Client {
+        reqwest::Client::builder()
+            .no_proxy()
+            .local_address(ip.parse::<std::net::IpAddr>().expect("an IP address"))
+            .build()
+            .expect("http client")
+    }
+
+    /// Sends `req` built on another client (see [`client_from`](Self::client_from)).
+    pub fn build_on(
+        &self,
+        client: &reqwest::Client,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> reqwest::RequestBuilder {
+        let mut req = client.request(method, self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req
     }
 
     /// Rows of `ops.outbox` not yet published.

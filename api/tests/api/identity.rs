@@ -44,7 +44,8 @@ async fn duplicate_handles_and_emails_conflict_case_insensitively() {
             json!({"handle": "alice2", "display_name": "x", "email": "ALICE@example.com", "password": PASSWORD}),
         )
         .await;
-    assert_eq!((r.status, r.problem()), (409, "email-taken"));
+    // A taken e-mail address gets the generic answer: it does not say the address has an account.
+    assert_eq!((r.status, r.problem()), (409, "registration-refused"));
 }
 
 #[tokio::test]

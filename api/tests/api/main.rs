@@ -1,6 +1,7 @@
 //! Integration tests of `trellis-api` against real PostgreSQL and JetStream. One binary; each
 //! test has its own database and NATS prefix, so they run in parallel.
 
+mod abuse;
 mod activity;
 mod authorization;
 mod circles;

@@ -1,6 +1,9 @@
 //! Identity: handles, e-mail addresses, display names, passwords, roles and statuses.
 
 use serde::{Deserialize, Serialize};
+use unicode_normalization::UnicodeNormalization as _;
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory as _};
+use unicode_security::{RestrictionLevel, RestrictionLevelDetection as _};
 
 use crate::validation::FieldError;
 
@@ -47,30 +50,37 @@ impl AsRef<str> for Handle {
     }
 }
 
-/// An e-mail address, trimmed and lower-cased. Deliberately shallow: one `@`, a non-empty
-/// local part, a domain with a dot, no whitespace, at most 254 characters. Deliverability is
-/// the mail system's business, not a regex's.
+/// An e-mail address in its canonical form: NFKC, lower case, the domain in its ASCII
+/// (IDNA / punycode) form, so that one mailbox has one spelling and one account. Deliberately
+/// shallow otherwise: one `@`, a non-empty local part, a domain with a dot, no whitespace, at
+/// most 254 characters. Deliverability is the mail system's business, not a regex's.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Email(String);
 
 impl Email {
+    pub const MAX_LEN: usize = 254;
+
     pub fn parse(raw: &str) -> Result<Self, FieldError> {
-        let s = raw.trim().to_lowercase();
         let invalid = || FieldError::new("email", "invalid", "must be an e-mail address");
-        if s.len() > 254 || s.chars().any(char::is_whitespace) {
+        let s: String = raw.trim().nfkc().collect::<String>().to_lowercase();
+        if s.chars().count() > Self::MAX_LEN || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(invalid());
         }
         let (local, domain) = s.split_once('@').ok_or_else(invalid)?;
-        if local.is_empty()
-            || domain.contains('@')
-            || !domain.contains('.')
-            || domain.starts_with('.')
-            || domain.ends_with('.')
-        {
+        if local.is_empty() || domain.contains('@') {
             return Err(invalid());
         }
-        Ok(Self(s))
+        // UTS 46 also maps the other full stops (`。`, `．`) to `.`.
+        let domain = idna::domain_to_ascii(domain).map_err(|_| invalid())?;
+        if !domain.contains('.') || domain.starts_with('.') || domain.ends_with('.') {
+            return Err(invalid());
+        }
+        let canonical = format!("{local}@{domain}");
+        if canonical.len() > Self::MAX_LEN {
+            return Err(invalid());
+        }
+        Ok(Self(canonical))
     }
 
     pub fn as_str(&self) -> &str {
@@ -78,7 +88,30 @@ impl Email {
     }
 }
 
-/// A display name: 1–100 characters after trimming, no control characters.
+/// Longest `login` (handle or e-mail) a sign-in accepts: an e-mail address's limit, which is
+/// longer than a handle's.
+pub const LOGIN_MAX_LEN: usize = Email::MAX_LEN;
+
+/// The form a login (handle or e-mail address) is stored and looked up in: an e-mail address
+/// in [`Email`]'s canonical form, anything else trimmed, NFKC and lower-cased (a handle that
+/// does not parse finds no one either way).
+pub fn canonical_login(raw: &str) -> String {
+    match Email::parse(raw) {
+        Ok(email) => email.0,
+        Err(_) => raw.trim().nfkc().collect::<String>().to_lowercase(),
+    }
+}
+
+/// A display name: 1–100 characters after trimming, with no control or format characters
+/// (bidi overrides, zero-width joiners and spaces, other `Cf`), no line or paragraph
+/// separators, no private-use or unassigned code points, and no word that mixes scripts the
+/// way a look-alike does.
+///
+/// A word is a run of letters, marks and digits; each must be at most *moderately restrictive*
+/// in the sense of Unicode TS #39 §5.2: one script, or Latin with Han/Hiragana/Katakana/Hangul,
+/// or Latin with one other recommended script that is neither Cyrillic nor Greek (whose letters
+/// are the classic Latin look-alikes). So `Аlice` with a Cyrillic `А` is refused, while
+/// `Zoë`, `李小龍 Bruce` and `Иван Ivanov` (one script per word) are accepted.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct DisplayName(String);
@@ -94,8 +127,23 @@ impl DisplayName {
         if s.chars().count() > Self::MAX_LEN {
             return Err(FieldError::new("display_name", "too_long", "must be at most 100 characters"));
         }
-        if s.chars().any(char::is_control) {
-            return Err(FieldError::new("display_name", "invalid_characters", "must not contain control characters"));
+        if s.chars().any(invisible_or_control) {
+            return Err(FieldError::new(
+                "display_name",
+                "invalid_characters",
+                "must not contain control, format (bidi, zero-width) or unassigned characters",
+            ));
+        }
+        let mixed = s
+            .split(|c: char| !(c.is_alphanumeric() || is_mark(c)))
+            .filter(|w| !w.is_empty())
+            .any(|w| !w.check_restriction_level(RestrictionLevel::ModeratelyRestrictive));
+        if mixed {
+            return Err(FieldError::new(
+                "display_name",
+                "mixed_script",
+                "a word must not mix scripts that look alike (such as Latin with Cyrillic or Greek)",
+            ));
         }
         Ok(Self(s.to_owned()))
     }
@@ -103,6 +151,28 @@ impl DisplayName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Characters a display name must not contain: they are invisible, reorder text, or mean
+/// nothing yet.
+fn invisible_or_control(c: char) -> bool {
+    matches!(
+        c.general_category(),
+        GeneralCategory::Control
+            | GeneralCategory::Format
+            | GeneralCategory::LineSeparator
+            | GeneralCategory::ParagraphSeparator
+            | GeneralCategory::PrivateUse
+            | GeneralCategory::Surrogate
+            | GeneralCategory::Unassigned
+    )
+}
+
+fn is_mark(c: char) -> bool {
+    matches!(
+        c.general_category(),
+        GeneralCategory::NonspacingMark | GeneralCategory::SpacingMark | GeneralCategory::EnclosingMark
+    )
 }
 
 /// A plaintext password on its way to the hasher: 10–128 characters. Its `Debug` is redacted.
@@ -228,6 +298,63 @@ mod tests {
     }
 
     #[test]
+    fn emails_are_stored_in_one_canonical_form() {
+        // NFKC folds compatibility characters (full-width letters, ligatures) to their plain form.
+        assert_eq!(Email::parse("ＡＬＩＣＥ@example.com").unwrap().as_str(), "alice@example.com");
+        assert_eq!(Email::parse("ﬁona@example.com").unwrap().as_str(), "fiona@example.com");
+        // The domain in its ASCII (punycode) form, however it was typed.
+        assert_eq!(Email::parse("Jörg@Bücher.Example").unwrap().as_str(), "jörg@xn--bcher-kva.example");
+        assert_eq!(Email::parse("jörg@xn--bcher-kva.example").unwrap().as_str(), "jörg@xn--bcher-kva.example");
+        assert_eq!(Email::parse("a@EXAMPLE。com").unwrap().as_str(), "a@example.com", "an ideographic full stop");
+        assert!(Email::parse("a@exa\u{202e}mple.com").is_err(), "a bidi override is no domain");
+        assert!(Email::parse(&format!("{}@example.com", "a".repeat(243))).is_err(), "longer than 254");
+    }
+
+    #[test]
+    fn a_login_is_canonical_like_the_stored_handle_or_email() {
+        assert_eq!(canonical_login(" Alice "), "alice");
+        assert_eq!(canonical_login("ＡＬＩＣＥ@Bücher.example"), "alice@xn--bcher-kva.example");
+        assert_eq!(canonical_login("not an @ address"), "not an @ address");
+    }
+
+    #[test]
+    fn display_names_refuse_invisible_and_reordering_characters() {
+        for bad in [
+            "Ali\u{202e}ce", // right-to-left override
+            "Ali\u{2066}ce", // left-to-right isolate
+            "Ali\u{200b}ce", // zero-width space
+            "Ali\u{200d}ce", // zero-width joiner
+            "Ali\u{feff}ce", // zero-width no-break space (BOM)
+            "Ali\u{00ad}ce", // soft hyphen
+            "Ali\u{2028}ce", // line separator
+            "Ali\u{e000}ce", // private use
+            "Ali\u{0007}ce", // control
+        ] {
+            assert_eq!(DisplayName::parse(bad).unwrap_err().code, "invalid_characters", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn display_names_refuse_words_that_mix_look_alike_scripts() {
+        for bad in ["\u{0410}lice", "P\u{0430}ypal", "\u{0391}lpha", "Bob \u{0440}\u{0430}ypal"] {
+            assert_eq!(DisplayName::parse(bad).unwrap_err().code, "mixed_script", "{bad:?}");
+        }
+        for good in [
+            "Zoë",
+            "José Álvarez",
+            "O'Brien",
+            "李小龍 Bruce",
+            "Иван Ivanov",
+            "Αλέξανδρος",
+            "山田 太郎",
+            "Alice 🌸",
+            "R2-D2",
+        ] {
+            assert!(DisplayName::parse(good).is_ok(), "{good:?}: {:?}", DisplayName::parse(good));
+        }
+    }
+
+    #[test]
     fn password_debug_is_redacted() {
         let p = Password::parse("correct horse battery").unwrap();
         assert_eq!(format!("{p:?}"), "Password(<redacted>)");
@@ -249,7 +376,32 @@ mod tests {
                     prop_assert_eq!(d.as_str(), s.trim());
                     prop_assert!(!d.as_str().is_empty() && d.as_str().chars().count() <= 100);
                 }
-                Err(e) => prop_assert!(["required", "too_long", "invalid_characters"].contains(&e.code)),
+                Err(e) => prop_assert!(["required", "too_long", "invalid_characters", "mixed_script"].contains(&e.code)),
+            }
+        }
+
+        #[test]
+        fn a_display_name_with_a_format_character_anywhere_is_refused(
+            s in "[a-zA-Z ]{1,40}",
+            at in 0usize..40,
+            cf in prop::sample::select(vec!['\u{200b}', '\u{200c}', '\u{200d}', '\u{200e}', '\u{202a}', '\u{202e}', '\u{2066}', '\u{2069}', '\u{feff}', '\u{061c}']),
+        ) {
+            let mut chars: Vec<char> = s.chars().collect();
+            let at = at.min(chars.len());
+            chars.insert(at, cf);
+            let name: String = chars.into_iter().collect();
+            // Trimming does not remove format characters, so the name is refused wherever it is.
+            let refused = DisplayName::parse(&name);
+            prop_assert!(refused.is_err(), "{:?} accepted", name);
+        }
+
+        #[test]
+        fn canonical_emails_are_a_fixed_point(local in "[a-zA-Z0-9._\u{e0}-\u{ff}\u{ff21}-\u{ff3a}]{1,20}", domain in "[a-zA-Z\u{e0}-\u{fc}]{1,15}") {
+            let raw = format!("{local}@{domain}.example");
+            if let Ok(email) = Email::parse(&raw) {
+                prop_assert_eq!(Email::parse(email.as_str()).unwrap(), email.clone());
+                prop_assert!(email.as_str().split_once('@').unwrap().1.is_ascii());
+                prop_assert_eq!(canonical_login(&raw), email.as_str());
             }
         }
     }

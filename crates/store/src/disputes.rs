@@ -41,6 +41,34 @@ pub struct NewDispute<'a> {
     pub evidence: Option<&'a str>,
 }
 
+/// A reporter's open (pending or needs-review) disputes, in all and at P0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenDisputes {
+    pub all: i64,
+    pub p0: i64,
+}
+
+/// Counts `reporter`'s open disputes after taking a transaction-scoped advisory lock on the
+/// reporter, so that concurrent filings of one reporter are counted one after another and a
+/// limit checked against the count holds exactly. The lock is released at commit or rollback.
+/// The count reads the reporter's disputes through `disputes_reporter_idx`: its cost grows with
+/// what one reporter has filed, which these very limits keep small.
+pub async fn lock_and_count_open(conn: &mut PgConnection, reporter: UserId) -> Result<OpenDisputes, sqlx::Error> {
+    // The first key names the lock space ("filings per reporter"); the second the reporter.
+    sqlx::query("SELECT pg_advisory_xact_lock(1953066613, hashtext($1::text))")
+        .bind(reporter.0)
+        .execute(&mut *conn)
+        .await?;
+    let (all, p0): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE priority = 0) FROM security.disputes
+         WHERE reporter_id = $1 AND status IN ('pending', 'needs_review')",
+    )
+    .bind(reporter.0)
+    .fetch_one(conn)
+    .await?;
+    Ok(OpenDisputes { all, p0 })
+}
+
 pub async fn insert(conn: &mut PgConnection, d: &NewDispute<'_>) -> Result<DisputeRow, sqlx::Error> {
     sqlx::query_as(&format!(
         "INSERT INTO security.disputes (id, reporter_id, target_id, kind, priority, description, evidence)

@@ -43,6 +43,26 @@ pub async fn insert_user(conn: &mut PgConnection, user: &NewUser<'_>) -> Result<
     .await
 }
 
+/// Which of a handle and an e-mail address are already registered: the cheap check before a
+/// registration pays for hashing its password (the unique constraints still decide at insert).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    pub handle: bool,
+    pub email: bool,
+}
+
+pub async fn taken(db: impl PgExecutor<'_>, handle: &str, email: &str) -> Result<Taken, sqlx::Error> {
+    let (handle, email): (bool, bool) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM identity.users WHERE handle = $1),
+                EXISTS (SELECT 1 FROM identity.users WHERE email = $2)",
+    )
+    .bind(handle)
+    .bind(email)
+    .fetch_one(db)
+    .await?;
+    Ok(Taken { handle, email })
+}
+
 pub async fn find_by_id(db: impl PgExecutor<'_>, id: UserId) -> Result<Option<UserRow>, sqlx::Error> {
     sqlx::query_as(&format!("SELECT {USER_COLUMNS} FROM identity.users WHERE id = $1"))
         .bind(id.0)

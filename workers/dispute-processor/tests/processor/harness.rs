@@ -35,6 +35,19 @@ where
     }
 }
 
+/// The API's abuse limits (docs/SECURITY.md) opened wide: these tests register many users and
+/// file many disputes, impersonation among them, from one address within seconds.
+const TEST_LIMITS: &[&str] = &[
+    "--registration-rate-per-address",
+    "1000000",
+    "--dispute-p0-min-account-age",
+    "0s",
+    "--dispute-open-limit",
+    "1000000",
+    "--dispute-open-limit-p0",
+    "1000000",
+];
+
 /// A `trellis-api`: running in this process, or a child process (which a test can kill).
 pub struct Api {
     pub addr: SocketAddr,
@@ -81,6 +94,7 @@ impl Api {
             "--shutdown-grace",
             "5s",
         ];
+        args.extend_from_slice(TEST_LIMITS);
         args.extend_from_slice(extra);
         let config = Config::try_parse_from(args).expect("test config parses");
         let shutdown = CancellationToken::new();
@@ -114,6 +128,10 @@ impl Api {
             .env("ADMIN_ADDR", admin.to_string())
             .env("LOG_FORMAT", "json")
             .env("SHUTDOWN_GRACE", "5s")
+            .env("REGISTRATION_RATE_PER_ADDRESS", "1000000")
+            .env("DISPUTE_P0_MIN_ACCOUNT_AGE", "0s")
+            .env("DISPUTE_OPEN_LIMIT", "1000000")
+            .env("DISPUTE_OPEN_LIMIT_P0", "1000000")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         for (k, v) in env {

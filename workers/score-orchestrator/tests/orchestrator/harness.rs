@@ -34,6 +34,19 @@ where
     }
 }
 
+/// The API's abuse limits (docs/SECURITY.md) opened wide: these tests register many users and
+/// file many disputes, impersonation among them, from one address within seconds.
+const TEST_LIMITS: &[&str] = &[
+    "--registration-rate-per-address",
+    "1000000",
+    "--dispute-p0-min-account-age",
+    "0s",
+    "--dispute-open-limit",
+    "1000000",
+    "--dispute-open-limit-p0",
+    "1000000",
+];
+
 /// A `trellis-api` running in this process.
 pub struct Api {
     pub addr: SocketAddr,
@@ -71,6 +84,7 @@ impl Api {
             "--shutdown-grace",
             "5s",
         ];
+        args.extend_from_slice(TEST_LIMITS);
         args.extend_from_slice(extra);
         let config = Config::try_parse_from(args).expect("test config parses");
         let shutdown = CancellationToken::new();

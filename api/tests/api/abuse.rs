@@ -1,0 +1,623 @@
+//! Abuse limits, tried as an attacker would: each test floods or forges one thing against a
+//! real API and checks the bound that holds it (docs/SECURITY.md, "Abuse limits").
+
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::helpers::{Options, PASSWORD, Resp, TestApp};
+
+fn with(args: &[&str]) -> Options {
+    Options { args: args.iter().map(|a| a.to_string()).collect(), ..Default::default() }
+}
+
+async fn login(app: &TestApp, login: &str, password: &str) -> Resp {
+    app.post("/v1/sessions", None, json!({"login": login, "password": password})).await
+}
+
+async fn login_from(app: &TestApp, client: &reqwest::Client, login: &str, headers: &[(&str, &str)]) -> Resp {
+    let mut req = app.build_on(
+        client,
+        Method::POST,
+        "/v1/sessions",
+        None,
+        Some(json!({"login": login, "password": "wrong password!"})),
+    );
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    app.send(req).await
+}
+
+async fn limiter_keys(app: &TestApp, limiter: &str) -> f64 {
+    app.labelled_metric("trellis_api_rate_limiter_keys", &format!("limiter=\"{limiter}\""))
+        .await
+        .unwrap_or_else(|| panic!("trellis_api_rate_limiter_keys{{limiter=\"{limiter}\"}} is exported"))
+}
+
+/// A TCP connection to the API from the loopback address `from`.
+async fn connect_from(app: &TestApp, from: &str) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(app.addr).await.expect("connects")
+}
+
+/// Reads until the server closes the connection (or resets it); the bytes read.
+async fn read_to_close(stream: &mut TcpStream, within: Duration) -> Vec<u8> {
+    let mut read = Vec::new();
+    let mut buf = [0u8; 4096];
+    let outcome = tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => read.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(outcome.is_ok(), "the server kept the connection open for {within:?}");
+    read
+}
+
+fn assert_overloaded(r: &Resp) {
+    assert_eq!((r.status, r.problem()), (503, "overloaded"), "{:?}", r.body);
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    let retry_after: u64 = r.header("retry-after").expect("Retry-After").parse().unwrap();
+    assert!(retry_after >= 1);
+}
+
+// --- Login limiter memory ---------------------------------------------------------------
+
+#[tokio::test]
+async fn a_login_longer_than_254_characters_is_refused_before_it_is_looked_up_or_counted() {
+    let app = TestApp::spawn().await;
+    let long = "a".repeat(255);
+    let r = login(&app, &long, PASSWORD).await;
+    assert_eq!((r.status, r.problem()), (422, "validation"), "{:?}", r.body);
+    assert_eq!(r.body["errors"][0]["field"], "login");
+    assert_eq!(r.body["errors"][0]["code"], "too_long");
+    assert_eq!(limiter_keys(&app, "login_account").await, 0.0);
+    assert_eq!(limiter_keys(&app, "login_address").await, 0.0);
+    // 254 characters are a login like any other.
+    assert_eq!(login(&app, &"a".repeat(254), PASSWORD).await.status, 401);
+}
+
+#[tokio::test]
+async fn twenty_thousand_distinct_long_logins_leave_the_login_limiter_bounded() {
+    // The address allowance is lifted so that every attempt reaches the account limiter; the
+    // hashing gate is one slot with no queue, so attempts past it are shed instead of hashed.
+    let app = TestApp::spawn_with(with(&[
+        "--login-rate-per-address",
+        "1000000",
+        "--rate-limiter-capacity",
+        "1000",
+        "--password-hash-concurrency",
+        "1",
+        "--password-hash-queue",
+        "0",
+    ]))
+    .await;
+    let statuses: Vec<u16> = futures::stream::iter(0..20_000)
+        .map(|i| {
+            let app = &app;
+            async move {
+                let login = format!("{i:08}{}", "x".repeat(242));
+                assert_eq!(login.chars().count(), 250);
+                login_status(app, &login).await
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|s| [401, 503].contains(s)), "only 401 and 503: {:?}", distinct(&statuses));
+    let keys = limiter_keys(&app, "login_account").await;
+    assert!(keys <= 1000.0, "{keys} account keys for 20,000 logins");
+    assert!(keys >= 100.0, "the limiter keeps recent keys ({keys})");
+}
+
+async fn login_status(app: &TestApp, login: &str) -> u16 {
+    let req =
+        app.build(Method::POST, "/v1/sessions", None, Some(json!({"login": login, "password": "wrong password!"})));
+    req.send().await.expect("request sent").status().as_u16()
+}
+
+fn distinct(statuses: &[u16]) -> Vec<u16> {
+    let mut d = statuses.to_vec();
+    d.sort_unstable();
+    d.dedup();
+    d
+}
+
+#[tokio::test]
+async fn a_login_its_address_refuses_adds_no_account_key() {
+    let app = TestApp::spawn_with(with(&["--login-rate-per-address", "2"])).await;
+    for i in 0..2 {
+        assert_eq!(login(&app, &format!("someone{i}"), "wrong password!").await.status, 401);
+    }
+    for i in 2..10 {
+        let r = login(&app, &format!("someone{i}"), "wrong password!").await;
+        assert_eq!((r.status, r.problem()), (429, "rate-limited"));
+    }
+    assert_eq!(limiter_keys(&app, "login_account").await, 2.0);
+    assert_eq!(limiter_keys(&app, "login_address").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_users_handle_and_email_share_one_login_allowance() {
+    let app = TestApp::spawn().await;
+    app.register("alice").await;
+    for login_name in ["alice", "ALICE@example.com"].iter().cycle().take(10) {
+        assert_eq!(login(&app, login_name, "wrong password!").await.status, 401);
+    }
+    for login_name in ["alice", "Alice@Example.COM"] {
+        let r = login(&app, login_name, PASSWORD).await;
+        assert_eq!((r.status, r.problem()), (429, "rate-limited"), "{login_name}");
+    }
+}
+
+#[tokio::test]
+async fn forwarded_addresses_count_only_from_a_trusted_proxy() {
+    let proxy = TestApp::client_from("127.0.0.1");
+    // No trusted proxies: a forged X-Forwarded-For changes nothing.
+    let app = TestApp::spawn_with(with(&["--login-rate-per-address", "2"])).await;
+    for (i, forged) in ["198.51.100.1", "198.51.100.2", "198.51.100.3"].into_iter().enumerate() {
+        let r = login_from(&app, &proxy, &format!("user{i}"), &[("x-forwarded-for", forged)]).await;
+        assert_eq!(r.status, if i < 2 { 401 } else { 429 }, "{forged}");
+    }
+    drop(app);
+
+    // Loopback is the proxy: each forwarded client has its own allowance.
+    let app = TestApp::spawn_with(with(&["--login-rate-per-address", "2", "--trusted-proxies", "127.0.0.0/8"])).await;
+    let first = [("x-forwarded-for", "203.0.113.9, 198.51.100.1")];
+    for i in 0..2 {
+        assert_eq!(login_from(&app, &proxy, &format!("user{i}"), &first).await.status, 401);
+    }
+    assert_eq!(login_from(&app, &proxy, "user2", &first).await.status, 429);
+    // The left-most entry is the client's own claim and is not believed: same client.
+    let spoofed = [("x-forwarded-for", "203.0.113.10, 198.51.100.1")];
+    assert_eq!(login_from(&app, &proxy, "user3", &spoofed).await.status, 429);
+    let second = [("forwarded", "for=198.51.100.2;proto=https")];
+    assert_eq!(login_from(&app, &proxy, "user4", &second).await.status, 401);
+    // One IPv6 /64 is one client.
+    let v6a = [("forwarded", "for=\"[2001:db8:1:2::a]\"")];
+    let v6b = [("forwarded", "for=\"[2001:db8:1:2::b]:4711\"")];
+    assert_eq!(login_from(&app, &proxy, "user5", &v6a).await.status, 401);
+    assert_eq!(login_from(&app, &proxy, "user6", &v6b).await.status, 401);
+    assert_eq!(login_from(&app, &proxy, "user7", &v6a).await.status, 429);
+}
+
+#[tokio::test]
+async fn login_answers_are_counted_by_status_for_the_alert() {
+    let app = TestApp::spawn_with(with(&["--login-rate-per-address", "2"])).await;
+    let count = |status: &'static str| {
+        let app = &app;
+        async move { app.labelled_metric("trellis_api_login_responses_total", &format!("status=\"{status}\"")).await }
+    };
+    assert_eq!(count("401").await, Some(0.0), "every status exists from start-up");
+    assert_eq!(count("429").await, Some(0.0));
+    for _ in 0..3 {
+        login(&app, "nobody", "wrong password!").await;
+    }
+    assert_eq!(count("401").await, Some(2.0));
+    assert_eq!(count("429").await, Some(1.0));
+}
+
+// --- Unthrottled argon2 -----------------------------------------------------------------
+
+async fn hashes(app: &TestApp, operation: &str) -> f64 {
+    app.labelled_metric("trellis_api_password_hashes_total", &format!("operation=\"{operation}\""))
+        .await
+        .expect("trellis_api_password_hashes_total is exported")
+}
+
+#[tokio::test]
+async fn a_registration_with_a_taken_handle_or_email_is_refused_before_hashing() {
+    let app = TestApp::spawn().await;
+    app.register("alice").await;
+    let before = hashes(&app, "hash").await;
+    let r = app
+        .post(
+            "/v1/users",
+            None,
+            json!({"handle": "alice", "display_name": "x", "email": "new@example.com", "password": PASSWORD}),
+        )
+        .await;
+    assert_eq!((r.status, r.problem()), (409, "handle-taken"));
+    let r = app
+        .post(
+            "/v1/users",
+            None,
+            json!({"handle": "alice2", "display_name": "x", "email": "alice@example.com", "password": PASSWORD}),
+        )
+        .await;
+    assert_eq!((r.status, r.problem()), (409, "registration-refused"));
+    assert_eq!(hashes(&app, "hash").await, before, "no password was hashed for a refused registration");
+}
+
+#[tokio::test]
+async fn password_hashing_beyond_its_slots_and_queue_is_answered_503_at_once() {
+    let app = TestApp::spawn_with(with(&[
+        "--password-hash-concurrency",
+        "1",
+        "--password-hash-queue",
+        "0",
+        "--login-rate-per-address",
+        "100000",
+    ]))
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let app = &app;
+    for burst_no in 0.. {
+        let burst: Vec<Resp> = futures::future::join_all(
+            (0..16).map(|i| async move { login(app, &format!("nobody{burst_no}_{i}"), "wrong password!").await }),
+        )
+        .await;
+        let statuses: Vec<u16> = burst.iter().map(|r| r.status).collect();
+        assert!(statuses.iter().all(|s| [401, 503].contains(s)), "{statuses:?}");
+        if let Some(shed) = burst.iter().find(|r| r.status == 503) {
+            assert_overloaded(shed);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "16 logins at once never found the one hashing slot taken");
+    }
+    let shed = app.labelled_metric("trellis_api_requests_shed_total", "reason=\"password_hashing\"").await;
+    assert!(shed.unwrap_or(0.0) >= 1.0, "{shed:?}");
+}
+
+async fn register_from(app: &TestApp, client: &reqwest::Client, handle: &str) -> Resp {
+    let body =
+        json!({"handle": handle, "display_name": "x", "email": format!("{handle}@example.com"), "password": PASSWORD});
+    app.send(app.build_on(client, Method::POST, "/v1/users", None, Some(body))).await
+}
+
+#[tokio::test]
+async fn registrations_are_limited_per_client_address() {
+    let app = TestApp::spawn_with(with(&["--registration-rate-per-address", "3"])).await;
+    let attacker = TestApp::client_from("127.0.0.2");
+    for i in 0..3 {
+        assert_eq!(register_from(&app, &attacker, &format!("bot{i}")).await.status, 201);
+    }
+    let r = register_from(&app, &attacker, "bot3").await;
+    assert_eq!((r.status, r.problem()), (429, "rate-limited"), "{:?}", r.body);
+    let retry_after: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!(
+        (60..=1200).contains(&retry_after),
+        "an hour's allowance of 3 comes back one every 20 minutes: {retry_after}"
+    );
+    let legitimate = TestApp::client_from("127.0.0.3");
+    assert_eq!(register_from(&app, &legitimate, "erin").await.status, 201);
+}
+
+#[tokio::test]
+async fn registrations_are_limited_globally() {
+    let app = TestApp::spawn_with(with(&["--registration-rate-global", "2"])).await;
+    for (i, ip) in ["127.0.0.2", "127.0.0.3", "127.0.0.4"].into_iter().enumerate() {
+        let r = register_from(&app, &TestApp::client_from(ip), &format!("user{i}")).await;
+        assert_eq!(r.status, if i < 2 { 201 } else { 429 }, "{ip}: {:?}", r.body);
+    }
+}
+
+#[tokio::test]
+async fn current_password_checks_are_limited_per_user() {
+    let app = TestApp::spawn_with(with(&["--current-password-rate-per-user", "3"])).await;
+    let alice = app.register("alice").await;
+    let bob = app.register("bob").await;
+    let change = json!({"password": "a brand new password", "current_password": "not my password"});
+    for _ in 0..3 {
+        let r = app.patch("/v1/me", Some(&alice.token), change.clone()).await;
+        assert_eq!((r.status, r.body["errors"][0]["code"].as_str()), (422, Some("incorrect")));
+    }
+    let right = json!({"password": "a brand new password", "current_password": PASSWORD});
+    let r = app.patch("/v1/me", Some(&alice.token), right.clone()).await;
+    assert_eq!((r.status, r.problem()), (429, "rate-limited"), "even the right password waits: {:?}", r.body);
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(app.patch("/v1/me", Some(&bob.token), right).await.status, 200, "another user is not limited");
+    // A display name needs no password check and is not limited.
+    assert_eq!(app.patch("/v1/me", Some(&alice.token), json!({"display_name": "Alice"})).await.status, 200);
+}
+
+// --- Forgeable cursors --------------------------------------------------------------------
+
+const CURSOR_KEY: &str = "a test cursor key of thirty-two bytes or more";
+
+fn sealed(list: &str, key: &Value) -> String {
+    let key_bytes = trellis_store::page::CursorKey::new(CURSOR_KEY.as_bytes());
+    key_bytes.seal(list, &trellis_store::page::Cursor::of(key))
+}
+
+#[tokio::test]
+async fn a_forged_search_cursor_is_400_and_an_offset_past_the_cap_is_422() {
+    let app = TestApp::spawn_with(with(&["--cursor-key", CURSOR_KEY])).await;
+    let alice = app.register("alice").await;
+    for (_, handle) in (0..3).zip(["alice_a", "alice_b", "alice_c"]) {
+        app.register(handle).await;
+    }
+    let first = app.get("/v1/search/users?q=alice&limit=2", Some(&alice.token)).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let next = first.body["next_cursor"].as_str().expect("a second page").to_owned();
+    assert_eq!(
+        app.get(&format!("/v1/search/users?q=alice&limit=2&cursor={next}"), Some(&alice.token)).await.status,
+        200
+    );
+
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let (_, tag) = next.split_once('.').expect("a sealed cursor has a tag");
+    let forged = [
+        b64("100000000"),                      // yesterday's unsealed offset cursor
+        format!("{}.{tag}", b64("100000000")), // a real tag on another offset
+        sealed("search-contacts", &json!(2)),  // another list's cursor
+        trellis_store::page::CursorKey::new(b"another deployment's key, 32 bytes")
+            .seal("search-users", &trellis_store::page::Cursor::of(&2)),
+    ];
+    for cursor in forged {
+        let r = app.get(&format!("/v1/search/users?q=alice&cursor={cursor}"), Some(&alice.token)).await;
+        assert_eq!((r.status, r.problem()), (400, "invalid-cursor"), "{cursor}: {:?}", r.body);
+    }
+    let past_cap = sealed("search-users", &json!(1000));
+    let r = app.get(&format!("/v1/search/users?q=alice&cursor={past_cap}"), Some(&alice.token)).await;
+    assert_eq!((r.status, r.problem()), (422, "cursor-out-of-range"), "{:?}", r.body);
+    let within = sealed("search-users", &json!(999));
+    assert_eq!(app.get(&format!("/v1/search/users?q=alice&cursor={within}"), Some(&alice.token)).await.status, 200);
+}
+
+#[tokio::test]
+async fn every_list_cursor_is_sealed_for_its_list() {
+    let app = TestApp::spawn_with(with(&["--cursor-key", CURSOR_KEY])).await;
+    let alice = app.register("alice").await;
+    for handle in ["bob", "carol", "dave"] {
+        let user = app.register(handle).await;
+        app.add_contact(&alice, &user).await;
+    }
+    let pages = app.pages("/v1/me/contacts?limit=1", &alice.token).await;
+    assert_eq!(pages.len(), 3, "sealed cursors page through the list");
+    // A well-formed position, unsealed (what every cursor was before) or sealed for another list.
+    use base64::Engine as _;
+    let unsealed = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("\"{}\"", uuid::Uuid::nil()));
+    for cursor in [unsealed, sealed("circles", &json!(uuid::Uuid::nil()))] {
+        let r = app.get(&format!("/v1/me/contacts?cursor={cursor}"), Some(&alice.token)).await;
+        assert_eq!((r.status, r.problem()), (400, "invalid-cursor"), "{cursor}: {:?}", r.body);
+    }
+    let genuine = sealed("contacts", &json!(uuid::Uuid::nil()));
+    assert_eq!(app.get(&format!("/v1/me/contacts?cursor={genuine}"), Some(&alice.token)).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_cursor_key_shorter_than_32_bytes_is_refused_at_start_up() {
+    let db = trellis_testkit::TestDb::migrated().await.unwrap();
+    let args = [
+        "trellis-api",
+        "--database-url",
+        &db.url,
+        "--api-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--cursor-key",
+        "too short",
+    ];
+    let config = <trellis_api::Config as clap::Parser>::try_parse_from(args).unwrap();
+    let error = match trellis_api::start(config, tokio_util::sync::CancellationToken::new()).await {
+        Ok(_) => panic!("started with a short cursor key"),
+        Err(e) => e,
+    };
+    assert!(format!("{error:#}").contains("CURSOR_KEY must be at least 32 bytes"), "{error:#}");
+}
+
+// --- Slow clients ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_connection_that_never_finishes_its_request_head_is_closed() {
+    let app = TestApp::spawn_with(with(&["--header-read-timeout", "1s"])).await;
+    let mut slow = connect_from(&app, "127.0.0.2").await;
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: trellis\r\nX-Slow: ").await.unwrap();
+    read_to_close(&mut slow, Duration::from_secs(10)).await;
+    // An idle keep-alive connection is closed the same way.
+    let mut idle = connect_from(&app, "127.0.0.2").await;
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: trellis\r\n\r\n").await.unwrap();
+    let answer = read_to_close(&mut idle, Duration::from_secs(10)).await;
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+}
+
+#[tokio::test]
+async fn connections_beyond_the_per_address_cap_are_answered_503_and_others_are_served() {
+    let app = TestApp::spawn_with(with(&["--max-connections-per-address", "2"])).await;
+    // Two idle connections take 127.0.0.2's allowance (accepted in order, before the third).
+    let _held = [connect_from(&app, "127.0.0.2").await, connect_from(&app, "127.0.0.2").await];
+    let mut third = connect_from(&app, "127.0.0.2").await;
+    third.write_all(b"GET /healthz HTTP/1.1\r\nHost: trellis\r\n\r\n").await.unwrap();
+    let answer = String::from_utf8_lossy(&read_to_close(&mut third, Duration::from_secs(10)).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("retry-after: 1"), "{answer}");
+    assert!(answer.contains("urn:trellis:problem:overloaded"), "{answer}");
+
+    let legitimate = TestApp::client_from("127.0.0.3");
+    let r = app.send(app.build_on(&legitimate, Method::GET, "/healthz", None, None)).await;
+    assert_eq!(r.status, 200);
+    let shed = app.labelled_metric("trellis_api_requests_shed_total", "reason=\"connections_per_address\"").await;
+    assert_eq!(shed, Some(1.0));
+
+    // Closing one frees a place.
+    drop(_held);
+    let attacker = TestApp::client_from("127.0.0.2");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = attacker.get(app.url("/healthz")).send().await.map(|r| r.status().as_u16());
+        if status.as_ref().is_ok_and(|s| *s == 200) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "127.0.0.2 is never served again: {status:?}");
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn connections_beyond_the_total_cap_are_answered_503() {
+    let app = TestApp::spawn_with(with(&["--max-connections", "2"])).await;
+    let _held = [connect_from(&app, "127.0.0.2").await, connect_from(&app, "127.0.0.3").await];
+    let mut third = connect_from(&app, "127.0.0.4").await;
+    third.write_all(b"GET /healthz HTTP/1.1\r\nHost: trellis\r\n\r\n").await.unwrap();
+    let answer = String::from_utf8_lossy(&read_to_close(&mut third, Duration::from_secs(10)).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+}
+
+#[tokio::test]
+async fn requests_beyond_the_in_flight_cap_are_shed_at_once() {
+    let app = TestApp::spawn_with(with(&["--max-in-flight-requests", "1"])).await;
+    let alice = app.register("alice").await;
+    // Hold the contacts table so that one request stays in flight inside the database.
+    let mut blocker = app.db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE contacts.contacts IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
+    let in_flight = tokio::spawn(app.build(Method::GET, "/v1/me/contacts", Some(&alice.token), None).send());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the request never reached the database");
+        tokio::task::yield_now().await;
+    }
+    let started = tokio::time::Instant::now();
+    let shed = app.get("/v1/me", Some(&alice.token)).await;
+    assert_overloaded(&shed);
+    assert!(started.elapsed() < Duration::from_secs(2), "shed at once, not queued: {:?}", started.elapsed());
+    blocker.commit().await.unwrap();
+    assert_eq!(in_flight.await.unwrap().unwrap().status(), 200);
+    assert_eq!(app.get("/v1/me", Some(&alice.token)).await.status, 200);
+}
+
+// --- Dispute flooding -------------------------------------------------------------------------
+
+async fn file(
+    app: &TestApp,
+    reporter: &crate::helpers::TestUser,
+    target: &crate::helpers::TestUser,
+    kind: &str,
+) -> Resp {
+    app.post(
+        "/v1/disputes",
+        Some(&reporter.token),
+        json!({"target_id": target.id, "kind": kind, "description": format!("{kind} by {}", target.handle)}),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_reporter_has_a_bounded_number_of_open_disputes_and_fewer_at_p0() {
+    let app = TestApp::spawn_with(with(&["--dispute-open-limit", "3", "--dispute-open-limit-p0", "1"])).await;
+    let alice = app.register("alice").await;
+    let targets = [app.register("bob").await, app.register("carol").await, app.register("dave").await];
+    let first_p0 = file(&app, &alice, &targets[0], "impersonation").await;
+    assert_eq!(first_p0.status, 201);
+    let r = file(&app, &alice, &targets[1], "impersonation").await;
+    assert_eq!((r.status, r.problem()), (429, "open-dispute-limit"), "{:?}", r.body);
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(file(&app, &alice, &targets[1], "spam").await.status, 201);
+    assert_eq!(file(&app, &alice, &targets[2], "spam").await.status, 201);
+    let r = file(&app, &alice, &targets[2], "harassment").await;
+    assert_eq!((r.status, r.problem()), (429, "open-dispute-limit"));
+
+    // A decided dispute no longer counts.
+    let moderator = app.register("moderator").await;
+    app.grant_role(&moderator, "moderator").await;
+    let id = first_p0.body["id"].as_str().unwrap();
+    let decided = app
+        .post(
+            &format!("/v1/moderation/disputes/{id}/decision"),
+            Some(&moderator.token),
+            json!({"decision": "dismissed", "note": "no"}),
+        )
+        .await;
+    assert_eq!(decided.status, 200, "{:?}", decided.body);
+    assert_eq!(file(&app, &alice, &targets[1], "impersonation").await.status, 201);
+}
+
+#[tokio::test]
+async fn concurrent_filings_of_one_reporter_cannot_pass_the_open_limit_together() {
+    let app = TestApp::spawn_with(with(&["--dispute-open-limit", "2"])).await;
+    let alice = app.register("alice").await;
+    let bob = app.register("bob").await;
+    let results = futures::future::join_all((0..12).map(|_| file(&app, &alice, &bob, "spam"))).await;
+    let filed = results.iter().filter(|r| r.status == 201).count();
+    assert_eq!(filed, 2, "{:?}", results.iter().map(|r| r.status).collect::<Vec<_>>());
+    assert!(results.iter().all(|r| r.status == 201 || r.problem() == "open-dispute-limit"));
+}
+
+#[tokio::test]
+async fn a_new_account_cannot_file_an_impersonation_dispute() {
+    let app = TestApp::spawn_with(with(&["--dispute-p0-min-account-age", "1h"])).await;
+    let alice = app.register("alice").await;
+    let bob = app.register("bob").await;
+    let r = file(&app, &alice, &bob, "impersonation").await;
+    assert_eq!((r.status, r.problem()), (422, "account-too-new"), "{:?}", r.body);
+    assert_eq!(file(&app, &alice, &bob, "spam").await.status, 201, "other kinds are open to new accounts");
+    sqlx::query("UPDATE identity.users SET created_at = now() - interval '2 hours' WHERE id = $1::uuid")
+        .bind(&alice.id)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(file(&app, &alice, &bob, "impersonation").await.status, 201);
+}
+
+// --- Registration privacy and input hygiene -------------------------------------------------
+
+#[tokio::test]
+async fn a_taken_email_gets_the_generic_answer_in_any_spelling() {
+    let app = TestApp::spawn().await;
+    let r = app
+        .post(
+            "/v1/users",
+            None,
+            json!({"handle": "joerg", "display_name": "Jörg", "email": "ＪＯＥＲＧ@Bücher.Example", "password": PASSWORD}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["user"]["email"], "joerg@xn--bcher-kva.example");
+    for spelling in ["joerg@xn--bcher-kva.example", "Joerg@BÜCHER.example", "ｊｏｅｒｇ@bücher。example"] {
+        let r = app
+            .post(
+                "/v1/users",
+                None,
+                json!({"handle": "joerg2", "display_name": "J", "email": spelling, "password": PASSWORD}),
+            )
+            .await;
+        assert_eq!((r.status, r.problem()), (409, "registration-refused"), "{spelling}: {:?}", r.body);
+        let detail = r.body["detail"].as_str().unwrap();
+        assert!(!detail.contains("e-mail") && !detail.contains(spelling), "the answer names nothing: {detail}");
+    }
+    // Login finds the account by any spelling of its address.
+    assert_eq!(login(&app, "JOERG@bücher.example", PASSWORD).await.status, 201);
+}
+
+#[tokio::test]
+async fn display_names_with_format_characters_or_look_alike_scripts_are_refused() {
+    let app = TestApp::spawn().await;
+    let alice = app.register("alice").await;
+    for (name, code) in [
+        ("Bob\u{202e}kcilc", "invalid_characters"),
+        ("Bo\u{200b}b", "invalid_characters"),
+        ("\u{0410}lice", "mixed_script"),
+    ] {
+        let r = app
+            .post(
+                "/v1/users",
+                None,
+                json!({"handle": "mallory", "display_name": name, "email": "m@example.com", "password": PASSWORD}),
+            )
+            .await;
+        assert_eq!((r.status, r.body["errors"][0]["code"].as_str()), (422, Some(code)), "{name:?}: {:?}", r.body);
+        let r = app.patch("/v1/me", Some(&alice.token), json!({"display_name": name})).await;
+        assert_eq!((r.status, r.body["errors"][0]["code"].as_str()), (422, Some(code)), "{name:?}: {:?}", r.body);
+    }
+    assert_eq!(app.patch("/v1/me", Some(&alice.token), json!({"display_name": "Алиса Alice"})).await.status, 200);
+}
