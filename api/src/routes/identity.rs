@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 use trellis_domain::events::{EventPayload, ProfileUpdated, UserRegistered};
 use trellis_domain::identity::{DisplayName, Email, Handle, Password};
 use trellis_domain::{UserId, ValidationErrors};
+use trellis_runtime::config::Secret;
 use trellis_store::identity::{NewUser, ProfileChange};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -36,7 +37,8 @@ pub struct Registration {
     pub handle: String,
     pub display_name: String,
     pub email: String,
-    pub password: String,
+    #[schema(value_type = String, format = Password)]
+    pub password: Secret,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -56,7 +58,7 @@ async fn register(State(state): State<AppState>, Json(body): Json<Registration>)
     let handle = errors.check(Handle::parse(&body.handle));
     let display_name = errors.check(DisplayName::parse(&body.display_name));
     let email = errors.check(Email::parse(&body.email));
-    let password = errors.check(Password::parse(&body.password));
+    let password = errors.check(Password::parse(body.password.expose()));
     let (Some(handle), Some(display_name), Some(email), Some(password)) = (handle, display_name, email, password)
     else {
         return Err(errors.into());
@@ -111,7 +113,8 @@ fn unique_violation(e: sqlx::Error) -> ApiError {
 pub struct Login {
     /// Handle or e-mail address.
     pub login: String,
-    pub password: String,
+    #[schema(value_type = String, format = Password)]
+    pub password: Secret,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -144,7 +147,7 @@ async fn login(
         Some((user, hash)) => (Some(user), Some(hash)),
         None => (None, None),
     };
-    let valid = auth::verify_password(body.password, hash).await?;
+    let valid = auth::verify_password(body.password.into_exposed(), hash).await?;
     let user = match user {
         Some(user) if valid => user,
         _ => return Err(ApiError::Unauthenticated),
@@ -184,9 +187,11 @@ pub struct MeChange {
     pub display_name: Option<String>,
     pub email: Option<String>,
     /// A new password; needs `current_password`.
-    pub password: Option<String>,
+    #[schema(value_type = Option<String>, format = Password)]
+    pub password: Option<Secret>,
     /// Required to change the e-mail address or the password.
-    pub current_password: Option<String>,
+    #[schema(value_type = Option<String>, format = Password)]
+    pub current_password: Option<Secret>,
 }
 
 /// Changes the caller's display name, e-mail or password.
@@ -201,7 +206,7 @@ async fn update_me(
     let mut errors = ValidationErrors::default();
     let display_name = body.display_name.as_deref().map(DisplayName::parse).and_then(|r| errors.check(r));
     let email = body.email.as_deref().map(Email::parse).and_then(|r| errors.check(r));
-    let password = body.password.as_deref().map(Password::parse).and_then(|r| errors.check(r));
+    let password = body.password.as_ref().map(|p| Password::parse(p.expose())).and_then(|r| errors.check(r));
     errors.into_result()?;
     if display_name.is_none() && email.is_none() && password.is_none() {
         return Err(trellis_domain::FieldError::new("body", "empty", "nothing to change").into());
@@ -217,7 +222,7 @@ async fn update_me(
         let hash = trellis_store::identity::password_hash(&state.pool, principal.user_id)
             .await?
             .ok_or(ApiError::Unauthenticated)?;
-        if !auth::verify_password(current, Some(hash)).await? {
+        if !auth::verify_password(current.into_exposed(), Some(hash)).await? {
             return Err(trellis_domain::FieldError::new("current_password", "incorrect", "is not your password").into());
         }
     }
@@ -260,4 +265,30 @@ async fn get_user(
     Path(user): Path<String>,
 ) -> ApiResult<Json<PublicUser>> {
     Ok(Json(resolve_user(&state.pool, &user).await?.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_bodies_print_their_passwords_redacted() {
+        let registration: Registration = serde_json::from_value(serde_json::json!({
+            "handle": "erin", "display_name": "Erin", "email": "erin@example.com",
+            "password": "correct horse battery staple"
+        }))
+        .unwrap();
+        let login: Login =
+            serde_json::from_value(serde_json::json!({"login": "erin", "password": "correct horse battery staple"}))
+                .unwrap();
+        let change: MeChange = serde_json::from_value(serde_json::json!({
+            "password": "a brand new password", "current_password": "correct horse battery staple"
+        }))
+        .unwrap();
+        for shown in [format!("{registration:?}"), format!("{login:?}"), format!("{change:?}")] {
+            assert!(!shown.contains("correct horse") && !shown.contains("brand new"), "{shown}");
+            assert!(shown.contains("<redacted>"), "{shown}");
+        }
+        assert_eq!(login.password.expose(), "correct horse battery staple");
+    }
 }

@@ -153,6 +153,11 @@ impl TestApp {
         Resp { status, headers, body }
     }
 
+    /// `/readyz` on the admin port: the status with every check and its error.
+    pub async fn admin_readyz(&self) -> Resp {
+        self.send(self.http.get(format!("http://{}/readyz", self.admin_addr))).await
+    }
+
     pub async fn get(&self, path: &str, token: Option<&str>) -> Resp {
         self.request(Method::GET, path, token, None).await
     }

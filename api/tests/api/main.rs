@@ -8,6 +8,7 @@ mod contacts;
 mod disputes;
 mod errors;
 mod flags;
+mod health;
 mod helpers;
 mod idempotency;
 mod identity;

@@ -12,20 +12,27 @@ use clap::{Parser, Subcommand};
 use trellis_domain::UserId;
 use trellis_domain::events::{Event, EventPayload, RoleGranted, UserRef};
 use trellis_domain::identity::{Handle, Role};
-use trellis_runtime::config::Secret;
+use trellis_runtime::config::SecretUrl;
 use trellis_store::PoolConfig;
 use trellis_store::search_model::RebuildScope;
 
 #[derive(Debug, Parser)]
 #[command(name = "trellisctl", version, about = "The Trellis on-call tool")]
 struct Cli {
-    /// PostgreSQL connection URL.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/trellis", global = true)]
-    database_url: Secret,
+    /// PostgreSQL connection URL. It may carry a password: `--help` does not show the
+    /// environment's value, and errors show it redacted.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/trellis",
+        global = true
+    )]
+    database_url: SecretUrl,
 
-    /// NATS server URL.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
-    nats_url: String,
+    /// NATS server URL (credentials in it are sent as credentials, never shown).
+    #[arg(long, env = "NATS_URL", hide_env_values = true, default_value = "nats://127.0.0.1:4222", global = true)]
+    nats_url: SecretUrl,
 
     /// Prefix of stream, subject and consumer names (as the processes were started with).
     #[arg(long, env = "NATS_PREFIX", default_value = "", global = true)]
@@ -204,9 +211,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Parity(args) => parity::run(&pool, args, cli.output).await,
         Command::Dlq { action } => {
             let topology = trellis_runtime::nats::Topology::new(&cli.nats_prefix)?;
-            let client = async_nats::ConnectOptions::new()
+            let servers = trellis_runtime::nats::Servers::parse(&cli.nats_url)?;
+            let client = servers
+                .credentials(async_nats::ConnectOptions::new())
                 .name("trellisctl")
-                .connect(&cli.nats_url)
+                .connect(servers.addresses)
                 .await
                 .with_context(|| format!("connecting to NATS at {}", cli.nats_url))?;
             let js = trellis_runtime::nats::jetstream(client, std::time::Duration::from_secs(10));
