@@ -71,6 +71,7 @@ impl TestApp {
 
     /// Starts an app on an existing database and prefix (a second replica, or a restart).
     pub async fn start_on(db: TestDb, prefix: String, options: Options) -> Self {
+        trellis_testkit::capture_logs("trellis-api-in-process");
         let nats_url = options.nats_url.unwrap_or_else(trellis_testkit::nats_url);
         let mut args: Vec<String> = [
             "trellis-api",

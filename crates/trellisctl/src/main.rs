@@ -59,6 +59,11 @@ enum Command {
         #[command(subcommand)]
         action: Migrate,
     },
+    /// The database roles (cluster-wide; needs a role with CREATEROLE).
+    Db {
+        #[command(subcommand)]
+        action: Db,
+    },
     /// Roles and verification: the only way to make moderators, admins and verified users.
     Users {
         #[command(subcommand)]
@@ -97,8 +102,19 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+enum Db {
+    /// Creates the roles that are missing: `trellis_owner` (runs the migrations, owns the
+    /// schema) and one runtime role per binary (`trellis_api`, `trellis_score_orchestrator`,
+    /// `trellis_search_projector`, `trellis_dispute_processor`, `trellisctl`), all NOLOGIN.
+    /// Idempotent. Run it once per PostgreSQL cluster, before the first migration, as a role
+    /// with CREATEROLE; the migrations grant each role its privileges (docs/SECURITY.md).
+    Roles,
+}
+
+#[derive(Debug, Subcommand)]
 enum Migrate {
-    /// Applies every pending migration.
+    /// Applies every pending migration (as the migration owner). The database roles must
+    /// exist; when some are missing and this login may create roles, they are created first.
     Up,
     /// Reverts the newest applied migration, or down to `--to VERSION` (0 reverts all).
     Down {
@@ -195,6 +211,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let pool = trellis_store::connect_lazy(cli.database_url.expose(), &config).context("invalid DATABASE_URL")?;
     match cli.command {
         Command::Migrate { action } => migrate(&pool, action).await,
+        Command::Db { action: Db::Roles } => {
+            trellis_store::roles::ensure(&pool).await.context("creating the database roles (needs CREATEROLE)")?;
+            println!("database roles present: {}", trellis_store::roles::ALL.join(", "));
+            Ok(())
+        }
         Command::Users { action } => users(&pool, action).await,
         Command::Outbox { action } => outbox(&pool, action).await,
         Command::Score { action } => score(&pool, action, cli.output).await,
@@ -228,6 +249,17 @@ async fn migrate(pool: &sqlx::PgPool, action: Migrate) -> anyhow::Result<()> {
     use trellis_store::migrate;
     match action {
         Migrate::Up => {
+            let missing = trellis_store::roles::missing(pool).await?;
+            if !missing.is_empty() {
+                trellis_store::roles::ensure(pool).await.with_context(|| {
+                    format!(
+                        "the database roles {} are missing and this login cannot create them: \
+                         run `trellisctl db roles` as a role with CREATEROLE first",
+                        missing.join(", ")
+                    )
+                })?;
+                println!("created the database roles {}", missing.join(", "));
+            }
             migrate::up(pool).await.context("applying migrations")?;
             println!("migrations applied");
         }

@@ -49,7 +49,7 @@ impl Process {
             .env("LOG_FORMAT", "json")
             .env("SHUTDOWN_GRACE", "2s")
             .stdin(Stdio::null())
-            .stdout(Stdio::null());
+            .stdout(trellis_testkit::log_file(name).1);
         for (k, v) in env {
             cmd.env(k, v);
         }

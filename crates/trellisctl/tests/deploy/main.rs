@@ -6,5 +6,7 @@
 mod dashboard;
 mod harness;
 mod manifests;
+mod rendered;
+mod roles;
 mod rules;
 mod triggers;

@@ -1,0 +1,162 @@
+//! The log scan that follows the test suite in `cargo xtask test`: every process the tests
+//! start, and every in-process app, logs to a file under `TRELLIS_TEST_LOG_DIR` (see
+//! `trellis_testkit::log_dir`); none of those files may contain a secret the suite used — the
+//! test users' passwords, the test login roles' password, or the password of the suite's own
+//! DATABASE_URL. A finding names the file, the line and which secret, never the secret itself.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+
+/// A secret the suite uses: what to call it in a finding, and its value.
+pub struct Known {
+    pub name: &'static str,
+    pub value: String,
+}
+
+/// The passwords the test code sends or sets. Kept in step with the tests by hand: a new test
+/// password belongs here.
+pub fn test_passwords() -> Vec<Known> {
+    [
+        // "correct horse battery staple" and the unit tests' "correct horse battery".
+        ("the test users' password", "correct horse battery"),
+        ("a test's new password", "a brand new password"),
+        ("a test's wrong password", "wrong password!"),
+        ("a test's password", "long enough pw"),
+        // trellis_testkit::TEST_ROLE_PASSWORD
+        ("the test login roles' password", "role-password-for-tests-5f3a9c"),
+    ]
+    .into_iter()
+    .map(|(name, value)| Known { name, value: value.to_owned() })
+    .collect()
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub file: PathBuf,
+    pub line: usize,
+    pub secret: &'static str,
+}
+
+/// What a scan read and found.
+pub struct Scan {
+    pub files: usize,
+    pub bytes: u64,
+    pub findings: Vec<Finding>,
+}
+
+/// Reads every file under `dir` (recursively) and reports each line that contains a secret.
+pub fn scan(dir: &Path, secrets: &[Known]) -> anyhow::Result<Scan> {
+    let mut scan = Scan { files: 0, bytes: 0, findings: Vec::new() };
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        for entry in std::fs::read_dir(&next).with_context(|| format!("reading {}", next.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            scan.files += 1;
+            scan.bytes += bytes.len() as u64;
+            let text = String::from_utf8_lossy(&bytes);
+            for (number, line) in text.lines().enumerate() {
+                for secret in secrets.iter().filter(|s| !s.value.is_empty()) {
+                    if line.contains(&secret.value) {
+                        scan.findings.push(Finding { file: path.clone(), line: number + 1, secret: secret.name });
+                    }
+                }
+            }
+        }
+    }
+    scan.findings.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+    Ok(scan)
+}
+
+/// Fails when `dir` holds no log (the check would prove nothing) or any log holds a secret.
+pub fn check(dir: &Path, secrets: &[Known]) -> anyhow::Result<()> {
+    let scan = scan(dir, secrets)?;
+    if scan.files == 0 || scan.bytes == 0 {
+        bail!("no test process logged anything to {}: the secret scan would prove nothing", dir.display());
+    }
+    if !scan.findings.is_empty() {
+        let lines: Vec<String> =
+            scan.findings.iter().map(|f| format!("  {}:{}: {}", f.file.display(), f.line, f.secret)).collect();
+        bail!("secrets in the test logs ({} lines):\n{}", scan.findings.len(), lines.join("\n"));
+    }
+    eprintln!(
+        "secrets: {} log files ({} KiB) hold none of the suite's {} secrets",
+        scan.files,
+        scan.bytes / 1024,
+        secrets.len()
+    );
+    Ok(())
+}
+
+/// A random password for the suite's DATABASE_URL: 128 bits from the OS's hasher seeds.
+pub fn random_password() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    (0..2)
+        .map(|_| {
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+            format!("{:016x}", hasher.finish())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with(files: &[(&str, &str)]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("xtask-secrets-{}", random_password()));
+        std::fs::create_dir_all(dir.join("nested")).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        dir
+    }
+
+    fn known() -> Vec<Known> {
+        let mut secrets = test_passwords();
+        secrets.push(Known { name: "DATABASE_URL's password", value: "9f8e7d6c5b4a".into() });
+        secrets
+    }
+
+    #[test]
+    fn a_logged_password_or_url_credential_fails_the_check_and_names_where() {
+        let dir = dir_with(&[
+            (
+                "api.log",
+                "{\"msg\":\"started\"}\n{\"body\":\"Login { login: \\\"alice\\\", password: \\\"correct horse battery staple\\\" }\"}\n",
+            ),
+            ("nested/worker.log", "connecting to postgres://trellis_test_runner:9f8e7d6c5b4a@127.0.0.1:5432/x\n"),
+        ]);
+        let scan = scan(&dir, &known()).unwrap();
+        assert_eq!(scan.files, 2);
+        assert_eq!(
+            scan.findings,
+            [
+                Finding { file: dir.join("api.log"), line: 2, secret: "the test users' password" },
+                Finding { file: dir.join("nested/worker.log"), line: 1, secret: "DATABASE_URL's password" },
+            ]
+        );
+        let err = check(&dir, &known()).unwrap_err().to_string();
+        assert!(err.contains("api.log:2") && !err.contains("correct horse") && !err.contains("9f8e7d6c5b4a"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn redacted_logs_pass_and_an_empty_log_directory_fails() {
+        let dir = dir_with(&[(
+            "api.log",
+            "{\"url\":\"postgres://trellis_test_runner:***@127.0.0.1:5432/x\",\"password\":\"<redacted>\"}\n",
+        )]);
+        check(&dir, &known()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let empty = dir_with(&[]);
+        assert!(check(&empty, &known()).is_err(), "no log proves nothing");
+        std::fs::remove_dir_all(empty).unwrap();
+    }
+}
