@@ -9,4 +9,5 @@ mod manifests;
 mod rendered;
 mod roles;
 mod rules;
+mod secrets;
 mod triggers;
