@@ -14,21 +14,61 @@ pub struct Known {
     pub value: String,
 }
 
-/// The passwords the test code sends or sets. Kept in step with the tests by hand: a new test
-/// password belongs here.
-pub fn test_passwords() -> Vec<Known> {
-    [
+/// The passwords the test code sends or sets: those listed here, and every password literal
+/// the workspace's Rust sources hold (`"password": "…"`, `"current_password": "…"`,
+/// `…PASSWORD: &str = "…"`), so that a new test password is scanned for without being listed.
+pub fn test_passwords(root: &Path) -> anyhow::Result<Vec<Known>> {
+    let mut known: Vec<Known> = [
         // "correct horse battery staple" and the unit tests' "correct horse battery".
         ("the test users' password", "correct horse battery"),
-        ("a test's new password", "a brand new password"),
-        ("a test's wrong password", "wrong password!"),
-        ("a test's password", "long enough pw"),
         // trellis_testkit::TEST_ROLE_PASSWORD
         ("the test login roles' password", "role-password-for-tests-5f3a9c"),
     ]
     .into_iter()
     .map(|(name, value)| Known { name, value: value.to_owned() })
-    .collect()
+    .collect();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if path.is_dir() {
+                if !name.starts_with('.') && name != "target" {
+                    pending.push(path);
+                }
+            } else if name.ends_with(".rs") {
+                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                for value in password_literals(&text) {
+                    if !known.iter().any(|k| value.contains(&k.value)) {
+                        known.push(Known { name: "a password in the test code", value });
+                    }
+                }
+            }
+        }
+    }
+    Ok(known)
+}
+
+/// The password literals of a Rust source: long enough to be a valid password (10
+/// characters); shorter ones are refused by the API before anything could log them.
+fn password_literals(text: &str) -> Vec<String> {
+    const MARKERS: [&str; 4] =
+        ["\"password\": \"", "\"current_password\": \"", "PASSWORD: &str = \"", "\"password\":\""];
+    let mut found = Vec::new();
+    for marker in MARKERS {
+        for (at, _) in text.match_indices(marker) {
+            let rest = &text[at + marker.len()..];
+            if let Some(end) = rest.find('"')
+                && end >= 10
+                && !rest[..end].contains(['{', '\\'])
+            {
+                found.push(rest[..end].to_owned());
+            }
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -119,7 +159,7 @@ mod tests {
     }
 
     fn known() -> Vec<Known> {
-        let mut secrets = test_passwords();
+        let mut secrets = test_passwords(&crate::util::project_root()).unwrap();
         secrets.push(Known { name: "DATABASE_URL's password", value: "9f8e7d6c5b4a".into() });
         secrets
     }
@@ -145,6 +185,21 @@ mod tests {
         let err = check(&dir, &known()).unwrap_err().to_string();
         assert!(err.contains("api.log:2") && !err.contains("correct horse") && !err.contains("9f8e7d6c5b4a"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_test_passwords_are_found_in_the_sources() {
+        let values: Vec<String> = known().into_iter().map(|k| k.value).collect();
+        for wanted in
+            ["correct horse battery", "a brand new password", "wrong password!", "role-password-for-tests-5f3a9c"]
+        {
+            assert!(values.iter().any(|v| v == wanted), "{wanted:?} not among {values:?}");
+        }
+        assert!(!values.iter().any(|v| v.len() < 10), "{values:?}");
+        assert_eq!(
+            password_literals("json!({\"password\": \"short\", \"current_password\": \"long enough pw\"})"),
+            ["long enough pw"]
+        );
     }
 
     #[test]

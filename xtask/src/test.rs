@@ -84,7 +84,7 @@ pub fn run(flags: &flags::Test) -> anyhow::Result<()> {
         util::run(&mut cmd)
     })?;
     timed("secrets", &mut || {
-        let mut known = secrets::test_passwords();
+        let mut known = secrets::test_passwords(&util::project_root())?;
         known.push(secrets::Known {
             name: "the password of the suite's DATABASE_URL",
             value: database_password.clone(),
