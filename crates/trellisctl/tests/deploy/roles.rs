@@ -158,6 +158,30 @@ async fn the_owner_migrates_and_every_binary_does_its_job_with_its_own_role() {
     .await
     .unwrap();
     assert_eq!(tables_not_owned, 0, "the migration owner owns every table");
+    // A table a later migration adds reaches the roles of its schema through the default
+    // privileges, and no other role.
+    let owner = PgPool::connect(&url(roles::OWNER).await).await.unwrap();
+    sqlx::raw_sql("CREATE TABLE search.added_later (x int)").execute(&owner).await.unwrap();
+    let privileges: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT r, has_table_privilege(r, 'search.added_later', 'SELECT, INSERT, UPDATE, DELETE')
+           FROM unnest($1::text[]) AS r ORDER BY r",
+    )
+    .bind([roles::API, roles::SEARCH_PROJECTOR, roles::TRELLISCTL, roles::SCORE_ORCHESTRATOR, roles::DISPUTE_PROCESSOR])
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        privileges,
+        [
+            ("trellis_api".to_owned(), true),
+            ("trellis_dispute_processor".to_owned(), false),
+            ("trellis_score_orchestrator".to_owned(), false),
+            ("trellis_search_projector".to_owned(), true),
+            ("trellisctl".to_owned(), true),
+        ]
+    );
+    sqlx::raw_sql("DROP TABLE search.added_later").execute(&owner).await.unwrap();
+    owner.close().await;
 
     let api_addr = format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap());
     let _api = Process::start(
