@@ -113,11 +113,16 @@ pub fn scan(dir: &Path, secrets: &[Known]) -> anyhow::Result<Scan> {
     Ok(scan)
 }
 
-/// Fails when `dir` holds no log (the check would prove nothing) or any log holds a secret.
-pub fn check(dir: &Path, secrets: &[Known]) -> anyhow::Result<()> {
+/// Fails when any log under `dir` holds a secret, and, when `logs_expected` (the whole suite
+/// ran), when there is no log at all: the check would prove nothing.
+pub fn check(dir: &Path, secrets: &[Known], logs_expected: bool) -> anyhow::Result<()> {
     let scan = scan(dir, secrets)?;
     if scan.files == 0 || scan.bytes == 0 {
-        bail!("no test process logged anything to {}: the secret scan would prove nothing", dir.display());
+        if logs_expected {
+            bail!("no test process logged anything to {}: the secret scan would prove nothing", dir.display());
+        }
+        eprintln!("secrets: the tests that ran logged nothing to scan");
+        return Ok(());
     }
     if !scan.findings.is_empty() {
         let lines: Vec<String> =
@@ -182,7 +187,7 @@ mod tests {
                 Finding { file: dir.join("nested/worker.log"), line: 1, secret: "DATABASE_URL's password" },
             ]
         );
-        let err = check(&dir, &known()).unwrap_err().to_string();
+        let err = check(&dir, &known(), true).unwrap_err().to_string();
         assert!(err.contains("api.log:2") && !err.contains("correct horse") && !err.contains("9f8e7d6c5b4a"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -208,10 +213,11 @@ mod tests {
             "api.log",
             "{\"url\":\"postgres://trellis_test_runner:***@127.0.0.1:5432/x\",\"password\":\"<redacted>\"}\n",
         )]);
-        check(&dir, &known()).unwrap();
+        check(&dir, &known(), true).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         let empty = dir_with(&[]);
-        assert!(check(&empty, &known()).is_err(), "no log proves nothing");
+        assert!(check(&empty, &known(), true).is_err(), "no log proves nothing");
+        check(&empty, &known(), false).unwrap();
         std::fs::remove_dir_all(empty).unwrap();
     }
 }

@@ -61,3 +61,20 @@ async fn a_worker_logging_at_debug_level_logs_no_credential_of_its_urls() {
         assert!(!logged.contains(secret), "{} logged a password of its URLs", worker.log.display());
     }
 }
+
+#[tokio::test]
+async fn the_services_help_shows_no_credential_of_the_environment() {
+    for name in ["trellis-api", "score-orchestrator", "search-projector", "dispute-processor"] {
+        let out = tokio::process::Command::new(crate::harness::binary(name))
+            .arg("--help")
+            .env("DATABASE_URL", format!("postgres://someone:{DATABASE_PASSWORD}@db/trellis"))
+            .env("NATS_URL", format!("nats://someone:{NATS_PASSWORD}@nats:4222"))
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && help.contains("DATABASE_URL"), "{name}: {help}");
+        assert!(!help.contains(DATABASE_PASSWORD) && !help.contains(NATS_PASSWORD), "{name} --help: {help}");
+    }
+}
