@@ -1,10 +1,10 @@
-# syntax=docker/dockerfile:1.7
+# syntax=docker/dockerfile:1.7@sha256:a57df69d0ea827fb7266491f2813635de6f17269be881f696fbfdf2d83dda33e
 # Every Trellis binary, built once, in one slim runtime image; the process is chosen by the
 # command (`trellis-api`, `score-orchestrator`, `search-projector`, `dispute-processor`,
-# `trellisctl`). Base images are pinned by version; pin them by digest in the registry you
-# deploy from.
+# `trellisctl`). Base images (and the Dockerfile frontend) are pinned by tag and digest: the
+# digest is what is pulled, the tag says what it is. Refresh: deploy/README.md, "Image digests".
 
-FROM rust:1.88.0-bookworm AS build
+FROM rust:1.88.0-bookworm@sha256:af306cfa71d987911a781c37b59d7d67d934f49684058f96cf72079c3626bfe0 AS build
 WORKDIR /src
 COPY . .
 # The cargo registry and the target directory live in build caches, so dependencies are
@@ -16,7 +16,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && mkdir /out \
     && find target/release -maxdepth 1 -type f -perm -u+x ! -name 'trellis-probe-worker' -exec cp {} /out/ \;
 
-FROM debian:bookworm-20241111-slim AS runtime
+FROM debian:bookworm-20250721-slim@sha256:2424c1850714a4d94666ec928e24d86de958646737b1d113f5b2207be44d37d8 AS runtime
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \

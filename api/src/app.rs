@@ -80,7 +80,8 @@ pub fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(routes::router()).split_for_parts()
 }
 
-/// The whole public application: routes, `/openapi.json`, health and the middleware stack.
+/// The whole public application: routes, `/openapi.json`, health (the status only: check
+/// names and errors are on the admin port) and the middleware stack.
 pub fn app(state: AppState) -> Router {
     let (api, openapi) = api_router();
     let openapi_json: Arc<str> = openapi.to_json().expect("the OpenAPI document serialises").into();
@@ -103,7 +104,7 @@ pub fn app(state: AppState) -> Router {
     .layer(middleware::from_fn(record_request))
     .layer(middleware::from_fn_with_state(state.clone(), track_activity))
     .with_state(state)
-    .merge(trellis_runtime::admin::health_routes(health))
+    .merge(trellis_runtime::admin::public_health_routes(health))
     .layer(PropagateRequestIdLayer::new(request_id.clone()))
     .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
         let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -336,7 +337,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     let settings = crate::processors::Settings {
-        score: config.score.config(common.database_url.expose(), ctx.host.clone()),
+        score: config.score.config(&common.database_url, ctx.host.clone()),
         dispute: config.dispute.clone(),
         search_shadow: config.search_shadow.config().map_err(anyhow::Error::msg)?,
     };

@@ -29,6 +29,17 @@ const KUBERNETES_VALIDATE_REQUIREMENT: &str = "kubernetes-validate==1.37.0";
 /// The Kubernetes version the manifests must be valid for.
 const KUBERNETES_VERSION: &str = "1.33.0";
 const OVERLAYS: &[&str] = &["dev", "prod"];
+/// The variables `deploy/compose.yaml` requires from the environment.
+const COMPOSE_SECRETS: &[&str] = &[
+    "POSTGRES_PASSWORD",
+    "GRAFANA_ADMIN_PASSWORD",
+    "TRELLIS_OWNER_DB_PASSWORD",
+    "TRELLIS_API_DB_PASSWORD",
+    "TRELLIS_SCORE_ORCHESTRATOR_DB_PASSWORD",
+    "TRELLIS_SEARCH_PROJECTOR_DB_PASSWORD",
+    "TRELLIS_DISPUTE_PROCESSOR_DB_PASSWORD",
+    "TRELLISCTL_DB_PASSWORD",
+];
 const KEDA_SCHEMA: &str = "deploy/k8s/schemas/keda.sh_scaledobject_v1alpha1.json";
 
 pub fn run() -> anyhow::Result<()> {
@@ -41,13 +52,12 @@ pub fn run() -> anyhow::Result<()> {
 
     eprintln!("deploy: docker-compose config");
     // The compose file requires its secrets from the environment; any value validates.
-    util::run(
-        Command::new("docker-compose")
-            .args(["--file", "deploy/compose.yaml", "config", "--quiet"])
-            .env("POSTGRES_PASSWORD", "validation-only")
-            .env("GRAFANA_ADMIN_PASSWORD", "validation-only")
-            .current_dir(&root),
-    )?;
+    let mut compose = Command::new("docker-compose");
+    compose.args(["--file", "deploy/compose.yaml", "config", "--quiet"]).current_dir(&root);
+    for secret in COMPOSE_SECRETS {
+        compose.env(secret, "validation-only");
+    }
+    util::run(&mut compose)?;
 
     eprintln!("deploy: promtool check rules, promtool test rules");
     let prometheus = root.join("deploy/prometheus");

@@ -10,6 +10,7 @@ mod bench_dispute;
 mod deploy;
 mod flags;
 mod lint;
+mod secrets;
 mod seed;
 mod services;
 mod test;

@@ -243,6 +243,29 @@ fn create_database_if_missing(url: &PgUrl, psql: Option<&Path>) -> anyhow::Resul
     Ok(())
 }
 
+/// A login of the test suite's own on the server of `database_url`: `trellis_test_runner`, a
+/// superuser (the tests create and drop databases and roles) whose password is `password`,
+/// set anew on every run. Returns `database_url` logging in as it. The suite runs with a
+/// password in its DATABASE_URL so that the log scan after it (`secrets::scan`) can prove that
+/// no process logged a database URL's credentials.
+pub fn test_runner_url(database_url: &str, password: &str) -> anyhow::Result<String> {
+    let url = PgUrl::parse(database_url)?;
+    let psql = postgres_tool("psql").context("psql is needed to create the test suite's login")?;
+    let sql = format!(
+        "DO $runner$ BEGIN
+             IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'trellis_test_runner') THEN
+                 CREATE ROLE trellis_test_runner LOGIN SUPERUSER;
+             END IF;
+         END $runner$;
+         ALTER ROLE trellis_test_runner WITH LOGIN SUPERUSER PASSWORD '{password}';"
+    );
+    psql_query(&psql, &url.maintenance_url(), &sql)
+        .map_err(|e| anyhow::anyhow!("{}", format!("{e:#}").replace(password, "***")))
+        .context("creating the test suite's login trellis_test_runner")?;
+    let login = PgUrl { userinfo: format!("trellis_test_runner:{password}"), ..url };
+    Ok(login.to_url())
+}
+
 fn psql_query(psql: &Path, url: &str, sql: &str) -> anyhow::Result<String> {
     util::read(
         Command::new(psql)

@@ -1,7 +1,12 @@
 //! `cargo xtask test`: what CI runs (`.ci/run`), in order, stopping at the first failure:
-//! format check, clippy, migration lint, deploy checks, test suite — against PostgreSQL and NATS made
-//! reachable as `cargo xtask services` does (private instances are left running for the next
-//! run).
+//! format check, clippy, migration lint, deploy checks, test suite, and the scan of the suite's
+//! logs for its secrets — against PostgreSQL and NATS made reachable as `cargo xtask services`
+//! does (private instances are left running for the next run).
+//!
+//! The suite logs in to PostgreSQL as a login of its own with a fresh random password
+//! (`services::test_runner_url`), and every test process logs under `target/test-logs/`
+//! (`TRELLIS_TEST_LOG_DIR`): the last step fails if any log holds that password or a test
+//! password (`secrets`).
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +15,7 @@ use anyhow::Context;
 use crate::deploy;
 use crate::flags;
 use crate::lint;
+use crate::secrets;
 use crate::services::{self, Stack};
 use crate::util;
 
@@ -18,10 +24,18 @@ pub fn run(flags: &flags::Test) -> anyhow::Result<()> {
     let stack = Stack::ensure()?;
     // Outage tests start NATS servers of their own.
     let nats_server = services::nats_server_bin()?;
+    let database_password = secrets::random_password();
+    let database_url = services::test_runner_url(&stack.database_url, &database_password)?;
+    let log_dir = util::target_dir().join("test-logs");
+    if log_dir.exists() {
+        std::fs::remove_dir_all(&log_dir).with_context(|| format!("clearing {}", log_dir.display()))?;
+    }
+    std::fs::create_dir_all(&log_dir)?;
     let env = [
-        ("DATABASE_URL", stack.database_url.clone()),
+        ("DATABASE_URL", database_url),
         ("NATS_URL", stack.nats_url.clone()),
         ("NATS_SERVER_BIN", nats_server.to_string_lossy().into_owned()),
+        ("TRELLIS_TEST_LOG_DIR", log_dir.to_string_lossy().into_owned()),
     ];
     stack.keep_running();
     for (name, value) in &env {
@@ -68,6 +82,15 @@ pub fn run(flags: &flags::Test) -> anyhow::Result<()> {
         };
         cmd.args(&flags.runner_args);
         util::run(&mut cmd)
+    })?;
+    timed("secrets", &mut || {
+        let mut known = secrets::test_passwords(&util::project_root())?;
+        known.push(secrets::Known {
+            name: "the password of the suite's DATABASE_URL",
+            value: database_password.clone(),
+        });
+        // A filtered run (`cargo xtask test -- FILTER`) may start no process: nothing to scan.
+        secrets::check(&log_dir, &known, flags.runner_args.is_empty())
     })?;
 
     eprintln!();

@@ -8,6 +8,7 @@ use time::OffsetDateTime;
 use trellis_domain::events::{EventPayload, ProfileUpdated, UserRegistered};
 use trellis_domain::identity::{DisplayName, Email, Handle, LOGIN_MAX_LEN, Password, canonical_login};
 use trellis_domain::{UserId, ValidationErrors};
+use trellis_runtime::config::Secret;
 use trellis_store::identity::{NewUser, ProfileChange};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -36,7 +37,8 @@ pub struct Registration {
     pub handle: String,
     pub display_name: String,
     pub email: String,
-    pub password: String,
+    #[schema(value_type = String, format = Password)]
+    pub password: Secret,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -69,7 +71,7 @@ async fn register(
     let handle = errors.check(Handle::parse(&body.handle));
     let display_name = errors.check(DisplayName::parse(&body.display_name));
     let email = errors.check(Email::parse(&body.email));
-    let password = errors.check(Password::parse(&body.password));
+    let password = errors.check(Password::parse(body.password.expose()));
     let (Some(handle), Some(display_name), Some(email), Some(password)) = (handle, display_name, email, password)
     else {
         return Err(errors.into());
@@ -154,7 +156,8 @@ fn email_unavailable(e: sqlx::Error) -> ApiError {
 pub struct Login {
     /// Handle or e-mail address, at most 254 characters.
     pub login: String,
-    pub password: String,
+    #[schema(value_type = String, format = Password)]
+    pub password: Secret,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -205,7 +208,7 @@ async fn login(State(state): State<AppState>, client: ClientAddress, Json(body):
         Some((user, hash)) => (Some(user), Some(hash)),
         None => (None, None),
     };
-    let valid = state.hashing.verify_password(body.password, hash).await?;
+    let valid = state.hashing.verify_password(body.password.into_exposed(), hash).await?;
     let user = match user {
         Some(user) if valid => user,
         _ => return Err(ApiError::Unauthenticated),
@@ -245,9 +248,11 @@ pub struct MeChange {
     pub display_name: Option<String>,
     pub email: Option<String>,
     /// A new password; needs `current_password`.
-    pub password: Option<String>,
+    #[schema(value_type = Option<String>, format = Password)]
+    pub password: Option<Secret>,
     /// Required to change the e-mail address or the password.
-    pub current_password: Option<String>,
+    #[schema(value_type = Option<String>, format = Password)]
+    pub current_password: Option<Secret>,
 }
 
 /// Changes the caller's display name, e-mail or password.
@@ -266,7 +271,7 @@ async fn update_me(
     let mut errors = ValidationErrors::default();
     let display_name = body.display_name.as_deref().map(DisplayName::parse).and_then(|r| errors.check(r));
     let email = body.email.as_deref().map(Email::parse).and_then(|r| errors.check(r));
-    let password = body.password.as_deref().map(Password::parse).and_then(|r| errors.check(r));
+    let password = body.password.as_ref().map(|p| Password::parse(p.expose())).and_then(|r| errors.check(r));
     errors.into_result()?;
     if display_name.is_none() && email.is_none() && password.is_none() {
         return Err(trellis_domain::FieldError::new("body", "empty", "nothing to change").into());
@@ -287,7 +292,7 @@ async fn update_me(
         let hash = trellis_store::identity::password_hash(&state.pool, principal.user_id)
             .await?
             .ok_or(ApiError::Unauthenticated)?;
-        if !state.hashing.verify_password(current, Some(hash)).await? {
+        if !state.hashing.verify_password(current.into_exposed(), Some(hash)).await? {
             return Err(trellis_domain::FieldError::new("current_password", "incorrect", "is not your password").into());
         }
     }
@@ -330,4 +335,30 @@ async fn get_user(
     Path(user): Path<String>,
 ) -> ApiResult<Json<PublicUser>> {
     Ok(Json(resolve_user(&state.pool, &user).await?.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_bodies_print_their_passwords_redacted() {
+        let registration: Registration = serde_json::from_value(serde_json::json!({
+            "handle": "erin", "display_name": "Erin", "email": "erin@example.com",
+            "password": "correct horse battery staple"
+        }))
+        .unwrap();
+        let login: Login =
+            serde_json::from_value(serde_json::json!({"login": "erin", "password": "correct horse battery staple"}))
+                .unwrap();
+        let change: MeChange = serde_json::from_value(serde_json::json!({
+            "password": "a brand new password", "current_password": "correct horse battery staple"
+        }))
+        .unwrap();
+        for shown in [format!("{registration:?}"), format!("{login:?}"), format!("{change:?}")] {
+            assert!(!shown.contains("correct horse") && !shown.contains("brand new"), "{shown}");
+            assert!(shown.contains("<redacted>"), "{shown}");
+        }
+        assert_eq!(login.password.expose(), "correct horse battery staple");
+    }
 }

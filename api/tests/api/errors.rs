@@ -105,9 +105,11 @@ async fn an_unavailable_database_is_a_503_with_retry_after() {
     let r = app.send(req.header("idempotency-key", "k")).await;
     assert_problem(&r, 503, "unavailable");
 
-    let ready = app.get("/readyz", None).await;
+    let ready = app.admin_readyz().await;
     assert_eq!(ready.status, 503, "{:?}", ready.body);
     assert_eq!(ready.body["status"], "unready");
+    let public = app.get("/readyz", None).await;
+    assert_eq!((public.status, &public.body), (503, &json!({"status": "unready"})));
     let db_check = ready.body["checks"].as_array().unwrap().iter().find(|c| c["name"] == "database").unwrap();
     assert_eq!(db_check["ok"], false);
     assert_eq!(app.get("/healthz", None).await.status, 200, "the process itself is alive");

@@ -71,6 +71,7 @@ impl TestApp {
 
     /// Starts an app on an existing database and prefix (a second replica, or a restart).
     pub async fn start_on(db: TestDb, prefix: String, options: Options) -> Self {
+        trellis_testkit::capture_logs("trellis-api-in-process");
         let nats_url = options.nats_url.unwrap_or_else(trellis_testkit::nats_url);
         let mut args: Vec<String> = [
             "trellis-api",
@@ -159,6 +160,11 @@ impl TestApp {
         let bytes = resp.bytes().await.expect("body read");
         let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
         Resp { status, headers, body }
+    }
+
+    /// `/readyz` on the admin port: the status with every check and its error.
+    pub async fn admin_readyz(&self) -> Resp {
+        self.send(self.http.get(format!("http://{}/readyz", self.admin_addr))).await
     }
 
     pub async fn get(&self, path: &str, token: Option<&str>) -> Resp {

@@ -9,6 +9,7 @@ mod contacts;
 mod disputes;
 mod errors;
 mod flags;
+mod health;
 mod helpers;
 mod idempotency;
 mod identity;

@@ -253,13 +253,13 @@ async fn filed_disputes_go_to_their_priority_subject_and_decisions_publish_their
     }
 }
 
-/// Polls `/readyz` on the public port until its `status` is `want` (or the deadline passes).
+/// Polls `/readyz` on the admin port until its `status` is `want` (or the deadline passes).
 async fn wait_for_readiness(app: &TestApp, want: &str, timeout: Duration) -> Value {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut pace = tokio::time::interval(Duration::from_millis(50));
     loop {
         pace.tick().await;
-        let r = app.get("/readyz", None).await;
+        let r = app.admin_readyz().await;
         if r.body["status"] == want {
             assert_eq!(r.status, 200, "readyz answers 200 when {want}: {:?}", r.body);
             return r.body;

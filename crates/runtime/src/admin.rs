@@ -13,9 +13,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
 
-/// `/healthz` and `/readyz`, to be merged into any router (the API serves them publicly too).
+/// `/healthz` and `/readyz` with every check's name and error (the admin port: check errors
+/// name hosts, users and causes, for the operator and the probes only).
 pub fn health_routes(health: Health) -> Router {
     Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(health)
+}
+
+/// `/healthz` and `/readyz` for a public port: the same status and status code, and nothing
+/// else (`{"status":"ready"}`, `degraded` or `unready`).
+pub fn public_health_routes(health: Health) -> Router {
+    Router::new().route("/healthz", get(healthz)).route("/readyz", get(public_readyz)).with_state(health)
 }
 
 pub fn router(health: Health, metrics: PrometheusHandle) -> Router {
@@ -52,6 +59,12 @@ async fn readyz(State(health): State<Health>) -> Response {
     let report = health.report(Duration::from_secs(2)).await;
     let status = if report.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(report)).into_response()
+}
+
+async fn public_readyz(State(health): State<Health>) -> Response {
+    let report = health.report(Duration::from_secs(2)).await;
+    let status = if report.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(serde_json::json!({ "status": report.status }))).into_response()
 }
 
 async fn render_metrics(State(metrics): State<PrometheusHandle>) -> Response {

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 
+use crate::config::{Secret, SecretUrl};
+
 /// Stream, subject and consumer names under one deployment prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
@@ -115,9 +117,12 @@ impl Topology {
 }
 
 /// Connects to NATS. The connection retries in the background when the server is down at
-/// start-up, so a process can start and report "degraded" instead of exiting.
-pub async fn connect(url: &str, name: &str, request_timeout: Duration) -> anyhow::Result<async_nats::Client> {
-    let client = async_nats::ConnectOptions::new()
+/// start-up, so a process can start and report "degraded" instead of exiting. Credentials in
+/// the URL are handed over as connect options (see [`Servers::parse`]).
+pub async fn connect(url: &SecretUrl, name: &str, request_timeout: Duration) -> anyhow::Result<async_nats::Client> {
+    let servers = Servers::parse(url)?;
+    let options = servers
+        .credentials(async_nats::ConnectOptions::new())
         .name(name)
         .retry_on_initial_connect()
         .request_timeout(Some(request_timeout))
@@ -127,10 +132,114 @@ pub async fn connect(url: &str, name: &str, request_timeout: Duration) -> anyhow
                 async_nats::Event::Disconnected => tracing::warn!("NATS disconnected"),
                 other => tracing::info!(event = %other, "NATS event"),
             }
-        })
-        .connect(url)
-        .await?;
-    Ok(client)
+        });
+    Ok(options.connect(servers.addresses).await?)
+}
+
+/// The servers of a NATS URL (or comma-separated list), without credentials, and the
+/// credentials they carried. async-nats logs a server's address (`Debug`, password included)
+/// while it connects, so credentials travel as connect options, never inside an address.
+#[derive(Debug)]
+pub struct Servers {
+    pub addresses: Vec<async_nats::ServerAddr>,
+    credentials: Option<NatsCredentials>,
+}
+
+enum NatsCredentials {
+    UserPassword { user: String, password: Secret },
+    Token(Secret),
+}
+
+impl std::fmt::Debug for NatsCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::UserPassword { user, password } => write!(f, "UserPassword({user}, {password:?})"),
+            Self::Token(token) => write!(f, "Token({token:?})"),
+        }
+    }
+}
+
+impl PartialEq for NatsCredentials {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::UserPassword { user: a, password: p }, Self::UserPassword { user: b, password: q }) => {
+                a == b && p == q
+            }
+            (Self::Token(a), Self::Token(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Servers {
+    /// Splits `url`: `nats://user:password@host` is a user and password, `nats://token@host` a
+    /// token (as nats-server reads them). Every server of a list must carry the same credentials,
+    /// or none. Errors name the URL redacted.
+    pub fn parse(url: &SecretUrl) -> anyhow::Result<Self> {
+        let mut addresses = Vec::new();
+        let mut credentials: Option<NatsCredentials> = None;
+        for one in url.expose().split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let address: async_nats::ServerAddr =
+                one.parse().map_err(|e| anyhow::anyhow!("invalid NATS_URL {url}: {e}"))?;
+            let mut inner = address.into_inner();
+            let found = match (inner.username(), inner.password()) {
+                ("", None) => None,
+                (user, Some(password)) => Some(NatsCredentials::UserPassword {
+                    user: percent_decode(user),
+                    password: Secret::new(percent_decode(password)),
+                }),
+                (token, None) => Some(NatsCredentials::Token(Secret::new(percent_decode(token)))),
+            };
+            if let Some(found) = found {
+                match &credentials {
+                    Some(known) if *known != found => {
+                        anyhow::bail!("the servers of NATS_URL {url} carry different credentials")
+                    }
+                    _ => credentials = Some(found),
+                }
+            } else if credentials.is_some() {
+                anyhow::bail!("the servers of NATS_URL {url} carry different credentials");
+            }
+            let _ = inner.set_password(None);
+            let _ = inner.set_username("");
+            addresses.push(
+                async_nats::ServerAddr::from_url(inner).map_err(|e| anyhow::anyhow!("invalid NATS_URL {url}: {e}"))?,
+            );
+        }
+        anyhow::ensure!(!addresses.is_empty(), "NATS_URL names no server");
+        Ok(Self { addresses, credentials })
+    }
+
+    /// `options` with the credentials, if the URL carried any.
+    pub fn credentials(&self, options: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
+        match &self.credentials {
+            None => options,
+            Some(NatsCredentials::UserPassword { user, password }) => {
+                options.user_and_password(user.clone(), password.expose().to_owned())
+            }
+            Some(NatsCredentials::Token(token)) => options.token(token.expose().to_owned()),
+        }
+    }
+}
+
+/// `%XX` escapes of a URL's user part decoded (an invalid escape stays as written).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex) = text.get(i + 1..i + 3)
+            && let Ok(byte) = u8::from_str_radix(hex, 16)
+        {
+            out.push(byte);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A JetStream context whose requests and publish acknowledgements time out.
@@ -215,5 +324,34 @@ mod tests {
         assert_eq!(plain.subject("events.>"), "events.>");
         assert!(Topology::new("a.b").is_err());
         assert!(Topology::new("a b").is_err());
+    }
+}
+
+#[cfg(test)]
+mod credential_tests {
+    use super::*;
+
+    #[test]
+    fn credentials_leave_the_addresses_and_travel_as_options() {
+        let servers = Servers::parse(&SecretUrl::new("nats://app:p%40ss@a:4222,nats://app:p%40ss@b:4223")).unwrap();
+        let shown = format!("{servers:?}");
+        assert!(!shown.contains("p@ss") && !shown.contains("p%40ss"), "{shown}");
+        for address in &servers.addresses {
+            assert!(!address.has_user_pass() && address.password().is_none(), "{}", address.as_url_str());
+        }
+        assert!(matches!(
+            &servers.credentials,
+            Some(NatsCredentials::UserPassword { user, password }) if user == "app" && password.expose() == "p@ss"
+        ));
+        let token = Servers::parse(&SecretUrl::new("nats://s3cr3t-token@a")).unwrap();
+        assert!(matches!(&token.credentials, Some(NatsCredentials::Token(t)) if t.expose() == "s3cr3t-token"));
+    }
+
+    #[test]
+    fn servers_with_different_credentials_are_refused_without_quoting_them() {
+        let err = Servers::parse(&SecretUrl::new("nats://u:one-pw@a,nats://u:two-pw@b")).unwrap_err().to_string();
+        assert!(err.contains("different credentials") && !err.contains("one-pw") && !err.contains("two-pw"), "{err}");
+        let err = Servers::parse(&SecretUrl::new("http://u:pw-in-url@a")).unwrap_err().to_string();
+        assert!(!err.contains("pw-in-url"), "{err}");
     }
 }

@@ -15,6 +15,7 @@ pub mod identity;
 pub mod migrate;
 pub mod outbox;
 pub mod page;
+pub mod roles;
 pub mod scores;
 pub mod search;
 pub mod search_model;

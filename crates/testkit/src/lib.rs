@@ -2,6 +2,10 @@
 //! (created and migrated, dropped afterwards) and its own NATS prefix, so the suite runs in
 //! parallel against one PostgreSQL and one NATS server. `PrivateNats` starts a nats-server of
 //! the test's own, for outage scenarios.
+//!
+//! Every process a test starts, and the in-process apps' `tracing` output, log to files under
+//! [`log_dir`]: `cargo xtask test` scans them for the suite's passwords and credentials after
+//! the run.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -43,11 +47,13 @@ impl TestDb {
         Ok(db)
     }
 
-    /// A new database with nothing in it.
+    /// A new database with nothing in it (the cluster-wide database roles exist: the
+    /// migrations grant to them).
     pub async fn empty() -> anyhow::Result<Self> {
         let server = server_url();
         let name = format!("trellis_test_{}", uuid::Uuid::new_v4().simple());
-        let admin = PgPool::connect(&server).await.with_context(|| format!("connecting to {server}"))?;
+        let admin = PgPool::connect(&server).await.context("connecting to DATABASE_URL")?;
+        trellis_store::roles::ensure(&admin).await.context("creating the database roles")?;
         sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await?;
         admin.close().await;
         let options: PgConnectOptions = server.parse()?;
@@ -77,6 +83,83 @@ impl Drop for TestDb {
         })
         .join();
     }
+}
+
+/// The password of every login role the tests make ([`TestDb::login_url`]); known to the log
+/// scan of `cargo xtask test`, which fails if it appears in a log.
+pub const TEST_ROLE_PASSWORD: &str = "role-password-for-tests-5f3a9c";
+
+impl TestDb {
+    /// A URL of this database that logs in as a member of `role` (one of
+    /// `trellis_store::roles::ALL`) that acts as `role` (`SET role` is its default), with a
+    /// password: `<role>_login`, created on first use (login roles are cluster-wide, shared by
+    /// every test database).
+    pub async fn login_url(&self, role: &str) -> anyhow::Result<String> {
+        anyhow::ensure!(trellis_store::roles::ALL.contains(&role), "{role} is not a Trellis database role");
+        let login = format!("{role}_login");
+        let admin = PgPool::connect(&server_url()).await.context("connecting to DATABASE_URL")?;
+        let create = format!(
+            "DO $login$ BEGIN
+                 IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = '{login}') THEN
+                     BEGIN
+                         CREATE ROLE {login} LOGIN PASSWORD '{TEST_ROLE_PASSWORD}' IN ROLE {role};
+                         -- acts as {role}: what the owner's login creates, {role} owns
+                         ALTER ROLE {login} SET role = '{role}';
+                     EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+                     END;
+                 END IF;
+             END $login$"
+        );
+        sqlx::raw_sql(&create).execute(&admin).await.with_context(|| format!("creating the login role {login}"))?;
+        admin.close().await;
+        Ok(with_login(&self.url, &login, TEST_ROLE_PASSWORD))
+    }
+}
+
+/// `url` logging in as `user` with `password`.
+pub fn with_login(url: &str, user: &str, password: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let host = rest[..authority_end].rsplit_once('@').map_or(&rest[..authority_end], |(_, host)| host);
+    format!("{scheme}://{user}:{password}@{host}{}", &rest[authority_end..])
+}
+
+/// Where the tests' logs go: `TRELLIS_TEST_LOG_DIR`, or `target/test-logs` of the workspace.
+pub fn log_dir() -> PathBuf {
+    let dir = std::env::var_os("TRELLIS_TEST_LOG_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-logs"));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating the test log directory {}: {e}", dir.display()));
+    dir
+}
+
+/// A new file in [`log_dir`] for the output of a process named `name`, to hand to
+/// `Command::stdout` (or `stderr`): its path and the file.
+pub fn log_file(name: &str) -> (PathBuf, std::fs::File) {
+    let path = log_dir().join(format!("{name}-{}.log", uuid::Uuid::new_v4().simple()));
+    let file = std::fs::File::create(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    (path, file)
+}
+
+/// Sends this test process's `tracing` output (an in-process app's logs) to a file in
+/// [`log_dir`], as JSON like the binaries write, filtered by `RUST_LOG` or
+/// `info,trellis=debug` (the dev overlay's level). Once per process; later calls do nothing.
+pub fn capture_logs(name: &str) {
+    static CAPTURED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    CAPTURED.get_or_init(|| {
+        let (_, file) = log_file(name);
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,trellis=debug"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::sync::Mutex::new(file))
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init();
+    });
 }
 
 /// `url` with its database path replaced by `name`.

@@ -12,20 +12,27 @@ use clap::{Parser, Subcommand};
 use trellis_domain::UserId;
 use trellis_domain::events::{Event, EventPayload, RoleGranted, UserRef};
 use trellis_domain::identity::{Handle, Role};
-use trellis_runtime::config::Secret;
+use trellis_runtime::config::SecretUrl;
 use trellis_store::PoolConfig;
 use trellis_store::search_model::RebuildScope;
 
 #[derive(Debug, Parser)]
 #[command(name = "trellisctl", version, about = "The Trellis on-call tool")]
 struct Cli {
-    /// PostgreSQL connection URL.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/trellis", global = true)]
-    database_url: Secret,
+    /// PostgreSQL connection URL. It may carry a password: `--help` does not show the
+    /// environment's value, and errors show it redacted.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/trellis",
+        global = true
+    )]
+    database_url: SecretUrl,
 
-    /// NATS server URL.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
-    nats_url: String,
+    /// NATS server URL (credentials in it are sent as credentials, never shown).
+    #[arg(long, env = "NATS_URL", hide_env_values = true, default_value = "nats://127.0.0.1:4222", global = true)]
+    nats_url: SecretUrl,
 
     /// Prefix of stream, subject and consumer names (as the processes were started with).
     #[arg(long, env = "NATS_PREFIX", default_value = "", global = true)]
@@ -51,6 +58,11 @@ enum Command {
     Migrate {
         #[command(subcommand)]
         action: Migrate,
+    },
+    /// The database roles (cluster-wide; needs a role with CREATEROLE).
+    Db {
+        #[command(subcommand)]
+        action: Db,
     },
     /// Roles and verification: the only way to make moderators, admins and verified users.
     Users {
@@ -90,8 +102,19 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+enum Db {
+    /// Creates the roles that are missing: `trellis_owner` (runs the migrations, owns the
+    /// schema) and one runtime role per binary (`trellis_api`, `trellis_score_orchestrator`,
+    /// `trellis_search_projector`, `trellis_dispute_processor`, `trellisctl`), all NOLOGIN.
+    /// Idempotent. Run it once per PostgreSQL cluster, before the first migration, as a role
+    /// with CREATEROLE; the migrations grant each role its privileges (docs/SECURITY.md).
+    Roles,
+}
+
+#[derive(Debug, Subcommand)]
 enum Migrate {
-    /// Applies every pending migration.
+    /// Applies every pending migration (as the migration owner). The database roles must
+    /// exist; when some are missing and this login may create roles, they are created first.
     Up,
     /// Reverts the newest applied migration, or down to `--to VERSION` (0 reverts all).
     Down {
@@ -188,6 +211,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let pool = trellis_store::connect_lazy(cli.database_url.expose(), &config).context("invalid DATABASE_URL")?;
     match cli.command {
         Command::Migrate { action } => migrate(&pool, action).await,
+        Command::Db { action: Db::Roles } => {
+            trellis_store::roles::ensure(&pool).await.context("creating the database roles (needs CREATEROLE)")?;
+            println!("database roles present: {}", trellis_store::roles::ALL.join(", "));
+            Ok(())
+        }
         Command::Users { action } => users(&pool, action).await,
         Command::Outbox { action } => outbox(&pool, action).await,
         Command::Score { action } => score(&pool, action, cli.output).await,
@@ -204,9 +232,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Parity(args) => parity::run(&pool, args, cli.output).await,
         Command::Dlq { action } => {
             let topology = trellis_runtime::nats::Topology::new(&cli.nats_prefix)?;
-            let client = async_nats::ConnectOptions::new()
+            let servers = trellis_runtime::nats::Servers::parse(&cli.nats_url)?;
+            let client = servers
+                .credentials(async_nats::ConnectOptions::new())
                 .name("trellisctl")
-                .connect(&cli.nats_url)
+                .connect(servers.addresses)
                 .await
                 .with_context(|| format!("connecting to NATS at {}", cli.nats_url))?;
             let js = trellis_runtime::nats::jetstream(client, std::time::Duration::from_secs(10));
@@ -219,6 +249,17 @@ async fn migrate(pool: &sqlx::PgPool, action: Migrate) -> anyhow::Result<()> {
     use trellis_store::migrate;
     match action {
         Migrate::Up => {
+            let missing = trellis_store::roles::missing(pool).await?;
+            if !missing.is_empty() {
+                trellis_store::roles::ensure(pool).await.with_context(|| {
+                    format!(
+                        "the database roles {} are missing and this login cannot create them: \
+                         run `trellisctl db roles` as a role with CREATEROLE first",
+                        missing.join(", ")
+                    )
+                })?;
+                println!("created the database roles {}", missing.join(", "));
+            }
             migrate::up(pool).await.context("applying migrations")?;
             println!("migrations applied");
         }

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use trellis_domain::UserId;
 use trellis_domain::events::{Event, EventPayload, ScoresUpdated, UserScore};
 use trellis_domain::score::{self, Graph, GraphBuilder, TrustResult};
+use trellis_runtime::config::SecretUrl;
 use trellis_runtime::consumer::{ConsumerSpec, Delivery, MessageHandler, Outcome};
 use trellis_store::scores::{self as store, NewScore, RunResult};
 use uuid::Uuid;
@@ -46,7 +47,9 @@ pub const EVENT_CHUNK: usize = 1000;
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub database_url: String,
+    /// The database of the lease connections (a run's lease is a session lock on a connection
+    /// of its own).
+    pub database_url: SecretUrl,
     /// Run when the last successful run is older than this.
     pub schedule: Duration,
     /// How often to check whether a scheduled run is due.
@@ -108,9 +111,9 @@ pub struct ScoreArgs {
 }
 
 impl ScoreArgs {
-    pub fn config(&self, database_url: &str, host: String) -> Config {
+    pub fn config(&self, database_url: &SecretUrl, host: String) -> Config {
         Config {
-            database_url: database_url.to_owned(),
+            database_url: database_url.clone(),
             schedule: self.schedule,
             schedule_check: self.schedule_check,
             run_timeout: self.run_timeout,
@@ -233,7 +236,7 @@ impl Orchestrator {
     /// serves the schedule too; if it fails, the next check asks again) and the run is still
     /// due once the lease is held.
     async fn request_if_idle(&self) -> Result<Vec<RunSummary>, RunError> {
-        let mut lease = PgConnection::connect(&self.config.database_url).await?;
+        let mut lease = PgConnection::connect(self.config.database_url.expose()).await?;
         if !store::try_lease(&mut lease).await? {
             let _ = lease.close().await;
             return Ok(Vec::new());
@@ -273,7 +276,7 @@ impl Orchestrator {
                 None => {
                     // The lease lives on a connection of its own: if this process dies,
                     // PostgreSQL ends the session and frees the lock.
-                    let mut lease = PgConnection::connect(&self.config.database_url).await?;
+                    let mut lease = PgConnection::connect(self.config.database_url.expose()).await?;
                     if !store::try_lease(&mut lease).await? {
                         tracing::info!("a score run is in progress elsewhere; this request joins its follow-up");
                         let _ = lease.close().await;

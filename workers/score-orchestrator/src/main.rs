@@ -30,7 +30,7 @@ struct Args {
 async fn main() -> std::process::ExitCode {
     let matches = Args::command().mut_arg("batch_size", |a| a.default_value(DEFAULT_BATCH_SIZE)).get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    let config = args.score.config(args.worker.common.database_url.expose(), worker::hostname());
+    let config = args.score.config(&args.worker.common.database_url, worker::hostname());
     if args.run_once {
         return run_once(&args.worker, config).await;
     }
@@ -65,7 +65,7 @@ async fn run_once(args: &WorkerArgs, config: Config) -> std::process::ExitCode {
     let result = async {
         let mut pool_config = trellis_store::PoolConfig::new("score-orchestrator");
         pool_config.statement_timeout = args.common.batch_timeout;
-        let pool = trellis_store::connect_lazy(&config.database_url, &pool_config)?;
+        let pool = trellis_store::connect_lazy(config.database_url.expose(), &pool_config)?;
         let orchestrator = Orchestrator::new(pool, config)?;
         let runs = orchestrator.request("cli", None).await?;
         anyhow::ensure!(!runs.is_empty(), "another replica holds the run lease; the request is pending for it");

@@ -168,7 +168,7 @@ impl Candidate {
 
     async fn phases(&self, run_id: Uuid, request_id: Option<Uuid>) -> Result<CandidateSummary, RunError> {
         let config = &self.orchestrator.config;
-        let mut conn = PgConnection::connect(&config.database_url).await?;
+        let mut conn = PgConnection::connect(config.database_url.expose()).await?;
         let outcome = async {
             let t = Instant::now();
             let mut sink = BuilderSink(None);

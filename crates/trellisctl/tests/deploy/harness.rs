@@ -33,6 +33,8 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct Process {
     pub name: String,
     pub admin: SocketAddr,
+    /// Where its output goes.
+    pub log: PathBuf,
     child: Child,
 }
 
@@ -41,6 +43,7 @@ impl Process {
     pub async fn start(name: &str, db: &TestDb, prefix: &str, env: &[(&str, String)]) -> Process {
         let admin: SocketAddr =
             format!("127.0.0.1:{}", trellis_testkit::free_port().expect("a free port")).parse().unwrap();
+        let (log, log_file) = trellis_testkit::log_file(name);
         let mut cmd = Command::new(binary(name));
         cmd.env("DATABASE_URL", &db.url)
             .env("NATS_URL", trellis_testkit::nats_url())
@@ -49,12 +52,12 @@ impl Process {
             .env("LOG_FORMAT", "json")
             .env("SHUTDOWN_GRACE", "2s")
             .stdin(Stdio::null())
-            .stdout(Stdio::null());
+            .stdout(log_file);
         for (k, v) in env {
             cmd.env(k, v);
         }
         let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        let mut process = Process { name: name.to_owned(), admin, child };
+        let mut process = Process { name: name.to_owned(), admin, log, child };
         process.wait_ready().await;
         process
     }

@@ -1,10 +1,16 @@
 //! `deploy/` against the code: the Prometheus rules agree with the stage-trigger constants and
 //! have runbooks and unit tests; every metric the rules and the Grafana dashboard query is one a
 //! live process exports; `trellisctl triggers` reads real processes, the database and a real
-//! Prometheus. Each test has its own database and NATS prefix.
+//! Prometheus; the rendered Kubernetes manifests' network policies select every pod and allow
+//! only DNS, PostgreSQL and NATS out; each process works with its own database role and no
+//! role can do more than its part; no credential of a URL reaches a help text, an error or a
+//! log. Each test has its own database and NATS prefix.
 
 mod dashboard;
 mod harness;
 mod manifests;
+mod rendered;
+mod roles;
 mod rules;
+mod secrets;
 mod triggers;

@@ -37,6 +37,26 @@ fn named<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} {name} in deploy/k8s/base"))
 }
 
+/// The Secret and key a container's `DATABASE_URL` comes from.
+fn database_url_secret(container: &Value) -> (String, String) {
+    let env = container["env"].as_sequence().expect("env");
+    let url = env.iter().find(|e| e["name"] == "DATABASE_URL").expect("a DATABASE_URL");
+    let reference = &url["valueFrom"]["secretKeyRef"];
+    (reference["name"].as_str().unwrap().to_owned(), reference["key"].as_str().unwrap().to_owned())
+}
+
+/// `compose.yaml` with its `<<` merge keys applied, as docker-compose reads it. A merged
+/// mapping may bring a merge key of its own (`x-trellis` merges `x-hardened`): apply until none
+/// is left.
+fn compose() -> Value {
+    let mut compose = yaml("deploy/compose.yaml");
+    for _ in 0..4 {
+        compose.apply_merge().unwrap();
+    }
+    assert!(!serde_yaml_ng::to_string(&compose).unwrap().contains("<<"), "merge keys nested deeper than 4");
+    compose
+}
+
 fn shutdown_grace(docs: &[Value]) -> Duration {
     let grace = named(docs, "ConfigMap", "trellis-config")["data"]["SHUTDOWN_GRACE"].as_str().expect("SHUTDOWN_GRACE");
     humantime::parse_duration(grace).unwrap()
@@ -63,10 +83,10 @@ fn every_deployment_drains_within_its_grace_period_and_has_probes_and_resources(
                 assert!(!container["resources"][bound][resource].is_null(), "{name}: no {bound}.{resource}");
             }
         }
-        let env_from: Vec<&Value> = container["envFrom"].as_sequence().expect("envFrom").iter().collect();
-        assert!(
-            env_from.iter().any(|e| e["secretRef"]["name"] == "trellis-secrets"),
-            "{name}: the Secret by reference"
+        assert_eq!(
+            database_url_secret(container).0,
+            "trellis-secrets",
+            "{name}: the database URL from the Secret, by reference"
         );
         assert!(
             of_kind(&docs, "PodDisruptionBudget").iter().any(|p| p["metadata"]["name"] == name),
@@ -148,11 +168,14 @@ fn no_secret_value_is_in_the_repository() {
     }
     let compose = read("deploy/compose.yaml");
     assert!(compose.contains("${POSTGRES_PASSWORD:?"), "compose requires the password from the environment");
+    for url in compose.lines().filter(|l| l.contains("postgres://")) {
+        assert!(url.contains(":${"), "a database password in compose.yaml: {url}");
+    }
 }
 
 #[test]
 fn compose_runs_every_service_health_gated_with_the_drain_grace() {
-    let compose = yaml("deploy/compose.yaml");
+    let compose = compose();
     let services = compose["services"].as_mapping().unwrap();
     for name in ["postgres", "nats", "migrate", "trellis-api", "prometheus", "grafana"].iter().chain(&WORKERS) {
         assert!(services.contains_key(*name), "no {name} service");
@@ -173,4 +196,125 @@ fn compose_runs_every_service_health_gated_with_the_drain_grace() {
     }
     let nats = read("deploy/nats/nats.conf");
     assert!(nats.contains("sync_interval: always"), "JetStream fsyncs every acknowledged write");
+}
+
+/// The login of a `postgres://user:password@host/db` URL.
+fn url_user(url: &str) -> &str {
+    let authority = url.split_once("://").unwrap().1.split('/').next().unwrap();
+    authority.rsplit_once('@').map(|(userinfo, _)| userinfo.split(':').next().unwrap()).unwrap_or("")
+}
+
+#[test]
+fn each_process_logs_in_as_its_own_database_role_and_none_as_the_superuser() {
+    use trellis_store::roles;
+    let expected = [
+        ("migrate", roles::OWNER),
+        ("trellis-api", roles::API),
+        ("score-orchestrator", roles::SCORE_ORCHESTRATOR),
+        ("search-projector", roles::SEARCH_PROJECTOR),
+        ("dispute-processor", roles::DISPUTE_PROCESSOR),
+    ];
+    let compose = compose();
+    for (service, role) in expected {
+        let url = compose["services"][service]["environment"]["DATABASE_URL"].as_str().expect(service);
+        assert_eq!(url_user(url), role, "compose {service}");
+    }
+    let postgres = &compose["services"]["postgres"];
+    let init: Vec<&str> = postgres["volumes"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(
+        init.iter().any(|v| v.starts_with("../crates/store/sql/roles.sql:/docker-entrypoint-initdb.d/")),
+        "compose's PostgreSQL creates the roles with the one roles script: {init:?}"
+    );
+
+    let docs = base();
+    let key_of = |kind: &str, name: &str| {
+        database_url_secret(&named(&docs, kind, name)["spec"]["template"]["spec"]["containers"][0]).1
+    };
+    let keys = [
+        key_of("Job", "trellis-migrate"),
+        key_of("Deployment", "trellis-api"),
+        key_of("Deployment", "score-orchestrator"),
+        key_of("Deployment", "search-projector"),
+        key_of("Deployment", "dispute-processor"),
+    ];
+    let distinct: std::collections::BTreeSet<&String> = keys.iter().collect();
+    assert_eq!(distinct.len(), keys.len(), "one database login per process: {keys:?}");
+    let kustomization = read("deploy/k8s/base/kustomization.yaml");
+    for ((_, role), key) in expected.iter().zip(&keys) {
+        assert!(
+            kustomization.contains(&format!("{key}='postgres://{role}:")),
+            "the kustomization documents {key} as a URL of {role}"
+        );
+    }
+}
+
+#[test]
+fn compose_containers_are_read_only_without_capabilities_and_monitoring_listens_on_loopback() {
+    let compose = compose();
+    for (name, service) in compose["services"].as_mapping().unwrap() {
+        let name = name.as_str().unwrap();
+        assert_eq!(service["read_only"], true, "{name}: a read-only root filesystem");
+        assert_eq!(service["cap_drop"], serde_yaml_ng::to_value(["ALL"]).unwrap(), "{name}: every capability dropped");
+        assert!(
+            service["security_opt"].as_sequence().is_some_and(|o| o.iter().any(|o| o == "no-new-privileges:true")),
+            "{name}: no-new-privileges"
+        );
+        assert_ne!(service["user"], "root", "{name}");
+        assert_ne!(service["user"], "0", "{name}");
+        for port in service["ports"].as_sequence().into_iter().flatten() {
+            let port = port.as_str().unwrap();
+            if name != "trellis-api" {
+                assert!(port.starts_with("127.0.0.1:"), "{name} publishes {port} beyond the host's loopback");
+            }
+        }
+    }
+    for name in ["prometheus", "grafana"] {
+        assert!(!compose["services"][name]["ports"].as_sequence().unwrap().is_empty(), "{name} is published");
+    }
+}
+
+/// `image[:tag]@sha256:<64 hex>`.
+fn pinned_by_digest(image: &str) -> bool {
+    image.split_once("@sha256:").is_some_and(|(name, digest)| {
+        !name.is_empty()
+            && digest.len() == 64
+            && digest.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    })
+}
+
+#[test]
+fn every_third_party_image_is_pinned_by_digest() {
+    let dockerfile = read("Dockerfile");
+    let mut references: Vec<(String, String)> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("FROM "))
+        .map(|l| ("Dockerfile FROM".to_owned(), l.split_whitespace().next().unwrap().to_owned()))
+        .collect();
+    assert_eq!(references.len(), 2, "the build and runtime stages");
+    let syntax = dockerfile.lines().next().and_then(|l| l.strip_prefix("# syntax=")).expect("a pinned frontend");
+    references.push(("Dockerfile syntax".to_owned(), syntax.to_owned()));
+    let compose = compose();
+    for (name, service) in compose["services"].as_mapping().unwrap() {
+        let image = service["image"].as_str().expect("every service names its image");
+        // The services built from ../Dockerfile, whose base images are checked above.
+        if service["build"].is_null() {
+            references.push((format!("compose {}", name.as_str().unwrap()), image.to_owned()));
+        }
+    }
+    assert_eq!(references.len(), 7, "{references:?}");
+    for overlay in ["dev", "prod"] {
+        for doc in crate::rendered::render(overlay) {
+            for container in doc["spec"]["template"]["spec"]["containers"].as_sequence().into_iter().flatten() {
+                let image = container["image"].as_str().unwrap();
+                // The project's own image: a release sets its digest (deploy/README.md).
+                if !image.starts_with("ghcr.io/trellis/trellis") {
+                    references.push((format!("k8s {overlay}"), image.to_owned()));
+                }
+            }
+        }
+    }
+    let unpinned: Vec<&(String, String)> = references.iter().filter(|(_, image)| !pinned_by_digest(image)).collect();
+    assert!(unpinned.is_empty(), "images without a digest: {unpinned:?}");
+    assert!(!pinned_by_digest("postgres:16.4-bookworm"));
+    assert!(!pinned_by_digest("postgres@sha256:abc123"));
 }

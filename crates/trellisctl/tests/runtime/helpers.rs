@@ -353,10 +353,7 @@ impl Worker {
     pub fn spawn_unready(env: &Env, nats_url: &str, extra: &[&str]) -> Worker {
         let port = trellis_testkit::free_port().expect("a free port");
         let admin: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let dir = std::env::temp_dir().join("trellis-runtime-tests");
-        std::fs::create_dir_all(&dir).expect("a log directory");
-        let log = dir.join(format!("{}-{}.log", env.prefix, Uuid::new_v4().simple()));
-        let file = std::fs::File::create(&log).expect("a log file");
+        let (log, file) = trellis_testkit::log_file(&format!("trellis-probe-worker-{}", env.prefix));
         let child = tokio::process::Command::new(probe_binary())
             .args(worker_args(extra))
             .env("DATABASE_URL", &env.db.url)

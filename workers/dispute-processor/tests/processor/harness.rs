@@ -97,6 +97,7 @@ impl Api {
         args.extend_from_slice(TEST_LIMITS);
         args.extend_from_slice(extra);
         let config = Config::try_parse_from(args).expect("test config parses");
+        trellis_testkit::capture_logs("trellis-api-in-process");
         let shutdown = CancellationToken::new();
         let running = trellis_api::start(config, shutdown.clone()).await.expect("the API starts");
         let http = reqwest::Client::builder().no_proxy().build().expect("http client");
@@ -133,7 +134,7 @@ impl Api {
             .env("DISPUTE_OPEN_LIMIT", "1000000")
             .env("DISPUTE_OPEN_LIMIT_P0", "1000000")
             .stdin(Stdio::null())
-            .stdout(Stdio::null());
+            .stdout(trellis_testkit::log_file("trellis-api").1);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -331,7 +332,7 @@ impl Replica {
             .env("SHUTDOWN_GRACE", "2s")
             .env("METRICS_EVERY", "200ms")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(trellis_testkit::log_file("dispute-processor").1)
             .spawn()
             .expect("the processor starts");
         let mut replica = Self { child, admin };

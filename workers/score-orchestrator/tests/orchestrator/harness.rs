@@ -87,6 +87,7 @@ impl Api {
         args.extend_from_slice(TEST_LIMITS);
         args.extend_from_slice(extra);
         let config = Config::try_parse_from(args).expect("test config parses");
+        trellis_testkit::capture_logs("trellis-api-in-process");
         let shutdown = CancellationToken::new();
         let running = trellis_api::start(config, shutdown.clone()).await.expect("the API starts");
         let http = reqwest::Client::builder().no_proxy().build().expect("http client");
@@ -188,6 +189,7 @@ impl Replica {
             .env("HOSTNAME", host)
             .env("SHUTDOWN_GRACE", "2s")
             .stdin(Stdio::null())
+            .stdout(trellis_testkit::log_file("score-orchestrator").1)
             .spawn()
             .expect("the orchestrator starts");
         let mut replica = Self { child, admin, host: host.to_owned() };

@@ -302,7 +302,7 @@ impl InProcessCandidate {
     /// when `comparer` (otherwise the test settles runs with `compare_pending`).
     async fn start(db: &TestDb, prefix: &str, rules: Rules, comparer: bool) -> Self {
         let config = Config {
-            database_url: db.url.clone(),
+            database_url: db.url.parse().unwrap(),
             schedule: Duration::from_secs(86_400),
             schedule_check: Duration::from_secs(60),
             run_timeout: Duration::from_secs(60),

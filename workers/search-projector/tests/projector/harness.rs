@@ -90,6 +90,7 @@ impl Api {
         args.extend_from_slice(TEST_LIMITS);
         args.extend_from_slice(extra);
         let config = Config::try_parse_from(args).expect("test config parses");
+        trellis_testkit::capture_logs("trellis-api-in-process");
         let shutdown = CancellationToken::new();
         let running = trellis_api::start(config, shutdown.clone()).await.expect("the API starts");
         let http = reqwest::Client::builder().no_proxy().build().expect("http client");
@@ -295,7 +296,7 @@ impl Replica {
             .env("SHUTDOWN_GRACE", "2s")
             .env("CHECKPOINT_AGE_EVERY", "200ms")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(trellis_testkit::log_file("search-projector").1)
             .spawn()
             .expect("the projector starts");
         let mut replica = Self { child, admin };
