@@ -93,10 +93,20 @@ enum Command {
 enum Migrate {
     /// Applies every pending migration.
     Up,
-    /// Reverts the newest applied migration, or down to `--to VERSION` (0 reverts all).
+    /// Reverts the newest applied migration, or every migration newer than `--to VERSION`.
+    /// Reverting drops what those migrations created, data included: it needs `--yes`, and
+    /// reverting every migration (`--to 0`, or the only one applied) needs
+    /// `--drop-everything` as well.
     Down {
+        /// An applied version to revert to (0: revert every migration).
         #[arg(long)]
         to: Option<i64>,
+        /// Confirms that the reverted migrations' tables and data are dropped.
+        #[arg(long)]
+        yes: bool,
+        /// Confirms reverting every migration: every Trellis table and all its data.
+        #[arg(long)]
+        drop_everything: bool,
     },
     /// Lists migrations and whether each is applied.
     Status,
@@ -222,7 +232,7 @@ async fn migrate(pool: &sqlx::PgPool, action: Migrate) -> anyhow::Result<()> {
             migrate::up(pool).await.context("applying migrations")?;
             println!("migrations applied");
         }
-        Migrate::Down { to } => {
+        Migrate::Down { to, yes, drop_everything } => {
             let target = match to {
                 Some(t) => t,
                 None => match migrate::previous_version(pool).await? {
@@ -230,6 +240,7 @@ async fn migrate(pool: &sqlx::PgPool, action: Migrate) -> anyhow::Result<()> {
                     None => bail!("no migration is applied"),
                 },
             };
+            check_down(pool, target, yes, drop_everything).await?;
             migrate::down_to(pool, target).await.context("reverting migrations")?;
             println!("reverted to version {target}");
         }
@@ -239,6 +250,33 @@ async fn migrate(pool: &sqlx::PgPool, action: Migrate) -> anyhow::Result<()> {
                 println!("{:<16} {:<8} {}", m.version, if m.applied { "yes" } else { "no" }, m.description);
             }
         }
+    }
+    Ok(())
+}
+
+/// Refuses a `migrate down` to `target` that is not confirmed, or that names no version: any
+/// target below the oldest applied one reverts every migration.
+async fn check_down(pool: &sqlx::PgPool, target: i64, yes: bool, drop_everything: bool) -> anyhow::Result<()> {
+    use trellis_store::migrate;
+    let applied: Vec<i64> = migrate::status(pool).await?.into_iter().filter(|m| m.applied).map(|m| m.version).collect();
+    if target != 0 && !applied.contains(&target) {
+        bail!(
+            "--to {target} is not an applied migration version (see `trellisctl migrate status`; 0 reverts every one)"
+        );
+    }
+    let reverted: Vec<i64> = applied.iter().copied().filter(|v| *v > target).collect();
+    if reverted.is_empty() {
+        bail!("nothing to revert: no applied migration is newer than {target}");
+    }
+    if !yes {
+        bail!(
+            "reverting {} migration(s) ({}) drops what they created, data included: repeat with --yes",
+            reverted.len(),
+            reverted.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+        );
+    }
+    if target == 0 && !drop_everything {
+        bail!("reverting every migration drops every Trellis table and all its data: repeat with --drop-everything");
     }
     Ok(())
 }
