@@ -11,6 +11,7 @@ mod flags;
 mod helpers;
 mod idempotency;
 mod identity;
+mod moderation_power;
 mod openapi;
 mod outbox;
 mod scores_search;
