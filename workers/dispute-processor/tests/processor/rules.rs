@@ -1,6 +1,6 @@
-//! Filing leads to a decision, for each rule (issue 6 §2, §5), with reasons a moderator sees
-//! and an outcome its reporter sees, and the effects of an upheld dispute: suspension revokes
-//! tokens and removes the user from search.
+//! Filing leads to a decision, for each rule, with reasons a moderator sees and an outcome its
+//! reporter sees, and the effects of an upheld dispute: suspension revokes tokens and removes
+//! the user from search.
 
 use serde_json::Value;
 use trellis_testkit::TestDb;

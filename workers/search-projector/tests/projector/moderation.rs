@@ -1,5 +1,5 @@
-//! Suspended and hidden users vanish from results answered by the index (issue 5 §3, §4); a
-//! suspended user's document has no score; a reinstated user comes back.
+//! Suspended and hidden users vanish from results answered by the index; a suspended user's
+//! document has no score; a reinstated user comes back.
 
 use std::time::Duration;
 
