@@ -154,12 +154,16 @@ impl From<MemberRow> for CircleMember {
 /// How a dispute was decided.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Decision {
-    /// Rule id (`R1`…`R5`) or `moderator`.
+    /// For moderators: the rule id (`R1`…`R5`) or `moderator`. For the reporter: `automatic`
+    /// or `moderator` (a rule id would tell how many others reported the same user).
     pub rule: String,
+    /// The rules' version (moderators only).
     pub rules_version: Option<String>,
-    /// Human-readable reasons with the counts that decided it.
+    /// For moderators: human-readable reasons with the counts that decided it. For the
+    /// reporter: one generic sentence about the outcome.
     #[schema(value_type = Object)]
     pub reasons: serde_json::Value,
+    /// A moderator's note, shown to the reporter with the outcome.
     pub note: Option<String>,
     /// The deciding moderator; shown to moderators only.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -187,16 +191,38 @@ pub struct Dispute {
     pub updated_at: OffsetDateTime,
 }
 
+/// Whom a dispute is shown to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// Its reporter: the outcome in generic words, not the counts that decided it.
+    Reporter,
+    /// A moderator or an admin who may moderate it: everything.
+    Moderator,
+}
+
 impl Dispute {
-    /// `for_moderator` reveals who decided.
-    pub fn from_row(d: DisputeRow, for_moderator: bool) -> Self {
-        let decision = d.decision_rule.map(|rule| Decision {
-            rule,
-            rules_version: d.rules_version,
-            reasons: d.decision_reasons.unwrap_or(serde_json::Value::Array(Vec::new())),
-            note: d.decision_note,
-            decided_by: if for_moderator { d.decided_by } else { None },
-            decided_at: d.decided_at,
+    pub fn from_row(d: DisputeRow, audience: Audience) -> Self {
+        let status = trellis_domain::disputes::DisputeStatus::parse(&d.status).ok();
+        let decision = d.decision_rule.map(|rule| match audience {
+            Audience::Moderator => Decision {
+                rule,
+                rules_version: d.rules_version,
+                reasons: d.decision_reasons.unwrap_or(serde_json::Value::Array(Vec::new())),
+                note: d.decision_note,
+                decided_by: d.decided_by,
+                decided_at: d.decided_at,
+            },
+            Audience::Reporter => {
+                let outcome = status.map(|s| trellis_domain::adjudication::reporter_outcome(s, &rule));
+                Decision {
+                    rule: if d.decided_by.is_some() { "moderator" } else { "automatic" }.to_owned(),
+                    rules_version: None,
+                    reasons: serde_json::json!(outcome.into_iter().collect::<Vec<_>>()),
+                    note: d.decision_note,
+                    decided_by: None,
+                    decided_at: d.decided_at,
+                }
+            }
         });
         Self {
             id: d.id,

@@ -6,8 +6,10 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use trellis_domain::events::{EventPayload, ScoreRunRequested};
 use trellis_domain::flags::{Executor, Flag};
-use trellis_domain::{FieldError, ValidationErrors};
+use trellis_domain::identity::AdminReason;
+use trellis_domain::{FieldError, UserId, ValidationErrors};
 use trellis_store::flags::{AuditRow, Change, FlagRow, SetError};
+use trellis_store::user_admin::{self, AdminError};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -16,7 +18,7 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
-use crate::routes::{events, limit};
+use crate::routes::{events, limit, resolve_user};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -24,6 +26,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_flags))
         .routes(routes!(set_flag))
         .routes(routes!(flag_history))
+        .routes(routes!(reinstate_user))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -220,4 +223,80 @@ async fn flag_history(
     let limit = limit(params.limit, 20, 100)?;
     let rows = trellis_store::flags::audit(&state.pool, Some(flag), limit as i64).await?;
     Ok(Json(FlagHistory { items: rows.into_iter().map(FlagAuditEntry::from).collect() }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReinstateBody {
+    /// Why the suspension is undone, 1–2,000 characters; recorded in the audit with the
+    /// admin's handle.
+    pub reason: String,
+}
+
+/// One audited change of a user's role or status.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserAdminEntry {
+    pub user_id: Uuid,
+    /// `grant_role`, `suspend` or `reinstate`.
+    pub action: String,
+    /// A role or a status, before and after.
+    pub from: String,
+    pub to: String,
+    /// The admin's handle (API) or the operator's name (`trellisctl`).
+    pub actor: String,
+    pub reason: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub acted_at: OffsetDateTime,
+}
+
+impl From<user_admin::AuditRow> for UserAdminEntry {
+    fn from(a: user_admin::AuditRow) -> Self {
+        Self {
+            user_id: a.user_id,
+            action: a.action,
+            from: a.from_value,
+            to: a.to_value,
+            actor: a.actor,
+            reason: a.reason,
+            acted_at: a.acted_at,
+        }
+    }
+}
+
+/// Reinstates a suspended user (admins only): their status is `active` again, the change is
+/// audited (admin, reason, from, to) and `identity.user_reinstated` is written through the
+/// outbox, all in one transaction (`trellisctl users reinstate` does the same). Their tokens
+/// stay revoked (they sign in again); a dispute that suspended them stays upheld. One user
+/// per call; the reason is at most 2,000 characters. A caller without a valid token gets 401
+/// before any body is read; a caller who is not an admin, 403 before the user is looked up.
+#[utoipa::path(post, path = "/v1/admin/users/{user}/reinstate", tag = "admin", security(("bearer" = [])),
+    params(("user" = String, Path, description = "user id or handle")), request_body = ReinstateBody,
+    responses((status = 200, body = UserAdminEntry), (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 404, body = Problem), (status = 409, body = Problem, description = "the user is not suspended"),
+        (status = 422, body = Problem)))]
+async fn reinstate_user(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(user): Path<String>,
+    body: Result<Json<ReinstateBody>, ApiError>,
+) -> ApiResult<Json<UserAdminEntry>> {
+    principal.require_admin()?;
+    let Json(body) = body?;
+    let reason = AdminReason::parse(&body.reason)?;
+    let target = resolve_user(&state.pool, &user).await?;
+    let admin =
+        trellis_store::identity::find_by_id(&state.pool, principal.user_id).await?.ok_or(ApiError::Unauthenticated)?;
+    let actor = user_admin::Actor { name: &admin.handle, user_id: Some(principal.user_id) };
+    match user_admin::reinstate(&state.pool, UserId(target.id), &actor, &reason).await {
+        Ok(row) => {
+            tracing::info!(user = %target.id, admin = %principal.user_id, "user reinstated");
+            Ok(Json(row.into()))
+        }
+        Err(AdminError::UnknownUser) => Err(ApiError::NotFound("user")),
+        Err(AdminError::NotSuspended(status)) => Err(ApiError::conflict(
+            "user-not-suspended",
+            format!("the user is {status}: there is nothing to reinstate"),
+        )),
+        Err(AdminError::Database(e)) => Err(e.into()),
+    }
 }

@@ -5,10 +5,11 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use time::OffsetDateTime;
-use trellis_domain::disputes::{Description, DisputeKind, Priority};
+use trellis_domain::disputes::{Description, DisputeKind, Priority, may_moderate};
 use trellis_domain::events::{DisputeFiled, EventPayload};
+use trellis_domain::identity::Role;
 use trellis_domain::{DisputeId, FieldError, UserId, ValidationErrors};
-use trellis_store::disputes::NewDispute;
+use trellis_store::disputes::{DisputeRow, NewDispute};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -18,7 +19,7 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
 use crate::routes::{events, list, page, resolve_user};
-use crate::views::{Dispute, List, PageParams};
+use crate::views::{Audience, Dispute, List, PageParams};
 
 /// The `Retry-After` of `open-dispute-limit`: a hint, as the allowance comes back when a
 /// dispute is decided (automatic decisions take seconds; reviews take longer).
@@ -134,12 +135,15 @@ async fn file_dispute(
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/v1/disputes/{id}"))],
-        Json(Dispute::from_row(row, principal.role.can_moderate())),
+        Json(Dispute::from_row(row, Audience::Reporter)),
     )
         .into_response())
 }
 
-/// A dispute, for its reporter and for moderators (anyone else gets 404).
+/// A dispute: for a moderator or an admin who may moderate it, everything; for its reporter,
+/// the outcome in generic words (never the counts that decided it). Anyone else gets 404, and
+/// so does a moderator for a dispute against themselves or, unless they are an admin, against
+/// another moderator or an admin (`trellis_domain::disputes::may_moderate`).
 #[utoipa::path(get, path = "/v1/disputes/{id}", tag = "disputes", security(("bearer" = [])),
     params(("id" = Uuid, Path)),
     responses((status = 200, body = Dispute), (status = 401, body = Problem), (status = 404, body = Problem)))]
@@ -149,14 +153,26 @@ async fn get_dispute(
     Path(id): Path<Uuid>,
 ) -> ApiResult<Json<Dispute>> {
     let row = trellis_store::disputes::get(&state.pool, DisputeId(id)).await?.ok_or(ApiError::NotFound("dispute"))?;
-    let moderator = principal.role.can_moderate();
-    if row.reporter_id != principal.user_id.0 && !moderator {
-        return Err(ApiError::NotFound("dispute"));
-    }
-    Ok(Json(Dispute::from_row(row, moderator)))
+    let audience = audience(&state, &principal, &row).await?.ok_or(ApiError::NotFound("dispute"))?;
+    Ok(Json(Dispute::from_row(row, audience)))
 }
 
-/// Disputes the caller filed, newest first.
+/// How `principal` may see a dispute: as a moderator (the target's role as it is now), as its
+/// reporter, or not at all.
+async fn audience(state: &AppState, principal: &Principal, row: &DisputeRow) -> ApiResult<Option<Audience>> {
+    if principal.role.can_moderate() && row.target_id != principal.user_id.0 {
+        let target = trellis_store::identity::find_by_id(&state.pool, UserId(row.target_id))
+            .await?
+            .ok_or(ApiError::NotFound("dispute"))?;
+        let target_role = target.role.parse::<Role>().map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?;
+        if may_moderate(principal.user_id, principal.role, UserId(row.target_id), target_role) {
+            return Ok(Some(Audience::Moderator));
+        }
+    }
+    Ok((row.reporter_id == principal.user_id.0).then_some(Audience::Reporter))
+}
+
+/// Disputes the caller filed, newest first, each as its reporter sees it.
 #[utoipa::path(get, path = "/v1/me/disputes", tag = "disputes", security(("bearer" = [])), params(PageParams),
     responses((status = 200, body = List<Dispute>), (status = 401, body = Problem)))]
 async fn my_disputes(
@@ -166,6 +182,5 @@ async fn my_disputes(
 ) -> ApiResult<Json<List<Dispute>>> {
     let (limit, before) = page::<Uuid>(&state, "my-disputes", &params)?;
     let rows = trellis_store::disputes::list_by_reporter(&state.pool, principal.user_id, before, limit).await?;
-    let moderator = principal.role.can_moderate();
-    Ok(Json(list(&state, "my-disputes", rows, |r| Dispute::from_row(r, moderator))))
+    Ok(Json(list(&state, "my-disputes", rows, |r| Dispute::from_row(r, Audience::Reporter))))
 }

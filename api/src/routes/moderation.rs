@@ -1,11 +1,16 @@
 //! The moderators' queue and their decisions: `/v1/moderation/disputes`.
+//!
+//! A moderator never sees or decides a dispute against themselves, and only admins see and
+//! decide disputes against a moderator or an admin (`trellis_domain::disputes::may_moderate`):
+//! to anyone else such a dispute does not exist (404).
 
 use axum::extract::State;
 use serde::Deserialize;
-use trellis_domain::disputes::{DisputeKind, DisputeStatus, Priority, Verdict};
+use trellis_domain::disputes::{DisputeKind, DisputeStatus, Priority, Verdict, may_moderate};
 use trellis_domain::events::{DisputeDecided, EventPayload};
+use trellis_domain::identity::Role;
 use trellis_domain::{DisputeId, FieldError, UserId};
-use trellis_store::disputes::{Decision, QueueKey};
+use trellis_store::disputes::{DecidedBy, Decision, QueueKey, QueueViewer};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -15,7 +20,7 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
 use crate::routes::{events, list, page};
-use crate::views::{Dispute, List, PageParams};
+use crate::views::{Audience, Dispute, List, PageParams};
 
 /// The rule id of a moderator's decision.
 pub const MODERATOR_RULE: &str = "moderator";
@@ -35,7 +40,8 @@ pub struct QueueParams {
     pub cursor: Option<String>,
 }
 
-/// Disputes by priority, then age (moderators).
+/// Disputes by priority, then age (moderators and admins): those the caller may moderate, so
+/// never one against the caller, and one against a moderator or an admin for admins only.
 #[utoipa::path(get, path = "/v1/moderation/disputes", tag = "moderation", security(("bearer" = [])),
     params(QueueParams),
     responses((status = 200, body = List<Dispute>), (status = 401, body = Problem), (status = 403, body = Problem),
@@ -50,8 +56,9 @@ async fn queue(
     let priority = params.priority.as_deref().map(Priority::parse).transpose()?;
     let (limit, after) =
         page::<QueueKey>(&state, "moderation-queue", &PageParams { limit: params.limit, cursor: params.cursor })?;
-    let rows = trellis_store::disputes::list_queue(&state.pool, status, priority, after, limit).await?;
-    Ok(Json(list(&state, "moderation-queue", rows, |r| Dispute::from_row(r, true))))
+    let viewer = QueueViewer { user: principal.user_id, admin: principal.role == Role::Admin };
+    let rows = trellis_store::disputes::list_queue(&state.pool, viewer, status, priority, after, limit).await?;
+    Ok(Json(list(&state, "moderation-queue", rows, |r| Dispute::from_row(r, Audience::Moderator))))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -63,7 +70,9 @@ pub struct DecisionBody {
     pub note: String,
 }
 
-/// Decides a dispute. Upholding applies the same effects as the automatic rules.
+/// Decides a dispute (moderators and admins). Upholding applies the same effects as the
+/// automatic rules. A dispute the caller may not moderate (against themselves, or against a
+/// moderator or an admin unless the caller is an admin) answers 404; one they filed, 403.
 #[utoipa::path(post, path = "/v1/moderation/disputes/{id}/decision", tag = "moderation", security(("bearer" = [])),
     params(("id" = Uuid, Path)), request_body = DecisionBody,
     responses((status = 200, body = Dispute), (status = 401, body = Problem), (status = 403, body = Problem),
@@ -83,8 +92,14 @@ async fn decide(
     let id = DisputeId(id);
     let mut tx = state.pool.begin().await?;
     let current = trellis_store::disputes::get_for_update(&mut tx, id).await?.ok_or(ApiError::NotFound("dispute"))?;
-    if current.reporter_id == principal.user_id.0 || current.target_id == principal.user_id.0 {
-        return Err(ApiError::Forbidden("moderators cannot decide disputes they are party to"));
+    if current.reporter_id == principal.user_id.0 {
+        return Err(ApiError::Forbidden("moderators cannot decide disputes they filed"));
+    }
+    let target = UserId(current.target_id);
+    // Under the target's row lock: their role cannot change before this decision commits.
+    let locked = trellis_store::user_admin::lock(&mut tx, target).await?.ok_or(ApiError::NotFound("dispute"))?;
+    if !may_moderate(principal.user_id, principal.role, target, locked.role) {
+        return Err(ApiError::NotFound("dispute"));
     }
     let status = DisputeStatus::parse(&current.status).map_err(|e| ApiError::Internal(e.into()))?;
     if status.is_final() {
@@ -94,7 +109,6 @@ async fn decide(
         ));
     }
     let kind = DisputeKind::parse(&current.kind).map_err(|e| ApiError::Internal(e.into()))?;
-    let target = UserId(current.target_id);
     let row = trellis_store::disputes::record_decision(
         &mut tx,
         id,
@@ -110,7 +124,10 @@ async fn decide(
     .await?;
     let mut payloads = Vec::new();
     if verdict == Verdict::Upheld {
-        payloads = trellis_store::disputes::apply_upheld_effects(&mut tx, id, kind, target).await?;
+        let moderator =
+            trellis_store::identity::find_by_id(&mut *tx, principal.user_id).await?.ok_or(ApiError::Unauthenticated)?;
+        let by = DecidedBy::Moderator { id: principal.user_id, handle: &moderator.handle };
+        payloads = trellis_store::disputes::apply_upheld_effects(&mut tx, id, kind, target, by).await?;
     }
     payloads.push(EventPayload::DisputeDecided(DisputeDecided {
         dispute_id: id,
@@ -127,5 +144,5 @@ async fn decide(
     let outcome = verdict.status().as_str();
     metrics::counter!("trellis_dispute_decisions_total", "outcome" => outcome, "rule" => MODERATOR_RULE).increment(1);
     tracing::info!(dispute = %id, moderator = %principal.user_id, decision = outcome, "dispute decided by a moderator");
-    Ok(Json(Dispute::from_row(row, true)))
+    Ok(Json(Dispute::from_row(row, Audience::Moderator)))
 }

@@ -147,6 +147,12 @@ fn every_endpoint(w: &World) -> Vec<(Method, &'static str, String, Option<Value>
             Some(json!({"value": "worker", "reason": "x"})),
         ),
         (Method::GET, "/v1/admin/flags/{name}/history", "/v1/admin/flags/score.executor/history".into(), None),
+        (
+            Method::POST,
+            "/v1/admin/users/{user}/reinstate",
+            format!("/v1/admin/users/{b}/reinstate"),
+            Some(json!({"reason": "x"})),
+        ),
         (Method::GET, "/v1/me/contacts/search", "/v1/me/contacts/search?q=bob".into(), None),
     ]
 }
@@ -364,6 +370,22 @@ async fn only_admins_may_request_a_score_run() {
     assert_eq!(requests.len(), 1);
     assert_eq!(requests[0].payload["data"]["reason"], "POST /v1/admin/score-runs");
     assert!(requests[0].payload["data"]["requested_by"].is_string());
+}
+
+#[tokio::test]
+async fn only_admins_may_reinstate_a_user() {
+    let w = World::new().await;
+    w.app.suspend_in_db(&w.bob).await;
+    let path = format!("/v1/admin/users/{}/reinstate", w.bob.id);
+    let body = Some(json!({"reason": "suspended by mistake"}));
+    for caller in [Caller::Other, Caller::Owner, Caller::Moderator] {
+        let r = w.call(caller, &Method::POST, &path, &body).await;
+        assert_eq!((r.status, r.problem()), (403, "forbidden"), "as {caller:?}: {:?}", r.body);
+    }
+    let profile = w.app.get(&format!("/v1/users/{}", w.bob.id), Some(&w.owner.token)).await;
+    assert_eq!(profile.body["status"], "suspended", "nobody but an admin reinstated bob");
+    let r = w.call(Caller::Admin, &Method::POST, &path, &body).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
 }
 
 #[tokio::test]

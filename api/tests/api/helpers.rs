@@ -204,10 +204,15 @@ impl TestApp {
         }
     }
 
-    /// Gives `user` a role the way `trellisctl users grant-role` does.
+    /// Gives `user` a role the way `trellisctl users grant-role` does (audited).
     pub async fn grant_role(&self, user: &TestUser, role: &str) {
-        let mut conn = self.db.pool.acquire().await.unwrap();
-        trellis_store::identity::set_role(&mut conn, user.id.parse().unwrap(), role).await.unwrap().unwrap();
+        let actor = trellis_store::user_admin::Actor { name: "api-tests", user_id: None };
+        let reason = trellis_domain::identity::AdminReason::parse("test set-up").unwrap();
+        let role = role.parse().expect("a role");
+        trellis_store::user_admin::grant_role(&self.db.pool, user.id.parse().unwrap(), role, &actor, &reason)
+            .await
+            .expect("granting a role")
+            .expect("a new role");
     }
 
     /// A reader of this app's `EVENTS` stream.

@@ -13,6 +13,7 @@ mod health;
 mod helpers;
 mod idempotency;
 mod identity;
+mod moderation_power;
 mod openapi;
 mod outbox;
 mod scores_search;

@@ -7,11 +7,19 @@
 //! | R1 duplicate | the reporter already has an earlier dispute of the same kind against the same target that is undecided, or was decided in the last 24 h | dismissed |
 //! | R2 invalid | the reporter is suspended, or the target already is ("moot") | dismissed |
 //! | R3 low credibility | the reporter's disputes filed in the last 90 days: ≥ 5 dismissed and 0 upheld | dismissed (P0: needs review) |
-//! | R4 corroborated | ≥ 3 distinct reporters with score ≥ 400 filed (and were not dismissed) this kind against the target in the last 7 days, and the target's score is < 300 or unscored | upheld, with the target's other undecided disputes of that kind |
-//! | R5 otherwise | none of the above | needs review |
+//! | R4 corroborated | ≥ 3 distinct reporters with score ≥ 400 filed (and were not dismissed) this kind against the target in the last 7 days, the target's score is < 300 or unscored, and the target is neither a moderator nor an admin | upheld, with the target's other undecided disputes of that kind |
+//! | R5 otherwise | none of the above | needs review (by an admin when the target is a moderator or an admin) |
 //!
 //! Windows are inclusive of their edge: a dispute decided exactly 24 h ago is still "in the
 //! last 24 h".
+//!
+//! **Moderation power.** Nothing upholds a dispute against a moderator or an admin
+//! automatically: their power over others' disputes must not make them easier to silence, nor
+//! let corroboration among users remove a moderator without an admin looking. Such a dispute
+//! is still dismissed by R1–R3 (a dismissal never acts on its target); otherwise it goes to
+//! review, where only admins see it. The role that counts is the target's role in the facts,
+//! i.e. when the batch read them: a role granted after a dispute was filed protects the
+//! target from then on, and a role taken away exposes them again.
 
 use std::collections::BTreeSet;
 
@@ -19,9 +27,10 @@ use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
 
 use crate::disputes::{DisputeKind, DisputeStatus, Priority};
+use crate::identity::Role;
 
 /// The version of these rules, stored with every automatic decision. Change it with the rules.
-pub const RULES_VERSION: &str = "2026-11-25.1";
+pub const RULES_VERSION: &str = "2026-12-04.1";
 
 /// R1: a decided duplicate counts for this long.
 pub const DUPLICATE_WINDOW: Duration = Duration::hours(24);
@@ -66,6 +75,11 @@ impl Rule {
     pub fn is_automatic(self) -> bool {
         self != Rule::R5Otherwise
     }
+
+    /// The rule of a stored id (`R1` … `R5`); `None` for a moderator's decision.
+    pub fn parse(id: &str) -> Option<Rule> {
+        Rule::ALL.into_iter().find(|r| r.id() == id)
+    }
 }
 
 /// One other dispute the rules look at.
@@ -95,6 +109,8 @@ pub struct Facts {
     pub now: OffsetDateTime,
     pub reporter_suspended: bool,
     pub target_suspended: bool,
+    /// R4 and R5: a moderator's or an admin's disputes are never upheld automatically.
+    pub target_role: Role,
     pub target_score: Option<i32>,
     /// R1: the reporter's other disputes of this kind against this target.
     pub same_reporter: Vec<Related>,
@@ -204,7 +220,8 @@ pub fn adjudicate(f: &Facts) -> Judgement {
         reporters.insert(f.reporter_id);
     }
     let target_untrusted = f.target_score.is_none_or(|s| s < TRUSTED_TARGET_SCORE);
-    if reporters.len() >= CORROBORATING_REPORTERS && target_untrusted {
+    let privileged = f.target_role.can_moderate();
+    if reporters.len() >= CORROBORATING_REPORTERS && target_untrusted && !privileged {
         let also_upheld: Vec<Uuid> =
             f.against_target.iter().filter(|r| r.id != f.dispute_id && undecided(r.status)).map(|r| r.id).collect();
         let target = match f.target_score {
@@ -232,15 +249,42 @@ pub fn adjudicate(f: &Facts) -> Judgement {
         Some(s) => format!("target score {s}"),
         None => "target unscored".to_owned(),
     };
-    judgement(
-        Rule::R5Otherwise,
-        DisputeStatus::NeedsReview,
-        vec![format!(
-            "needs review: no rule decided it ({} credible reporter(s) in the last 7 days, {target}; reporter record \
-             {dismissed} dismissed / {upheld} upheld in 90 days)",
-            reporters.len()
-        )],
-    )
+    let mut reasons = vec![format!(
+        "needs review: no rule decided it ({} credible reporter(s) in the last 7 days, {target}; reporter record \
+         {dismissed} dismissed / {upheld} upheld in 90 days)",
+        reporters.len()
+    )];
+    if privileged {
+        reasons.push(format!(
+            "the disputed user is {} {}: no rule upholds it, and only an admin reviews it",
+            if f.target_role == Role::Admin { "an" } else { "a" },
+            f.target_role.as_str()
+        ));
+    }
+    judgement(Rule::R5Otherwise, DisputeStatus::NeedsReview, reasons)
+}
+
+/// What a dispute's reporter is told about its outcome, instead of the decision's reasons: the
+/// reasons carry the counts that decided (how many others reported the same user, with which
+/// scores), and so does the rule id (R4 means "at least three credible reporters"). `rule` is
+/// the stored rule id, or `moderator`.
+pub fn reporter_outcome(status: DisputeStatus, rule: &str) -> &'static str {
+    match (status, Rule::parse(rule)) {
+        (DisputeStatus::Pending, _) => "waiting for a decision",
+        (DisputeStatus::NeedsReview, _) => "under review: a person will decide it",
+        (DisputeStatus::Dismissed, Some(Rule::R1Duplicate)) => {
+            "dismissed: you already filed a dispute of this kind against this user"
+        }
+        (DisputeStatus::Dismissed, Some(Rule::R2Invalid)) => {
+            "dismissed: the dispute could not be acted on (your account or the disputed account is suspended)"
+        }
+        (DisputeStatus::Dismissed, Some(Rule::R3LowCredibility)) => {
+            "dismissed automatically, given how your earlier disputes were decided"
+        }
+        (DisputeStatus::Dismissed, _) => "dismissed",
+        (DisputeStatus::Upheld, None) => "upheld after review",
+        (DisputeStatus::Upheld, Some(_)) => "upheld",
+    }
 }
 
 #[cfg(test)]
@@ -268,6 +312,7 @@ mod tests {
             now: NOW,
             reporter_suspended: false,
             target_suspended: false,
+            target_role: Role::User,
             target_score: None,
             same_reporter: Vec::new(),
             reporter_record: Vec::new(),
@@ -523,6 +568,44 @@ mod tests {
                 Rule::R2Invalid,
                 Dismissed,
             ),
+            // A moderator's or an admin's disputes: never upheld by the rules, still dismissed
+            (
+                "R4 does not uphold against a moderator",
+                with(Harassment, &|x| {
+                    x.target_role = Role::Moderator;
+                    x.against_target = reporters(3, Some(500), Pending, day);
+                }),
+                Rule::R5Otherwise,
+                NeedsReview,
+            ),
+            (
+                "R4 does not uphold against an admin",
+                with(Impersonation, &|x| {
+                    x.target_role = Role::Admin;
+                    x.reporter_score = Some(900);
+                    x.against_target = reporters(5, Some(900), Upheld, day);
+                }),
+                Rule::R5Otherwise,
+                NeedsReview,
+            ),
+            (
+                "R1 still dismisses against a moderator",
+                with(Spam, &|x| {
+                    x.target_role = Role::Moderator;
+                    x.same_reporter = vec![related(1, Pending, day)];
+                }),
+                Rule::R1Duplicate,
+                Dismissed,
+            ),
+            (
+                "R3 still dismisses against an admin",
+                with(Spam, &|x| {
+                    x.target_role = Role::Admin;
+                    x.reporter_record = record(5, 0, day);
+                }),
+                Rule::R3LowCredibility,
+                Dismissed,
+            ),
         ]
     }
 
@@ -558,6 +641,30 @@ mod tests {
         let ids = |ns: &[u128]| ns.iter().map(|n| Uuid::from_u128(*n)).collect::<Vec<_>>();
         assert_eq!(j.also_upheld, ids(&[200, 201, 203]));
         assert!(j.reasons[0].contains("3 distinct reporters"), "{j:?}");
+    }
+
+    #[test]
+    fn a_review_of_a_privileged_target_says_why_no_rule_upheld_it() {
+        let mut f = facts(DisputeKind::Harassment);
+        f.target_role = Role::Moderator;
+        f.against_target = reporters(3, Some(500), DisputeStatus::Pending, Duration::HOUR);
+        let j = adjudicate(&f);
+        assert_eq!(j.also_upheld, Vec::<Uuid>::new());
+        assert!(j.reasons[1].contains("a moderator") && j.reasons[1].contains("only an admin"), "{j:?}");
+        f.target_role = Role::User;
+        assert_eq!(adjudicate(&f).rule, Rule::R4Corroborated, "the same facts against a user uphold it");
+    }
+
+    #[test]
+    fn the_reporter_outcome_never_carries_a_count() {
+        for status in DisputeStatus::ALL {
+            for rule in Rule::ALL.iter().map(|r| r.id()).chain(["moderator"]) {
+                let outcome = reporter_outcome(status, rule);
+                assert!(!outcome.chars().any(|c| c.is_ascii_digit()), "{status:?} {rule}: {outcome}");
+            }
+        }
+        assert_eq!(reporter_outcome(DisputeStatus::Upheld, "R4"), "upheld");
+        assert_eq!(reporter_outcome(DisputeStatus::Upheld, "moderator"), "upheld after review");
     }
 
     #[test]

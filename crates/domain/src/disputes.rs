@@ -2,7 +2,18 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::Role;
+use crate::ids::UserId;
 use crate::validation::FieldError;
+
+/// Whether `viewer` (of `viewer_role`) may see and decide a dispute against `target` (of
+/// `target_role`) as a moderator: moderators and admins may, but never on a dispute against
+/// themselves, and on a dispute against a moderator or an admin only an admin may. Anyone else
+/// (the reporter included) sees a dispute only as its reporter. The moderation queue's
+/// statement (`trellis_store::disputes::list_queue`) applies the same rule.
+pub fn may_moderate(viewer: UserId, viewer_role: Role, target: UserId, target_role: Role) -> bool {
+    viewer_role.can_moderate() && viewer != target && (viewer_role == Role::Admin || !target_role.can_moderate())
+}
 
 /// What a dispute alleges. The kind alone decides the priority.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -181,6 +192,25 @@ mod tests {
         assert_eq!(DisputeKind::Harassment.priority(), Priority::P1);
         assert_eq!(DisputeKind::Spam.priority(), Priority::P2);
         assert_eq!(DisputeKind::IncorrectInfo.priority(), Priority::P3);
+    }
+
+    #[test]
+    fn only_an_admin_moderates_a_moderator_and_nobody_moderates_themselves() {
+        let (me, other) = (UserId(uuid::Uuid::from_u128(1)), UserId(uuid::Uuid::from_u128(2)));
+        use Role::*;
+        let cases = [
+            (User, User, false),
+            (Moderator, User, true),
+            (Moderator, Moderator, false),
+            (Moderator, Admin, false),
+            (Admin, User, true),
+            (Admin, Moderator, true),
+            (Admin, Admin, true),
+        ];
+        for (viewer, target, may) in cases {
+            assert_eq!(may_moderate(me, viewer, other, target), may, "{viewer:?} on {target:?}");
+            assert!(!may_moderate(me, viewer, me, target), "{viewer:?} on themselves");
+        }
     }
 
     #[test]

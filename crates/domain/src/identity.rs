@@ -205,6 +205,31 @@ impl std::fmt::Debug for Password {
     }
 }
 
+/// Why an admin or an operator changes a user's role or status, recorded in the user
+/// administration audit: 1–2,000 characters after trimming.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AdminReason(String);
+
+impl AdminReason {
+    pub const MAX_LEN: usize = 2000;
+
+    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+        let s = raw.trim();
+        if s.is_empty() {
+            return Err(FieldError::new("reason", "required", "say why; it is recorded in the audit"));
+        }
+        if s.chars().count() > Self::MAX_LEN {
+            return Err(FieldError::new("reason", "too_long", "must be at most 2000 characters"));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// What a user may do beyond their own data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -272,6 +297,14 @@ impl std::str::FromStr for UserStatus {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn an_admin_reason_is_required_and_bounded() {
+        assert_eq!(AdminReason::parse("  wrongly suspended  ").unwrap().as_str(), "wrongly suspended");
+        assert_eq!(AdminReason::parse(" \t ").unwrap_err().code, "required");
+        assert_eq!(AdminReason::parse(&"x".repeat(2001)).unwrap_err().code, "too_long");
+        assert!(AdminReason::parse(&"é".repeat(2000)).is_ok());
+    }
 
     #[test]
     fn handle_is_folded_to_lower_case() {

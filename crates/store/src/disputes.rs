@@ -122,9 +122,20 @@ pub async fn list_by_reporter(
 /// The moderation queue key: priority, then age, then id.
 pub type QueueKey = (i16, OffsetDateTime, Uuid);
 
-/// Disputes for moderators, by priority then age, optionally filtered.
+/// Who reads the moderation queue: it shows them the disputes they may moderate
+/// (`trellis_domain::disputes::may_moderate`, which the statement mirrors).
+#[derive(Debug, Clone, Copy)]
+pub struct QueueViewer {
+    pub user: UserId,
+    pub admin: bool,
+}
+
+/// Disputes for moderators, by priority then age, optionally filtered: never those against
+/// `viewer` themselves, and those against a moderator or an admin only when `viewer` is an
+/// admin (the target's role as it is now).
 pub async fn list_queue(
     db: impl PgExecutor<'_>,
+    viewer: QueueViewer,
     status: Option<DisputeStatus>,
     priority: Option<Priority>,
     after: Option<QueueKey>,
@@ -135,9 +146,11 @@ pub async fn list_queue(
         None => (None, None, None),
     };
     let rows: Vec<DisputeRow> = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM security.disputes
+        "SELECT {COLUMNS} FROM security.disputes d
          WHERE ($1::text IS NULL OR status = $1) AND ($2::smallint IS NULL OR priority = $2)
            AND ($3::smallint IS NULL OR (priority, created_at, id) > ($3, $4, $5))
+           AND d.target_id <> $7
+           AND ($8 OR EXISTS (SELECT 1 FROM identity.users t WHERE t.id = d.target_id AND t.role = 'user'))
          ORDER BY priority, created_at, id LIMIT $6"
     ))
     .bind(status.map(DisputeStatus::as_str))
@@ -146,6 +159,8 @@ pub async fn list_queue(
     .bind(after_created)
     .bind(after_id)
     .bind(limit as i64 + 1)
+    .bind(viewer.user.0)
+    .bind(viewer.admin)
     .fetch_all(db)
     .await?;
     Ok(Page::from_rows(rows, limit, |r| (r.priority, r.created_at, r.id)))
@@ -190,15 +205,26 @@ pub async fn record_decision(
     .await
 }
 
+/// Who decided a dispute: what the audit of its effects on the target says.
+#[derive(Debug, Clone, Copy)]
+pub enum DecidedBy<'a> {
+    /// An adjudication rule (its id).
+    Rule(&'a str),
+    /// A moderator or an admin.
+    Moderator { id: UserId, handle: &'a str },
+}
+
 /// Applies what an upheld dispute does to its target, in the caller's transaction, and
 /// returns the events that describe it:
-/// impersonation and harassment suspend the target and revoke their tokens; spam hides them
-/// from directory search; incorrect information has no effect beyond the decision.
+/// impersonation and harassment suspend the target and revoke their tokens (recorded in the
+/// user administration audit, `by` as the actor); spam hides them from directory search;
+/// incorrect information has no effect beyond the decision.
 pub async fn apply_upheld_effects(
     conn: &mut PgConnection,
     dispute: DisputeId,
     kind: DisputeKind,
     target: UserId,
+    by: DecidedBy<'_>,
 ) -> Result<Vec<trellis_domain::events::EventPayload>, sqlx::Error> {
     use trellis_domain::events::{EventPayload, UserSuspended};
     if kind.suspends_target() {
@@ -208,15 +234,25 @@ pub async fn apply_upheld_effects(
                 .fetch_optional(&mut *conn)
                 .await?;
         crate::identity::suspend(conn, target).await?;
-        return Ok(if was_active == Some(true) {
-            vec![EventPayload::UserSuspended(UserSuspended {
-                user_id: target,
-                reason: format!("upheld {} dispute", kind.as_str()),
-                dispute_id: Some(dispute),
-            })]
-        } else {
-            Vec::new()
-        });
+        if was_active != Some(true) {
+            return Ok(Vec::new());
+        }
+        let (actor, why) = match by {
+            DecidedBy::Rule(rule) => (
+                crate::user_admin::Actor { name: crate::user_admin::DISPUTE_PROCESSOR, user_id: None },
+                format!("upheld {} dispute {} (rule {rule})", kind.as_str(), dispute),
+            ),
+            DecidedBy::Moderator { id, handle } => (
+                crate::user_admin::Actor { name: handle, user_id: Some(id) },
+                format!("upheld {} dispute {} (by a moderator)", kind.as_str(), dispute),
+            ),
+        };
+        crate::user_admin::record_suspension(conn, target, &actor, &why, dispute).await?;
+        return Ok(vec![EventPayload::UserSuspended(UserSuspended {
+            user_id: target,
+            reason: format!("upheld {} dispute", kind.as_str()),
+            dispute_id: Some(dispute),
+        })]);
     }
     if kind == DisputeKind::Spam {
         sqlx::query(
@@ -265,6 +301,7 @@ struct FactsRow {
     snapshot: String,
     reporter_suspended: bool,
     target_suspended: bool,
+    target_role: String,
     reporter_score: Option<i32>,
     target_score: Option<i32>,
     scores_seen: bool,
@@ -345,6 +382,7 @@ struct Source {
     disputes: &'static str,
     reporter_suspended: String,
     target_suspended: String,
+    target_role: String,
     scores_seen: &'static str,
     related_score_seen: &'static str,
 }
@@ -358,6 +396,7 @@ impl Source {
             disputes: "security.disputes",
             reporter_suspended: "ru.status = 'suspended'".into(),
             target_suspended: "tu.status = 'suspended'".into(),
+            target_role: "tu.role".into(),
             scores_seen: "true",
             related_score_seen: "",
         }
@@ -366,26 +405,28 @@ impl Source {
     /// The facts as a past batch read them ($5 its clock, $6 its snapshot, $7 its transaction).
     /// A decision or a filing is in them when its transaction is visible in the snapshot (a row
     /// written before transactions were recorded, when it is older than the clock); the batch's
-    /// own decisions came after them. A user was suspended when an upheld dispute of a
-    /// suspending kind against them was visible, or, suspended now by no dispute at all, by
-    /// other means (taken to be earlier).
+    /// own decisions came after them. A user's status and role are read from the user
+    /// administration audit, which records every change of them in commit order: as the
+    /// snapshot saw them, they are what the earliest change it did not see changed them from,
+    /// or, when it saw every change, what they are now. (The batch's own suspensions came after
+    /// its facts: its in-batch overlay applies them.)
     fn as_of() -> Self {
-        let kinds: Vec<String> =
-            DisputeKind::ALL.into_iter().filter(|k| k.suspends_target()).map(|k| format!("'{}'", k.as_str())).collect();
-        let kinds = kinds.join(", ");
-        // Scalar subqueries with LIMIT 1 rather than EXISTS: the planner may turn an EXISTS into
-        // one hash of every upheld decision, where two index probes per user are what is needed.
-        let suspending = |u: &str, decisions: &str| {
+        // The value before the earliest change of `actions` to user `u` that the snapshot did
+        // not see, as `expr` of the audit row `a`; NULL when it saw every change. A snapshot
+        // does not list its own transaction as in progress, so the batch's own changes are
+        // excluded by id.
+        let before_unseen = |u: &str, actions: &str, expr: &str| {
             format!(
-                "coalesce((SELECT true FROM security.disputes s JOIN {decisions} x ON x.dispute_id = s.id
-                           WHERE s.target_id = {u}.id AND s.kind IN ({kinds}) AND x.status = 'upheld' LIMIT 1), false)"
+                "(SELECT {expr} FROM identity.user_admin_audit a
+                  WHERE a.user_id = {u}.id AND a.action IN ({actions})
+                    AND (a.xact = $7::xid8 OR NOT pg_visible_in_snapshot(a.xact, $6::pg_snapshot))
+                  ORDER BY a.id LIMIT 1)"
             )
         };
         let suspended = |u: &str| {
             format!(
-                "({} OR ({u}.status = 'suspended' AND NOT {}))",
-                suspending(u, "visible_decisions"),
-                suspending(u, "security.dispute_decisions")
+                "coalesce({}, {u}.status = 'suspended')",
+                before_unseen(u, "'suspend', 'reinstate'", "a.from_value = 'suspended'")
             )
         };
         Source {
@@ -407,6 +448,7 @@ impl Source {
             disputes: "disputes_as_of",
             reporter_suspended: suspended("ru"),
             target_suspended: suspended("tu"),
+            target_role: format!("coalesce({}, tu.role)", before_unseen("tu", "'grant_role'", "a.from_value")),
             scores_seen: "(rs.user_id IS NULL OR shadow.xmin_visible_in(rs.xmin, $6::pg_snapshot))
                  AND (ts.user_id IS NULL OR shadow.xmin_visible_in(ts.xmin, $6::pg_snapshot))",
             related_score_seen: ", 'score_seen', s.user_id IS NULL OR shadow.xmin_visible_in(s.xmin, $6::pg_snapshot)",
@@ -414,13 +456,21 @@ impl Source {
     }
 
     fn statement(&self) -> String {
-        let Source { clock, ctes, disputes, reporter_suspended, target_suspended, scores_seen, related_score_seen } =
-            self;
+        let Source {
+            clock,
+            ctes,
+            disputes,
+            reporter_suspended,
+            target_suspended,
+            target_role,
+            scores_seen,
+            related_score_seen,
+        } = self;
         format!(
             "WITH clock AS ({clock}){ctes}
          SELECT d.id, d.reporter_id, d.target_id, d.kind, d.created_at, clock.now, clock.snapshot,
              {reporter_suspended} AS reporter_suspended, {target_suspended} AS target_suspended,
-             rs.score AS reporter_score, ts.score AS target_score, {scores_seen} AS scores_seen,
+             {target_role} AS target_role, rs.score AS reporter_score, ts.score AS target_score, {scores_seen} AS scores_seen,
              (SELECT coalesce(jsonb_agg(jsonb_build_object('id', o.id, 'reporter_id', o.reporter_id,
                       'status', o.status, 'filed_at', o.created_at, 'decided_at', o.decided_at)), '[]')
                 FROM {disputes} o
@@ -483,6 +533,7 @@ pub async fn gather_facts(
         .into_iter()
         .map(|r| {
             let kind = DisputeKind::parse(&r.kind).map_err(|e| sqlx::Error::Decode(e.message.into()))?;
+            let target_role = r.target_role.parse().map_err(|e: String| sqlx::Error::Decode(e.into()))?;
             if !r.scores_seen || r.against_target.0.iter().any(|o| !o.score_seen) {
                 rescored.push(r.id);
             }
@@ -495,6 +546,7 @@ pub async fn gather_facts(
                 now: r.now,
                 reporter_suspended: r.reporter_suspended,
                 target_suspended: r.target_suspended,
+                target_role,
                 target_score: r.target_score,
                 reporter_score: r.reporter_score,
                 same_reporter: r.same_reporter.0.into_iter().map(Related::from).collect(),

@@ -23,6 +23,7 @@ pub mod shadow;
 pub mod shadow_disputes;
 pub mod shadow_scores;
 pub mod shadow_search;
+pub mod user_admin;
 
 use std::time::Duration;
 

@@ -28,10 +28,18 @@ pub const REBUILD_BATCH: i64 = 10_000;
 /// ([`directory_documents`]) share. `$extra` appends select-list items after the document's
 /// columns (the upsert's `projected_at`), so the projection runs the statement it always ran,
 /// without a subquery in between.
+///
+/// A suspended user's document has no score. The score orchestrator keeps scores of active
+/// users only: its next run deletes a suspended user's score without an event (no
+/// `scores.updated` names a score that is gone), so a document that kept the score it had when
+/// the suspension was projected would keep it forever, where a rebuild has none. The user's
+/// status, on the other hand, changes only with an event (`identity.user_suspended`,
+/// `identity.user_reinstated`), which re-projects the document.
 macro_rules! directory_documents_sql {
     ($($extra:literal)?) => {
         concat!(
-            "SELECT u.id AS user_id, u.handle, u.display_name, u.verified, s.score, u.status,
+            "SELECT u.id AS user_id, u.handle, u.display_name, u.verified,
+                    CASE WHEN u.status = 'active' THEN s.score END AS score, u.status,
                     h.user_id IS NOT NULL AS hidden",
             $($extra,)?
             "
@@ -76,6 +84,7 @@ pub struct DirectoryDocument {
     pub handle: String,
     pub display_name: String,
     pub verified: bool,
+    /// `None` for an unscored or a suspended user.
     pub score: Option<i32>,
     /// active | suspended
     pub status: String,

@@ -10,11 +10,12 @@ use std::process::ExitCode;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use trellis_domain::UserId;
-use trellis_domain::events::{Event, EventPayload, RoleGranted, UserRef};
-use trellis_domain::identity::{Handle, Role};
+use trellis_domain::events::{Event, EventPayload, UserRef};
+use trellis_domain::identity::{AdminReason, Handle, Role};
 use trellis_runtime::config::SecretUrl;
 use trellis_store::PoolConfig;
 use trellis_store::search_model::RebuildScope;
+use trellis_store::user_admin;
 
 #[derive(Debug, Parser)]
 #[command(name = "trellisctl", version, about = "The Trellis on-call tool")]
@@ -64,7 +65,8 @@ enum Command {
         #[command(subcommand)]
         action: Db,
     },
-    /// Roles and verification: the only way to make moderators, admins and verified users.
+    /// Roles, verification and reinstatement: the only way to make moderators, admins and
+    /// verified users; role grants and reinstatements are audited.
     Users {
         #[command(subcommand)]
         action: Users,
@@ -116,10 +118,20 @@ enum Migrate {
     /// Applies every pending migration (as the migration owner). The database roles must
     /// exist; when some are missing and this login may create roles, they are created first.
     Up,
-    /// Reverts the newest applied migration, or down to `--to VERSION` (0 reverts all).
+    /// Reverts the newest applied migration, or every migration newer than `--to VERSION`.
+    /// Reverting drops what those migrations created, data included: it needs `--yes`, and
+    /// reverting every migration (`--to 0`, or the only one applied) needs
+    /// `--drop-everything` as well.
     Down {
+        /// An applied version to revert to (0: revert every migration).
         #[arg(long)]
         to: Option<i64>,
+        /// Confirms that the reverted migrations' tables and data are dropped.
+        #[arg(long)]
+        yes: bool,
+        /// Confirms reverting every migration: every Trellis table and all its data.
+        #[arg(long)]
+        drop_everything: bool,
     },
     /// Lists migrations and whether each is applied.
     Status,
@@ -177,11 +189,38 @@ enum Outbox {
 
 #[derive(Debug, Subcommand)]
 enum Users {
-    /// Sets a user's role (user, moderator, admin).
+    /// Sets a user's role (user, moderator, admin) and records who, when, from, to and why.
+    /// Granting the role a user already has changes nothing and records nothing.
     GrantRole {
         /// User id or handle.
         user: String,
         role: Role,
+        /// Why (required; recorded in the audit).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Who is acting (default: $USER).
+        #[arg(long, env = "TRELLIS_ACTOR")]
+        actor: Option<String>,
+    },
+    /// Reinstates a suspended user (undoes a wrongful suspension) and records who, when and
+    /// why; `identity.user_reinstated` goes out through the outbox. Their tokens stay revoked.
+    Reinstate {
+        /// User id or handle.
+        user: String,
+        /// Why (required; recorded in the audit).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Who is acting (default: $USER).
+        #[arg(long, env = "TRELLIS_ACTOR")]
+        actor: Option<String>,
+    },
+    /// The audit of role grants, suspensions and reinstatements: the newest first.
+    History {
+        /// Only this user's (id or handle).
+        user: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
     },
     /// Marks a user as verified (or, with --revoke, as not verified).
     Verify {
@@ -216,7 +255,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("database roles present: {}", trellis_store::roles::ALL.join(", "));
             Ok(())
         }
-        Command::Users { action } => users(&pool, action).await,
+        Command::Users { action } => users(&pool, action, cli.output).await,
         Command::Outbox { action } => outbox(&pool, action).await,
         Command::Score { action } => score(&pool, action, cli.output).await,
         Command::Search { action: Search::Rebuild { only } } => {
@@ -263,7 +302,7 @@ async fn migrate(pool: &sqlx::PgPool, action: Migrate) -> anyhow::Result<()> {
             migrate::up(pool).await.context("applying migrations")?;
             println!("migrations applied");
         }
-        Migrate::Down { to } => {
+        Migrate::Down { to, yes, drop_everything } => {
             let target = match to {
                 Some(t) => t,
                 None => match migrate::previous_version(pool).await? {
@@ -271,6 +310,7 @@ async fn migrate(pool: &sqlx::PgPool, action: Migrate) -> anyhow::Result<()> {
                     None => bail!("no migration is applied"),
                 },
             };
+            check_down(pool, target, yes, drop_everything).await?;
             migrate::down_to(pool, target).await.context("reverting migrations")?;
             println!("reverted to version {target}");
         }
@@ -280,6 +320,33 @@ async fn migrate(pool: &sqlx::PgPool, action: Migrate) -> anyhow::Result<()> {
                 println!("{:<16} {:<8} {}", m.version, if m.applied { "yes" } else { "no" }, m.description);
             }
         }
+    }
+    Ok(())
+}
+
+/// Refuses a `migrate down` to `target` that is not confirmed, or that names no version: any
+/// target below the oldest applied one reverts every migration.
+async fn check_down(pool: &sqlx::PgPool, target: i64, yes: bool, drop_everything: bool) -> anyhow::Result<()> {
+    use trellis_store::migrate;
+    let applied: Vec<i64> = migrate::status(pool).await?.into_iter().filter(|m| m.applied).map(|m| m.version).collect();
+    if target != 0 && !applied.contains(&target) {
+        bail!(
+            "--to {target} is not an applied migration version (see `trellisctl migrate status`; 0 reverts every one)"
+        );
+    }
+    let reverted: Vec<i64> = applied.iter().copied().filter(|v| *v > target).collect();
+    if reverted.is_empty() {
+        bail!("nothing to revert: no applied migration is newer than {target}");
+    }
+    if !yes {
+        bail!(
+            "reverting {} migration(s) ({}) drops what they created, data included: repeat with --yes",
+            reverted.len(),
+            reverted.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+        );
+    }
+    if target == 0 && !drop_everything {
+        bail!("reverting every migration drops every Trellis table and all its data: repeat with --drop-everything");
     }
     Ok(())
 }
@@ -416,22 +483,68 @@ async fn find_user(pool: &sqlx::PgPool, user: &str) -> anyhow::Result<trellis_st
     found.with_context(|| format!("no user {user:?}"))
 }
 
-async fn users(pool: &sqlx::PgPool, action: Users) -> anyhow::Result<()> {
+/// The `--reason` of a user-administration command: required, 1–2,000 characters.
+fn admin_reason(reason: Option<String>) -> anyhow::Result<AdminReason> {
+    let reason =
+        reason.ok_or_else(|| anyhow::anyhow!("--reason is required: say why (it is recorded in the audit)"))?;
+    AdminReason::parse(&reason).map_err(|e| anyhow::anyhow!("--reason {}", e.message))
+}
+
+async fn users(pool: &sqlx::PgPool, action: Users, output: Output) -> anyhow::Result<()> {
     let now = time::OffsetDateTime::now_utc();
     match action {
-        Users::GrantRole { user, role } => {
+        Users::GrantRole { user, role, reason, actor } => {
+            let reason = admin_reason(reason)?;
             let found = find_user(pool, &user).await?;
-            let id = UserId(found.id);
-            let mut tx = pool.begin().await?;
-            trellis_store::identity::set_role(&mut tx, id, role.as_str()).await?;
-            let ev = Event::new(
-                &EventPayload::RoleGranted(RoleGranted { user_id: id, role: role.as_str().into() }),
-                None,
-                now,
-            );
-            trellis_store::outbox::insert(&mut tx, &[ev]).await?;
-            tx.commit().await?;
-            println!("{} ({}) is now {}", found.handle, found.id, role.as_str());
+            let actor = crate::actor(actor);
+            let by = user_admin::Actor { name: &actor, user_id: None };
+            match user_admin::grant_role(pool, UserId(found.id), role, &by, &reason).await {
+                Ok(Some(_)) => println!("{} ({}) is now {}", found.handle, found.id, role.as_str()),
+                Ok(None) => {
+                    println!(
+                        "{} ({}) is already {}: nothing changed, nothing recorded",
+                        found.handle,
+                        found.id,
+                        role.as_str()
+                    )
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("granting {} the role {}", found.handle, role.as_str()));
+                }
+            }
+        }
+        Users::Reinstate { user, reason, actor } => {
+            let reason = admin_reason(reason)?;
+            let found = find_user(pool, &user).await?;
+            let actor = crate::actor(actor);
+            let by = user_admin::Actor { name: &actor, user_id: None };
+            match user_admin::reinstate(pool, UserId(found.id), &by, &reason).await {
+                Ok(_) => println!("{} ({}) is reinstated (active); they sign in again", found.handle, found.id),
+                Err(e) => return Err(e).with_context(|| format!("reinstating {}", found.handle)),
+            }
+        }
+        Users::History { user, limit } => {
+            let user = match user {
+                Some(u) => Some(UserId(find_user(pool, &u).await?.id)),
+                None => None,
+            };
+            let rows = user_admin::history(pool, user, i64::from(limit)).await.context("reading the audit")?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+                Output::Table => {
+                    println!(
+                        "{:<25} {:<36} {:<10} {:<10} {:<10} {:<16} REASON",
+                        "WHEN", "USER", "ACTION", "FROM", "TO", "ACTOR"
+                    );
+                    for r in rows {
+                        let when = r.acted_at.format(&time::format_description::well_known::Rfc3339)?;
+                        println!(
+                            "{when:<25} {:<36} {:<10} {:<10} {:<10} {:<16} {}",
+                            r.user_id, r.action, r.from_value, r.to_value, r.actor, r.reason
+                        );
+                    }
+                }
+            }
         }
         Users::Verify { user, revoke } => {
             let found = find_user(pool, &user).await?;

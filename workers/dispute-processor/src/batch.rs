@@ -135,6 +135,7 @@ mod tests {
             now: NOW,
             reporter_suspended: false,
             target_suspended: false,
+            target_role: trellis_domain::identity::Role::User,
             target_score: None,
             same_reporter: Vec::new(),
             reporter_record: Vec::new(),

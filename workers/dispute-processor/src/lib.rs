@@ -58,7 +58,7 @@ use trellis_domain::{DisputeId, UserId};
 use trellis_runtime::consumer::{
     ConsumerError, ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome, RunnerConfig, RunnerContext,
 };
-use trellis_store::disputes::DisputeRow;
+use trellis_store::disputes::{DecidedBy, DisputeRow};
 use uuid::Uuid;
 
 use batch::Batch;
@@ -183,7 +183,13 @@ impl Processor {
 
     /// Decides the pending disputes among `ids` in one transaction and returns the ids it
     /// found pending (the others were already decided, or do not exist).
-    pub async fn decide(&self, ids: &[Uuid]) -> Result<HashSet<Uuid>, sqlx::Error> {
+    ///
+    /// Before a judgement upholds a dispute, its target's row is locked and their role read
+    /// again: a target the facts read as a plain user who has since become a moderator or an
+    /// admin fails the batch ([`DecideError::TargetPrivileged`]), which is rolled back and
+    /// judged again on new facts. Under the lock no role change can commit before the
+    /// decision does, so no rule ever upholds a dispute against a moderator or an admin.
+    pub async fn decide(&self, ids: &[Uuid]) -> Result<HashSet<Uuid>, DecideError> {
         let rules = Rules::PRODUCTION;
         let mut tx = self.inner.pool.begin().await?;
         let locked = trellis_store::disputes::lock_pending(&mut tx, ids).await?;
@@ -222,11 +228,16 @@ impl Processor {
                 }));
             }
             if judgement.status == DisputeStatus::Upheld {
+                let target = trellis_store::user_admin::lock(&mut tx, UserId(f.target_id)).await?;
+                if target.is_some_and(|t| t.role.can_moderate()) {
+                    return Err(DecideError::TargetPrivileged(f.target_id));
+                }
                 let effects = trellis_store::disputes::apply_upheld_effects(
                     &mut tx,
                     DisputeId(row.id),
                     f.kind,
                     UserId(f.target_id),
+                    DecidedBy::Rule(judgement.rule.id()),
                 )
                 .await?;
                 events.extend(effects);
@@ -285,6 +296,17 @@ impl Processor {
             }
         }
     }
+}
+
+/// Why a batch was not decided: it is rolled back and retried.
+#[derive(Debug, thiserror::Error)]
+pub enum DecideError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// A judgement would uphold a dispute against this user, whom the facts read as a plain
+    /// user but who is a moderator or an admin by now.
+    #[error("user {0} became a moderator or an admin while the batch was judged; it is judged again")]
+    TargetPrivileged(Uuid),
 }
 
 /// The window of `trellis_dispute_auto_adjudication_ratio`.
@@ -352,7 +374,7 @@ impl Handler for PriorityHandler {
                     if rest.is_empty() {
                         Ok(Vec::new())
                     } else {
-                        trellis_store::disputes::missing(&self.processor.inner.pool, &rest).await
+                        trellis_store::disputes::missing(&self.processor.inner.pool, &rest).await.map_err(Into::into)
                     }
                 }
                 Err(e) => Err(e),

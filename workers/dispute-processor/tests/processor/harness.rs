@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use trellis_api::{Config, Running};
+use trellis_domain::disputes::DisputeKind;
+use trellis_domain::{DisputeId, UserId};
 use trellis_testkit::TestDb;
 use uuid::Uuid;
 
@@ -215,10 +217,10 @@ impl Api {
         body["id"].as_str().expect("a dispute id").parse().unwrap()
     }
 
-    /// The dispute as its reporter sees it.
-    pub async fn dispute(&self, reporter: &User, id: Uuid) -> Value {
+    /// The dispute as `viewer` sees it (its reporter, or a moderator).
+    pub async fn dispute(&self, viewer: &User, id: Uuid) -> Value {
         let (status, body) =
-            self.request(reqwest::Method::GET, &format!("/v1/disputes/{id}"), Some(&reporter.token), None).await;
+            self.request(reqwest::Method::GET, &format!("/v1/disputes/{id}"), Some(&viewer.token), None).await;
         assert_eq!(status, 200, "{body:?}");
         body
     }
@@ -269,6 +271,49 @@ pub async fn set_score(db: &TestDb, user: Uuid, score: i32) {
     .execute(&db.pool)
     .await
     .expect("writing a score");
+}
+
+/// A user inserted directly (no token), with a trust score when `score` is given.
+pub async fn user(db: &TestDb, score: Option<i32>) -> Uuid {
+    let id = Uuid::now_v7();
+    let handle = format!("u{}", &id.simple().to_string()[20..]);
+    sqlx::query(
+        "INSERT INTO identity.users (id, handle, display_name, email, password_hash)
+         VALUES ($1, $2, $2, $2 || '@example.com', 'not a hash')",
+    )
+    .bind(id)
+    .bind(&handle)
+    .execute(&db.pool)
+    .await
+    .expect("inserting a user");
+    if let Some(s) = score {
+        set_score(db, id, s).await;
+    }
+    id
+}
+
+/// A dispute filed directly (no event): for tests that drive the processor's library.
+pub async fn file(db: &TestDb, reporter: Uuid, target: Uuid, kind: DisputeKind) -> Uuid {
+    let mut conn = db.pool.acquire().await.unwrap();
+    let new = trellis_store::disputes::NewDispute {
+        id: DisputeId(Uuid::now_v7()),
+        reporter: UserId(reporter),
+        target: UserId(target),
+        kind,
+        description: "a test dispute",
+        evidence: None,
+    };
+    trellis_store::disputes::insert(&mut conn, &new).await.expect("filing").id
+}
+
+/// The rule of a dispute's current decision (`""` while pending): what a moderator sees, and
+/// its reporter does not.
+pub async fn rule_of(db: &TestDb, id: Uuid) -> String {
+    sqlx::query_scalar("SELECT coalesce(decision_rule, '') FROM security.disputes WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .expect("reading a dispute")
 }
 
 /// A short random tag for handles.

@@ -6,6 +6,7 @@ mod harness;
 
 mod cutover;
 mod idempotency;
+mod moderation;
 mod priority;
 mod rules;
 mod shadow_parity;

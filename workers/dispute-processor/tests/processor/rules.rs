@@ -1,5 +1,6 @@
-//! Filing leads to a decision the reporter sees, for each rule (issue 6 §2, §5), and the
-//! effects of an upheld dispute: suspension revokes tokens and removes the user from search.
+//! Filing leads to a decision, for each rule, with reasons a moderator sees and an outcome its
+//! reporter sees, and the effects of an upheld dispute: suspension revokes tokens and removes
+//! the user from search.
 
 use serde_json::Value;
 use trellis_testkit::TestDb;
@@ -10,8 +11,14 @@ fn reasons(d: &Value) -> String {
     d["decision"]["reasons"].to_string()
 }
 
+/// The reporter's view of an automatic decision: its outcome in generic words.
+fn outcome(d: &Value) -> (&str, &str, Vec<&str>) {
+    let reasons = d["decision"]["reasons"].as_array().expect("reasons").iter().filter_map(Value::as_str).collect();
+    (d["status"].as_str().unwrap_or(""), d["decision"]["rule"].as_str().unwrap_or(""), reasons)
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn each_rule_decides_and_the_reporter_sees_why() {
+async fn each_rule_decides_with_its_reasons_and_the_reporter_sees_only_the_outcome() {
     let db = TestDb::migrated().await.unwrap();
     let prefix = trellis_testkit::nats_prefix();
     let api = Api::start(&db, &prefix).await;
@@ -22,10 +29,12 @@ async fn each_rule_decides_and_the_reporter_sees_why() {
     make_role(&db, moderator.id, "moderator").await;
     let target = api.register(&format!("tgt{t}")).await;
 
-    // R5: nothing decides it; a moderator gets it with reasons.
+    // R5: nothing decides it; a moderator gets it with reasons, the reporter an outcome.
     let first = api.file(&reporter, target.id, "spam").await;
     let d = api.decided(&reporter, first).await;
-    assert_eq!(d["status"], "needs_review", "{d:?}");
+    assert_eq!(outcome(&d), ("needs_review", "automatic", vec!["under review: a person will decide it"]));
+    assert!(d["decision"]["rules_version"].is_null(), "{d:?}");
+    let d = api.dispute(&moderator, first).await;
     assert_eq!(d["decision"]["rule"], "R5");
     assert_eq!(d["decision"]["rules_version"], trellis_domain::adjudication::RULES_VERSION);
     assert!(reasons(&d).contains("needs review"), "{d:?}");
@@ -33,6 +42,9 @@ async fn each_rule_decides_and_the_reporter_sees_why() {
     // R1: the same reporter, target and kind while the first is undecided.
     let again = api.file(&reporter, target.id, "spam").await;
     let d = api.decided(&reporter, again).await;
+    let repeat = "dismissed: you already filed a dispute of this kind against this user";
+    assert_eq!(outcome(&d), ("dismissed", "automatic", vec![repeat]), "{d:?}");
+    let d = api.dispute(&moderator, again).await;
     assert_eq!((d["status"].as_str(), d["decision"]["rule"].as_str()), (Some("dismissed"), Some("R1")), "{d:?}");
     assert!(reasons(&d).contains("1 undecided"), "{d:?}");
 
@@ -42,17 +54,20 @@ async fn each_rule_decides_and_the_reporter_sees_why() {
     for i in 0..5 {
         let other = api.register(&format!("o{i}{t}")).await;
         let id = api.file(&doubter, other.id, "incorrect_info").await;
-        assert_eq!(api.decided(&doubter, id).await["decision"]["rule"], "R5", "{i} dismissed so far");
+        api.decided(&doubter, id).await;
+        assert_eq!(rule_of(&db, id).await, "R5", "{i} dismissed so far");
         let (status, body) = api.moderate(&moderator, id, "dismissed").await;
         assert_eq!(status, 200, "{body:?}");
         others.push(other);
     }
     let low = api.file(&doubter, others[0].id, "harassment").await;
-    let d = api.decided(&doubter, low).await;
+    api.decided(&doubter, low).await;
+    let d = api.dispute(&moderator, low).await;
     assert_eq!((d["status"].as_str(), d["decision"]["rule"].as_str()), (Some("dismissed"), Some("R3")), "{d:?}");
     assert!(reasons(&d).contains("5 of the reporter's disputes"), "{d:?}");
     let p0 = api.file(&doubter, others[1].id, "impersonation").await;
-    let d = api.decided(&doubter, p0).await;
+    api.decided(&doubter, p0).await;
+    let d = api.dispute(&moderator, p0).await;
     assert_eq!((d["status"].as_str(), d["decision"]["rule"].as_str()), (Some("needs_review"), Some("R3")), "{d:?}");
 
     // R4: three credible reporters; the third upholds the two others in the same decision.
@@ -67,15 +82,19 @@ async fn each_rule_decides_and_the_reporter_sees_why() {
     let mut filed = Vec::new();
     for (i, r) in credible.iter().enumerate() {
         let id = api.file(r, victim.id, "harassment").await;
-        let d = api.decided(r, id).await;
+        api.decided(r, id).await;
         let want = if i < 2 { "R5" } else { "R4" };
-        assert_eq!(d["decision"]["rule"], want, "reporter {i}: {d:?}");
+        assert_eq!(rule_of(&db, id).await, want, "reporter {i}");
         filed.push(id);
     }
     for (r, id) in credible.iter().zip(&filed) {
-        let d = api.dispute(r, *id).await;
+        let d = api.dispute(&moderator, *id).await;
         assert_eq!((d["status"].as_str(), d["decision"]["rule"].as_str()), (Some("upheld"), Some("R4")), "{d:?}");
         assert!(reasons(&d).contains("3 distinct reporters"), "{d:?}");
+        // Its reporter is not told how many others reported the same user, nor by which rule.
+        let d = api.dispute(r, *id).await;
+        assert_eq!(outcome(&d), ("upheld", "automatic", vec!["upheld"]), "{d:?}");
+        assert!(!d.to_string().contains("distinct") && !d.to_string().contains("R4"), "{d:?}");
     }
     // The upheld harassment suspended the victim: their token stops working.
     let (status, _) = api.request(reqwest::Method::GET, "/v1/me", Some(&victim.token), None).await;
@@ -96,7 +115,8 @@ async fn each_rule_decides_and_the_reporter_sees_why() {
 
     // R2: the victim is already suspended, so a new dispute against them is moot.
     let moot = api.file(&reporter, victim.id, "spam").await;
-    let d = api.decided(&reporter, moot).await;
+    api.decided(&reporter, moot).await;
+    let d = api.dispute(&moderator, moot).await;
     assert_eq!((d["status"].as_str(), d["decision"]["rule"].as_str()), (Some("dismissed"), Some("R2")), "{d:?}");
     assert!(reasons(&d).contains("moot"), "{d:?}");
 
@@ -144,7 +164,9 @@ async fn an_upheld_spam_dispute_hides_the_target_from_search() {
         last = Some(api.decided(r, id).await);
     }
     let last = last.unwrap();
-    assert_eq!((last["status"].as_str(), last["decision"]["rule"].as_str()), (Some("upheld"), Some("R4")));
+    assert_eq!(last["status"], "upheld");
+    let id = last["id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(rule_of(&db, id).await, "R4");
     let (status, _) = api.request(reqwest::Method::GET, "/v1/me", Some(&spammer.token), None).await;
     assert_eq!(status, 200, "spam hides, it does not suspend");
     let (_, body) = api
@@ -193,8 +215,8 @@ async fn moderators_get_needs_review_by_priority_then_age_and_their_decisions_ap
     assert_eq!(status, 401, "upheld by a moderator: the impostor is suspended");
     let seen = api.dispute(&reporter, *impersonation).await;
     assert_eq!(seen["status"], "upheld");
-    assert_eq!(seen["decision"]["rule"], "moderator");
-    assert!(reasons(&seen).contains("checked by hand"), "the reporter sees the reasons: {seen:?}");
+    assert_eq!(outcome(&seen), ("upheld", "moderator", vec!["upheld after review"]));
+    assert_eq!(seen["decision"]["note"], "checked by hand", "the reporter sees the moderator's note: {seen:?}");
     assert!(seen["decision"]["decided_by"].is_null(), "the reporter does not see who decided");
     let (status, body) = api.moderate(&moderator, *impersonation, "dismissed").await;
     assert_eq!(status, 409, "{body:?}");

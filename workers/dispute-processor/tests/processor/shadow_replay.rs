@@ -19,37 +19,6 @@ use uuid::Uuid;
 
 use crate::harness::*;
 
-async fn user(db: &TestDb, score: Option<i32>) -> Uuid {
-    let id = Uuid::now_v7();
-    let handle = format!("u{}", &id.simple().to_string()[20..]);
-    sqlx::query(
-        "INSERT INTO identity.users (id, handle, display_name, email, password_hash)
-         VALUES ($1, $2, $2, $2 || '@example.com', 'not a hash')",
-    )
-    .bind(id)
-    .bind(&handle)
-    .execute(&db.pool)
-    .await
-    .expect("inserting a user");
-    if let Some(s) = score {
-        set_score(db, id, s).await;
-    }
-    id
-}
-
-async fn file(db: &TestDb, reporter: Uuid, target: Uuid, kind: DisputeKind) -> Uuid {
-    let mut conn = db.pool.acquire().await.unwrap();
-    let new = trellis_store::disputes::NewDispute {
-        id: DisputeId(Uuid::now_v7()),
-        reporter: UserId(reporter),
-        target: UserId(target),
-        kind,
-        description: "a test dispute",
-        evidence: None,
-    };
-    trellis_store::disputes::insert(&mut conn, &new).await.expect("filing").id
-}
-
 /// The current (latest) decision of each dispute: (status, rule).
 async fn decisions(db: &TestDb, ids: &[Uuid]) -> Vec<(String, String)> {
     let rows: HashMap<Uuid, (String, String)> = sqlx::query_as::<_, (Uuid, String, String)>(

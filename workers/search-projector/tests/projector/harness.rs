@@ -8,8 +8,12 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde_json::{Value, json};
+use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use trellis_api::{Config, Running};
+use trellis_domain::events::Envelope;
+use trellis_domain::ids::EventId;
+use trellis_runtime::consumer::Delivery;
 use trellis_testkit::TestDb;
 use uuid::Uuid;
 
@@ -65,6 +69,22 @@ pub struct User {
 impl Api {
     pub async fn start(db: &TestDb, prefix: &str) -> Self {
         Self::start_with(db, prefix, &[]).await
+    }
+
+    /// Starts the API with the score orchestrator in-process (`score.executor` = `monolith`),
+    /// so that score runs happen (at start-up, and on request): what [`random_moderated_history`]
+    /// needs.
+    pub async fn start_scoring(db: &TestDb, prefix: &str) -> Self {
+        use trellis_domain::flags::{Executor, Flag};
+        let change = trellis_store::flags::Change {
+            flag: Flag::ScoreExecutor,
+            value: Executor::Monolith,
+            actor: "projector-tests",
+            reason: "score runs in the test's API",
+            forced: false,
+        };
+        trellis_store::flags::set(&db.pool, &change).await.expect("setting score.executor");
+        Self::start(db, prefix).await
     }
 
     /// Starts the API with `extra` command-line arguments (e.g. `--search-max-lag 1s`).
@@ -219,6 +239,34 @@ impl Api {
         self.expect(reqwest::Method::PATCH, "/v1/me", user, Some(json!({"display_name": display_name})), &[200]).await;
     }
 
+    /// Signs `user` in again (a suspension revoked their tokens); returns the user with the new
+    /// token.
+    pub async fn sign_in(&self, user: &User) -> User {
+        let body = json!({"login": user.handle, "password": PASSWORD});
+        let (status, body) = self.request(reqwest::Method::POST, "/v1/sessions", None, Some(body)).await;
+        assert_eq!(status, 201, "signing {} in: {body:?}", user.handle);
+        User { token: body["token"].as_str().expect("a token").to_owned(), ..user.clone() }
+    }
+
+    /// `admin` reinstates the suspended `user`.
+    pub async fn reinstate(&self, admin: &User, user: Uuid) {
+        let path = format!("/v1/admin/users/{user}/reinstate");
+        self.expect(reqwest::Method::POST, &path, admin, Some(json!({"reason": "wrongly suspended"})), &[200]).await;
+    }
+
+    /// `admin` requests a score run; waits until a run that started after the request has
+    /// succeeded.
+    pub async fn score_run(&self, db: &TestDb, admin: &User) {
+        let requested_at = OffsetDateTime::now_utc();
+        self.expect(reqwest::Method::POST, "/v1/admin/score-runs", admin, None, &[202]).await;
+        eventually("a score run to succeed", Duration::from_secs(60), || async {
+            let run = trellis_store::scores::first_run_since(&db.pool, requested_at).await.ok()??;
+            assert_ne!(run.status, "failed", "the score run failed: {:?}", run.error);
+            (run.status == "succeeded").then_some(())
+        })
+        .await;
+    }
+
     /// Files a dispute of `kind` against `target` and has `moderator` uphold it.
     pub async fn uphold(&self, reporter: &User, moderator: &User, target: Uuid, kind: &str) {
         let body = json!({"target_id": target.to_string(), "kind": kind, "description": "this is a test dispute"});
@@ -273,6 +321,24 @@ pub async fn checkpoint_reaches_newest_event(db: &TestDb) {
         reached.unwrap_or(false).then_some(())
     })
     .await;
+}
+
+/// A delivery of an event of `event_type` with `data`, as the runner hands it to a handler.
+pub fn delivery(event_type: &str, data: serde_json::Value, sequence: u64) -> Delivery {
+    Delivery {
+        subject: format!("events.{event_type}"),
+        envelope: Envelope {
+            id: EventId::new(),
+            event_type: event_type.into(),
+            version: 1,
+            occurred_at: OffsetDateTime::now_utc(),
+            actor_id: None,
+            data,
+        },
+        stream_sequence: sequence,
+        deliveries: 1,
+        replays: 0,
+    }
 }
 
 /// A `search-projector` child process, killed (SIGKILL) when dropped.
@@ -441,6 +507,33 @@ pub async fn caught_up(db: &TestDb, prefix: &str) {
 /// A random history of API mutations: `users` registrations, then `steps` contact, circle and
 /// profile changes chosen by `seed`. Returns the users.
 pub async fn random_history(api: &Api, users: usize, steps: usize, seed: u64) -> Vec<User> {
+    history(api, None, users, steps, seed).await.users
+}
+
+/// What [`random_moderated_history`] did.
+#[derive(Debug)]
+pub struct History {
+    /// Every user it registered: the random ones, then an admin and a moderator.
+    pub users: Vec<User>,
+    /// Score runs it requested (after the start-up run, and the last step always is one).
+    pub score_runs: usize,
+    /// Suspensions of users who had a score from an earlier run.
+    pub suspended_with_a_score: usize,
+    pub reinstated: usize,
+    /// Users suspended at the end.
+    pub suspended: usize,
+}
+
+/// [`random_history`] with moderation and trust scores among its steps: score runs (the API
+/// must run the score orchestrator: [`Api::start_scoring`]), suspensions (a harassment dispute
+/// upheld by a moderator) and reinstatements (by an admin), between the contact, circle and
+/// profile changes; its last step is a score run, which removes the scores of the users
+/// suspended then. An admin and a moderator are registered after the `users`.
+pub async fn random_moderated_history(api: &Api, db: &TestDb, users: usize, steps: usize, seed: u64) -> History {
+    history(api, Some(db), users, steps, seed).await
+}
+
+async fn history(api: &Api, scoring: Option<&TestDb>, users: usize, steps: usize, seed: u64) -> History {
     use std::collections::{BTreeMap, BTreeSet};
 
     use rand::rngs::StdRng;
@@ -456,19 +549,37 @@ pub async fn random_history(api: &Api, users: usize, steps: usize, seed: u64) ->
     for i in 0..users {
         all.push(api.register(&format!("h{}{i}", &tag[..6])).await);
     }
+    let staff = match scoring {
+        Some(db) => {
+            let admin = api.register(&format!("a{}", &tag[..6])).await;
+            make_role(db, admin.id, "admin").await;
+            let moderator = api.register(&format!("m{}", &tag[..6])).await;
+            make_role(db, moderator.id, "moderator").await;
+            Some((db, admin, moderator))
+        }
+        None => None,
+    };
+    let mut done = History { users: Vec::new(), score_runs: 0, suspended_with_a_score: 0, reinstated: 0, suspended: 0 };
+    let mut suspended: BTreeSet<usize> = BTreeSet::new();
+    let mut scored = false;
     let mut contacts: BTreeMap<usize, BTreeSet<usize>> = BTreeMap::new();
     let mut circles: BTreeMap<usize, Vec<Circle>> = BTreeMap::new();
     let mut names = 0u32;
     let labels = ["", "friend", "work", "family", "gym"];
+    let kinds = if staff.is_some() { 12 } else { 9 };
     for _ in 0..steps {
         let o = rng.random_range(0..users);
+        let kind = rng.random_range(0..kinds);
+        if suspended.contains(&o) && kind < 9 {
+            continue; // a suspended user cannot sign in
+        }
         let owner = &all[o];
         let theirs = contacts.entry(o).or_default();
         let their_circles = circles.entry(o).or_default();
-        match rng.random_range(0..9) {
+        match kind {
             0..=2 => {
                 let c = rng.random_range(0..users);
-                if c != o {
+                if c != o && !suspended.contains(&c) {
                     api.put_contact(owner, all[c].id, labels[rng.random_range(0..labels.len())]).await;
                     theirs.insert(c);
                 }
@@ -512,11 +623,42 @@ pub async fn random_history(api: &Api, users: usize, steps: usize, seed: u64) ->
                     }
                 }
             }
-            _ => {
+            8 => {
                 names += 1;
                 api.rename_me(owner, &format!("Person {names}")).await;
             }
+            _ => {
+                let Some((db, admin, moderator)) = &staff else { unreachable!("moderation steps need staff") };
+                match kind {
+                    9 => {
+                        api.score_run(db, admin).await;
+                        done.score_runs += 1;
+                        scored = true;
+                    }
+                    10 if !suspended.contains(&o) => {
+                        // Reported by the admin (never by a user this history suspends), upheld
+                        // by the moderator.
+                        api.uphold(admin, moderator, all[o].id, "harassment").await;
+                        suspended.insert(o);
+                        done.suspended_with_a_score += usize::from(scored);
+                    }
+                    11 if suspended.contains(&o) => {
+                        api.reinstate(admin, all[o].id).await;
+                        all[o] = api.sign_in(&all[o]).await;
+                        suspended.remove(&o);
+                        done.reinstated += 1;
+                    }
+                    _ => {}
+                }
+            }
         }
     }
-    all
+    if let Some((db, admin, moderator)) = staff {
+        api.score_run(db, &admin).await;
+        done.score_runs += 1;
+        all.extend([admin, moderator]);
+    }
+    done.suspended = suspended.len();
+    done.users = all;
+    done
 }

@@ -8,9 +8,6 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use search_projector::Projector;
 use serde_json::json;
-use time::OffsetDateTime;
-use trellis_domain::events::Envelope;
-use trellis_domain::ids::EventId;
 use trellis_runtime::consumer::{Delivery, Handler, Outcome};
 use trellis_testkit::TestDb;
 
@@ -81,23 +78,6 @@ async fn shuffled_and_duplicated_events_leave_the_model_equal_to_a_rebuild() {
     });
     if let Err(e) = result {
         panic!("{e}");
-    }
-}
-
-fn delivery(event_type: &str, data: serde_json::Value, sequence: u64) -> Delivery {
-    Delivery {
-        subject: format!("events.{event_type}"),
-        envelope: Envelope {
-            id: EventId::new(),
-            event_type: event_type.into(),
-            version: 1,
-            occurred_at: OffsetDateTime::now_utc(),
-            actor_id: None,
-            data,
-        },
-        stream_sequence: sequence,
-        deliveries: 1,
-        replays: 0,
     }
 }
 
