@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderName, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -26,9 +26,9 @@ use utoipa_axum::router::OpenApiRouter;
 
 use crate::activity::ActivityTracker;
 use crate::config::Config;
-use crate::error::{ApiError, ErrorCause, problem_response};
+use crate::error::{ErrorCause, problem_response};
 use crate::ratelimit::LoginLimiter;
-use crate::{idempotency, routes};
+use crate::{routes, unit_of_work};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -86,11 +86,9 @@ pub fn app(state: AppState) -> Router {
     )
     .fallback(route_not_found)
     .method_not_allowed_fallback(method_not_allowed)
-    .layer(middleware::from_fn_with_state(state.clone(), idempotency::layer))
+    .layer(middleware::from_fn_with_state(state.clone(), unit_of_work::layer))
     .layer(DefaultBodyLimit::max(body_limit))
-    .layer(middleware::from_fn_with_state(state.clone(), request_timeout))
     .layer(middleware::from_fn(record_request))
-    .layer(middleware::from_fn_with_state(state.clone(), track_activity))
     .with_state(state)
     .merge(trellis_runtime::admin::health_routes(health))
     .layer(PropagateRequestIdLayer::new(request_id.clone()))
@@ -112,23 +110,6 @@ async fn method_not_allowed() -> Response {
         Some("this route does not support that method".into()),
         Vec::new(),
     )
-}
-
-/// Backstop timeout for a whole request: a hang becomes a 503.
-async fn request_timeout(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    match tokio::time::timeout(state.config.request_timeout, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => ApiError::Unavailable { cause: "request timed out".into() }.into_response(),
-    }
-}
-
-/// Remembers the request's bearer token (hashed) for the daily-active-users gauge; whether it
-/// authenticates is settled when the batch is written.
-async fn track_activity(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if let Some(token) = crate::auth::bearer_from_headers(request.headers()) {
-        state.activity.saw(crate::auth::hash_token(token));
-    }
-    next.run(request).await
 }
 
 /// `trellis_http_request_duration_seconds{route,method,status_class}`, and the log line of
@@ -181,6 +162,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let common = &config.common;
     let topology = Topology::new(&common.nats_prefix)?;
     config.promotion.policy().map_err(anyhow::Error::msg)?;
+    config.check().map_err(anyhow::Error::msg)?;
     let metrics = trellis_runtime::telemetry::install_metrics();
     trellis_runtime::shadow::init_metrics();
     for endpoint in routes::search::ENDPOINTS {
@@ -191,6 +173,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     pool_config.max_connections = config.db_pool_size;
     pool_config.acquire_timeout = common.io_timeout;
     pool_config.statement_timeout = common.io_timeout;
+    // A request's transaction (and the idempotency key it holds) ends with the request: when
+    // its client stops talking, and when this process is gone even while a statement waits.
+    pool_config.idle_in_transaction_timeout = Some(config.request_timeout);
+    pool_config.client_check_interval = Some(Duration::from_secs(1));
     let pool = trellis_store::connect_lazy(common.database_url.expose(), &pool_config)?;
 
     // The relay's own pool (the bulkhead): a listener connection plus one for batches.
@@ -222,7 +208,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         login_limiter: Arc::new(LoginLimiter::new(config.login_rate_per_login, config.login_rate_per_address)),
         health: health.clone(),
         search_source: Arc::default(),
-        activity: Arc::default(),
+        activity: Arc::new(ActivityTracker::new(config.activity_max_tokens)),
     };
 
     let listener = tokio::net::TcpListener::bind(config.api_addr)
@@ -267,7 +253,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             }
         });
     }
-    tasks.spawn(prune_idempotency_keys(pool.clone(), background.clone()));
+    tasks.spawn(crate::prune::run(pool.clone(), config.prune_interval, config.token_idle_timeout, background.clone()));
     {
         let (activity, pool, interval) = (state.activity.clone(), pool.clone(), config.activity_flush_interval);
         let background = background.clone();
@@ -336,19 +322,6 @@ async fn declare_streams(
                 }
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
-        }
-    }
-}
-
-async fn prune_idempotency_keys(pool: PgPool, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(300));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = cancel.cancelled() => return,
-        }
-        if let Err(e) = trellis_store::idempotency::prune_expired(&pool, 10_000).await {
-            tracing::warn!(error = %e, "pruning idempotency keys failed");
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
 use crate::routes::{events, page, resolve_user};
+use crate::unit_of_work::UnitOfWork;
 use crate::views::{Dispute, List, PageParams};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -39,11 +40,7 @@ pub struct DisputeBody {
 #[utoipa::path(post, path = "/v1/disputes", tag = "disputes", security(("bearer" = [])), request_body = DisputeBody,
     responses((status = 201, body = Dispute), (status = 401, body = Problem), (status = 404, body = Problem),
         (status = 422, body = Problem)))]
-async fn file_dispute(
-    State(state): State<AppState>,
-    principal: Principal,
-    Json(body): Json<DisputeBody>,
-) -> ApiResult<Response> {
+async fn file_dispute(principal: Principal, work: UnitOfWork, Json(body): Json<DisputeBody>) -> ApiResult<Response> {
     let mut errors = ValidationErrors::default();
     let kind = errors.check(DisputeKind::parse(&body.kind));
     let description = errors.check(Description::parse(&body.description));
@@ -55,13 +52,13 @@ async fn file_dispute(
         return Err(errors.into());
     };
     errors.into_result()?;
-    let target = resolve_user(&state.pool, &body.target_id).await?;
+    let mut tx = work.begin().await?;
+    let target = resolve_user(&mut *tx, &body.target_id).await?;
     let target_id = UserId(target.id);
     if target_id == principal.user_id {
         return Err(ApiError::unprocessable("self-dispute", "you cannot file a dispute against yourself"));
     }
     let id = DisputeId::new();
-    let mut tx = state.pool.begin().await?;
     let row = trellis_store::disputes::insert(
         &mut tx,
         &NewDispute {
@@ -82,7 +79,7 @@ async fn file_dispute(
         priority: kind.priority(),
     });
     trellis_store::outbox::insert(&mut tx, &events(Some(principal.user_id), [ev])).await?;
-    tx.commit().await?;
+    work.finish(tx);
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/v1/disputes/{id}"))],

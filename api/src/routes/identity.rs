@@ -16,17 +16,18 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::app::AppState;
-use crate::auth::{self, Principal};
-use crate::error::{ApiError, ApiResult, Json, Path, Problem};
-use crate::idempotency::TokenIssued;
-use crate::routes::{events, resolve_user};
-use crate::views::{Me, PublicUser};
+use crate::auth::{self, Principal, TokenRequest};
+use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
+use crate::routes::{events, page, resolve_user};
+use crate::unit_of_work::UnitOfWork;
+use crate::views::{List, Me, PageParams, PublicUser, SessionView};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(register))
-        .routes(routes!(login))
+        .routes(routes!(login, sign_out_everywhere))
         .routes(routes!(logout))
+        .routes(routes!(list_sessions))
         .routes(routes!(get_me, update_me))
         .routes(routes!(get_user))
 }
@@ -48,10 +49,17 @@ pub struct Registered {
     pub expires_at: OffsetDateTime,
 }
 
-/// Registers a user and signs them in.
+/// Registers a user and signs them in. Anyone may call it. `Idempotency-Key` is ignored here: a
+/// client that lost the response signs in with the password it chose (a second registration is
+/// a 409).
 #[utoipa::path(post, path = "/v1/users", tag = "identity", request_body = Registration,
     responses((status = 201, body = Registered), (status = 409, body = Problem), (status = 422, body = Problem)))]
-async fn register(State(state): State<AppState>, Json(body): Json<Registration>) -> ApiResult<Response> {
+async fn register(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    work: UnitOfWork,
+    Json(body): Json<Registration>,
+) -> ApiResult<Response> {
     let mut errors = ValidationErrors::default();
     let handle = errors.check(Handle::parse(&body.handle));
     let display_name = errors.check(DisplayName::parse(&body.display_name));
@@ -63,7 +71,7 @@ async fn register(State(state): State<AppState>, Json(body): Json<Registration>)
     };
     let password_hash = auth::hash_password(password).await?;
     let id = UserId::new();
-    let mut tx = state.pool.begin().await?;
+    let mut tx = work.begin().await?;
     let user = trellis_store::identity::insert_user(
         &mut tx,
         &NewUser {
@@ -85,17 +93,18 @@ async fn register(State(state): State<AppState>, Json(body): Json<Registration>)
         })],
     );
     trellis_store::outbox::insert(&mut tx, &evs).await?;
-    let issued = auth::issue_token(&mut *tx, id, state.config.token_ttl).await?;
-    tx.commit().await?;
+    let token = TokenRequest { user: id, client_addr: peer.ip(), checked_password_hash: None };
+    let issued = auth::issue_token(&mut tx, &state.config, &token)
+        .await?
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("the user just registered was refused a token")))?;
+    work.finish(tx);
     let location = format!("/v1/users/{id}");
-    let mut response = (
+    Ok((
         StatusCode::CREATED,
         [(header::LOCATION, location)],
         Json(Registered { user: user.into(), token: issued.token, expires_at: issued.expires_at }),
     )
-        .into_response();
-    response.extensions_mut().insert(TokenIssued(id));
-    Ok(response)
+        .into_response())
 }
 
 /// Maps the unique constraints of `identity.users` to conflicts.
@@ -122,13 +131,17 @@ pub struct Session {
     pub expires_at: OffsetDateTime,
 }
 
-/// Signs in with a handle or e-mail and a password. Rate-limited per login and per address.
+/// Signs in with a handle or e-mail and a password. Anyone may call it. Rate-limited per login and
+/// per address. Each sign-in issues a new token; a user holding `TOKENS_PER_USER` live tokens
+/// (20) loses the oldest. `Idempotency-Key` is ignored here: every request is a sign-in with all
+/// its checks, never a replay.
 #[utoipa::path(post, path = "/v1/sessions", tag = "identity", request_body = Login,
     responses((status = 201, body = Session), (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 429, body = Problem)))]
 async fn login(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    work: UnitOfWork,
     Json(body): Json<Login>,
 ) -> ApiResult<Response> {
     let login = body.login.trim().to_lowercase();
@@ -144,7 +157,7 @@ async fn login(
         Some((user, hash)) => (Some(user), Some(hash)),
         None => (None, None),
     };
-    let valid = auth::verify_password(body.password, hash).await?;
+    let valid = auth::verify_password(body.password, hash.clone()).await?;
     let user = match user {
         Some(user) if valid => user,
         _ => return Err(ApiError::Unauthenticated),
@@ -153,19 +166,61 @@ async fn login(
         return Err(ApiError::Forbidden("this account is suspended"));
     }
     let user_id = UserId(user.id);
-    let issued = auth::issue_token(&state.pool, user_id, state.config.token_ttl).await?;
-    let mut response =
-        (StatusCode::CREATED, Json(Session { user_id: user.id, token: issued.token, expires_at: issued.expires_at }))
-            .into_response();
-    response.extensions_mut().insert(TokenIssued(user_id));
-    Ok(response)
+    // Issued only if the password checked is still the user's and they are still active: a
+    // sign-in that raced a password change or a suspension issues nothing.
+    let mut tx = work.begin().await?;
+    let token = TokenRequest { user: user_id, client_addr: peer.ip(), checked_password_hash: hash.as_deref() };
+    let issued = auth::issue_token(&mut tx, &state.config, &token).await?.ok_or(ApiError::Unauthenticated)?;
+    work.finish(tx);
+    Ok((StatusCode::CREATED, Json(Session { user_id: user.id, token: issued.token, expires_at: issued.expires_at }))
+        .into_response())
+}
+
+/// Signs out everywhere: revokes every token of the caller, the one of this request included.
+/// Callers: any signed-in user, for themselves; an anonymous caller gets a 401 and costs one
+/// token lookup. A retry with the request's `Idempotency-Key` is a 401 too, since the token is
+/// gone.
+#[utoipa::path(delete, path = "/v1/sessions", tag = "identity", security(("bearer" = [])),
+    responses((status = 204), (status = 401, body = Problem)))]
+async fn sign_out_everywhere(principal: Principal, work: UnitOfWork) -> ApiResult<StatusCode> {
+    let mut tx = work.begin().await?;
+    trellis_store::identity::revoke_all_tokens(&mut *tx, principal.user_id).await?;
+    work.finish(tx);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The caller's live sessions (tokens that still authenticate), newest first, cursor-paginated
+/// (`limit` 1–100, default 50). A user holds at most `TOKENS_PER_USER` (20) of them, so a page
+/// reads at most that many rows. Callers: any signed-in user, for themselves; an anonymous caller
+/// gets a 401 and costs one token lookup.
+#[utoipa::path(get, path = "/v1/me/sessions", tag = "identity", security(("bearer" = [])), params(PageParams),
+    responses((status = 200, body = List<SessionView>), (status = 400, body = Problem), (status = 401, body = Problem)))]
+async fn list_sessions(
+    State(state): State<AppState>,
+    principal: Principal,
+    Query(params): Query<PageParams>,
+) -> ApiResult<Json<List<SessionView>>> {
+    let (limit, after) = page::<trellis_store::identity::SessionKey>(&params)?;
+    let rows = trellis_store::identity::list_sessions(
+        &state.pool,
+        principal.user_id,
+        &principal.token_hash,
+        state.config.token_idle_timeout,
+        after.as_ref(),
+        limit,
+    )
+    .await?;
+    let idle = state.config.token_idle_timeout;
+    Ok(Json(List::from_page(rows, |row| SessionView::new(row, idle))))
 }
 
 /// Revokes the token this request is authenticated with.
 #[utoipa::path(delete, path = "/v1/sessions/current", tag = "identity", security(("bearer" = [])),
     responses((status = 204), (status = 401, body = Problem)))]
-async fn logout(State(state): State<AppState>, principal: Principal) -> ApiResult<StatusCode> {
-    trellis_store::identity::revoke_token(&state.pool, &principal.token_hash).await?;
+async fn logout(principal: Principal, work: UnitOfWork) -> ApiResult<StatusCode> {
+    let mut tx = work.begin().await?;
+    trellis_store::identity::revoke_token(&mut *tx, &principal.token_hash).await?;
+    work.finish(tx);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -189,15 +244,13 @@ pub struct MeChange {
     pub current_password: Option<String>,
 }
 
-/// Changes the caller's display name, e-mail or password.
+/// Changes the caller's display name, e-mail or password. A new e-mail address or password signs
+/// out every other session of the caller (their tokens are revoked with the change); the token of
+/// this request keeps working.
 #[utoipa::path(patch, path = "/v1/me", tag = "identity", security(("bearer" = [])), request_body = MeChange,
     responses((status = 200, body = Me), (status = 401, body = Problem), (status = 409, body = Problem),
         (status = 422, body = Problem)))]
-async fn update_me(
-    State(state): State<AppState>,
-    principal: Principal,
-    Json(body): Json<MeChange>,
-) -> ApiResult<Json<Me>> {
+async fn update_me(principal: Principal, work: UnitOfWork, Json(body): Json<MeChange>) -> ApiResult<Json<Me>> {
     let mut errors = ValidationErrors::default();
     let display_name = body.display_name.as_deref().map(DisplayName::parse).and_then(|r| errors.check(r));
     let email = body.email.as_deref().map(Email::parse).and_then(|r| errors.check(r));
@@ -206,7 +259,9 @@ async fn update_me(
     if display_name.is_none() && email.is_none() && password.is_none() {
         return Err(trellis_domain::FieldError::new("body", "empty", "nothing to change").into());
     }
-    if email.is_some() || password.is_some() {
+    let credentials_change = email.is_some() || password.is_some();
+    let mut tx = work.begin().await?;
+    if credentials_change {
         let current = body.current_password.ok_or_else(|| {
             trellis_domain::FieldError::new(
                 "current_password",
@@ -214,7 +269,7 @@ async fn update_me(
                 "is required to change the e-mail address or the password",
             )
         })?;
-        let hash = trellis_store::identity::password_hash(&state.pool, principal.user_id)
+        let hash = trellis_store::identity::password_hash(&mut *tx, principal.user_id)
             .await?
             .ok_or(ApiError::Unauthenticated)?;
         if !auth::verify_password(current, Some(hash)).await? {
@@ -225,7 +280,6 @@ async fn update_me(
         Some(p) => Some(auth::hash_password(p).await?),
         None => None,
     };
-    let mut tx = state.pool.begin().await?;
     let user = trellis_store::identity::update_profile(
         &mut tx,
         principal.user_id,
@@ -237,6 +291,9 @@ async fn update_me(
     )
     .await
     .map_err(unique_violation)?;
+    if credentials_change {
+        trellis_store::identity::revoke_other_tokens(&mut *tx, principal.user_id, &principal.token_hash).await?;
+    }
     let evs = events(
         Some(principal.user_id),
         [EventPayload::ProfileUpdated(ProfileUpdated {
@@ -246,7 +303,7 @@ async fn update_me(
         })],
     );
     trellis_store::outbox::insert(&mut tx, &evs).await?;
-    tx.commit().await?;
+    work.finish(tx);
     Ok(Json(user.into()))
 }
 
