@@ -43,7 +43,16 @@ pub struct AppState {
 
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    info(title = "Trellis API", description = "Commands and queries of the Trellis trust network."),
+    info(
+        title = "Trellis API",
+        description = "Commands and queries of the Trellis trust network.\n\nWrites (POST, PUT, PATCH, DELETE) of a \
+            signed-in caller accept an `Idempotency-Key` header (1-255 visible ASCII characters): the caller is \
+            authenticated first, the first successful (2xx) response is stored for 24 h with the change it made and \
+            replayed to a retry with the same key (`Idempotent-Replayed: true`); the same key with another request is \
+            a 422, a retry while the first still runs a 409. Keys belong to the user, whichever of their tokens sends \
+            them. Registration and sign-in ignore the header: a retry is processed again, with every check. A 500 \
+            `outcome-unknown` means a change may have been made: repeat it with the same key to learn what happened."
+    ),
     modifiers(&BearerAuth),
     tags(
         (name = "identity"), (name = "contacts"), (name = "circles"), (name = "disputes"),

@@ -166,8 +166,10 @@ async fn login(
         return Err(ApiError::Forbidden("this account is suspended"));
     }
     let user_id = UserId(user.id);
-    // Issued only if the password checked is still the user's and they are still active: a
-    // sign-in that raced a password change or a suspension issues nothing.
+    // The reads and the password check above hold no connection (a sign-in never holds an
+    // idempotency key, so its unit of work begins only now). The token is issued only if the
+    // password checked is still the user's and they are still active: a sign-in that raced a
+    // password change or a suspension issues nothing.
     let mut tx = work.begin().await?;
     let token = TokenRequest { user: user_id, client_addr: peer.ip(), checked_password_hash: hash.as_deref() };
     let issued = auth::issue_token(&mut tx, &state.config, &token).await?.ok_or(ApiError::Unauthenticated)?;
@@ -260,6 +262,8 @@ async fn update_me(principal: Principal, work: UnitOfWork, Json(body): Json<MeCh
         return Err(trellis_domain::FieldError::new("body", "empty", "nothing to change").into());
     }
     let credentials_change = email.is_some() || password.is_some();
+    // Everything below runs in the unit of work (with an `Idempotency-Key`, the layer holds it
+    // already), the password check included.
     let mut tx = work.begin().await?;
     if credentials_change {
         let current = body.current_password.ok_or_else(|| {

@@ -155,6 +155,24 @@ pub async fn reinstate(conn: &mut PgConnection, id: UserId) -> Result<Option<Use
     .await
 }
 
+/// The condition of a live token `t` (not revoked, not expired, used within the idle timeout
+/// bound as `$idle`): every statement that authenticates spells it this way.
+macro_rules! live_token {
+    ($t:literal, $idle:literal) => {
+        concat!(
+            $t,
+            ".revoked_at IS NULL AND ",
+            $t,
+            ".expires_at > now() AND ",
+            $t,
+            ".last_used_at > now() - ",
+            $idle,
+            "::interval"
+        )
+    };
+}
+pub(crate) use live_token;
+
 /// A bearer token to issue.
 pub struct NewToken<'a> {
     /// SHA-256 of the token; the token itself is never stored.
@@ -186,7 +204,7 @@ pub async fn issue_token(
     token: &NewToken<'_>,
     limits: TokenLimits,
 ) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar(concat!(
         "WITH u AS (
              SELECT id FROM identity.users
              WHERE id = $2 AND status = 'active' AND ($5::text IS NULL OR password_hash = $5)
@@ -199,13 +217,14 @@ pub async fn issue_token(
              UPDATE identity.tokens SET revoked_at = now()
              WHERE token_hash IN (
                  SELECT t.token_hash FROM identity.tokens t
-                 WHERE t.user_id = (SELECT user_id FROM issued) AND t.revoked_at IS NULL AND t.expires_at > now()
-                   AND t.last_used_at > now() - $6::interval
+                 WHERE t.user_id = (SELECT user_id FROM issued) AND ",
+        live_token!("t", "$6"),
+        "
                  ORDER BY t.created_at DESC, t.token_hash DESC
                  OFFSET $7 - 1)
          )
-         SELECT EXISTS (SELECT 1 FROM issued)",
-    )
+         SELECT EXISTS (SELECT 1 FROM issued)"
+    ))
     .bind(token.token_hash)
     .bind(token.user_id.0)
     .bind(token.expires_at)
@@ -223,24 +242,6 @@ pub struct Principal {
     pub user_id: Uuid,
     pub role: String,
 }
-
-/// The condition of a live token `t` (not revoked, not expired, used within the idle timeout
-/// bound as `$idle`): every statement that authenticates spells it this way.
-macro_rules! live_token {
-    ($t:literal, $idle:literal) => {
-        concat!(
-            $t,
-            ".revoked_at IS NULL AND ",
-            $t,
-            ".expires_at > now() AND ",
-            $t,
-            ".last_used_at > now() - ",
-            $idle,
-            "::interval"
-        )
-    };
-}
-pub(crate) use live_token;
 
 pub async fn authenticate(
     db: impl PgExecutor<'_>,
