@@ -144,16 +144,17 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
             Err(_) => return timed_out(),
         }
     } else {
+        drop(body);
         Bytes::new()
     };
     let attempts = state.pool.options().get_max_connections() + 1;
     let mut attempt = 1;
     let mut commit_lost = None;
     loop {
-        let request = Request::from_parts(parts.clone(), Body::from(body.clone()));
         let outcome = if write {
-            run_write(&state, request, &body, next.clone(), work_deadline, deadline).await
+            run_write(&state, parts.clone(), &body, next.clone(), work_deadline, deadline).await
         } else {
+            let request = Request::from_parts(parts.clone(), Body::empty());
             match tokio::time::timeout_at(deadline, next.clone().run(request)).await {
                 Ok(response) => response.into(),
                 Err(_) => timed_out().into(),
@@ -183,13 +184,12 @@ fn timed_out() -> Response {
 
 async fn run_write(
     state: &AppState,
-    request: Request,
+    parts: Parts,
     body: &Bytes,
     next: Next,
     work_deadline: tokio::time::Instant,
     deadline: tokio::time::Instant,
 ) -> Attempt {
-    let (parts, _) = request.into_parts();
     let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
     // Cut off here, whatever the handler holds rolls back: nothing was committed.
     let handled = match tokio::time::timeout_at(work_deadline, handle_write(state, parts, body, next)).await {
