@@ -1,8 +1,10 @@
-//! Daily active users, computed cheaply: requests only remember (in memory) which bearer
-//! tokens they carried; once per flush interval the set is written to
-//! `identity.user_activity` in one statement (at most one row write per user per hour), and the
-//! gauge `trellis_api_daily_active_users` is set from an index range count of the last 24 h.
-//! Every API replica exports the same database-wide value (aggregate with `max`).
+//! Token use and daily active users, computed cheaply: a request that authenticated remembers
+//! (in memory) the token it carried; a token that does not authenticate is never remembered, so
+//! no anonymous caller can fill the set. Once per flush interval the set is written in one
+//! statement: each token's `last_used_at` (its idle timeout counts from it; at most one write
+//! per token per minute) and `identity.user_activity` (at most one row write per user per
+//! hour). The gauge `trellis_api_daily_active_users` is set from an index range count of the
+//! last 24 h; every API replica exports the same database-wide value (aggregate with `max`).
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -11,20 +13,24 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-/// Distinct tokens remembered between two flushes. Past it, further new tokens of the same
-/// interval are not remembered: that many distinct callers a minute is far past every
-/// daily-active-users threshold, so the gauge still crosses them.
-const CAPACITY: usize = 100_000;
-
-#[derive(Default)]
+/// Authenticated tokens seen since the last flush, up to `capacity` (`ACTIVITY_MAX_TOKENS`).
+/// Past it, further new tokens of the same interval are not remembered: that many distinct
+/// signed-in callers a minute is far past every daily-active-users threshold, so the gauge still
+/// crosses them, and a token left out keeps its last use of a minute earlier.
 pub struct ActivityTracker {
     seen: Mutex<HashSet<[u8; 32]>>,
+    capacity: usize,
 }
 
 impl ActivityTracker {
+    pub fn new(capacity: usize) -> Self {
+        Self { seen: Mutex::default(), capacity }
+    }
+
+    /// Remembers a token that authenticated a request.
     pub fn saw(&self, token_hash: [u8; 32]) {
         let mut seen = self.seen.lock().expect("activity lock");
-        if seen.len() < CAPACITY {
+        if seen.len() < self.capacity {
             seen.insert(token_hash);
         }
     }
@@ -59,11 +65,11 @@ impl ActivityTracker {
         if hashes.is_empty() {
             return;
         }
-        if let Err(e) = trellis_store::activity::record_by_token_hashes(pool, &hashes).await {
+        if let Err(e) = trellis_store::activity::record_token_use(pool, &hashes).await {
             tracing::warn!(error = %e, tokens = hashes.len(), "recording user activity failed; keeping it for the next flush");
             let mut seen = self.seen.lock().expect("activity lock");
             for hash in hashes {
-                if seen.len() >= CAPACITY {
+                if seen.len() >= self.capacity {
                     break;
                 }
                 if let Ok(hash) = <[u8; 32]>::try_from(hash) {

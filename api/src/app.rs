@@ -33,7 +33,7 @@ use crate::auth::HashingGate;
 use crate::config::Config;
 use crate::error::{ApiError, ErrorCause, problem_response};
 use crate::ratelimit::Limiters;
-use crate::{idempotency, routes, serve};
+use crate::{routes, serve, unit_of_work};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -53,7 +53,16 @@ pub struct AppState {
 
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    info(title = "Trellis API", description = "Commands and queries of the Trellis trust network."),
+    info(
+        title = "Trellis API",
+        description = "Commands and queries of the Trellis trust network.\n\nWrites (POST, PUT, PATCH, DELETE) of a \
+            signed-in caller accept an `Idempotency-Key` header (1-255 visible ASCII characters): the caller is \
+            authenticated first, the first successful (2xx) response is stored for 24 h with the change it made and \
+            replayed to a retry with the same key (`Idempotent-Replayed: true`); the same key with another request is \
+            a 422, a retry while the first still runs a 409. Keys belong to the user, whichever of their tokens sends \
+            them. Registration and sign-in ignore the header: a retry is processed again, with every check. A 500 \
+            `outcome-unknown` means a change may have been made: repeat it with the same key to learn what happened."
+    ),
     modifiers(&BearerAuth),
     tags(
         (name = "identity"), (name = "contacts"), (name = "circles"), (name = "disputes"),
@@ -97,12 +106,10 @@ pub fn app(state: AppState) -> Router {
     )
     .fallback(route_not_found)
     .method_not_allowed_fallback(method_not_allowed)
-    .layer(middleware::from_fn_with_state(state.clone(), idempotency::layer))
+    .layer(middleware::from_fn_with_state(state.clone(), unit_of_work::layer))
     .layer(DefaultBodyLimit::max(body_limit))
-    .layer(middleware::from_fn_with_state(state.clone(), request_timeout))
     .layer(middleware::from_fn_with_state(state.clone(), shed_load))
     .layer(middleware::from_fn(record_request))
-    .layer(middleware::from_fn_with_state(state.clone(), track_activity))
     .with_state(state)
     .merge(trellis_runtime::admin::public_health_routes(health))
     .layer(PropagateRequestIdLayer::new(request_id.clone()))
@@ -126,14 +133,6 @@ async fn method_not_allowed() -> Response {
     )
 }
 
-/// Backstop timeout for a whole request: a hang becomes a 503.
-async fn request_timeout(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    match tokio::time::timeout(state.config.request_timeout, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => ApiError::Unavailable { cause: "request timed out".into() }.into_response(),
-    }
-}
-
 /// Load shedding: beyond `MAX_IN_FLIGHT_REQUESTS` a request is answered 503 at once, so that
 /// a flood makes no queue that legitimate requests would wait behind.
 async fn shed_load(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -152,15 +151,6 @@ fn count_login_response(status: StatusCode) {
     let code = status.as_str();
     let label = LOGIN_STATUSES.iter().copied().find(|s| *s == code).unwrap_or("other");
     metrics::counter!("trellis_api_login_responses_total", "status" => label).increment(1);
-}
-
-/// Remembers the request's bearer token (hashed) for the daily-active-users gauge; whether it
-/// authenticates is settled when the batch is written.
-async fn track_activity(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if let Some(token) = crate::auth::bearer_from_headers(request.headers()) {
-        state.activity.saw(crate::auth::hash_token(token));
-    }
-    next.run(request).await
 }
 
 /// `trellis_http_request_duration_seconds{route,method,status_class}`, and the log line of
@@ -216,6 +206,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let common = &config.common;
     let topology = Topology::new(&common.nats_prefix)?;
     config.promotion.policy().map_err(anyhow::Error::msg)?;
+    config.check().map_err(anyhow::Error::msg)?;
     let metrics = trellis_runtime::telemetry::install_metrics();
     trellis_runtime::shadow::init_metrics();
     for endpoint in routes::search::ENDPOINTS {
@@ -239,6 +230,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     pool_config.max_connections = config.db_pool_size;
     pool_config.acquire_timeout = common.io_timeout;
     pool_config.statement_timeout = common.io_timeout;
+    // A request's transaction (and the idempotency key it holds) ends with the request: when
+    // its client stops talking, and when this process is gone even while a statement waits.
+    pool_config.idle_in_transaction_timeout = Some(config.request_timeout);
+    pool_config.client_check_interval = Some(Duration::from_secs(1));
     let pool = trellis_store::connect_lazy(common.database_url.expose(), &pool_config)?;
 
     // The relay's own pool (the bulkhead): a listener connection plus one for batches.
@@ -273,7 +268,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         in_flight: Arc::new(Semaphore::new(config.max_in_flight_requests.max(1))),
         health: health.clone(),
         search_source: Arc::default(),
-        activity: Arc::default(),
+        activity: Arc::new(ActivityTracker::new(config.activity_max_tokens)),
     };
 
     let listener = tokio::net::TcpListener::bind(config.api_addr)
@@ -318,7 +313,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             }
         });
     }
-    tasks.spawn(prune_idempotency_keys(pool.clone(), background.clone()));
+    tasks.spawn(crate::prune::run(pool.clone(), config.prune_interval, config.token_idle_timeout, background.clone()));
     {
         let (limiters, interval) = (state.limiters.clone(), config.rate_limiter_prune_interval);
         let background = background.clone();
@@ -424,19 +419,6 @@ async fn declare_streams(
                 }
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
-        }
-    }
-}
-
-async fn prune_idempotency_keys(pool: PgPool, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(300));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = cancel.cancelled() => return,
-        }
-        if let Err(e) = trellis_store::idempotency::prune_expired(&pool, 10_000).await {
-            tracing::warn!(error = %e, "pruning idempotency keys failed");
         }
     }
 }

@@ -38,16 +38,35 @@ pub fn hash_token(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// Creates a token for `user` and stores its hash.
+/// Whom a token is issued to, and on what condition.
+pub struct TokenRequest<'a> {
+    pub user: UserId,
+    /// The client's address, shown in its sessions.
+    pub client_addr: std::net::IpAddr,
+    /// For a sign-in: the password hash it checked, which must still be the user's.
+    pub checked_password_hash: Option<&'a str>,
+}
+
+/// Creates a token and stores its hash (`trellis_store::identity::issue_token`: the user must
+/// be active, and their oldest tokens past the cap are revoked). `None` when the user is not
+/// active or their password changed since it was checked.
 pub async fn issue_token(
-    db: impl sqlx::PgExecutor<'_>,
-    user: UserId,
-    ttl: std::time::Duration,
-) -> Result<IssuedToken, sqlx::Error> {
+    conn: &mut sqlx::PgConnection,
+    config: &crate::config::Config,
+    request: &TokenRequest<'_>,
+) -> Result<Option<IssuedToken>, sqlx::Error> {
     let (token, hash) = new_token();
-    let expires_at = OffsetDateTime::now_utc() + ttl;
-    trellis_store::identity::insert_token(db, &hash, user, expires_at).await?;
-    Ok(IssuedToken { token, expires_at })
+    let expires_at = OffsetDateTime::now_utc() + config.token_ttl;
+    let client_addr = request.client_addr.to_string();
+    let new = trellis_store::identity::NewToken {
+        token_hash: &hash,
+        user_id: request.user,
+        expires_at,
+        client_addr: Some(&client_addr),
+        checked_password_hash: request.checked_password_hash,
+    };
+    let issued = trellis_store::identity::issue_token(conn, &new, config.token_limits()).await?;
+    Ok(issued.then_some(IssuedToken { token, expires_at }))
 }
 
 /// Bounds the password hashing and verification in progress: each is argon2id with the
@@ -189,16 +208,32 @@ impl<S: Send + Sync> FromRequestParts<S> for BearerToken {
     }
 }
 
+impl Principal {
+    /// The principal behind `headers`' bearer token; `None` without a token or when it does not
+    /// authenticate. Only an authenticated request counts as activity (of the token and its
+    /// user).
+    pub async fn authenticate(state: &AppState, headers: &axum::http::HeaderMap) -> Result<Option<Self>, ApiError> {
+        let Some(token) = bearer_from_headers(headers) else { return Ok(None) };
+        let token_hash = hash_token(token);
+        let idle = state.config.token_idle_timeout;
+        let Some(found) = trellis_store::identity::authenticate(&state.pool, &token_hash, idle).await? else {
+            return Ok(None);
+        };
+        let role = found.role.parse::<Role>().map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?;
+        state.activity.saw(token_hash);
+        Ok(Some(Principal { user_id: UserId(found.user_id), role, token_hash }))
+    }
+}
+
 impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
+    /// The principal the idempotency layer authenticated already, or the request's own.
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let token = bearer(parts).ok_or(ApiError::Unauthenticated)?;
-        let token_hash = hash_token(token);
-        let found =
-            trellis_store::identity::authenticate(&state.pool, &token_hash).await?.ok_or(ApiError::Unauthenticated)?;
-        let role = found.role.parse::<Role>().map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?;
-        Ok(Principal { user_id: UserId(found.user_id), role, token_hash })
+        if let Some(principal) = parts.extensions.get::<Principal>() {
+            return Ok(principal.clone());
+        }
+        Principal::authenticate(state, &parts.headers).await?.ok_or(ApiError::Unauthenticated)
     }
 }
 

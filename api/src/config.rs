@@ -27,7 +27,9 @@ pub struct Config {
     #[arg(long, env = "BODY_LIMIT_BYTES", default_value_t = 64 * 1024)]
     pub body_limit_bytes: usize,
 
-    /// Backstop for a whole request; statements and NATS calls have their own, shorter limit.
+    /// Longest a request may take. A write's handler gets this less `IO_TIMEOUT` and its commit
+    /// `IO_TIMEOUT`, so a write's transaction (and its idempotency key) never outlives it;
+    /// statements and NATS calls have their own, shorter limit.
     #[arg(long, env = "REQUEST_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub request_timeout: Duration,
 
@@ -38,6 +40,25 @@ pub struct Config {
     /// Lifetime of an `Idempotency-Key`.
     #[arg(long, env = "IDEMPOTENCY_TTL", value_parser = humantime::parse_duration, default_value = "24h")]
     pub idempotency_ttl: Duration,
+
+    /// A bearer token unused for this long stops authenticating, within its `TOKEN_TTL`. Uses are
+    /// written down with the activity flush, at most once a minute per token, so it must exceed
+    /// twice `ACTIVITY_FLUSH_INTERVAL` plus a minute.
+    #[arg(long, env = "TOKEN_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "14days")]
+    pub token_idle_timeout: Duration,
+
+    /// Live bearer tokens one user may hold; a sign-in beyond it revokes their oldest.
+    #[arg(long, env = "TOKENS_PER_USER", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub tokens_per_user: u32,
+
+    /// How often expired idempotency keys and dead tokens (revoked, expired, idle) are deleted,
+    /// each time until none is left, and the `trellis_idempotency_keys` gauge is refreshed.
+    #[arg(long, env = "PRUNE_INTERVAL", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub prune_interval: Duration,
+
+    /// Distinct tokens remembered between two activity flushes: the tracker's memory bound.
+    #[arg(long, env = "ACTIVITY_MAX_TOKENS", default_value_t = 100_000)]
+    pub activity_max_tokens: usize,
 
     /// Login attempts allowed per account per minute: per user once the login names one (its
     /// handle and its e-mail address share one allowance), per login name otherwise. Answered
@@ -189,4 +210,32 @@ fn default_hash_concurrency() -> usize {
 
 fn default_pool_size() -> u32 {
     std::thread::available_parallelism().map_or(8, |n| 4 * n.get() as u32)
+}
+
+impl Config {
+    /// When bearer tokens stop authenticating, besides `TOKEN_TTL`.
+    pub fn token_limits(&self) -> trellis_store::identity::TokenLimits {
+        trellis_store::identity::TokenLimits { idle_timeout: self.token_idle_timeout, per_user: self.tokens_per_user }
+    }
+
+    /// Settings that are each valid but do not fit together.
+    pub fn check(&self) -> Result<(), String> {
+        if self.request_timeout <= self.common.io_timeout {
+            return Err(format!(
+                "REQUEST_TIMEOUT ({}) must exceed IO_TIMEOUT ({}): a write's commit gets IO_TIMEOUT of it",
+                humantime::format_duration(self.request_timeout),
+                humantime::format_duration(self.common.io_timeout)
+            ));
+        }
+        let written_within = 2 * self.activity_flush_interval + Duration::from_secs(60);
+        if self.token_idle_timeout <= written_within {
+            return Err(format!(
+                "TOKEN_IDLE_TIMEOUT ({}) must exceed twice ACTIVITY_FLUSH_INTERVAL plus a minute ({}): a token in use \
+                 could otherwise time out between two writes of its last use",
+                humantime::format_duration(self.token_idle_timeout),
+                humantime::format_duration(written_within)
+            ));
+        }
+        Ok(())
+    }
 }

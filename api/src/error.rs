@@ -66,6 +66,14 @@ pub enum ApiError {
     Overloaded { retry_after_secs: u64 },
     #[error("service unavailable: {cause}")]
     Unavailable { cause: String },
+    /// A database connection was lost before anything was committed: answered like
+    /// [`ApiError::Unavailable`], and the unit of work runs the request again on another one.
+    #[error("database connection lost: {cause}")]
+    ConnectionLost { cause: String },
+    /// The connection was lost while a transaction committed, so whether the change was made is
+    /// unknown: a 500 that does not invite a blind retry.
+    #[error("the outcome of a commit is unknown: {cause}")]
+    OutcomeUnknown { cause: String },
     #[error("internal error: {0:#}")]
     Internal(anyhow::Error),
 }
@@ -94,8 +102,10 @@ impl ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited { .. } | ApiError::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable { .. } | ApiError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unavailable { .. } | ApiError::Overloaded { .. } | ApiError::ConnectionLost { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::Internal(_) | ApiError::OutcomeUnknown { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -113,7 +123,8 @@ impl ApiError {
             ApiError::PayloadTooLarge => "payload-too-large",
             ApiError::RateLimited { .. } => "rate-limited",
             ApiError::Overloaded { .. } => "overloaded",
-            ApiError::Unavailable { .. } => "unavailable",
+            ApiError::Unavailable { .. } | ApiError::ConnectionLost { .. } => "unavailable",
+            ApiError::OutcomeUnknown { .. } => "outcome-unknown",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -121,10 +132,15 @@ impl ApiError {
     fn detail(&self) -> Option<String> {
         match self {
             ApiError::Validation(_) => Some("the request has invalid fields".into()),
-            ApiError::Unavailable { .. } => {
+            ApiError::Unavailable { .. } | ApiError::ConnectionLost { .. } => {
                 Some("a backing service is unavailable or too slow; retry after the indicated delay".into())
             }
             ApiError::Overloaded { .. } => Some("the server is at capacity; retry after the indicated delay".into()),
+            ApiError::OutcomeUnknown { .. } => Some(
+                "the change may or may not have been made: repeat it with the same Idempotency-Key, which answers \
+                 what happened, or read the resource before sending it again"
+                    .into(),
+            ),
             // Server-side causes stay in the logs.
             ApiError::Internal(_) => None,
             other => Some(other.to_string()),
@@ -149,6 +165,11 @@ pub fn problem_response(status: StatusCode, slug: &str, detail: Option<String>, 
 #[derive(Clone)]
 pub struct ErrorCause(pub std::sync::Arc<String>);
 
+/// Marks a response as failed on a lost database connection before anything was committed:
+/// the unit of work may run the request again.
+#[derive(Debug, Clone, Copy)]
+pub struct LostConnection;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -169,6 +190,10 @@ impl IntoResponse for ApiError {
             }
             ApiError::Unavailable { .. } => {
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+            }
+            ApiError::ConnectionLost { .. } => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+                response.extensions_mut().insert(LostConnection);
             }
             ApiError::Unauthenticated => {
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -198,7 +223,9 @@ impl From<FieldError> for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        if trellis_store::is_unavailable(&e) {
+        if trellis_store::is_connection_lost(&e) {
+            ApiError::ConnectionLost { cause: e.to_string() }
+        } else if trellis_store::is_unavailable(&e) {
             ApiError::Unavailable { cause: e.to_string() }
         } else {
             ApiError::Internal(e.into())

@@ -1,192 +1,152 @@
-//! `Idempotency-Key` for every POST, PUT, PATCH and DELETE.
+//! `Idempotency-Key` on the authenticated POST, PUT, PATCH and DELETE requests.
 //!
-//! The first request with a key is processed and its response stored; a retry with the same
-//! key and the same request gets the stored response (`Idempotent-Replayed: true`); the same
-//! key with another request is a 422; a retry while the first is still running is a 409.
-//! Server errors are not stored, so the client can retry them. Keys are scoped to the bearer
-//! token (or to anonymous callers) and expire after `IDEMPOTENCY_TTL`.
+//! The first request with a key is processed and its response stored, in the transaction of
+//! its unit of work ([`crate::unit_of_work`]): the key, the change and the stored response
+//! commit together or not at all, so a crash or a lost connection leaves nothing "in progress".
+//! A retry with the same key and the same request gets the stored response
+//! (`Idempotent-Replayed: true`); the same key with another request is a 422; a retry while the
+//! first is still running is a 409. Only successful (2xx) responses are stored: an error changed
+//! nothing, so a retry is processed again.
 //!
-//! Bearer tokens are never stored: a response that issued one ([`TokenIssued`]) is stored
-//! without it, and its replay issues a fresh token for the same user.
+//! Keys belong to the authenticated user (any of their tokens), who is authenticated before the
+//! key is looked at: a request whose token does not authenticate is a 401 and stores nothing.
+//! The routes anyone may call ([`ANONYMOUS_WRITES`]) ignore the header. Keys expire after
+//! `IDEMPOTENCY_TTL`; the row keeps hashes of the path and of the request, never the path.
 
-use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
+use axum::body::Body;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
-use trellis_domain::UserId;
-use trellis_store::idempotency::{self, Begin};
+use trellis_store::idempotency::{self, KeyRequest, StoredKey, Taken};
 
 use crate::app::AppState;
-use crate::auth;
+use crate::auth::Principal;
 use crate::error::ApiError;
 
 pub const HEADER: &str = "idempotency-key";
 pub const REPLAYED: &str = "idempotent-replayed";
-const REISSUE_TOKEN_FOR: &str = "x-trellis-reissue-token-for";
+/// The longest key accepted, in characters (visible ASCII).
+pub const MAX_KEY_LENGTH: usize = 255;
 
-/// Put in a response's extensions by handlers whose body has a `token` field.
-#[derive(Debug, Clone, Copy)]
-pub struct TokenIssued(pub UserId);
+/// The writes anyone may call, as (method, path): registration and sign-in. They do not honour
+/// `Idempotency-Key`: a replayed response would hand out a token without the checks of a
+/// sign-in, and a key no user owns would let anonymous callers fill the table. A client that
+/// lost a registration's response signs in with the password it chose.
+pub const ANONYMOUS_WRITES: [(&str, &str); 2] = [("POST", "/v1/users"), ("POST", "/v1/sessions")];
 
-pub async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if !matches!(*request.method(), Method::POST | Method::PUT | Method::PATCH | Method::DELETE) {
-        return next.run(request).await;
+/// The key a request asks for: `None` without the header, or on an [`ANONYMOUS_WRITES`] route.
+pub fn requested_key(parts: &Parts) -> Result<Option<String>, ApiError> {
+    let Some(value) = parts.headers.get(HEADER) else { return Ok(None) };
+    let method = parts.method.as_str();
+    if ANONYMOUS_WRITES.iter().any(|(m, p)| *m == method && *p == parts.uri.path()) {
+        return Ok(None);
     }
-    let Some(key) = request.headers().get(HEADER) else {
-        return next.run(request).await;
+    let key = value.to_str().ok().filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LENGTH).ok_or_else(|| {
+        ApiError::bad_request("invalid-idempotency-key", "Idempotency-Key must be 1-255 visible ASCII characters")
+    })?;
+    Ok(Some(key.to_owned()))
+}
+
+/// A key of an authenticated request, with what identifies the request.
+#[derive(Debug, Clone)]
+pub struct Keyed {
+    principal: String,
+    key: String,
+    method: String,
+    path_hash: Vec<u8>,
+    request_hash: Vec<u8>,
+}
+
+impl Keyed {
+    pub fn new(principal: &Principal, key: String, parts: &Parts, body: &[u8]) -> Self {
+        let method = parts.method.as_str().to_owned();
+        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let path_hash = Sha256::digest(path.as_bytes()).to_vec();
+        let mut hasher = Sha256::new();
+        for piece in [method.as_bytes(), b"\n", path.as_bytes(), b"\n", body] {
+            hasher.update(piece);
+        }
+        Self {
+            principal: principal.user_id.to_string(),
+            key,
+            method,
+            path_hash,
+            request_hash: hasher.finalize().to_vec(),
+        }
+    }
+}
+
+/// Takes the key in `tx`, the request's unit of work. `None`: the key is the request's, go on;
+/// otherwise the answer to send instead of processing the request (a replay, a 409, a 422).
+pub async fn take(state: &AppState, tx: &mut sqlx::PgConnection, keyed: &Keyed) -> Result<Option<Response>, ApiError> {
+    let request = KeyRequest {
+        principal: &keyed.principal,
+        key: &keyed.key,
+        method: &keyed.method,
+        path_hash: &keyed.path_hash,
+        request_hash: &keyed.request_hash,
+        expires_at: OffsetDateTime::now_utc() + state.config.idempotency_ttl,
+        lease: state.config.request_timeout,
     };
-    match with_key(&state, key.clone(), request, next).await {
-        Ok(response) => response,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn with_key(state: &AppState, key: HeaderValue, request: Request, next: Next) -> Result<Response, ApiError> {
-    let key = key
-        .to_str()
-        .ok()
-        .filter(|k| !k.is_empty() && k.len() <= 255)
-        .ok_or_else(|| {
-            ApiError::bad_request("invalid-idempotency-key", "Idempotency-Key must be 1-255 visible ASCII characters")
-        })?
-        .to_owned();
-    let (parts, body) = request.into_parts();
-    let body =
-        axum::body::to_bytes(body, state.config.body_limit_bytes).await.map_err(|_| ApiError::PayloadTooLarge)?;
-    let principal = match auth::bearer_from_headers(&parts.headers) {
-        Some(token) => hex::encode(auth::hash_token(token)),
-        None => "anonymous".to_owned(),
-    };
-    let method = parts.method.as_str().to_owned();
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_owned();
-    let mut hasher = Sha256::new();
-    for piece in [method.as_bytes(), b"\n", path.as_bytes(), b"\n", &body] {
-        hasher.update(piece);
-    }
-    let request_hash = hasher.finalize().to_vec();
-    let expires_at = OffsetDateTime::now_utc() + state.config.idempotency_ttl;
-
-    match idempotency::begin(&state.pool, &principal, &key, &method, &path, &request_hash, expires_at).await? {
-        Begin::Existing(stored) => {
-            if stored.request_hash != request_hash {
-                return Err(ApiError::unprocessable(
-                    "idempotency-key-reused",
-                    "this Idempotency-Key was already used with a different request",
-                ));
+    match idempotency::take(tx, &request).await? {
+        Taken::Started => Ok(None),
+        Taken::Busy => Err(ApiError::conflict(
+            "idempotency-request-in-progress",
+            "a request with this Idempotency-Key is still being processed",
+        )),
+        Taken::Existing(stored) => {
+            if stored.request_hash != keyed.request_hash {
+                let detail = if stored.path_hash.as_ref().is_some_and(|h| *h != keyed.path_hash) {
+                    "this Idempotency-Key was already used for another endpoint"
+                } else {
+                    "this Idempotency-Key was already used with a different request"
+                };
+                return Err(ApiError::unprocessable("idempotency-key-reused", detail));
             }
-            match stored.status {
-                None => Err(ApiError::conflict(
-                    "idempotency-request-in-progress",
-                    "a request with this Idempotency-Key is still being processed",
-                )),
-                Some(status) => replay(state, status, stored.response_headers, stored.response_body).await,
-            }
-        }
-        Begin::Started => {
-            // Cut off before its response is stored (the request timeout, a client that went
-            // away), the request releases its key instead of holding it "in progress" until it
-            // expires.
-            let mut release = ReleaseOnDrop(Some((state.pool.clone(), principal.clone(), key.clone())));
-            let response = next.run(Request::from_parts(parts, Body::from(body))).await;
-            if response.status().is_server_error() {
-                release.0 = None;
-                idempotency::abandon(&state.pool, &principal, &key).await?;
-                return Ok(response);
-            }
-            let (mut parts, body) = response.into_parts();
-            let bytes = axum::body::to_bytes(body, usize::MAX).await.map_err(|e| ApiError::Internal(e.into()))?;
-            let mut stored_headers = serde_json::Map::new();
-            for name in [axum::http::header::CONTENT_TYPE, axum::http::header::LOCATION] {
-                if let Some(v) = parts.headers.get(&name).and_then(|v| v.to_str().ok()) {
-                    stored_headers.insert(name.as_str().to_owned(), v.into());
-                }
-            }
-            let mut stored_body = bytes.to_vec();
-            if let Some(TokenIssued(user)) = parts.extensions.get::<TokenIssued>().copied() {
-                stored_headers.insert(REISSUE_TOKEN_FOR.into(), user.to_string().into());
-                stored_body = without_token(&bytes)?;
-            }
-            idempotency::complete(
-                &state.pool,
-                &principal,
-                &key,
-                parts.status.as_u16(),
-                &serde_json::Value::Object(stored_headers),
-                &stored_body,
-            )
-            .await?;
-            release.0 = None;
-            parts.headers.insert(HeaderName::from_static(REPLAYED), HeaderValue::from_static("false"));
-            Ok(Response::from_parts(parts, Body::from(bytes)))
+            replay(&stored).map(Some)
         }
     }
 }
 
-/// Abandons a started key when dropped while still armed.
-struct ReleaseOnDrop(Option<(sqlx::PgPool, String, String)>);
-
-impl Drop for ReleaseOnDrop {
-    fn drop(&mut self) {
-        let Some((pool, principal, key)) = self.0.take() else { return };
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(e) = idempotency::abandon(&pool, &principal, &key).await {
-                    tracing::warn!(error = %e, "releasing the Idempotency-Key of a cut-off request failed");
-                }
-            });
+/// Stores a successful response for the key, in `tx` (committed with the request's changes);
+/// returns the response to send once that commit is made.
+pub async fn store(tx: &mut sqlx::PgConnection, keyed: &Keyed, response: Response) -> Result<Response, ApiError> {
+    let (mut parts, body) = response.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX).await.map_err(|e| ApiError::Internal(e.into()))?;
+    let mut stored_headers = serde_json::Map::new();
+    for name in [axum::http::header::CONTENT_TYPE, axum::http::header::LOCATION] {
+        if let Some(v) = parts.headers.get(&name).and_then(|v| v.to_str().ok()) {
+            stored_headers.insert(name.as_str().to_owned(), v.into());
         }
     }
+    idempotency::complete(
+        tx,
+        &keyed.principal,
+        &keyed.key,
+        parts.status.as_u16(),
+        &serde_json::Value::Object(stored_headers),
+        &body,
+    )
+    .await?;
+    parts.headers.insert(HeaderName::from_static(REPLAYED), HeaderValue::from_static("false"));
+    Ok(Response::from_parts(parts, Body::from(body)))
 }
 
-async fn replay(
-    state: &AppState,
-    status: i16,
-    headers: Option<serde_json::Value>,
-    body: Option<Vec<u8>>,
-) -> Result<Response, ApiError> {
+fn replay(stored: &StoredKey) -> Result<Response, ApiError> {
+    let status = stored.status.ok_or_else(|| ApiError::Internal(anyhow::anyhow!("replaying a key in progress")))?;
     let status = StatusCode::from_u16(status as u16).map_err(|e| ApiError::Internal(e.into()))?;
-    let mut header_map = HeaderMap::new();
-    let mut reissue_for = None;
-    if let Some(serde_json::Value::Object(map)) = headers {
+    let mut headers = HeaderMap::new();
+    if let Some(serde_json::Value::Object(map)) = &stored.response_headers {
         for (name, value) in map {
             let Some(value) = value.as_str() else { continue };
-            if name == REISSUE_TOKEN_FOR {
-                reissue_for = value.parse::<UserId>().ok();
-            } else if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
-                header_map.insert(n, v);
+            if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_str(value)) {
+                headers.insert(n, v);
             }
         }
     }
-    let mut body = body.unwrap_or_default();
-    if let Some(user) = reissue_for {
-        let issued = auth::issue_token(&state.pool, user, state.config.token_ttl).await?;
-        body = with_token(&body, &issued)?;
-    }
-    header_map.insert(HeaderName::from_static(REPLAYED), HeaderValue::from_static("true"));
-    Ok((status, header_map, Bytes::from(body)).into_response())
-}
-
-fn without_token(body: &[u8]) -> Result<Vec<u8>, ApiError> {
-    let mut json: serde_json::Value = serde_json::from_slice(body).map_err(|e| ApiError::Internal(e.into()))?;
-    if let Some(obj) = json.as_object_mut() {
-        obj.remove("token");
-        obj.remove("expires_at");
-    }
-    serde_json::to_vec(&json).map_err(|e| ApiError::Internal(e.into()))
-}
-
-fn with_token(body: &[u8], issued: &auth::IssuedToken) -> Result<Vec<u8>, ApiError> {
-    let mut json: serde_json::Value = serde_json::from_slice(body).map_err(|e| ApiError::Internal(e.into()))?;
-    if let Some(obj) = json.as_object_mut() {
-        obj.insert("token".into(), issued.token.clone().into());
-        let expires = issued
-            .expires_at
-            .format(&time::format_description::well_known::Rfc3339)
-            .map_err(|e| ApiError::Internal(e.into()))?;
-        obj.insert("expires_at".into(), expires.into());
-    }
-    serde_json::to_vec(&json).map_err(|e| ApiError::Internal(e.into()))
+    headers.insert(HeaderName::from_static(REPLAYED), HeaderValue::from_static("true"));
+    let body = Body::from(stored.response_body.clone().unwrap_or_default());
+    Ok((status, headers, body).into_response())
 }

@@ -9,9 +9,11 @@ pub mod config;
 pub mod error;
 pub mod idempotency;
 pub mod processors;
+pub mod prune;
 pub mod ratelimit;
 pub mod routes;
 pub mod serve;
+pub mod unit_of_work;
 pub mod views;
 
 pub use app::{Running, start};

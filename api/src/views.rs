@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 use trellis_store::circles::{CircleRow, MemberRow};
 use trellis_store::contacts::ContactRow;
 use trellis_store::disputes::DisputeRow;
-use trellis_store::identity::UserRow;
+use trellis_store::identity::{SessionRow, UserRow};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -59,6 +59,42 @@ impl From<UserRow> for Me {
             version: u.version,
             created_at: u.created_at,
             updated_at: u.updated_at,
+        }
+    }
+}
+
+/// One of the caller's sessions: a token that still authenticates (never the token itself).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionView {
+    /// When the token was issued (registration or sign-in).
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When it last authenticated a request, to within about two minutes (uses are written down
+    /// in batches, at most once a minute per token).
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_used_at: OffsetDateTime,
+    /// When it stops working unless used before (`last_used_at` + `TOKEN_IDLE_TIMEOUT`), or at
+    /// `expires_at`, whichever is first.
+    #[serde(with = "time::serde::rfc3339")]
+    pub idle_expires_at: OffsetDateTime,
+    /// When it stops working however much it is used (`TOKEN_TTL` after it was issued).
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    /// The address of the client it was issued to, as the API saw it.
+    pub client_address: Option<String>,
+    /// Whether this is the token of the request that lists them.
+    pub current: bool,
+}
+
+impl SessionView {
+    pub fn new(row: SessionRow, idle_timeout: std::time::Duration) -> Self {
+        Self {
+            created_at: row.created_at,
+            last_used_at: row.last_used_at,
+            idle_expires_at: (row.last_used_at + idle_timeout).min(row.expires_at),
+            expires_at: row.expires_at,
+            client_address: row.client_addr,
+            current: row.current,
         }
     }
 }

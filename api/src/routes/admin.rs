@@ -19,6 +19,7 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
 use crate::routes::{events, limit, resolve_user};
+use crate::unit_of_work::UnitOfWork;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -40,10 +41,7 @@ pub struct ScoreRunRequest {
 /// Requests a trust-score run (admins). The score orchestrator picks it up from the event.
 #[utoipa::path(post, path = "/v1/admin/score-runs", tag = "admin", security(("bearer" = [])),
     responses((status = 202, body = ScoreRunRequest), (status = 401, body = Problem), (status = 403, body = Problem)))]
-async fn request_score_run(
-    State(state): State<AppState>,
-    principal: Principal,
-) -> ApiResult<(StatusCode, Json<ScoreRunRequest>)> {
+async fn request_score_run(principal: Principal, work: UnitOfWork) -> ApiResult<(StatusCode, Json<ScoreRunRequest>)> {
     principal.require_admin()?;
     let evs = events(
         Some(principal.user_id),
@@ -52,8 +50,9 @@ async fn request_score_run(
             reason: "POST /v1/admin/score-runs".into(),
         })],
     );
-    let mut conn = state.pool.acquire().await?;
-    trellis_store::outbox::insert(&mut conn, &evs).await?;
+    let mut tx = work.begin().await?;
+    trellis_store::outbox::insert(&mut tx, &evs).await?;
+    work.finish(tx);
     Ok((StatusCode::ACCEPTED, Json(ScoreRunRequest { event_id: evs[0].envelope.id.0, status: "requested" })))
 }
 
@@ -131,6 +130,7 @@ pub struct FlagChanged {
 async fn set_flag(
     State(state): State<AppState>,
     principal: Principal,
+    work: UnitOfWork,
     Path(name): Path<String>,
     body: Result<Json<FlagChangeBody>, ApiError>,
 ) -> ApiResult<Json<FlagChanged>> {
@@ -147,15 +147,17 @@ async fn set_flag(
     let (Some(value), Some(reason)) = (value, reason) else {
         return Err(errors.into());
     };
-    let admin =
-        trellis_store::identity::find_by_id(&state.pool, principal.user_id).await?.ok_or(ApiError::Unauthenticated)?;
     let policy = state.config.promotion.policy().map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?;
+    let mut tx = work.begin().await?;
+    let admin =
+        trellis_store::identity::find_by_id(&mut *tx, principal.user_id).await?.ok_or(ApiError::Unauthenticated)?;
     let change = Change { flag, value, actor: &admin.handle, reason, forced: body.force };
-    let changed = match trellis_store::flags::set_checked(&state.pool, &change, &policy).await {
+    let changed = match trellis_store::flags::set_checked_in(&mut tx, &change, &policy).await {
         Ok(changed) => changed,
         Err(SetError::Refused(why)) => return Err(ApiError::conflict("promotion-refused", why)),
         Err(SetError::Database(e)) => return Err(e.into()),
     };
+    work.finish(tx);
     Ok(Json(FlagChanged {
         name: flag.as_str(),
         from: changed.from.as_str(),

@@ -16,6 +16,7 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
 use crate::routes::{events, list, page, resolve_user};
+use crate::unit_of_work::UnitOfWork;
 use crate::views::{Circle, CircleMember, List, PageParams};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -58,14 +59,10 @@ async fn list_circles(
 #[utoipa::path(post, path = "/v1/me/circles", tag = "circles", security(("bearer" = [])), request_body = CircleBody,
     responses((status = 201, body = Circle), (status = 401, body = Problem), (status = 409, body = Problem),
         (status = 422, body = Problem)))]
-async fn create_circle(
-    State(state): State<AppState>,
-    principal: Principal,
-    Json(body): Json<CircleBody>,
-) -> ApiResult<Response> {
+async fn create_circle(principal: Principal, work: UnitOfWork, Json(body): Json<CircleBody>) -> ApiResult<Response> {
     let name = CircleName::parse(&body.name)?;
     let id = CircleId::new();
-    let mut tx = state.pool.begin().await?;
+    let mut tx = work.begin().await?;
     let row =
         trellis_store::circles::insert(&mut tx, id, principal.user_id, name.as_str()).await.map_err(name_taken)?;
     let ev = EventPayload::CircleCreated(CircleChanged {
@@ -74,7 +71,7 @@ async fn create_circle(
         name: row.name.clone(),
     });
     trellis_store::outbox::insert(&mut tx, &events(Some(principal.user_id), [ev])).await?;
-    tx.commit().await?;
+    work.finish(tx);
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/me/circles/{id}"))], Json(Circle::from(row)))
         .into_response())
 }
@@ -100,14 +97,14 @@ async fn get_circle(
     responses((status = 200, body = Circle), (status = 401, body = Problem), (status = 404, body = Problem),
         (status = 409, body = Problem), (status = 422, body = Problem)))]
 async fn rename_circle(
-    State(state): State<AppState>,
     principal: Principal,
+    work: UnitOfWork,
     Path(id): Path<Uuid>,
     Json(body): Json<CircleBody>,
 ) -> ApiResult<Json<Circle>> {
     let name = CircleName::parse(&body.name)?;
     let id = CircleId(id);
-    let mut tx = state.pool.begin().await?;
+    let mut tx = work.begin().await?;
     let row = trellis_store::circles::rename(&mut tx, principal.user_id, id, name.as_str())
         .await
         .map_err(name_taken)?
@@ -118,7 +115,7 @@ async fn rename_circle(
         name: row.name.clone(),
     });
     trellis_store::outbox::insert(&mut tx, &events(Some(principal.user_id), [ev])).await?;
-    tx.commit().await?;
+    work.finish(tx);
     Ok(Json(row.into()))
 }
 
@@ -126,19 +123,15 @@ async fn rename_circle(
 #[utoipa::path(delete, path = "/v1/me/circles/{id}", tag = "circles", security(("bearer" = [])),
     params(("id" = Uuid, Path)),
     responses((status = 204), (status = 401, body = Problem), (status = 404, body = Problem)))]
-async fn delete_circle(
-    State(state): State<AppState>,
-    principal: Principal,
-    Path(id): Path<Uuid>,
-) -> ApiResult<StatusCode> {
+async fn delete_circle(principal: Principal, work: UnitOfWork, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
     let id = CircleId(id);
-    let mut tx = state.pool.begin().await?;
+    let mut tx = work.begin().await?;
     if !trellis_store::circles::delete(&mut tx, principal.user_id, id).await? {
         return Err(ApiError::NotFound("circle"));
     }
     let ev = EventPayload::CircleDeleted(CircleDeleted { circle_id: id, owner_id: principal.user_id });
     trellis_store::outbox::insert(&mut tx, &events(Some(principal.user_id), [ev])).await?;
-    tx.commit().await?;
+    work.finish(tx);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -165,13 +158,13 @@ async fn list_members(
     responses((status = 201, body = Circle), (status = 200, body = Circle), (status = 401, body = Problem),
         (status = 404, body = Problem), (status = 422, body = Problem)))]
 async fn add_member(
-    State(state): State<AppState>,
     principal: Principal,
+    work: UnitOfWork,
     Path((id, user)): Path<(Uuid, String)>,
 ) -> ApiResult<(StatusCode, Json<Circle>)> {
     let id = CircleId(id);
-    let member = UserId(resolve_user(&state.pool, &user).await?.id);
-    let mut tx = state.pool.begin().await?;
+    let mut tx = work.begin().await?;
+    let member = UserId(resolve_user(&mut *tx, &user).await?.id);
     trellis_store::circles::get(&mut *tx, principal.user_id, id).await?.ok_or(ApiError::NotFound("circle"))?;
     if !trellis_store::contacts::exists(&mut *tx, principal.user_id, member).await? {
         return Err(ApiError::unprocessable("not-a-contact", "circle members must be among your contacts"));
@@ -187,7 +180,7 @@ async fn add_member(
     }
     let row =
         trellis_store::circles::get(&mut *tx, principal.user_id, id).await?.ok_or(ApiError::NotFound("circle"))?;
-    tx.commit().await?;
+    work.finish(tx);
     Ok((if added { StatusCode::CREATED } else { StatusCode::OK }, Json(row.into())))
 }
 
@@ -196,13 +189,13 @@ async fn add_member(
     params(("id" = Uuid, Path), ("user_id" = String, Path, description = "user id or handle")),
     responses((status = 204), (status = 401, body = Problem), (status = 404, body = Problem)))]
 async fn remove_member(
-    State(state): State<AppState>,
     principal: Principal,
+    work: UnitOfWork,
     Path((id, user)): Path<(Uuid, String)>,
 ) -> ApiResult<StatusCode> {
     let id = CircleId(id);
-    let member = UserId(resolve_user(&state.pool, &user).await?.id);
-    let mut tx = state.pool.begin().await?;
+    let mut tx = work.begin().await?;
+    let member = UserId(resolve_user(&mut *tx, &user).await?.id);
     trellis_store::circles::get(&mut *tx, principal.user_id, id).await?.ok_or(ApiError::NotFound("circle"))?;
     if !trellis_store::circles::remove_member(&mut tx, id, member).await? {
         return Err(ApiError::NotFound("circle member"));
@@ -210,6 +203,6 @@ async fn remove_member(
     let ev =
         EventPayload::CircleMemberRemoved(MemberEvent { circle_id: id, owner_id: principal.user_id, user_id: member });
     trellis_store::outbox::insert(&mut tx, &events(Some(principal.user_id), [ev])).await?;
-    tx.commit().await?;
+    work.finish(tx);
     Ok(StatusCode::NO_CONTENT)
 }

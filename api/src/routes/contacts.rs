@@ -16,6 +16,7 @@ use crate::app::AppState;
 use crate::auth::{BearerToken, Principal};
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
 use crate::routes::{events, list, page, resolve_user};
+use crate::unit_of_work::UnitOfWork;
 use crate::views::{Contact, List, PageParams};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -31,9 +32,11 @@ async fn list_contacts(
     Query(params): Query<PageParams>,
 ) -> ApiResult<Json<List<Contact>>> {
     let (limit, after) = page::<Uuid>(&state, "contacts", &params)?;
-    let (_, rows) = trellis_store::contacts::list_for_token(&state.pool, &token.hash, after, limit)
+    let idle = state.config.token_idle_timeout;
+    let (_, rows) = trellis_store::contacts::list_for_token(&state.pool, &token.hash, idle, after, limit)
         .await?
         .ok_or(ApiError::Unauthenticated)?;
+    state.activity.saw(token.hash);
     Ok(Json(list(&state, "contacts", rows, Contact::from)))
 }
 
@@ -53,20 +56,24 @@ pub struct ContactBody {
 async fn put_contact(
     State(state): State<AppState>,
     token: BearerToken,
+    work: UnitOfWork,
     Path(user): Path<String>,
     Json(body): Json<ContactBody>,
 ) -> ApiResult<(StatusCode, Json<Contact>)> {
     let label = ContactLabel::parse(&body.label)?;
+    let mut tx = work.begin().await?;
     // The hottest write: authentication and the target in one round trip.
     let (target_id, target_handle) = crate::routes::user_key(&user);
     let (principal, target) = trellis_store::identity::authenticate_with_target(
-        &state.pool,
+        &mut *tx,
         &token.hash,
+        state.config.token_idle_timeout,
         target_id,
         target_handle.as_deref(),
     )
     .await?
     .ok_or(ApiError::Unauthenticated)?;
+    state.activity.saw(token.hash);
     let principal_id = UserId(principal.user_id);
     let target = target.ok_or(ApiError::NotFound("user"))?;
     let contact_id = UserId(target.id);
@@ -83,7 +90,7 @@ async fn put_contact(
     ))
     .expect("two events");
     let (outcome, row) = trellis_store::contacts::upsert_with_event(
-        &state.pool,
+        &mut *tx,
         principal_id,
         contact_id,
         label.as_str(),
@@ -91,6 +98,7 @@ async fn put_contact(
         &updated,
     )
     .await?;
+    work.finish(tx);
     let status = if outcome == Upsert::Created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(row.into())))
 }
@@ -99,14 +107,10 @@ async fn put_contact(
 #[utoipa::path(delete, path = "/v1/me/contacts/{user_id}", tag = "contacts", security(("bearer" = [])),
     params(("user_id" = String, Path, description = "user id or handle")),
     responses((status = 204), (status = 401, body = Problem), (status = 404, body = Problem)))]
-async fn delete_contact(
-    State(state): State<AppState>,
-    principal: Principal,
-    Path(user): Path<String>,
-) -> ApiResult<StatusCode> {
-    let target = resolve_user(&state.pool, &user).await?;
+async fn delete_contact(principal: Principal, work: UnitOfWork, Path(user): Path<String>) -> ApiResult<StatusCode> {
+    let mut tx = work.begin().await?;
+    let target = resolve_user(&mut *tx, &user).await?;
     let contact_id = UserId(target.id);
-    let mut tx = state.pool.begin().await?;
     // Memberships go with the contact (a foreign key cascades); each gets its own event.
     let circles = trellis_store::circles::remove_from_all_circles(&mut tx, principal.user_id, contact_id).await?;
     if !trellis_store::contacts::remove(&mut tx, principal.user_id, contact_id).await? {
@@ -123,6 +127,6 @@ async fn delete_contact(
         })
         .chain([EventPayload::ContactRemoved(ContactRemoved { owner_id: principal.user_id, contact_id })]);
     trellis_store::outbox::insert(&mut tx, &events(Some(principal.user_id), payloads)).await?;
-    tx.commit().await?;
+    work.finish(tx);
     Ok(StatusCode::NO_CONTENT)
 }

@@ -19,6 +19,7 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
 use crate::routes::{events, list, page, resolve_user};
+use crate::unit_of_work::UnitOfWork;
 use crate::views::{Audience, Dispute, List, PageParams};
 
 /// The `Retry-After` of `open-dispute-limit`: a hint, as the allowance comes back when a
@@ -56,6 +57,7 @@ pub struct DisputeBody {
 async fn file_dispute(
     State(state): State<AppState>,
     principal: Principal,
+    work: UnitOfWork,
     Json(body): Json<DisputeBody>,
 ) -> ApiResult<Response> {
     let mut errors = ValidationErrors::default();
@@ -69,14 +71,15 @@ async fn file_dispute(
         return Err(errors.into());
     };
     errors.into_result()?;
-    let target = resolve_user(&state.pool, &body.target_id).await?;
+    let mut tx = work.begin().await?;
+    let target = resolve_user(&mut *tx, &body.target_id).await?;
     let target_id = UserId(target.id);
     if target_id == principal.user_id {
         return Err(ApiError::unprocessable("self-dispute", "you cannot file a dispute against yourself"));
     }
     let p0 = kind.priority() == Priority::P0;
     if p0 {
-        let reporter = trellis_store::identity::find_by_id(&state.pool, principal.user_id)
+        let reporter = trellis_store::identity::find_by_id(&mut *tx, principal.user_id)
             .await?
             .ok_or(ApiError::Unauthenticated)?;
         let min_age = state.config.dispute_p0_min_account_age;
@@ -91,7 +94,6 @@ async fn file_dispute(
         }
     }
     let id = DisputeId::new();
-    let mut tx = state.pool.begin().await?;
     let open = trellis_store::disputes::lock_and_count_open(&mut tx, principal.user_id).await?;
     if open.all >= state.config.dispute_open_limit || (p0 && open.p0 >= state.config.dispute_open_limit_p0) {
         let detail = if p0 && open.p0 >= state.config.dispute_open_limit_p0 {
@@ -131,7 +133,7 @@ async fn file_dispute(
         priority: kind.priority(),
     });
     trellis_store::outbox::insert(&mut tx, &events(Some(principal.user_id), [ev])).await?;
-    tx.commit().await?;
+    work.finish(tx);
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/v1/disputes/{id}"))],

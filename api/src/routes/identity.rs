@@ -15,19 +15,20 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::app::AppState;
-use crate::auth::{self, Principal};
+use crate::auth::{self, Principal, TokenRequest};
 use crate::client_address::ClientAddress;
-use crate::error::{ApiError, ApiResult, Json, Path, Problem};
-use crate::idempotency::TokenIssued;
+use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
 use crate::ratelimit::AccountKey;
-use crate::routes::{events, resolve_user};
-use crate::views::{Me, PublicUser};
+use crate::routes::{events, list, page, resolve_user};
+use crate::unit_of_work::UnitOfWork;
+use crate::views::{List, Me, PageParams, PublicUser, SessionView};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(register))
-        .routes(routes!(login))
+        .routes(routes!(login, sign_out_everywhere))
         .routes(routes!(logout))
+        .routes(routes!(list_sessions))
         .routes(routes!(get_me, update_me))
         .routes(routes!(get_user))
 }
@@ -59,12 +60,15 @@ pub struct Registered {
 /// `PASSWORD_HASH_QUEUE`), answering 503 with `Retry-After` when none is free. A taken handle is
 /// `handle-taken` (handles are public); a taken e-mail address is the generic
 /// `registration-refused`, which does not say that the address has an account.
+/// `Idempotency-Key` is ignored here: a client that lost the response signs in with the
+/// password it chose (a second registration is a 409).
 #[utoipa::path(post, path = "/v1/users", tag = "identity", request_body = Registration,
     responses((status = 201, body = Registered), (status = 409, body = Problem), (status = 422, body = Problem),
         (status = 429, body = Problem), (status = 503, body = Problem)))]
 async fn register(
     State(state): State<AppState>,
     client: ClientAddress,
+    work: UnitOfWork,
     Json(body): Json<Registration>,
 ) -> ApiResult<Response> {
     let mut errors = ValidationErrors::default();
@@ -86,7 +90,7 @@ async fn register(
     }
     let password_hash = state.hashing.hash_password(password).await?;
     let id = UserId::new();
-    let mut tx = state.pool.begin().await?;
+    let mut tx = work.begin().await?;
     let user = trellis_store::identity::insert_user(
         &mut tx,
         &NewUser {
@@ -108,17 +112,18 @@ async fn register(
         })],
     );
     trellis_store::outbox::insert(&mut tx, &evs).await?;
-    let issued = auth::issue_token(&mut *tx, id, state.config.token_ttl).await?;
-    tx.commit().await?;
+    let token = TokenRequest { user: id, client_addr: client.ip(), checked_password_hash: None };
+    let issued = auth::issue_token(&mut tx, &state.config, &token)
+        .await?
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("the user just registered was refused a token")))?;
+    work.finish(tx);
     let location = format!("/v1/users/{id}");
-    let mut response = (
+    Ok((
         StatusCode::CREATED,
         [(header::LOCATION, location)],
         Json(Registered { user: user.into(), token: issued.token, expires_at: issued.expires_at }),
     )
-        .into_response();
-    response.extensions_mut().insert(TokenIssued(id));
-    Ok(response)
+        .into_response())
 }
 
 fn handle_taken() -> ApiError {
@@ -175,11 +180,18 @@ pub struct Session {
 /// (`LOGIN_RATE_PER_ACCOUNT` per minute: the user's when the login names one, so that a handle
 /// and an e-mail address of one user share it; the login name's otherwise), each answering 429
 /// with `Retry-After`; the password check waits for a hashing slot and answers 503 with
-/// `Retry-After` when none is free.
+/// `Retry-After` when none is free. Each sign-in issues a new token; a user holding
+/// `TOKENS_PER_USER` live tokens (20) loses the oldest. `Idempotency-Key` is ignored here: every
+/// request is a sign-in with all its checks, never a replay.
 #[utoipa::path(post, path = "/v1/sessions", tag = "identity", request_body = Login,
     responses((status = 201, body = Session), (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 422, body = Problem), (status = 429, body = Problem), (status = 503, body = Problem)))]
-async fn login(State(state): State<AppState>, client: ClientAddress, Json(body): Json<Login>) -> ApiResult<Response> {
+async fn login(
+    State(state): State<AppState>,
+    client: ClientAddress,
+    work: UnitOfWork,
+    Json(body): Json<Login>,
+) -> ApiResult<Response> {
     // Bounded before anything else looks at it: the login becomes a limiter key and a query.
     if body.login.chars().count() > LOGIN_MAX_LEN {
         return Err(trellis_domain::FieldError::new("login", "too_long", "must be at most 254 characters").into());
@@ -208,7 +220,7 @@ async fn login(State(state): State<AppState>, client: ClientAddress, Json(body):
         Some((user, hash)) => (Some(user), Some(hash)),
         None => (None, None),
     };
-    let valid = state.hashing.verify_password(body.password.into_exposed(), hash).await?;
+    let valid = state.hashing.verify_password(body.password.into_exposed(), hash.clone()).await?;
     let user = match user {
         Some(user) if valid => user,
         _ => return Err(ApiError::Unauthenticated),
@@ -217,19 +229,63 @@ async fn login(State(state): State<AppState>, client: ClientAddress, Json(body):
         return Err(ApiError::Forbidden("this account is suspended"));
     }
     let user_id = UserId(user.id);
-    let issued = auth::issue_token(&state.pool, user_id, state.config.token_ttl).await?;
-    let mut response =
-        (StatusCode::CREATED, Json(Session { user_id: user.id, token: issued.token, expires_at: issued.expires_at }))
-            .into_response();
-    response.extensions_mut().insert(TokenIssued(user_id));
-    Ok(response)
+    // The reads and the password check above hold no connection (a sign-in never holds an
+    // idempotency key, so its unit of work begins only now). The token is issued only if the
+    // password checked is still the user's and they are still active: a sign-in that raced a
+    // password change or a suspension issues nothing.
+    let mut tx = work.begin().await?;
+    let token = TokenRequest { user: user_id, client_addr: client.ip(), checked_password_hash: hash.as_deref() };
+    let issued = auth::issue_token(&mut tx, &state.config, &token).await?.ok_or(ApiError::Unauthenticated)?;
+    work.finish(tx);
+    Ok((StatusCode::CREATED, Json(Session { user_id: user.id, token: issued.token, expires_at: issued.expires_at }))
+        .into_response())
+}
+
+/// Signs out everywhere: revokes every token of the caller, the one of this request included.
+/// Callers: any signed-in user, for themselves; an anonymous caller gets a 401 and costs one
+/// token lookup. A retry with the request's `Idempotency-Key` is a 401 too, since the token is
+/// gone.
+#[utoipa::path(delete, path = "/v1/sessions", tag = "identity", security(("bearer" = [])),
+    responses((status = 204), (status = 401, body = Problem)))]
+async fn sign_out_everywhere(principal: Principal, work: UnitOfWork) -> ApiResult<StatusCode> {
+    let mut tx = work.begin().await?;
+    trellis_store::identity::revoke_all_tokens(&mut *tx, principal.user_id).await?;
+    work.finish(tx);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The caller's live sessions (tokens that still authenticate), newest first, cursor-paginated
+/// (`limit` 1–100, default 50). A user holds at most `TOKENS_PER_USER` (20) of them, so a page
+/// reads at most that many rows. Callers: any signed-in user, for themselves; an anonymous caller
+/// gets a 401 and costs one token lookup.
+#[utoipa::path(get, path = "/v1/me/sessions", tag = "identity", security(("bearer" = [])), params(PageParams),
+    responses((status = 200, body = List<SessionView>), (status = 400, body = Problem), (status = 401, body = Problem)))]
+async fn list_sessions(
+    State(state): State<AppState>,
+    principal: Principal,
+    Query(params): Query<PageParams>,
+) -> ApiResult<Json<List<SessionView>>> {
+    let (limit, after) = page::<trellis_store::identity::SessionKey>(&state, "sessions", &params)?;
+    let rows = trellis_store::identity::list_sessions(
+        &state.pool,
+        principal.user_id,
+        &principal.token_hash,
+        state.config.token_idle_timeout,
+        after.as_ref(),
+        limit,
+    )
+    .await?;
+    let idle = state.config.token_idle_timeout;
+    Ok(Json(list(&state, "sessions", rows, |row| SessionView::new(row, idle))))
 }
 
 /// Revokes the token this request is authenticated with.
 #[utoipa::path(delete, path = "/v1/sessions/current", tag = "identity", security(("bearer" = [])),
     responses((status = 204), (status = 401, body = Problem)))]
-async fn logout(State(state): State<AppState>, principal: Principal) -> ApiResult<StatusCode> {
-    trellis_store::identity::revoke_token(&state.pool, &principal.token_hash).await?;
+async fn logout(principal: Principal, work: UnitOfWork) -> ApiResult<StatusCode> {
+    let mut tx = work.begin().await?;
+    trellis_store::identity::revoke_token(&mut *tx, &principal.token_hash).await?;
+    work.finish(tx);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -259,13 +315,16 @@ pub struct MeChange {
 ///
 /// Changing the e-mail address or the password checks `current_password`: at most
 /// `CURRENT_PASSWORD_RATE_PER_USER` checks per user per hour (429 with `Retry-After` beyond),
-/// each waiting for a hashing slot (503 with `Retry-After` when none is free).
+/// each waiting for a hashing slot (503 with `Retry-After` when none is free). A new e-mail
+/// address or password signs out every other session of the caller (their tokens are revoked
+/// with the change); the token of this request keeps working.
 #[utoipa::path(patch, path = "/v1/me", tag = "identity", security(("bearer" = [])), request_body = MeChange,
     responses((status = 200, body = Me), (status = 401, body = Problem), (status = 409, body = Problem),
         (status = 422, body = Problem), (status = 429, body = Problem), (status = 503, body = Problem)))]
 async fn update_me(
     State(state): State<AppState>,
     principal: Principal,
+    work: UnitOfWork,
     Json(body): Json<MeChange>,
 ) -> ApiResult<Json<Me>> {
     let mut errors = ValidationErrors::default();
@@ -276,7 +335,11 @@ async fn update_me(
     if display_name.is_none() && email.is_none() && password.is_none() {
         return Err(trellis_domain::FieldError::new("body", "empty", "nothing to change").into());
     }
-    if email.is_some() || password.is_some() {
+    let credentials_change = email.is_some() || password.is_some();
+    // Everything below runs in the unit of work (with an `Idempotency-Key`, the layer holds it
+    // already), the password check included.
+    let mut tx = work.begin().await?;
+    if credentials_change {
         let current = body.current_password.ok_or_else(|| {
             trellis_domain::FieldError::new(
                 "current_password",
@@ -289,7 +352,7 @@ async fn update_me(
             .current_password
             .check(&principal.user_id.0)
             .map_err(|retry_after_secs| ApiError::RateLimited { retry_after_secs })?;
-        let hash = trellis_store::identity::password_hash(&state.pool, principal.user_id)
+        let hash = trellis_store::identity::password_hash(&mut *tx, principal.user_id)
             .await?
             .ok_or(ApiError::Unauthenticated)?;
         if !state.hashing.verify_password(current.into_exposed(), Some(hash)).await? {
@@ -300,7 +363,6 @@ async fn update_me(
         Some(p) => Some(state.hashing.hash_password(p).await?),
         None => None,
     };
-    let mut tx = state.pool.begin().await?;
     let user = trellis_store::identity::update_profile(
         &mut tx,
         principal.user_id,
@@ -312,6 +374,9 @@ async fn update_me(
     )
     .await
     .map_err(email_unavailable)?;
+    if credentials_change {
+        trellis_store::identity::revoke_other_tokens(&mut *tx, principal.user_id, &principal.token_hash).await?;
+    }
     let evs = events(
         Some(principal.user_id),
         [EventPayload::ProfileUpdated(ProfileUpdated {
@@ -321,7 +386,7 @@ async fn update_me(
         })],
     );
     trellis_store::outbox::insert(&mut tx, &evs).await?;
-    tx.commit().await?;
+    work.finish(tx);
     Ok(Json(user.into()))
 }
 

@@ -20,6 +20,7 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
 use crate::routes::{events, list, page};
+use crate::unit_of_work::UnitOfWork;
 use crate::views::{Audience, Dispute, List, PageParams};
 
 /// The rule id of a moderator's decision.
@@ -78,8 +79,8 @@ pub struct DecisionBody {
     responses((status = 200, body = Dispute), (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 async fn decide(
-    State(state): State<AppState>,
     principal: Principal,
+    work: UnitOfWork,
     Path(id): Path<Uuid>,
     Json(body): Json<DecisionBody>,
 ) -> ApiResult<Json<Dispute>> {
@@ -90,7 +91,7 @@ async fn decide(
         return Err(FieldError::new("note", "invalid", "must be 1-2000 characters").into());
     }
     let id = DisputeId(id);
-    let mut tx = state.pool.begin().await?;
+    let mut tx = work.begin().await?;
     let current = trellis_store::disputes::get_for_update(&mut tx, id).await?.ok_or(ApiError::NotFound("dispute"))?;
     if current.reporter_id == principal.user_id.0 {
         return Err(ApiError::Forbidden("moderators cannot decide disputes they filed"));
@@ -138,7 +139,7 @@ async fn decide(
         decided_by: Some(principal.user_id),
     }));
     trellis_store::outbox::insert(&mut tx, &events(Some(principal.user_id), payloads)).await?;
-    tx.commit().await?;
+    work.finish(tx);
     // The same counter as the dispute processor's rules (its series exist from the processor's
     // start-up; Prometheus sums both processes).
     let outcome = verdict.status().as_str();

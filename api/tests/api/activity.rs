@@ -1,5 +1,6 @@
 //! Daily active users: requests with a live token count their user once; the gauge comes from
-//! the database, written in batches rather than per request.
+//! the database, written in batches rather than per request. Only requests that authenticated
+//! count.
 
 use std::time::Duration;
 
@@ -129,4 +130,22 @@ async fn a_user_active_within_the_hour_costs_no_further_activity_write() {
         assert!(tokio::time::Instant::now() < deadline, "alice's activity is not refreshed after an hour");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn tokens_that_do_not_authenticate_never_crowd_out_signed_in_users() {
+    // The tracker remembers 5 tokens between two flushes; 50 callers with made-up tokens come
+    // first. The only flush is the one of the graceful stop.
+    let args = ["--activity-max-tokens", "5", "--activity-flush-interval", "1h"].map(String::from).to_vec();
+    let app = TestApp::spawn_with(Options { args, ..Default::default() }).await;
+    let alice = app.register("alice").await;
+    for i in 0..50 {
+        let r = app.get("/v1/me", Some(&format!("trl_made-up-{i}"))).await;
+        assert_eq!(r.status, 401);
+    }
+    assert_eq!(app.get("/v1/me", Some(&alice.token)).await.status, 200);
+    let (db, _) = app.stop().await;
+    let rows: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT user_id FROM identity.user_activity").fetch_all(&db.pool).await.unwrap();
+    assert_eq!(rows, [alice.id.parse::<uuid::Uuid>().unwrap()], "alice is a daily active user");
 }

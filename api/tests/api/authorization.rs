@@ -104,6 +104,8 @@ fn every_endpoint(w: &World) -> Vec<(Method, &'static str, String, Option<Value>
         (Method::GET, "/v1/me", "/v1/me".into(), None),
         (Method::PATCH, "/v1/me", "/v1/me".into(), Some(json!({"display_name": "New Name"}))),
         (Method::DELETE, "/v1/sessions/current", "/v1/sessions/current".into(), None),
+        (Method::DELETE, "/v1/sessions", "/v1/sessions".into(), None),
+        (Method::GET, "/v1/me/sessions", "/v1/me/sessions".into(), None),
         (Method::GET, "/v1/users/{user}", format!("/v1/users/{b}"), None),
         (Method::GET, "/v1/me/contacts", "/v1/me/contacts".into(), None),
         (Method::PUT, "/v1/me/contacts/{user_id}", format!("/v1/me/contacts/{b}"), Some(json!({"label": "x"}))),
@@ -307,6 +309,7 @@ async fn the_owner_can_use_every_endpoint_on_their_own_data() {
             201,
         ),
         (Method::PATCH, "/v1/me".into(), Some(json!({"display_name": "Owner Renamed"})), 200),
+        (Method::GET, "/v1/me/sessions".into(), None, 200),
         (Method::DELETE, "/v1/sessions/current".into(), None, 204),
     ];
     for (method, path, body, want) in steps {

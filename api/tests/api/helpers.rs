@@ -29,6 +29,8 @@ pub struct TestApp {
 pub struct Options {
     /// Another NATS server than `NATS_URL` (a private one, for outage tests).
     pub nats_url: Option<String>,
+    /// Another way to the test's database than its URL (through a proxy, for fault tests).
+    pub database_url: Option<String>,
     /// Extra command-line flags.
     pub args: Vec<String>,
 }
@@ -73,10 +75,11 @@ impl TestApp {
     pub async fn start_on(db: TestDb, prefix: String, options: Options) -> Self {
         trellis_testkit::capture_logs("trellis-api-in-process");
         let nats_url = options.nats_url.unwrap_or_else(trellis_testkit::nats_url);
+        let database_url = options.database_url.unwrap_or_else(|| db.url.clone());
         let mut args: Vec<String> = [
             "trellis-api",
             "--database-url",
-            &db.url,
+            &database_url,
             "--nats-url",
             &nats_url,
             "--nats-prefix",
@@ -399,4 +402,65 @@ impl TestApp {
     pub fn begin_shutdown(&self) {
         self.shutdown.cancel();
     }
+}
+
+/// The API's database backends, as `pg_stat_activity` shows them.
+impl TestApp {
+    /// Waits (up to 10 s) until a statement of the API's request pool waits on a lock; returns
+    /// that backend's pid.
+    pub async fn wait_for_lock_wait(&self) -> i32 {
+        waiting_on_lock(&self.db).await
+    }
+
+    /// Backends of the API's request pool that are in a transaction.
+    pub async fn api_backends_in_transaction(&self) -> i64 {
+        api_backends_in_transaction(&self.db).await
+    }
+
+    /// Ends every backend of the API's request pool (`pg_terminate_backend`); returns how many.
+    pub async fn terminate_api_backends(&self) -> usize {
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = $1 AND application_name = 'trellis-api'",
+        )
+        .bind(&self.db.name)
+        .fetch_all(&self.db.pool)
+        .await
+        .expect("terminating the API's backends");
+        ended.into_iter().filter(|e| *e).count()
+    }
+}
+
+/// Waits (up to 10 s) until a statement of a `trellis-api` request pool on `db` waits on a lock;
+/// returns that backend's pid.
+pub async fn waiting_on_lock(db: &TestDb) -> i32 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut pace = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        pace.tick().await;
+        let pid: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity
+             WHERE datname = $1 AND application_name = 'trellis-api' AND wait_event_type = 'Lock'",
+        )
+        .bind(&db.name)
+        .fetch_optional(&db.pool)
+        .await
+        .expect("reading pg_stat_activity");
+        if let Some(pid) = pid {
+            return pid;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no request of the API waits on a lock");
+    }
+}
+
+/// Backends of a `trellis-api` request pool on `db` that are in a transaction.
+pub async fn api_backends_in_transaction(db: &TestDb) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = $1 AND application_name = 'trellis-api' AND xact_start IS NOT NULL",
+    )
+    .bind(&db.name)
+    .fetch_one(&db.pool)
+    .await
+    .expect("reading pg_stat_activity")
 }

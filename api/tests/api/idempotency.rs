@@ -1,5 +1,6 @@
 //! `Idempotency-Key` on POST, PUT, PATCH and DELETE: replays, reuse with another request,
-//! scoping per caller, server errors, expiry and invalid keys.
+//! scoping per user, authentication first, what a key row keeps, server errors, expiry,
+//! pruning, the stored-keys gauge and invalid keys.
 
 use std::time::Duration;
 
@@ -93,33 +94,6 @@ async fn keys_are_scoped_per_caller() {
 }
 
 #[tokio::test]
-async fn a_replayed_registration_returns_the_same_user_with_a_fresh_working_token() {
-    let app = TestApp::spawn().await;
-    let body = json!({"handle": "alice", "display_name": "Alice", "email": "alice@example.com", "password": PASSWORD});
-    let first = app.with_key(Method::POST, "/v1/users", None, Some(body.clone()), "signup-1").await;
-    assert_eq!(first.status, 201, "{:?}", first.body);
-    let again = app.with_key(Method::POST, "/v1/users", None, Some(body), "signup-1").await;
-    assert_eq!(again.status, 201, "{:?}", again.body);
-    assert_eq!(again.header("idempotent-replayed"), Some("true"));
-    assert_eq!(again.body["user"], first.body["user"], "the same user");
-    assert_eq!(again.header("location"), first.header("location"));
-    let (t1, t2) = (first.body["token"].as_str().unwrap(), again.body["token"].as_str().unwrap());
-    assert_ne!(t1, t2, "a fresh token, never a stored one");
-    assert!(again.body["expires_at"].is_string());
-    for token in [t1, t2] {
-        let me = app.get("/v1/me", Some(token)).await;
-        assert_eq!((me.status, &me.body["id"]), (200, &first.body["user"]["id"]));
-    }
-    assert_eq!(count(&app, "SELECT count(*) FROM identity.users").await, 1, "no second user");
-    let registered = "SELECT count(*) FROM ops.outbox WHERE payload->>'type' = 'identity.user_registered'";
-    assert_eq!(count(&app, registered).await, 1);
-    let stored: Vec<u8> =
-        sqlx::query_scalar("SELECT response_body FROM ops.idempotency_keys").fetch_one(&app.db.pool).await.unwrap();
-    let stored = String::from_utf8(stored).unwrap();
-    assert!(!stored.contains(t1) && !stored.contains("token"), "no token is stored: {stored}");
-}
-
-#[tokio::test]
 async fn keys_work_on_put_patch_and_delete() {
     let app = TestApp::spawn().await;
     let alice = app.register("alice").await;
@@ -192,16 +166,8 @@ async fn a_retry_while_the_first_request_runs_is_a_conflict() {
         let req = app.build(Method::POST, "/v1/disputes", Some(&alice.token), Some(dispute(&bob)));
         tokio::spawn(req.header("idempotency-key", "slow").send())
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut pace = tokio::time::interval(Duration::from_millis(20));
-    loop {
-        pace.tick().await;
-        let started = "SELECT count(*) FROM ops.idempotency_keys WHERE key = 'slow' AND status IS NULL";
-        if count(&app, started).await == 1 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the first request never took its key");
-    }
+    // The key is taken in the first request's own transaction, which now waits on the lock.
+    app.wait_for_lock_wait().await;
     let second = app.with_key(Method::POST, "/v1/disputes", Some(&alice.token), Some(dispute(&bob)), "slow").await;
     assert_eq!((second.status, second.problem()), (409, "idempotency-request-in-progress"), "{:?}", second.body);
 
@@ -214,28 +180,28 @@ async fn a_retry_while_the_first_request_runs_is_a_conflict() {
 }
 
 #[tokio::test]
-async fn a_request_cut_off_by_the_request_timeout_releases_its_key() {
-    let options = Options { args: vec!["--request-timeout".into(), "1s".into()], ..Options::default() };
-    let app = TestApp::spawn_with(options).await;
+async fn a_request_cut_off_by_the_request_timeout_releases_its_key_within_that_timeout() {
+    // A write's handler gets the request timeout less the statement timeout (IO_TIMEOUT): cut
+    // off at 1 s, its waiting statement ends by 2 s, and its transaction with it.
+    let args = ["--request-timeout", "2s", "--io-timeout", "1s"].map(String::from).to_vec();
+    let app = TestApp::spawn_with(Options { args, ..Options::default() }).await;
     let alice = app.register("alice").await;
     let bob = app.register("bob").await;
     let t = Some(alice.token.as_str());
     // The insert waits on a lock the test holds, past the request timeout.
     let mut holder = app.db.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE security.disputes IN EXCLUSIVE MODE").execute(&mut *holder).await.unwrap();
+    let started = tokio::time::Instant::now();
     let cut = app.with_key(Method::POST, "/v1/disputes", t, Some(dispute(&bob)), "cut-off").await;
     assert_eq!((cut.status, cut.problem()), (503, "unavailable"), "{:?}", cut.body);
     assert!(cut.header("retry-after").is_some());
 
-    // The key is released (not left "in progress" until it expires), so the retry runs.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // The key is released with the request's transaction (not left "in progress" until it
+    // expires), within the request timeout, while the lock is still held.
     let mut pace = tokio::time::interval(Duration::from_millis(20));
-    loop {
+    while app.api_backends_in_transaction().await > 0 {
+        assert!(started.elapsed() < Duration::from_millis(2500), "the cut-off request's transaction outlives it");
         pace.tick().await;
-        if count(&app, "SELECT count(*) FROM ops.idempotency_keys WHERE key = 'cut-off'").await == 0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the key of a timed-out request is still held");
     }
     holder.rollback().await.unwrap();
     let retried = app.with_key(Method::POST, "/v1/disputes", t, Some(dispute(&bob)), "cut-off").await;
@@ -243,6 +209,127 @@ async fn a_request_cut_off_by_the_request_timeout_releases_its_key() {
     let again = app.with_key(Method::POST, "/v1/disputes", t, Some(dispute(&bob)), "cut-off").await;
     assert_eq!((again.status, again.header("idempotent-replayed")), (201, Some("true")));
     assert_eq!(count(&app, "SELECT count(*) FROM security.disputes").await, 1, "the cut-off insert never committed");
+}
+
+#[tokio::test]
+async fn a_key_whose_token_does_not_authenticate_is_a_401_and_stores_nothing() {
+    let app = TestApp::spawn().await;
+    let body = Some(json!({"name": "A"}));
+    for token in [None, Some("trl_not-a-token"), Some("garbage")] {
+        let r = app.with_key(Method::POST, "/v1/me/circles", token, body.clone(), "k").await;
+        assert_eq!((r.status, r.problem()), (401, "unauthenticated"), "{token:?}: {:?}", r.body);
+        assert_eq!(r.header("idempotent-replayed"), None);
+    }
+    assert_eq!(count(&app, "SELECT count(*) FROM ops.idempotency_keys").await, 0, "no key for anyone unauthenticated");
+}
+
+#[tokio::test]
+async fn keys_belong_to_the_user_whichever_of_their_tokens_sends_them() {
+    let app = TestApp::spawn().await;
+    let alice = app.register("alice").await;
+    let login = app.post("/v1/sessions", None, json!({"login": "alice", "password": PASSWORD})).await;
+    assert_eq!(login.status, 201, "{:?}", login.body);
+    let phone = login.body["token"].as_str().unwrap();
+    assert_ne!(phone, alice.token);
+
+    let body = Some(json!({"name": "Climbing"}));
+    let laptop = app.with_key(Method::POST, "/v1/me/circles", Some(&alice.token), body.clone(), "same-key").await;
+    assert_eq!((laptop.status, laptop.header("idempotent-replayed")), (201, Some("false")), "{:?}", laptop.body);
+    let again = app.with_key(Method::POST, "/v1/me/circles", Some(phone), body, "same-key").await;
+    assert_eq!((again.status, again.header("idempotent-replayed")), (201, Some("true")), "{:?}", again.body);
+    assert_eq!(again.body, laptop.body);
+    assert_eq!(count(&app, "SELECT count(*) FROM circles.circles").await, 1, "one circle");
+    let principal: String =
+        sqlx::query_scalar("SELECT principal FROM ops.idempotency_keys").fetch_one(&app.db.pool).await.unwrap();
+    assert_eq!(principal, alice.id, "the key is the user's");
+}
+
+#[tokio::test]
+async fn a_key_row_keeps_a_hash_of_the_path_not_the_path() {
+    let app = TestApp::spawn().await;
+    let alice = app.register("alice").await;
+    let path = format!("/v1/me/circles?padding={}", "p".repeat(8000));
+    let r = app.with_key(Method::POST, &path, Some(&alice.token), Some(json!({"name": "A"})), "long-path").await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let (stored_path, path_hash, row_bytes): (String, Vec<u8>, i32) = sqlx::query_as(
+        "SELECT path, path_hash, pg_column_size(k.*) FROM ops.idempotency_keys k WHERE key = 'long-path'",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored_path, "", "the path is not stored");
+    use sha2::Digest as _;
+    assert_eq!(path_hash, sha2::Sha256::digest(path.as_bytes()).to_vec(), "its SHA-256 is");
+    assert!(row_bytes < 2000, "the row stays small: {row_bytes} bytes");
+
+    // The same key on another path is refused, and says so.
+    let other =
+        app.with_key(Method::POST, "/v1/me/circles", Some(&alice.token), Some(json!({"name": "A"})), "long-path").await;
+    assert_eq!((other.status, other.problem()), (422, "idempotency-key-reused"), "{:?}", other.body);
+    assert!(other.body["detail"].as_str().unwrap().contains("another endpoint"), "{:?}", other.body);
+}
+
+#[tokio::test]
+async fn expired_keys_are_pruned_until_none_is_left() {
+    let app =
+        TestApp::spawn_with(Options { args: vec!["--prune-interval".into(), "200ms".into()], ..Options::default() })
+            .await;
+    let alice = app.register("alice").await;
+    // A backlog of two and a half batches, and a few live keys.
+    sqlx::query(
+        "INSERT INTO ops.idempotency_keys (principal, key, method, request_hash, status, expires_at)
+         SELECT $1, 'old-' || n, 'POST', '\\x00', 201, now() - interval '1 minute' FROM generate_series(1, 25000) n",
+    )
+    .bind(&alice.id)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    for key in ["live-1", "live-2", "live-3"] {
+        let r = app.with_key(Method::POST, "/v1/me/circles", Some(&alice.token), Some(json!({"name": key})), key).await;
+        assert_eq!(r.status, 201);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut pace = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        pace.tick().await;
+        let expired = count(&app, "SELECT count(*) FROM ops.idempotency_keys WHERE expires_at <= now()").await;
+        if expired == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{expired} expired keys are still there");
+    }
+    assert_eq!(count(&app, "SELECT count(*) FROM ops.idempotency_keys").await, 3, "live keys stay");
+}
+
+#[tokio::test]
+async fn the_stored_keys_gauge_counts_the_tables_rows() {
+    let app =
+        TestApp::spawn_with(Options { args: vec!["--prune-interval".into(), "200ms".into()], ..Options::default() })
+            .await;
+    let alice = app.register("alice").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.metric("trellis_idempotency_keys").await.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "the gauge does not exist from start-up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sqlx::query(
+        "INSERT INTO ops.idempotency_keys (principal, key, method, request_hash, status, expires_at)
+         SELECT $1, 'k-' || n, 'POST', '\\x00', 201, now() + interval '1 hour' FROM generate_series(1, 500) n",
+    )
+    .bind(&alice.id)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    // The statistics the gauge reads are flushed by each backend within seconds.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let gauge = app.metric("trellis_idempotency_keys").await;
+        if gauge == Some(500.0) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the gauge says {gauge:?}, not 500");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test]

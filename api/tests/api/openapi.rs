@@ -63,14 +63,14 @@ async fn the_served_document_is_openapi_3_1_and_is_the_generated_one() {
 async fn every_documented_operation_is_routed_and_no_other_method_is() {
     let app = TestApp::spawn().await;
     let alice = app.register("alice").await;
-    // Logging out revokes the caller's token: that operation gets a token of its own.
+    // Signing out revokes the caller's tokens: those operations get a user of their own.
     let bob = app.register("bob").await;
     let doc = generated();
     let ops = operations(&doc);
     assert!(ops.len() >= 20, "the document lists the API: {} operations", ops.len());
 
     for (path, method) in ops.keys() {
-        let token = if path == "/v1/sessions/current" { &bob.token } else { &alice.token };
+        let token = if path.starts_with("/v1/sessions") { &bob.token } else { &alice.token };
         let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
         let body = matches!(method.as_str(), "post" | "put" | "patch").then(|| json!({}));
         let r = app.request(m, &concrete(path), Some(token), body).await;
@@ -164,6 +164,15 @@ async fn every_operation_but_sign_up_and_log_in_requires_the_bearer_token() {
     for (path, method) in open {
         assert!(ops.contains_key(&(path.to_owned(), method.to_owned())), "{method} {path} is documented");
     }
+    // The writes anyone may call are the ones that ignore `Idempotency-Key`.
+    let mut anonymous: Vec<(String, String)> = trellis_api::idempotency::ANONYMOUS_WRITES
+        .iter()
+        .map(|(method, path)| ((*path).to_owned(), method.to_lowercase()))
+        .collect();
+    anonymous.sort();
+    let mut open: Vec<(String, String)> = open.iter().map(|(p, m)| ((*p).to_owned(), (*m).to_owned())).collect();
+    open.sort();
+    assert_eq!(anonymous, open, "idempotency::ANONYMOUS_WRITES lists the operations without a bearer requirement");
 }
 
 #[tokio::test]

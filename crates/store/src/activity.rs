@@ -1,13 +1,24 @@
-//! `identity.user_activity`: when each user was last seen, for the daily-active-users gauge.
+//! `identity.user_activity`: when each user was last seen, for the daily-active-users gauge;
+//! and when each token was last used (`identity.tokens.last_used_at`), for its idle timeout.
 
 use sqlx::PgExecutor;
 
-/// Marks the users behind these token hashes (live tokens only) as active now. A row already
-/// touched within the last hour is left alone, so a busy user costs at most one row write an
-/// hour. Returns the rows written.
-pub async fn record_by_token_hashes(db: impl PgExecutor<'_>, token_hashes: &[Vec<u8>]) -> Result<u64, sqlx::Error> {
+/// Records that these tokens authenticated requests just now: the tokens' `last_used_at` (a
+/// token used within the last minute is left alone) and the activity of the users whose token
+/// is still live (a row touched within the last hour is left alone), in one statement. A busy user costs at most one token
+/// write a minute and one activity write an hour. Tokens another transaction is changing (a
+/// revocation) are skipped rather than waited for. Returns the activity rows written.
+pub async fn record_token_use(db: impl PgExecutor<'_>, token_hashes: &[Vec<u8>]) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
-        "INSERT INTO identity.user_activity (user_id, last_active_at)
+        "WITH used AS (
+             UPDATE identity.tokens SET last_used_at = now()
+             WHERE token_hash IN (
+                 SELECT token_hash FROM identity.tokens
+                 WHERE token_hash = ANY($1) AND last_used_at < now() - interval '1 minute'
+                 ORDER BY token_hash
+                 FOR UPDATE SKIP LOCKED)
+         )
+         INSERT INTO identity.user_activity (user_id, last_active_at)
          SELECT DISTINCT t.user_id, now() FROM identity.tokens t
          WHERE t.token_hash = ANY($1) AND t.revoked_at IS NULL AND t.expires_at > now()
          ORDER BY t.user_id

@@ -118,6 +118,7 @@ pub async fn remove(conn: &mut PgConnection, owner: UserId, contact: UserId) -> 
 pub async fn list_for_token(
     db: impl PgExecutor<'_>,
     token_hash: &[u8],
+    idle_timeout: std::time::Duration,
     after: Option<Uuid>,
     limit: usize,
 ) -> Result<Option<(crate::identity::Principal, Page<ContactRow>)>, sqlx::Error> {
@@ -134,20 +135,23 @@ pub async fn list_for_token(
     }
     // The nil UUID is below every id, so the first page needs no special case and the range
     // scan on the primary key (owner_id, contact_id) serves every page.
-    let rows: Vec<Row> = sqlx::query_as(
+    let rows: Vec<Row> = sqlx::query_as(concat!(
         "SELECT p.user_id, p.role, c.contact_id, c.handle, c.display_name, c.label, c.created_at, c.updated_at
          FROM (SELECT u.id AS user_id, u.role FROM identity.tokens t JOIN identity.users u ON u.id = t.user_id
-               WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND t.expires_at > now() AND u.status = 'active') p
+               WHERE t.token_hash = $1 AND ",
+        crate::identity::live_token!("t", "$4"),
+        " AND u.status = 'active') p
          LEFT JOIN LATERAL (
              SELECT c.contact_id, u.handle, u.display_name, c.label, c.created_at, c.updated_at
              FROM contacts.contacts c JOIN identity.users u ON u.id = c.contact_id
              WHERE c.owner_id = p.user_id AND c.contact_id > $2
              ORDER BY c.contact_id LIMIT $3) c ON true
-         ORDER BY c.contact_id",
-    )
+         ORDER BY c.contact_id"
+    ))
     .bind(token_hash)
     .bind(after.unwrap_or(Uuid::nil()))
     .bind(limit as i64 + 1)
+    .bind(idle_timeout)
     .fetch_all(db)
     .await?;
     let Some(first) = rows.first() else { return Ok(None) };

@@ -1,6 +1,6 @@
 //! `ops.feature_flags` and its audit: the cutover flags.
 
-use sqlx::{PgExecutor, PgPool};
+use sqlx::{PgConnection, PgExecutor, PgPool};
 use time::OffsetDateTime;
 use trellis_domain::flags::{Executor, Flag};
 use trellis_domain::shadow::PromotionPolicy;
@@ -89,21 +89,40 @@ pub enum SetError {
 /// `policy`. Rolling back, or going to `shadow`, is never refused. This is the path of
 /// operators (`trellisctl flags set`, the admin API).
 pub async fn set_checked(pool: &PgPool, change: &Change<'_>, policy: &PromotionPolicy) -> Result<Changed, SetError> {
-    apply(pool, change, Some(policy)).await
+    let mut tx = pool.begin().await?;
+    let changed = apply(&mut tx, change, Some(policy)).await?;
+    tx.commit().await?;
+    Ok(changed)
+}
+
+/// [`set_checked`] in the caller's transaction (the API's unit of work): the change is made
+/// when the caller commits.
+pub async fn set_checked_in(
+    conn: &mut PgConnection,
+    change: &Change<'_>,
+    policy: &PromotionPolicy,
+) -> Result<Changed, SetError> {
+    apply(conn, change, Some(policy)).await
 }
 
 /// Sets a flag, writes the audit row and announces the change, in one transaction. Setting
 /// the value a flag already has changes nothing and writes nothing. No promotion gate: for
 /// set-up and tests ([`set_checked`] is the operators' path).
 pub async fn set(pool: &PgPool, change: &Change<'_>) -> Result<Changed, sqlx::Error> {
-    apply(pool, change, None).await.map_err(|e| match e {
+    let mut tx = pool.begin().await?;
+    let changed = apply(&mut tx, change, None).await.map_err(|e| match e {
         SetError::Database(e) => e,
         SetError::Refused(why) => sqlx::Error::Protocol(why),
-    })
+    })?;
+    tx.commit().await?;
+    Ok(changed)
 }
 
-async fn apply(pool: &PgPool, change: &Change<'_>, policy: Option<&PromotionPolicy>) -> Result<Changed, SetError> {
-    let mut tx = pool.begin().await?;
+async fn apply(
+    tx: &mut PgConnection,
+    change: &Change<'_>,
+    policy: Option<&PromotionPolicy>,
+) -> Result<Changed, SetError> {
     let (from, previous): (String, Option<String>) =
         sqlx::query_as("SELECT value, previous_value FROM ops.feature_flags WHERE name = $1 FOR UPDATE")
             .bind(change.flag.as_str())
@@ -118,7 +137,7 @@ async fn apply(pool: &PgPool, change: &Change<'_>, policy: Option<&PromotionPoli
     let promotes = change.value == Executor::Worker
         && (from == Executor::Monolith || (from == Executor::Shadow && previous == Some(Executor::Monolith)));
     let refusal = match policy.filter(|_| promotes) {
-        Some(policy) => promotion_refusal(&mut tx, change.flag, policy).await?,
+        Some(policy) => promotion_refusal(&mut *tx, change.flag, policy).await?,
         None => None,
     };
     if refusal.is_some() && !change.forced {
@@ -148,7 +167,6 @@ async fn apply(pool: &PgPool, change: &Change<'_>, policy: Option<&PromotionPoli
     .execute(&mut *tx)
     .await?;
     sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL).bind(change.flag.as_str()).execute(&mut *tx).await?;
-    tx.commit().await?;
     Ok(Changed { from, to: change.value, forced_past: refusal })
 }
 

@@ -45,6 +45,12 @@ pub struct PoolConfig {
     pub statement_timeout: Duration,
     /// `application_name`, so `pg_stat_activity` tells the pools apart.
     pub application_name: String,
+    /// Server-side `idle_in_transaction_session_timeout`: a transaction whose client stops
+    /// talking (a stuck process, a network partition) ends after this, and its locks with it.
+    pub idle_in_transaction_timeout: Option<Duration>,
+    /// Server-side `client_connection_check_interval`: a statement (a lock wait included) of a
+    /// client that has gone away is cancelled within this, rather than when it next writes.
+    pub client_check_interval: Option<Duration>,
 }
 
 impl PoolConfig {
@@ -55,6 +61,8 @@ impl PoolConfig {
             acquire_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(5),
             application_name: application_name.into(),
+            idle_in_transaction_timeout: None,
+            client_check_interval: None,
         }
     }
 }
@@ -63,15 +71,67 @@ impl PoolConfig {
 /// reports "not ready") while the database is still down.
 pub fn connect_lazy(database_url: &str, config: &PoolConfig) -> Result<PgPool, sqlx::Error> {
     let options: PgConnectOptions = database_url.parse()?;
-    let options = options
-        .application_name(&config.application_name)
-        .options([("statement_timeout", format!("{}", config.statement_timeout.as_millis()))]);
+    let mut settings = vec![("statement_timeout", format!("{}", config.statement_timeout.as_millis()))];
+    if let Some(t) = config.idle_in_transaction_timeout {
+        settings.push(("idle_in_transaction_session_timeout", format!("{}", t.as_millis())));
+    }
+    if let Some(t) = config.client_check_interval {
+        settings.push(("client_connection_check_interval", format!("{}", t.as_millis())));
+    }
+    let options = options.application_name(&config.application_name).options(settings);
     Ok(PgPoolOptions::new()
         .max_connections(config.max_connections)
         .min_connections(config.min_connections)
         .acquire_timeout(config.acquire_timeout)
         .test_before_acquire(false)
         .connect_lazy_with(options))
+}
+
+/// Begins a transaction on a live connection of `pool`.
+///
+/// The pool does not test a connection before handing it out (a round trip on every acquire
+/// would cost the hot reads more than failures ever do), so after the server ended its
+/// backends (a restart, `pg_terminate_backend`) the idle connections are dead. A `BEGIN` on one
+/// fails and has no effect anywhere, and the failed connection is discarded when it goes back
+/// to the pool; so the `BEGIN` is tried again, on the next connection, until one works: at most
+/// once more than the pool holds connections.
+pub async fn begin(pool: &PgPool) -> Result<Tx<'static>, sqlx::Error> {
+    let attempts = pool.options().get_max_connections() + 1;
+    let mut attempt = 1;
+    loop {
+        match pool.begin().await {
+            Err(e) if is_connection_lost(&e) && attempt < attempts => {
+                tracing::info!(error = %e, attempt, "a pooled connection was dead; beginning on another");
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Whether `error` means that a connection which was established has gone (its server process
+/// ended, or the network dropped it): nothing more can happen on it, and another connection may
+/// well work. A statement that failed this way may or may not have run; a transaction whose
+/// `COMMIT` had not been sent did not commit.
+pub fn is_connection_lost(error: &sqlx::Error) -> bool {
+    use std::io::ErrorKind;
+    match error {
+        sqlx::Error::Io(e) => matches!(
+            e.kind(),
+            ErrorKind::UnexpectedEof
+                | ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe
+                | ErrorKind::NotConnected
+        ),
+        sqlx::Error::Database(db) => matches!(
+            db.code().as_deref(),
+            // admin_shutdown (pg_terminate_backend), crash_shutdown, idle_session_timeout,
+            // idle_in_transaction_session_timeout, connection_exception and its failures
+            Some("57P01" | "57P02" | "57P05" | "25P03" | "08000" | "08003" | "08006")
+        ),
+        _ => false,
+    }
 }
 
 /// Whether an error means "the database is unavailable or too slow right now" (worth a retry

@@ -1,0 +1,269 @@
+//! The unit of work: the one path of every write, and how long any request may take.
+//!
+//! A write request (POST, PUT, PATCH, DELETE) gets a [`UnitOfWork`]. Its handler takes the
+//! transaction from it ([`UnitOfWork::begin`]), makes every read and write of the request in
+//! it, and hands it back ([`UnitOfWork::finish`]) instead of committing. The layer commits after
+//! the handler answered with a success, and rolls back on any other answer. With an
+//! `Idempotency-Key`, the layer authenticates the caller, begins the transaction and takes the
+//! key in it before the handler runs, and stores the response in it before the commit: key,
+//! change and response commit together ([`crate::idempotency`]).
+//!
+//! Deadlines. A read may take `REQUEST_TIMEOUT`. A write's handler may take `REQUEST_TIMEOUT`
+//! less `IO_TIMEOUT`, and its commit `IO_TIMEOUT`: a statement still running when the handler is
+//! cut off ends within `IO_TIMEOUT` (the server's `statement_timeout`), so a transaction, and the
+//! idempotency key it holds, never outlives `REQUEST_TIMEOUT`. A commit is never cut off by a
+//! "retry" answer.
+//!
+//! Lost connections. The pool does not test connections before handing them out, so after the
+//! server ended its backends the first statements meet dead connections (each is discarded
+//! once it failed). A request that failed that way before its commit was sent changed nothing:
+//! it runs again, up to once more than the pool holds connections. A commit whose connection is
+//! lost (or that outlived its deadline) is never answered "retry": with a key, the request runs
+//! again, and its key answers what happened (the stored response if the commit happened, a 409
+//! while it is still finishing, the change made now if it did not); without a key, or when the
+//! database cannot be reached to find out, the answer is a 500 that says the outcome is unknown.
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sqlx::PgPool;
+use trellis_store::Tx;
+
+use crate::app::AppState;
+use crate::auth::Principal;
+use crate::error::{ApiError, LostConnection};
+use crate::idempotency::{self, Keyed};
+
+/// A write request's transaction, shared by the layer and the handler.
+#[derive(Clone)]
+pub struct UnitOfWork(Arc<Inner>);
+
+struct Inner {
+    pool: PgPool,
+    slot: Mutex<Slot>,
+}
+
+enum Slot {
+    /// No transaction yet.
+    Unused,
+    /// Begun by the layer (with the request's key in it), not yet taken by the handler.
+    Ready(Tx<'static>),
+    /// Taken by the handler.
+    Lent,
+    /// Handed back by the handler, to commit.
+    Returned(Tx<'static>),
+}
+
+impl UnitOfWork {
+    fn new(pool: PgPool) -> Self {
+        Self(Arc::new(Inner { pool, slot: Mutex::new(Slot::Unused) }))
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Slot> {
+        self.0.slot.lock().expect("unit of work lock")
+    }
+
+    fn hold(&self, tx: Tx<'static>) {
+        *self.slot() = Slot::Ready(tx);
+    }
+
+    fn end(&self) -> Slot {
+        std::mem::replace(&mut *self.slot(), Slot::Lent)
+    }
+
+    /// The request's transaction: the one holding its `Idempotency-Key`, or a new one (begun on
+    /// a live connection, see [`trellis_store::begin`]). Once per request.
+    pub async fn begin(&self) -> Result<Tx<'static>, ApiError> {
+        let held = match std::mem::replace(&mut *self.slot(), Slot::Lent) {
+            Slot::Ready(tx) => Some(tx),
+            Slot::Unused => None,
+            Slot::Lent | Slot::Returned(_) => {
+                return Err(ApiError::Internal(anyhow::anyhow!("a unit of work is begun once")));
+            }
+        };
+        match held {
+            Some(tx) => Ok(tx),
+            None => Ok(trellis_store::begin(&self.0.pool).await?),
+        }
+    }
+
+    /// Hands the transaction back: it commits with the response if that is a success.
+    pub fn finish(&self, tx: Tx<'static>) {
+        *self.slot() = Slot::Returned(tx);
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for UnitOfWork {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts.extensions.get::<UnitOfWork>().cloned().ok_or_else(|| {
+            ApiError::Internal(anyhow::anyhow!(
+                "{} {} has no unit of work: only writes have one",
+                parts.method,
+                parts.uri
+            ))
+        })
+    }
+}
+
+fn is_write(method: &Method) -> bool {
+    matches!(*method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE)
+}
+
+/// What an attempt at a request came to.
+struct Attempt {
+    response: Response,
+    /// Set when a commit's outcome was lost: the cause.
+    commit_lost: Option<String>,
+}
+
+impl From<Response> for Attempt {
+    fn from(response: Response) -> Self {
+        Self { response, commit_lost: None }
+    }
+}
+
+/// Runs a request within its deadline, again while it lost its database connection before
+/// committing anything (or lost a keyed commit); a write in its unit of work.
+pub async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let write = is_write(request.method());
+    let deadline = tokio::time::Instant::now() + state.config.request_timeout;
+    let work_deadline = deadline - state.config.common.io_timeout;
+    let (parts, body) = request.into_parts();
+    // A read's body is never read; a write's is kept to run it again.
+    let body = if write {
+        match tokio::time::timeout_at(work_deadline, axum::body::to_bytes(body, state.config.body_limit_bytes)).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(_)) => return ApiError::PayloadTooLarge.into_response(),
+            Err(_) => return timed_out(),
+        }
+    } else {
+        drop(body);
+        Bytes::new()
+    };
+    let attempts = state.pool.options().get_max_connections() + 1;
+    let mut attempt = 1;
+    let mut commit_lost = None;
+    loop {
+        let outcome = if write {
+            run_write(&state, parts.clone(), &body, next.clone(), work_deadline, deadline).await
+        } else {
+            let request = Request::from_parts(parts.clone(), Body::empty());
+            match tokio::time::timeout_at(deadline, next.clone().run(request)).await {
+                Ok(response) => response.into(),
+                Err(_) => timed_out().into(),
+            }
+        };
+        let lost = outcome.response.extensions().get::<LostConnection>().is_some();
+        let again = lost || outcome.commit_lost.is_some();
+        commit_lost = outcome.commit_lost.or(commit_lost);
+        if again && attempt < attempts && tokio::time::Instant::now() < work_deadline {
+            tracing::info!(attempt, method = %parts.method, commit_lost = commit_lost.is_some(), "running the request again after a lost database connection");
+            attempt += 1;
+            continue;
+        }
+        return match commit_lost {
+            // The last attempt could not tell whether an earlier one committed.
+            Some(cause) if again || outcome.response.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                ApiError::OutcomeUnknown { cause }.into_response()
+            }
+            _ => outcome.response,
+        };
+    }
+}
+
+fn timed_out() -> Response {
+    ApiError::Unavailable { cause: "request timed out".into() }.into_response()
+}
+
+async fn run_write(
+    state: &AppState,
+    parts: Parts,
+    body: &Bytes,
+    next: Next,
+    work_deadline: tokio::time::Instant,
+    deadline: tokio::time::Instant,
+) -> Attempt {
+    let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
+    // Cut off here, whatever the handler holds rolls back: nothing was committed.
+    let handled = match tokio::time::timeout_at(work_deadline, handle_write(state, parts, body, next)).await {
+        Ok(Ok(handled)) => handled,
+        Ok(Err(e)) => return e.into_response().into(),
+        Err(_) => return timed_out().into(),
+    };
+    let (tx, response, keyed) = match handled {
+        Handled::Answer(response) => return response.into(),
+        Handled::Commit { tx, response, keyed } => (tx, response, keyed),
+    };
+    match tokio::time::timeout_at(deadline, tx.commit()).await {
+        Ok(Ok(())) => response.into(),
+        Ok(Err(e)) if !trellis_store::is_connection_lost(&e) => ApiError::from(e).into_response().into(),
+        lost => {
+            let cause = match lost {
+                Ok(Err(e)) => format!("{method} {path}: the connection was lost committing: {e}"),
+                _ => format!("{method} {path}: the commit did not finish within the request's deadline"),
+            };
+            if keyed {
+                Attempt {
+                    response: ApiError::OutcomeUnknown { cause: cause.clone() }.into_response(),
+                    commit_lost: Some(cause),
+                }
+            } else {
+                ApiError::OutcomeUnknown { cause }.into_response().into()
+            }
+        }
+    }
+}
+
+/// A handled write: an answer, or a transaction to commit and the answer once it is.
+enum Handled {
+    Answer(Response),
+    Commit { tx: Tx<'static>, response: Response, keyed: bool },
+}
+
+async fn handle_write(state: &AppState, mut parts: Parts, body: &Bytes, next: Next) -> Result<Handled, ApiError> {
+    let work = UnitOfWork::new(state.pool.clone());
+    let keyed = match idempotency::requested_key(&parts)? {
+        None => None,
+        Some(key) => {
+            let principal = Principal::authenticate(state, &parts.headers).await?.ok_or(ApiError::Unauthenticated)?;
+            let keyed = Keyed::new(&principal, key, &parts, body);
+            parts.extensions.insert(principal);
+            let mut tx = trellis_store::begin(&state.pool).await?;
+            if let Some(answer) = idempotency::take(state, &mut tx, &keyed).await? {
+                return Ok(Handled::Answer(answer));
+            }
+            work.hold(tx);
+            Some(keyed)
+        }
+    };
+    parts.extensions.insert(work.clone());
+    let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
+    let response = next.run(Request::from_parts(parts, Body::from(body.clone()))).await;
+    let slot = work.end();
+    if !response.status().is_success() {
+        // Dropping the transaction rolls back whatever the handler wrote, and the key with it.
+        return Ok(Handled::Answer(response));
+    }
+    let mut tx = match slot {
+        Slot::Ready(tx) | Slot::Returned(tx) => tx,
+        Slot::Unused => return Ok(Handled::Answer(response)),
+        Slot::Lent => {
+            return Err(ApiError::Internal(anyhow::anyhow!(
+                "{method} {path} answered {} without handing back its transaction",
+                response.status()
+            )));
+        }
+    };
+    let response = match &keyed {
+        Some(keyed) => idempotency::store(&mut tx, keyed, response).await?,
+        None => response,
+    };
+    Ok(Handled::Commit { tx, response, keyed: keyed.is_some() })
+}
