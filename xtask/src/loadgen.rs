@@ -112,12 +112,11 @@ async fn send(sender: &mut SendRequest<String>, request: Request<String>) -> any
 pub struct Tally {
     /// Answers by status code.
     pub statuses: BTreeMap<u16, u64>,
-    /// Requests that got no answer: the connection failed or closed mid-request.
+    /// Requests that got no answer because their connection failed or closed mid-request (or,
+    /// for a steady client, not in time), and connection attempts that failed.
     pub failed: u64,
     /// Requests still unanswered when the load ended (a flood's last request per connection).
     pub unanswered_at_end: u64,
-    /// Connections opened.
-    pub connections: u64,
 }
 
 impl Tally {
@@ -140,7 +139,6 @@ impl Tally {
         }
         self.failed += other.failed;
         self.unanswered_at_end += other.unanswered_at_end;
-        self.connections += other.connections;
     }
 }
 
@@ -178,10 +176,7 @@ async fn flood_connection(
             open = None;
             match tokio::time::timeout_at(until, http_connection(sources.next_address(), target)).await {
                 Err(_) => break,
-                Ok(Ok(sender)) => {
-                    tally.connections += 1;
-                    (open, used) = (Some(sender), 0);
-                }
+                Ok(Ok(sender)) => (open, used) = (Some(sender), 0),
                 Ok(Err(_)) => {
                     tally.failed += 1;
                     // Refused: no busy loop while the server does not accept.
@@ -328,7 +323,6 @@ async fn steady_connection(
             if !reusable {
                 open = Some(http_connection(steady.source, target).await?);
                 used = 0;
-                samples.tally.connections += 1;
             }
             let sender = open.as_mut().expect("a connection was just opened");
             used += 1;
