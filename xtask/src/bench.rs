@@ -20,7 +20,8 @@ pub fn run(flags: &flags::Bench) -> anyhow::Result<()> {
         "score" => score(flags),
         "dispute" => crate::bench_dispute::run(flags),
         "cutover" => crate::bench_cutover::run(flags),
-        other => bail!("unknown bench suite `{other}` (known: api, runtime, score, search, dispute, cutover)"),
+        "abuse" => crate::bench_abuse::run(flags),
+        other => bail!("unknown bench suite `{other}` (known: api, runtime, score, search, dispute, cutover, abuse)"),
     }
 }
 
@@ -138,6 +139,11 @@ impl Api {
         let ready = format!("127.0.0.1:{port}");
         util::wait_until("trellis-api", Duration::from_secs(30), || Ok(http_status(&ready, "/readyz")? == Some(200)))?;
         Ok(api)
+    }
+
+    /// The process id of the `trellis-api` child.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

@@ -18,11 +18,19 @@ commands:
                      KEDA ScaledObjects against the vendored CRD schema (installs what is missing).
   test [-- ARGS]     fmt check, clippy, lint, deploy, then the test suite (ARGS go to the test runner).
   bench SUITE [--duration SECS] [--users N] [--db-pool-size N] [--rate N]
-                     run a benchmark suite against release builds; SUITE is one of: api, runtime, score, search, dispute, cutover.
+              [--only NAME,...] [--concurrency N] [--slow-connections N]
+                     run a benchmark suite against release builds; SUITE is one of: api, runtime,
+                     score, search, dispute, cutover, abuse.
+                     --duration: each load phase (default 20 s; abuse: each attack, default 30 s);
                      --users: the seeded graph of score and search (default 1,000,000), of
-                     cutover's score phase (default 100,000);
+                     cutover's score phase (default 100,000), of abuse (default 10,000);
                      --db-pool-size: the API's request pool in the api suite;
-                     --rate: cutover's steady load, in writes per second (default 500).
+                     --rate: cutover's steady load, in writes per second (default 500); abuse's
+                     legitimate client, in requests per second (default 100);
+                     --only: the abuse attacks to run (default all: login, login-many, register,
+                     register-taken, current-password, idempotency, search-cursor, slow-clients,
+                     disputes, dau); --concurrency: each abuse attacker's connections (default
+                     64); --slow-connections: the slow-client attack's connections (default 2,000).
   seed [--users N] [--avg-contacts K] [--verified-fraction F] [--seed S]
        [--database-url URL] [--append | --reset]
                      load N users (default 100,000) and a heavy-tailed contact graph with K
@@ -55,8 +63,15 @@ pub struct Bench {
     pub db_pool_size: Option<u32>,
     /// P3 disputes queued before the measurement (`dispute`).
     pub backlog: Option<u64>,
-    /// Writes per second of the steady load (`cutover`).
+    /// Writes per second of the steady load (`cutover`); requests per second of the
+    /// legitimate client (`abuse`).
     pub rate: Option<u64>,
+    /// The attacks to run (`abuse`); all when empty.
+    pub only: Vec<String>,
+    /// Connections of each attacker (`abuse`).
+    pub concurrency: Option<u32>,
+    /// Connections of the slow-client attack (`abuse`).
+    pub slow_connections: Option<u32>,
 }
 
 pub struct Seed {
@@ -150,13 +165,17 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
             Command::Test(Test { runner_args })
         }
         "bench" => {
-            let suite =
-                args.next().context("bench needs a suite name (api, runtime, score, search, dispute, cutover)")?;
-            let mut duration = 20;
+            let suite = args
+                .next()
+                .context("bench needs a suite name (api, runtime, score, search, dispute, cutover, abuse)")?;
+            let mut duration = if suite == "abuse" { 30 } else { 20 };
             let mut users = None;
             let mut db_pool_size = None;
             let mut backlog = None;
             let mut rate = None;
+            let mut only = Vec::new();
+            let mut concurrency = None;
+            let mut slow_connections = None;
             while let Some(arg) = args.next() {
                 match arg.as_str() {
                     "--duration" => {
@@ -173,10 +192,32 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
                         backlog = Some(args.next().context("--backlog needs a number")?.parse().context("--backlog")?)
                     }
                     "--rate" => rate = Some(args.next().context("--rate needs a number")?.parse().context("--rate")?),
+                    "--only" => {
+                        let names = args.next().context("--only needs a comma-separated list of names")?;
+                        only.extend(names.split(',').map(str::trim).filter(|n| !n.is_empty()).map(str::to_owned));
+                    }
+                    "--concurrency" => {
+                        let n = args.next().context("--concurrency needs a number")?;
+                        concurrency = Some(n.parse().context("--concurrency")?)
+                    }
+                    "--slow-connections" => {
+                        let n = args.next().context("--slow-connections needs a number")?;
+                        slow_connections = Some(n.parse().context("--slow-connections")?)
+                    }
                     other => bail!("unknown option for `bench`: {other}"),
                 }
             }
-            Command::Bench(Bench { suite, duration, users, db_pool_size, backlog, rate })
+            Command::Bench(Bench {
+                suite,
+                duration,
+                users,
+                db_pool_size,
+                backlog,
+                rate,
+                only,
+                concurrency,
+                slow_connections,
+            })
         }
         "seed" => {
             let mut seed = Seed {

@@ -5,11 +5,13 @@
 //! PostgreSQL / NATS / squawk binaries, which they install when they can).
 
 mod bench;
+mod bench_abuse;
 mod bench_cutover;
 mod bench_dispute;
 mod deploy;
 mod flags;
 mod lint;
+mod loadgen;
 mod secrets;
 mod seed;
 mod services;
