@@ -79,9 +79,8 @@ async fn file_dispute(
     }
     let p0 = kind.priority() == Priority::P0;
     if p0 {
-        let reporter = trellis_store::identity::find_by_id(&mut *tx, principal.user_id)
-            .await?
-            .ok_or(ApiError::Unauthenticated)?;
+        let reporter =
+            trellis_store::identity::find_by_id(&mut *tx, principal.user_id).await?.ok_or(ApiError::Unauthenticated)?;
         let min_age = state.config.dispute_p0_min_account_age;
         if OffsetDateTime::now_utc() - reporter.created_at < min_age {
             return Err(ApiError::unprocessable(
