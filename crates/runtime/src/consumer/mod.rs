@@ -1,5 +1,5 @@
 //! The consumer-group runner: drives a processor's handler from its durable pull consumer,
-//! its replay consumer and the MAX_DELIVERIES safety net (DESIGN.md §3).
+//! its replay consumer and the MAX_DELIVERIES safety net.
 //!
 //! | handler says | runner does |
 //! |---|---|
