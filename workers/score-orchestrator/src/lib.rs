@@ -33,14 +33,6 @@ use uuid::Uuid;
 /// The consumer group's name (and durable consumer).
 pub const CONSUMER: &str = "score-orchestrator";
 
-/// The orchestrator's default `--batch-size`: one request per pull. A run keeps its handler
-/// busy for longer than a pull lives (expiry + 5 s), and async-nats ends a pull that is not
-/// polled by then, dropping the messages that arrived meanwhile unhandled: they would come
-/// back only after `ack_wait`, one delivery closer to the DLQ. A pull of one message is complete
-/// before its run starts. (Requests are coalesced by the pending flag, so nothing is gained by
-/// pulling several.)
-pub const DEFAULT_BATCH_SIZE: &str = "1";
-
 /// Scores per `events.scores.updated` event.
 pub const EVENT_CHUNK: usize = 1000;
 
