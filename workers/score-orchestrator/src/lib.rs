@@ -449,16 +449,11 @@ impl Orchestrator {
             }
             // A request the previous executor left pending when the flag moved here.
             match store::is_run_pending(&self.pool).await {
-                Ok(true) => {
-                    tokio::select! {
-                        result = self.serve(None) => {
-                            if let Err(e) = result {
-                                tracing::warn!(error = %e, "serving a pending score run request failed");
-                            }
-                        }
-                        _ = stop.cancelled() => return,
-                    }
-                }
+                Ok(true) => match self.unless_shut_down(self.serve(None), &stop).await {
+                    Some(Err(e)) => tracing::warn!(error = %e, "serving a pending score run request failed"),
+                    Some(Ok(_)) => {}
+                    None => return,
+                },
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "checking for a pending score run request failed"),
             }
@@ -471,16 +466,31 @@ impl Orchestrator {
             };
             if let Some(trigger) = due {
                 // A run can take a while; the check keeps ticking meanwhile.
-                tokio::select! {
-                    result = self.request_if_idle() => {
-                        if let Err(e) = result {
-                            tracing::warn!(error = %e, trigger, "scheduled score run failed");
-                        }
-                    }
-                    _ = stop.cancelled() => return,
+                match self.unless_shut_down(self.request_if_idle(), &stop).await {
+                    Some(Err(e)) => tracing::warn!(error = %e, trigger, "scheduled score run failed"),
+                    Some(Ok(_)) => {}
+                    None => return,
                 }
             }
         }
+    }
+
+    /// Awaits `serving` (a run and its follow-ups) unless `stop` comes while this side is still
+    /// the executor: the process is shutting down, and the run is abandoned (`None`; the next
+    /// lease holder records it as failed). A `stop` that comes from a flip (this side no longer
+    /// executes) lets the run in progress finish where it started, as a handler's does: dropped
+    /// half-way, it would fail as abandoned, and the requests it took would be served only by
+    /// the next request's run. [`Orchestrator::serve`] makes no follow-up run after a flip.
+    async fn unless_shut_down<T>(&self, serving: impl Future<Output = T>, stop: &CancellationToken) -> Option<T> {
+        tokio::pin!(serving);
+        tokio::select! {
+            result = &mut serving => return Some(result),
+            _ = stop.cancelled() => {}
+        }
+        if self.is_executor() {
+            return None;
+        }
+        Some(serving.await)
     }
 }
 
