@@ -13,10 +13,11 @@
 //! `Nats-Msg-Id` is derived from the original's stream and sequence, so a crash in between
 //! cannot dead-letter it twice (within the DLQ's duplicate window).
 //!
-//! The runner's parts, one concern each: [`declare`] (the consumers' configurations, their
-//! declaration and verification), [`pull`] (pull requests and the batch window), [`settle`]
-//! (ack, nak with backoff, term), [`dead_letter`], [`rescue`] (the MAX_DELIVERIES safety net)
-//! and [`gate`] (the cutover gate: standing by while this process is not the executor).
+//! The runner's parts, one concern each: `handler` (what a processor implements), `declare`
+//! (the consumers' configurations, their declaration and verification), `pull` (pull requests,
+//! the batch window, handing a batch to the handler), `settle` (ack, nak with backoff, term),
+//! `dead_letter`, `rescue` (the MAX_DELIVERIES safety net) and `gate` (the cutover gate:
+//! standing by while this process is not the executor).
 
 mod dead_letter;
 mod declare;
