@@ -8,10 +8,10 @@
 //! one delivery closer to the DLQ. So the messages that arrive while a batch is handled are
 //! gathered for the next batch (and kept alive with in-progress acks, like the batch in hand).
 //!
-//! A replica holds at most `batch_size` messages: a pull asks for what the batch being gathered
-//! still lacks, and the next pull is made only once the last one has ended and no batch is
-//! being handled, so the messages being handled, those gathered and those the pull may still
-//! bring are never more than one batch.
+//! A pulling loop (one per consumer of a group: main and replay) holds at most `batch_size`
+//! messages: a pull asks for what the batch being gathered still lacks, and the next pull is
+//! made only once the last one has ended and no batch is being handled, so the messages being
+//! handled, those gathered and those the pull may still bring are never more than one batch.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
