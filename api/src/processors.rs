@@ -84,9 +84,7 @@ pub fn spawn(
 
     let score_gate = flags.gate(Flag::ScoreExecutor, Executor::Monolith);
     let handler = Arc::new(EachMessage { handler: orchestrator.clone(), concurrency: 1 });
-    let score_runner =
-        RunnerConfig { batch_size: score_orchestrator::DEFAULT_BATCH_SIZE.parse()?, ..RunnerConfig::default() };
-    let group = ConsumerGroup::new(ctx.clone(), score_orchestrator::consumer_spec(), score_runner.clone(), handler)
+    let group = ConsumerGroup::new(ctx.clone(), score_orchestrator::consumer_spec(), RunnerConfig::default(), handler)
         .gated(score_gate.clone());
     tasks.spawn(report_failure("score orchestrator", group.run(stop.clone())));
     // While score.executor says shadow with the worker as primary, the monolith is the
@@ -94,7 +92,7 @@ pub fn spawn(
     let candidate = score_orchestrator::shadow::Candidate::new(&orchestrator, score_orchestrator::Rules::PRODUCTION);
     let make = {
         let (candidate, ctx) = (candidate.clone(), ctx.clone());
-        move || candidate.group(ctx.clone(), score_runner.clone())
+        move || candidate.group(ctx.clone(), RunnerConfig::default())
     };
     let compare = move |stop| candidate.clone().compare(stop);
     spawn_candidate(tasks, flags, Flag::ScoreExecutor, make, compare, stop.clone());

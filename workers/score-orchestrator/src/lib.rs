@@ -34,14 +34,6 @@ use uuid::Uuid;
 /// The consumer group's name (and durable consumer).
 pub const CONSUMER: &str = "score-orchestrator";
 
-/// The orchestrator's default `--batch-size`: one request per pull. A run keeps its handler
-/// busy for longer than a pull lives (expiry + 5 s), and async-nats ends a pull that is not
-/// polled by then, dropping the messages that arrived meanwhile unhandled: they would come
-/// back only after `ack_wait`, one delivery closer to the DLQ. A pull of one message is complete
-/// before its run starts. (Requests are coalesced by the pending flag, so nothing is gained by
-/// pulling several.)
-pub const DEFAULT_BATCH_SIZE: &str = "1";
-
 /// Scores per `events.scores.updated` event.
 pub const EVENT_CHUNK: usize = 1000;
 
@@ -460,16 +452,11 @@ impl Orchestrator {
             }
             // A request the previous executor left pending when the flag moved here.
             match store::is_run_pending(&self.pool).await {
-                Ok(true) => {
-                    tokio::select! {
-                        result = self.serve(None) => {
-                            if let Err(e) = result {
-                                tracing::warn!(error = %e, "serving a pending score run request failed");
-                            }
-                        }
-                        _ = stop.cancelled() => return,
-                    }
-                }
+                Ok(true) => match self.unless_shut_down(self.serve(None), &stop).await {
+                    Some(Err(e)) => tracing::warn!(error = %e, "serving a pending score run request failed"),
+                    Some(Ok(_)) => {}
+                    None => return,
+                },
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "checking for a pending score run request failed"),
             }
@@ -482,16 +469,31 @@ impl Orchestrator {
             };
             if let Some(trigger) = due {
                 // A run can take a while; the check keeps ticking meanwhile.
-                tokio::select! {
-                    result = self.request_if_idle() => {
-                        if let Err(e) = result {
-                            tracing::warn!(error = %e, trigger, "scheduled score run failed");
-                        }
-                    }
-                    _ = stop.cancelled() => return,
+                match self.unless_shut_down(self.request_if_idle(), &stop).await {
+                    Some(Err(e)) => tracing::warn!(error = %e, trigger, "scheduled score run failed"),
+                    Some(Ok(_)) => {}
+                    None => return,
                 }
             }
         }
+    }
+
+    /// Awaits `serving` (a run and its follow-ups) unless `stop` comes while this side is still
+    /// the executor: the process is shutting down, and the run is abandoned (`None`; the next
+    /// lease holder records it as failed). A `stop` that comes from a flip (this side no longer
+    /// executes) lets the run in progress finish where it started, as a handler's does: dropped
+    /// half-way, it would fail as abandoned, and the requests it took would be served only by
+    /// the next request's run. [`Orchestrator::serve`] makes no follow-up run after a flip.
+    async fn unless_shut_down<T>(&self, serving: impl Future<Output = T>, stop: &CancellationToken) -> Option<T> {
+        tokio::pin!(serving);
+        tokio::select! {
+            result = &mut serving => return Some(result),
+            _ = stop.cancelled() => {}
+        }
+        if self.is_executor() {
+            return None;
+        }
+        Some(serving.await)
     }
 }
 

@@ -1,8 +1,8 @@
 use std::sync::Arc;
 
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::Parser;
 use score_orchestrator::shadow::Candidate;
-use score_orchestrator::{Config, DEFAULT_BATCH_SIZE, Orchestrator, Rules, ScoreArgs, consumer_spec};
+use score_orchestrator::{Config, Orchestrator, Rules, ScoreArgs, consumer_spec};
 use trellis_domain::flags::{Executor, Flag};
 use trellis_runtime::config::LogFormat;
 use trellis_runtime::consumer::{ConsumerGroup, EachMessage};
@@ -28,8 +28,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let matches = Args::command().mut_arg("batch_size", |a| a.default_value(DEFAULT_BATCH_SIZE)).get_matches();
-    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let args = Args::parse();
     let config = args.score.config(&args.worker.common.database_url, worker::hostname());
     if args.run_once {
         return run_once(&args.worker, config).await;

@@ -52,10 +52,7 @@ async fn flipping_the_score_executor_under_writes_serves_every_run_request_once(
     let worker = Replica::start(&db, &prefix, "replica-a", &fast).await;
     // The flag starts at `worker`: the worker makes the start-up run.
     wait_succeeded(&db, 1, Duration::from_secs(30)).await;
-    // A small graph keeps every handler short. One busy for longer than its pull's expiry plus
-    // 5 s (async-nats' own timer on a pull) drops the rest of that pull, whose messages come back
-    // only after the 30 s ack wait: delivered twice, handled once. That is the consumer runner's
-    // doing, with or without a flip, and "delivered once" below would report it.
+    // A small graph keeps every run short: many runs fit between the flips.
     let mut users = Vec::new();
     for i in 0..24 {
         users.push(api.register(&format!("user{i}")).await);
@@ -187,4 +184,47 @@ async fn flipping_the_score_executor_under_writes_serves_every_run_request_once(
     assert!(in_api > 0.0 && in_worker > 0.0, "both sides executed: api {in_api}, worker {in_worker}");
     let audited = flags::audit(&db.pool, Some(Flag::ScoreExecutor), 100).await.unwrap();
     assert_eq!(audited.len(), 20, "every flip is audited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_the_schedule_check_serves_finishes_when_the_flag_moves_away_during_it() {
+    let db = TestDb::migrated().await.unwrap();
+    seed_users(&db, 30, 3).await;
+    seed_contacts(&db, 30).await;
+    // A request the previous executor left pending, which this side's schedule check serves.
+    trellis_store::scores::request_run(&db.pool, "manual", None).await.unwrap();
+    let config = score_orchestrator::Config {
+        database_url: trellis_runtime::config::SecretUrl::new(db.url.clone()),
+        schedule: Duration::from_secs(86_400),
+        schedule_check: Duration::from_secs(3600),
+        run_timeout: Duration::from_secs(60),
+        threads: 2,
+        host: "this-side".into(),
+        shadow_wait: Duration::from_secs(30),
+    };
+    let (flag, gate) = tokio::sync::watch::channel(true);
+    let orchestrator =
+        score_orchestrator::Orchestrator::new(db.pool.clone(), config).unwrap().executing_while(gate.clone());
+    // The run's load waits behind a lock the test holds, so that the flag moves during the run.
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE contacts.contacts IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let schedule = tokio::spawn(trellis_runtime::flags::while_open(gate, stop.clone(), move |stop| {
+        orchestrator.clone().schedule(stop)
+    }));
+    eventually("the schedule check's run to start", Duration::from_secs(30), || async {
+        runs(&db).await.iter().any(|r| r.status == "running").then_some(())
+    })
+    .await;
+
+    flag.send_replace(false);
+    blocker.rollback().await.unwrap();
+    // Dropped half-way, the run would stay `running` until the next lease holder failed it as
+    // abandoned, and the request it took would wait for the next request's run.
+    let all = wait_succeeded(&db, 1, Duration::from_secs(30)).await;
+    assert_eq!(all.len(), 1, "{all:#?}");
+    assert_eq!((all[0].trigger.as_str(), all[0].host.as_deref()), ("manual", Some("this-side")));
+    assert_eq!(count(&db, "SELECT count(*) FROM score.scheduler WHERE run_pending").await, 0, "the request was served");
+    stop.cancel();
+    schedule.await.unwrap();
 }

@@ -46,6 +46,16 @@ async fn parity(db: &TestDb) -> Value {
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("parity prints JSON ({e}): {stdout}"))
 }
 
+/// Takes the run lease on `conn`, waiting (up to 30 s) while a replica holds it: a run's holder
+/// releases it only after the run is recorded as succeeded.
+async fn take_lease(conn: &mut sqlx::PgConnection) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !trellis_store::scores::try_lease(conn).await.unwrap() {
+        assert!(tokio::time::Instant::now() < deadline, "the run lease still held elsewhere after 30 s");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// `trellisctl score run` (the request goes through the outbox, so both consumers get it).
 async fn request_run(db: &TestDb) {
     let (ok, _, stderr) = run_trellisctl(db, &["score", "run"]).await;
@@ -122,7 +132,7 @@ async fn an_identical_candidate_matches_every_user_and_the_gate_promotes_the_wor
     // The candidate needs neither the primary's lease nor its pending-run flag: with the lease
     // held elsewhere, the primary only records the request as pending, and the candidate runs.
     let mut lease = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    assert!(trellis_store::scores::try_lease(&mut lease).await.unwrap());
+    take_lease(&mut lease).await;
     exec(&db, &format!("UPDATE identity.users SET verified = NOT verified WHERE id = '{}'", seeded_id(3))).await;
     request_run(&db).await;
     let shadow = eventually("the candidate's second run", Duration::from_secs(30), || async {
@@ -421,7 +431,9 @@ async fn a_candidate_reads_the_graph_when_the_primary_starts_the_run_that_serves
     seed_contacts(&db, 30).await;
     set_score_executor(&db, Executor::Monolith).await;
     set_score_executor(&db, Executor::Shadow).await;
-    let _api = Api::start(&db, &prefix, &["--flag-poll", "200ms"]).await;
+    // The schedule makes the start-up run, then looks again only in an hour: no schedule check
+    // (which also serves a request left pending) runs between the steps below.
+    let _api = Api::start(&db, &prefix, &["--flag-poll", "200ms", "--score-schedule-check", "1h"]).await;
     let _candidate = InProcessCandidate::start(&db, &prefix, Rules::PRODUCTION, true).await;
     wait_for_consumer(&prefix, CANDIDATE_CONSUMER).await;
     let startup = wait_succeeded(&db, 1, Duration::from_secs(30)).await;
@@ -429,12 +441,19 @@ async fn a_candidate_reads_the_graph_when_the_primary_starts_the_run_that_serves
     // A run is in progress elsewhere (the test holds the lease): the request waits for the
     // follow-up run, and the graph changes meanwhile.
     let mut lease = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    assert!(trellis_store::scores::try_lease(&mut lease).await.unwrap());
+    take_lease(&mut lease).await;
     request_run(&db).await;
-    eventually("the primary to record the request as pending", Duration::from_secs(30), || async {
-        (count(&db, "SELECT count(*) FROM score.scheduler WHERE run_pending").await == 1).then_some(())
-    })
-    .await;
+    // The primary's handler records the request as pending and only then tries the lease, so
+    // the lease is held until the request is handled (acknowledged). Released earlier, it lets
+    // that handler run at once, before the second request exists; the second request then
+    // makes another primary run on the same graph, which the candidate's run is compared with
+    // (or which a second candidate run waits for).
+    handled_all(&db, &prefix, score_orchestrator::CONSUMER).await;
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM score.scheduler WHERE run_pending").await,
+        1,
+        "the primary recorded the request as pending"
+    );
     exec(&db, &format!("UPDATE identity.users SET verified = NOT verified WHERE id = '{}'", seeded_id(2))).await;
     trellis_store::scores::release_lease(&mut lease).await.unwrap();
     drop(lease);

@@ -1,0 +1,87 @@
+//! Settling a handled message: ack, nak with exponential backoff, or dead-letter and term.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use backon::BackoffBuilder;
+use time::OffsetDateTime;
+
+use super::{ConsumerGroup, Delivery, Handler, Outcome, RunnerConfig, Source};
+use crate::dlq::ErrorKind;
+
+impl RunnerConfig {
+    /// The delay before delivery number `deliveries + 1` (exponential with jitter).
+    pub fn retry_delay(&self, deliveries: i64) -> Duration {
+        let n = usize::try_from(deliveries.saturating_sub(1)).unwrap_or(0);
+        backon::ExponentialBuilder::default()
+            .with_min_delay(self.retry_min)
+            .with_max_delay(self.retry_max)
+            .with_jitter()
+            .without_max_times()
+            .build()
+            .nth(n)
+            .unwrap_or(self.retry_max)
+    }
+}
+
+impl<H: Handler> ConsumerGroup<H> {
+    pub(super) async fn settle(&self, m: &jetstream::Message, d: &Delivery, outcome: Outcome, source: Source) {
+        let consumer = self.spec.name.clone();
+        let count = |outcome: &'static str| {
+            metrics::counter!("trellis_worker_messages_total", "consumer" => consumer.clone(), "outcome" => outcome)
+                .increment(1)
+        };
+        match outcome {
+            Outcome::Done => {
+                let acked = if self.config.double_ack { m.double_ack().await } else { m.ack().await };
+                if let Err(e) = acked {
+                    tracing::warn!(consumer = %self.spec.name, error = %e, "ack failed; the message will be redelivered");
+                }
+                count("ok");
+                if d.deliveries > 1 {
+                    self.first_failures.take((source, d.stream_sequence));
+                }
+                metrics::gauge!("trellis_worker_last_success_timestamp_seconds", "consumer" => consumer.clone())
+                    .set(OffsetDateTime::now_utc().unix_timestamp() as f64);
+            }
+            Outcome::Retry(e) if d.deliveries < self.config.max_deliver => {
+                let delay = self.config.retry_delay(d.deliveries);
+                self.first_failures.record((source, d.stream_sequence), OffsetDateTime::now_utc());
+                tracing::info!(consumer = %self.spec.name, seq = d.stream_sequence, deliveries = d.deliveries, retry_in = ?delay, error = %e, "transient failure; retrying");
+                let _ = m.ack_with(AckKind::Nak(Some(delay))).await;
+                count("retried");
+            }
+            Outcome::Retry(e) => {
+                self.dead_letter(m, source, ErrorKind::Transient, &e).await;
+                count("dead_lettered");
+            }
+            Outcome::Reject(e) => {
+                self.dead_letter(m, source, ErrorKind::Permanent, &e).await;
+                count("dead_lettered");
+            }
+        }
+    }
+}
+
+/// When each still-failing message first failed, for the `Trellis-First-Failure` header. Kept in
+/// memory (a restart forgets it: the header then shows the failure this replica saw first) and
+/// bounded.
+#[derive(Default)]
+pub(super) struct FirstFailures(std::sync::Mutex<HashMap<(Source, u64), OffsetDateTime>>);
+
+impl FirstFailures {
+    const LIMIT: usize = 100_000;
+
+    pub(super) fn record(&self, key: (Source, u64), now: OffsetDateTime) {
+        let mut map = self.0.lock().expect("first failures lock");
+        if map.len() >= Self::LIMIT {
+            map.clear();
+        }
+        map.entry(key).or_insert(now);
+    }
+
+    pub(super) fn take(&self, key: (Source, u64)) -> Option<OffsetDateTime> {
+        self.0.lock().expect("first failures lock").remove(&key)
+    }
+}
