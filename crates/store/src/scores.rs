@@ -131,19 +131,49 @@ pub async fn request_run(
 }
 
 /// Takes the pending request, if any: `(trigger, requested_by)`.
-pub async fn take_request(db: impl PgExecutor<'_>) -> Result<Option<(String, Option<Uuid>)>, sqlx::Error> {
+/// Takes the pending run request and records the run that serves it, in one statement: a
+/// process that dies right after cannot lose the request (the run it recorded is `running`, and
+/// [`fail_abandoned_runs`] hands its request back). `None` when no request is pending.
+pub async fn start_pending_run(
+    conn: &mut PgConnection,
+    id: Uuid,
+    host: &str,
+    algorithm: &str,
+) -> Result<Option<(String, Option<Uuid>)>, sqlx::Error> {
     sqlx::query_as(
-        "UPDATE score.scheduler s SET run_pending = false, pending_trigger = NULL, pending_requested_by = NULL,
-             pending_since = NULL
-         FROM (SELECT pending_trigger, pending_requested_by FROM score.scheduler WHERE id = 1 AND run_pending FOR UPDATE) old
-         WHERE s.id = 1 RETURNING COALESCE(old.pending_trigger, 'manual'), old.pending_requested_by",
+        "WITH old AS (
+             SELECT pending_trigger, pending_requested_by FROM score.scheduler WHERE id = 1 AND run_pending FOR UPDATE
+         ), taken AS (
+             UPDATE score.scheduler s SET run_pending = false, pending_trigger = NULL, pending_requested_by = NULL,
+                 pending_since = NULL
+             FROM old WHERE s.id = 1
+             RETURNING COALESCE(old.pending_trigger, 'manual') AS trigger, old.pending_requested_by AS requested_by
+         )
+         INSERT INTO score.runs (id, trigger, requested_by, status, host, algorithm, started_at)
+         SELECT $1, trigger, requested_by, 'running', $2, $3, now() FROM taken
+         RETURNING trigger, requested_by",
     )
-    .fetch_optional(db)
+    .bind(id)
+    .bind(host)
+    .bind(algorithm)
+    .fetch_optional(conn)
     .await
 }
 
 pub async fn is_run_pending(db: impl PgExecutor<'_>) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar("SELECT run_pending FROM score.scheduler WHERE id = 1").fetch_one(db).await
+}
+
+/// Whether a lease holder has work: a pending request, or a run recorded `running` (in progress
+/// under another replica's lease, or abandoned by a replica that died, which only the next lease
+/// holder can tell apart and hand back as a pending request).
+pub async fn needs_lease_holder(db: impl PgExecutor<'_>) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT (SELECT run_pending FROM score.scheduler WHERE id = 1)
+             OR EXISTS (SELECT 1 FROM score.runs WHERE status = 'running')",
+    )
+    .fetch_one(db)
+    .await
 }
 
 /// The one-run-at-a-time lease: a session advisory lock, so a replica that dies (its
@@ -160,38 +190,28 @@ pub async fn release_lease(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
 }
 
 /// Runs left `running` by a replica that died: only called with the lease held, when no run
-/// can be running.
+/// can be running. Each is marked failed, and the request it was serving is pending again (unless
+/// another one already is), so that the next run serves it.
 pub async fn fail_abandoned_runs(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
-    let done = sqlx::query(
+    let abandoned: Vec<(String, Option<Uuid>)> = sqlx::query_as(
         "UPDATE score.runs SET status = 'failed', finished_at = now(),
              error = 'abandoned: the replica running it stopped before it finished'
-         WHERE status = 'running'",
+         WHERE status = 'running' RETURNING trigger, requested_by",
     )
-    .execute(conn)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(done.rows_affected())
-}
-
-pub async fn start_run(
-    conn: &mut PgConnection,
-    id: Uuid,
-    trigger: &str,
-    requested_by: Option<Uuid>,
-    host: &str,
-    algorithm: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO score.runs (id, trigger, requested_by, status, host, algorithm, started_at)
-         VALUES ($1, $2, $3, 'running', $4, $5, now())",
-    )
-    .bind(id)
-    .bind(trigger)
-    .bind(requested_by)
-    .bind(host)
-    .bind(algorithm)
-    .execute(conn)
-    .await?;
-    Ok(())
+    if let Some((trigger, requested_by)) = abandoned.last() {
+        sqlx::query(
+            "UPDATE score.scheduler SET run_pending = true, pending_trigger = $1, pending_requested_by = $2,
+                 pending_since = now()
+             WHERE id = 1 AND NOT run_pending",
+        )
+        .bind(trigger)
+        .bind(requested_by)
+        .execute(conn)
+        .await?;
+    }
+    Ok(abandoned.len() as u64)
 }
 
 pub async fn fail_run(db: impl PgExecutor<'_>, id: Uuid, error: &str) -> Result<(), sqlx::Error> {

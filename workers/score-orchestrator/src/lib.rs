@@ -285,8 +285,11 @@ impl Orchestrator {
             let outcome = async {
                 // The pending request stays set for the new executor once this side is not.
                 while self.is_executor() {
-                    let Some((trigger, requested_by)) = store::take_request(&mut lease).await? else { break };
-                    done.push(self.run(&mut lease, &trigger, requested_by).await?);
+                    let run_id = Uuid::now_v7();
+                    let algorithm = Rules::PRODUCTION.algorithm;
+                    let started = store::start_pending_run(&mut lease, run_id, &self.config.host, algorithm).await?;
+                    let Some((trigger, _requested_by)) = started else { break };
+                    done.push(self.run(&mut lease, run_id, &trigger).await?);
                 }
                 Ok::<_, RunError>(())
             }
@@ -301,15 +304,9 @@ impl Orchestrator {
         }
     }
 
-    async fn run(
-        &self,
-        conn: &mut PgConnection,
-        trigger: &str,
-        requested_by: Option<Uuid>,
-    ) -> Result<RunSummary, RunError> {
-        let run_id = Uuid::now_v7();
+    /// Makes run `run_id`, recorded as started by [`store::start_pending_run`].
+    async fn run(&self, conn: &mut PgConnection, run_id: Uuid, trigger: &str) -> Result<RunSummary, RunError> {
         let started = Instant::now();
-        store::start_run(conn, run_id, trigger, requested_by, &self.config.host, Rules::PRODUCTION.algorithm).await?;
         tracing::info!(%run_id, trigger, "score run started");
         // "API latency during batch compute" (a stage trigger) needs to know when one runs.
         let in_progress = metrics::gauge!("trellis_score_runs_in_progress");
@@ -450,8 +447,9 @@ impl Orchestrator {
                 _ = tick.tick() => {}
                 _ = stop.cancelled() => return,
             }
-            // A request the previous executor left pending when the flag moved here.
-            match store::is_run_pending(&self.pool).await {
+            // A request the previous executor left pending when the flag moved here, or a run a
+            // replica that died left `running` (the lease holder hands its request back).
+            match store::needs_lease_holder(&self.pool).await {
                 Ok(true) => match self.unless_shut_down(self.serve(None), &stop).await {
                     Some(Err(e)) => tracing::warn!(error = %e, "serving a pending score run request failed"),
                     Some(Ok(_)) => {}

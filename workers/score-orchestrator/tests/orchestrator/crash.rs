@@ -117,3 +117,53 @@ async fn a_run_that_keeps_failing_ends_in_the_dlq_with_every_attempt_marked_fail
         assert!(run.error.as_deref().unwrap_or("").contains("test_refuses_everything"), "{run:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_run_died_with_its_replica_is_served_by_the_next_lease_holder() {
+    let db = TestDb::migrated().await.unwrap();
+    let prefix = nats_prefix();
+    seed_users(&db, USERS, 100).await;
+    seed_contacts(&db, USERS).await;
+    // A success first: no replica makes a start-up run, and the schedule is not due.
+    let first = run_once_ok(&db).await;
+    // Its scores gone, the next run rewrites every one: a write phase long enough to be killed in.
+    exec(&db, "DELETE FROM score.user_scores").await;
+    // A request no message carries any more, as one coalesced into the pending flag while a run
+    // went on: only the database remembers it.
+    exec(&db, "UPDATE score.scheduler SET run_pending = true, pending_trigger = 'manual', pending_since = now()").await;
+
+    let mut a = Replica::start(&db, &prefix, "replica-a", &["--score-schedule-check", "200ms"]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    let mut pace = tokio::time::interval(Duration::from_millis(10));
+    let killed = loop {
+        pace.tick().await;
+        if writing(&db).await {
+            a.kill();
+            let all = runs(&db).await;
+            break all.into_iter().find(|r| r.status == "running").expect("the run replica-a was making");
+        }
+        assert!(tokio::time::Instant::now() < deadline, "replica-a never reached a run's write phase");
+    };
+    assert_eq!((killed.trigger.as_str(), killed.host.as_deref()), ("manual", Some("replica-a")));
+
+    // Replica-b has no message and no due schedule to go by: the run left `running` is what tells
+    // it that a request is owed.
+    let _b = Replica::start(&db, &prefix, "replica-b", &["--score-schedule-check", "200ms"]).await;
+    let all = eventually("the request served by replica-b", Duration::from_secs(45), || async {
+        let all = runs(&db).await;
+        all.iter().any(|r| r.status == "succeeded" && r.host.as_deref() == Some("replica-b")).then_some(all)
+    })
+    .await;
+    let dead = all.iter().find(|r| r.id == killed.id).expect("the killed run is still recorded");
+    assert_eq!(dead.status, "failed", "{dead:#?}");
+    let served: Vec<&Run> = all
+        .iter()
+        .filter(|r| r.status == "succeeded" && r.id.to_string() != first["run_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(served.len(), 1, "one run serves the request: {all:#?}");
+    assert_eq!(served[0].trigger, "manual", "the run serves the request the dead one took: {all:#?}");
+    assert!(served[0].started_at.unwrap() >= dead.finished_at.unwrap());
+    let pending: bool =
+        sqlx::query_scalar("SELECT run_pending FROM score.scheduler").fetch_one(&db.pool).await.unwrap();
+    assert!(!pending, "nothing is left pending");
+}
