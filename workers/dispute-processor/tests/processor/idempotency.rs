@@ -82,7 +82,7 @@ async fn two_replicas_never_decide_one_dispute_twice() {
     let _a = Replica::start(&db, &prefix, &["--batch-size", "4", "--short-batch-size", "4"]).await;
     let _b = Replica::start(&db, &prefix, &["--batch-size", "4", "--short-batch-size", "4"]).await;
     // Every kind from every reporter against one target: R4 upholds across batches and
-    // replicas, R1 dismisses repeats, R2 dismisses once the target is suspended.
+    // replicas (the impersonation disputes suspend the target), R1 dismisses repeats.
     let mut ids = Vec::new();
     for _round in 0..2 {
         for kind in ["incorrect_info", "spam", "harassment", "impersonation"] {
@@ -91,6 +91,23 @@ async fn two_replicas_never_decide_one_dispute_twice() {
         }
     }
     all_decided(&db, &ids).await;
+    // R2 dismisses what is filed against the target once it is suspended. Whether a filing of the
+    // rounds above is judged before or after the suspension is a race between priorities, so
+    // reporters who filed nothing yet file now.
+    let status: String = sqlx::query_scalar("SELECT status FROM identity.users WHERE id = $1")
+        .bind(target.id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "suspended", "the corroborated impersonation disputes suspended the target");
+    let mut late = Vec::new();
+    for i in 0..4 {
+        late.push(api.register(&format!("late{i}{t}")).await);
+    }
+    let filed = late.iter().map(|r| api.file(r, target.id, "harassment"));
+    let late_ids = futures::future::join_all(filed).await;
+    all_decided(&db, &late_ids).await;
+    ids.extend(late_ids);
     // A dispute is judged on its own once (its R1–R5 decision) and decided finally at most
     // once; the one legitimate second row is a needs_review (R5) later upheld by R4 with a
     // corroborated one.
