@@ -219,9 +219,8 @@ impl Principal {
         let Some(found) = trellis_store::identity::authenticate(&state.pool, &token_hash, idle).await? else {
             return Ok(None);
         };
-        let role = found.role.parse::<Role>().map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?;
         state.activity.saw(token_hash);
-        Ok(Some(Principal { user_id: UserId(found.user_id), role, token_hash }))
+        Ok(Some(Principal { user_id: UserId(found.user_id), role: found.role, token_hash }))
     }
 }
 

@@ -2,11 +2,14 @@
 //!
 //! A write request (POST, PUT, PATCH, DELETE) gets a [`UnitOfWork`]. Its handler takes the
 //! transaction from it ([`UnitOfWork::begin`]), makes every read and write of the request in
-//! it, and hands it back ([`UnitOfWork::finish`]) instead of committing. The layer commits after
-//! the handler answered with a success, and rolls back on any other answer. With an
-//! `Idempotency-Key`, the layer authenticates the caller, begins the transaction and takes the
-//! key in it before the handler runs, and stores the response in it before the commit: key,
-//! change and response commit together ([`crate::idempotency`]).
+//! it (its changes through `trellis_commands`), and hands it back with the events its commands
+//! caused ([`UnitOfWork::finish`]) instead of committing: `finish` is the API's
+//! `trellis_commands::commit_with`, which writes the events into the transaction (the one
+//! writer of outbox rows) and gives the transaction back to the layer. The layer commits after
+//! the handler answered with a success, and rolls back on any other answer (the events with
+//! it). With an `Idempotency-Key`, the layer authenticates the caller, begins the transaction
+//! and takes the key in it before the handler runs, and stores the response in it before the
+//! commit: key, change, events and response commit together ([`crate::idempotency`]).
 //!
 //! Deadlines. A read may take `REQUEST_TIMEOUT`. A write's handler may take `REQUEST_TIMEOUT`
 //! less `IO_TIMEOUT`, and its commit `IO_TIMEOUT`: a statement still running when the handler is
@@ -31,7 +34,8 @@ use axum::http::request::Parts;
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
+use trellis_commands::{Committer, Committing, Emitted};
 use trellis_store::Tx;
 
 use crate::app::AppState;
@@ -92,9 +96,20 @@ impl UnitOfWork {
         }
     }
 
-    /// Hands the transaction back: it commits with the response if that is a success.
-    pub fn finish(&self, tx: Tx<'static>) {
-        *self.slot() = Slot::Returned(tx);
+    /// Hands the transaction back with the events of its commands, which are written into it
+    /// now: it commits with the response if that is a success. Returns what the commands did.
+    pub async fn finish<T: Send>(&self, tx: Tx<'static>, emitted: Emitted<T>) -> Result<T, ApiError> {
+        Ok(trellis_commands::commit_with(tx, emitted, HandBack(self)).await?)
+    }
+}
+
+/// The unit of work's [`Committer`]: the transaction goes back to the layer, which commits it.
+struct HandBack<'w>(&'w UnitOfWork);
+
+impl Committer<'static> for HandBack<'_> {
+    fn commit(self, tx: Transaction<'static, Postgres>) -> Committing<'static> {
+        *self.0.slot() = Slot::Returned(tx);
+        Box::pin(std::future::ready(Ok(())))
     }
 }
 

@@ -53,8 +53,8 @@ impl From<UserRow> for Me {
             handle: u.handle,
             display_name: u.display_name,
             email: u.email,
-            role: u.role,
-            status: u.status,
+            role: u.role.as_str().to_owned(),
+            status: u.status.as_str().to_owned(),
             verified: u.verified,
             version: u.version,
             created_at: u.created_at,
@@ -118,7 +118,7 @@ impl From<UserRow> for PublicUser {
             handle: u.handle,
             display_name: u.display_name,
             verified: u.verified,
-            status: u.status,
+            status: u.status.as_str().to_owned(),
             created_at: u.created_at,
         }
     }
@@ -238,7 +238,6 @@ pub enum Audience {
 
 impl Dispute {
     pub fn from_row(d: DisputeRow, audience: Audience) -> Self {
-        let status = trellis_domain::disputes::DisputeStatus::parse(&d.status).ok();
         let decision = d.decision_rule.map(|rule| match audience {
             Audience::Moderator => Decision {
                 rule,
@@ -249,11 +248,11 @@ impl Dispute {
                 decided_at: d.decided_at,
             },
             Audience::Reporter => {
-                let outcome = status.map(|s| trellis_domain::adjudication::reporter_outcome(s, &rule));
+                let outcome = trellis_domain::adjudication::reporter_outcome(d.status, &rule);
                 Decision {
                     rule: if d.decided_by.is_some() { "moderator" } else { "automatic" }.to_owned(),
                     rules_version: None,
-                    reasons: serde_json::json!(outcome.into_iter().collect::<Vec<_>>()),
+                    reasons: serde_json::json!([outcome]),
                     note: d.decision_note,
                     decided_by: None,
                     decided_at: d.decided_at,
@@ -264,11 +263,9 @@ impl Dispute {
             id: d.id,
             reporter_id: d.reporter_id,
             target_id: d.target_id,
-            kind: d.kind,
-            priority: trellis_domain::disputes::Priority::from_rank(d.priority)
-                .map(|p| p.as_str().to_owned())
-                .unwrap_or_else(|| format!("P{}", d.priority)),
-            status: d.status,
+            kind: d.kind.as_str().to_owned(),
+            priority: d.priority.as_str().to_owned(),
+            status: d.status.as_str().to_owned(),
             description: d.description,
             evidence: d.evidence,
             decision,

@@ -4,12 +4,13 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use trellis_domain::events::{EventPayload, ScoreRunRequested};
+use trellis_commands::Emitted;
+use trellis_commands::users::AdminError;
 use trellis_domain::flags::{Executor, Flag};
 use trellis_domain::identity::AdminReason;
 use trellis_domain::{FieldError, UserId, ValidationErrors};
 use trellis_store::flags::{AuditRow, Change, FlagRow, SetError};
-use trellis_store::user_admin::{self, AdminError};
+use trellis_store::user_admin;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -18,7 +19,7 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
-use crate::routes::{events, limit, resolve_user};
+use crate::routes::{limit, resolve_user};
 use crate::unit_of_work::UnitOfWork;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -43,17 +44,14 @@ pub struct ScoreRunRequest {
     responses((status = 202, body = ScoreRunRequest), (status = 401, body = Problem), (status = 403, body = Problem)))]
 async fn request_score_run(principal: Principal, work: UnitOfWork) -> ApiResult<(StatusCode, Json<ScoreRunRequest>)> {
     principal.require_admin()?;
-    let evs = events(
+    let requested = trellis_commands::scores::request_run(
         Some(principal.user_id),
-        [EventPayload::ScoreRunRequested(ScoreRunRequested {
-            requested_by: Some(principal.user_id),
-            reason: "POST /v1/admin/score-runs".into(),
-        })],
+        "POST /v1/admin/score-runs",
+        OffsetDateTime::now_utc(),
     );
-    let mut tx = work.begin().await?;
-    trellis_store::outbox::insert(&mut tx, &evs).await?;
-    work.finish(tx);
-    Ok((StatusCode::ACCEPTED, Json(ScoreRunRequest { event_id: evs[0].envelope.id.0, status: "requested" })))
+    let tx = work.begin().await?;
+    let event_id = work.finish(tx, requested).await?;
+    Ok((StatusCode::ACCEPTED, Json(ScoreRunRequest { event_id: event_id.0, status: "requested" })))
 }
 
 /// A cutover flag: which side executes a processor.
@@ -157,7 +155,7 @@ async fn set_flag(
         Err(SetError::Refused(why)) => return Err(ApiError::conflict("promotion-refused", why)),
         Err(SetError::Database(e)) => return Err(e.into()),
     };
-    work.finish(tx);
+    work.finish(tx, Emitted::none()).await?;
     Ok(Json(FlagChanged {
         name: flag.as_str(),
         from: changed.from.as_str(),
@@ -255,7 +253,7 @@ impl From<user_admin::AuditRow> for UserAdminEntry {
     fn from(a: user_admin::AuditRow) -> Self {
         Self {
             user_id: a.user_id,
-            action: a.action,
+            action: a.action.as_str().to_owned(),
             from: a.from_value,
             to: a.to_value,
             actor: a.actor,
@@ -267,38 +265,40 @@ impl From<user_admin::AuditRow> for UserAdminEntry {
 
 /// Reinstates a suspended user (admins only): their status is `active` again, the change is
 /// audited (admin, reason, from, to) and `identity.user_reinstated` is written through the
-/// outbox, all in one transaction (`trellisctl users reinstate` does the same). Their tokens
-/// stay revoked (they sign in again); a dispute that suspended them stays upheld. One user
-/// per call; the reason is at most 2,000 characters. A caller without a valid token gets 401
-/// before any body is read; a caller who is not an admin, 403 before the user is looked up.
+/// outbox, all in the request's unit of work (`trellisctl users reinstate` runs the same
+/// command). Their tokens stay revoked (they sign in again); a dispute that suspended them
+/// stays upheld. One user per call; the reason is at most 2,000 characters. A caller without a
+/// valid token gets 401 before any body is read; a caller who is not an admin, 403 before the
+/// user is looked up.
 #[utoipa::path(post, path = "/v1/admin/users/{user}/reinstate", tag = "admin", security(("bearer" = [])),
     params(("user" = String, Path, description = "user id or handle")), request_body = ReinstateBody,
     responses((status = 200, body = UserAdminEntry), (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 404, body = Problem), (status = 409, body = Problem, description = "the user is not suspended"),
         (status = 422, body = Problem)))]
 async fn reinstate_user(
-    State(state): State<AppState>,
     principal: Principal,
+    work: UnitOfWork,
     Path(user): Path<String>,
     body: Result<Json<ReinstateBody>, ApiError>,
 ) -> ApiResult<Json<UserAdminEntry>> {
     principal.require_admin()?;
     let Json(body) = body?;
     let reason = AdminReason::parse(&body.reason)?;
-    let target = resolve_user(&state.pool, &user).await?;
+    let mut tx = work.begin().await?;
+    let target = resolve_user(&mut *tx, &user).await?;
     let admin =
-        trellis_store::identity::find_by_id(&state.pool, principal.user_id).await?.ok_or(ApiError::Unauthenticated)?;
+        trellis_store::identity::find_by_id(&mut *tx, principal.user_id).await?.ok_or(ApiError::Unauthenticated)?;
     let actor = user_admin::Actor { name: &admin.handle, user_id: Some(principal.user_id) };
-    match user_admin::reinstate(&state.pool, UserId(target.id), &actor, &reason).await {
-        Ok(row) => {
-            tracing::info!(user = %target.id, admin = %principal.user_id, "user reinstated");
-            Ok(Json(row.into()))
-        }
-        Err(AdminError::UnknownUser) => Err(ApiError::NotFound("user")),
-        Err(AdminError::NotSuspended(status)) => Err(ApiError::conflict(
-            "user-not-suspended",
-            format!("the user is {status}: there is nothing to reinstate"),
-        )),
-        Err(AdminError::Database(e)) => Err(e.into()),
-    }
+    let reinstated =
+        trellis_commands::users::reinstate(&mut tx, UserId(target.id), &actor, &reason).await.map_err(|e| match e {
+            AdminError::UnknownUser => ApiError::NotFound("user"),
+            AdminError::NotSuspended(status) => ApiError::conflict(
+                "user-not-suspended",
+                format!("the user is {}: there is nothing to reinstate", status.as_str()),
+            ),
+            AdminError::Database(e) => e.into(),
+        })?;
+    let row = work.finish(tx, reinstated).await?;
+    tracing::info!(user = %target.id, admin = %principal.user_id, "user reinstated");
+    Ok(Json(row.into()))
 }

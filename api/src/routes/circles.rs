@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use trellis_domain::events::{CircleChanged, CircleDeleted, CircleMember as MemberEvent, EventPayload};
+use trellis_commands::circles::CircleError;
 use trellis_domain::social::CircleName;
 use trellis_domain::{CircleId, UserId};
 use utoipa::ToSchema;
@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
-use crate::routes::{events, list, page, resolve_user};
+use crate::routes::{list, page, resolve_user};
 use crate::unit_of_work::UnitOfWork;
 use crate::views::{Circle, CircleMember, List, PageParams};
 
@@ -33,12 +33,19 @@ pub struct CircleBody {
     pub name: String,
 }
 
-fn name_taken(e: sqlx::Error) -> ApiError {
-    match trellis_store::violated_constraint(&e) {
-        Some("circles_owner_name_key") => {
-            ApiError::conflict("circle-name-taken", "you already have a circle with that name")
+impl From<CircleError> for ApiError {
+    fn from(e: CircleError) -> Self {
+        match e {
+            CircleError::NotFound => ApiError::NotFound("circle"),
+            CircleError::NameTaken => {
+                ApiError::conflict("circle-name-taken", "you already have a circle with that name")
+            }
+            CircleError::NotAContact => {
+                ApiError::unprocessable("not-a-contact", "circle members must be among your contacts")
+            }
+            CircleError::NotAMember => ApiError::NotFound("circle member"),
+            CircleError::Database(e) => e.into(),
         }
-        _ => e.into(),
     }
 }
 
@@ -63,15 +70,8 @@ async fn create_circle(principal: Principal, work: UnitOfWork, Json(body): Json<
     let name = CircleName::parse(&body.name)?;
     let id = CircleId::new();
     let mut tx = work.begin().await?;
-    let row =
-        trellis_store::circles::insert(&mut tx, id, principal.user_id, name.as_str()).await.map_err(name_taken)?;
-    let ev = EventPayload::CircleCreated(CircleChanged {
-        circle_id: id,
-        owner_id: principal.user_id,
-        name: row.name.clone(),
-    });
-    trellis_store::outbox::insert(&mut tx, &events(Some(principal.user_id), [ev])).await?;
-    work.finish(tx);
+    let created = trellis_commands::circles::create(&mut tx, principal.user_id, id, &name).await?;
+    let row = work.finish(tx, created).await?;
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/me/circles/{id}"))], Json(Circle::from(row)))
         .into_response())
 }
@@ -105,17 +105,8 @@ async fn rename_circle(
     let name = CircleName::parse(&body.name)?;
     let id = CircleId(id);
     let mut tx = work.begin().await?;
-    let row = trellis_store::circles::rename(&mut tx, principal.user_id, id, name.as_str())
-        .await
-        .map_err(name_taken)?
-        .ok_or(ApiError::NotFound("circle"))?;
-    let ev = EventPayload::CircleRenamed(CircleChanged {
-        circle_id: id,
-        owner_id: principal.user_id,
-        name: row.name.clone(),
-    });
-    trellis_store::outbox::insert(&mut tx, &events(Some(principal.user_id), [ev])).await?;
-    work.finish(tx);
+    let renamed = trellis_commands::circles::rename(&mut tx, principal.user_id, id, &name).await?;
+    let row = work.finish(tx, renamed).await?;
     Ok(Json(row.into()))
 }
 
@@ -126,12 +117,8 @@ async fn rename_circle(
 async fn delete_circle(principal: Principal, work: UnitOfWork, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
     let id = CircleId(id);
     let mut tx = work.begin().await?;
-    if !trellis_store::circles::delete(&mut tx, principal.user_id, id).await? {
-        return Err(ApiError::NotFound("circle"));
-    }
-    let ev = EventPayload::CircleDeleted(CircleDeleted { circle_id: id, owner_id: principal.user_id });
-    trellis_store::outbox::insert(&mut tx, &events(Some(principal.user_id), [ev])).await?;
-    work.finish(tx);
+    let deleted = trellis_commands::circles::delete(&mut tx, principal.user_id, id).await?;
+    work.finish(tx, deleted).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -165,22 +152,8 @@ async fn add_member(
     let id = CircleId(id);
     let mut tx = work.begin().await?;
     let member = UserId(resolve_user(&mut *tx, &user).await?.id);
-    trellis_store::circles::get(&mut *tx, principal.user_id, id).await?.ok_or(ApiError::NotFound("circle"))?;
-    if !trellis_store::contacts::exists(&mut *tx, principal.user_id, member).await? {
-        return Err(ApiError::unprocessable("not-a-contact", "circle members must be among your contacts"));
-    }
-    let added = trellis_store::circles::add_member(&mut tx, principal.user_id, id, member).await?;
-    if added {
-        let ev = EventPayload::CircleMemberAdded(MemberEvent {
-            circle_id: id,
-            owner_id: principal.user_id,
-            user_id: member,
-        });
-        trellis_store::outbox::insert(&mut tx, &events(Some(principal.user_id), [ev])).await?;
-    }
-    let row =
-        trellis_store::circles::get(&mut *tx, principal.user_id, id).await?.ok_or(ApiError::NotFound("circle"))?;
-    work.finish(tx);
+    let added = trellis_commands::circles::add_member(&mut tx, principal.user_id, id, member).await?;
+    let (added, row) = work.finish(tx, added).await?;
     Ok((if added { StatusCode::CREATED } else { StatusCode::OK }, Json(row.into())))
 }
 
@@ -196,13 +169,7 @@ async fn remove_member(
     let id = CircleId(id);
     let mut tx = work.begin().await?;
     let member = UserId(resolve_user(&mut *tx, &user).await?.id);
-    trellis_store::circles::get(&mut *tx, principal.user_id, id).await?.ok_or(ApiError::NotFound("circle"))?;
-    if !trellis_store::circles::remove_member(&mut tx, id, member).await? {
-        return Err(ApiError::NotFound("circle member"));
-    }
-    let ev =
-        EventPayload::CircleMemberRemoved(MemberEvent { circle_id: id, owner_id: principal.user_id, user_id: member });
-    trellis_store::outbox::insert(&mut tx, &events(Some(principal.user_id), [ev])).await?;
-    work.finish(tx);
+    let removed = trellis_commands::circles::remove_member(&mut tx, principal.user_id, id, member).await?;
+    work.finish(tx, removed).await?;
     Ok(StatusCode::NO_CONTENT)
 }

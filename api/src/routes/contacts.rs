@@ -3,8 +3,8 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
+use trellis_commands::contacts::ContactError;
 use trellis_domain::UserId;
-use trellis_domain::events::{CircleMember, ContactChanged, ContactRemoved, EventPayload};
 use trellis_domain::social::ContactLabel;
 use trellis_store::contacts::Upsert;
 use utoipa::ToSchema;
@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::auth::{BearerToken, Principal};
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
-use crate::routes::{events, list, page, resolve_user};
+use crate::routes::{list, page, resolve_user};
 use crate::unit_of_work::UnitOfWork;
 use crate::views::{Contact, List, PageParams};
 
@@ -74,31 +74,9 @@ async fn put_contact(
     .await?
     .ok_or(ApiError::Unauthenticated)?;
     state.activity.saw(token.hash);
-    let principal_id = UserId(principal.user_id);
     let target = target.ok_or(ApiError::NotFound("user"))?;
-    let contact_id = UserId(target.id);
-    if contact_id == principal_id {
-        return Err(ApiError::unprocessable("self-contact", "you cannot add yourself as a contact"));
-    }
-    if target.status != "active" {
-        return Err(ApiError::unprocessable("user-suspended", "that user is suspended"));
-    }
-    let change = ContactChanged { owner_id: principal_id, contact_id, label: label.as_str().to_owned() };
-    let [added, updated] = <[_; 2]>::try_from(events(
-        Some(principal_id),
-        [EventPayload::ContactAdded(change.clone()), EventPayload::ContactUpdated(change)],
-    ))
-    .expect("two events");
-    let (outcome, row) = trellis_store::contacts::upsert_with_event(
-        &mut *tx,
-        principal_id,
-        contact_id,
-        label.as_str(),
-        &added,
-        &updated,
-    )
-    .await?;
-    work.finish(tx);
+    let put = trellis_commands::contacts::put(&mut tx, UserId(principal.user_id), &target, &label).await?;
+    let (outcome, row) = work.finish(tx, put).await?;
     let status = if outcome == Upsert::Created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(row.into())))
 }
@@ -110,23 +88,18 @@ async fn put_contact(
 async fn delete_contact(principal: Principal, work: UnitOfWork, Path(user): Path<String>) -> ApiResult<StatusCode> {
     let mut tx = work.begin().await?;
     let target = resolve_user(&mut *tx, &user).await?;
-    let contact_id = UserId(target.id);
-    // Memberships go with the contact (a foreign key cascades); each gets its own event.
-    let circles = trellis_store::circles::remove_from_all_circles(&mut tx, principal.user_id, contact_id).await?;
-    if !trellis_store::contacts::remove(&mut tx, principal.user_id, contact_id).await? {
-        return Err(ApiError::NotFound("contact"));
-    }
-    let payloads = circles
-        .into_iter()
-        .map(|circle_id| {
-            EventPayload::CircleMemberRemoved(CircleMember {
-                circle_id: circle_id.into(),
-                owner_id: principal.user_id,
-                user_id: contact_id,
-            })
-        })
-        .chain([EventPayload::ContactRemoved(ContactRemoved { owner_id: principal.user_id, contact_id })]);
-    trellis_store::outbox::insert(&mut tx, &events(Some(principal.user_id), payloads)).await?;
-    work.finish(tx);
+    let removed = trellis_commands::contacts::remove(&mut tx, principal.user_id, UserId(target.id)).await?;
+    work.finish(tx, removed).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+impl From<ContactError> for ApiError {
+    fn from(e: ContactError) -> Self {
+        match e {
+            ContactError::OwnContact => ApiError::unprocessable("self-contact", "you cannot add yourself as a contact"),
+            ContactError::Suspended => ApiError::unprocessable("user-suspended", "that user is suspended"),
+            ContactError::NotAContact => ApiError::NotFound("contact"),
+            ContactError::Database(e) => e.into(),
+        }
+    }
 }

@@ -4,12 +4,10 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use time::OffsetDateTime;
-use trellis_domain::disputes::{Description, DisputeKind, Priority, may_moderate};
-use trellis_domain::events::{DisputeFiled, EventPayload};
-use trellis_domain::identity::Role;
+use trellis_commands::disputes::{FileError, Filing, FilingLimits};
+use trellis_domain::disputes::{Description, DisputeKind, may_moderate};
 use trellis_domain::{DisputeId, FieldError, UserId, ValidationErrors};
-use trellis_store::disputes::{DisputeRow, NewDispute};
+use trellis_store::disputes::DisputeRow;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -18,7 +16,7 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
-use crate::routes::{events, list, page, resolve_user};
+use crate::routes::{list, page, resolve_user};
 use crate::unit_of_work::UnitOfWork;
 use crate::views::{Audience, Dispute, List, PageParams};
 
@@ -73,66 +71,41 @@ async fn file_dispute(
     errors.into_result()?;
     let mut tx = work.begin().await?;
     let target = resolve_user(&mut *tx, &body.target_id).await?;
-    let target_id = UserId(target.id);
-    if target_id == principal.user_id {
-        return Err(ApiError::unprocessable("self-dispute", "you cannot file a dispute against yourself"));
-    }
-    let p0 = kind.priority() == Priority::P0;
-    if p0 {
-        let reporter =
-            trellis_store::identity::find_by_id(&mut *tx, principal.user_id).await?.ok_or(ApiError::Unauthenticated)?;
-        let min_age = state.config.dispute_p0_min_account_age;
-        if OffsetDateTime::now_utc() - reporter.created_at < min_age {
-            return Err(ApiError::unprocessable(
-                "account-too-new",
-                format!(
-                    "an account must be at least {} old to file an impersonation (P0) dispute",
-                    humantime::format_duration(min_age)
-                ),
-            ));
-        }
-    }
     let id = DisputeId::new();
-    let open = trellis_store::disputes::lock_and_count_open(&mut tx, principal.user_id).await?;
-    if open.all >= state.config.dispute_open_limit || (p0 && open.p0 >= state.config.dispute_open_limit_p0) {
-        let detail = if p0 && open.p0 >= state.config.dispute_open_limit_p0 {
-            format!(
-                "you have {} open P0 disputes, the most one reporter may have; file again when one is decided",
-                open.p0
-            )
-        } else {
-            format!(
-                "you have {} open disputes, the most one reporter may have; file again when one is decided",
-                open.all
-            )
-        };
-        return Err(ApiError::QuotaExceeded {
-            slug: "open-dispute-limit",
-            detail,
-            retry_after_secs: OPEN_LIMIT_RETRY_SECS,
-        });
-    }
-    let row = trellis_store::disputes::insert(
-        &mut tx,
-        &NewDispute {
-            id,
-            reporter: principal.user_id,
-            target: target_id,
-            kind,
-            description: description.as_str(),
-            evidence,
-        },
-    )
-    .await?;
-    let ev = EventPayload::DisputeFiled(DisputeFiled {
-        dispute_id: id,
-        reporter_id: principal.user_id,
-        target_id,
+    let filing = Filing {
+        id,
+        reporter: principal.user_id,
+        target: UserId(target.id),
         kind,
-        priority: kind.priority(),
-    });
-    trellis_store::outbox::insert(&mut tx, &events(Some(principal.user_id), [ev])).await?;
-    work.finish(tx);
+        description: &description,
+        evidence,
+    };
+    let limits = FilingLimits {
+        open: state.config.dispute_open_limit,
+        open_p0: state.config.dispute_open_limit_p0,
+        p0_min_account_age: state.config.dispute_p0_min_account_age,
+    };
+    let filed = trellis_commands::disputes::file(&mut tx, &filing, &limits).await.map_err(|e| match e {
+        FileError::AgainstSelf => ApiError::unprocessable("self-dispute", "you cannot file a dispute against yourself"),
+        FileError::UnknownReporter => ApiError::Unauthenticated,
+        FileError::AccountTooNew(min_age) => ApiError::unprocessable(
+            "account-too-new",
+            format!(
+                "an account must be at least {} old to file an impersonation (P0) dispute",
+                humantime::format_duration(min_age)
+            ),
+        ),
+        FileError::OpenLimit { open, p0 } => ApiError::QuotaExceeded {
+            slug: "open-dispute-limit",
+            detail: format!(
+                "you have {open} open {}disputes, the most one reporter may have; file again when one is decided",
+                if p0 { "P0 " } else { "" }
+            ),
+            retry_after_secs: OPEN_LIMIT_RETRY_SECS,
+        },
+        FileError::Database(e) => e.into(),
+    })?;
+    let row = work.finish(tx, filed).await?;
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, format!("/v1/disputes/{id}"))],
@@ -165,8 +138,7 @@ async fn audience(state: &AppState, principal: &Principal, row: &DisputeRow) -> 
         let target = trellis_store::identity::find_by_id(&state.pool, UserId(row.target_id))
             .await?
             .ok_or(ApiError::NotFound("dispute"))?;
-        let target_role = target.role.parse::<Role>().map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?;
-        if may_moderate(principal.user_id, principal.role, UserId(row.target_id), target_role) {
+        if may_moderate(principal.user_id, principal.role, UserId(row.target_id), target.role) {
             return Ok(Some(Audience::Moderator));
         }
     }

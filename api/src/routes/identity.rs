@@ -5,11 +5,11 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use trellis_domain::events::{EventPayload, ProfileUpdated, UserRegistered};
-use trellis_domain::identity::{DisplayName, Email, Handle, LOGIN_MAX_LEN, Password, canonical_login};
+use trellis_commands::Emitted;
+use trellis_commands::identity::{NewAccount, ProfileChange, ProfileError, RegisterError};
+use trellis_domain::identity::{DisplayName, Email, Handle, LOGIN_MAX_LEN, Password, UserStatus, canonical_login};
 use trellis_domain::{UserId, ValidationErrors};
 use trellis_runtime::config::Secret;
-use trellis_store::identity::{NewUser, ProfileChange};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -19,7 +19,7 @@ use crate::auth::{self, Principal, TokenRequest};
 use crate::client_address::ClientAddress;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
 use crate::ratelimit::AccountKey;
-use crate::routes::{events, list, page, resolve_user};
+use crate::routes::{list, page, resolve_user};
 use crate::unit_of_work::UnitOfWork;
 use crate::views::{List, Me, PageParams, PublicUser, SessionView};
 
@@ -91,32 +91,18 @@ async fn register(
     let password_hash = state.hashing.hash_password(password).await?;
     let id = UserId::new();
     let mut tx = work.begin().await?;
-    let user = trellis_store::identity::insert_user(
-        &mut tx,
-        &NewUser {
-            id,
-            handle: handle.as_str(),
-            display_name: display_name.as_str(),
-            email: email.as_str(),
-            password_hash: &password_hash,
-        },
-    )
-    .await
-    .map_err(unique_violation)?;
-    let evs = events(
-        Some(id),
-        [EventPayload::UserRegistered(UserRegistered {
-            user_id: id,
-            handle: user.handle.clone(),
-            display_name: user.display_name.clone(),
-        })],
-    );
-    trellis_store::outbox::insert(&mut tx, &evs).await?;
+    let account =
+        NewAccount { id, handle: &handle, display_name: &display_name, email: &email, password_hash: &password_hash };
+    let registered = trellis_commands::identity::register(&mut tx, &account).await.map_err(|e| match e {
+        RegisterError::HandleTaken => handle_taken(),
+        RegisterError::EmailTaken => registration_refused(),
+        RegisterError::Database(e) => e.into(),
+    })?;
     let token = TokenRequest { user: id, client_addr: client.ip(), checked_password_hash: None };
     let issued = auth::issue_token(&mut tx, &state.config, &token)
         .await?
         .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("the user just registered was refused a token")))?;
-    work.finish(tx);
+    let user = work.finish(tx, registered).await?;
     let location = format!("/v1/users/{id}");
     Ok((
         StatusCode::CREATED,
@@ -137,24 +123,6 @@ fn registration_refused() -> ApiError {
         "registration-refused",
         "these details cannot be used to register; if you have an account, sign in or reset its password",
     )
-}
-
-/// Maps the unique constraints of `identity.users` to conflicts.
-fn unique_violation(e: sqlx::Error) -> ApiError {
-    match trellis_store::violated_constraint(&e) {
-        Some("users_handle_key") => handle_taken(),
-        Some("users_email_key") => registration_refused(),
-        _ => e.into(),
-    }
-}
-
-/// A profile change to an e-mail address another account has. The caller proved their password
-/// for it, and such checks are limited per user (`CURRENT_PASSWORD_RATE_PER_USER`).
-fn email_unavailable(e: sqlx::Error) -> ApiError {
-    match trellis_store::violated_constraint(&e) {
-        Some("users_email_key") => ApiError::conflict("email-unavailable", "that e-mail address cannot be used"),
-        _ => e.into(),
-    }
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -225,7 +193,7 @@ async fn login(
         Some(user) if valid => user,
         _ => return Err(ApiError::Unauthenticated),
     };
-    if user.status != "active" {
+    if user.status != UserStatus::Active {
         return Err(ApiError::Forbidden("this account is suspended"));
     }
     let user_id = UserId(user.id);
@@ -236,7 +204,7 @@ async fn login(
     let mut tx = work.begin().await?;
     let token = TokenRequest { user: user_id, client_addr: client.ip(), checked_password_hash: hash.as_deref() };
     let issued = auth::issue_token(&mut tx, &state.config, &token).await?.ok_or(ApiError::Unauthenticated)?;
-    work.finish(tx);
+    work.finish(tx, Emitted::none()).await?;
     Ok((StatusCode::CREATED, Json(Session { user_id: user.id, token: issued.token, expires_at: issued.expires_at }))
         .into_response())
 }
@@ -250,7 +218,7 @@ async fn login(
 async fn sign_out_everywhere(principal: Principal, work: UnitOfWork) -> ApiResult<StatusCode> {
     let mut tx = work.begin().await?;
     trellis_store::identity::revoke_all_tokens(&mut *tx, principal.user_id).await?;
-    work.finish(tx);
+    work.finish(tx, Emitted::none()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -285,7 +253,7 @@ async fn list_sessions(
 async fn logout(principal: Principal, work: UnitOfWork) -> ApiResult<StatusCode> {
     let mut tx = work.begin().await?;
     trellis_store::identity::revoke_token(&mut *tx, &principal.token_hash).await?;
-    work.finish(tx);
+    work.finish(tx, Emitted::none()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -363,30 +331,23 @@ async fn update_me(
         Some(p) => Some(state.hashing.hash_password(p).await?),
         None => None,
     };
-    let user = trellis_store::identity::update_profile(
-        &mut tx,
-        principal.user_id,
-        &ProfileChange {
-            display_name: display_name.as_ref().map(DisplayName::as_str),
-            email: email.as_ref().map(Email::as_str),
-            password_hash: password_hash.as_deref(),
-        },
-    )
-    .await
-    .map_err(email_unavailable)?;
-    if credentials_change {
-        trellis_store::identity::revoke_other_tokens(&mut *tx, principal.user_id, &principal.token_hash).await?;
-    }
-    let evs = events(
-        Some(principal.user_id),
-        [EventPayload::ProfileUpdated(ProfileUpdated {
-            user_id: principal.user_id,
-            display_name: display_name.map(|d| d.as_str().to_owned()),
-            email_changed: email.is_some(),
-        })],
-    );
-    trellis_store::outbox::insert(&mut tx, &evs).await?;
-    work.finish(tx);
+    let change = ProfileChange {
+        display_name: display_name.as_ref(),
+        email: email.as_ref(),
+        password_hash: password_hash.as_deref(),
+    };
+    let updated =
+        trellis_commands::identity::update_profile(&mut tx, principal.user_id, &change, &principal.token_hash)
+            .await
+            .map_err(|e| match e {
+                // The caller proved their password for it, and such checks are limited per user
+                // (`CURRENT_PASSWORD_RATE_PER_USER`): the answer may say the address is taken.
+                ProfileError::EmailUnavailable => {
+                    ApiError::conflict("email-unavailable", "that e-mail address cannot be used")
+                }
+                ProfileError::Database(e) => e.into(),
+            })?;
+    let user = work.finish(tx, updated).await?;
     Ok(Json(user.into()))
 }
 

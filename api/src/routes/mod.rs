@@ -10,9 +10,7 @@ pub mod scores;
 pub mod search;
 
 use serde::de::DeserializeOwned;
-use time::OffsetDateTime;
 use trellis_domain::UserId;
-use trellis_domain::events::{Event, EventPayload};
 use trellis_domain::identity::Handle;
 use trellis_store::identity::UserRow;
 use trellis_store::page::Page;
@@ -95,10 +93,4 @@ pub fn list<R, T: utoipa::ToSchema>(
 ) -> List<T> {
     let next_cursor = page.next.as_ref().map(|next| state.cursor_key.seal(list, next));
     List { items: page.items.into_iter().map(f).collect(), next_cursor }
-}
-
-/// Events of one command, all stamped with the same time and actor.
-pub fn events(actor: Option<UserId>, payloads: impl IntoIterator<Item = EventPayload>) -> Vec<Event> {
-    let now = OffsetDateTime::now_utc();
-    payloads.into_iter().map(|p| Event::new(&p, actor, now)).collect()
 }

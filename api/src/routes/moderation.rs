@@ -6,11 +6,12 @@
 
 use axum::extract::State;
 use serde::Deserialize;
-use trellis_domain::disputes::{DisputeKind, DisputeStatus, Priority, Verdict, may_moderate};
-use trellis_domain::events::{DisputeDecided, EventPayload};
+use trellis_commands::disputes::{ModerateError, Moderator};
+use trellis_domain::adjudication::MODERATOR_RULE;
+use trellis_domain::disputes::{DisputeStatus, Priority, Verdict};
 use trellis_domain::identity::Role;
-use trellis_domain::{DisputeId, FieldError, UserId};
-use trellis_store::disputes::{DecidedBy, Decision, QueueKey, QueueViewer};
+use trellis_domain::{DisputeId, FieldError};
+use trellis_store::disputes::{QueueKey, QueueViewer};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -19,12 +20,9 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
-use crate::routes::{events, list, page};
+use crate::routes::{list, page};
 use crate::unit_of_work::UnitOfWork;
 use crate::views::{Audience, Dispute, List, PageParams};
-
-/// The rule id of a moderator's decision.
-pub const MODERATOR_RULE: &str = "moderator";
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(queue)).routes(routes!(decide))
@@ -92,54 +90,18 @@ async fn decide(
     }
     let id = DisputeId(id);
     let mut tx = work.begin().await?;
-    let current = trellis_store::disputes::get_for_update(&mut tx, id).await?.ok_or(ApiError::NotFound("dispute"))?;
-    if current.reporter_id == principal.user_id.0 {
-        return Err(ApiError::Forbidden("moderators cannot decide disputes they filed"));
-    }
-    let target = UserId(current.target_id);
-    // Under the target's row lock: their role cannot change before this decision commits.
-    let locked = trellis_store::user_admin::lock(&mut tx, target).await?.ok_or(ApiError::NotFound("dispute"))?;
-    if !may_moderate(principal.user_id, principal.role, target, locked.role) {
-        return Err(ApiError::NotFound("dispute"));
-    }
-    let status = DisputeStatus::parse(&current.status).map_err(|e| ApiError::Internal(e.into()))?;
-    if status.is_final() {
-        return Err(ApiError::conflict(
-            "dispute-already-decided",
-            format!("this dispute was already {}", current.status),
-        ));
-    }
-    let kind = DisputeKind::parse(&current.kind).map_err(|e| ApiError::Internal(e.into()))?;
-    let row = trellis_store::disputes::record_decision(
-        &mut tx,
-        id,
-        &Decision {
-            status: verdict.status(),
-            rule: MODERATOR_RULE,
-            reasons: serde_json::json!([format!("decided by a moderator: {note}")]),
-            rules_version: "manual",
-            decided_by: Some(principal.user_id),
-            note: Some(note),
-        },
-    )
-    .await?;
-    let mut payloads = Vec::new();
-    if verdict == Verdict::Upheld {
-        let moderator =
-            trellis_store::identity::find_by_id(&mut *tx, principal.user_id).await?.ok_or(ApiError::Unauthenticated)?;
-        let by = DecidedBy::Moderator { id: principal.user_id, handle: &moderator.handle };
-        payloads = trellis_store::disputes::apply_upheld_effects(&mut tx, id, kind, target, by).await?;
-    }
-    payloads.push(EventPayload::DisputeDecided(DisputeDecided {
-        dispute_id: id,
-        target_id: target,
-        kind,
-        status: verdict.status(),
-        rule: MODERATOR_RULE.into(),
-        decided_by: Some(principal.user_id),
-    }));
-    trellis_store::outbox::insert(&mut tx, &events(Some(principal.user_id), payloads)).await?;
-    work.finish(tx);
+    let moderator = Moderator { id: principal.user_id, role: principal.role };
+    let decided =
+        trellis_commands::disputes::moderate(&mut tx, moderator, id, verdict, note).await.map_err(|e| match e {
+            ModerateError::NotFound => ApiError::NotFound("dispute"),
+            ModerateError::OwnFiling => ApiError::Forbidden("moderators cannot decide disputes they filed"),
+            ModerateError::AlreadyDecided(status) => {
+                ApiError::conflict("dispute-already-decided", format!("this dispute was already {}", status.as_str()))
+            }
+            ModerateError::UnknownModerator => ApiError::Unauthenticated,
+            ModerateError::Database(e) => e.into(),
+        })?;
+    let row = work.finish(tx, decided).await?;
     // The same counter as the dispute processor's rules (its series exist from the processor's
     // start-up; Prometheus sums both processes).
     let outcome = verdict.status().as_str();

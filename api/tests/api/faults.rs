@@ -408,6 +408,53 @@ async fn a_commit_whose_connection_is_lost_is_never_answered_retry() {
 }
 
 #[tokio::test]
+async fn an_admins_keyed_reinstatement_commits_in_its_unit_of_work_on_one_connection() {
+    // As above: two connections, the flag watcher's LISTEN holds one. A reinstatement made on
+    // a transaction of its own, beside its unit of work's, would wait for the other one.
+    let args = ["--db-pool-size", "2", "--io-timeout", "2s", "--no-relay"].map(String::from).to_vec();
+    let app = TestApp::spawn_with(Options { args, ..Options::default() }).await;
+    let alice = app.register("alice").await;
+    let bob = app.register("bob").await;
+    let moderator = app.register("mod").await;
+    app.grant_role(&moderator, "moderator").await;
+    let admin = app.register("admin").await;
+    app.grant_role(&admin, "admin").await;
+    let disputed = app.file_dispute(&alice, &bob, "harassment").await;
+    let path = format!("/v1/moderation/disputes/{}/decision", disputed["id"].as_str().unwrap());
+    let upheld = app.post(&path, Some(&moderator.token), json!({"decision": "upheld", "note": "harassment"})).await;
+    assert_eq!(upheld.status, 200, "{:?}", upheld.body);
+
+    let reinstate = || {
+        app.build(
+            Method::POST,
+            "/v1/admin/users/bob/reinstate",
+            Some(&admin.token),
+            Some(json!({"reason": "mistaken"})),
+        )
+        .header("idempotency-key", "reinstate-bob")
+    };
+    let r = app.send(reinstate()).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.header("idempotent-replayed"), Some("false"));
+    // The key, the status, the audit row and the event: one transaction's rows.
+    let rows: Vec<String> = sqlx::query_scalar(
+        "SELECT xmin::text FROM ops.idempotency_keys WHERE key = 'reinstate-bob'
+         UNION ALL SELECT xmin::text FROM identity.users WHERE handle = 'bob'
+         UNION ALL SELECT xmin::text FROM identity.user_admin_audit WHERE action = 'reinstate'
+         UNION ALL SELECT xmin::text FROM ops.outbox WHERE subject = 'events.identity.user_reinstated'",
+    )
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert!(rows.iter().all(|x| *x == rows[0]), "committed apart: {rows:?}");
+    let replay = app.send(reinstate()).await;
+    assert_eq!((replay.status, replay.header("idempotent-replayed")), (200, Some("true")), "{:?}", replay.body);
+    assert_eq!(replay.body, r.body);
+    assert_eq!(count(&app.db, "SELECT count(*) FROM identity.user_admin_audit WHERE action = 'reinstate'").await, 1);
+}
+
+#[tokio::test]
 async fn every_keyed_write_commits_its_key_with_its_change_on_one_connection() {
     // Two connections in the pool, one of which the flag watcher's LISTEN keeps: a write that
     // used another connection while its unit of work holds the other would wait until

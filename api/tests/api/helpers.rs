@@ -212,10 +212,11 @@ impl TestApp {
         let actor = trellis_store::user_admin::Actor { name: "api-tests", user_id: None };
         let reason = trellis_domain::identity::AdminReason::parse("test set-up").unwrap();
         let role = role.parse().expect("a role");
-        trellis_store::user_admin::grant_role(&self.db.pool, user.id.parse().unwrap(), role, &actor, &reason)
+        let mut tx = self.db.pool.begin().await.unwrap();
+        let granted = trellis_commands::users::grant_role(&mut tx, user.id.parse().unwrap(), role, &actor, &reason)
             .await
-            .expect("granting a role")
-            .expect("a new role");
+            .expect("granting a role");
+        trellis_commands::commit(tx, granted).await.expect("committing a role").expect("a new role");
     }
 
     /// A reader of this app's `EVENTS` stream.

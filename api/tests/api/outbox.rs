@@ -368,11 +368,8 @@ async fn two_relays_over_one_backlog_publish_every_event_exactly_once() {
             Event::new(&payload, Some(owner), now)
         })
         .collect();
-    let mut tx = db.pool.begin().await.unwrap();
-    for chunk in events.chunks(1000) {
-        trellis_store::outbox::insert(&mut tx, chunk).await.unwrap();
-    }
-    tx.commit().await.unwrap();
+    let tx = db.pool.begin().await.unwrap();
+    trellis_commands::commit(tx, trellis_commands::Emitted::events(events.clone())).await.unwrap();
     let event_ids: HashSet<String> = events.iter().map(|e| e.envelope.id.to_string()).collect();
     assert_eq!(event_ids.len(), BACKLOG);
 

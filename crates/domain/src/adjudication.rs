@@ -32,6 +32,12 @@ use crate::identity::Role;
 /// The version of these rules, stored with every automatic decision. Change it with the rules.
 pub const RULES_VERSION: &str = "2026-12-04.1";
 
+/// The `rule` of a moderator's decision (in its record, its event and the decision metrics).
+pub const MODERATOR_RULE: &str = "moderator";
+
+/// The `rules_version` of a moderator's decision.
+pub const MANUAL_RULES_VERSION: &str = "manual";
+
 /// R1: a decided duplicate counts for this long.
 pub const DUPLICATE_WINDOW: Duration = Duration::hours(24);
 /// R3: the reporter's record is read over this window.

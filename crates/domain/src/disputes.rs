@@ -63,6 +63,14 @@ impl DisputeKind {
     }
 }
 
+/// A stored kind (the store decodes rows with it).
+impl TryFrom<String> for DisputeKind {
+    type Error = FieldError;
+    fn try_from(raw: String) -> Result<Self, Self::Error> {
+        DisputeKind::parse(&raw)
+    }
+}
+
 /// Dispute urgency, P0 (most urgent) to P3.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Priority {
@@ -101,6 +109,15 @@ impl Priority {
     }
 }
 
+/// A stored rank (the store decodes rows with it).
+impl TryFrom<i16> for Priority {
+    type Error = FieldError;
+    fn try_from(rank: i16) -> Result<Self, Self::Error> {
+        Priority::from_rank(rank)
+            .ok_or_else(|| FieldError::new("priority", "unknown", format!("rank {rank} is not one of 0, 1, 2, 3")))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DisputeStatus {
@@ -132,6 +149,14 @@ impl DisputeStatus {
         DisputeStatus::ALL.into_iter().find(|s| s.as_str() == raw).ok_or_else(|| {
             FieldError::new("status", "unknown", "must be one of pending, upheld, dismissed, needs_review")
         })
+    }
+}
+
+/// A stored status (the store decodes rows with it).
+impl TryFrom<String> for DisputeStatus {
+    type Error = FieldError;
+    fn try_from(raw: String) -> Result<Self, Self::Error> {
+        DisputeStatus::parse(&raw)
     }
 }
 
@@ -211,6 +236,22 @@ mod tests {
             assert_eq!(may_moderate(me, viewer, other, target), may, "{viewer:?} on {target:?}");
             assert!(!may_moderate(me, viewer, me, target), "{viewer:?} on themselves");
         }
+    }
+
+    #[test]
+    fn stored_values_convert_back_and_unknown_ones_are_errors() {
+        for k in DisputeKind::ALL {
+            assert_eq!(DisputeKind::try_from(k.as_str().to_owned()), Ok(k));
+        }
+        for s in DisputeStatus::ALL {
+            assert_eq!(DisputeStatus::try_from(s.as_str().to_owned()), Ok(s));
+        }
+        for p in Priority::ALL {
+            assert_eq!(Priority::try_from(p.rank()), Ok(p));
+        }
+        assert!(DisputeKind::try_from("slander".to_owned()).is_err());
+        assert!(DisputeStatus::try_from("Pending".to_owned()).is_err());
+        assert_eq!(Priority::try_from(4).unwrap_err().to_string(), "priority: rank 4 is not one of 0, 1, 2, 3");
     }
 
     #[test]

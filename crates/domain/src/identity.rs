@@ -266,6 +266,14 @@ impl std::str::FromStr for Role {
     }
 }
 
+/// A stored role (the store decodes rows with it).
+impl TryFrom<String> for Role {
+    type Error = String;
+    fn try_from(raw: String) -> Result<Self, Self::Error> {
+        raw.parse()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UserStatus {
@@ -293,6 +301,49 @@ impl std::str::FromStr for UserStatus {
     }
 }
 
+/// A stored status (the store decodes rows with it).
+impl TryFrom<String> for UserStatus {
+    type Error = String;
+    fn try_from(raw: String) -> Result<Self, Self::Error> {
+        raw.parse()
+    }
+}
+
+/// What an audited change of a user did (`identity.user_admin_audit.action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminAction {
+    /// A role changed (from and to are roles).
+    GrantRole,
+    /// An upheld dispute suspended the user (from and to are statuses).
+    Suspend,
+    /// A suspension was undone (from and to are statuses).
+    Reinstate,
+}
+
+impl AdminAction {
+    pub const ALL: [AdminAction; 3] = [AdminAction::GrantRole, AdminAction::Suspend, AdminAction::Reinstate];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminAction::GrantRole => "grant_role",
+            AdminAction::Suspend => "suspend",
+            AdminAction::Reinstate => "reinstate",
+        }
+    }
+}
+
+/// A stored action (the store decodes rows with it).
+impl TryFrom<String> for AdminAction {
+    type Error = String;
+    fn try_from(raw: String) -> Result<Self, Self::Error> {
+        AdminAction::ALL
+            .into_iter()
+            .find(|a| a.as_str() == raw)
+            .ok_or_else(|| format!("unknown user administration action {raw:?}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,6 +355,23 @@ mod tests {
         assert_eq!(AdminReason::parse(" \t ").unwrap_err().code, "required");
         assert_eq!(AdminReason::parse(&"x".repeat(2001)).unwrap_err().code, "too_long");
         assert!(AdminReason::parse(&"é".repeat(2000)).is_ok());
+    }
+
+    #[test]
+    fn stored_roles_statuses_and_actions_convert_back() {
+        for r in Role::ALL {
+            assert_eq!(Role::try_from(r.as_str().to_owned()), Ok(r));
+        }
+        for s in [UserStatus::Active, UserStatus::Suspended] {
+            assert_eq!(UserStatus::try_from(s.as_str().to_owned()), Ok(s));
+        }
+        for a in AdminAction::ALL {
+            assert_eq!(AdminAction::try_from(a.as_str().to_owned()), Ok(a));
+            assert_eq!(serde_json::to_value(a).unwrap(), a.as_str());
+        }
+        assert!(Role::try_from("root".to_owned()).is_err());
+        assert!(UserStatus::try_from("banned".to_owned()).is_err());
+        assert!(AdminAction::try_from("delete".to_owned()).is_err());
     }
 
     #[test]

@@ -434,11 +434,57 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Where a score run stands (`score.runs.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Its lease holder is computing or writing it.
+    Running,
+    Succeeded,
+    /// It failed, or its holder died and the next lease holder marked it.
+    Failed,
+}
+
+impl RunStatus {
+    pub const ALL: [RunStatus; 3] = [RunStatus::Running, RunStatus::Succeeded, RunStatus::Failed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+        }
+    }
+}
+
+/// A stored status (the store decodes rows with it).
+impl TryFrom<String> for RunStatus {
+    type Error = String;
+    fn try_from(raw: String) -> Result<Self, Self::Error> {
+        RunStatus::ALL.into_iter().find(|s| s.as_str() == raw).ok_or_else(|| format!("unknown run status {raw:?}"))
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn stored_run_statuses_convert_back() {
+        for s in RunStatus::ALL {
+            assert_eq!(RunStatus::try_from(s.as_str().to_owned()), Ok(s));
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        assert!(RunStatus::try_from("queued".to_owned()).is_err());
+    }
 
     fn graph(n: usize, edges: &[(u32, u32)], verified: &[u32]) -> Graph {
         let mut builder = GraphBuilder::new(n);

@@ -3,7 +3,7 @@
 use sqlx::{PgConnection, PgExecutor};
 use time::OffsetDateTime;
 use trellis_domain::UserId;
-use trellis_domain::events::Event;
+use trellis_domain::identity::Role;
 use uuid::Uuid;
 
 use crate::page::Page;
@@ -26,16 +26,12 @@ pub enum Upsert {
     Unchanged,
 }
 
-/// Adds the edge or updates its label, and writes `added` or `updated` to the outbox when
-/// something changed: all in one statement (one round trip, atomic without an explicit
-/// transaction), since adding contacts is the API's hottest write.
-pub async fn upsert_with_event(
+/// Adds the edge or updates its label, in one statement, and says which it did.
+pub async fn upsert(
     db: impl PgExecutor<'_>,
     owner: UserId,
     contact: UserId,
     label: &str,
-    added: &Event,
-    updated: &Event,
 ) -> Result<(Upsert, ContactRow), sqlx::Error> {
     #[derive(sqlx::FromRow)]
     struct Row {
@@ -43,7 +39,6 @@ pub async fn upsert_with_event(
         contact: ContactRow,
         outcome: String,
     }
-    let (a, u) = (crate::outbox::OutboxRow::of(added), crate::outbox::OutboxRow::of(updated));
     let row: Row = sqlx::query_as(
         "WITH old AS (
              SELECT label FROM contacts.contacts WHERE owner_id = $1 AND contact_id = $2
@@ -52,33 +47,16 @@ pub async fn upsert_with_event(
              ON CONFLICT (owner_id, contact_id) DO UPDATE SET label = EXCLUDED.label,
                  updated_at = CASE WHEN c.label IS DISTINCT FROM EXCLUDED.label THEN now() ELSE c.updated_at END
              RETURNING c.contact_id, c.label, c.created_at, c.updated_at, (c.xmax = 0) AS inserted
-         ), change AS (
-             SELECT up.*, CASE WHEN up.inserted THEN 'created'
-                               WHEN (SELECT label FROM old) IS DISTINCT FROM up.label THEN 'updated'
-                               ELSE 'unchanged' END AS outcome
-             FROM up
-         ), ev AS (
-             INSERT INTO ops.outbox (id, subject, payload, created_at)
-             SELECT e.id, e.subject, e.payload, e.created_at
-             FROM change JOIN (VALUES ('created', $4::uuid, $5::text, $6::jsonb, $7::timestamptz),
-                                      ('updated', $8::uuid, $9::text, $10::jsonb, $11::timestamptz))
-                  AS e (outcome, id, subject, payload, created_at) ON e.outcome = change.outcome
          )
-         SELECT change.contact_id, u.handle, u.display_name, change.label, change.created_at, change.updated_at,
-                change.outcome
-         FROM change JOIN identity.users u ON u.id = change.contact_id",
+         SELECT up.contact_id, u.handle, u.display_name, up.label, up.created_at, up.updated_at,
+                CASE WHEN up.inserted THEN 'created'
+                     WHEN (SELECT label FROM old) IS DISTINCT FROM up.label THEN 'updated'
+                     ELSE 'unchanged' END AS outcome
+         FROM up JOIN identity.users u ON u.id = up.contact_id",
     )
     .bind(owner.0)
     .bind(contact.0)
     .bind(label)
-    .bind(a.id)
-    .bind(a.subject)
-    .bind(&a.payload)
-    .bind(a.created_at)
-    .bind(u.id)
-    .bind(u.subject)
-    .bind(&u.payload)
-    .bind(u.created_at)
     .fetch_one(db)
     .await?;
     let outcome = match row.outcome.as_str() {
@@ -125,7 +103,8 @@ pub async fn list_for_token(
     #[derive(sqlx::FromRow)]
     struct Row {
         user_id: Uuid,
-        role: String,
+        #[sqlx(try_from = "String")]
+        role: Role,
         contact_id: Option<Uuid>,
         handle: Option<String>,
         display_name: Option<String>,
@@ -155,7 +134,7 @@ pub async fn list_for_token(
     .fetch_all(db)
     .await?;
     let Some(first) = rows.first() else { return Ok(None) };
-    let principal = crate::identity::Principal { user_id: first.user_id, role: first.role.clone() };
+    let principal = crate::identity::Principal { user_id: first.user_id, role: first.role };
     let contacts: Vec<ContactRow> = rows
         .into_iter()
         .filter_map(|r| {

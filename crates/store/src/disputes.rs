@@ -14,9 +14,12 @@ pub struct DisputeRow {
     pub id: Uuid,
     pub reporter_id: Uuid,
     pub target_id: Uuid,
-    pub kind: String,
-    pub priority: i16,
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub kind: DisputeKind,
+    #[sqlx(try_from = "i16")]
+    pub priority: Priority,
+    #[sqlx(try_from = "String")]
+    pub status: DisputeStatus,
     pub description: String,
     pub evidence: Option<String>,
     pub decision_rule: Option<String>,
@@ -163,7 +166,7 @@ pub async fn list_queue(
     .bind(viewer.admin)
     .fetch_all(db)
     .await?;
-    Ok(Page::from_rows(rows, limit, |r| (r.priority, r.created_at, r.id)))
+    Ok(Page::from_rows(rows, limit, |r| (r.priority.rank(), r.created_at, r.id)))
 }
 
 pub struct Decision<'a> {
@@ -205,65 +208,17 @@ pub async fn record_decision(
     .await
 }
 
-/// Who decided a dispute: what the audit of its effects on the target says.
-#[derive(Debug, Clone, Copy)]
-pub enum DecidedBy<'a> {
-    /// An adjudication rule (its id).
-    Rule(&'a str),
-    /// A moderator or an admin.
-    Moderator { id: UserId, handle: &'a str },
-}
-
-/// Applies what an upheld dispute does to its target, in the caller's transaction, and
-/// returns the events that describe it:
-/// impersonation and harassment suspend the target and revoke their tokens (recorded in the
-/// user administration audit, `by` as the actor); spam hides them from directory search;
-/// incorrect information has no effect beyond the decision.
-pub async fn apply_upheld_effects(
-    conn: &mut PgConnection,
-    dispute: DisputeId,
-    kind: DisputeKind,
-    target: UserId,
-    by: DecidedBy<'_>,
-) -> Result<Vec<trellis_domain::events::EventPayload>, sqlx::Error> {
-    use trellis_domain::events::{EventPayload, UserSuspended};
-    if kind.suspends_target() {
-        let was_active: Option<bool> =
-            sqlx::query_scalar("SELECT status = 'active' FROM identity.users WHERE id = $1 FOR UPDATE")
-                .bind(target.0)
-                .fetch_optional(&mut *conn)
-                .await?;
-        crate::identity::suspend(conn, target).await?;
-        if was_active != Some(true) {
-            return Ok(Vec::new());
-        }
-        let (actor, why) = match by {
-            DecidedBy::Rule(rule) => (
-                crate::user_admin::Actor { name: crate::user_admin::DISPUTE_PROCESSOR, user_id: None },
-                format!("upheld {} dispute {} (rule {rule})", kind.as_str(), dispute),
-            ),
-            DecidedBy::Moderator { id, handle } => (
-                crate::user_admin::Actor { name: handle, user_id: Some(id) },
-                format!("upheld {} dispute {} (by a moderator)", kind.as_str(), dispute),
-            ),
-        };
-        crate::user_admin::record_suspension(conn, target, &actor, &why, dispute).await?;
-        return Ok(vec![EventPayload::UserSuspended(UserSuspended {
-            user_id: target,
-            reason: format!("upheld {} dispute", kind.as_str()),
-            dispute_id: Some(dispute),
-        })]);
-    }
-    if kind == DisputeKind::Spam {
-        sqlx::query(
-            "INSERT INTO security.hidden_users (user_id, dispute_id) VALUES ($1, $2) ON CONFLICT (user_id) DO NOTHING",
-        )
-        .bind(target.0)
-        .bind(dispute.0)
-        .execute(conn)
-        .await?;
-    }
-    Ok(Vec::new())
+/// Hides an upheld spam dispute's target from directory search (once: a user hidden by an
+/// earlier dispute stays hidden by that one).
+pub async fn hide_target(conn: &mut PgConnection, target: UserId, dispute: DisputeId) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO security.hidden_users (user_id, dispute_id) VALUES ($1, $2) ON CONFLICT (user_id) DO NOTHING",
+    )
+    .bind(target.0)
+    .bind(dispute.0)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Locks the disputes of `ids` that are still pending (in id order, so that concurrent batches
@@ -570,7 +525,8 @@ pub struct AutoDecision {
 #[derive(Debug, sqlx::FromRow)]
 pub struct Recorded {
     pub id: Uuid,
-    pub priority: i16,
+    #[sqlx(try_from = "i16")]
+    pub priority: Priority,
     pub created_at: OffsetDateTime,
     pub decided_at: OffsetDateTime,
 }

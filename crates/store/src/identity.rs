@@ -5,6 +5,7 @@ use std::time::Duration;
 use sqlx::{PgConnection, PgExecutor};
 use time::OffsetDateTime;
 use trellis_domain::UserId;
+use trellis_domain::identity::{Role, UserStatus};
 use uuid::Uuid;
 
 use crate::page::Page;
@@ -15,8 +16,10 @@ pub struct UserRow {
     pub handle: String,
     pub display_name: String,
     pub email: String,
-    pub role: String,
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub role: Role,
+    #[sqlx(try_from = "String")]
+    pub status: UserStatus,
     pub verified: bool,
     pub version: i64,
     pub created_at: OffsetDateTime,
@@ -130,13 +133,13 @@ pub async fn update_profile(
     .await
 }
 
-pub async fn set_role(conn: &mut PgConnection, id: UserId, role: &str) -> Result<Option<UserRow>, sqlx::Error> {
+pub async fn set_role(conn: &mut PgConnection, id: UserId, role: Role) -> Result<Option<UserRow>, sqlx::Error> {
     sqlx::query_as(&format!(
         "UPDATE identity.users SET role = $2, version = version + 1, updated_at = now()
          WHERE id = $1 RETURNING {USER_COLUMNS}"
     ))
     .bind(id.0)
-    .bind(role)
+    .bind(role.as_str())
     .fetch_optional(conn)
     .await
 }
@@ -152,25 +155,17 @@ pub async fn set_verified(conn: &mut PgConnection, id: UserId, verified: bool) -
     .await
 }
 
-/// Suspends the user and revokes every token they hold.
-pub async fn suspend(conn: &mut PgConnection, id: UserId) -> Result<Option<UserRow>, sqlx::Error> {
-    let row: Option<UserRow> = sqlx::query_as(&format!(
-        "UPDATE identity.users SET status = 'suspended', version = version + 1, updated_at = now()
-         WHERE id = $1 RETURNING {USER_COLUMNS}"
-    ))
-    .bind(id.0)
-    .fetch_optional(&mut *conn)
-    .await?;
-    revoke_all_tokens(conn, id).await?;
-    Ok(row)
-}
-
-pub async fn reinstate(conn: &mut PgConnection, id: UserId) -> Result<Option<UserRow>, sqlx::Error> {
+pub async fn set_status(
+    conn: &mut PgConnection,
+    id: UserId,
+    status: UserStatus,
+) -> Result<Option<UserRow>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "UPDATE identity.users SET status = 'active', version = version + 1, updated_at = now()
+        "UPDATE identity.users SET status = $2, version = version + 1, updated_at = now()
          WHERE id = $1 RETURNING {USER_COLUMNS}"
     ))
     .bind(id.0)
+    .bind(status.as_str())
     .fetch_optional(conn)
     .await
 }
@@ -260,7 +255,8 @@ pub async fn issue_token(
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Principal {
     pub user_id: Uuid,
-    pub role: String,
+    #[sqlx(try_from = "String")]
+    pub role: Role,
 }
 
 pub async fn authenticate(
@@ -293,7 +289,8 @@ pub async fn authenticate_with_target(
     #[derive(sqlx::FromRow)]
     struct Row {
         user_id: Uuid,
-        role: String,
+        #[sqlx(try_from = "String")]
+        role: Role,
         target_id: Option<Uuid>,
         target_status: Option<String>,
     }
@@ -311,20 +308,24 @@ pub async fn authenticate_with_target(
     .bind(idle_timeout)
     .fetch_optional(db)
     .await?;
-    Ok(row.map(|r| {
+    row.map(|r| {
         let target = match (r.target_id, r.target_status) {
-            (Some(id), Some(status)) => Some(TargetRow { id, status }),
+            (Some(id), Some(status)) => {
+                let status = status.parse::<UserStatus>().map_err(|e| sqlx::Error::Decode(e.into()))?;
+                Some(TargetRow { id, status })
+            }
             _ => None,
         };
-        (Principal { user_id: r.user_id, role: r.role }, target)
-    }))
+        Ok((Principal { user_id: r.user_id, role: r.role }, target))
+    })
+    .transpose()
 }
 
 /// A user named in a path: enough to decide whether the command may go on.
 #[derive(Debug, Clone)]
 pub struct TargetRow {
     pub id: Uuid,
-    pub status: String,
+    pub status: UserStatus,
 }
 
 pub async fn revoke_token(db: impl PgExecutor<'_>, token_hash: &[u8]) -> Result<bool, sqlx::Error> {

@@ -1,8 +1,11 @@
-//! PostgreSQL access for Trellis: the pool, the embedded migrator, the repositories of each
-//! domain schema and the transactional outbox.
+//! PostgreSQL access for Trellis: the pool, the embedded migrator, the queries of each domain
+//! schema, and the outbox as the relay reads it.
 //!
-//! Every function takes an executor or a transaction from its caller, so a command handler
-//! can write its domain rows and its outbox rows in one transaction.
+//! Queries, not policy: what a change means (which rows it touches, what it is allowed to do,
+//! which events it causes) is a command of `trellis_commands`, which calls these. Every function
+//! takes an executor or a transaction from its caller, so a command writes its domain rows and
+//! (through `trellis_commands::commit`) its outbox rows in one transaction. Rows decode straight
+//! into the domain's enums (status, kind, role, priority).
 
 pub mod activity;
 pub mod circles;

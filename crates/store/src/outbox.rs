@@ -1,53 +1,10 @@
-//! The transactional outbox: events are written in the transaction of the change they
-//! describe, and the relay publishes them to JetStream afterwards.
+//! The transactional outbox as the relay and the operators see it: events are written in the
+//! transaction of the change they describe (by `trellis_commands::commit`, the one writer of
+//! `ops.outbox` rows), and the relay claims, publishes and marks them afterwards.
 
 use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
-use trellis_domain::events::Event;
 use uuid::Uuid;
-
-/// Writes `events` to `ops.outbox` on the caller's connection (normally inside the
-/// transaction that made the change).
-pub async fn insert(conn: &mut PgConnection, events: &[Event]) -> Result<(), sqlx::Error> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<Uuid> = events.iter().map(|e| e.envelope.id.0).collect();
-    let subjects: Vec<&str> = events.iter().map(|e| e.subject.as_str()).collect();
-    let payloads: Vec<serde_json::Value> =
-        events.iter().map(|e| serde_json::to_value(&e.envelope).expect("envelopes always serialise")).collect();
-    let created: Vec<OffsetDateTime> = events.iter().map(|e| e.envelope.occurred_at).collect();
-    sqlx::query(
-        "INSERT INTO ops.outbox (id, subject, payload, created_at)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::timestamptz[])",
-    )
-    .bind(&ids)
-    .bind(&subjects)
-    .bind(&payloads)
-    .bind(&created)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// An event as its outbox row stores it.
-pub struct OutboxRow<'a> {
-    pub id: Uuid,
-    pub subject: &'a str,
-    pub payload: serde_json::Value,
-    pub created_at: OffsetDateTime,
-}
-
-impl<'a> OutboxRow<'a> {
-    pub fn of(event: &'a Event) -> Self {
-        Self {
-            id: event.envelope.id.0,
-            subject: &event.subject,
-            payload: serde_json::to_value(&event.envelope).expect("envelopes always serialise"),
-            created_at: event.envelope.occurred_at,
-        }
-    }
-}
 
 /// One claimed, not yet published event.
 #[derive(Debug, Clone, sqlx::FromRow)]

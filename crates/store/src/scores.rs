@@ -5,7 +5,7 @@ use futures::TryStreamExt;
 use sqlx::{PgConnection, PgExecutor};
 use time::OffsetDateTime;
 use trellis_domain::UserId;
-use trellis_domain::score::InputDigest;
+use trellis_domain::score::{InputDigest, RunStatus};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -35,7 +35,8 @@ pub struct RunRow {
     pub id: Uuid,
     pub trigger: String,
     pub requested_by: Option<Uuid>,
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: RunStatus,
     pub host: Option<String>,
     pub algorithm: Option<String>,
     pub users: Option<i64>,
@@ -459,11 +460,6 @@ pub struct NewScore {
 pub struct RunResult<'a> {
     pub run_id: Uuid,
     pub changed: &'a [NewScore],
-    /// Builds the `events.scores.updated` event of one chunk of `changed`; called chunk by
-    /// chunk, so a million scores never sit in memory as JSON at once.
-    pub event_of: &'a (dyn Fn(&[NewScore]) -> trellis_domain::events::Event + Sync),
-    /// Scores per event.
-    pub event_chunk: usize,
     /// Users with a stored score who are no longer active (as of the snapshot).
     pub stale: &'a [Uuid],
     pub users: i64,
@@ -476,15 +472,13 @@ pub struct RunResult<'a> {
     pub input_digest: InputDigest,
 }
 
-/// Writes the changed scores, removes the scores of users no longer active, writes the
-/// events, and marks the run succeeded; returns the write phase's duration in ms.
-pub async fn write_run(
-    conn: &mut PgConnection,
+/// Writes the changed scores and removes the scores of users no longer active, in the caller's
+/// transaction, whose statements may take `timeout` each from here on.
+pub async fn write_scores(
+    tx: &mut PgConnection,
     result: &RunResult<'_>,
     timeout: std::time::Duration,
-) -> Result<i64, sqlx::Error> {
-    let started = std::time::Instant::now();
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+) -> Result<(), sqlx::Error> {
     sqlx::query(&format!("SET LOCAL statement_timeout = {}", timeout.as_millis())).execute(&mut *tx).await?;
     sqlx::query(
         "CREATE TEMP TABLE score_new (user_id uuid NOT NULL, trust float8 NOT NULL, score int NOT NULL) ON COMMIT DROP",
@@ -523,11 +517,12 @@ pub async fn write_run(
     .bind(result.stale)
     .execute(&mut *tx)
     .await?;
-    for group in result.changed.chunks(result.event_chunk.max(1) * 20) {
-        let events: Vec<_> = group.chunks(result.event_chunk.max(1)).map(result.event_of).collect();
-        crate::outbox::insert(&mut tx, &events).await?;
-    }
-    let write_ms = started.elapsed().as_millis() as i64;
+    Ok(())
+}
+
+/// Marks the run succeeded with its figures, `write_ms` its write phase so far, in the
+/// transaction that wrote its scores.
+pub async fn mark_succeeded(tx: &mut PgConnection, result: &RunResult<'_>, write_ms: i64) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE score.runs SET status = 'succeeded', users = $2, edges = $3, iterations = $4, residual = $5,
              scores_changed = $6, load_ms = $7, compute_ms = $8, write_ms = $9, input_digest = $10, finished_at = now()
@@ -543,10 +538,9 @@ pub async fn write_run(
     .bind(result.compute_ms)
     .bind(write_ms)
     .bind(result.input_digest.as_i64())
-    .execute(&mut *tx)
+    .execute(tx)
     .await?;
-    tx.commit().await?;
-    Ok(started.elapsed().as_millis() as i64)
+    Ok(())
 }
 
 /// Mean wall-clock duration (seconds) of the runs that finished in the last 24 hours, as the

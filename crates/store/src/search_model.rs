@@ -12,6 +12,7 @@
 
 use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
+use trellis_domain::identity::UserStatus;
 use uuid::Uuid;
 
 /// The advisory lock class of search documents (first key of the two-key form).
@@ -86,8 +87,8 @@ pub struct DirectoryDocument {
     pub verified: bool,
     /// `None` for an unscored or a suspended user.
     pub score: Option<i32>,
-    /// active | suspended
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: UserStatus,
     pub hidden: bool,
 }
 

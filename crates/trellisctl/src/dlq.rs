@@ -7,6 +7,7 @@ use anyhow::{Context as _, bail};
 use async_nats::jetstream;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use trellis_domain::events::{Envelope, EventPayload};
 use trellis_runtime::dlq::{self, Entry};
 use trellis_runtime::nats::Topology;
 
@@ -89,7 +90,8 @@ pub enum Dlq {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-    /// Shows one dead letter: every header and the payload.
+    /// Shows one dead letter: every header, what its payload says as an event (or why it does
+    /// not decode), and the payload.
     Show { sequence: u64 },
     /// Groups dead letters by consumer and error fingerprint: the triage view.
     Stats {
@@ -239,7 +241,58 @@ fn entry_json(e: &Entry) -> serde_json::Value {
         "replays": e.replays(),
         "headers": headers,
         "payload": payload,
+        "event": match event_of(&e.payload) {
+            Ok((event_type, what)) => serde_json::json!({"decodes": true, "type": event_type, "says": what}),
+            Err(why) => serde_json::json!({"decodes": false, "error": why}),
+        },
     })
+}
+
+/// What a dead letter's payload is as an event: its type and what it says, or why it does not
+/// decode (the reason a consumer could not even look at it).
+fn event_of(payload: &[u8]) -> Result<(String, String), String> {
+    let envelope: Envelope =
+        serde_json::from_slice(payload).map_err(|e| format!("payload is not an event envelope: {e}"))?;
+    let event = EventPayload::decode(&envelope).map_err(|e| e.to_string())?;
+    Ok((format!("{} v{}", envelope.event_type, envelope.version), describe(&event)))
+}
+
+/// One line on what an event says happened.
+fn describe(event: &EventPayload) -> String {
+    match event {
+        EventPayload::UserRegistered(e) => format!("user {} registered as {}", e.user_id, e.handle),
+        EventPayload::ProfileUpdated(e) => format!("user {} changed their profile", e.user_id),
+        EventPayload::RoleGranted(e) => format!("user {} became {}", e.user_id, e.role.as_str()),
+        EventPayload::UserVerified(e) => format!("user {} was verified", e.user_id),
+        EventPayload::UserUnverified(e) => format!("user {} is no longer verified", e.user_id),
+        EventPayload::UserSuspended(e) => format!("user {} was suspended ({})", e.user_id, e.reason),
+        EventPayload::UserReinstated(e) => format!("user {} was reinstated", e.user_id),
+        EventPayload::ContactAdded(e) => format!("user {} added contact {}", e.owner_id, e.contact_id),
+        EventPayload::ContactUpdated(e) => format!("user {} relabelled contact {}", e.owner_id, e.contact_id),
+        EventPayload::ContactRemoved(e) => format!("user {} removed contact {}", e.owner_id, e.contact_id),
+        EventPayload::CircleCreated(e) => format!("user {} created circle {} ({})", e.owner_id, e.circle_id, e.name),
+        EventPayload::CircleRenamed(e) => format!("user {} renamed circle {} to {}", e.owner_id, e.circle_id, e.name),
+        EventPayload::CircleDeleted(e) => format!("user {} deleted circle {}", e.owner_id, e.circle_id),
+        EventPayload::CircleMemberAdded(e) => {
+            format!("user {} added {} to circle {}", e.owner_id, e.user_id, e.circle_id)
+        }
+        EventPayload::CircleMemberRemoved(e) => {
+            format!("user {} removed {} from circle {}", e.owner_id, e.user_id, e.circle_id)
+        }
+        EventPayload::DisputeFiled(e) => format!(
+            "user {} filed {} dispute {} ({}) against {}",
+            e.reporter_id,
+            e.kind.as_str(),
+            e.dispute_id,
+            e.priority.as_str(),
+            e.target_id
+        ),
+        EventPayload::DisputeDecided(e) => {
+            format!("dispute {} against {} was {} (rule {})", e.dispute_id, e.target_id, e.status.as_str(), e.rule)
+        }
+        EventPayload::ScoreRunRequested(e) => format!("a score run was requested ({})", e.reason),
+        EventPayload::ScoresUpdated(e) => format!("score run {} changed {} scores", e.run_id, e.scores.len()),
+    }
 }
 
 async fn list(ctx: &Ctx, filter: &Filter, limit: usize) -> anyhow::Result<()> {
@@ -291,6 +344,10 @@ async fn show(ctx: &Ctx, sequence: u64) -> anyhow::Result<()> {
                 println!("{k}: {v}");
             }
             println!();
+            match event_of(&e.payload) {
+                Ok((event_type, what)) => println!("event: {event_type}: {what}\n"),
+                Err(why) => println!("event: does not decode: {why}\n"),
+            }
             match serde_json::from_slice::<serde_json::Value>(&e.payload) {
                 Ok(v) => println!("{}", serde_json::to_string_pretty(&v)?),
                 Err(_) => println!("{}", String::from_utf8_lossy(&e.payload)),

@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use trellis_domain::UserId;
-use trellis_domain::events::{Event, EventPayload, UserRef};
 use trellis_domain::identity::{AdminReason, Handle, Role};
+use trellis_domain::score::RunStatus;
 use trellis_runtime::config::SecretUrl;
 use trellis_store::PoolConfig;
 use trellis_store::search_model::RebuildScope;
@@ -406,12 +406,8 @@ async fn score(pool: &sqlx::PgPool, action: Score, output: Output) -> anyhow::Re
     match action {
         Score::Run { wait, timeout } => {
             let requested_at = time::OffsetDateTime::now_utc();
-            let payload = EventPayload::ScoreRunRequested(trellis_domain::events::ScoreRunRequested {
-                requested_by: None,
-                reason: "trellisctl score run".into(),
-            });
-            let mut conn = pool.acquire().await?;
-            trellis_store::outbox::insert(&mut conn, &[Event::new(&payload, None, requested_at)]).await?;
+            let requested = trellis_commands::scores::request_run(None, "trellisctl score run", requested_at);
+            trellis_commands::commit(pool.begin().await?, requested).await?;
             println!("score run requested");
             if !wait {
                 return Ok(());
@@ -421,10 +417,10 @@ async fn score(pool: &sqlx::PgPool, action: Score, output: Output) -> anyhow::Re
             let deadline = tokio::time::Instant::now() + timeout;
             loop {
                 if let Some(run) = trellis_store::scores::first_run_since(pool, requested_at).await?
-                    && run.status != "running"
+                    && run.status != RunStatus::Running
                 {
                     print(&run)?;
-                    if run.status != "succeeded" {
+                    if run.status != RunStatus::Succeeded {
                         bail!("the score run {}", run.status);
                     }
                     return Ok(());
@@ -491,14 +487,17 @@ fn admin_reason(reason: Option<String>) -> anyhow::Result<AdminReason> {
 }
 
 async fn users(pool: &sqlx::PgPool, action: Users, output: Output) -> anyhow::Result<()> {
-    let now = time::OffsetDateTime::now_utc();
     match action {
         Users::GrantRole { user, role, reason, actor } => {
             let reason = admin_reason(reason)?;
             let found = find_user(pool, &user).await?;
             let actor = crate::actor(actor);
             let by = user_admin::Actor { name: &actor, user_id: None };
-            match user_admin::grant_role(pool, UserId(found.id), role, &by, &reason).await {
+            let mut tx = pool.begin().await?;
+            let granted = trellis_commands::users::grant_role(&mut tx, UserId(found.id), role, &by, &reason)
+                .await
+                .with_context(|| format!("granting {} the role {}", found.handle, role.as_str()))?;
+            match trellis_commands::commit(tx, granted).await {
                 Ok(Some(_)) => println!("{} ({}) is now {}", found.handle, found.id, role.as_str()),
                 Ok(None) => {
                     println!(
@@ -518,10 +517,12 @@ async fn users(pool: &sqlx::PgPool, action: Users, output: Output) -> anyhow::Re
             let found = find_user(pool, &user).await?;
             let actor = crate::actor(actor);
             let by = user_admin::Actor { name: &actor, user_id: None };
-            match user_admin::reinstate(pool, UserId(found.id), &by, &reason).await {
-                Ok(_) => println!("{} ({}) is reinstated (active); they sign in again", found.handle, found.id),
-                Err(e) => return Err(e).with_context(|| format!("reinstating {}", found.handle)),
-            }
+            let mut tx = pool.begin().await?;
+            let reinstated = trellis_commands::users::reinstate(&mut tx, UserId(found.id), &by, &reason)
+                .await
+                .with_context(|| format!("reinstating {}", found.handle))?;
+            trellis_commands::commit(tx, reinstated).await.with_context(|| format!("reinstating {}", found.handle))?;
+            println!("{} ({}) is reinstated (active); they sign in again", found.handle, found.id);
         }
         Users::History { user, limit } => {
             let user = match user {
@@ -540,7 +541,12 @@ async fn users(pool: &sqlx::PgPool, action: Users, output: Output) -> anyhow::Re
                         let when = r.acted_at.format(&time::format_description::well_known::Rfc3339)?;
                         println!(
                             "{when:<25} {:<36} {:<10} {:<10} {:<10} {:<16} {}",
-                            r.user_id, r.action, r.from_value, r.to_value, r.actor, r.reason
+                            r.user_id,
+                            r.action.as_str(),
+                            r.from_value,
+                            r.to_value,
+                            r.actor,
+                            r.reason
                         );
                     }
                 }
@@ -548,16 +554,9 @@ async fn users(pool: &sqlx::PgPool, action: Users, output: Output) -> anyhow::Re
         }
         Users::Verify { user, revoke } => {
             let found = find_user(pool, &user).await?;
-            let id = UserId(found.id);
             let mut tx = pool.begin().await?;
-            trellis_store::identity::set_verified(&mut tx, id, !revoke).await?;
-            let payload = if revoke {
-                EventPayload::UserUnverified(UserRef { user_id: id })
-            } else {
-                EventPayload::UserVerified(UserRef { user_id: id })
-            };
-            trellis_store::outbox::insert(&mut tx, &[Event::new(&payload, None, now)]).await?;
-            tx.commit().await?;
+            let verified = trellis_commands::users::set_verified(&mut tx, UserId(found.id), !revoke).await?;
+            trellis_commands::commit(tx, verified).await?;
             println!("{} ({}) is {}", found.handle, found.id, if revoke { "no longer verified" } else { "verified" });
         }
     }

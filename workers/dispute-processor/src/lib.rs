@@ -51,14 +51,16 @@ use async_nats::jetstream::consumer;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
+use trellis_commands::Emitted;
+use trellis_commands::disputes::{Decided, DecidedBy};
 use trellis_domain::adjudication::Facts;
 use trellis_domain::disputes::{DisputeStatus, Priority};
-use trellis_domain::events::{DisputeDecided, DisputeFiled, Event, EventPayload, filed_subject};
+use trellis_domain::events::{EventPayload, filed_subject};
 use trellis_domain::{DisputeId, UserId};
 use trellis_runtime::consumer::{
     ConsumerError, ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome, RunnerConfig, RunnerContext,
 };
-use trellis_store::disputes::{DecidedBy, DisputeRow};
+use trellis_store::disputes::DisputeRow;
 use uuid::Uuid;
 
 use batch::Batch;
@@ -87,7 +89,7 @@ pub fn label(p: Priority) -> &'static str {
 }
 
 /// The rule label of a moderator's decision in `trellis_dispute_decisions_total`.
-pub const MODERATOR_RULE: &str = "moderator";
+pub use trellis_domain::adjudication::MODERATOR_RULE;
 
 /// The processor's settings (flags of the binary; `trellis-api` flattens the same).
 #[derive(Debug, Clone, clap::Args)]
@@ -204,7 +206,7 @@ impl Processor {
         rows.sort_by_key(|r| (r.created_at, r.id));
 
         let mut batch = Batch::default();
-        let mut events = Vec::new();
+        let mut emitted = Emitted::none();
         for row in rows {
             if batch.has_decided(row.id) {
                 continue; // upheld with an earlier one of the batch (R4)
@@ -217,42 +219,32 @@ impl Processor {
             } else {
                 trellis_store::disputes::lock_undecided(&mut tx, &others).await?.iter().map(|o| o.id).collect()
             };
-            for id in batch.record(&f, &judgement, &locked) {
-                events.push(EventPayload::DisputeDecided(DisputeDecided {
-                    dispute_id: DisputeId(id),
-                    target_id: UserId(f.target_id),
-                    kind: f.kind,
-                    status: judgement.status,
-                    rule: judgement.rule.id().to_owned(),
-                    decided_by: None,
-                }));
-            }
+            let decided = batch.record(&f, &judgement, &locked);
             if judgement.status == DisputeStatus::Upheld {
                 let target = trellis_store::user_admin::lock(&mut tx, UserId(f.target_id)).await?;
                 if target.is_some_and(|t| t.role.can_moderate()) {
                     return Err(DecideError::TargetPrivileged(f.target_id));
                 }
-                let effects = trellis_store::disputes::apply_upheld_effects(
-                    &mut tx,
-                    DisputeId(row.id),
-                    f.kind,
-                    UserId(f.target_id),
-                    DecidedBy::Rule(judgement.rule.id()),
-                )
-                .await?;
-                events.extend(effects);
+            }
+            // The judged dispute first: an upheld one's effects are recorded with it.
+            for id in decided {
+                let decision = Decided {
+                    dispute: DisputeId(id),
+                    target: UserId(f.target_id),
+                    kind: f.kind,
+                    status: judgement.status,
+                    by: DecidedBy::Rule(judgement.rule.id()),
+                };
+                emitted.absorb(trellis_commands::disputes::apply_decision(&mut tx, &decision).await?);
             }
         }
         let recorded =
             trellis_store::disputes::record_auto_decisions(&mut tx, &batch.decisions, rules.version, &clock).await?;
-        let now = OffsetDateTime::now_utc();
-        let events: Vec<Event> = events.iter().map(|p| Event::new(p, None, now)).collect();
-        trellis_store::outbox::insert(&mut tx, &events).await?;
-        tx.commit().await?;
+        trellis_commands::commit(tx, emitted).await?;
         for r in &recorded {
-            let p = Priority::from_rank(r.priority).unwrap_or(Priority::P3);
             let latency = (r.decided_at - r.created_at).as_seconds_f64().max(0.0);
-            metrics::histogram!("trellis_dispute_decision_latency_seconds", "priority" => label(p)).record(latency);
+            metrics::histogram!("trellis_dispute_decision_latency_seconds", "priority" => label(r.priority))
+                .record(latency);
         }
         for d in &batch.decisions {
             metrics::counter!("trellis_dispute_decisions_total", "outcome" => d.status.as_str(), "rule" => d.rule)
@@ -344,14 +336,38 @@ struct PriorityHandler {
     priority: Priority,
 }
 
-/// The dispute a `disputes.filed` delivery files.
+/// The dispute a `disputes.filed` delivery files; any other delivery is rejected (dead-lettered):
+/// it does not decode, or it is a type the dispute subjects never carry.
 fn decode_filed(d: &Delivery) -> Result<Uuid, String> {
-    if d.envelope.event_type != "disputes.filed" {
-        return Err(format!("unexpected event type {} on a dispute subject", d.envelope.event_type));
+    let event = EventPayload::decode(&d.envelope).map_err(|e| e.to_string())?;
+    filed(&event).map(|id| id.0)
+}
+
+/// The dispute an event files: the processor consumes `disputes.filed` and nothing else.
+pub fn filed(event: &EventPayload) -> Result<DisputeId, String> {
+    match event {
+        EventPayload::DisputeFiled(f) => Ok(f.dispute_id),
+        EventPayload::UserRegistered(_)
+        | EventPayload::ProfileUpdated(_)
+        | EventPayload::RoleGranted(_)
+        | EventPayload::UserVerified(_)
+        | EventPayload::UserUnverified(_)
+        | EventPayload::UserSuspended(_)
+        | EventPayload::UserReinstated(_)
+        | EventPayload::ContactAdded(_)
+        | EventPayload::ContactUpdated(_)
+        | EventPayload::ContactRemoved(_)
+        | EventPayload::CircleCreated(_)
+        | EventPayload::CircleRenamed(_)
+        | EventPayload::CircleDeleted(_)
+        | EventPayload::CircleMemberAdded(_)
+        | EventPayload::CircleMemberRemoved(_)
+        | EventPayload::DisputeDecided(_)
+        | EventPayload::ScoreRunRequested(_)
+        | EventPayload::ScoresUpdated(_) => {
+            Err(format!("unexpected event type {} on a dispute subject", event.event_type()))
+        }
     }
-    let filed: DisputeFiled =
-        serde_json::from_value(d.envelope.data.clone()).map_err(|e| format!("malformed disputes.filed data: {e}"))?;
-    Ok(filed.dispute_id.0)
 }
 
 impl Handler for PriorityHandler {
@@ -461,5 +477,64 @@ impl Groups {
         }
         let _ = reporter.await;
         first_error
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use trellis_domain::events::catalogue::{self, Service};
+    use trellis_domain::events::{Event, EventType, subject_matches};
+
+    use super::*;
+
+    fn delivery(event: &Event) -> Delivery {
+        Delivery {
+            subject: event.subject.clone(),
+            envelope: event.envelope.clone(),
+            stream_sequence: 1,
+            deliveries: 1,
+            replays: 0,
+        }
+    }
+
+    /// What the processor's match handles is what the catalogue says it consumes, and its
+    /// consumers (and its shadow candidate's) receive every subject of those types.
+    #[test]
+    fn the_processor_consumes_exactly_the_types_the_catalogue_names() {
+        for &t in EventType::ALL {
+            let handled = filed(&t.example()).is_ok();
+            assert_eq!(handled, catalogue::consumes(Service::DisputeProcessor, t), "{t}: the catalogue disagrees");
+            if handled {
+                for subject in t.subjects() {
+                    assert!(
+                        Priority::ALL.into_iter().any(|p| subject_matches(&consumer_spec(p).filter_subject, &subject)),
+                        "no priority's consumer receives {subject}"
+                    );
+                    assert!(subject_matches(shadow::FILED_SUBJECTS, &subject), "the candidate misses {subject}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_filing_decodes_and_anything_else_is_rejected() {
+        let now = OffsetDateTime::UNIX_EPOCH;
+        let filing = Event::new(&EventType::DisputeFiled.example(), None, now);
+        let EventPayload::DisputeFiled(expected) = EventType::DisputeFiled.example() else { unreachable!() };
+        assert_eq!(decode_filed(&delivery(&filing)), Ok(expected.dispute_id.0));
+
+        let mut newer = delivery(&filing);
+        newer.envelope.version = 2;
+        let rejected = decode_filed(&newer).unwrap_err();
+        assert!(rejected.contains("version 2"), "{rejected}");
+
+        let decided = Event::new(&EventType::DisputeDecided.example(), None, now);
+        assert_eq!(
+            decode_filed(&delivery(&decided)),
+            Err("unexpected event type disputes.decided on a dispute subject".to_owned())
+        );
+        let mut unknown = delivery(&filing);
+        unknown.envelope.event_type = "disputes.withdrawn".into();
+        assert_eq!(decode_filed(&unknown), Err("unknown event type \"disputes.withdrawn\"".to_owned()));
     }
 }

@@ -23,8 +23,7 @@ use std::time::{Duration, Instant};
 use sqlx::{Connection, PgConnection, PgPool};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
-use trellis_domain::UserId;
-use trellis_domain::events::{Event, EventPayload, ScoresUpdated, UserScore};
+use trellis_domain::events::{EventPayload, ScoreRunRequested};
 use trellis_domain::score::{self, Graph, GraphBuilder, TrustResult};
 use trellis_runtime::config::SecretUrl;
 use trellis_runtime::consumer::{ConsumerSpec, Delivery, MessageHandler, Outcome};
@@ -35,7 +34,7 @@ use uuid::Uuid;
 pub const CONSUMER: &str = "score-orchestrator";
 
 /// Scores per `events.scores.updated` event.
-pub const EVENT_CHUNK: usize = 1000;
+pub use trellis_commands::scores::EVENT_CHUNK;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -360,33 +359,23 @@ impl Orchestrator {
             })
             .map(|i| NewScore { user_id: loaded.users[i], trust: trust.trust[i], score: scores[i] })
             .collect();
-        let now = OffsetDateTime::now_utc();
-        let event_of = move |chunk: &[NewScore]| {
-            let payload = EventPayload::ScoresUpdated(ScoresUpdated {
-                run_id,
-                scores: chunk.iter().map(|s| UserScore { user_id: UserId(s.user_id), score: s.score }).collect(),
-            });
-            Event::new(&payload, None, now)
+        let result = RunResult {
+            run_id,
+            changed: &changed,
+            stale: &loaded.stale,
+            users: n as i64,
+            edges: edges as i64,
+            iterations: trust.iterations as i32,
+            residual: trust.residual,
+            load_ms: load.as_millis() as i64,
+            compute_ms: compute_time.as_millis() as i64,
+            input_digest: loaded.input_digest,
         };
-        let write_ms = store::write_run(
-            conn,
-            &RunResult {
-                run_id,
-                changed: &changed,
-                event_of: &event_of,
-                event_chunk: EVENT_CHUNK,
-                stale: &loaded.stale,
-                users: n as i64,
-                edges: edges as i64,
-                iterations: trust.iterations as i32,
-                residual: trust.residual,
-                load_ms: load.as_millis() as i64,
-                compute_ms: compute_time.as_millis() as i64,
-                input_digest: loaded.input_digest,
-            },
-            timeout,
-        )
-        .await?;
+        let t = Instant::now();
+        let mut tx = conn.begin().await?;
+        let recorded = trellis_commands::scores::record_run(&mut tx, &result, timeout).await?;
+        trellis_commands::commit_with(tx, recorded, trellis_commands::scores::finish_run(&result, t)).await?;
+        let write_ms = t.elapsed().as_millis() as i64;
         metrics::histogram!("trellis_score_run_duration_seconds", "phase" => "write").record(write_ms as f64 / 1000.0);
         Ok(RunSummary {
             run_id,
@@ -508,28 +497,96 @@ impl store::GraphSink for BuilderSink {
     }
 }
 
-/// A run request's type and version, or the rejection of anything else.
-fn check_request(delivery: &Delivery) -> Result<(), Outcome> {
-    if delivery.envelope.event_type != "scores.run_requested" {
-        return Err(Outcome::Reject(format!("unexpected event type {:?}", delivery.envelope.event_type)));
+/// The run request a delivery carries, or the rejection (dead letter) of anything else: it does
+/// not decode, or it is a type the request subject never carries.
+fn check_request(delivery: &Delivery) -> Result<ScoreRunRequested, Outcome> {
+    let event = EventPayload::decode(&delivery.envelope).map_err(|e| Outcome::Reject(e.to_string()))?;
+    run_request(event).map_err(Outcome::Reject)
+}
+
+/// The run an event requests: the orchestrator consumes `scores.run_requested` and nothing else.
+pub fn run_request(event: EventPayload) -> Result<ScoreRunRequested, String> {
+    match event {
+        EventPayload::ScoreRunRequested(r) => Ok(r),
+        EventPayload::UserRegistered(_)
+        | EventPayload::ProfileUpdated(_)
+        | EventPayload::RoleGranted(_)
+        | EventPayload::UserVerified(_)
+        | EventPayload::UserUnverified(_)
+        | EventPayload::UserSuspended(_)
+        | EventPayload::UserReinstated(_)
+        | EventPayload::ContactAdded(_)
+        | EventPayload::ContactUpdated(_)
+        | EventPayload::ContactRemoved(_)
+        | EventPayload::CircleCreated(_)
+        | EventPayload::CircleRenamed(_)
+        | EventPayload::CircleDeleted(_)
+        | EventPayload::CircleMemberAdded(_)
+        | EventPayload::CircleMemberRemoved(_)
+        | EventPayload::DisputeFiled(_)
+        | EventPayload::DisputeDecided(_)
+        | EventPayload::ScoresUpdated(_) => Err(format!("unexpected event type {:?}", event.event_type().as_str())),
     }
-    if delivery.envelope.version != trellis_domain::events::EVENT_VERSION {
-        return Err(Outcome::Reject(format!("unsupported event version {}", delivery.envelope.version)));
-    }
-    Ok(())
 }
 
 impl MessageHandler for Orchestrator {
     async fn handle_one(&self, delivery: &Delivery) -> Outcome {
-        if let Err(rejected) = check_request(delivery) {
-            return rejected;
-        }
-        let requested_by =
-            delivery.envelope.data.get("requested_by").and_then(|v| v.as_str()).and_then(|s| s.parse::<Uuid>().ok());
+        let request = match check_request(delivery) {
+            Ok(request) => request,
+            Err(rejected) => return rejected,
+        };
+        let requested_by = request.requested_by.map(|u| u.0);
         match self.request_made_at(delivery.envelope.occurred_at, "manual", requested_by).await {
             Ok(_) => Outcome::Done,
             Err(RunError::Invalid(e)) => Outcome::Reject(e),
             Err(e @ RunError::Database(_)) => Outcome::Retry(e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use trellis_domain::events::catalogue::{self, Service};
+    use trellis_domain::events::{Event, EventType, subject_matches};
+
+    use super::*;
+
+    fn delivery(event: &Event) -> Delivery {
+        Delivery {
+            subject: event.subject.clone(),
+            envelope: event.envelope.clone(),
+            stream_sequence: 1,
+            deliveries: 1,
+            replays: 0,
+        }
+    }
+
+    /// What the orchestrator's match handles is what the catalogue says it consumes, and its
+    /// consumer receives every subject of those types.
+    #[test]
+    fn the_orchestrator_consumes_exactly_the_types_the_catalogue_names() {
+        for &t in EventType::ALL {
+            let handled = run_request(t.example()).is_ok();
+            assert_eq!(handled, catalogue::consumes(Service::ScoreOrchestrator, t), "{t}: the catalogue disagrees");
+            if handled {
+                for subject in t.subjects() {
+                    assert!(subject_matches(&consumer_spec().filter_subject, &subject), "{subject} is not received");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_request_with_malformed_data_or_of_another_version_is_rejected() {
+        let event = Event::new(&EventType::ScoreRunRequested.example(), None, OffsetDateTime::UNIX_EPOCH);
+        let EventPayload::ScoreRunRequested(expected) = EventType::ScoreRunRequested.example() else { unreachable!() };
+        assert_eq!(check_request(&delivery(&event)), Ok(expected));
+
+        let mut malformed = delivery(&event);
+        malformed.envelope.data = serde_json::json!({"requested_by": "not a user id"});
+        assert!(matches!(check_request(&malformed), Err(Outcome::Reject(e)) if e.starts_with("malformed")));
+        let mut newer = delivery(&event);
+        newer.envelope.version = 2;
+        assert!(matches!(check_request(&newer), Err(Outcome::Reject(e)) if e.contains("version 2")));
     }
 }

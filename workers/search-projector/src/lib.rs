@@ -6,7 +6,9 @@
 //! **One consumer on `events.>`.** nats-server 2.9 allows one filter subject per consumer, so
 //! the choice was between one consumer on `events.>` that skips the types it does not need and
 //! one consumer per domain (identity, contacts, circles, disputes, scores). One consumer wins:
-//! - skipping an irrelevant event costs a type lookup and an ack, nothing more;
+//! - skipping an irrelevant event costs decoding it and an ack, nothing more (an event this code
+//!   cannot decode, of an unknown type or version, is dead-lettered, not skipped: a newer
+//!   producer may have meant it for the projector);
 //! - the read model has a single checkpoint (last applied event time and stream sequence): with
 //!   five consumers it would be five positions, and the freshness of the model the minimum of
 //!   them;
@@ -29,15 +31,12 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
+use trellis_domain::UserId;
 use trellis_domain::disputes::{DisputeKind, DisputeStatus};
-use trellis_domain::events::{
-    CircleChanged, CircleDeleted, CircleMember, ContactChanged, ContactRemoved, DisputeDecided, ProfileUpdated,
-    ScoresUpdated, UserRef, UserRegistered, UserSuspended,
-};
+use trellis_domain::events::EventPayload;
 use trellis_runtime::consumer::{ConsumerSpec, Delivery, Handler, Outcome};
 use trellis_store::search_model;
 use uuid::Uuid;
@@ -52,7 +51,8 @@ pub const CONSUMER: &str = "search-projector";
 pub const DEFAULT_BATCH_SIZE: &str = "1000";
 pub const DEFAULT_BATCH_WINDOW: &str = "50ms";
 
-/// The consumer group: every event (irrelevant types are skipped by the handler).
+/// The consumer group: every event (the types the read model does not depend on are skipped by
+/// the handler).
 pub fn consumer_spec() -> ConsumerSpec {
     ConsumerSpec { name: CONSUMER.into(), filter_subject: "events.>".into() }
 }
@@ -69,46 +69,45 @@ pub struct Dirty {
     pub shown: Vec<Uuid>,
 }
 
-fn decode<T: DeserializeOwned>(delivery: &Delivery) -> Result<T, String> {
-    serde_json::from_value(delivery.envelope.data.clone())
-        .map_err(|e| format!("malformed {} data: {e}", delivery.envelope.event_type))
+/// The documents a delivery's event makes dirty: `Ok(None)` for a type the read model does not
+/// depend on, `Err` for a delivery that does not decode (an unknown type or version, or
+/// malformed data: it is rejected).
+pub fn dirty(delivery: &Delivery) -> Result<Option<Dirty>, String> {
+    let event = EventPayload::decode(&delivery.envelope).map_err(|e| e.to_string())?;
+    Ok(dirtied_by(&event))
 }
 
-/// The documents an event makes dirty: `Ok(None)` for a type the read model does not depend
-/// on, `Err` for a known type whose data does not decode.
-pub fn dirty(delivery: &Delivery) -> Result<Option<Dirty>, String> {
-    let user = |id: Uuid| Dirty { users: vec![id], ..Dirty::default() };
-    let owner = |id: Uuid| Dirty { owners: vec![id], ..Dirty::default() };
-    let d = match delivery.envelope.event_type.as_str() {
-        "identity.user_registered" => user(decode::<UserRegistered>(delivery)?.user_id.0),
-        "identity.profile_updated" => {
-            let id = decode::<ProfileUpdated>(delivery)?.user_id.0;
-            Dirty { users: vec![id], shown: vec![id], ..Dirty::default() }
+/// The documents an event makes dirty; `None` for a type the read model does not depend on
+/// (the catalogue lists the projector as a consumer of exactly the other types).
+pub fn dirtied_by(event: &EventPayload) -> Option<Dirty> {
+    let user = |id: UserId| Dirty { users: vec![id.0], ..Dirty::default() };
+    let owner = |id: UserId| Dirty { owners: vec![id.0], ..Dirty::default() };
+    Some(match event {
+        EventPayload::UserRegistered(e) => user(e.user_id),
+        EventPayload::ProfileUpdated(e) => {
+            Dirty { users: vec![e.user_id.0], shown: vec![e.user_id.0], ..Dirty::default() }
         }
-        "identity.user_suspended" => user(decode::<UserSuspended>(delivery)?.user_id.0),
-        "identity.user_reinstated" | "identity.user_verified" | "identity.user_unverified" => {
-            user(decode::<UserRef>(delivery)?.user_id.0)
+        EventPayload::UserSuspended(e) => user(e.user_id),
+        EventPayload::UserReinstated(e) | EventPayload::UserVerified(e) | EventPayload::UserUnverified(e) => {
+            user(e.user_id)
         }
-        "contacts.contact_added" | "contacts.contact_updated" => owner(decode::<ContactChanged>(delivery)?.owner_id.0),
-        "contacts.contact_removed" => owner(decode::<ContactRemoved>(delivery)?.owner_id.0),
-        "circles.circle_created" | "circles.circle_renamed" => owner(decode::<CircleChanged>(delivery)?.owner_id.0),
-        "circles.circle_deleted" => owner(decode::<CircleDeleted>(delivery)?.owner_id.0),
-        "circles.member_added" | "circles.member_removed" => owner(decode::<CircleMember>(delivery)?.owner_id.0),
-        "disputes.decided" => {
-            let d = decode::<DisputeDecided>(delivery)?;
-            if d.kind == DisputeKind::Spam && d.status == DisputeStatus::Upheld {
-                user(d.target_id.0)
-            } else {
-                return Ok(None);
-            }
+        EventPayload::ContactAdded(e) | EventPayload::ContactUpdated(e) => owner(e.owner_id),
+        EventPayload::ContactRemoved(e) => owner(e.owner_id),
+        EventPayload::CircleCreated(e) | EventPayload::CircleRenamed(e) => owner(e.owner_id),
+        EventPayload::CircleDeleted(e) => owner(e.owner_id),
+        EventPayload::CircleMemberAdded(e) | EventPayload::CircleMemberRemoved(e) => owner(e.owner_id),
+        // Only an upheld spam dispute changes a document (it hides its target).
+        EventPayload::DisputeDecided(d) if d.kind == DisputeKind::Spam && d.status == DisputeStatus::Upheld => {
+            user(d.target_id)
         }
-        "scores.updated" => {
-            let d = decode::<ScoresUpdated>(delivery)?;
-            Dirty { users: d.scores.iter().map(|s| s.user_id.0).collect(), ..Dirty::default() }
+        EventPayload::DisputeDecided(_) => Dirty::default(),
+        EventPayload::ScoresUpdated(e) => {
+            Dirty { users: e.scores.iter().map(|s| s.user_id.0).collect(), ..Dirty::default() }
         }
-        _ => return Ok(None),
-    };
-    Ok(Some(d))
+        EventPayload::RoleGranted(_) | EventPayload::DisputeFiled(_) | EventPayload::ScoreRunRequested(_) => {
+            return None;
+        }
+    })
 }
 
 /// A batch's dirty documents, deduplicated, and how far it reaches.
@@ -231,6 +230,29 @@ pub async fn report_checkpoint_age(pool: PgPool, every: Duration, stop: Cancella
             Ok(Some(age)) => metrics::gauge!("trellis_search_checkpoint_age_seconds").set(age.max(0.0)),
             Ok(None) => {}
             Err(e) => tracing::debug!(error = %e, "reading the search checkpoint failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use trellis_domain::events::catalogue::{self, Service};
+    use trellis_domain::events::{EventType, subject_matches};
+
+    use super::*;
+
+    /// What the projector's match handles is what the catalogue says it consumes, and its
+    /// consumer receives every subject of those types.
+    #[test]
+    fn the_projector_consumes_exactly_the_types_the_catalogue_names() {
+        for &t in EventType::ALL {
+            let handled = dirtied_by(&t.example()).is_some();
+            assert_eq!(handled, catalogue::consumes(Service::SearchProjector, t), "{t}: the catalogue disagrees");
+            if handled {
+                for subject in t.subjects() {
+                    assert!(subject_matches(&consumer_spec().filter_subject, &subject), "{subject} is not received");
+                }
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use time::OffsetDateTime;
+use trellis_domain::events::{Event, EventPayload, EventType};
 use trellis_runtime::dlq::{self, DeadLetter, ErrorKind};
 
 use crate::helpers::{Env, PROBE, RECORDS, Worker, create_record_table, eventually};
@@ -11,6 +12,12 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// Writes a dead letter directly, as a worker would.
 async fn dead_letter(env: &Env, consumer: &str, seq: u64, kind: ErrorKind, error: &str) -> u64 {
+    let payload = serde_json::to_vec(&serde_json::json!({"id": uuid::Uuid::now_v7(), "data": {"n": seq}})).unwrap();
+    dead_letter_of(env, consumer, seq, kind, error, payload).await
+}
+
+/// Writes a dead letter of `payload` directly, as a worker would.
+async fn dead_letter_of(env: &Env, consumer: &str, seq: u64, kind: ErrorKind, error: &str, payload: Vec<u8>) -> u64 {
     let now = OffsetDateTime::now_utc();
     let stream = env.topology.events_stream();
     let letter = DeadLetter {
@@ -26,7 +33,6 @@ async fn dead_letter(env: &Env, consumer: &str, seq: u64, kind: ErrorKind, error
         version: "test",
         now,
     };
-    let payload = serde_json::to_vec(&serde_json::json!({"id": uuid::Uuid::now_v7(), "data": {"n": seq}})).unwrap();
     dlq::publish(&env.js, &env.topology, &letter, None, payload.into()).await.expect("publishing a dead letter");
     let entries = env.dead_letters(None).await;
     entries.iter().find(|e| e.header(dlq::STREAM_SEQUENCE) == Some(&seq.to_string())).unwrap().sequence
@@ -90,6 +96,35 @@ async fn list_filters_by_consumer_and_kind_stats_groups_by_fingerprint_and_show_
     }
     let missing = env.ctl(&["dlq", "show", "9999"]).await;
     assert!(!missing.success() && missing.stderr.contains("no dead letter 9999"), "{missing:?}");
+}
+
+#[tokio::test]
+async fn show_says_what_the_dead_letters_event_says_or_why_it_does_not_decode() {
+    let env = Env::new().await;
+    let event = Event::new(&EventType::UserReinstated.example(), None, OffsetDateTime::now_utc());
+    let payload = serde_json::to_vec(&event.envelope).unwrap();
+    let reinstated = dead_letter_of(&env, "alpha", 1, ErrorKind::Transient, "db down", payload).await;
+    let mut newer = event.envelope.clone();
+    newer.version = 2;
+    let newer = dead_letter_of(&env, "alpha", 2, ErrorKind::Permanent, "v2", serde_json::to_vec(&newer).unwrap()).await;
+    let probe = dead_letter(&env, "alpha", 3, ErrorKind::Decode, "not an envelope").await;
+
+    let EventPayload::UserReinstated(user) = EventType::UserReinstated.example() else { unreachable!() };
+    let show = env.ctl(&["dlq", "show", &reinstated.to_string()]).await;
+    let says = format!("event: identity.user_reinstated v1: user {} was reinstated", user.user_id);
+    assert!(show.success() && show.stdout.contains(&says), "`dlq show` lacks {says:?}:\n{}", show.stdout);
+    let show = env.ctl(&["dlq", "show", &newer.to_string()]).await;
+    let says = "event: does not decode: identity.user_reinstated version 2 is not the version this code reads (1)";
+    assert!(show.stdout.contains(says), "`dlq show` lacks {says:?}:\n{}", show.stdout);
+    let show = env.ctl(&["dlq", "show", &probe.to_string()]).await;
+    let says = "event: does not decode: payload is not an event envelope";
+    assert!(show.stdout.contains(says), "`dlq show` lacks {says:?}:\n{}", show.stdout);
+
+    let json = env.ctl(&["--output", "json", "dlq", "show", &reinstated.to_string()]).await.json();
+    assert_eq!(json["event"]["decodes"], true);
+    assert_eq!(json["event"]["type"], "identity.user_reinstated v1");
+    let json = env.ctl(&["--output", "json", "dlq", "show", &probe.to_string()]).await.json();
+    assert_eq!(json["event"]["decodes"], false);
 }
 
 #[tokio::test]

@@ -70,7 +70,9 @@ impl Cast {
         let reporters = credible.split_off(2);
         let suspended = api.register(&format!("sus{t}")).await;
         let mut conn = db.pool.acquire().await.unwrap();
-        trellis_store::identity::suspend(&mut conn, UserId(suspended.id)).await.expect("suspending a user");
+        let status = trellis_domain::identity::UserStatus::Suspended;
+        trellis_store::identity::set_status(&mut conn, UserId(suspended.id), status).await.expect("suspending a user");
+        trellis_store::identity::revoke_all_tokens(&mut *conn, UserId(suspended.id)).await.expect("revoking tokens");
         let mut corroborated = Vec::new();
         for i in 0..4 {
             let target = api.register(&format!("t{i}{t}")).await;

@@ -15,7 +15,7 @@ use trellis_domain::disputes::DisputeKind;
 use trellis_domain::flags::{Executor, Flag};
 use trellis_domain::identity::{AdminReason, Role};
 use trellis_domain::shadow::ComparisonResult;
-use trellis_store::user_admin::{self, Actor};
+use trellis_store::user_admin::Actor;
 use trellis_testkit::TestDb;
 use uuid::Uuid;
 
@@ -25,7 +25,9 @@ const ACTOR: Actor<'static> = Actor { name: "moderation-tests", user_id: None };
 
 async fn grant(db: &TestDb, user: Uuid, role: Role) {
     let reason = AdminReason::parse("test set-up").unwrap();
-    user_admin::grant_role(&db.pool, UserId(user), role, &ACTOR, &reason).await.expect("granting a role");
+    let mut tx = db.pool.begin().await.unwrap();
+    let granted = trellis_commands::users::grant_role(&mut tx, UserId(user), role, &ACTOR, &reason).await;
+    trellis_commands::commit(tx, granted.expect("granting a role")).await.expect("committing a role");
 }
 
 /// The current decision of a dispute: (status, rule, reasons).
@@ -265,7 +267,9 @@ async fn the_shadow_candidate_replays_roles_and_reinstatements_as_the_primary_sa
     let moot = decide_each(wronged, &[(3, DisputeKind::Spam)]).await[0];
     assert_eq!(decision(&db, moot).await.1, "R2");
     let reason = AdminReason::parse("wrongly suspended").unwrap();
-    user_admin::reinstate(&db.pool, UserId(wronged), &ACTOR, &reason).await.expect("reinstating");
+    let mut tx = db.pool.begin().await.unwrap();
+    let reinstated = trellis_commands::users::reinstate(&mut tx, UserId(wronged), &ACTOR, &reason).await;
+    trellis_commands::commit(tx, reinstated.expect("reinstating")).await.expect("committing a reinstatement");
     let after = decide_each(wronged, &[(3, DisputeKind::IncorrectInfo)]).await[0];
     assert_eq!(decision(&db, after).await.1, "R5", "reinstated: not moot any more");
 

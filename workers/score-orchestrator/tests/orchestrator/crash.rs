@@ -34,7 +34,10 @@ async fn a_replica_killed_mid_write_leaves_no_partial_scores_and_a_new_run_succe
     let killed = loop {
         pace.tick().await;
         let all = runs(&db).await;
-        assert!(all.iter().all(|r| r.status != "succeeded"), "the run finished before it could be killed: {all:#?}");
+        assert!(
+            all.iter().all(|r| r.status != RunStatus::Succeeded),
+            "the run finished before it could be killed: {all:#?}"
+        );
         if writing(&db).await {
             a.kill();
             break all;
@@ -54,14 +57,14 @@ async fn a_replica_killed_mid_write_leaves_no_partial_scores_and_a_new_run_succe
         let visible = count(&db, "SELECT count(*) FROM score.user_scores").await;
         assert!(visible == 0 || visible == USERS, "{visible} of {USERS} scores visible");
         let all = runs(&db).await;
-        all.iter().any(|r| r.status == "succeeded").then_some(all)
+        all.iter().any(|r| r.status == RunStatus::Succeeded).then_some(all)
     })
     .await;
     let dead = all.iter().find(|r| r.id == killed.id).expect("the killed run is still recorded");
-    assert_eq!(dead.status, "failed", "{dead:#?}");
+    assert_eq!(dead.status, RunStatus::Failed, "{dead:#?}");
     assert!(dead.error.as_deref().unwrap_or("").contains("abandoned"), "{dead:#?}");
     assert!(dead.finished_at.is_some());
-    let done: Vec<&Run> = all.iter().filter(|r| r.status == "succeeded").collect();
+    let done: Vec<&Run> = all.iter().filter(|r| r.status == RunStatus::Succeeded).collect();
     assert_eq!(done.len(), 1, "{all:#?}");
     assert_eq!(done[0].host.as_deref(), Some("replica-b"));
     assert_eq!(done[0].users, Some(USERS));
@@ -113,7 +116,7 @@ async fn a_run_that_keeps_failing_ends_in_the_dlq_with_every_attempt_marked_fail
     let manual: Vec<Run> = runs(&db).await.into_iter().filter(|r| r.trigger == "manual").collect();
     assert_eq!(manual.len(), 2, "one run per delivery: {manual:#?}");
     for run in &manual {
-        assert_eq!(run.status, "failed");
+        assert_eq!(run.status, RunStatus::Failed);
         assert!(run.error.as_deref().unwrap_or("").contains("test_refuses_everything"), "{run:?}");
     }
 }

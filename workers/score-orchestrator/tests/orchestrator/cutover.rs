@@ -130,12 +130,12 @@ async fn flipping_the_score_executor_under_writes_serves_every_run_request_once(
     })
     .await;
     eventually("no run to be in progress", Duration::from_secs(30), || async {
-        runs(&db).await.iter().all(|r| r.status != "running").then_some(())
+        runs(&db).await.iter().all(|r| r.status != RunStatus::Running).then_some(())
     })
     .await;
 
     let all = runs(&db).await;
-    let unfinished: Vec<&Run> = all.iter().filter(|r| r.status != "succeeded").collect();
+    let unfinished: Vec<&Run> = all.iter().filter(|r| r.status != RunStatus::Succeeded).collect();
     assert!(unfinished.is_empty(), "every run succeeded: {unfinished:#?}");
     assert_eq!(all[0].trigger, "startup", "{all:#?}");
     // One at a time: sorted by start, each run finished before the next started.
@@ -213,7 +213,7 @@ async fn a_run_the_schedule_check_serves_finishes_when_the_flag_moves_away_durin
         orchestrator.clone().schedule(stop)
     }));
     eventually("the schedule check's run to start", Duration::from_secs(30), || async {
-        runs(&db).await.iter().any(|r| r.status == "running").then_some(())
+        runs(&db).await.iter().any(|r| r.status == RunStatus::Running).then_some(())
     })
     .await;
 

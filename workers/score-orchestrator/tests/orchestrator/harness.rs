@@ -284,6 +284,7 @@ pub async fn run_once_ok(db: &TestDb) -> Value {
 }
 
 /// One row of `score.runs`.
+pub use trellis_domain::score::RunStatus;
 pub use trellis_store::scores::RunRow as Run;
 
 /// Every run, oldest first.
@@ -295,7 +296,7 @@ pub async fn runs(db: &TestDb) -> Vec<Run> {
 pub async fn wait_succeeded(db: &TestDb, count: usize, timeout: Duration) -> Vec<Run> {
     eventually(&format!("{count} succeeded score runs"), timeout, || async {
         let all = runs(db).await;
-        (all.iter().filter(|r| r.status == "succeeded").count() >= count).then_some(all)
+        (all.iter().filter(|r| r.status == RunStatus::Succeeded).count() >= count).then_some(all)
     })
     .await
 }

@@ -62,7 +62,7 @@ async fn a_run_records_every_field_and_emits_events_for_exactly_the_changed_scor
     let all = runs(&db).await;
     let run = run_of(&all, &printed["run_id"]);
     assert_eq!(run.trigger, "cli");
-    assert_eq!(run.status, "succeeded");
+    assert_eq!(run.status, RunStatus::Succeeded);
     assert_eq!(run.requested_by, None);
     assert_eq!(run.host.as_deref(), Some("run-once"));
     assert_eq!(run.algorithm.as_deref(), Some("eigentrust-v1"));

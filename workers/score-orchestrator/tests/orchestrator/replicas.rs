@@ -31,12 +31,12 @@ async fn two_replicas_never_run_at_once_and_simultaneous_requests_coalesce() {
     let all = eventually("no run in progress or pending", Duration::from_secs(45), || async {
         let all = runs(&db).await;
         let pending = count(&db, "SELECT count(*) FROM score.scheduler WHERE run_pending").await;
-        (pending == 0 && all.iter().all(|r| r.status != "running")).then_some(all)
+        (pending == 0 && all.iter().all(|r| r.status != RunStatus::Running)).then_some(all)
     })
     .await;
 
     let manual: Vec<&Run> = all.iter().filter(|r| r.trigger == "manual").collect();
-    assert!(all.iter().all(|r| r.status == "succeeded"), "{all:#?}");
+    assert!(all.iter().all(|r| r.status == RunStatus::Succeeded), "{all:#?}");
     assert!(
         (1..=2).contains(&manual.len()),
         "{REQUESTS} simultaneous requests make one run and at most one follow-up, not {}: {all:#?}",

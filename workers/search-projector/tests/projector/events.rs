@@ -86,9 +86,8 @@ async fn each_event_type_updates_the_model() {
         None,
         OffsetDateTime::now_utc(),
     );
-    let mut conn = db.pool.acquire().await.unwrap();
-    trellis_store::outbox::insert(&mut conn, &[event]).await.unwrap();
-    drop(conn);
+    let tx = db.pool.begin().await.unwrap();
+    trellis_commands::commit(tx, trellis_commands::Emitted::events(vec![event])).await.unwrap();
     until_directory(&db, carol.id, "carol's score", |r| r.4 == Some(731)).await;
 
     // disputes.decided: upheld spam hides; identity.user_suspended (upheld harassment)

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use trellis_api::{Config, Running};
 use trellis_domain::events::Envelope;
 use trellis_domain::ids::EventId;
+use trellis_domain::score::RunStatus;
 use trellis_runtime::consumer::Delivery;
 use trellis_testkit::TestDb;
 use uuid::Uuid;
@@ -261,8 +262,8 @@ impl Api {
         self.expect(reqwest::Method::POST, "/v1/admin/score-runs", admin, None, &[202]).await;
         eventually("a score run to succeed", Duration::from_secs(60), || async {
             let run = trellis_store::scores::first_run_since(&db.pool, requested_at).await.ok()??;
-            assert_ne!(run.status, "failed", "the score run failed: {:?}", run.error);
-            (run.status == "succeeded").then_some(())
+            assert_ne!(run.status, RunStatus::Failed, "the score run failed: {:?}", run.error);
+            (run.status == RunStatus::Succeeded).then_some(())
         })
         .await;
     }

@@ -1,5 +1,6 @@
 //! Order independence and idempotency: the library's handler fed a history's events shuffled
-//! and partly duplicated leaves the model equal to a rebuild; malformed and irrelevant events.
+//! and partly duplicated leaves the model equal to a rebuild; irrelevant, unknown and malformed
+//! events.
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
@@ -82,20 +83,29 @@ async fn shuffled_and_duplicated_events_leave_the_model_equal_to_a_rebuild() {
 }
 
 #[tokio::test]
-async fn irrelevant_events_are_skipped_and_malformed_ones_rejected() {
+async fn irrelevant_events_are_skipped_and_unknown_or_malformed_ones_rejected() {
     let db = TestDb::migrated().await.unwrap();
     let projector = Projector::new(db.pool.clone());
+    let (reporter, target, dispute) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let filed =
+        json!({"dispute_id": dispute, "reporter_id": reporter, "target_id": target, "kind": "spam", "priority": "P2"});
     let batch = [
-        delivery("disputes.filed", json!({"whatever": true}), 1),
+        delivery("disputes.filed", filed, 1),
         delivery("identity.user_registered", json!({"handle": "no id"}), 2),
-        delivery("some.future_event", json!(null), 3),
+        delivery("scores.run_requested", json!({"requested_by": null, "reason": "manual"}), 3),
         delivery("contacts.contact_added", json!({"owner_id": "not a uuid", "contact_id": 1, "label": ""}), 4),
+        delivery("some.future_event", json!(null), 5),
+        delivery("disputes.filed", json!({"whatever": true}), 6),
     ];
     let outcomes = projector.handle(&batch).await;
     assert_eq!(outcomes[0], Outcome::Done);
     assert!(matches!(outcomes[1], Outcome::Reject(_)), "{outcomes:?}");
     assert_eq!(outcomes[2], Outcome::Done);
     assert!(matches!(outcomes[3], Outcome::Reject(_)), "{outcomes:?}");
+    // A type this code does not know, and a malformed event of a type the model does not need,
+    // are dead-lettered too: nothing is lost if a newer producer meant them for the projector.
+    assert!(matches!(&outcomes[4], Outcome::Reject(e) if e.contains("unknown event type")), "{outcomes:?}");
+    assert!(matches!(&outcomes[5], Outcome::Reject(e) if e.contains("malformed disputes.filed")), "{outcomes:?}");
     let checkpoint = trellis_store::search_model::checkpoint(&mut db.pool.acquire().await.unwrap()).await.unwrap();
     assert_eq!(checkpoint.last_stream_sequence, Some(3), "skipped events advance the checkpoint; rejected ones do not");
     // A registration of a user who does not exist (any more) leaves no document.
@@ -109,4 +119,16 @@ async fn irrelevant_events_are_skipped_and_malformed_ones_rejected() {
         .await;
     assert_eq!(outcomes, [Outcome::Done]);
     assert_eq!(model(&db).await.directory.len(), 0);
+}
+
+#[tokio::test]
+async fn an_event_of_a_version_this_code_does_not_read_is_rejected_not_projected() {
+    let db = TestDb::migrated().await.unwrap();
+    let projector = Projector::new(db.pool.clone());
+    let mut newer = delivery("identity.user_verified", json!({"user_id": uuid::Uuid::now_v7()}), 1);
+    newer.envelope.version = 2;
+    let outcomes = projector.handle(&[newer]).await;
+    assert!(matches!(&outcomes[0], Outcome::Reject(e) if e.contains("version 2")), "{outcomes:?}");
+    let checkpoint = trellis_store::search_model::checkpoint(&mut db.pool.acquire().await.unwrap()).await.unwrap();
+    assert_eq!(checkpoint.last_stream_sequence, None, "a rejected event does not advance the checkpoint");
 }
