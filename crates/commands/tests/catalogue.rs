@@ -123,7 +123,9 @@ async fn every_event_type_is_emitted_by_the_commands_the_catalogue_names_and_wri
     trellis_commands::commit(db.pool.begin().await.unwrap(), requested).await.unwrap();
     let run_id = uuid::Uuid::now_v7();
     let mut conn = db.pool.acquire().await.unwrap();
-    trellis_store::scores::start_run(&mut conn, run_id, "manual", None, "test", "test").await.unwrap();
+    trellis_store::scores::request_run(&mut *conn, "manual", None).await.unwrap();
+    let started = trellis_store::scores::start_pending_run(&mut conn, run_id, "test", "test").await.unwrap();
+    assert!(started.is_some(), "the run starts from the pending request");
     drop(conn);
     let changed = [NewScore { user_id: alice.0, trust: 0.5, score: 500 }];
     let result = RunResult {

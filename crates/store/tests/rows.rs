@@ -37,7 +37,8 @@ async fn users_disputes_and_runs_read_back_as_domain_enums() {
 
     let run = uuid::Uuid::now_v7();
     let mut conn = db.pool.acquire().await.unwrap();
-    trellis_store::scores::start_run(&mut conn, run, "manual", None, "test", "test").await.unwrap();
+    trellis_store::scores::request_run(&mut *conn, "manual", None).await.unwrap();
+    trellis_store::scores::start_pending_run(&mut conn, run, "test", "test").await.unwrap().expect("a pending request");
     assert_eq!(trellis_store::scores::get_run(&db.pool, run).await.unwrap().unwrap().status, RunStatus::Running);
 }
 
@@ -46,7 +47,8 @@ async fn a_stored_value_no_enum_has_is_a_decode_error_naming_its_column() {
     let db = TestDb::migrated().await.unwrap();
     let run = uuid::Uuid::now_v7();
     let mut conn = db.pool.acquire().await.unwrap();
-    trellis_store::scores::start_run(&mut conn, run, "manual", None, "test", "test").await.unwrap();
+    trellis_store::scores::request_run(&mut *conn, "manual", None).await.unwrap();
+    trellis_store::scores::start_pending_run(&mut conn, run, "test", "test").await.unwrap().expect("a pending request");
     sqlx::query("UPDATE score.runs SET status = 'queued' WHERE id = $1").bind(run).execute(&db.pool).await.unwrap();
     let err = trellis_store::scores::get_run(&db.pool, run).await.unwrap_err();
     assert!(matches!(&err, sqlx::Error::ColumnDecode { index, .. } if index == "status"), "{err:?}");

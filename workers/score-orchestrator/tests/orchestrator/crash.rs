@@ -143,7 +143,7 @@ async fn a_request_whose_run_died_with_its_replica_is_served_by_the_next_lease_h
         if writing(&db).await {
             a.kill();
             let all = runs(&db).await;
-            break all.into_iter().find(|r| r.status == "running").expect("the run replica-a was making");
+            break all.into_iter().find(|r| r.status == RunStatus::Running).expect("the run replica-a was making");
         }
         assert!(tokio::time::Instant::now() < deadline, "replica-a never reached a run's write phase");
     };
@@ -154,14 +154,14 @@ async fn a_request_whose_run_died_with_its_replica_is_served_by_the_next_lease_h
     let _b = Replica::start(&db, &prefix, "replica-b", &["--score-schedule-check", "200ms"]).await;
     let all = eventually("the request served by replica-b", Duration::from_secs(45), || async {
         let all = runs(&db).await;
-        all.iter().any(|r| r.status == "succeeded" && r.host.as_deref() == Some("replica-b")).then_some(all)
+        all.iter().any(|r| r.status == RunStatus::Succeeded && r.host.as_deref() == Some("replica-b")).then_some(all)
     })
     .await;
     let dead = all.iter().find(|r| r.id == killed.id).expect("the killed run is still recorded");
-    assert_eq!(dead.status, "failed", "{dead:#?}");
+    assert_eq!(dead.status, RunStatus::Failed, "{dead:#?}");
     let served: Vec<&Run> = all
         .iter()
-        .filter(|r| r.status == "succeeded" && r.id.to_string() != first["run_id"].as_str().unwrap())
+        .filter(|r| r.status == RunStatus::Succeeded && r.id.to_string() != first["run_id"].as_str().unwrap())
         .collect();
     assert_eq!(served.len(), 1, "one run serves the request: {all:#?}");
     assert_eq!(served[0].trigger, "manual", "the run serves the request the dead one took: {all:#?}");
