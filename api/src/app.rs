@@ -224,6 +224,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     for reason in serve::SHED_REASONS {
         metrics::counter!("trellis_api_requests_shed_total", "reason" => reason).increment(0);
     }
+    metrics::counter!("trellis_api_connections_displaced_total").increment(0);
     let cursor_key = cursor_key(&config)?;
 
     let mut pool_config = PoolConfig::new("trellis-api");
