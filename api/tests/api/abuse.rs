@@ -625,6 +625,37 @@ async fn concurrent_filings_of_one_reporter_cannot_pass_the_open_limit_together(
 }
 
 #[tokio::test]
+async fn one_reporters_waiting_filings_leave_the_database_pool_to_everyone_else() {
+    let app = TestApp::spawn_with(with(&["--db-pool-size", "3"])).await;
+    let alice = app.register("alice").await;
+    let bob = app.register("bob").await;
+    // Hold alice's filing lock from outside, as a filing on another replica would.
+    let mut other_replica = app.db.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(1953066613, hashtext($1::uuid::text))")
+        .bind(&alice.id)
+        .execute(&mut *other_replica)
+        .await
+        .unwrap();
+    let filings: Vec<_> = (0..12)
+        .map(|i| {
+            let body = json!({"target_id": bob.id, "kind": "spam", "description": format!("spam number {i}")});
+            tokio::spawn(app.build(Method::POST, "/v1/disputes", Some(&alice.token), Some(body)).send())
+        })
+        .collect();
+    until_waiting_for_a_lock(&app, 1).await;
+    // Twelve filings wait, yet the pool of three serves everyone else meanwhile.
+    for _ in 0..5 {
+        let r = app.get("/v1/me/contacts", Some(&bob.token)).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut *other_replica).await.unwrap();
+    for filing in filings {
+        let status = filing.await.unwrap().unwrap().status().as_u16();
+        assert!(status == 201 || status == 429, "{status}");
+    }
+}
+
+#[tokio::test]
 async fn a_new_account_cannot_file_an_impersonation_dispute() {
     let app = TestApp::spawn_with(with(&["--dispute-p0-min-account-age", "1h"])).await;
     let alice = app.register("alice").await;
