@@ -6,11 +6,12 @@
 //! within `HEADER_READ_TIMEOUT` is closed (an idle keep-alive connection too: hyper restarts
 //! the timer when it waits for the next request).
 //!
-//! When `MAX_CONNECTIONS` are open, a new connection takes the place of the one that has waited
-//! longest for a request head: a connection that never sent one, or an idle keep-alive one. A
-//! client that sends its request at once is never the oldest, so slow clients from many
-//! addresses, each reopening what is closed, only ever displace each other. A connection in the
-//! middle of a request is never closed this way. Only when every open connection is busy, or
+//! When `MAX_CONNECTIONS` are open, a new connection takes the place of one waiting for a
+//! request head: the oldest of those that never sent a request, or else the oldest idle
+//! keep-alive one. A client that sends its request at once is never the oldest of the first
+//! kind and then becomes the second, so slow clients from many addresses, each reopening what is
+//! closed, only ever displace each other. A connection in the middle of a request is never
+//! closed this way. Only when every open connection is busy, or
 //! beyond `MAX_CONNECTIONS_PER_ADDRESS` from one client address, is a connection answered with a
 //! 503 problem and `Retry-After` and closed; at most [`REFUSALS_AT_ONCE`] such answers are
 //! written at a time, and past that a connection is closed unanswered. Connections from a
@@ -22,7 +23,7 @@
 //! Shutdown is what `axum::serve`'s graceful shutdown does: stop accepting, let each
 //! connection finish the request it is on (idle ones close), and return when all have closed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -104,37 +105,60 @@ impl Drop for AddressSlot {
     }
 }
 
-/// The open connections that are waiting for a request head, with the time they started to
-/// wait; a connection leaves it while one of its requests is in progress.
+/// The open connections that are waiting for a request head, in the order they are displaced:
+/// those that never sent a request first (slow clients are among them), then idle keep-alive
+/// ones; each group oldest first. A connection leaves it while one of its requests is in
+/// progress.
 #[derive(Default)]
 struct Waiting {
     next_id: AtomicU64,
-    since: Mutex<HashMap<u64, (Instant, CancellationToken)>>,
+    set: Mutex<WaitingSet>,
+}
+
+#[derive(Default)]
+struct WaitingSet {
+    /// (has been served, waiting since, id) → how to close it.
+    order: BTreeMap<(bool, Instant, u64), CancellationToken>,
+    /// id → its key in `order`.
+    keys: HashMap<u64, (bool, Instant, u64)>,
+}
+
+impl WaitingSet {
+    fn insert(&mut self, id: u64, served: bool, close: CancellationToken) {
+        let key = (served, Instant::now(), id);
+        self.order.insert(key, close);
+        self.keys.insert(id, key);
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(key) = self.keys.remove(&id) {
+            self.order.remove(&key);
+        }
+    }
 }
 
 impl Waiting {
     fn register(self: &Arc<Self>) -> WaitingEntry {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let close = CancellationToken::new();
-        self.since.lock().expect("waiting map lock").insert(id, (Instant::now(), close.clone()));
+        self.set.lock().expect("waiting set lock").insert(id, false, close.clone());
         WaitingEntry { owner: self.clone(), id, close }
     }
 
-    /// Closes the connection that has waited longest for a request head, if any waits.
+    /// Closes the first connection in displacement order, if any waits.
     fn displace_oldest(&self) -> bool {
-        let mut since = self.since.lock().expect("waiting map lock");
-        let Some(oldest) = since.iter().min_by_key(|(_, (at, _))| *at).map(|(id, _)| *id) else {
+        let mut set = self.set.lock().expect("waiting set lock");
+        let Some(((_, _, id), close)) = set.order.pop_first() else {
             return false;
         };
-        if let Some((_, close)) = since.remove(&oldest) {
-            close.cancel();
-        }
+        set.keys.remove(&id);
+        close.cancel();
         true
     }
 }
 
 /// One connection's place in [`Waiting`]: out of it while a request is in progress, back in
-/// when the response's body has been written, gone when the connection is.
+/// (as served) when the response's body has been written, gone when the connection is.
 struct WaitingEntry {
     owner: Arc<Waiting>,
     id: u64,
@@ -143,12 +167,12 @@ struct WaitingEntry {
 
 impl WaitingEntry {
     fn busy(&self) {
-        self.owner.since.lock().expect("waiting map lock").remove(&self.id);
+        self.owner.set.lock().expect("waiting set lock").remove(self.id);
     }
 
     fn waiting(&self) {
         if !self.close.is_cancelled() {
-            self.owner.since.lock().expect("waiting map lock").insert(self.id, (Instant::now(), self.close.clone()));
+            self.owner.set.lock().expect("waiting set lock").insert(self.id, true, self.close.clone());
         }
     }
 }

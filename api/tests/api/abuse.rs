@@ -273,6 +273,24 @@ async fn password_hashing_beyond_its_slots_and_queue_is_answered_503_at_once() {
     assert!(shed.unwrap_or(0.0) >= 1.0, "{shed:?}");
 }
 
+#[tokio::test]
+async fn a_sign_in_finding_hashing_saturated_is_shed_before_it_looks_the_account_up() {
+    let app = TestApp::spawn_with(with(&["--password-hash-concurrency", "1", "--password-hash-queue", "0"])).await;
+    // The first sign-in takes the one hashing slot, then waits for its account lookup.
+    let mut blocker = app.db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE identity.users IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
+    let first = tokio::spawn(
+        app.build(Method::POST, "/v1/sessions", None, Some(json!({"login": "nobody", "password": "wrong password!"})))
+            .send(),
+    );
+    until_waiting_for_a_lock(&app, 1).await;
+    // A second is answered while the table is still locked: it never queried.
+    let second = login(&app, "somebody", "wrong password!").await;
+    assert_overloaded(&second);
+    blocker.commit().await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap().status(), 401);
+}
+
 async fn register_from(app: &TestApp, client: &reqwest::Client, handle: &str) -> Resp {
     let body =
         json!({"handle": handle, "display_name": "x", "email": format!("{handle}@example.com"), "password": PASSWORD});
@@ -506,15 +524,15 @@ async fn connections_beyond_the_total_cap_are_answered_503_when_every_open_one_i
     // Two requests held inside the database: both open connections are busy.
     let mut blocker = app.db.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE contacts.contacts IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
-    let busy: Vec<_> = ["127.0.0.2", "127.0.0.3"]
-        .into_iter()
-        .map(|from| {
-            let request =
-                app.build_on(&TestApp::client_from(from), Method::GET, "/v1/me/contacts", Some(&alice.token), None);
-            tokio::spawn(request.send())
-        })
-        .collect();
-    until_waiting_for_a_lock(&app, 2).await;
+    // One after the other: a connection that has not yet sent its request can itself be
+    // displaced; once its request waits in the database it cannot.
+    let mut busy = Vec::new();
+    for (n, from) in [(1, "127.0.0.2"), (2, "127.0.0.3")] {
+        let request =
+            app.build_on(&TestApp::client_from(from), Method::GET, "/v1/me/contacts", Some(&alice.token), None);
+        busy.push(tokio::spawn(request.send()));
+        until_waiting_for_a_lock(&app, n).await;
+    }
     let mut third = connect_from(&app, "127.0.0.4").await;
     third.write_all(b"GET /healthz HTTP/1.1\r\nHost: trellis\r\n\r\n").await.unwrap();
     let answer = String::from_utf8_lossy(&read_to_close(&mut third, Duration::from_secs(10)).await).into_owned();
@@ -547,6 +565,47 @@ async fn at_the_cap_a_new_connection_displaces_the_one_waiting_longest_for_a_req
     let displaced = app.metric("trellis_api_connections_displaced_total").await.expect("exported");
     assert!(displaced >= 1.0, "{displaced}");
     assert_eq!(app.labelled_metric("trellis_api_requests_shed_total", "reason=\"connections\"").await, Some(0.0));
+}
+
+/// Sends `GET /healthz` on a kept-alive connection and reads the whole answer.
+async fn healthz_on(stream: &mut TcpStream) -> String {
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: trellis\r\n\r\n").await.unwrap();
+    let mut read = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await.expect("answered").unwrap();
+        assert!(n > 0, "the connection was closed: {}", String::from_utf8_lossy(&read));
+        read.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&read).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                .expect("a content length");
+            if body.len() >= length {
+                return text;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_connection_that_was_served_is_displaced_only_after_those_that_never_sent_a_request() {
+    let app = TestApp::spawn_with(with(&["--max-connections", "3", "--header-read-timeout", "60s"])).await;
+    // The oldest connection is a client's, idle between two requests.
+    let mut client = connect_from(&app, "127.0.0.9").await;
+    assert!(healthz_on(&mut client).await.starts_with("HTTP/1.1 200"));
+    let mut slow = Vec::new();
+    for from in ["127.0.0.2", "127.0.0.3"] {
+        let mut connection = connect_from(&app, from).await;
+        connection.write_all(b"GET /healthz HTTP/1.1\r\nHost: trellis\r\nX-Slow: ").await.unwrap();
+        slow.push(connection);
+    }
+    // A new connection displaces the older slow one, not the client's older idle one.
+    let mut newcomer = connect_from(&app, "127.0.0.4").await;
+    assert!(healthz_on(&mut newcomer).await.starts_with("HTTP/1.1 200"));
+    read_to_close(&mut slow[0], Duration::from_secs(10)).await;
+    assert!(healthz_on(&mut client).await.starts_with("HTTP/1.1 200"), "the client's connection is still open");
 }
 
 #[tokio::test]
