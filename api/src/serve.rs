@@ -223,6 +223,35 @@ impl http_body::Body for ResponseBody {
 /// (1 s, then 3 s). A queue deeper than the usual 1,024 keeps that from happening.
 pub const LISTEN_BACKLOG: u32 = 4096;
 
+/// File descriptors kept for everything but client connections (pools, NATS, logs, files).
+const NON_CLIENT_FILES: u64 = 256;
+
+/// Raises the soft limit of open files to the hard limit, as the Go runtime does for every
+/// program: the soft limit is often 1,024, fewer than `MAX_CONNECTIONS`, while the hard limit
+/// is what the deployment grants. Warns when `max_connections` still does not fit.
+pub fn raise_open_file_limit(max_connections: usize) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let raised = Rlimit { current: limit.maximum, maximum: limit.maximum };
+    let soft = match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => limit.maximum,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the soft limit of open files");
+            limit.current
+        }
+    };
+    if let Some(soft) = soft
+        && soft < max_connections as u64 + NON_CLIENT_FILES
+    {
+        tracing::warn!(
+            open_files = soft,
+            max_connections,
+            "the limit of open files is below MAX_CONNECTIONS + {NON_CLIENT_FILES}: connections beyond it are refused by \
+             the kernel; raise the hard limit (LimitNOFILE, ulimit -n) or lower MAX_CONNECTIONS"
+        );
+    }
+}
+
 /// The public listener on `addr`, with [`LISTEN_BACKLOG`].
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };

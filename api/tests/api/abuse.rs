@@ -608,6 +608,45 @@ async fn a_connection_that_was_served_is_displaced_only_after_those_that_never_s
     assert!(healthz_on(&mut client).await.starts_with("HTTP/1.1 200"), "the client's connection is still open");
 }
 
+/// The soft and hard limits of open files of process `pid`.
+fn open_file_limits(pid: u32) -> Option<(String, String)> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut fields = line.split_whitespace().skip(3);
+    Some((fields.next()?.to_owned(), fields.next()?.to_owned()))
+}
+
+#[tokio::test]
+async fn the_api_raises_its_soft_limit_of_open_files_to_the_hard_limit() {
+    let db = trellis_testkit::TestDb::migrated().await.unwrap();
+    // Started with a soft limit of 512, as a shell or a service manager may leave it.
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "ulimit -Sn 512 && exec \"$0\"", env!("CARGO_BIN_EXE_trellis-api")])
+        .env("DATABASE_URL", &db.url)
+        .env("NATS_URL", trellis_testkit::nats_url())
+        .env("NATS_PREFIX", trellis_testkit::nats_prefix())
+        .env("API_ADDR", "127.0.0.1:0")
+        .env("ADMIN_ADDR", "127.0.0.1:0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let limits = loop {
+        let limits = open_file_limits(child.id());
+        if limits.as_ref().is_some_and(|(soft, hard)| soft == hard) {
+            break limits;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "trellis-api exited; limits were {limits:?}");
+        assert!(tokio::time::Instant::now() < deadline, "the soft limit stayed below the hard one: {limits:?}");
+        tokio::task::yield_now().await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let (soft, _) = limits.unwrap();
+    assert_ne!(soft, "512");
+}
+
 #[tokio::test]
 async fn the_public_listener_queues_as_many_connections_as_the_kernel_allows_up_to_4096() {
     let app = TestApp::spawn().await;
