@@ -34,7 +34,6 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ConnectInfo;
-use axum::http::{HeaderValue, header};
 use axum::response::IntoResponse as _;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -311,7 +310,6 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, shutdown:
                     header_read_timeout: limits.header_read_timeout,
                     shutdown: shutdown.clone(),
                     waiting: waiting.register(),
-                    close_after_refusal: !is_trusted(peer.ip(), &limits.trusted_proxies),
                 };
                 let connections = connections.clone();
                 let close_rx = close_rx.clone();
@@ -348,15 +346,11 @@ struct Connection {
     header_read_timeout: Duration,
     shutdown: CancellationToken,
     waiting: WaitingEntry,
-    /// Whether a 429 or 503 answer closes the connection: yes for a client, no for a trusted
-    /// proxy (one of its clients was refused, not the proxy).
-    close_after_refusal: bool,
 }
 
 impl Connection {
     async fn run(self, stream: TcpStream) {
         let peer = self.peer;
-        let close_after_refusal = self.close_after_refusal;
         let displaced = self.waiting.close.clone();
         let entry = Arc::new(self.waiting);
         let on_request = entry.clone();
@@ -367,13 +361,7 @@ impl Connection {
                 request.extensions_mut().insert(ConnectInfo(peer));
                 request
             })
-            .map_response(move |mut response: axum::response::Response| {
-                // A refused client that wants to go on reconnects first: a flood over kept-alive
-                // connections is paced by the accept loop instead of taking a turn per request.
-                let refused = matches!(response.status().as_u16(), 429 | 503);
-                if refused && close_after_refusal {
-                    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
+            .map_response(move |response: axum::response::Response| {
                 let entry = entry.clone();
                 response.map(|inner| axum::body::Body::new(ResponseBody { inner, entry }))
             });
