@@ -74,7 +74,7 @@ pub async fn issue_token(
 /// registrations or logins takes every core and up to 512 blocking threads' worth of memory.
 /// `PASSWORD_HASH_CONCURRENCY` run at once, `PASSWORD_HASH_QUEUE` more wait; beyond that a
 /// request is answered 503 with `Retry-After` at once.
-pub struct HashingGate {
+pub struct HashingSlots {
     permits: Arc<Semaphore>,
     waiting: AtomicUsize,
     queue: usize,
@@ -92,7 +92,7 @@ impl Drop for Waiting<'_> {
 /// The values of `trellis_api_password_hashes_total{operation}`.
 pub const HASH_OPERATIONS: [&str; 2] = ["hash", "verify"];
 
-impl HashingGate {
+impl HashingSlots {
     pub fn new(concurrency: usize, queue: usize) -> Self {
         Self { permits: Arc::new(Semaphore::new(concurrency.max(1))), waiting: AtomicUsize::new(0), queue }
     }
@@ -251,28 +251,28 @@ mod tests {
 
     #[tokio::test]
     async fn passwords_verify_only_against_their_own_hash() {
-        let gate = HashingGate::new(1, 1);
-        let hash = gate.hash_password(Password::parse("correct horse battery").unwrap()).await.unwrap();
+        let slots = HashingSlots::new(1, 1);
+        let hash = slots.hash_password(Password::parse("correct horse battery").unwrap()).await.unwrap();
         assert!(hash.starts_with("$argon2id$"));
-        assert!(gate.verify_password("correct horse battery".into(), Some(hash.clone())).await.unwrap());
-        assert!(!gate.verify_password("wrong horse battery".into(), Some(hash)).await.unwrap());
-        assert!(!gate.verify_password("trellis-dummy-password".into(), None).await.unwrap());
+        assert!(slots.verify_password("correct horse battery".into(), Some(hash.clone())).await.unwrap());
+        assert!(!slots.verify_password("wrong horse battery".into(), Some(hash)).await.unwrap());
+        assert!(!slots.verify_password("trellis-dummy-password".into(), None).await.unwrap());
     }
 
     #[tokio::test]
-    async fn a_full_gate_answers_overloaded_at_once_and_frees_its_queue() {
-        let gate = HashingGate::new(1, 1);
-        let busy = gate.enter().await.unwrap();
-        let queued = gate.enter();
+    async fn full_hashing_slots_answer_overloaded_at_once_and_frees_its_queue() {
+        let slots = HashingSlots::new(1, 1);
+        let busy = slots.enter().await.unwrap();
+        let queued = slots.enter();
         tokio::pin!(queued);
         // The queued request waits (its slot in the queue is taken when it is first polled).
         assert!(futures::poll!(queued.as_mut()).is_pending());
-        let refused = gate.enter().await.unwrap_err();
+        let refused = slots.enter().await.unwrap_err();
         assert!(matches!(refused, ApiError::Overloaded { .. }), "{refused:?}");
         drop(busy);
         let second = queued.await.unwrap();
         drop(second);
-        assert_eq!(gate.waiting.load(Ordering::Acquire), 0);
-        assert!(gate.enter().await.is_ok());
+        assert_eq!(slots.waiting.load(Ordering::Acquire), 0);
+        assert!(slots.enter().await.is_ok());
     }
 }

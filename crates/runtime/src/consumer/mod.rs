@@ -16,12 +16,11 @@
 //! The runner's parts, one concern each: `handler` (what a processor implements), `declare`
 //! (the consumers' configurations, their declaration and verification), `pull` (pull requests,
 //! the batch window, handing a batch to the handler), `settle` (ack, nak with backoff, term),
-//! `dead_letter`, `rescue` (the MAX_DELIVERIES safety net) and `gate` (the cutover gate:
-//! standing by while this process is not the executor).
+//! `dead_letter` and `rescue` (the MAX_DELIVERIES safety net). The cutover gate (standing by
+//! while this process is not the executor) is `crate::cutover::gate`.
 
 mod dead_letter;
 mod declare;
-mod gate;
 mod handler;
 mod pull;
 mod rescue;
@@ -106,17 +105,36 @@ pub const OUTCOMES: &[&str] = &["ok", "retried", "dead_lettered", "decode_error"
 /// its MAX_DELIVERIES watchers. Every replica of a worker runs one with the same spec.
 pub struct ConsumerGroup<H> {
     ctx: RunnerContext,
-    spec: ConsumerSpec,
+    pub(crate) spec: ConsumerSpec,
     config: RunnerConfig,
     handler: Arc<H>,
     bound: Arc<AtomicBool>,
     pulling: tokio::sync::watch::Sender<bool>,
     first_failures: FirstFailures,
     /// While closed, this process is not the executor: it does not pull (see [`Self::gated`]).
-    gate: Option<tokio::sync::watch::Receiver<bool>>,
-    standing_by: Arc<AtomicBool>,
+    pub(crate) gate: Option<tokio::sync::watch::Receiver<bool>>,
+    pub(crate) standing_by: Arc<AtomicBool>,
     /// Whether a new main consumer starts at the stream's end rather than its start.
     new_messages_only: bool,
+}
+
+/// Whether a group is ready: bound, or standing by, or not asked to run (its cutover gate is
+/// closed: a group that waits for another to pull first, as the dispute processor's lower
+/// priorities do, has not even started then).
+#[derive(Clone)]
+pub struct Readiness {
+    bound: Arc<AtomicBool>,
+    standing_by: Arc<AtomicBool>,
+    gate: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.bound.load(Ordering::Acquire)
+            || self.standing_by.load(Ordering::Acquire)
+            || self.gate.as_ref().is_some_and(|gate| !*gate.borrow())
+    }
 }
 
 /// A pulling loop's source: the main consumer or the replay consumer.
@@ -154,9 +172,14 @@ impl<H: Handler> ConsumerGroup<H> {
         &self.spec.name
     }
 
-    /// True once every consumer is declared and verified (for `/readyz`).
+    /// True once every consumer is declared and verified.
     pub fn bound_flag(&self) -> Arc<AtomicBool> {
         self.bound.clone()
+    }
+
+    /// What `/readyz` asks of this group (see [`Readiness`]).
+    pub fn readiness(&self) -> Readiness {
+        Readiness { bound: self.bound.clone(), standing_by: self.standing_by.clone(), gate: self.gate.clone() }
     }
 
     /// Turns true once the first pull request on the main consumer has been sent: from then on,

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use dispute_processor::{Candidate, DecideError, Processor, ProcessorArgs, Rules};
+use dispute_processor::{DecideError, DisputeCandidate, JudgingRules, Processor, ProcessorArgs};
 use serde_json::Value;
 use time::OffsetDateTime;
 use trellis_domain::UserId;
@@ -275,7 +275,7 @@ async fn the_shadow_candidate_replays_roles_and_reinstatements_as_the_primary_sa
 
     trellis_store::shadow_disputes::record_inputs(&db.pool, &inputs).await.unwrap();
     let args = ProcessorArgs { dispute_shadow_missing_after: Duration::from_secs(3600), ..ProcessorArgs::default() };
-    let candidate = Candidate::new(db.pool.clone(), &args, Rules::PRODUCTION);
+    let candidate = DisputeCandidate::new(db.pool.clone(), &args, JudgingRules::PRODUCTION);
     let round = candidate.compare_ready(OffsetDateTime::UNIX_EPOCH).await.unwrap();
     assert_eq!(round.claimed, inputs.len());
     for c in &round.comparisons {
