@@ -202,7 +202,7 @@ impl Processor {
             return Ok(HashSet::new());
         }
         let locked_ids: Vec<Uuid> = locked.iter().map(|r| r.id).collect();
-        let gathered = trellis_store::disputes::gather_facts(&mut tx, &locked_ids, None).await?;
+        let gathered = trellis_store::disputes::gather_facts(&mut tx, &locked_ids).await?;
         let Some(clock) = gathered.clock else { return Ok(HashSet::new()) };
         let mut facts: HashMap<Uuid, Facts> = gathered.facts.into_iter().map(|f| (f.dispute_id, f)).collect();
         let mut rows: Vec<&DisputeRow> = locked.iter().collect();

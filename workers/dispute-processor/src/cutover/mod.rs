@@ -10,7 +10,7 @@
 //! on, once the primary has decided it. Every automatic decision records the rules' clock and
 //! the MVCC snapshot of the statement that read its batch's facts, and every decision and
 //! filing records its transaction; the candidate reads the facts again with the same statement
-//! as that snapshot saw the tables (`trellis_store::disputes::gather_facts` with `as_of`): a
+//! as that snapshot saw the tables (`trellis_store::shadow_disputes::gather_facts_as_of`): a
 //! decision, filing or suspension is in them exactly when its transaction was visible to the
 //! primary — concurrent batches and decisions committed between the primary's read and its
 //! own decisions included. It then replays the primary's batch in the order the primary made
@@ -40,8 +40,8 @@ use trellis_domain::flags::Flag;
 use trellis_domain::shadow::Comparison;
 use trellis_runtime::consumer::{ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome, RunnerConfig, RunnerContext};
 use trellis_runtime::cutover::{Round as ComparerRound, ShadowCandidate};
-use trellis_store::disputes::{AsOf, FactsClock};
-use trellis_store::shadow_disputes::{self as store, CandidateDecision, PrimaryDecision};
+use trellis_store::disputes::FactsClock;
+use trellis_store::shadow_disputes::{self as store, AsOf, CandidateDecision, PrimaryDecision};
 use uuid::Uuid;
 
 use crate::batch::{self, JudgingRules};
@@ -155,7 +155,7 @@ impl DisputeCandidate {
         let last = members.iter().map(|(_, p)| p.decided_at).max().unwrap_or(clock.at);
         let decisions = store::batch_decisions(conn, xact, clock.at, last + BATCH_SPAN).await?;
         let order: Vec<Uuid> = decisions.iter().map(|d| d.dispute_id).collect();
-        let gathered = trellis_store::disputes::gather_facts(conn, &order, Some(AsOf { clock, xact })).await?;
+        let gathered = store::gather_facts_as_of(conn, &order, AsOf { clock, xact }).await?;
         if !gathered.rescored.is_empty() {
             let why = "a trust score its facts read was written after the primary read them (scores keep no \
                        history): its input cannot be read again";
