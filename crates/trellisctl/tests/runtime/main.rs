@@ -1,4 +1,4 @@
-//! The worker runtime against real JetStream and PostgreSQL (issue 3 §4): consumer groups,
+//! The worker runtime against real JetStream and PostgreSQL: consumer groups,
 //! retries, dead letters, the MAX_DELIVERIES safety net, shutdown, outages, `trellisctl dlq`,
 //! `trellisctl flags`, `trellisctl users` and `trellisctl migrate down`.
 //! Each test has its own database and NATS prefix, and drives real `trellis-probe-worker`

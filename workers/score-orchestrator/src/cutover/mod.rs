@@ -1,4 +1,5 @@
-//! The score orchestrator's part of the cutover: its shadow candidate and its comparison.
+//! The score orchestrator's part of the cutover: its shadow candidate and its comparison
+//! (docs/design/contracts.md §4).
 //!
 //! **The candidate** reads its own copy of `events.scores.run_requested` (consumer
 //! `score-orchestrator-shadow`) while `score.executor` says `shadow` and its side is not the

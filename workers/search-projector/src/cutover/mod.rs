@@ -1,4 +1,5 @@
-//! The search projector's part of the cutover: its shadow candidate and its comparison.
+//! The search projector's part of the cutover: its shadow candidate and its comparison
+//! (docs/design/contracts.md §4).
 //!
 //! **The candidate** ([`CandidateProjector`]) pulls its own copy of `events.>` (consumer
 //! `search-projector-shadow`) while `search.executor` says `shadow` and this side is not the
