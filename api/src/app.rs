@@ -47,7 +47,7 @@ pub struct AppState {
     /// Requests in flight, at most `MAX_IN_FLIGHT_REQUESTS`.
     pub in_flight: Arc<Semaphore>,
     pub health: Health,
-    pub search_source: Arc<crate::routes::search::SourceCache>,
+    pub search_source: Arc<crate::routes::search::SearchSourceCache>,
     pub activity: Arc<ActivityTracker>,
 }
 

@@ -137,9 +137,9 @@ impl Readiness {
     }
 }
 
-/// A pulling loop's source: the main consumer or the replay consumer.
+/// A pulling loop's feed: the main consumer or the replay consumer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Source {
+enum Feed {
     Main,
     Replay,
 }
@@ -232,8 +232,8 @@ impl<H: Handler> ConsumerGroup<H> {
             }
         };
         let this = Arc::new(self);
-        let main = tokio::spawn(this.clone().pull_loop(bound.main, Source::Main, stop.clone()));
-        let replay = tokio::spawn(this.clone().pull_loop(bound.replay, Source::Replay, stop.clone()));
+        let main = tokio::spawn(this.clone().pull_loop(bound.main, Feed::Main, stop.clone()));
+        let replay = tokio::spawn(this.clone().pull_loop(bound.replay, Feed::Replay, stop.clone()));
         let [main_advisory, replay_advisory] = bound.advisories;
         let main_advisory = tokio::spawn(this.clone().advisory_loop(main_advisory, stop.clone()));
         let replay_advisory = tokio::spawn(this.clone().advisory_loop(replay_advisory, stop.clone()));
@@ -242,11 +242,11 @@ impl<H: Handler> ConsumerGroup<H> {
         Ok(())
     }
 
-    fn original_subject(&self, subject: &str, source: Source) -> String {
+    fn original_subject(&self, subject: &str, feed: Feed) -> String {
         let unprefixed = self.ctx.topology.unprefixed(subject);
-        match source {
-            Source::Main => unprefixed.to_owned(),
-            Source::Replay => {
+        match feed {
+            Feed::Main => unprefixed.to_owned(),
+            Feed::Replay => {
                 unprefixed.strip_prefix(&format!("replay.{}.", self.spec.name)).unwrap_or(unprefixed).to_owned()
             }
         }

@@ -45,7 +45,7 @@ pub trait ShadowCandidate: Send + Sync + 'static {
     fn begin(&self, since: OffsetDateTime) -> impl Future<Output = anyhow::Result<Self::Ledger>> + Send;
 
     /// One round over what the candidate produced since `since`: compares what is ready,
-    /// records the comparisons (`trellis_store::shadow::record`, in the transaction that settles
+    /// records the comparisons (`trellis_store::cutover::record`, in the transaction that settles
     /// what they compared, so each is recorded once) and returns them.
     fn round(
         &self,
@@ -91,7 +91,7 @@ pub async fn run<C: ShadowCandidate>(candidate: Arc<C>, pool: PgPool, stop: Canc
         }
     };
     let since = loop {
-        match trellis_store::shadow::latest_period(&pool, C::FLAG).await {
+        match trellis_store::cutover::latest_period(&pool, C::FLAG).await {
             Ok(Some(period)) => break period.started_at,
             Ok(None) => {
                 tracing::warn!(flag = C::FLAG.as_str(), "no shadow period in the flag's audit: comparing from now on");

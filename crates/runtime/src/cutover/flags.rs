@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use trellis_domain::flags::{Executor, Flag};
-use trellis_store::flags::{self as store, FlagRow};
+use trellis_store::cutover::flags::{self as store, FlagRow};
 
 use crate::relay::recv;
 

@@ -10,7 +10,7 @@
 //! on, once the primary has decided it. Every automatic decision records the rules' clock and
 //! the MVCC snapshot of the statement that read its batch's facts, and every decision and
 //! filing records its transaction; the candidate reads the facts again with the same statement
-//! as that snapshot saw the tables (`trellis_store::shadow_disputes::gather_facts_as_of`): a
+//! as that snapshot saw the tables (`trellis_store::cutover::disputes::gather_facts_as_of`): a
 //! decision, filing or suspension is in them exactly when its transaction was visible to the
 //! primary — concurrent batches and decisions committed between the primary's read and its
 //! own decisions included. It then replays the primary's batch in the order the primary made
@@ -40,8 +40,8 @@ use trellis_domain::flags::Flag;
 use trellis_domain::shadow::Comparison;
 use trellis_runtime::consumer::{ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome, RunnerConfig, RunnerContext};
 use trellis_runtime::cutover::{Round as ComparerRound, ShadowCandidate};
+use trellis_store::cutover::disputes::{self as store, AsOf, CandidateDecision, PrimaryDecision};
 use trellis_store::disputes::FactsClock;
-use trellis_store::shadow_disputes::{self as store, AsOf, CandidateDecision, PrimaryDecision};
 use uuid::Uuid;
 
 use crate::batch::{self, JudgingRules};
@@ -138,7 +138,7 @@ impl DisputeCandidate {
             outputs.extend(decisions);
         }
         store::record_outputs(&mut tx, &outputs, &compared).await?;
-        trellis_store::shadow::record(&mut *tx, flag, &round.comparisons).await?;
+        trellis_store::cutover::record(&mut *tx, flag, &round.comparisons).await?;
         tx.commit().await?;
         Ok(round)
     }

@@ -22,14 +22,14 @@ use uuid::Uuid;
 use crate::harness::*;
 
 async fn set_flag(db: &TestDb, value: Executor) {
-    let change = trellis_store::flags::Change {
+    let change = trellis_store::cutover::flags::Change {
         flag: Flag::DisputeExecutor,
         value,
         actor: "shadow-tests",
         reason: "test set-up",
         forced: false,
     };
-    trellis_store::flags::set(&db.pool, &change).await.expect("setting dispute.executor");
+    trellis_store::cutover::flags::set(&db.pool, &change).await.expect("setting dispute.executor");
 }
 
 /// `trellisctl`, built next to this package's binary by the workspace build.

@@ -175,7 +175,7 @@ async fn the_candidate_judges_each_batch_on_the_facts_the_primary_read() {
     set_score(&db, rescored_reporter, 460).await;
 
     let inputs: Vec<Uuid> = a.iter().chain(&b).chain(&c).copied().chain([never, moderated, rescored]).collect();
-    trellis_store::shadow_disputes::record_inputs(&db.pool, &inputs).await.unwrap();
+    trellis_store::cutover::disputes::record_inputs(&db.pool, &inputs).await.unwrap();
     let args = ProcessorArgs { dispute_shadow_missing_after: Duration::ZERO, ..ProcessorArgs::default() };
     let before = production(&db).await;
     let candidate = DisputeCandidate::new(db.pool.clone(), &args, JudgingRules::PRODUCTION);

@@ -34,8 +34,8 @@ use trellis_domain::shadow::{Comparison, ComparisonResult, FieldDiff};
 use trellis_runtime::consumer::{ConsumerGroup, ConsumerSpec, Delivery, EachMessage, MessageHandler, Outcome};
 use trellis_runtime::consumer::{RunnerConfig, RunnerContext};
 use trellis_runtime::cutover::{Round, ShadowCandidate};
+use trellis_store::cutover::scores::{self as shadow_scores, CandidateRun, Compared, Settled};
 use trellis_store::scores::{self as store, digest_text};
-use trellis_store::shadow_scores::{self, CandidateRun, Compared, Settled};
 use uuid::Uuid;
 
 use crate::{BuilderSink, Computed, Orchestrator, RunError, ScoreRules};
@@ -242,7 +242,7 @@ impl ScoreCandidate {
             let (Some(digest), Some(users)) = (run.input_digest, run.users) else {
                 let why = "the candidate run recorded no input digest";
                 let missing = vec![Comparison::missing(key, why)];
-                trellis_store::shadow::record(&mut *claim, Flag::ScoreExecutor, &missing).await?;
+                trellis_store::cutover::record(&mut *claim, Flag::ScoreExecutor, &missing).await?;
                 shadow_scores::settle(&mut claim, id, Settled::Missing).await?;
                 claim.commit().await?;
                 return Ok(Some(missing));
@@ -272,7 +272,7 @@ impl ScoreCandidate {
                 None => return Ok(None),
             }
         };
-        trellis_store::shadow::record(&mut *claim, Flag::ScoreExecutor, &recorded).await?;
+        trellis_store::cutover::record(&mut *claim, Flag::ScoreExecutor, &recorded).await?;
         shadow_scores::settle(&mut claim, id, settled).await?;
         claim.commit().await?;
         Ok(Some(recorded))
@@ -411,7 +411,7 @@ impl MessageHandler for ScoreCandidate {
 
 #[cfg(test)]
 mod tests {
-    use trellis_store::shadow_scores::{Mismatch, PrimaryRun};
+    use trellis_store::cutover::scores::{Mismatch, PrimaryRun};
 
     use super::*;
 

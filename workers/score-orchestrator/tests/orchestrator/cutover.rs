@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::PullConsumer;
 use time::OffsetDateTime;
 use trellis_domain::flags::{Executor, Flag};
-use trellis_store::flags::{self, Change};
+use trellis_store::cutover::flags::{self, Change};
 use trellis_testkit::{TestDb, nats_prefix};
 use uuid::Uuid;
 

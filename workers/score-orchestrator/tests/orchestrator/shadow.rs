@@ -16,7 +16,7 @@ use trellis_domain::flags::{Executor, Flag};
 use trellis_domain::score;
 use trellis_runtime::consumer::{RunnerConfig, RunnerContext};
 use trellis_runtime::cutover::ShadowCandidate as _;
-use trellis_store::shadow_scores::{self, ShadowRun};
+use trellis_store::cutover::scores::{self as shadow_scores, ShadowRun};
 use trellis_testkit::{TestDb, nats_prefix};
 use uuid::Uuid;
 
@@ -196,9 +196,9 @@ async fn an_identical_candidate_matches_every_user_and_the_gate_promotes_the_wor
     assert!(stderr.contains("80 comparisons made, 81 required"), "{stderr}");
     let (ok, stdout, stderr) = run_trellisctl(&db, &[&set[..], &["--promotion-min-comparisons", "80"]].concat()).await;
     assert!(ok, "the identical candidate is promoted: {stdout}{stderr}");
-    let flag = trellis_store::flags::get(&db.pool, Flag::ScoreExecutor).await.unwrap();
+    let flag = trellis_store::cutover::flags::get(&db.pool, Flag::ScoreExecutor).await.unwrap();
     assert_eq!(flag.value, Executor::Worker);
-    let audit = trellis_store::flags::audit(&db.pool, Some(Flag::ScoreExecutor), 1).await.unwrap();
+    let audit = trellis_store::cutover::flags::audit(&db.pool, Some(Flag::ScoreExecutor), 1).await.unwrap();
     assert!(!audit[0].forced, "promoted through the gate, not forced");
 }
 
@@ -266,11 +266,17 @@ async fn a_candidate_with_another_rule_mismatches_and_the_gate_refuses_until_for
     let (ok, _, stderr) = run_trellisctl(&db, &set).await;
     assert!(!ok, "a mismatching candidate must not be promoted");
     assert!(stderr.contains("mismatch rate") && stderr.contains("--force"), "{stderr}");
-    assert_eq!(trellis_store::flags::get(&db.pool, Flag::ScoreExecutor).await.unwrap().value, Executor::Shadow);
+    assert_eq!(
+        trellis_store::cutover::flags::get(&db.pool, Flag::ScoreExecutor).await.unwrap().value,
+        Executor::Shadow
+    );
     let (ok, stdout, stderr) = run_trellisctl(&db, &[&set[..], &["--force"]].concat()).await;
     assert!(ok, "--force promotes: {stdout}{stderr}");
-    assert_eq!(trellis_store::flags::get(&db.pool, Flag::ScoreExecutor).await.unwrap().value, Executor::Worker);
-    let audit = trellis_store::flags::audit(&db.pool, Some(Flag::ScoreExecutor), 1).await.unwrap();
+    assert_eq!(
+        trellis_store::cutover::flags::get(&db.pool, Flag::ScoreExecutor).await.unwrap().value,
+        Executor::Worker
+    );
+    let audit = trellis_store::cutover::flags::audit(&db.pool, Some(Flag::ScoreExecutor), 1).await.unwrap();
     assert!(audit[0].forced, "the promotion is recorded as forced");
 }
 
@@ -312,7 +318,7 @@ struct InProcessCandidate {
 impl InProcessCandidate {
     /// Settles what can be settled of the shadow period in progress; how many runs were.
     async fn settle_pending(&self, db: &TestDb) -> usize {
-        let period = trellis_store::shadow::latest_period(&db.pool, Flag::ScoreExecutor).await.unwrap();
+        let period = trellis_store::cutover::latest_period(&db.pool, Flag::ScoreExecutor).await.unwrap();
         self.candidate.settle_pending(period.expect("a shadow period").started_at).await.unwrap().0
     }
 

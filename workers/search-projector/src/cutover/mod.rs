@@ -41,8 +41,8 @@ use trellis_domain::shadow::{Comparison, ComparisonResult, field_diffs};
 use trellis_runtime::consumer::{ConsumerGroup, Delivery, Handler, Outcome, RunnerConfig, RunnerContext};
 use trellis_runtime::cutover::{Round, ShadowCandidate};
 use trellis_runtime::host::Batching;
+use trellis_store::cutover::search::{self as shadow_search, DocKey, Marks, Pair, Written};
 use trellis_store::search_model::{self, ContactDocument, DirectoryDocument};
-use trellis_store::shadow_search::{self, DocKey, Marks, Pair, Written};
 use uuid::Uuid;
 
 use crate::{CONSUMER, consumer_spec, dirty};
@@ -613,7 +613,7 @@ impl Comparer {
             })
             .collect();
         let comparisons = fold(comparisons);
-        trellis_store::shadow::record(&mut *tx, FLAG, &comparisons).await?;
+        trellis_store::cutover::record(&mut *tx, FLAG, &comparisons).await?;
         tx.commit().await?;
         Ok(comparisons)
     }

@@ -14,7 +14,7 @@ use trellis_domain::shadow::Tally;
 use trellis_runtime::consumer::{RunnerConfig, RunnerContext};
 use trellis_runtime::cutover::ShadowCandidate as _;
 use trellis_runtime::nats::Topology;
-use trellis_store::flags::{self, Change};
+use trellis_store::cutover::flags::{self, Change};
 use trellis_testkit::TestDb;
 use uuid::Uuid;
 
@@ -65,12 +65,12 @@ async fn start_shadow(db: &TestDb, primary: Executor) {
     set_flag(db, Executor::Shadow, "shadow period").await;
 }
 
-async fn period(db: &TestDb) -> trellis_store::shadow::Period {
-    trellis_store::shadow::latest_period(&db.pool, Flag::SearchExecutor).await.unwrap().expect("a shadow period")
+async fn period(db: &TestDb) -> trellis_store::cutover::Period {
+    trellis_store::cutover::latest_period(&db.pool, Flag::SearchExecutor).await.unwrap().expect("a shadow period")
 }
 
 async fn tally(db: &TestDb) -> Tally {
-    trellis_store::shadow::tally(&db.pool, Flag::SearchExecutor, &period(db).await).await.unwrap()
+    trellis_store::cutover::tally(&db.pool, Flag::SearchExecutor, &period(db).await).await.unwrap()
 }
 
 async fn jetstream() -> async_nats::jetstream::Context {
@@ -129,7 +129,7 @@ async fn consumers_caught_up(db: &TestDb, prefix: &str, consumers: &[String]) {
 async fn all_settled(db: &TestDb) {
     let since = period(db).await.started_at;
     eventually("every candidate document version to be settled", SETTLE, || async {
-        let left = trellis_store::shadow_search::unsettled_count(&db.pool, since).await.ok()?;
+        let left = trellis_store::cutover::search::unsettled_count(&db.pool, since).await.ok()?;
         (left == 0).then_some(())
     })
     .await;
@@ -386,7 +386,7 @@ async fn the_candidate_alone_writes_only_its_shadow_tables_and_unanswered_docume
 
     // The candidate keeps its own checkpoint: the last event it applied.
     let mut conn = db.pool.acquire().await.unwrap();
-    let own = trellis_store::shadow_search::checkpoint(&mut conn).await.unwrap();
+    let own = trellis_store::cutover::search::checkpoint(&mut conn).await.unwrap();
     let mut stream = jetstream().await.get_stream(format!("{prefix}_EVENTS")).await.unwrap();
     let last = stream.info().await.unwrap().state.last_sequence;
     assert_eq!(own.last_stream_sequence, Some(last as i64), "the candidate's checkpoint");
@@ -451,7 +451,7 @@ async fn rounds_until_settled(
     loop {
         pace.tick().await;
         comparer.round(ledger, since).await.expect("a comparison round");
-        let left = trellis_store::shadow_search::unsettled_count(&db.pool, since).await.unwrap();
+        let left = trellis_store::cutover::search::unsettled_count(&db.pool, since).await.unwrap();
         if left == 0 && ledger.pending().is_empty() {
             return;
         }
@@ -523,7 +523,7 @@ async fn a_difference_from_a_change_whose_event_is_not_published_yet_is_not_a_mi
         .await
         .unwrap();
     assert_eq!(contact_row(&db, owner.id, friend.id).await.unwrap().4, "after");
-    let document = trellis_store::shadow_search::DocKey::Contact { owner: owner.id, contact: friend.id };
+    let document = trellis_store::cutover::search::DocKey::Contact { owner: owner.id, contact: friend.id };
     comparer.round(&mut ledger, since).await.unwrap();
     let pending = ledger.pending();
     assert_eq!(pending.iter().map(|p| p.0).collect::<Vec<_>>(), [document], "a suspect, not a verdict");
