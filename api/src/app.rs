@@ -20,7 +20,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 use trellis_domain::flags::Executor;
 use trellis_runtime::consumer::RunnerConfig;
-use trellis_runtime::health::{Health, Severity};
+use trellis_runtime::health::{self, Health, Severity};
 use trellis_runtime::host::{Host, HostConfig};
 use trellis_runtime::relay::{Relay, RelayConfig};
 use trellis_store::PoolConfig;
@@ -240,6 +240,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     pool_config.idle_in_transaction_timeout = Some(config.request_timeout);
     pool_config.client_check_interval = Some(Duration::from_secs(1));
     let pool = trellis_store::connect_lazy(common.database_url.expose(), &pool_config)?;
+    // Readiness is the requests' pool's: the processors' may be busy with a batch.
+    host.health().add("database", Severity::Critical, health::database_check(pool.clone()));
 
     let state = AppState {
         pool: pool.clone(),

@@ -396,6 +396,18 @@ async fn declare_streams(ctx: &RunnerContext, stop: &CancellationToken) -> Resul
     }
 }
 
+/// A process's exit code for how it ended; an error is logged and printed on stderr.
+pub fn exit_code(name: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(process = name, error = format!("{e:#}"), "stopped with an error");
+            eprintln!("{name}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// This machine's name, for dead-letter headers.
 pub fn hostname() -> String {
     std::env::var("HOSTNAME")

@@ -107,6 +107,11 @@ struct Cli<A: clap::Args> {
 /// one score run, printed, then exit).
 pub type OneOff = BoxFuture<'static, anyhow::Result<()>>;
 
+/// The `make` of [`main`] for a processor built from its flags alone, with no one-off command.
+pub fn serving<A, P>(new: fn(A) -> P) -> impl FnOnce(A, &WorkerArgs) -> anyhow::Result<(P, Option<OneOff>)> {
+    move |args, _| Ok((new(args), None))
+}
+
 /// The `main` of a worker binary: parses its flags (the processor's are `A`), builds the
 /// processor with `make`, then either runs the one-off command it returns or serves: logging,
 /// signals, a [`Host`] for the `worker` side, the processor installed on it, until SIGTERM.
@@ -122,26 +127,11 @@ where
     let command = Cli::<A>::command().name(name).about(about);
     let cli = Cli::<A>::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     let result = match make(cli.processor, &cli.worker) {
-        Ok((_, Some(one_off))) => {
-            return match one_off.await {
-                Ok(()) => std::process::ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("{name}: {e:#}");
-                    std::process::ExitCode::FAILURE
-                }
-            };
-        }
+        Ok((_, Some(one_off))) => one_off.await,
         Ok((processor, None)) => serve(name, cli.worker, processor).await,
         Err(e) => Err(e),
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(worker = name, error = format!("{e:#}"), "stopped with an error");
-            eprintln!("{name}: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    crate::host::exit_code(name, result)
 }
 
 async fn serve(name: &'static str, args: WorkerArgs, processor: impl Processor) -> anyhow::Result<()> {

@@ -62,7 +62,6 @@ use trellis_runtime::consumer::{
     ConsumerError, ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome, Readiness, RunnerConfig, RunnerContext,
 };
 use trellis_runtime::host::{self, Host};
-use trellis_runtime::worker::{OneOff, WorkerArgs};
 use trellis_store::disputes::DisputeRow;
 use uuid::Uuid;
 
@@ -318,11 +317,6 @@ pub struct DisputeProcessor {
 impl DisputeProcessor {
     pub fn new(args: ProcessorArgs) -> Self {
         Self { args }
-    }
-
-    /// The worker binary's processor.
-    pub fn worker(args: ProcessorArgs, _: &WorkerArgs) -> anyhow::Result<(Self, Option<OneOff>)> {
-        Ok((Self::new(args), None))
     }
 }
 

@@ -6,7 +6,7 @@ async fn main() -> std::process::ExitCode {
     trellis_runtime::worker::main(
         "dispute-processor",
         dispute_processor::ABOUT,
-        dispute_processor::DisputeProcessor::worker,
+        trellis_runtime::worker::serving(dispute_processor::DisputeProcessor::new),
     )
     .await
 }

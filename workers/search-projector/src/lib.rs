@@ -42,7 +42,6 @@ use trellis_domain::events::EventPayload;
 use trellis_domain::flags::Flag;
 use trellis_runtime::consumer::{ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome};
 use trellis_runtime::host::{Batching, Host, Processor};
-use trellis_runtime::worker::{OneOff, WorkerArgs};
 use trellis_store::search_model;
 use uuid::Uuid;
 
@@ -77,11 +76,6 @@ pub struct SearchProjector {
 impl SearchProjector {
     pub fn new(args: SearchArgs) -> Self {
         Self { args }
-    }
-
-    /// The worker binary's processor.
-    pub fn worker(args: SearchArgs, _: &WorkerArgs) -> anyhow::Result<(Self, Option<OneOff>)> {
-        Ok((Self::new(args), None))
     }
 }
 

@@ -6,7 +6,7 @@ async fn main() -> std::process::ExitCode {
     trellis_runtime::worker::main(
         search_projector::CONSUMER,
         search_projector::ABOUT,
-        search_projector::SearchProjector::worker,
+        trellis_runtime::worker::serving(search_projector::SearchProjector::new),
     )
     .await
 }

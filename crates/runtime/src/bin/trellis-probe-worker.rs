@@ -126,7 +126,7 @@ async fn main() -> std::process::ExitCode {
     trellis_runtime::worker::main(
         "trellis-probe-worker",
         "A worker that does what each message asks (runtime tests and benchmarks)",
-        |args, _| Ok((ProbeProcessor(args), None)),
+        trellis_runtime::worker::serving(ProbeProcessor),
     )
     .await
 }
