@@ -1,6 +1,6 @@
-//! The dispute processor's shadow candidate (`dispute.executor` = `shadow`), the dispute processor's part of the cutover: it judges every
-//! dispute filed during the period with its own rule set and compares its decision with the
-//! primary's, without any effect (no decision, suspension, token revocation or event: it
+//! The dispute processor's part of the cutover: its shadow candidate (`dispute.executor` =
+//! `shadow`) judges every dispute filed during the period with its own rule set and compares
+//! its decision with the primary's, without any effect (no decision, suspension, token revocation or event: it
 //! writes to `shadow.*` only).
 //!
 //! **Same input.** A dispute's facts change with time and with other decisions, the primary's
@@ -22,8 +22,9 @@
 //!
 //! **Shape.** The candidate's consumer (`dispute-processor-shadow`, one filter subject,
 //! `events.disputes.filed.>`) records the filings it receives (`shadow.dispute_inputs`); the
-//! comparison ([`DisputeCandidate::compare_ready`], a round of the runtime's comparer) takes those the primary has decided (its first decision in
-//! `security.dispute_decisions`), judges them, writes the candidate's decisions
+//! comparison ([`DisputeCandidate::compare_ready`], a round of the runtime's comparer) takes
+//! those the primary has decided (its first decision in `security.dispute_decisions`), judges
+//! them, writes the candidate's decisions
 //! (`shadow.dispute_decisions`) and the comparisons of `{status, rule, reasons}` in one
 //! transaction, each input once. The reasons are compared too: they are a function of the
 //! facts (the counts that decided), so on the same input they are the same. A filing the
