@@ -44,9 +44,11 @@ where
     }
 }
 
-/// The `trellis-api` binary as a child process, killed when dropped.
-struct ApiProcess {
+/// The `trellis-api` binary as a child process, killed when dropped. Its metrics are its own,
+/// unlike those of the apps that share the test process's recorder.
+pub(crate) struct ApiProcess {
     addr: SocketAddr,
+    admin: SocketAddr,
     http: reqwest::Client,
     child: Child,
 }
@@ -54,6 +56,11 @@ struct ApiProcess {
 impl ApiProcess {
     /// Starts the binary on `db` and `prefix` and waits until `/readyz` answers 200.
     async fn start(db: &TestDb, prefix: &str) -> Self {
+        Self::start_with(db, prefix, &[]).await
+    }
+
+    /// [`ApiProcess::start`] with more environment variables (settings) for the binary.
+    pub(crate) async fn start_with(db: &TestDb, prefix: &str, settings: &[(&str, &str)]) -> Self {
         let port = || trellis_testkit::free_port().expect("a free port");
         let (addr, admin): (SocketAddr, SocketAddr) =
             (format!("127.0.0.1:{}", port()).parse().unwrap(), format!("127.0.0.1:{}", port()).parse().unwrap());
@@ -68,12 +75,13 @@ impl ApiProcess {
             // Statements may wait long: a waiting one ends because its client went, not because
             // it timed out.
             .env("IO_TIMEOUT", "10s")
+            .envs(settings.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
             .expect("trellis-api starts");
         let http = reqwest::Client::builder().no_proxy().build().expect("http client");
-        let mut api = Self { addr, http, child };
+        let mut api = Self { addr, admin, http, child };
         let ready = format!("http://{admin}/readyz");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
@@ -96,7 +104,19 @@ impl ApiProcess {
         self.child.wait().expect("the killed API is reaped");
     }
 
-    fn request(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> reqwest::RequestBuilder {
+    /// The value of one series of the process's `/metrics` (`name{labels}`), if exported.
+    pub(crate) async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.http.get(format!("http://{}/metrics", self.admin)).send().await.ok()?.text().await.ok()?;
+        text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    pub(crate) fn request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> reqwest::RequestBuilder {
         let mut req = self.http.request(method, format!("http://{}{path}", self.addr));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -107,7 +127,7 @@ impl ApiProcess {
         req
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
+    pub(crate) async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
         let resp = req.send().await.expect("request sent");
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
