@@ -124,7 +124,8 @@ where
     A: clap::Args,
     P: Processor,
 {
-    let command = Cli::<A>::command().name(name).about(about);
+    // Every crate of the workspace has the workspace's version.
+    let command = Cli::<A>::command().name(name).about(about).version(env!("CARGO_PKG_VERSION"));
     let cli = Cli::<A>::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     let result = match make(cli.processor, &cli.worker) {
         Ok((_, Some(one_off))) => one_off.await,
