@@ -258,9 +258,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         activity: Arc::new(ActivityTracker::new(config.activity_max_tokens)),
         filings: Arc::default(),
     };
-    let listener = tokio::net::TcpListener::bind(config.api_addr)
-        .await
-        .with_context(|| format!("cannot bind the API listener on {}", config.api_addr))?;
+    let listener =
+        serve::bind(config.api_addr).with_context(|| format!("cannot bind the API listener on {}", config.api_addr))?;
     let api_addr = listener.local_addr()?;
 
     if !config.no_relay {
