@@ -18,10 +18,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
-use trellis_runtime::consumer::RunnerContext;
-use trellis_runtime::flags::Flags;
+use trellis_domain::flags::Executor;
+use trellis_runtime::consumer::RunnerConfig;
 use trellis_runtime::health::{self, Health, Severity};
-use trellis_runtime::nats::{self, Topology, TopologyError};
+use trellis_runtime::host::{Host, HostConfig};
 use trellis_runtime::relay::{Relay, RelayConfig};
 use trellis_store::PoolConfig;
 use trellis_store::page::CursorKey;
@@ -29,7 +29,7 @@ use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::activity::ActivityTracker;
-use crate::auth::HashingGate;
+use crate::auth::HashingSlots;
 use crate::config::Config;
 use crate::error::{ApiError, ErrorCause, problem_response};
 use crate::ratelimit::Limiters;
@@ -41,13 +41,13 @@ pub struct AppState {
     pub pool: PgPool,
     pub config: Arc<Config>,
     pub limiters: Arc<Limiters>,
-    pub hashing: Arc<HashingGate>,
+    pub hashing: Arc<HashingSlots>,
     /// Seals every list cursor (`trellis_store::page`).
     pub cursor_key: Arc<CursorKey>,
     /// Requests in flight, at most `MAX_IN_FLIGHT_REQUESTS`.
     pub in_flight: Arc<Semaphore>,
     pub health: Health,
-    pub search_source: Arc<crate::routes::search::SourceCache>,
+    pub search_source: Arc<crate::routes::search::SearchSourceCache>,
     pub activity: Arc<ActivityTracker>,
     /// One reporter's dispute filings, one at a time in this process (before each takes a
     /// database connection and the reporter's advisory lock).
@@ -204,15 +204,120 @@ impl Running {
     }
 }
 
-/// Connects, binds both listeners, starts the relay and serves until `shutdown` is cancelled.
+/// Connects, binds both listeners, starts the relay and the in-process processors, and serves
+/// until `shutdown` is cancelled. The process is a [`Host`] executing for the `monolith` side:
+/// the HTTP server is its intake, finished first within the grace period.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
     let common = &config.common;
-    let topology = Topology::new(&common.nats_prefix)?;
     config.promotion.policy().map_err(anyhow::Error::msg)?;
     config.check().map_err(anyhow::Error::msg)?;
+    config.search.shadow.config().map_err(anyhow::Error::msg)?;
     serve::raise_open_file_limit(config.max_connections);
-    let metrics = trellis_runtime::telemetry::install_metrics();
-    trellis_runtime::shadow::init_metrics();
+    let cursor_key = cursor_key(&config)?;
+    // The in-process processors' own pool (a bulkhead, like the relay's): idle unless a
+    // cutover flag says `monolith` (or `shadow`, for a candidate).
+    let host = Host::start(
+        HostConfig {
+            name: "trellis-api",
+            pool_name: "trellis-api-processors",
+            common: common.clone(),
+            executor: Executor::Monolith,
+            pool_size: 4,
+            flag_poll: config.flag_poll,
+            // Without NATS the API still takes writes: the outbox holds the events.
+            nats: Severity::Degrading,
+            runner: RunnerConfig::default(),
+            batch_size: None,
+            batch_window: None,
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    register_metrics();
+
+    let mut pool_config = PoolConfig::new("trellis-api");
+    pool_config.max_connections = config.db_pool_size;
+    pool_config.acquire_timeout = common.io_timeout;
+    pool_config.statement_timeout = common.io_timeout;
+    // A request's transaction (and the idempotency key it holds) ends with the request: when
+    // its client stops talking, and when this process is gone even while a statement waits.
+    pool_config.idle_in_transaction_timeout = Some(config.request_timeout);
+    pool_config.client_check_interval = Some(Duration::from_secs(1));
+    let pool = trellis_store::connect_lazy(common.database_url.expose(), &pool_config)?;
+    // Readiness is the requests' pool's: the processors' may be busy with a batch.
+    host.health().add("database", Severity::Critical, health::database_check(pool.clone()));
+
+    let state = AppState {
+        pool: pool.clone(),
+        config: Arc::new(config.clone()),
+        limiters: Arc::new(Limiters::new(&config)),
+        hashing: Arc::new(HashingSlots::new(config.password_hash_concurrency, config.password_hash_queue)),
+        cursor_key: Arc::new(cursor_key),
+        in_flight: Arc::new(Semaphore::new(config.max_in_flight_requests.max(1))),
+        health: host.health().clone(),
+        search_source: Arc::default(),
+        activity: Arc::new(ActivityTracker::new(config.activity_max_tokens)),
+        filings: Arc::default(),
+    };
+    let listener =
+        serve::bind(config.api_addr).with_context(|| format!("cannot bind the API listener on {}", config.api_addr))?;
+    let api_addr = listener.local_addr()?;
+
+    if !config.no_relay {
+        // The relay's own pool (the bulkhead): a listener connection plus one for batches.
+        let relay_pool = Host::connect_pool(common, "trellis-api-relay", 3, common.batch_timeout)?;
+        let relay_config = RelayConfig {
+            batch_size: config.relay_batch_size,
+            retention: config.outbox_retention,
+            ..RelayConfig::default()
+        };
+        let relay = Relay::new(relay_pool, host.ctx().js.clone(), host.ctx().topology.clone(), relay_config);
+        let (declared, stop) = (host.streams_declared(), host.stop_token());
+        host.spawn(async move {
+            if declared.await {
+                relay.run(stop).await;
+            }
+        });
+    }
+    host.spawn(crate::prune::run(pool.clone(), config.prune_interval, config.token_idle_timeout, host.stop_token()));
+    {
+        let (limiters, interval, stop) =
+            (state.limiters.clone(), config.rate_limiter_prune_interval, host.stop_token());
+        host.spawn(async move { limiters.prune(interval, stop).await });
+    }
+    {
+        let (activity, pool, interval) = (state.activity.clone(), pool.clone(), config.activity_flush_interval);
+        let stop = host.stop_token();
+        host.spawn(async move { activity.run(pool, interval, stop).await });
+    }
+    crate::processors::install(&host, &config).await?;
+
+    let grace = common.shutdown_grace;
+    let limits = serve::Limits {
+        header_read_timeout: config.header_read_timeout,
+        max_connections: config.max_connections,
+        max_connections_per_address: config.max_connections_per_address,
+        trusted_proxies: config.trusted_proxies.as_slice().into(),
+    };
+    let app = app(state);
+    host.spawn_intake(async move {
+        let mut server = tokio::spawn(serve::serve(listener, app, limits, shutdown.clone()));
+        tokio::select! {
+            _ = &mut server => return,
+            _ = shutdown.cancelled() => {}
+        }
+        // In-flight requests get the grace period; then whatever is left is cut off.
+        if tokio::time::timeout(grace, &mut server).await.is_err() {
+            server.abort();
+        }
+    });
+    let admin_addr = host.admin_addr();
+    let task = tokio::spawn(host.run());
+    Ok(Running { api_addr, admin_addr, pool, task })
+}
+
+/// Exports the API's series with bounded labels at zero.
+fn register_metrics() {
     for endpoint in routes::search::ENDPOINTS {
         metrics::counter!("trellis_search_fallbacks_total", "endpoint" => endpoint).increment(0);
     }
@@ -229,151 +334,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         metrics::counter!("trellis_api_requests_shed_total", "reason" => reason).increment(0);
     }
     metrics::counter!("trellis_api_connections_displaced_total").increment(0);
-    let cursor_key = cursor_key(&config)?;
-
-    let mut pool_config = PoolConfig::new("trellis-api");
-    pool_config.max_connections = config.db_pool_size;
-    pool_config.acquire_timeout = common.io_timeout;
-    pool_config.statement_timeout = common.io_timeout;
-    // A request's transaction (and the idempotency key it holds) ends with the request: when
-    // its client stops talking, and when this process is gone even while a statement waits.
-    pool_config.idle_in_transaction_timeout = Some(config.request_timeout);
-    pool_config.client_check_interval = Some(Duration::from_secs(1));
-    let pool = trellis_store::connect_lazy(common.database_url.expose(), &pool_config)?;
-
-    // The relay's own pool (the bulkhead): a listener connection plus one for batches.
-    let mut relay_pool_config = PoolConfig::new("trellis-api-relay");
-    relay_pool_config.max_connections = 3;
-    relay_pool_config.acquire_timeout = common.io_timeout;
-    relay_pool_config.statement_timeout = common.batch_timeout;
-    let relay_pool = trellis_store::connect_lazy(common.database_url.expose(), &relay_pool_config)?;
-
-    // The in-process processors' own pool (a bulkhead, like the relay's): idle unless a
-    // cutover flag says `monolith`.
-    let mut processors_pool_config = PoolConfig::new("trellis-api-processors");
-    processors_pool_config.max_connections = 4;
-    processors_pool_config.acquire_timeout = common.io_timeout;
-    processors_pool_config.statement_timeout = common.batch_timeout;
-    let processors_pool = trellis_store::connect_lazy(common.database_url.expose(), &processors_pool_config)?;
-
-    let client = nats::connect(&common.nats_url, "trellis-api", common.io_timeout).await?;
-    let js = nats::jetstream(client.clone(), common.io_timeout);
-
-    let health = Health::new();
-    health.add("database", Severity::Critical, health::database_check(pool.clone()));
-    // Without NATS the API still takes writes: the outbox holds the events.
-    health.add("nats", Severity::Degrading, health::nats_check(client.clone()));
-
-    let state = AppState {
-        pool: pool.clone(),
-        config: Arc::new(config.clone()),
-        limiters: Arc::new(Limiters::new(&config)),
-        hashing: Arc::new(HashingGate::new(config.password_hash_concurrency, config.password_hash_queue)),
-        cursor_key: Arc::new(cursor_key),
-        in_flight: Arc::new(Semaphore::new(config.max_in_flight_requests.max(1))),
-        health: health.clone(),
-        search_source: Arc::default(),
-        activity: Arc::new(ActivityTracker::new(config.activity_max_tokens)),
-        filings: Arc::default(),
-    };
-
-    let listener =
-        serve::bind(config.api_addr).with_context(|| format!("cannot bind the API listener on {}", config.api_addr))?;
-    let api_addr = listener.local_addr()?;
-    let (admin_addr, admin_task) =
-        trellis_runtime::admin::serve(common.admin_addr, health, metrics, shutdown.clone()).await?;
-
-    // Fatal start-up problems found in the background (a stream the server will not keep as
-    // asked) stop the process with that error.
-    let fatal: Arc<std::sync::Mutex<Option<anyhow::Error>>> = Arc::default();
-    let background = CancellationToken::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    {
-        let (js, topology, fatal, shutdown) = (js.clone(), topology.clone(), fatal.clone(), shutdown.clone());
-        let background = background.clone();
-        let relay = (!config.no_relay).then(|| {
-            Relay::new(
-                relay_pool.clone(),
-                js.clone(),
-                topology.clone(),
-                RelayConfig {
-                    batch_size: config.relay_batch_size,
-                    retention: config.outbox_retention,
-                    ..RelayConfig::default()
-                },
-            )
-        });
-        tasks.spawn(async move {
-            match declare_streams(&js, &topology, &background).await {
-                Ok(()) => {
-                    if let Some(relay) = relay {
-                        relay.run(background).await;
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "JetStream topology refused");
-                    *fatal.lock().expect("fatal lock") = Some(e.into());
-                    shutdown.cancel();
-                }
-            }
-        });
-    }
-    tasks.spawn(crate::prune::run(pool.clone(), config.prune_interval, config.token_idle_timeout, background.clone()));
-    {
-        let (limiters, interval) = (state.limiters.clone(), config.rate_limiter_prune_interval);
-        let background = background.clone();
-        tasks.spawn(async move { limiters.prune(interval, background).await });
-    }
-    {
-        let (activity, pool, interval) = (state.activity.clone(), pool.clone(), config.activity_flush_interval);
-        let background = background.clone();
-        tasks.spawn(async move { activity.run(pool, interval, background).await });
-    }
-    let flags = Flags::watch(pool.clone(), config.flag_poll, background.clone());
-    let ctx = RunnerContext {
-        js: js.clone(),
-        topology: topology.clone(),
-        host: trellis_runtime::worker::hostname(),
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-    };
-    let settings = crate::processors::Settings {
-        score: config.score.config(&common.database_url, ctx.host.clone()),
-        dispute: config.dispute.clone(),
-        search_shadow: config.search_shadow.config().map_err(anyhow::Error::msg)?,
-    };
-    crate::processors::spawn(&mut tasks, ctx, processors_pool, &flags, settings, background.clone())?;
-
-    let grace = common.shutdown_grace;
-    let limits = serve::Limits {
-        header_read_timeout: config.header_read_timeout,
-        max_connections: config.max_connections,
-        max_connections_per_address: config.max_connections_per_address,
-        trusted_proxies: config.trusted_proxies.as_slice().into(),
-    };
-    let app = app(state);
-    let task = tokio::spawn(async move {
-        let server = tokio::spawn(serve::serve(listener, app, limits, shutdown.clone()));
-        shutdown.cancelled().await;
-        // In-flight requests get the grace period; then whatever is left is cut off.
-        let mut server = server;
-        let drained = tokio::time::timeout(grace, &mut server).await;
-        if drained.is_err() {
-            tracing::warn!(?grace, "requests still in flight after the grace period; shutdown was not graceful");
-            server.abort();
-        }
-        background.cancel();
-        while tasks.join_next().await.is_some() {}
-        let _ = admin_task.await;
-        if let Err(e) = client.drain().await {
-            tracing::warn!(error = %e, "draining the NATS connection failed");
-        }
-        if let Some(e) = fatal.lock().expect("fatal lock").take() {
-            return Err(e);
-        }
-        tracing::info!("trellis-api stopped");
-        Ok(())
-    });
-    Ok(Running { api_addr, admin_addr, pool, task })
 }
 
 /// Shortest `CURSOR_KEY` accepted, in bytes.
@@ -402,28 +362,4 @@ fn cursor_key(config: &Config) -> anyhow::Result<CursorKey> {
     let mut mac = Hmac::<Sha256>::new_from_slice(url.as_bytes()).expect("HMAC takes a key of any length");
     mac.update(b"trellis cursor key v1");
     Ok(CursorKey::new(&mac.finalize().into_bytes()))
-}
-
-/// Declares the streams, retrying while NATS is unreachable; a configuration the server does
-/// not keep is fatal.
-async fn declare_streams(
-    js: &async_nats::jetstream::Context,
-    topology: &Topology,
-    cancel: &CancellationToken,
-) -> Result<(), TopologyError> {
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match nats::ensure_streams(js, topology).await {
-            Ok(()) => return Ok(()),
-            Err(e @ TopologyError::Mismatch { .. }) => return Err(e),
-            Err(e) => {
-                tracing::warn!(error = %e, "declaring JetStream streams failed; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = cancel.cancelled() => return Ok(()),
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
 }

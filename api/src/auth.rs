@@ -71,17 +71,17 @@ pub async fn issue_token(
 
 /// Bounds the password hashing and verification in progress: each is argon2id with the
 /// crate's defaults (19 MiB, 2 passes). `PASSWORD_HASH_CONCURRENCY` run at once, each on one of
-/// as many threads the gate owns, and `PASSWORD_HASH_QUEUE` more wait; beyond that a request is
+/// as many threads the slots own, and `PASSWORD_HASH_QUEUE` more wait; beyond that a request is
 /// answered 503 with `Retry-After` at once.
 ///
-/// The gate's own threads, rather than tokio's blocking pool, for two reasons. Memory: each
+/// The slots' own threads, rather than tokio's blocking pool, for two reasons. Memory: each
 /// thread owns the 19 MiB that argon2 works in, allocated once when the thread starts, so the
 /// process's memory is the same before, during and after a flood of logins (allocating it per
 /// hash left the allocator holding freed blocks: +64 to +76 MiB at the peak of a flood).
 /// Latency: the threads run at a lower scheduling priority (nice [`HASHING_NICE`]), so a flood
 /// of logins or registrations, which keeps every hashing thread busy, does not take the CPU from
 /// the requests that need no hash.
-pub struct HashingGate {
+pub struct HashingSlots {
     permits: Arc<Semaphore>,
     waiting: AtomicUsize,
     queue: usize,
@@ -105,7 +105,7 @@ impl Drop for Waiting<'_> {
 /// The values of `trellis_api_password_hashes_total{operation}`.
 pub const HASH_OPERATIONS: [&str; 2] = ["hash", "verify"];
 
-impl HashingGate {
+impl HashingSlots {
     pub fn new(concurrency: usize, queue: usize) -> Self {
         let concurrency = concurrency.max(1);
         let (jobs, receiver) = std::sync::mpsc::channel::<HashJob>();
@@ -199,7 +199,7 @@ impl HashingGate {
         self.verify_password_in(slot, candidate, stored).await
     }
 
-    /// [`HashingGate::verify_password`] in a slot reserved before.
+    /// [`HashingSlots::verify_password`] in a slot reserved before.
     pub async fn verify_password_in(
         &self,
         slot: HashingSlot,
@@ -299,7 +299,7 @@ impl Default for ThreadHasher {
     }
 }
 
-/// One hashing thread: lowers its own priority, then runs jobs until the gate is dropped.
+/// One hashing thread: lowers its own priority, then runs jobs until the slots are dropped.
 fn hashing_thread(jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<HashJob>>) {
     // Linux applies a nice value set for a thread id to that thread alone. Where it cannot be
     // set, hashing runs at normal priority: slower answers under a flood, nothing worse.
@@ -440,28 +440,28 @@ mod tests {
 
     #[tokio::test]
     async fn passwords_verify_only_against_their_own_hash() {
-        let gate = HashingGate::new(1, 1);
-        let hash = gate.hash_password(Password::parse("correct horse battery").unwrap()).await.unwrap();
+        let slots = HashingSlots::new(1, 1);
+        let hash = slots.hash_password(Password::parse("correct horse battery").unwrap()).await.unwrap();
         assert!(hash.starts_with("$argon2id$"));
-        assert!(gate.verify_password("correct horse battery".into(), Some(hash.clone())).await.unwrap());
-        assert!(!gate.verify_password("wrong horse battery".into(), Some(hash)).await.unwrap());
-        assert!(!gate.verify_password("trellis-dummy-password".into(), None).await.unwrap());
+        assert!(slots.verify_password("correct horse battery".into(), Some(hash.clone())).await.unwrap());
+        assert!(!slots.verify_password("wrong horse battery".into(), Some(hash)).await.unwrap());
+        assert!(!slots.verify_password("trellis-dummy-password".into(), None).await.unwrap());
     }
 
     #[tokio::test]
-    async fn a_full_gate_answers_overloaded_at_once_and_frees_its_queue() {
-        let gate = HashingGate::new(1, 1);
-        let busy = gate.enter().await.unwrap();
-        let queued = gate.enter();
+    async fn full_hashing_slots_answer_overloaded_at_once_and_frees_its_queue() {
+        let slots = HashingSlots::new(1, 1);
+        let busy = slots.enter().await.unwrap();
+        let queued = slots.enter();
         tokio::pin!(queued);
         // The queued request waits (its slot in the queue is taken when it is first polled).
         assert!(futures::poll!(queued.as_mut()).is_pending());
-        let refused = gate.enter().await.unwrap_err();
+        let refused = slots.enter().await.unwrap_err();
         assert!(matches!(refused, ApiError::Overloaded { .. }), "{refused:?}");
         drop(busy);
         let second = queued.await.unwrap();
         drop(second);
-        assert_eq!(gate.waiting.load(Ordering::Acquire), 0);
-        assert!(gate.enter().await.is_ok());
+        assert_eq!(slots.waiting.load(Ordering::Acquire), 0);
+        assert!(slots.enter().await.is_ok());
     }
 }

@@ -189,21 +189,21 @@ pub struct Config {
     #[arg(long, env = "FLAG_POLL", value_parser = humantime::parse_duration, default_value = "1s")]
     pub flag_poll: Duration,
 
-    /// The score orchestrator's settings, for when `score.executor` says `monolith`.
+    /// The score orchestrator's settings, for when `score.executor` says `monolith` (or `shadow`).
     #[command(flatten)]
     pub score: score_orchestrator::ScoreArgs,
 
-    /// The dispute processor's settings, for when `dispute.executor` says `monolith`.
+    /// The dispute processor's settings, for when `dispute.executor` says `monolith` (or `shadow`).
     #[command(flatten)]
     pub dispute: dispute_processor::ProcessorArgs,
 
     #[command(flatten)]
     pub promotion: trellis_runtime::config::PromotionArgs,
 
-    /// The search projector's shadow candidate, for when `search.executor` says `shadow` with the
-    /// worker as the primary.
+    /// The search projector's settings, for when `search.executor` says `monolith` (and its shadow
+    /// candidate, for when it says `shadow` with the worker as the primary).
     #[command(flatten)]
-    pub search_shadow: search_projector::shadow::ShadowArgs,
+    pub search: search_projector::SearchArgs,
 }
 
 fn default_hash_concurrency() -> usize {

@@ -11,19 +11,10 @@ async fn main() -> std::process::ExitCode {
     let config = Config::parse();
     trellis_runtime::telemetry::init_logging(config.common.log_format);
     let shutdown = trellis_runtime::shutdown::on_signal();
-    let result = match trellis_api::start(config, shutdown).await {
-        Ok(running) => {
-            tracing::info!(api = %running.api_addr, admin = %running.admin_addr, "trellis-api listening");
-            running.wait().await
-        }
-        Err(e) => Err(e),
+    let result = async {
+        let running = trellis_api::start(config, shutdown).await?;
+        tracing::info!(api = %running.api_addr, admin = %running.admin_addr, "trellis-api listening");
+        running.wait().await
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "trellis-api stopped with an error");
-            eprintln!("trellis-api: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    trellis_runtime::host::exit_code("trellis-api", result.await)
 }

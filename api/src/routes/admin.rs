@@ -9,7 +9,7 @@ use trellis_commands::users::AdminError;
 use trellis_domain::flags::{Executor, Flag};
 use trellis_domain::identity::AdminReason;
 use trellis_domain::{FieldError, UserId, ValidationErrors};
-use trellis_store::flags::{AuditRow, Change, FlagRow, SetError};
+use trellis_store::cutover::flags::{AuditRow, Change, FlagRow, SetError};
 use trellis_store::user_admin;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -90,7 +90,7 @@ pub struct FlagList {
     responses((status = 200, body = FlagList), (status = 401, body = Problem), (status = 403, body = Problem)))]
 async fn list_flags(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<FlagList>> {
     principal.require_admin()?;
-    let rows = trellis_store::flags::list(&state.pool).await?;
+    let rows = trellis_store::cutover::flags::list(&state.pool).await?;
     Ok(Json(FlagList { items: rows.into_iter().map(FlagView::from).collect() }))
 }
 
@@ -150,7 +150,7 @@ async fn set_flag(
     let admin =
         trellis_store::identity::find_by_id(&mut *tx, principal.user_id).await?.ok_or(ApiError::Unauthenticated)?;
     let change = Change { flag, value, actor: &admin.handle, reason, forced: body.force };
-    let changed = match trellis_store::flags::set_checked_in(&mut tx, &change, &policy).await {
+    let changed = match trellis_store::cutover::flags::set_checked_in(&mut tx, &change, &policy).await {
         Ok(changed) => changed,
         Err(SetError::Refused(why)) => return Err(ApiError::conflict("promotion-refused", why)),
         Err(SetError::Database(e)) => return Err(e.into()),
@@ -221,7 +221,7 @@ async fn flag_history(
     principal.require_admin()?;
     let flag = Flag::parse(&name).map_err(|_| ApiError::NotFound("flag"))?;
     let limit = limit(params.limit, 20, 100)?;
-    let rows = trellis_store::flags::audit(&state.pool, Some(flag), limit as i64).await?;
+    let rows = trellis_store::cutover::flags::audit(&state.pool, Some(flag), limit as i64).await?;
     Ok(Json(FlagHistory { items: rows.into_iter().map(FlagAuditEntry::from).collect() }))
 }
 

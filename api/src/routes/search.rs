@@ -26,16 +26,16 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 /// Where search answers from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
+pub enum SearchSource {
     Index,
     Database,
 }
 
-impl Source {
+impl SearchSource {
     pub fn as_str(self) -> &'static str {
         match self {
-            Source::Index => "index",
-            Source::Database => "database",
+            SearchSource::Index => "index",
+            SearchSource::Database => "database",
         }
     }
 }
@@ -43,32 +43,35 @@ impl Source {
 /// The last freshness decision, reused for a second so that search does not pay for it on
 /// every request.
 #[derive(Default)]
-pub struct SourceCache(std::sync::Mutex<Option<(std::time::Instant, Source)>>);
+pub struct SearchSourceCache(std::sync::Mutex<Option<(std::time::Instant, SearchSource)>>);
 
 const SOURCE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The values of `trellis_search_fallbacks_total{endpoint}`.
 pub const ENDPOINTS: [&str; 2] = ["users", "contacts"];
 
-async fn source(state: &AppState, endpoint: &'static str) -> Result<Source, ApiError> {
+async fn source(state: &AppState, endpoint: &'static str) -> Result<SearchSource, ApiError> {
     let cached = *state.search_source.0.lock().expect("source cache lock");
     let source = match cached {
         Some((at, source)) if at.elapsed() < SOURCE_TTL => source,
         _ => {
             let freshness = trellis_store::search::freshness(&state.pool).await?;
-            let source =
-                if freshness.index_usable(state.config.search_max_lag) { Source::Index } else { Source::Database };
+            let source = if freshness.index_usable(state.config.search_max_lag) {
+                SearchSource::Index
+            } else {
+                SearchSource::Database
+            };
             *state.search_source.0.lock().expect("source cache lock") = Some((std::time::Instant::now(), source));
             source
         }
     };
-    if source == Source::Database {
+    if source == SearchSource::Database {
         metrics::counter!("trellis_search_fallbacks_total", "endpoint" => endpoint).increment(1);
     }
     Ok(source)
 }
 
-fn with_source<T: IntoResponse>(source: Source, body: T) -> Response {
+fn with_source<T: IntoResponse>(source: SearchSource, body: T) -> Response {
     let mut response = body.into_response();
     response.headers_mut().insert("x-search-source", axum::http::HeaderValue::from_static(source.as_str()));
     response
@@ -156,10 +159,10 @@ async fn search_users(
     let limit = limit.min((MAX_RESULTS - offset) as usize);
     let source = source(&state, "users").await?;
     let mut hits = match source {
-        Source::Index => {
+        SearchSource::Index => {
             trellis_store::search::users(&state.pool, Documents::Index, &q, offset, limit as i64 + 1).await?
         }
-        Source::Database => {
+        SearchSource::Database => {
             trellis_store::search::users(&state.pool, Documents::Base, &q, offset, limit as i64 + 1).await?
         }
     };
@@ -216,10 +219,12 @@ async fn search_contacts(
     let source = source(&state, "contacts").await?;
     let owner = principal.user_id.0;
     let mut hits = match source {
-        Source::Index => {
+        SearchSource::Index => {
             trellis_store::search::index_contacts(&state.pool, owner, &q, offset, limit as i64 + 1).await?
         }
-        Source::Database => trellis_store::search::contacts(&state.pool, owner, &q, offset, limit as i64 + 1).await?,
+        SearchSource::Database => {
+            trellis_store::search::contacts(&state.pool, owner, &q, offset, limit as i64 + 1).await?
+        }
     };
     let next_cursor = next_cursor(&state, "search-contacts", hits.len() > limit, offset, limit);
     hits.truncate(limit);

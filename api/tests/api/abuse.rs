@@ -90,7 +90,7 @@ async fn a_login_longer_than_254_characters_is_refused_before_it_is_looked_up_or
 #[tokio::test]
 async fn twenty_thousand_distinct_long_logins_leave_the_login_limiter_bounded() {
     // The address allowance is lifted so that every attempt reaches the account limiter; the
-    // hashing gate is one slot with no queue, so attempts past it are shed instead of hashed.
+    // hashing slots are one slot with no queue, so attempts past it are shed instead of hashed.
     let app = TestApp::spawn_with(with(&[
         "--login-rate-per-address",
         "1000000",

@@ -181,7 +181,7 @@ async fn comparisons(app: &TestApp, n: i64, matched: i64) {
     for i in 0..(n - matched) {
         all.push(Comparison::of(format!("user {i}"), &json!({"score": 1}), &json!({"score": 2})));
     }
-    trellis_store::shadow::record(&app.db.pool, trellis_domain::flags::Flag::ScoreExecutor, &all).await.unwrap();
+    trellis_store::cutover::record(&app.db.pool, trellis_domain::flags::Flag::ScoreExecutor, &all).await.unwrap();
 }
 
 #[tokio::test]

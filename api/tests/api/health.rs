@@ -46,3 +46,25 @@ async fn the_public_readyz_answers_the_status_only_while_the_admin_port_names_th
         assert!(!text.contains(leak), "the public /readyz names {leak:?}: {text}");
     }
 }
+
+/// The processors the API can run in-process export their series from start-up, whichever
+/// side executes them (an alert on an absent series would otherwise fire on every API until a
+/// flag says `monolith`), as their workers do.
+#[tokio::test]
+async fn the_in_process_processors_series_exist_from_start_up() {
+    let app = TestApp::spawn().await;
+    for outcome in ["succeeded", "failed", "abandoned"] {
+        let series = format!("outcome=\"{outcome}\"");
+        assert!(app.labelled_metric("trellis_score_runs_total", &series).await.is_some(), "score runs {outcome}");
+    }
+    assert!(app.metric("trellis_score_runs_in_progress").await.is_some(), "score runs in progress");
+    for priority in ["p0", "p1", "p2", "p3"] {
+        let series = format!("priority=\"{priority}\"");
+        let depth = app.labelled_metric("trellis_dispute_queue_depth_messages", &series).await;
+        assert!(depth.is_some(), "dispute queue depth of {priority}");
+    }
+    for consumer in ["search-projector", "score-orchestrator", "dispute-processor-p0"] {
+        let series = format!("consumer=\"{consumer}\"");
+        assert!(app.labelled_metric("trellis_worker_in_flight_messages", &series).await.is_some(), "{consumer}");
+    }
+}

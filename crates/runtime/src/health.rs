@@ -56,13 +56,17 @@ impl Health {
         Self::default()
     }
 
+    /// Adds the check `name`, in place of an earlier check of that name.
     pub fn add<F, Fut>(&self, name: impl Into<String>, severity: Severity, check: F)
     where
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
     {
         let run: Arc<CheckFn> = Arc::new(move || Box::pin(check()));
-        self.checks.write().expect("health lock").push(Arc::new(Check { name: name.into(), severity, run }));
+        let name = name.into();
+        let mut checks = self.checks.write().expect("health lock");
+        checks.retain(|c| c.name != name);
+        checks.push(Arc::new(Check { name, severity, run }));
     }
 
     /// Runs every check concurrently, each bounded by `timeout`.

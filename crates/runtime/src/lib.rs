@@ -1,15 +1,16 @@
 //! The process runtime shared by every Trellis binary: configuration, telemetry, the admin
-//! listener (health and metrics), shutdown, the JetStream topology and the outbox relay.
+//! listener (health and metrics), shutdown, the process skeleton (`host`), the JetStream
+//! topology, the consumer-group runner, the outbox relay, and the cutover (`cutover`).
 
 pub mod admin;
 pub mod config;
 pub mod consumer;
+pub mod cutover;
 pub mod dlq;
-pub mod flags;
 pub mod health;
+pub mod host;
 pub mod nats;
 pub mod relay;
-pub mod shadow;
 pub mod shutdown;
 pub mod telemetry;
 pub mod worker;

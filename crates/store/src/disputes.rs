@@ -246,8 +246,8 @@ pub async fn lock_undecided(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec
 }
 
 #[derive(sqlx::FromRow)]
-struct FactsRow {
-    id: Uuid,
+pub(crate) struct FactsRow {
+    pub(crate) id: Uuid,
     reporter_id: Uuid,
     target_id: Uuid,
     kind: String,
@@ -259,14 +259,16 @@ struct FactsRow {
     target_role: String,
     reporter_score: Option<i32>,
     target_score: Option<i32>,
-    scores_seen: bool,
+    /// Read as of a past snapshot only: whether the scores read are the ones it saw.
+    #[sqlx(default)]
+    pub(crate) scores_seen: Option<bool>,
     same_reporter: sqlx::types::Json<Vec<RelatedRow>>,
     reporter_record: sqlx::types::Json<Vec<RelatedRow>>,
-    against_target: sqlx::types::Json<Vec<RelatedRow>>,
+    pub(crate) against_target: sqlx::types::Json<Vec<RelatedRow>>,
 }
 
 #[derive(serde::Deserialize)]
-struct RelatedRow {
+pub(crate) struct RelatedRow {
     id: Uuid,
     reporter_id: Uuid,
     status: DisputeStatus,
@@ -277,7 +279,7 @@ struct RelatedRow {
     reporter_score: Option<i32>,
     /// As of a past snapshot: whether the score read is the one that snapshot saw.
     #[serde(default = "seen")]
-    score_seen: bool,
+    pub(crate) score_seen: bool,
 }
 
 fn seen() -> bool {
@@ -307,142 +309,47 @@ pub struct FactsClock {
     pub snapshot: String,
 }
 
-/// A batch of the processor's whose facts are read again: its clock and snapshot, and its
-/// transaction (`security.dispute_decisions.xact`, as text), whose own decisions came after
-/// its facts.
-#[derive(Debug, Clone, Copy)]
-pub struct AsOf<'a> {
-    pub clock: &'a FactsClock,
-    pub xact: &'a str,
-}
-
 /// What [`gather_facts`] read.
 #[derive(Debug)]
 pub struct Gathered {
     pub facts: Vec<Facts>,
-    /// The statement's clock and snapshot (as of a past batch: that batch's); `None` when none
-    /// of the ids is a dispute.
+    /// The statement's clock and snapshot; `None` when none of the ids is a dispute.
     pub clock: Option<FactsClock>,
-    /// As of a past batch: the disputes whose facts read a trust score written after its
-    /// snapshot. Scores keep no history, so those facts cannot be read again as they were.
-    pub rescored: Vec<Uuid>,
 }
 
-/// The parts of the facts statement that say where each fact comes from: the tables as they
-/// are, or as a past snapshot saw them. The rest of the statement is shared: the facts have one
-/// definition.
-struct Source {
-    clock: &'static str,
-    ctes: &'static str,
-    disputes: &'static str,
-    reporter_suspended: String,
-    target_suspended: String,
-    target_role: String,
-    scores_seen: &'static str,
-    related_score_seen: &'static str,
+/// The facts the adjudication rules need, for every dispute of `ids`, in one statement. Each
+/// list holds what its rule's window could reach (the rules apply the windows exactly), plus
+/// every undecided dispute, whose status a decision earlier in the same batch may change. The
+/// shadow candidate reads the same facts as a past snapshot saw them with its own statement
+/// (`shadow_disputes::gather_facts_as_of`), which must say the same of the tables as they are.
+pub async fn gather_facts(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Gathered, sqlx::Error> {
+    let rows = facts_query(FACTS, ids).fetch_all(conn).await?;
+    let clock = rows.first().map(|r| FactsClock { at: r.now, snapshot: r.snapshot.clone() });
+    Ok(Gathered { facts: decode_facts(rows)?, clock })
 }
 
-impl Source {
-    /// The facts as they are (the processor's statement).
-    fn current() -> Self {
-        Source {
-            clock: "SELECT now() AS now, pg_current_snapshot()::text AS snapshot",
-            ctes: "",
-            disputes: "security.disputes",
-            reporter_suspended: "ru.status = 'suspended'".into(),
-            target_suspended: "tu.status = 'suspended'".into(),
-            target_role: "tu.role".into(),
-            scores_seen: "true",
-            related_score_seen: "",
-        }
-    }
-
-    /// The facts as a past batch read them ($5 its clock, $6 its snapshot, $7 its transaction).
-    /// A decision or a filing is in them when its transaction is visible in the snapshot (a row
-    /// written before transactions were recorded, when it is older than the clock); the batch's
-    /// own decisions came after them. A user's status and role are read from the user
-    /// administration audit, which records every change of them in commit order: as the
-    /// snapshot saw them, they are what the earliest change it did not see changed them from,
-    /// or, when it saw every change, what they are now. (The batch's own suspensions came after
-    /// its facts: its in-batch overlay applies them.)
-    fn as_of() -> Self {
-        // The value before the earliest change of `actions` to user `u` that the snapshot did
-        // not see, as `expr` of the audit row `a`; NULL when it saw every change. A snapshot
-        // does not list its own transaction as in progress, so the batch's own changes are
-        // excluded by id.
-        let before_unseen = |u: &str, actions: &str, expr: &str| {
-            format!(
-                "(SELECT {expr} FROM identity.user_admin_audit a
-                  WHERE a.user_id = {u}.id AND a.action IN ({actions})
-                    AND (a.xact = $7::xid8 OR NOT pg_visible_in_snapshot(a.xact, $6::pg_snapshot))
-                  ORDER BY a.id LIMIT 1)"
-            )
-        };
-        let suspended = |u: &str| {
-            format!(
-                "coalesce({}, {u}.status = 'suspended')",
-                before_unseen(u, "'suspend', 'reinstate'", "a.from_value = 'suspended'")
-            )
-        };
-        Source {
-            clock: "SELECT $5::timestamptz AS now, $6::text AS snapshot",
-            ctes: ", visible_decisions AS NOT MATERIALIZED (
-                 SELECT x.id, x.dispute_id, x.status, x.decided_at FROM security.dispute_decisions x
-                 WHERE x.xact IS DISTINCT FROM $7::xid8
-                   AND CASE WHEN x.xact IS NULL THEN x.decided_at < $5
-                            ELSE pg_visible_in_snapshot(x.xact, $6::pg_snapshot) END
-             ), disputes_as_of AS NOT MATERIALIZED (
-                 SELECT o.id, o.reporter_id, o.target_id, o.kind, o.created_at,
-                     coalesce(v.status, 'pending') AS status, v.decided_at
-                 FROM security.disputes o
-                 LEFT JOIN LATERAL (SELECT x.status, x.decided_at FROM visible_decisions x WHERE x.dispute_id = o.id
-                                    ORDER BY x.decided_at DESC, x.id DESC LIMIT 1) v ON true
-                 WHERE CASE WHEN o.filed_xact IS NULL THEN o.created_at < $5
-                            ELSE pg_visible_in_snapshot(o.filed_xact, $6::pg_snapshot) END
-             )",
-            disputes: "disputes_as_of",
-            reporter_suspended: suspended("ru"),
-            target_suspended: suspended("tu"),
-            target_role: format!("coalesce({}, tu.role)", before_unseen("tu", "'grant_role'", "a.from_value")),
-            scores_seen: "(rs.user_id IS NULL OR shadow.xmin_visible_in(rs.xmin, $6::pg_snapshot))
-                 AND (ts.user_id IS NULL OR shadow.xmin_visible_in(ts.xmin, $6::pg_snapshot))",
-            related_score_seen: ", 'score_seen', s.user_id IS NULL OR shadow.xmin_visible_in(s.xmin, $6::pg_snapshot)",
-        }
-    }
-
-    fn statement(&self) -> String {
-        let Source {
-            clock,
-            ctes,
-            disputes,
-            reporter_suspended,
-            target_suspended,
-            target_role,
-            scores_seen,
-            related_score_seen,
-        } = self;
-        format!(
-            "WITH clock AS ({clock}){ctes}
+/// The facts statement (`$1` the disputes, `$2`–`$4` the rules' windows in seconds).
+const FACTS: &str = "WITH clock AS (SELECT now() AS now, pg_current_snapshot()::text AS snapshot)
          SELECT d.id, d.reporter_id, d.target_id, d.kind, d.created_at, clock.now, clock.snapshot,
-             {reporter_suspended} AS reporter_suspended, {target_suspended} AS target_suspended,
-             {target_role} AS target_role, rs.score AS reporter_score, ts.score AS target_score, {scores_seen} AS scores_seen,
+             ru.status = 'suspended' AS reporter_suspended, tu.status = 'suspended' AS target_suspended,
+             tu.role AS target_role, rs.score AS reporter_score, ts.score AS target_score,
              (SELECT coalesce(jsonb_agg(jsonb_build_object('id', o.id, 'reporter_id', o.reporter_id,
                       'status', o.status, 'filed_at', o.created_at, 'decided_at', o.decided_at)), '[]')
-                FROM {disputes} o
+                FROM security.disputes o
                WHERE o.target_id = d.target_id AND o.kind = d.kind AND o.reporter_id = d.reporter_id
                  AND o.id <> d.id
                  AND (o.status IN ('pending', 'needs_review') OR o.decided_at >= clock.now - make_interval(secs => $2)))
                AS same_reporter,
              (SELECT coalesce(jsonb_agg(jsonb_build_object('id', o.id, 'reporter_id', o.reporter_id,
                       'status', o.status, 'filed_at', o.created_at, 'decided_at', o.decided_at)), '[]')
-                FROM {disputes} o
+                FROM security.disputes o
                WHERE o.reporter_id = d.reporter_id AND o.id <> d.id
                  AND o.created_at >= clock.now - make_interval(secs => $3))
                AS reporter_record,
              (SELECT coalesce(jsonb_agg(jsonb_build_object('id', o.id, 'reporter_id', o.reporter_id,
                       'status', o.status, 'filed_at', o.created_at, 'decided_at', o.decided_at,
-                      'reporter_score', s.score{related_score_seen})), '[]')
-                FROM {disputes} o LEFT JOIN score.user_scores s ON s.user_id = o.reporter_id
+                      'reporter_score', s.score)), '[]')
+                FROM security.disputes o LEFT JOIN score.user_scores s ON s.user_id = o.reporter_id
                WHERE o.target_id = d.target_id AND o.kind = d.kind AND o.id <> d.id
                  AND (o.status IN ('pending', 'needs_review') OR o.created_at >= clock.now - make_interval(secs => $4)))
                AS against_target
@@ -451,47 +358,28 @@ impl Source {
          JOIN identity.users tu ON tu.id = d.target_id
          LEFT JOIN score.user_scores rs ON rs.user_id = d.reporter_id
          LEFT JOIN score.user_scores ts ON ts.user_id = d.target_id
-         WHERE d.id = ANY($1)"
-        )
-    }
-}
+         WHERE d.id = ANY($1)";
 
-/// The facts the adjudication rules need, for every dispute of `ids`, in one statement. Each
-/// list holds what its rule's window could reach (the rules apply the windows exactly), plus
-/// every undecided dispute, whose status a decision earlier in the same batch may change.
-///
-/// With `as_of`, the facts as a past batch of the processor read them: the same statement, each
-/// table replaced by that table as the batch's snapshot saw it, and the batch's clock.
-pub async fn gather_facts(
-    conn: &mut PgConnection,
-    ids: &[Uuid],
-    as_of: Option<AsOf<'_>>,
-) -> Result<Gathered, sqlx::Error> {
+/// A facts statement with the disputes and the rules' windows bound (`$1`–`$4`).
+pub(crate) fn facts_query<'q>(
+    sql: &'q str,
+    ids: &'q [Uuid],
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, FactsRow, sqlx::postgres::PgArguments> {
     use trellis_domain::adjudication::{CORROBORATION_WINDOW, CREDIBILITY_WINDOW, DUPLICATE_WINDOW};
     let secs = |d: time::Duration| d.whole_seconds() as f64;
-    let sql = match as_of {
-        None => Source::current().statement(),
-        Some(_) => Source::as_of().statement(),
-    };
-    let mut query = sqlx::query_as::<_, FactsRow>(&sql)
+    sqlx::query_as::<_, FactsRow>(sql)
         .bind(ids)
         .bind(secs(DUPLICATE_WINDOW))
         .bind(secs(CREDIBILITY_WINDOW))
-        .bind(secs(CORROBORATION_WINDOW));
-    if let Some(a) = as_of {
-        query = query.bind(a.clock.at).bind(&a.clock.snapshot).bind(a.xact);
-    }
-    let rows = query.fetch_all(conn).await?;
-    let clock = rows.first().map(|r| FactsClock { at: r.now, snapshot: r.snapshot.clone() });
-    let mut rescored = Vec::new();
-    let facts = rows
-        .into_iter()
+        .bind(secs(CORROBORATION_WINDOW))
+}
+
+/// The rules' facts of the rows of a facts statement.
+pub(crate) fn decode_facts(rows: Vec<FactsRow>) -> Result<Vec<Facts>, sqlx::Error> {
+    rows.into_iter()
         .map(|r| {
             let kind = DisputeKind::parse(&r.kind).map_err(|e| sqlx::Error::Decode(e.message.into()))?;
             let target_role = r.target_role.parse().map_err(|e: String| sqlx::Error::Decode(e.into()))?;
-            if !r.scores_seen || r.against_target.0.iter().any(|o| !o.score_seen) {
-                rescored.push(r.id);
-            }
             Ok(Facts {
                 dispute_id: r.id,
                 reporter_id: r.reporter_id,
@@ -509,8 +397,7 @@ pub async fn gather_facts(
                 against_target: r.against_target.0.into_iter().map(Related::from).collect(),
             })
         })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    Ok(Gathered { facts, clock, rescored })
+        .collect()
 }
 
 /// One automatic decision to record.

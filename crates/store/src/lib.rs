@@ -10,9 +10,9 @@
 pub mod activity;
 pub mod circles;
 pub mod contacts;
+pub mod cutover;
 pub mod disputes;
 pub mod dlq_audit;
-pub mod flags;
 pub mod idempotency;
 pub mod identity;
 pub mod migrate;
@@ -22,10 +22,6 @@ pub mod roles;
 pub mod scores;
 pub mod search;
 pub mod search_model;
-pub mod shadow;
-pub mod shadow_disputes;
-pub mod shadow_scores;
-pub mod shadow_search;
 pub mod user_admin;
 
 use std::time::Duration;

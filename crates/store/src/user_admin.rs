@@ -5,7 +5,7 @@
 //!
 //! Each change locks the user's row ([`lock`]) before it reads what it changes, and writes its
 //! audit row after, so one user's audit rows are in the order their changes committed. The
-//! dispute processor's shadow candidate relies on that (`disputes::gather_facts` with `as_of`).
+//! dispute processor's shadow candidate relies on that (`shadow_disputes::gather_facts_as_of`).
 
 use sqlx::{PgConnection, PgExecutor};
 use time::OffsetDateTime;

@@ -1,8 +1,7 @@
 //! `trellisctl`: the Trellis on-call tool.
 
+mod cutover;
 mod dlq;
-mod flags;
-mod parity;
 mod triggers;
 
 use std::process::ExitCode;
@@ -94,11 +93,11 @@ enum Command {
     /// Cutover flags (which side executes each processor): list, get, set, history.
     Flags {
         #[command(subcommand)]
-        action: flags::Flags,
+        action: cutover::flags::Flags,
     },
     /// Shadow parity: how a candidate's outputs compare with the primary's (matched, mismatched,
     /// missing, and the first differences field by field).
-    Parity(parity::Args),
+    Parity(cutover::parity::Args),
     /// The migration guide's stage triggers: metric, threshold, current value, met or not.
     Triggers(triggers::Args),
 }
@@ -266,9 +265,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             search_rebuild(&pool, scope).await
         }
-        Command::Flags { action } => flags::run(&pool, cli.output, action).await,
+        Command::Flags { action } => cutover::flags::run(&pool, cli.output, action).await,
         Command::Triggers(args) => triggers::run(&pool, args, cli.output).await,
-        Command::Parity(args) => parity::run(&pool, args, cli.output).await,
+        Command::Parity(args) => cutover::parity::run(&pool, args, cli.output).await,
         Command::Dlq { action } => {
             let topology = trellis_runtime::nats::Topology::new(&cli.nats_prefix)?;
             let servers = trellis_runtime::nats::Servers::parse(&cli.nats_url)?;

@@ -13,16 +13,16 @@ use trellis_store::disputes::AutoDecision;
 use uuid::Uuid;
 
 /// A rule set: the function that judges facts and the version recorded with its decisions. The
-/// processor decides with [`Rules::PRODUCTION`]; a shadow candidate may be given another.
+/// processor decides with [`JudgingRules::PRODUCTION`]; a shadow candidate may be given another.
 #[derive(Debug, Clone, Copy)]
-pub struct Rules {
+pub struct JudgingRules {
     pub version: &'static str,
     pub judge: fn(&Facts) -> Judgement,
 }
 
-impl Rules {
+impl JudgingRules {
     /// R1–R5 (`trellis_domain::adjudication`).
-    pub const PRODUCTION: Rules = Rules { version: RULES_VERSION, judge: adjudication::adjudicate };
+    pub const PRODUCTION: JudgingRules = JudgingRules { version: RULES_VERSION, judge: adjudication::adjudicate };
 }
 
 /// What a batch has decided so far.
@@ -40,7 +40,7 @@ impl Batch {
 
     /// Judges facts read before the batch's decisions as if its earlier decisions had been
     /// committed when they were read (exactly as one at a time); returns them overlaid.
-    pub fn judge(&self, mut f: Facts, rules: &Rules) -> (Facts, Judgement) {
+    pub fn judge(&self, mut f: Facts, rules: &JudgingRules) -> (Facts, Judgement) {
         self.overlay(&mut f);
         let judgement = (rules.judge)(&f);
         (f, judgement)
@@ -96,7 +96,7 @@ pub(crate) fn replay(
     order: &[Uuid],
     mut facts: HashMap<Uuid, Facts>,
     lockable: impl Fn(Uuid) -> bool,
-    rules: &Rules,
+    rules: &JudgingRules,
 ) -> Vec<AutoDecision> {
     let mut batch = Batch::default();
     for id in order {
@@ -169,7 +169,7 @@ mod tests {
         let order = [id(1), id(2), id(4)];
         let all = HashMap::from([(id(1), first), (id(2), second), (id(4), third)]);
 
-        let decisions = replay(&order, all, |_| true, &Rules::PRODUCTION);
+        let decisions = replay(&order, all, |_| true, &JudgingRules::PRODUCTION);
         let got: Vec<(Uuid, DisputeStatus, &str)> = decisions.iter().map(|d| (d.id, d.status, d.rule)).collect();
         assert_eq!(
             got,
@@ -190,7 +190,7 @@ mod tests {
     fn a_co_upheld_dispute_another_transaction_held_is_left_out() {
         let mut first = facts(1, 11, 90, DisputeKind::Spam);
         first.against_target = vec![pending(2, 12), pending(3, 13)];
-        let decisions = replay(&[id(1)], HashMap::from([(id(1), first)]), |o| o != id(3), &Rules::PRODUCTION);
+        let decisions = replay(&[id(1)], HashMap::from([(id(1), first)]), |o| o != id(3), &JudgingRules::PRODUCTION);
         let got: Vec<Uuid> = decisions.iter().map(|d| d.id).collect();
         assert_eq!(got, [id(1), id(2)]);
     }

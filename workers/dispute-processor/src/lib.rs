@@ -5,11 +5,11 @@
 //! `trellis-api` can run the same value in-process ([`Groups::run`] with its own context and
 //! stop token).
 //!
-//! **Four consumers, one gate.** A dispute is filed on `events.disputes.filed.p<N>`; there is one
+//! **Four consumers, one scheduler.** A dispute is filed on `events.disputes.filed.p<N>`; there is one
 //! durable consumer per priority (`dispute-processor-p0` … `-p3`, each with one filter subject,
 //! as nats-server 2.9 requires), each with its own replay consumer and DLQ subject, all run by
 //! the runtime's consumer-group runner (ack, nak with backoff, DLQ, replay unchanged). What
-//! makes it a priority queue is the [`scheduler::Gate`] their handlers share: a process decides
+//! makes it a priority queue is the [`scheduler::PriorityScheduler`] their handlers share: a process decides
 //! `--concurrent-batches` batches at once (2 by default: one commits while the next is judged),
 //! and when a slot frees up the next turn goes to the highest waiting priority, except that a
 //! lower priority whose oldest message has waited longer than its maximum wait (P1 1 min, P2
@@ -17,8 +17,8 @@
 //! so an entirely overdue backlog cannot starve the others. P0 has one more slot than the
 //! others: it starts even while every regular slot is busy with lower-priority batches.
 //!
-//! **Why strict.** Every group always has a pull outstanding, so a new P0 reaches the gate as
-//! soon as it is published; the gate never grants a lower priority while a higher one waits
+//! **Why strict.** Every group always has a pull outstanding, so a new P0 reaches the scheduler as
+//! soon as it is published; the scheduler never grants a lower priority while a higher one waits
 //! (save the alternating aging turn), and a P0 never waits for a lower-priority batch at all. At start-up the groups begin pulling in priority order
 //! (P1 only once P0's first pull is on the wire, and so on), so a backlog that was queued while
 //! the processor was down is also served P0 first.
@@ -36,18 +36,18 @@
 //! later ones, exactly as one at a time: `batch`), apply the effects of upheld disputes, record
 //! the decisions and their audit rows in one statement (in the order they were made, with the
 //! clock and snapshot the facts were read with: what the shadow candidate needs to read the
-//! same facts again, see [`shadow`]), write the outbox events, commit; then ack.
+//! same facts again, see [`cutover`]), write the outbox events, commit; then ack.
 
 mod batch;
+pub mod cutover;
 pub mod scheduler;
-pub mod shadow;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer;
+use futures::future::BoxFuture;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -56,17 +56,19 @@ use trellis_commands::disputes::{Decided, DecidedBy};
 use trellis_domain::adjudication::Facts;
 use trellis_domain::disputes::{DisputeStatus, Priority};
 use trellis_domain::events::{EventPayload, filed_subject};
+use trellis_domain::flags::Flag;
 use trellis_domain::{DisputeId, UserId};
 use trellis_runtime::consumer::{
-    ConsumerError, ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome, RunnerConfig, RunnerContext,
+    ConsumerError, ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome, Readiness, RunnerConfig, RunnerContext,
 };
+use trellis_runtime::host::{self, Host};
 use trellis_store::disputes::DisputeRow;
 use uuid::Uuid;
 
 use batch::Batch;
-pub use batch::Rules;
+pub use batch::JudgingRules;
+pub use cutover::DisputeCandidate;
 pub use scheduler::MaxWaits;
-pub use shadow::Candidate;
 
 /// The durable consumer of a priority: `dispute-processor-p0` … `dispute-processor-p3`.
 pub fn consumer_name(p: Priority) -> String {
@@ -106,7 +108,7 @@ pub struct ProcessorArgs {
     /// Batch size of P1–P3 (P0 uses --batch-size): bounds how long a new P0 waits.
     #[arg(long, env = "SHORT_BATCH_SIZE", default_value_t = 64)]
     pub short_batch_size: usize,
-    /// Batches a process decides at once (the gate's slots; each priority pulls this many
+    /// Batches a process decides at once (the scheduler's slots; each priority pulls this many
     /// batches in parallel): overlaps one batch's commit and acks with the next one's work.
     #[arg(long, env = "CONCURRENT_BATCHES", default_value_t = 2)]
     pub concurrent_batches: usize,
@@ -145,7 +147,7 @@ impl ProcessorArgs {
     }
 }
 
-/// The processor: a pool, its settings and the priority gate shared by its four handlers.
+/// The processor: a pool, its settings and the priority scheduler shared by its four handlers.
 #[derive(Clone)]
 pub struct Processor {
     inner: Arc<Inner>,
@@ -154,13 +156,13 @@ pub struct Processor {
 struct Inner {
     pool: PgPool,
     args: ProcessorArgs,
-    gate: scheduler::Gate,
+    scheduler: scheduler::PriorityScheduler,
 }
 
 impl Processor {
     pub fn new(pool: PgPool, args: ProcessorArgs) -> Self {
-        let gate = scheduler::Gate::new(args.max_waits(), args.concurrent_batches);
-        Self { inner: Arc::new(Inner { pool, args, gate }) }
+        let scheduler = scheduler::PriorityScheduler::new(args.max_waits(), args.concurrent_batches);
+        Self { inner: Arc::new(Inner { pool, args, scheduler }) }
     }
 
     /// The consumer groups, P0 first: `--concurrent-batches` pull loops on each priority's
@@ -192,14 +194,14 @@ impl Processor {
     /// judged again on new facts. Under the lock no role change can commit before the
     /// decision does, so no rule ever upholds a dispute against a moderator or an admin.
     pub async fn decide(&self, ids: &[Uuid]) -> Result<HashSet<Uuid>, DecideError> {
-        let rules = Rules::PRODUCTION;
+        let rules = JudgingRules::PRODUCTION;
         let mut tx = self.inner.pool.begin().await?;
         let locked = trellis_store::disputes::lock_pending(&mut tx, ids).await?;
         if locked.is_empty() {
             return Ok(HashSet::new());
         }
         let locked_ids: Vec<Uuid> = locked.iter().map(|r| r.id).collect();
-        let gathered = trellis_store::disputes::gather_facts(&mut tx, &locked_ids, None).await?;
+        let gathered = trellis_store::disputes::gather_facts(&mut tx, &locked_ids).await?;
         let Some(clock) = gathered.clock else { return Ok(HashSet::new()) };
         let mut facts: HashMap<Uuid, Facts> = gathered.facts.into_iter().map(|f| (f.dispute_id, f)).collect();
         let mut rows: Vec<&DisputeRow> = locked.iter().collect();
@@ -304,9 +306,50 @@ pub enum DecideError {
 /// The window of `trellis_dispute_auto_adjudication_ratio`.
 pub const AUTO_RATIO_WINDOW: Duration = Duration::from_secs(3600);
 
+/// What the `dispute-processor` binary does.
+pub const ABOUT: &str = "Drains disputes strictly by priority and auto-adjudicates them";
+
+/// The dispute processor as a host runs it (in `dispute-processor` and in `trellis-api`).
+pub struct DisputeProcessor {
+    args: ProcessorArgs,
+}
+
+impl DisputeProcessor {
+    pub fn new(args: ProcessorArgs) -> Self {
+        Self { args }
+    }
+}
+
+impl host::Processor for DisputeProcessor {
+    fn name(&self) -> &'static str {
+        "dispute-processor"
+    }
+
+    fn register_metrics(&self, _host: &Host) {
+        register_metrics();
+    }
+
+    /// The four priorities' groups, started in order, while this side executes
+    /// `dispute.executor`; the shadow candidate while this side is the candidate.
+    fn install<'h>(&'h self, host: &'h Host) -> BoxFuture<'h, anyhow::Result<()>> {
+        Box::pin(async move {
+            let processor = Processor::new(host.pool().clone(), self.args.clone());
+            let runner = host.runner(self.batching());
+            let groups = processor.groups(host.ctx().clone(), runner).gated(host.gate(Flag::DisputeExecutor));
+            for (name, readiness) in groups.readiness() {
+                host.report_readiness(name, readiness);
+            }
+            let stop = host.stop_token();
+            host.spawn_task("dispute consumer groups", async move { groups.run(stop).await.map_err(Into::into) });
+            host.spawn_candidate(DisputeCandidate::new(host.pool().clone(), &self.args, JudgingRules::PRODUCTION));
+            Ok(())
+        })
+    }
+}
+
 /// Sets every series with bounded labels to zero (alerts never see an absent series). Only
 /// the outcome/rule pairs the rules can produce exist.
-pub fn init_metrics() {
+pub fn register_metrics() {
     for p in Priority::ALL {
         metrics::gauge!("trellis_dispute_queue_depth_messages", "priority" => label(p)).set(0.0);
         metrics::gauge!("trellis_dispute_oldest_waiting_seconds", "priority" => label(p)).set(0.0);
@@ -330,7 +373,7 @@ pub const DECISION_SERIES: [(&str, &str); 8] = [
     ("dismissed", MODERATOR_RULE),
 ];
 
-/// The handler of one priority's group: decode, wait for the gate, decide.
+/// The handler of one priority's group: decode, wait for the scheduler, decide.
 struct PriorityHandler {
     processor: Processor,
     priority: Priority,
@@ -378,7 +421,7 @@ impl Handler for PriorityHandler {
         let result = if ids.is_empty() {
             Ok(Vec::new())
         } else {
-            let turn = self.processor.inner.gate.enter(self.priority, oldest).await;
+            let turn = self.processor.inner.scheduler.enter(self.priority, oldest).await;
             if turn.aged {
                 tracing::debug!(priority = self.priority.as_str(), "an overdue batch takes an aging turn");
             }
@@ -429,16 +472,17 @@ impl Groups {
         self
     }
 
-    /// Each group's name (with its lane), its "bound" flag and its "standing by" flag (for
-    /// `/readyz`: a group is ready when bound, or standing by while the other side executes).
-    pub fn readiness_flags(&self) -> Vec<(String, Arc<AtomicBool>, Arc<AtomicBool>)> {
+    /// Each group's name (with its lane) and what `/readyz` asks of it. A group starts once the
+    /// priority above it pulls, so while the flag names the other side only P0's groups run
+    /// (and stand by); the others are not started, and their closed gate makes them ready too.
+    pub fn readiness(&self) -> Vec<(String, Readiness)> {
         let mut lanes: HashMap<&str, usize> = HashMap::new();
         self.groups
             .iter()
             .map(|g| {
                 let lane = lanes.entry(g.name()).or_default();
                 *lane += 1;
-                (format!("{} lane {lane}", g.name()), g.bound_flag(), g.standing_by_flag())
+                (format!("{} lane {lane}", g.name()), g.readiness())
             })
             .collect()
     }
@@ -447,7 +491,6 @@ impl Groups {
     /// `stop`: then they stop fetching and finish the batches they hold. Returns the first
     /// group's error (a configuration the server will not keep).
     pub async fn run(self, stop: CancellationToken) -> Result<(), ConsumerError> {
-        init_metrics();
         let reporter = tokio::spawn(self.processor.clone().report_metrics(self.ctx.clone(), stop.clone()));
         let mut running = Vec::new();
         for group in self.groups {
@@ -510,7 +553,7 @@ mod tests {
                         Priority::ALL.into_iter().any(|p| subject_matches(&consumer_spec(p).filter_subject, &subject)),
                         "no priority's consumer receives {subject}"
                     );
-                    assert!(subject_matches(shadow::FILED_SUBJECTS, &subject), "the candidate misses {subject}");
+                    assert!(subject_matches(cutover::FILED_SUBJECTS, &subject), "the candidate misses {subject}");
                 }
             }
         }

@@ -1,7 +1,7 @@
-//! The priority gate: a few batches at a time per process (its slots), chosen by strict
+//! The priority scheduler: a few batches at a time per process (its slots), chosen by strict
 //! priority with aging.
 //!
-//! Each priority's consumer groups hand their batches to [`Gate::enter`] and wait for a turn.
+//! Each priority's consumer groups hand their batches to [`PriorityScheduler::enter`] and wait for a turn.
 //! When a slot is free, the next turn goes to:
 //! 1. on an *aging turn*: the waiting batch of a lower priority (P1–P3) whose oldest message has
 //!    waited longer than its priority's maximum wait (the most overdue one if several are);
@@ -63,28 +63,28 @@ struct State {
     waiting: Vec<Waiter>,
 }
 
-/// The gate. Cheap to share behind an `Arc`.
-pub struct Gate {
+/// The scheduler. Cheap to share behind an `Arc`.
+pub struct PriorityScheduler {
     max_waits: MaxWaits,
     slots: usize,
     state: Mutex<State>,
 }
 
-/// A turn: the gate is held until it is dropped.
+/// A turn: the scheduler is held until it is dropped.
 pub struct Turn<'a> {
-    gate: &'a Gate,
+    scheduler: &'a PriorityScheduler,
     /// True when the turn was given by aging, not by priority.
     pub aged: bool,
 }
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        self.gate.release();
+        self.scheduler.release();
     }
 }
 
-impl Gate {
-    /// A gate that lets `slots` batches (at least one) be worked on at once.
+impl PriorityScheduler {
+    /// A scheduler that lets `slots` batches (at least one) be worked on at once.
     pub fn new(max_waits: MaxWaits, slots: usize) -> Self {
         Self { max_waits, slots: slots.max(1), state: Mutex::default() }
     }
@@ -92,7 +92,7 @@ impl Gate {
     /// Waits for a turn for a batch of `priority` whose oldest message was filed at `oldest`.
     pub async fn enter(&self, priority: Priority, oldest: OffsetDateTime) -> Turn<'_> {
         let rx = {
-            let mut state = self.state.lock().expect("gate lock");
+            let mut state = self.state.lock().expect("scheduler lock");
             let (tx, rx) = oneshot::channel();
             let seq = state.next_seq;
             state.next_seq += 1;
@@ -100,15 +100,15 @@ impl Gate {
             self.grant(&mut state, OffsetDateTime::now_utc());
             rx
         };
-        let mut guard = Abandon { gate: self, rx: Some(rx) };
+        let mut guard = Abandon { scheduler: self, rx: Some(rx) };
         let aged =
-            guard.rx.as_mut().expect("receiver").await.expect("a waiter is only dropped by the gate with a turn");
+            guard.rx.as_mut().expect("receiver").await.expect("a waiter is only dropped by the scheduler with a turn");
         guard.rx = None;
-        Turn { gate: self, aged }
+        Turn { scheduler: self, aged }
     }
 
     fn release(&self) {
-        let mut state = self.state.lock().expect("gate lock");
+        let mut state = self.state.lock().expect("scheduler lock");
         state.busy -= 1;
         self.grant(&mut state, OffsetDateTime::now_utc());
     }
@@ -167,7 +167,7 @@ impl Gate {
 /// Removes a waiter whose future is dropped before its turn; returns a turn it was given
 /// meanwhile.
 struct Abandon<'a> {
-    gate: &'a Gate,
+    scheduler: &'a PriorityScheduler,
     rx: Option<oneshot::Receiver<bool>>,
 }
 
@@ -177,7 +177,7 @@ impl Drop for Abandon<'_> {
         rx.close();
         // Given a turn between the close and now: hand it on.
         if rx.try_recv().is_ok() {
-            self.gate.release();
+            self.scheduler.release();
         }
     }
 }
@@ -193,19 +193,22 @@ mod tests {
     }
 
     /// Queues batches behind a held turn, releases it, and returns the order they ran in.
-    async fn order(gate: Arc<Gate>, batches: Vec<(Priority, OffsetDateTime)>) -> Vec<(Priority, bool)> {
-        let first = gate.enter(Priority::P0, ago(0)).await;
+    async fn order(
+        scheduler: Arc<PriorityScheduler>,
+        batches: Vec<(Priority, OffsetDateTime)>,
+    ) -> Vec<(Priority, bool)> {
+        let first = scheduler.enter(Priority::P0, ago(0)).await;
         let log = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for (p, oldest) in batches {
-            let (g, l) = (gate.clone(), log.clone());
+            let (g, l) = (scheduler.clone(), log.clone());
             tasks.push(tokio::spawn(async move {
                 let turn = g.enter(p, oldest).await;
                 l.lock().unwrap().push((p, turn.aged));
             }));
             // Each waiter is queued (or, a P0 in the reserved slot, served) before the next is
             // spawned.
-            while gate.state.lock().unwrap().waiting.len() + log.lock().unwrap().len() < tasks.len() {
+            while scheduler.state.lock().unwrap().waiting.len() + log.lock().unwrap().len() < tasks.len() {
                 tokio::task::yield_now().await;
             }
         }
@@ -218,9 +221,9 @@ mod tests {
 
     #[tokio::test]
     async fn strict_priority_when_nothing_is_overdue() {
-        let gate = Arc::new(Gate::new(MaxWaits::default(), 1));
+        let scheduler = Arc::new(PriorityScheduler::new(MaxWaits::default(), 1));
         let got = order(
-            gate,
+            scheduler,
             vec![(Priority::P3, ago(5)), (Priority::P1, ago(5)), (Priority::P0, ago(0)), (Priority::P2, ago(5))],
         )
         .await;
@@ -232,9 +235,9 @@ mod tests {
     #[tokio::test]
     async fn an_overdue_batch_goes_next_but_not_twice_in_a_row() {
         let waits = MaxWaits { p1: Duration::from_secs(60), p2: Duration::from_secs(60), p3: Duration::from_secs(60) };
-        let gate = Arc::new(Gate::new(waits, 1));
+        let scheduler = Arc::new(PriorityScheduler::new(waits, 1));
         let got = order(
-            gate,
+            scheduler,
             vec![(Priority::P3, ago(61)), (Priority::P2, ago(120)), (Priority::P0, ago(0)), (Priority::P1, ago(1))],
         )
         .await;
@@ -248,55 +251,55 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_just_inside_its_max_wait_is_not_overdue() {
-        let gate = Arc::new(Gate::new(MaxWaits::default(), 1));
-        let got = order(gate, vec![(Priority::P3, ago(3590)), (Priority::P0, ago(0))]).await;
+        let scheduler = Arc::new(PriorityScheduler::new(MaxWaits::default(), 1));
+        let got = order(scheduler, vec![(Priority::P3, ago(3590)), (Priority::P0, ago(0))]).await;
         assert_eq!(got, vec![(Priority::P0, false), (Priority::P3, false)]);
     }
 
     #[tokio::test]
     async fn an_abandoned_waiter_does_not_keep_the_gate() {
-        let gate = Arc::new(Gate::new(MaxWaits::default(), 1));
-        let held = gate.enter(Priority::P0, ago(0)).await;
+        let scheduler = Arc::new(PriorityScheduler::new(MaxWaits::default(), 1));
+        let held = scheduler.enter(Priority::P0, ago(0)).await;
         let waiting = {
-            let gate = gate.clone();
+            let scheduler = scheduler.clone();
             tokio::spawn(async move {
-                let _turn = gate.enter(Priority::P3, ago(0)).await;
+                let _turn = scheduler.enter(Priority::P3, ago(0)).await;
             })
         };
-        while gate.state.lock().unwrap().waiting.is_empty() {
+        while scheduler.state.lock().unwrap().waiting.is_empty() {
             tokio::task::yield_now().await;
         }
         waiting.abort();
         let _ = waiting.await;
         drop(held);
-        let again = tokio::time::timeout(Duration::from_secs(5), gate.enter(Priority::P1, ago(0))).await;
-        assert!(again.is_ok(), "the gate is free again");
+        let again = tokio::time::timeout(Duration::from_secs(5), scheduler.enter(Priority::P1, ago(0))).await;
+        assert!(again.is_ok(), "the scheduler is free again");
     }
 
     #[tokio::test]
     async fn a_p0_never_waits_behind_lower_priorities_but_a_second_p0_does() {
-        let gate = Arc::new(Gate::new(MaxWaits::default(), 2));
-        let a = gate.enter(Priority::P3, ago(0)).await;
-        let b = gate.enter(Priority::P3, ago(0)).await;
+        let scheduler = Arc::new(PriorityScheduler::new(MaxWaits::default(), 2));
+        let a = scheduler.enter(Priority::P3, ago(0)).await;
+        let b = scheduler.enter(Priority::P3, ago(0)).await;
         let p3 = {
-            let g = gate.clone();
+            let g = scheduler.clone();
             tokio::spawn(async move { drop(g.enter(Priority::P3, ago(0)).await) })
         };
-        while gate.state.lock().unwrap().waiting.is_empty() {
+        while scheduler.state.lock().unwrap().waiting.is_empty() {
             tokio::task::yield_now().await;
         }
-        let first_p0 = tokio::time::timeout(Duration::from_secs(5), gate.enter(Priority::P0, ago(0))).await;
+        let first_p0 = tokio::time::timeout(Duration::from_secs(5), scheduler.enter(Priority::P0, ago(0))).await;
         let first_p0 = first_p0.expect("a P0 starts while both regular slots are busy");
         let second = {
-            let g = gate.clone();
+            let g = scheduler.clone();
             tokio::spawn(async move { drop(g.enter(Priority::P0, ago(0)).await) })
         };
-        while gate.state.lock().unwrap().waiting.len() < 2 {
+        while scheduler.state.lock().unwrap().waiting.len() < 2 {
             tokio::task::yield_now().await;
         }
         drop(a);
         // The freed slot goes to the waiting P0, not to the P3 that waited longer.
-        let waiting: Vec<Priority> = gate.state.lock().unwrap().waiting.iter().map(|w| w.priority).collect();
+        let waiting: Vec<Priority> = scheduler.state.lock().unwrap().waiting.iter().map(|w| w.priority).collect();
         assert_eq!(waiting, [Priority::P3]);
         second.await.unwrap();
         drop(first_p0);

@@ -12,21 +12,26 @@
 //! Nothing here assumes which process it runs in: `trellis-api` can run it in-process.
 //!
 //! Every run records the digest of its input ([`trellis_domain::score::InputDigest`]), so that a
-//! shadow candidate ([`shadow::Candidate`]) can be compared with the primary run of the same
+//! shadow candidate ([`cutover::ScoreCandidate`]) can be compared with the primary run of the same
 //! input.
 
-pub mod shadow;
+pub mod cutover;
+mod run_once;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use sqlx::{Connection, PgConnection, PgPool};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use trellis_domain::events::{EventPayload, ScoreRunRequested};
+use trellis_domain::flags::Flag;
 use trellis_domain::score::{self, Graph, GraphBuilder, TrustResult};
 use trellis_runtime::config::SecretUrl;
-use trellis_runtime::consumer::{ConsumerSpec, Delivery, MessageHandler, Outcome};
+use trellis_runtime::consumer::{ConsumerGroup, ConsumerSpec, Delivery, EachMessage, MessageHandler, Outcome};
+use trellis_runtime::host::{Host, Processor, hostname};
+use trellis_runtime::worker::{OneOff, WorkerArgs};
 use trellis_store::scores::{self as store, NewScore, RunResult};
 use uuid::Uuid;
 
@@ -54,18 +59,80 @@ pub struct Config {
     pub shadow_wait: Duration,
 }
 
-/// Exports the orchestrator's series before its first run: counters and histograms at zero, and
-/// the last success as the database records it, so that a restarted replica does not hide (or
-/// fake) a stale score.
-pub async fn initialise_metrics(pool: &PgPool) {
-    for outcome in ["succeeded", "failed", "abandoned"] {
-        metrics::counter!("trellis_score_runs_total", "outcome" => outcome).increment(0);
+/// What the `score-orchestrator` binary does.
+pub const ABOUT: &str = "Batch trust-score runs over the contact graph";
+
+/// The `score-orchestrator` binary's own flags.
+#[derive(Debug, clap::Args)]
+pub struct WorkerFlags {
+    #[command(flatten)]
+    pub score: ScoreArgs,
+
+    /// Make one run now, print its summary as JSON and exit (for benchmarks and on-call).
+    #[arg(long)]
+    pub run_once: bool,
+}
+
+/// The worker binary's processor, or its one-off run (`--run-once`).
+pub fn worker(flags: WorkerFlags, worker: &WorkerArgs) -> anyhow::Result<(ScoreOrchestrator, Option<OneOff>)> {
+    let one_off = flags.run_once.then(|| {
+        let config = flags.score.config(&worker.common.database_url, hostname());
+        Box::pin(run_once::run_once(worker.clone(), config)) as OneOff
+    });
+    Ok((ScoreOrchestrator::new(flags.score), one_off))
+}
+
+/// The orchestrator as a host runs it (in `score-orchestrator` and in `trellis-api`): its
+/// settings; [`Processor::install`] builds the [`Orchestrator`] on the host's pool.
+pub struct ScoreOrchestrator {
+    args: ScoreArgs,
+}
+
+impl ScoreOrchestrator {
+    pub fn new(args: ScoreArgs) -> Self {
+        Self { args }
     }
-    metrics::gauge!("trellis_score_runs_in_progress").set(0.0);
-    for phase in ["load", "compute", "write"] {
-        let _ = metrics::histogram!("trellis_score_run_duration_seconds", "phase" => phase);
+}
+
+impl Processor for ScoreOrchestrator {
+    fn name(&self) -> &'static str {
+        CONSUMER
     }
-    match store::last_success(pool).await {
+
+    /// Counters and histograms at zero, and the last success as the database records it (read
+    /// in a task), so that a restarted process does not hide (or fake) a stale score.
+    fn register_metrics(&self, host: &Host) {
+        for outcome in ["succeeded", "failed", "abandoned"] {
+            metrics::counter!("trellis_score_runs_total", "outcome" => outcome).increment(0);
+        }
+        metrics::gauge!("trellis_score_runs_in_progress").set(0.0);
+        for phase in ["load", "compute", "write"] {
+            let _ = metrics::histogram!("trellis_score_run_duration_seconds", "phase" => phase);
+        }
+        host.spawn(report_last_success(host.pool().clone()));
+    }
+
+    /// The orchestrator's group on the run requests (one request at a time per replica: the
+    /// lease serialises replicas) and its schedule while this side executes `score.executor`;
+    /// its shadow candidate while this side is the candidate.
+    fn install<'h>(&'h self, host: &'h Host) -> BoxFuture<'h, anyhow::Result<()>> {
+        Box::pin(async move {
+            let config = self.args.config(&host.common().database_url, hostname());
+            let gate = host.gate(Flag::ScoreExecutor);
+            let orchestrator = Orchestrator::new(host.pool().clone(), config)?.executing_while(gate.clone());
+            let handler = Arc::new(EachMessage { handler: orchestrator.clone(), concurrency: 1 });
+            let runner = host.runner(self.batching());
+            host.spawn_group(ConsumerGroup::new(host.ctx().clone(), consumer_spec(), runner, handler).gated(gate));
+            host.spawn_candidate(cutover::ScoreCandidate::new(&orchestrator, ScoreRules::PRODUCTION));
+            host.spawn_while_executor(Flag::ScoreExecutor, move |stop| orchestrator.clone().schedule(stop));
+            Ok(())
+        })
+    }
+}
+
+/// Sets `trellis_score_last_success_timestamp_seconds` from the database.
+async fn report_last_success(pool: PgPool) {
+    match store::last_success(&pool).await {
         Ok(Some(at)) => metrics::gauge!("trellis_score_last_success_timestamp_seconds").set(at.unix_timestamp() as f64),
         // Never succeeded: the staleness alert fires on the absent series.
         Ok(None) => {}
@@ -120,10 +187,10 @@ pub fn consumer_spec() -> ConsumerSpec {
     ConsumerSpec { name: CONSUMER.into(), filter_subject: "events.scores.run_requested".into() }
 }
 
-/// The rules a run computes with. The orchestrator always runs [`Rules::PRODUCTION`], the
+/// The rules a run computes with. The orchestrator always runs [`ScoreRules::PRODUCTION`], the
 /// `trellis_domain::score` functions; a shadow candidate runs the rules it is given.
 #[derive(Debug, Clone, Copy)]
-pub struct Rules {
+pub struct ScoreRules {
     /// Recorded with each run (`score.runs.algorithm`, `shadow.score_runs.algorithm`).
     pub algorithm: &'static str,
     /// The trust of every node.
@@ -132,9 +199,9 @@ pub struct Rules {
     pub scores: fn(&[f64], &[u32]) -> Vec<i32>,
 }
 
-impl Rules {
-    pub const PRODUCTION: Rules =
-        Rules { algorithm: score::ALGORITHM_VERSION, trust: score::compute_trust, scores: score::scores };
+impl ScoreRules {
+    pub const PRODUCTION: ScoreRules =
+        ScoreRules { algorithm: score::ALGORITHM_VERSION, trust: score::compute_trust, scores: score::scores };
 }
 
 /// What a run's compute phase produced.
@@ -285,7 +352,7 @@ impl Orchestrator {
                 // The pending request stays set for the new executor once this side is not.
                 while self.is_executor() {
                     let run_id = Uuid::now_v7();
-                    let algorithm = Rules::PRODUCTION.algorithm;
+                    let algorithm = ScoreRules::PRODUCTION.algorithm;
                     let started = store::start_pending_run(&mut lease, run_id, &self.config.host, algorithm).await?;
                     let Some((trigger, _requested_by)) = started else { break };
                     done.push(self.run(&mut lease, run_id, &trigger).await?);
@@ -347,7 +414,7 @@ impl Orchestrator {
 
         let t = Instant::now();
         let n = loaded.users.len();
-        let (Computed { trust, scores, edges }, loaded) = self.compute(Rules::PRODUCTION, sink, loaded).await?;
+        let (Computed { trust, scores, edges }, loaded) = self.compute(ScoreRules::PRODUCTION, sink, loaded).await?;
         let compute_time = t.elapsed();
         metrics::histogram!("trellis_score_run_duration_seconds", "phase" => "compute")
             .record(compute_time.as_secs_f64());
@@ -394,7 +461,7 @@ impl Orchestrator {
     /// The compute phase on the compute pool: the graph the sink built, with `rules`.
     async fn compute(
         &self,
-        rules: Rules,
+        rules: ScoreRules,
         sink: BuilderSink,
         loaded: store::LoadedGraph,
     ) -> Result<(Computed, store::LoadedGraph), RunError> {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use search_projector::{DEFAULT_BATCH_SIZE, DEFAULT_BATCH_WINDOW, Projector, consumer_spec};
+use search_projector::{BATCHING, Projector, consumer_spec};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use trellis_runtime::consumer::{ConsumerGroup, RunnerConfig, RunnerContext};
@@ -52,11 +52,7 @@ async fn publish(js: &jetstream::Context, topology: &Topology, users: &[Uuid], c
 
 /// The `search-projector` binary's batching defaults.
 fn projector_config() -> RunnerConfig {
-    RunnerConfig {
-        batch_size: DEFAULT_BATCH_SIZE.parse().expect("a number"),
-        batch_window: humantime::parse_duration(DEFAULT_BATCH_WINDOW).expect("a duration"),
-        ..RunnerConfig::default()
-    }
+    RunnerConfig { batch_size: BATCHING.size, batch_window: BATCHING.window, ..RunnerConfig::default() }
 }
 
 /// Runs the group until the consumer has nothing pending nor awaiting an ack; returns the time.

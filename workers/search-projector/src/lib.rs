@@ -24,32 +24,96 @@
 //! model; concurrent replicas are serialised per document by advisory locks
 //! ([`trellis_store::search_model::lock`]).
 //!
-//! **Shadow.** While `search.executor` says `shadow`, the candidate side runs [`shadow`]: its
+//! **Shadow.** While `search.executor` says `shadow`, the candidate side runs [`cutover`]: its
 //! own copy of the events projected into `shadow.search_*`, compared with the read model on the
 //! same input (docs/workers/search-projector.md).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use trellis_domain::UserId;
 use trellis_domain::disputes::{DisputeKind, DisputeStatus};
 use trellis_domain::events::EventPayload;
-use trellis_runtime::consumer::{ConsumerSpec, Delivery, Handler, Outcome};
+use trellis_domain::flags::Flag;
+use trellis_runtime::consumer::{ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome};
+use trellis_runtime::host::{Batching, Host, Processor};
 use trellis_store::search_model;
 use uuid::Uuid;
 
-pub mod shadow;
+pub mod cutover;
 
 /// The durable consumer's name.
 pub const CONSUMER: &str = "search-projector";
 
-/// The projector's defaults for `--batch-size` and `--batch-window`: bigger batches gathered
-/// over a short window coalesce a document's repeated events into one re-read.
-pub const DEFAULT_BATCH_SIZE: &str = "1000";
-pub const DEFAULT_BATCH_WINDOW: &str = "50ms";
+/// The projector's batching unless `--batch-size` / `--batch-window` say otherwise: bigger
+/// batches gathered over a short window coalesce a document's repeated events into one re-read.
+pub const BATCHING: Batching = Batching { size: 1000, window: Duration::from_millis(50) };
+
+/// What the `search-projector` binary does.
+pub const ABOUT: &str = "Keeps the search read model fresh from change events";
+
+/// The projector's settings (`search-projector` and `trellis-api` take the same flags).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SearchArgs {
+    /// How often `trellis_search_checkpoint_age_seconds` is refreshed.
+    #[arg(long, env = "CHECKPOINT_AGE_EVERY", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub checkpoint_age_every: Duration,
+
+    #[command(flatten)]
+    pub shadow: cutover::ShadowArgs,
+}
+
+/// The projector as a host runs it (in `search-projector` and in `trellis-api`).
+pub struct SearchProjector {
+    args: SearchArgs,
+}
+
+impl SearchProjector {
+    pub fn new(args: SearchArgs) -> Self {
+        Self { args }
+    }
+}
+
+impl Processor for SearchProjector {
+    fn name(&self) -> &'static str {
+        CONSUMER
+    }
+
+    fn batching(&self) -> Batching {
+        BATCHING
+    }
+
+    /// The lag and the checkpoint age, from the database at once and then every
+    /// `--checkpoint-age-every` (on both sides: they describe the read model).
+    fn register_metrics(&self, host: &Host) {
+        host.spawn(report_checkpoint_age(host.pool().clone(), self.args.checkpoint_age_every, host.stop_token()));
+    }
+
+    /// The projector's group while this side executes `search.executor`; its shadow candidate
+    /// while this side is the candidate.
+    fn install<'h>(&'h self, host: &'h Host) -> BoxFuture<'h, anyhow::Result<()>> {
+        Box::pin(async move {
+            let comparer = self.args.shadow.config().map_err(anyhow::Error::msg)?;
+            let projector = Arc::new(Projector::new(host.pool().clone()));
+            let runner = host.runner(self.batching());
+            let group = ConsumerGroup::new(host.ctx().clone(), consumer_spec(), runner, projector);
+            host.spawn_group(group.gated(host.gate(Flag::SearchExecutor)));
+            let candidate = cutover::SearchCandidate::new(
+                host.pool().clone(),
+                host.ctx().clone(),
+                comparer,
+                cutover::DocumentRules::PRODUCTION,
+            );
+            host.spawn_candidate(candidate);
+            Ok(())
+        })
+    }
+}
 
 /// The consumer group: every event (the types the read model does not depend on are skipped by
 /// the handler).

@@ -10,19 +10,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use futures::future::BoxFuture;
 use trellis_runtime::consumer::{ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome};
-use trellis_runtime::worker::{self, WorkerArgs};
+use trellis_runtime::host::{Host, Processor};
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "trellis-probe-worker",
-    about = "A worker that does what each message asks (runtime tests and benchmarks)"
-)]
-struct Args {
-    #[command(flatten)]
-    worker: WorkerArgs,
-
+#[derive(Debug, clap::Args)]
+struct ProbeArgs {
     /// The consumer group's name.
     #[arg(long, env = "PROBE_CONSUMER", default_value = "probe")]
     consumer: String,
@@ -34,6 +27,36 @@ struct Args {
     /// Table to record handled messages in (created if missing).
     #[arg(long, env = "PROBE_RECORD_TABLE")]
     record_table: Option<String>,
+}
+
+/// The probe as a processor: one ungated group (it belongs to no cutover flag).
+struct ProbeProcessor(ProbeArgs);
+
+impl Processor for ProbeProcessor {
+    fn name(&self) -> &'static str {
+        "trellis-probe-worker"
+    }
+
+    fn register_metrics(&self, _host: &Host) {}
+
+    fn install<'h>(&'h self, host: &'h Host) -> BoxFuture<'h, anyhow::Result<()>> {
+        Box::pin(async move {
+            let ProbeArgs { consumer, filter, record_table } = &self.0;
+            let pool = host.pool().clone();
+            if let Some(table) = record_table {
+                sqlx::query(&format!(
+                    "CREATE TABLE IF NOT EXISTS {table} (event_id uuid NOT NULL, stream_sequence bigint NOT NULL,
+                     deliveries bigint NOT NULL, pid integer NOT NULL, handled_at timestamptz NOT NULL DEFAULT now())"
+                ))
+                .execute(&pool)
+                .await?;
+            }
+            let handler = Arc::new(Probe { pool, record_table: record_table.clone() });
+            let spec = ConsumerSpec { name: consumer.clone(), filter_subject: filter.clone() };
+            host.spawn_group(ConsumerGroup::new(host.ctx().clone(), spec, host.runner(self.batching()), handler));
+            Ok(())
+        })
+    }
 }
 
 struct Probe {
@@ -100,27 +123,10 @@ impl Handler for Probe {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let args = Args::parse();
-    let Args { worker: worker_args, consumer, filter, record_table } = args;
-    worker::main("trellis-probe-worker", worker_args, move |w| {
-        let pool = w.pool.clone();
-        let ctx = w.ctx.clone();
-        let config = w.args.runner_config();
-        Box::pin(async move {
-            if let Some(table) = &record_table {
-                sqlx::query(&format!(
-                    "CREATE TABLE IF NOT EXISTS {table} (event_id uuid NOT NULL, stream_sequence bigint NOT NULL,
-                     deliveries bigint NOT NULL, pid integer NOT NULL, handled_at timestamptz NOT NULL DEFAULT now())"
-                ))
-                .execute(&pool)
-                .await?;
-            }
-            let handler = Arc::new(Probe { pool, record_table });
-            let group =
-                ConsumerGroup::new(ctx, ConsumerSpec { name: consumer, filter_subject: filter }, config, handler);
-            w.spawn_group(group);
-            Ok(())
-        })
-    })
+    trellis_runtime::worker::main(
+        "trellis-probe-worker",
+        "A worker that does what each message asks (runtime tests and benchmarks)",
+        trellis_runtime::worker::serving(ProbeProcessor),
+    )
     .await
 }

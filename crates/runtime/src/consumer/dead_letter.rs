@@ -3,13 +3,13 @@
 use async_nats::jetstream::{self, AckKind};
 use time::OffsetDateTime;
 
-use super::{ConsumerGroup, Handler, Source};
+use super::{ConsumerGroup, Feed, Handler};
 use crate::dlq::{self, DeadLetter, ErrorKind};
 
 impl<H: Handler> ConsumerGroup<H> {
     /// Publishes the DLQ copy, waits for its ack, then terminates the original. If the DLQ is
     /// unreachable the original is nak'ed instead, so it is never lost.
-    pub(super) async fn dead_letter(&self, m: &jetstream::Message, source: Source, kind: ErrorKind, error: &str) {
+    pub(super) async fn dead_letter(&self, m: &jetstream::Message, feed: Feed, kind: ErrorKind, error: &str) {
         let (stream, seq, deliveries) = match m.info() {
             Ok(i) => (i.stream.to_owned(), i.stream_sequence, i.delivered),
             Err(_) => (String::new(), 0, 0),
@@ -17,8 +17,8 @@ impl<H: Handler> ConsumerGroup<H> {
         let now = OffsetDateTime::now_utc();
         let letter = DeadLetter {
             consumer: &self.spec.name,
-            original_subject: &self.original_subject(m.subject.as_str(), source),
-            first_failure: self.first_failures.take((source, seq)).unwrap_or(now),
+            original_subject: &self.original_subject(m.subject.as_str(), feed),
+            first_failure: self.first_failures.take((feed, seq)).unwrap_or(now),
             stream: &stream,
             stream_sequence: seq,
             deliveries,

@@ -16,12 +16,11 @@
 //! The runner's parts, one concern each: `handler` (what a processor implements), `declare`
 //! (the consumers' configurations, their declaration and verification), `pull` (pull requests,
 //! the batch window, handing a batch to the handler), `settle` (ack, nak with backoff, term),
-//! `dead_letter`, `rescue` (the MAX_DELIVERIES safety net) and `gate` (the cutover gate:
-//! standing by while this process is not the executor).
+//! `dead_letter` and `rescue` (the MAX_DELIVERIES safety net). The cutover gate (standing by
+//! while this process is not the executor) is `crate::cutover::gate`.
 
 mod dead_letter;
 mod declare;
-mod gate;
 mod handler;
 mod pull;
 mod rescue;
@@ -106,22 +105,41 @@ pub const OUTCOMES: &[&str] = &["ok", "retried", "dead_lettered", "decode_error"
 /// its MAX_DELIVERIES watchers. Every replica of a worker runs one with the same spec.
 pub struct ConsumerGroup<H> {
     ctx: RunnerContext,
-    spec: ConsumerSpec,
+    pub(crate) spec: ConsumerSpec,
     config: RunnerConfig,
     handler: Arc<H>,
     bound: Arc<AtomicBool>,
     pulling: tokio::sync::watch::Sender<bool>,
     first_failures: FirstFailures,
     /// While closed, this process is not the executor: it does not pull (see [`Self::gated`]).
-    gate: Option<tokio::sync::watch::Receiver<bool>>,
-    standing_by: Arc<AtomicBool>,
+    pub(crate) gate: Option<tokio::sync::watch::Receiver<bool>>,
+    pub(crate) standing_by: Arc<AtomicBool>,
     /// Whether a new main consumer starts at the stream's end rather than its start.
     new_messages_only: bool,
 }
 
-/// A pulling loop's source: the main consumer or the replay consumer.
+/// Whether a group is ready: bound, or standing by, or not asked to run (its cutover gate is
+/// closed: a group that waits for another to pull first, as the dispute processor's lower
+/// priorities do, has not even started then).
+#[derive(Clone)]
+pub struct Readiness {
+    bound: Arc<AtomicBool>,
+    standing_by: Arc<AtomicBool>,
+    gate: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.bound.load(Ordering::Acquire)
+            || self.standing_by.load(Ordering::Acquire)
+            || self.gate.as_ref().is_some_and(|gate| !*gate.borrow())
+    }
+}
+
+/// A pulling loop's feed: the main consumer or the replay consumer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Source {
+enum Feed {
     Main,
     Replay,
 }
@@ -154,9 +172,14 @@ impl<H: Handler> ConsumerGroup<H> {
         &self.spec.name
     }
 
-    /// True once every consumer is declared and verified (for `/readyz`).
+    /// True once every consumer is declared and verified.
     pub fn bound_flag(&self) -> Arc<AtomicBool> {
         self.bound.clone()
+    }
+
+    /// What `/readyz` asks of this group (see [`Readiness`]).
+    pub fn readiness(&self) -> Readiness {
+        Readiness { bound: self.bound.clone(), standing_by: self.standing_by.clone(), gate: self.gate.clone() }
     }
 
     /// Turns true once the first pull request on the main consumer has been sent: from then on,
@@ -209,8 +232,8 @@ impl<H: Handler> ConsumerGroup<H> {
             }
         };
         let this = Arc::new(self);
-        let main = tokio::spawn(this.clone().pull_loop(bound.main, Source::Main, stop.clone()));
-        let replay = tokio::spawn(this.clone().pull_loop(bound.replay, Source::Replay, stop.clone()));
+        let main = tokio::spawn(this.clone().pull_loop(bound.main, Feed::Main, stop.clone()));
+        let replay = tokio::spawn(this.clone().pull_loop(bound.replay, Feed::Replay, stop.clone()));
         let [main_advisory, replay_advisory] = bound.advisories;
         let main_advisory = tokio::spawn(this.clone().advisory_loop(main_advisory, stop.clone()));
         let replay_advisory = tokio::spawn(this.clone().advisory_loop(replay_advisory, stop.clone()));
@@ -219,11 +242,11 @@ impl<H: Handler> ConsumerGroup<H> {
         Ok(())
     }
 
-    fn original_subject(&self, subject: &str, source: Source) -> String {
+    fn original_subject(&self, subject: &str, feed: Feed) -> String {
         let unprefixed = self.ctx.topology.unprefixed(subject);
-        match source {
-            Source::Main => unprefixed.to_owned(),
-            Source::Replay => {
+        match feed {
+            Feed::Main => unprefixed.to_owned(),
+            Feed::Replay => {
                 unprefixed.strip_prefix(&format!("replay.{}.", self.spec.name)).unwrap_or(unprefixed).to_owned()
             }
         }

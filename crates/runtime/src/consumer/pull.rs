@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use trellis_domain::events::Envelope;
 
 use super::handler::panic_text;
-use super::{ConsumerGroup, Delivery, Handler, Outcome, PullConsumer, Source};
+use super::{ConsumerGroup, Delivery, Feed, Handler, Outcome, PullConsumer};
 use crate::dlq::{self, ErrorKind};
 
 /// The batch being gathered: the messages that have arrived, and when its window closes (set
@@ -88,7 +88,7 @@ fn take_arrived(pull: &mut Option<Batch>, gathering: &mut Gathering, window: Dur
 }
 
 impl<H: Handler> ConsumerGroup<H> {
-    pub(super) async fn pull_loop(self: Arc<Self>, consumer: PullConsumer, source: Source, stop: CancellationToken) {
+    pub(super) async fn pull_loop(self: Arc<Self>, consumer: PullConsumer, feed: Feed, stop: CancellationToken) {
         let mut failures = 0u32;
         let window = self.config.batch_window;
         let mut gathering = Gathering::new(self.config.batch_size);
@@ -109,7 +109,7 @@ impl<H: Handler> ConsumerGroup<H> {
                 || (pull.is_none() && !executor);
             if !gathering.messages.is_empty() && due {
                 let batch = gathering.take();
-                self.handle_while_pulling(batch, source, &mut pull, &mut gathering).await;
+                self.handle_while_pulling(batch, feed, &mut pull, &mut gathering).await;
                 continue;
             }
             if stopping {
@@ -135,7 +135,7 @@ impl<H: Handler> ConsumerGroup<H> {
                 match requested {
                     Ok(batch) => {
                         failures = 0;
-                        if source == Source::Main {
+                        if feed == Feed::Main {
                             self.pulling.send_replace(true);
                         }
                         pull = Some(batch);
@@ -146,7 +146,7 @@ impl<H: Handler> ConsumerGroup<H> {
                         tracing::warn!(consumer = %self.spec.name, error = %e, retry_in = ?delay, "pull request failed");
                         if !gathering.messages.is_empty() {
                             let batch = gathering.take();
-                            self.handle_while_pulling(batch, source, &mut pull, &mut gathering).await;
+                            self.handle_while_pulling(batch, feed, &mut pull, &mut gathering).await;
                         }
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}
@@ -177,11 +177,11 @@ impl<H: Handler> ConsumerGroup<H> {
     async fn handle_while_pulling(
         &self,
         batch: Vec<jetstream::Message>,
-        source: Source,
+        feed: Feed,
         pull: &mut Option<Batch>,
         gathering: &mut Gathering,
     ) {
-        let handled = self.process(batch, source);
+        let handled = self.process(batch, feed);
         tokio::pin!(handled);
         let mut keep_alive = tokio::time::interval(self.config.ack_wait / 3);
         keep_alive.tick().await;
@@ -203,21 +203,21 @@ impl<H: Handler> ConsumerGroup<H> {
         }
     }
 
-    async fn process(&self, messages: Vec<jetstream::Message>, source: Source) {
+    async fn process(&self, messages: Vec<jetstream::Message>, feed: Feed) {
         let consumer = self.spec.name.clone();
         let in_flight = metrics::gauge!("trellis_worker_in_flight_messages", "consumer" => consumer.clone());
         in_flight.increment(messages.len() as f64);
         let mut deliveries = Vec::with_capacity(messages.len());
         let mut decoded = Vec::with_capacity(messages.len());
         for m in messages {
-            match self.decode(&m, source) {
+            match self.decode(&m, feed) {
                 Ok(d) => {
                     deliveries.push(d);
                     decoded.push(m);
                 }
                 Err(e) => {
                     metrics::counter!("trellis_worker_messages_total", "consumer" => consumer.clone(), "outcome" => "decode_error").increment(1);
-                    self.dead_letter(&m, source, ErrorKind::Decode, &e).await;
+                    self.dead_letter(&m, feed, ErrorKind::Decode, &e).await;
                     in_flight.decrement(1.0);
                 }
             }
@@ -253,16 +253,16 @@ impl<H: Handler> ConsumerGroup<H> {
         metrics::histogram!("trellis_worker_handle_duration_seconds", "consumer" => consumer.clone())
             .record(started.elapsed().as_secs_f64());
         let acts =
-            decoded.iter().zip(&deliveries).zip(outcomes).map(|((m, d), outcome)| self.settle(m, d, outcome, source));
+            decoded.iter().zip(&deliveries).zip(outcomes).map(|((m, d), outcome)| self.settle(m, d, outcome, feed));
         futures::future::join_all(acts).await;
         in_flight.decrement(deliveries.len() as f64);
     }
 
-    fn decode(&self, m: &jetstream::Message, source: Source) -> Result<Delivery, String> {
+    fn decode(&self, m: &jetstream::Message, feed: Feed) -> Result<Delivery, String> {
         let info = m.info().map_err(|e| format!("not a JetStream message: {e}"))?;
         let envelope: Envelope =
             serde_json::from_slice(&m.payload).map_err(|e| format!("payload is not an event envelope: {e}"))?;
-        let subject = self.original_subject(m.subject.as_str(), source);
+        let subject = self.original_subject(m.subject.as_str(), feed);
         Ok(Delivery {
             subject,
             envelope,

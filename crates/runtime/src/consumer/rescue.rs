@@ -9,7 +9,7 @@ use futures::StreamExt;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use super::{ConsumerGroup, Handler, PullConsumer, Source};
+use super::{ConsumerGroup, Feed, Handler, PullConsumer};
 use crate::dlq::{self, DeadLetter, ErrorKind};
 
 impl<H: Handler> ConsumerGroup<H> {
@@ -60,14 +60,14 @@ impl<H: Handler> ConsumerGroup<H> {
             Err(e) if e.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        let source = if a.stream == self.ctx.topology.replay_stream() { Source::Replay } else { Source::Main };
+        let feed = if a.stream == self.ctx.topology.replay_stream() { Feed::Replay } else { Feed::Main };
         let error =
             format!("delivered {} times without an outcome: the worker died or hung on every delivery", a.deliveries);
         let now = OffsetDateTime::now_utc();
         let letter = DeadLetter {
             consumer: &self.spec.name,
-            original_subject: &self.original_subject(original.subject.as_str(), source),
-            first_failure: self.first_failures.take((source, a.stream_seq)).unwrap_or(now),
+            original_subject: &self.original_subject(original.subject.as_str(), feed),
+            first_failure: self.first_failures.take((feed, a.stream_seq)).unwrap_or(now),
             stream: &a.stream,
             stream_sequence: a.stream_seq,
             deliveries: a.deliveries,

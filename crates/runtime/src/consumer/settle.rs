@@ -7,7 +7,7 @@ use async_nats::jetstream::{self, AckKind};
 use backon::BackoffBuilder;
 use time::OffsetDateTime;
 
-use super::{ConsumerGroup, Delivery, Handler, Outcome, RunnerConfig, Source};
+use super::{ConsumerGroup, Delivery, Feed, Handler, Outcome, RunnerConfig};
 use crate::dlq::ErrorKind;
 
 impl RunnerConfig {
@@ -26,7 +26,7 @@ impl RunnerConfig {
 }
 
 impl<H: Handler> ConsumerGroup<H> {
-    pub(super) async fn settle(&self, m: &jetstream::Message, d: &Delivery, outcome: Outcome, source: Source) {
+    pub(super) async fn settle(&self, m: &jetstream::Message, d: &Delivery, outcome: Outcome, feed: Feed) {
         let consumer = self.spec.name.clone();
         let count = |outcome: &'static str| {
             metrics::counter!("trellis_worker_messages_total", "consumer" => consumer.clone(), "outcome" => outcome)
@@ -40,24 +40,24 @@ impl<H: Handler> ConsumerGroup<H> {
                 }
                 count("ok");
                 if d.deliveries > 1 {
-                    self.first_failures.take((source, d.stream_sequence));
+                    self.first_failures.take((feed, d.stream_sequence));
                 }
                 metrics::gauge!("trellis_worker_last_success_timestamp_seconds", "consumer" => consumer.clone())
                     .set(OffsetDateTime::now_utc().unix_timestamp() as f64);
             }
             Outcome::Retry(e) if d.deliveries < self.config.max_deliver => {
                 let delay = self.config.retry_delay(d.deliveries);
-                self.first_failures.record((source, d.stream_sequence), OffsetDateTime::now_utc());
+                self.first_failures.record((feed, d.stream_sequence), OffsetDateTime::now_utc());
                 tracing::info!(consumer = %self.spec.name, seq = d.stream_sequence, deliveries = d.deliveries, retry_in = ?delay, error = %e, "transient failure; retrying");
                 let _ = m.ack_with(AckKind::Nak(Some(delay))).await;
                 count("retried");
             }
             Outcome::Retry(e) => {
-                self.dead_letter(m, source, ErrorKind::Transient, &e).await;
+                self.dead_letter(m, feed, ErrorKind::Transient, &e).await;
                 count("dead_lettered");
             }
             Outcome::Reject(e) => {
-                self.dead_letter(m, source, ErrorKind::Permanent, &e).await;
+                self.dead_letter(m, feed, ErrorKind::Permanent, &e).await;
                 count("dead_lettered");
             }
         }
@@ -68,12 +68,12 @@ impl<H: Handler> ConsumerGroup<H> {
 /// memory (a restart forgets it: the header then shows the failure this replica saw first) and
 /// bounded.
 #[derive(Default)]
-pub(super) struct FirstFailures(std::sync::Mutex<HashMap<(Source, u64), OffsetDateTime>>);
+pub(super) struct FirstFailures(std::sync::Mutex<HashMap<(Feed, u64), OffsetDateTime>>);
 
 impl FirstFailures {
     const LIMIT: usize = 100_000;
 
-    pub(super) fn record(&self, key: (Source, u64), now: OffsetDateTime) {
+    pub(super) fn record(&self, key: (Feed, u64), now: OffsetDateTime) {
         let mut map = self.0.lock().expect("first failures lock");
         if map.len() >= Self::LIMIT {
             map.clear();
@@ -81,7 +81,7 @@ impl FirstFailures {
         map.entry(key).or_insert(now);
     }
 
-    pub(super) fn take(&self, key: (Source, u64)) -> Option<OffsetDateTime> {
+    pub(super) fn take(&self, key: (Feed, u64)) -> Option<OffsetDateTime> {
         self.0.lock().expect("first failures lock").remove(&key)
     }
 }

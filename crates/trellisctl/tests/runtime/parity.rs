@@ -42,7 +42,7 @@ async fn parity_reports_a_shadow_periods_counts_and_first_differences_and_the_ga
         Comparison::of("user 7", &json!({"score": 61, "trust": 0.5}), &json!({"score": 62, "trust": 0.5})),
         Comparison::missing("run c", "no primary run on the same input"),
     ];
-    trellis_store::shadow::record(&db.pool, Flag::ScoreExecutor, &recorded).await.unwrap();
+    trellis_store::cutover::record(&db.pool, Flag::ScoreExecutor, &recorded).await.unwrap();
 
     let table = ctl(&db, &["parity", "score"]).await;
     assert!(table.success(), "{table:?}");

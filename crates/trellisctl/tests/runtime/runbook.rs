@@ -6,7 +6,7 @@ use std::process::Stdio;
 
 use trellis_domain::flags::{Executor, Flag};
 use trellis_domain::shadow::{Comparison, ComparisonResult, processor};
-use trellis_store::flags::Change;
+use trellis_store::cutover::flags::Change;
 
 use crate::helpers::Env;
 
@@ -40,13 +40,13 @@ async fn every_command_of_the_cutover_runbook_works_for_each_processor() {
         let env = Env::new().await;
         // Stage A: the monolith executes.
         let stage_a = Change { flag, value: Executor::Monolith, actor: "test", reason: "stage A", forced: false };
-        trellis_store::flags::set(&env.db.pool, &stage_a).await.unwrap();
+        trellis_store::cutover::flags::set(&env.db.pool, &stage_a).await.unwrap();
         for command in &commands {
             if command.contains("\"$FLAG\" worker") {
                 // What a clean candidate has recorded by the time parity is read and cut-over comes.
                 let clean =
                     Comparison { key: "clean".into(), result: ComparisonResult::Matched, count: 1000, diffs: vec![] };
-                trellis_store::shadow::record(&env.db.pool, flag, &[clean]).await.unwrap();
+                trellis_store::cutover::record(&env.db.pool, flag, &[clean]).await.unwrap();
             }
             let out = tokio::process::Command::new("sh")
                 .args(["-c", command])
@@ -70,7 +70,7 @@ async fn every_command_of_the_cutover_runbook_works_for_each_processor() {
             );
         }
         // Shadow, cut over (through the gate, not forced), roll back.
-        let audit = trellis_store::flags::audit(&env.db.pool, Some(flag), 10).await.unwrap();
+        let audit = trellis_store::cutover::flags::audit(&env.db.pool, Some(flag), 10).await.unwrap();
         let steps: Vec<(&str, bool)> = audit.iter().rev().map(|a| (a.to_value.as_str(), a.forced)).collect();
         assert_eq!(steps, [("monolith", false), ("shadow", false), ("worker", false), ("monolith", false)]);
         assert!(audit.iter().take(3).all(|a| a.actor == "on-call"), "{audit:?}");

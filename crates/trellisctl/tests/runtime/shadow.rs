@@ -43,7 +43,7 @@ async fn a_candidate_copies_only_its_periods_messages_and_its_consumers_go_when_
         host: "test".into(),
         version: "test".into(),
     };
-    let spec = trellis_runtime::shadow::candidate_spec(ConsumerSpec {
+    let spec = trellis_runtime::cutover::candidate_spec(ConsumerSpec {
         name: "parity".into(),
         filter_subject: "events.probe.>".into(),
     });
@@ -56,7 +56,7 @@ async fn a_candidate_copies_only_its_periods_messages_and_its_consumers_go_when_
     };
     let (gate, open) = watch::channel(false);
     let stop = CancellationToken::new();
-    let run = tokio::spawn(trellis_runtime::shadow::run_candidate(make, open, stop.clone()));
+    let run = tokio::spawn(trellis_runtime::cutover::run_candidate(make, open, stop.clone()));
 
     // History before the period is not copied.
     env.publish_many("ok", 3).await;

@@ -12,7 +12,7 @@ use trellis_domain::UserId;
 use trellis_domain::disputes::Priority;
 use trellis_domain::events::filed_subject;
 use trellis_domain::flags::{Executor, Flag};
-use trellis_store::flags::{self, Change};
+use trellis_store::cutover::flags::{self, Change};
 use trellis_testkit::TestDb;
 use uuid::Uuid;
 
@@ -314,4 +314,48 @@ async fn when_the_api_is_killed_mid_flip_the_worker_decides_what_it_held() {
     assert_eq!(handled(&relay.metrics().await), 0.0, "the new API decided nothing");
     let audited = flags::audit(&db.pool, Some(Flag::DisputeExecutor), 100).await.unwrap();
     assert_eq!(audited.len(), 2, "both changes are audited");
+}
+
+/// The API stops like a worker: on SIGTERM, what its in-process processor holds gets the grace
+/// period and no more (a decision held up in the database is given up, and its messages are
+/// redelivered to whoever executes next), and the process exits 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminated_api_gives_its_processor_the_grace_period_and_no_more() {
+    let db = TestDb::migrated().await.unwrap();
+    let prefix = trellis_testkit::nats_prefix();
+    flip(&db, Executor::Monolith).await;
+    let grace = Duration::from_secs(2);
+    let mut api = Api::spawn(&db, &prefix, &[("FLAG_POLL", "200ms"), ("SHUTDOWN_GRACE", "2s")]).await;
+    let cast = Cast::new(&api, &db).await;
+
+    // Hold the API in the middle of deciding (as above): its deciding statement waits on a lock
+    // that the test keeps past the grace period, up to BATCH_TIMEOUT (30 s) unless the
+    // shutdown gives up on it.
+    let mut lock = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE security.dispute_decisions IN SHARE MODE").execute(&mut *lock).await.unwrap();
+    let ids = cast.file_each(&api, 4).await;
+    all_published(&db).await;
+    eventually("the API to hold messages mid-decision", WAIT, || async {
+        let blocked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+             AND application_name = 'trellis-api-processors' AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .ok()?;
+        (blocked > 0).then_some(())
+    })
+    .await;
+
+    let (status, took) = api.terminate(Duration::from_secs(25)).await.expect("the API exits before BATCH_TIMEOUT");
+    lock.rollback().await.unwrap();
+    assert_eq!(status.code(), Some(0), "a shutdown past its grace period is still an orderly exit");
+    assert!(took < grace + Duration::from_secs(6), "exited {took:?} after SIGTERM, with a {grace:?} grace period");
+    let pending: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM security.disputes WHERE id = ANY($1) AND status = 'pending'")
+            .bind(&ids)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(pending as usize, ids.len(), "the held batch was given up, not decided");
 }

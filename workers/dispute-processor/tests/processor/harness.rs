@@ -171,6 +171,22 @@ impl Api {
         }
     }
 
+    /// SIGTERM (a child process only); how it exited and how long after the signal, or `None`
+    /// if it still runs after `timeout`.
+    pub async fn terminate(&mut self, timeout: Duration) -> Option<(std::process::ExitStatus, Duration)> {
+        let ApiProcess::Child(child) = &mut self.process else { panic!("an in-process API has no process to signal") };
+        let sent = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        assert!(sent.expect("kill runs").success(), "SIGTERM sent");
+        let signalled = tokio::time::Instant::now();
+        while signalled.elapsed() < timeout {
+            if let Some(status) = child.try_wait().expect("the API's status") {
+                return Some((status, signalled.elapsed()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
     /// The admin `/metrics` text.
     pub async fn metrics(&self) -> String {
         let resp = self.http.get(format!("http://{}/metrics", self.admin)).send().await.expect("metrics answer");

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use dispute_processor::{Candidate, DecideError, Processor, ProcessorArgs, Rules};
+use dispute_processor::{DecideError, DisputeCandidate, JudgingRules, Processor, ProcessorArgs};
 use serde_json::Value;
 use time::OffsetDateTime;
 use trellis_domain::UserId;
@@ -56,14 +56,14 @@ fn queued(body: &Value) -> Vec<Uuid> {
 async fn corroborated_disputes_against_a_moderator_go_to_admins(executor: Executor) {
     let db = TestDb::migrated().await.unwrap();
     let prefix = trellis_testkit::nats_prefix();
-    let change = trellis_store::flags::Change {
+    let change = trellis_store::cutover::flags::Change {
         flag: Flag::DisputeExecutor,
         value: executor,
         actor: "moderation-tests",
         reason: "test set-up",
         forced: false,
     };
-    trellis_store::flags::set(&db.pool, &change).await.expect("setting dispute.executor");
+    trellis_store::cutover::flags::set(&db.pool, &change).await.expect("setting dispute.executor");
     let api = Api::start(&db, &prefix).await;
     let _worker = match executor {
         Executor::Worker => Some(Replica::start(&db, &prefix, &[]).await),
@@ -273,9 +273,9 @@ async fn the_shadow_candidate_replays_roles_and_reinstatements_as_the_primary_sa
     let after = decide_each(wronged, &[(3, DisputeKind::IncorrectInfo)]).await[0];
     assert_eq!(decision(&db, after).await.1, "R5", "reinstated: not moot any more");
 
-    trellis_store::shadow_disputes::record_inputs(&db.pool, &inputs).await.unwrap();
+    trellis_store::cutover::disputes::record_inputs(&db.pool, &inputs).await.unwrap();
     let args = ProcessorArgs { dispute_shadow_missing_after: Duration::from_secs(3600), ..ProcessorArgs::default() };
-    let candidate = Candidate::new(db.pool.clone(), &args, Rules::PRODUCTION);
+    let candidate = DisputeCandidate::new(db.pool.clone(), &args, JudgingRules::PRODUCTION);
     let round = candidate.compare_ready(OffsetDateTime::UNIX_EPOCH).await.unwrap();
     assert_eq!(round.claimed, inputs.len());
     for c in &round.comparisons {

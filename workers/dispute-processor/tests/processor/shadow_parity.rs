@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dispute_processor::{Candidate, ProcessorArgs, Rules};
+use dispute_processor::{DisputeCandidate, JudgingRules, ProcessorArgs};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use trellis_domain::adjudication::{self, Facts, Judgement, Rule};
@@ -22,14 +22,14 @@ use uuid::Uuid;
 use crate::harness::*;
 
 async fn set_flag(db: &TestDb, value: Executor) {
-    let change = trellis_store::flags::Change {
+    let change = trellis_store::cutover::flags::Change {
         flag: Flag::DisputeExecutor,
         value,
         actor: "shadow-tests",
         reason: "test set-up",
         forced: false,
     };
-    trellis_store::flags::set(&db.pool, &change).await.expect("setting dispute.executor");
+    trellis_store::cutover::flags::set(&db.pool, &change).await.expect("setting dispute.executor");
 }
 
 /// `trellisctl`, built next to this package's binary by the workspace build.
@@ -214,7 +214,12 @@ async fn a_candidate_with_other_rules_is_caught_refused_unless_forced_and_has_no
 
     // The worker side's candidate, run here with rules of the test's own.
     let stop = CancellationToken::new();
-    let flags = trellis_runtime::flags::Flags::watch(db.pool.clone(), Duration::from_millis(200), stop.clone());
+    let flags = trellis_runtime::cutover::flags::Flags::watch(
+        db.pool.clone(),
+        Duration::from_millis(200),
+        &tokio_util::task::TaskTracker::new(),
+        stop.clone(),
+    );
     let gate = flags.candidate_gate(Flag::DisputeExecutor, Executor::Worker);
     let client = async_nats::connect(trellis_testkit::nats_url()).await.unwrap();
     let ctx = RunnerContext {
@@ -224,16 +229,19 @@ async fn a_candidate_with_other_rules_is_caught_refused_unless_forced_and_has_no
         version: "test".into(),
     };
     let args = ProcessorArgs { dispute_shadow_compare_every: Duration::from_millis(200), ..ProcessorArgs::default() };
-    let candidate =
-        Candidate::new(db.pool.clone(), &args, Rules { version: "test-upholds-reviews", judge: upholds_reviews });
-    let comparer = candidate.clone();
-    let groups = tokio::spawn(trellis_runtime::shadow::run_candidate(
-        move || candidate.group(ctx.clone(), RunnerConfig::default()),
-        gate.clone(),
+    let candidate = DisputeCandidate::new(
+        db.pool.clone(),
+        &args,
+        JudgingRules { version: "test-upholds-reviews", judge: upholds_reviews },
+    );
+    let shadow = tokio::spawn(trellis_runtime::cutover::run_shadow(
+        std::sync::Arc::new(candidate),
+        gate,
+        db.pool.clone(),
+        ctx,
+        RunnerConfig::default(),
         stop.clone(),
     ));
-    let comparing =
-        tokio::spawn(trellis_runtime::flags::while_open(gate, stop.clone(), move |s| comparer.clone().compare(s)));
     set_flag(&db, Executor::Shadow).await;
     candidate_consumer(&prefix).await;
 
@@ -314,8 +322,7 @@ async fn a_candidate_with_other_rules_is_caught_refused_unless_forced_and_has_no
     .unwrap();
     assert_eq!((events, decisions, suspensions), (4, 4, 0), "one event per decision of the primary's, nothing else");
     stop.cancel();
-    groups.await.unwrap();
-    comparing.await.unwrap();
+    shadow.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use dispute_processor::{Candidate, Processor, ProcessorArgs, Rules};
+use dispute_processor::{DisputeCandidate, JudgingRules, Processor, ProcessorArgs};
 use time::OffsetDateTime;
 use trellis_domain::adjudication::{self, Facts, Judgement, Rule};
 use trellis_domain::disputes::{DisputeKind, DisputeStatus};
@@ -175,10 +175,10 @@ async fn the_candidate_judges_each_batch_on_the_facts_the_primary_read() {
     set_score(&db, rescored_reporter, 460).await;
 
     let inputs: Vec<Uuid> = a.iter().chain(&b).chain(&c).copied().chain([never, moderated, rescored]).collect();
-    trellis_store::shadow_disputes::record_inputs(&db.pool, &inputs).await.unwrap();
+    trellis_store::cutover::disputes::record_inputs(&db.pool, &inputs).await.unwrap();
     let args = ProcessorArgs { dispute_shadow_missing_after: Duration::ZERO, ..ProcessorArgs::default() };
     let before = production(&db).await;
-    let candidate = Candidate::new(db.pool.clone(), &args, Rules::PRODUCTION);
+    let candidate = DisputeCandidate::new(db.pool.clone(), &args, JudgingRules::PRODUCTION);
     let round = candidate.compare_ready(OffsetDateTime::UNIX_EPOCH).await.unwrap();
     assert_eq!(production(&db).await, before, "the candidate changed nothing outside the shadow schema");
     assert_eq!(round.claimed, inputs.len());
@@ -210,7 +210,8 @@ async fn the_candidate_judges_each_batch_on_the_facts_the_primary_read() {
     // (the batch's own suspension in A, the earlier batch's in B) differs, field by field.
     sqlx::query("UPDATE shadow.dispute_inputs SET compared_at = NULL").execute(&db.pool).await.unwrap();
     sqlx::query("DELETE FROM shadow.dispute_decisions").execute(&db.pool).await.unwrap();
-    let other = Candidate::new(db.pool.clone(), &args, Rules { version: "test-without-r2", judge: without_r2 });
+    let other =
+        DisputeCandidate::new(db.pool.clone(), &args, JudgingRules { version: "test-without-r2", judge: without_r2 });
     let round = other.compare_ready(OffsetDateTime::UNIX_EPOCH).await.unwrap();
     let got = results(&round.comparisons);
     let mismatched: Vec<Uuid> =

@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::PullConsumer;
 use time::OffsetDateTime;
 use trellis_domain::flags::{Executor, Flag};
-use trellis_store::flags::{self, Change};
+use trellis_store::cutover::flags::{self, Change};
 use trellis_testkit::{TestDb, nats_prefix};
 use uuid::Uuid;
 
@@ -209,7 +209,7 @@ async fn a_run_the_schedule_check_serves_finishes_when_the_flag_moves_away_durin
     let mut blocker = db.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE contacts.contacts IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
-    let schedule = tokio::spawn(trellis_runtime::flags::while_open(gate, stop.clone(), move |stop| {
+    let schedule = tokio::spawn(trellis_runtime::cutover::flags::while_open(gate, stop.clone(), move |stop| {
         orchestrator.clone().schedule(stop)
     }));
     eventually("the schedule check's run to start", Duration::from_secs(30), || async {

@@ -431,14 +431,14 @@ pub async fn run_trellisctl(db: &TestDb, args: &[&str]) -> (bool, String, String
 
 /// Sets `score.executor` without the promotion gate (set-up, not the operator's path).
 pub async fn set_score_executor(db: &TestDb, value: trellis_domain::flags::Executor) {
-    let change = trellis_store::flags::Change {
+    let change = trellis_store::cutover::flags::Change {
         flag: trellis_domain::flags::Flag::ScoreExecutor,
         value,
         actor: "test",
         reason: "test set-up",
         forced: false,
     };
-    trellis_store::flags::set(&db.pool, &change).await.expect("setting score.executor");
+    trellis_store::cutover::flags::set(&db.pool, &change).await.expect("setting score.executor");
 }
 
 /// Waits until the durable consumer `name` (without prefix) exists on the events stream.

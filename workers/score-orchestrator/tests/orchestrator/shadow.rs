@@ -3,18 +3,20 @@
 //! promotion gate reads the comparisons.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::Connection as _;
 
-use score_orchestrator::shadow::{self as candidate, Candidate};
-use score_orchestrator::{Config, Orchestrator, Rules};
+use score_orchestrator::cutover::{self as candidate, ScoreCandidate};
+use score_orchestrator::{Config, Orchestrator, ScoreRules};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use trellis_domain::flags::{Executor, Flag};
 use trellis_domain::score;
 use trellis_runtime::consumer::{RunnerConfig, RunnerContext};
-use trellis_store::shadow_scores::{self, ShadowRun};
+use trellis_runtime::cutover::ShadowCandidate as _;
+use trellis_store::cutover::scores::{self as shadow_scores, ShadowRun};
 use trellis_testkit::{TestDb, nats_prefix};
 use uuid::Uuid;
 
@@ -194,9 +196,9 @@ async fn an_identical_candidate_matches_every_user_and_the_gate_promotes_the_wor
     assert!(stderr.contains("80 comparisons made, 81 required"), "{stderr}");
     let (ok, stdout, stderr) = run_trellisctl(&db, &[&set[..], &["--promotion-min-comparisons", "80"]].concat()).await;
     assert!(ok, "the identical candidate is promoted: {stdout}{stderr}");
-    let flag = trellis_store::flags::get(&db.pool, Flag::ScoreExecutor).await.unwrap();
+    let flag = trellis_store::cutover::flags::get(&db.pool, Flag::ScoreExecutor).await.unwrap();
     assert_eq!(flag.value, Executor::Worker);
-    let audit = trellis_store::flags::audit(&db.pool, Some(Flag::ScoreExecutor), 1).await.unwrap();
+    let audit = trellis_store::cutover::flags::audit(&db.pool, Some(Flag::ScoreExecutor), 1).await.unwrap();
     assert!(!audit[0].forced, "promoted through the gate, not forced");
 }
 
@@ -216,7 +218,7 @@ async fn a_candidate_with_another_rule_mismatches_and_the_gate_refuses_until_for
     // The primary: the monolith. The candidate, in this process on the worker's side of the flag,
     // runs a rule only this test has.
     let _api = Api::start(&db, &prefix, &["--flag-poll", "200ms"]).await;
-    let rules = Rules { algorithm: "inverted-for-test", trust: score::compute_trust, scores: inverted_scores };
+    let rules = ScoreRules { algorithm: "inverted-for-test", trust: score::compute_trust, scores: inverted_scores };
     let _candidate = InProcessCandidate::start(&db, &prefix, rules, true).await;
     wait_for_consumer(&prefix, CANDIDATE_CONSUMER).await;
     wait_succeeded(&db, 1, Duration::from_secs(30)).await;
@@ -264,11 +266,17 @@ async fn a_candidate_with_another_rule_mismatches_and_the_gate_refuses_until_for
     let (ok, _, stderr) = run_trellisctl(&db, &set).await;
     assert!(!ok, "a mismatching candidate must not be promoted");
     assert!(stderr.contains("mismatch rate") && stderr.contains("--force"), "{stderr}");
-    assert_eq!(trellis_store::flags::get(&db.pool, Flag::ScoreExecutor).await.unwrap().value, Executor::Shadow);
+    assert_eq!(
+        trellis_store::cutover::flags::get(&db.pool, Flag::ScoreExecutor).await.unwrap().value,
+        Executor::Shadow
+    );
     let (ok, stdout, stderr) = run_trellisctl(&db, &[&set[..], &["--force"]].concat()).await;
     assert!(ok, "--force promotes: {stdout}{stderr}");
-    assert_eq!(trellis_store::flags::get(&db.pool, Flag::ScoreExecutor).await.unwrap().value, Executor::Worker);
-    let audit = trellis_store::flags::audit(&db.pool, Some(Flag::ScoreExecutor), 1).await.unwrap();
+    assert_eq!(
+        trellis_store::cutover::flags::get(&db.pool, Flag::ScoreExecutor).await.unwrap().value,
+        Executor::Worker
+    );
+    let audit = trellis_store::cutover::flags::audit(&db.pool, Some(Flag::ScoreExecutor), 1).await.unwrap();
     assert!(audit[0].forced, "the promotion is recorded as forced");
 }
 
@@ -303,14 +311,20 @@ async fn the_monolith_is_the_candidate_while_the_worker_is_primary() {
 /// A candidate run in this process on the worker's side of the flag (as the worker binary runs
 /// it), with rules of the test's choosing; stopped when dropped.
 struct InProcessCandidate {
-    candidate: Candidate,
+    candidate: ScoreCandidate,
     _stop: tokio_util::sync::DropGuard,
 }
 
 impl InProcessCandidate {
+    /// Settles what can be settled of the shadow period in progress; how many runs were.
+    async fn settle_pending(&self, db: &TestDb) -> usize {
+        let period = trellis_store::cutover::latest_period(&db.pool, Flag::ScoreExecutor).await.unwrap();
+        self.candidate.settle_pending(period.expect("a shadow period").started_at).await.unwrap().0
+    }
+
     /// Starts the candidate's consumer group while its gate is open, and its comparer beside it
-    /// when `comparer` (otherwise the test settles runs with `compare_pending`).
-    async fn start(db: &TestDb, prefix: &str, rules: Rules, comparer: bool) -> Self {
+    /// when `comparer` (otherwise the test settles runs with `settle_pending`).
+    async fn start(db: &TestDb, prefix: &str, rules: ScoreRules, comparer: bool) -> Self {
         let config = Config {
             database_url: db.url.parse().unwrap(),
             schedule: Duration::from_secs(86_400),
@@ -321,7 +335,7 @@ impl InProcessCandidate {
             shadow_wait: Duration::from_secs(30),
         };
         let orchestrator = Orchestrator::new(db.pool.clone(), config).unwrap();
-        let candidate = Candidate::new(&orchestrator, rules);
+        let candidate = ScoreCandidate::new(&orchestrator, rules);
         let client = async_nats::connect(trellis_testkit::nats_url()).await.unwrap();
         let ctx = RunnerContext {
             js: trellis_runtime::nats::jetstream(client, Duration::from_secs(5)),
@@ -330,18 +344,30 @@ impl InProcessCandidate {
             version: "test".into(),
         };
         let stop = CancellationToken::new();
-        let flags = trellis_runtime::flags::Flags::watch(db.pool.clone(), Duration::from_millis(200), stop.clone());
+        let flags = trellis_runtime::cutover::flags::Flags::watch(
+            db.pool.clone(),
+            Duration::from_millis(200),
+            &tokio_util::task::TaskTracker::new(),
+            stop.clone(),
+        );
         let gate = flags.candidate_gate(Flag::ScoreExecutor, Executor::Worker);
-        let make = {
-            let candidate = candidate.clone();
-            move || candidate.group(ctx.clone(), RunnerConfig::default())
-        };
-        tokio::spawn(trellis_runtime::shadow::run_candidate(make, gate.clone(), stop.clone()));
         if comparer {
-            let candidate = candidate.clone();
-            tokio::spawn(trellis_runtime::flags::while_open(gate, stop.clone(), move |stop| {
-                candidate.clone().compare(stop)
-            }));
+            let shadow = Arc::new(candidate.clone());
+            let pool = db.pool.clone();
+            tokio::spawn(trellis_runtime::cutover::run_shadow(
+                shadow,
+                gate,
+                pool,
+                ctx,
+                RunnerConfig::default(),
+                stop.clone(),
+            ));
+        } else {
+            let make = {
+                let candidate = candidate.clone();
+                move || candidate.group(ctx.clone(), RunnerConfig::default())
+            };
+            tokio::spawn(trellis_runtime::cutover::run_candidate(make, gate, stop.clone()));
         }
         Self { candidate, _stop: stop.drop_guard() }
     }
@@ -356,7 +382,7 @@ async fn a_superseded_primary_run_is_compared_only_on_the_users_it_still_proves(
     set_score_executor(&db, Executor::Monolith).await;
     set_score_executor(&db, Executor::Shadow).await;
     let _api = Api::start(&db, &prefix, &["--flag-poll", "200ms"]).await;
-    let shadow = InProcessCandidate::start(&db, &prefix, Rules::PRODUCTION, false).await;
+    let shadow = InProcessCandidate::start(&db, &prefix, ScoreRules::PRODUCTION, false).await;
     wait_for_consumer(&prefix, CANDIDATE_CONSUMER).await;
     wait_succeeded(&db, 1, Duration::from_secs(30)).await;
 
@@ -400,7 +426,7 @@ async fn a_superseded_primary_run_is_compared_only_on_the_users_it_still_proves(
     let rewritten = count(&db, &format!("SELECT count(*) FROM score.user_scores WHERE run_id = '{}'", later.id)).await;
     assert!(rewritten > 0 && rewritten < 40, "the later run rewrote some scores, not all: {rewritten}");
 
-    assert_eq!(shadow.candidate.compare_pending().await.unwrap(), 2);
+    assert_eq!(shadow.settle_pending(&db).await, 2);
     let runs = shadow_scores::runs(&db.pool).await.unwrap();
     assert_eq!(runs[0].primary_run_id, Some(before[1].id), "the latest primary run of the same input");
     assert_eq!(runs[1].primary_run_id, Some(later.id));
@@ -419,7 +445,7 @@ async fn a_superseded_primary_run_is_compared_only_on_the_users_it_still_proves(
     assert!(superseded.0.ends_with("/ users rescored by a later primary run"), "{}", superseded.0);
     assert!(superseded.3[0]["candidate"].as_str().unwrap().contains("later primary run"), "{}", superseded.3);
     assert_eq!((of_run(&runs[1], "matched"), of_run(&runs[1], "missing")), (40, 0), "the later input: all matched");
-    assert_eq!(shadow.candidate.compare_pending().await.unwrap(), 0, "each run is compared once");
+    assert_eq!(shadow.settle_pending(&db).await, 0, "each run is compared once");
     assert_eq!(comparisons(&db).await.len(), recorded.len());
 }
 
@@ -434,7 +460,7 @@ async fn a_candidate_reads_the_graph_when_the_primary_starts_the_run_that_serves
     // The schedule makes the start-up run, then looks again only in an hour: no schedule check
     // (which also serves a request left pending) runs between the steps below.
     let _api = Api::start(&db, &prefix, &["--flag-poll", "200ms", "--score-schedule-check", "1h"]).await;
-    let _candidate = InProcessCandidate::start(&db, &prefix, Rules::PRODUCTION, true).await;
+    let _candidate = InProcessCandidate::start(&db, &prefix, ScoreRules::PRODUCTION, true).await;
     wait_for_consumer(&prefix, CANDIDATE_CONSUMER).await;
     let startup = wait_succeeded(&db, 1, Duration::from_secs(30)).await;
 

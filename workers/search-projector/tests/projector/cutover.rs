@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use trellis_domain::flags::{Executor, Flag};
-use trellis_store::flags::{self, Change};
+use trellis_store::cutover::flags::{self, Change};
 use trellis_testkit::TestDb;
 
 use crate::harness::*;
@@ -92,4 +92,59 @@ async fn each_process_exports_the_executor_it_acts_on() {
     caught_up(&db, &prefix).await;
     assert!(directory_row(&db, user.id).await.is_some(), "projected in-process");
     assert_eq!(handled(&worker.metrics().await), before, "the worker stood by");
+}
+
+/// A consumer group the server refuses stops its process with the refusal, whichever process
+/// runs it: the worker exits 1 with it, and `trellis-api` stops with it too (instead of serving
+/// on without its projector).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_the_server_refuses_stops_the_worker_and_the_api_alike() {
+    use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+    let db = TestDb::migrated().await.unwrap();
+    let prefix = trellis_testkit::nats_prefix();
+    // The projector's durable consumer, made beforehand with a deliver policy that the server
+    // will not change into the projector's.
+    let js = async_nats::jetstream::new(async_nats::connect(trellis_testkit::nats_url()).await.unwrap());
+    let topology = trellis_runtime::nats::Topology::new(&prefix).unwrap();
+    trellis_runtime::nats::ensure_streams(&js, &topology).await.unwrap();
+    let stream = js.get_stream(topology.events_stream()).await.unwrap();
+    let squatter = pull::Config {
+        durable_name: Some(topology.name(search_projector::CONSUMER)),
+        filter_subject: topology.subject("events.>"),
+        deliver_policy: DeliverPolicy::Last,
+        ack_policy: AckPolicy::Explicit,
+        ..Default::default()
+    };
+    stream.create_consumer(squatter).await.unwrap();
+
+    flip(&db, Executor::Worker).await;
+    let (log, out) = trellis_testkit::log_file("search-projector");
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_search-projector"))
+        .env("DATABASE_URL", &db.url)
+        .env("NATS_URL", trellis_testkit::nats_url())
+        .env("NATS_PREFIX", &prefix)
+        .env("ADMIN_ADDR", "127.0.0.1:0")
+        .env("LOG_FORMAT", "json")
+        .env("FLAG_POLL", "200ms")
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .spawn()
+        .expect("the projector starts");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the worker still runs with a refused group");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(1), "the worker fails");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("consumer group search-projector cannot run"), "the worker says why:\n{text}");
+
+    flip(&db, Executor::Monolith).await;
+    let api = Api::start_with(&db, &prefix, &["--flag-poll", "200ms"]).await;
+    let stopped = api.stopped(Duration::from_secs(30)).await.expect("the API stops on its own");
+    let error = format!("{:#}", stopped.expect_err("with the group's error"));
+    assert!(error.contains("consumer group search-projector cannot run"), "{error}");
 }

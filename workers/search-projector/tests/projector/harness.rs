@@ -57,7 +57,7 @@ pub struct Api {
     pub admin: SocketAddr,
     pub http: reqwest::Client,
     shutdown: CancellationToken,
-    _running: Running,
+    running: Option<Running>,
 }
 
 #[derive(Debug, Clone)]
@@ -77,14 +77,14 @@ impl Api {
     /// needs.
     pub async fn start_scoring(db: &TestDb, prefix: &str) -> Self {
         use trellis_domain::flags::{Executor, Flag};
-        let change = trellis_store::flags::Change {
+        let change = trellis_store::cutover::flags::Change {
             flag: Flag::ScoreExecutor,
             value: Executor::Monolith,
             actor: "projector-tests",
             reason: "score runs in the test's API",
             forced: false,
         };
-        trellis_store::flags::set(&db.pool, &change).await.expect("setting score.executor");
+        trellis_store::cutover::flags::set(&db.pool, &change).await.expect("setting score.executor");
         Self::start(db, prefix).await
     }
 
@@ -115,7 +115,13 @@ impl Api {
         let shutdown = CancellationToken::new();
         let running = trellis_api::start(config, shutdown.clone()).await.expect("the API starts");
         let http = reqwest::Client::builder().no_proxy().build().expect("http client");
-        Self { addr: running.api_addr, admin: running.admin_addr, http, shutdown, _running: running }
+        Self { addr: running.api_addr, admin: running.admin_addr, http, shutdown, running: Some(running) }
+    }
+
+    /// How the API stopped, if it stopped on its own within `timeout`.
+    pub async fn stopped(mut self, timeout: Duration) -> Option<anyhow::Result<()>> {
+        let running = self.running.take().expect("a running API");
+        tokio::time::timeout(timeout, running.wait()).await.ok()
     }
 
     /// A search request (`path` with its query string) as `user`: the `x-search-source`

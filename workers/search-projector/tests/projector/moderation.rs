@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use search_projector::Projector;
-use search_projector::shadow::{Candidate, Rules};
+use search_projector::cutover::{CandidateProjector, DocumentRules};
 use serde_json::json;
 use trellis_runtime::consumer::{Handler, Outcome};
 use trellis_testkit::TestDb;
@@ -101,7 +101,7 @@ async fn a_suspended_users_document_has_no_score_in_the_read_model_nor_in_the_sh
 
     let outcomes = Projector::new(db.pool.clone()).handle(std::slice::from_ref(&suspended)).await;
     assert_eq!(outcomes, [Outcome::Done]);
-    let outcomes = Candidate::new(db.pool.clone(), Rules::PRODUCTION).handle(&[suspended]).await;
+    let outcomes = CandidateProjector::new(db.pool.clone(), DocumentRules::PRODUCTION).handle(&[suspended]).await;
     assert_eq!(outcomes, [Outcome::Done]);
 
     let projected = directory_row(&db, user).await.expect("the read model's document");

@@ -6,14 +6,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
-use search_projector::shadow::{Comparer, ComparerConfig, Rules, candidate_group};
+use search_projector::cutover::{Comparer, ComparerConfig, DocumentRules, SearchCandidate};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use trellis_domain::flags::{Executor, Flag};
 use trellis_domain::shadow::Tally;
 use trellis_runtime::consumer::{RunnerConfig, RunnerContext};
+use trellis_runtime::cutover::ShadowCandidate as _;
 use trellis_runtime::nats::Topology;
-use trellis_store::flags::{self, Change};
+use trellis_store::cutover::flags::{self, Change};
 use trellis_testkit::TestDb;
 use uuid::Uuid;
 
@@ -22,7 +23,7 @@ use crate::harness::*;
 const SETTLE: Duration = Duration::from_secs(90);
 
 fn candidate_consumer() -> String {
-    trellis_runtime::shadow::candidate_spec(search_projector::consumer_spec()).name
+    trellis_runtime::cutover::candidate_spec(search_projector::consumer_spec()).name
 }
 
 /// `trellisctl`, built next to this package's binary by the workspace build.
@@ -64,12 +65,12 @@ async fn start_shadow(db: &TestDb, primary: Executor) {
     set_flag(db, Executor::Shadow, "shadow period").await;
 }
 
-async fn period(db: &TestDb) -> trellis_store::shadow::Period {
-    trellis_store::shadow::latest_period(&db.pool, Flag::SearchExecutor).await.unwrap().expect("a shadow period")
+async fn period(db: &TestDb) -> trellis_store::cutover::Period {
+    trellis_store::cutover::latest_period(&db.pool, Flag::SearchExecutor).await.unwrap().expect("a shadow period")
 }
 
 async fn tally(db: &TestDb) -> Tally {
-    trellis_store::shadow::tally(&db.pool, Flag::SearchExecutor, &period(db).await).await.unwrap()
+    trellis_store::cutover::tally(&db.pool, Flag::SearchExecutor, &period(db).await).await.unwrap()
 }
 
 async fn jetstream() -> async_nats::jetstream::Context {
@@ -128,7 +129,7 @@ async fn consumers_caught_up(db: &TestDb, prefix: &str, consumers: &[String]) {
 async fn all_settled(db: &TestDb) {
     let since = period(db).await.started_at;
     eventually("every candidate document version to be settled", SETTLE, || async {
-        let left = trellis_store::shadow_search::unsettled_count(&db.pool, since).await.ok()?;
+        let left = trellis_store::cutover::search::unsettled_count(&db.pool, since).await.ok()?;
         (left == 0).then_some(())
     })
     .await;
@@ -223,19 +224,19 @@ async fn a_candidate_with_a_different_rule_is_caught_field_by_field_and_the_gate
         host: "test".into(),
         version: "test".into(),
     };
-    let shouting = Rules { directory: |_| {}, contact: |d| d.label = d.label.to_uppercase() };
+    let shouting = DocumentRules { directory: |_| {}, contact: |d| d.label = d.label.to_uppercase() };
     let config = RunnerConfig { batch_size: 1000, batch_window: Duration::from_millis(50), ..RunnerConfig::default() };
-    let flags = trellis_runtime::flags::Flags::watch(db.pool.clone(), Duration::from_millis(200), stop.clone());
-    let gate = flags.candidate_gate(Flag::SearchExecutor, Executor::Worker);
-    let (pool, group_ctx) = (db.pool.clone(), ctx.clone());
-    let make = move || candidate_group(group_ctx.clone(), config.clone(), pool.clone(), shouting);
-    tokio::spawn(trellis_runtime::shadow::run_candidate(make, gate.clone(), stop.clone()));
-    let comparer = Comparer::new(
+    let flags = trellis_runtime::cutover::flags::Flags::watch(
         db.pool.clone(),
-        ctx,
-        ComparerConfig { every: Duration::from_millis(100), missing_after: Duration::from_secs(300), batch: 1000 },
+        Duration::from_millis(200),
+        &tokio_util::task::TaskTracker::new(),
+        stop.clone(),
     );
-    tokio::spawn(trellis_runtime::flags::while_open(gate, stop.clone(), move |t| comparer.clone().run(t)));
+    let gate = flags.candidate_gate(Flag::SearchExecutor, Executor::Worker);
+    let comparing =
+        ComparerConfig { every: Duration::from_millis(100), missing_after: Duration::from_secs(300), batch: 1000 };
+    let candidate = std::sync::Arc::new(SearchCandidate::new(db.pool.clone(), ctx.clone(), comparing, shouting));
+    tokio::spawn(trellis_runtime::cutover::run_shadow(candidate, gate, db.pool.clone(), ctx, config, stop.clone()));
 
     start_shadow(&db, Executor::Monolith).await;
     candidate_listening(&prefix).await;
@@ -385,7 +386,7 @@ async fn the_candidate_alone_writes_only_its_shadow_tables_and_unanswered_docume
 
     // The candidate keeps its own checkpoint: the last event it applied.
     let mut conn = db.pool.acquire().await.unwrap();
-    let own = trellis_store::shadow_search::checkpoint(&mut conn).await.unwrap();
+    let own = trellis_store::cutover::search::checkpoint(&mut conn).await.unwrap();
     let mut stream = jetstream().await.get_stream(format!("{prefix}_EVENTS")).await.unwrap();
     let last = stream.info().await.unwrap().state.last_sequence;
     assert_eq!(own.last_stream_sequence, Some(last as i64), "the candidate's checkpoint");
@@ -442,7 +443,7 @@ async fn the_candidate_alone_writes_only_its_shadow_tables_and_unanswered_docume
 async fn rounds_until_settled(
     db: &TestDb,
     comparer: &Comparer,
-    ledger: &mut search_projector::shadow::Ledger,
+    ledger: &mut search_projector::cutover::Ledger,
     since: time::OffsetDateTime,
 ) {
     let deadline = tokio::time::Instant::now() + SETTLE;
@@ -450,7 +451,7 @@ async fn rounds_until_settled(
     loop {
         pace.tick().await;
         comparer.round(ledger, since).await.expect("a comparison round");
-        let left = trellis_store::shadow_search::unsettled_count(&db.pool, since).await.unwrap();
+        let left = trellis_store::cutover::search::unsettled_count(&db.pool, since).await.unwrap();
         if left == 0 && ledger.pending().is_empty() {
             return;
         }
@@ -486,14 +487,20 @@ async fn a_difference_from_a_change_whose_event_is_not_published_yet_is_not_a_mi
     // The worker's side in this process (the production rule), its comparer driven round by round.
     let stop = CancellationToken::new();
     let _stop_on_drop = stop.clone().drop_guard();
-    let flags = trellis_runtime::flags::Flags::watch(db.pool.clone(), Duration::from_millis(200), stop.clone());
+    let flags = trellis_runtime::cutover::flags::Flags::watch(
+        db.pool.clone(),
+        Duration::from_millis(200),
+        &tokio_util::task::TaskTracker::new(),
+        stop.clone(),
+    );
     let gate = flags.candidate_gate(Flag::SearchExecutor, Executor::Worker);
-    let (pool, group_ctx) = (db.pool.clone(), ctx.clone());
-    let make = move || candidate_group(group_ctx.clone(), RunnerConfig::default(), pool.clone(), Rules::PRODUCTION);
-    tokio::spawn(trellis_runtime::shadow::run_candidate(make, gate, stop.clone()));
     let config = ComparerConfig { every: Duration::from_secs(1), missing_after: Duration::from_secs(300), batch: 1000 };
+    let candidate = SearchCandidate::new(db.pool.clone(), ctx.clone(), config, DocumentRules::PRODUCTION);
+    let (group_ctx, runner) = (ctx.clone(), RunnerConfig::default());
+    let make = move || candidate.group(group_ctx.clone(), runner.clone());
+    tokio::spawn(trellis_runtime::cutover::run_candidate(make, gate, stop.clone()));
     let comparer = Comparer::new(db.pool.clone(), ctx, config);
-    let mut ledger = search_projector::shadow::Ledger::new(config.missing_after);
+    let mut ledger = search_projector::cutover::Ledger::new(config.missing_after);
 
     start_shadow(&db, Executor::Monolith).await;
     candidate_listening(&prefix).await;
@@ -516,7 +523,7 @@ async fn a_difference_from_a_change_whose_event_is_not_published_yet_is_not_a_mi
         .await
         .unwrap();
     assert_eq!(contact_row(&db, owner.id, friend.id).await.unwrap().4, "after");
-    let document = trellis_store::shadow_search::DocKey::Contact { owner: owner.id, contact: friend.id };
+    let document = trellis_store::cutover::search::DocKey::Contact { owner: owner.id, contact: friend.id };
     comparer.round(&mut ledger, since).await.unwrap();
     let pending = ledger.pending();
     assert_eq!(pending.iter().map(|p| p.0).collect::<Vec<_>>(), [document], "a suspect, not a verdict");

@@ -6,7 +6,9 @@ use sqlx::{PgConnection, PgExecutor};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::disputes::FactsClock;
+use trellis_domain::adjudication::Facts;
+
+use crate::disputes::{self, FactsClock};
 
 /// Records the filings the candidate received; one already recorded is left as it is.
 pub async fn record_inputs(db: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<(), sqlx::Error> {
@@ -222,4 +224,125 @@ pub async fn record_outputs(
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// A batch of the processor's whose facts are read again: its clock and snapshot, and its
+/// transaction (`security.dispute_decisions.xact`, as text), whose own decisions came after
+/// its facts.
+#[derive(Debug, Clone, Copy)]
+pub struct AsOf<'a> {
+    pub clock: &'a FactsClock,
+    pub xact: &'a str,
+}
+
+/// What [`gather_facts_as_of`] read.
+#[derive(Debug)]
+pub struct GatheredAsOf {
+    pub facts: Vec<Facts>,
+    /// The disputes whose facts read a trust score written after the batch's snapshot. Scores
+    /// keep no history, so those facts cannot be read again as they were.
+    pub rescored: Vec<Uuid>,
+}
+
+/// The facts of `ids` as a past batch of the processor read them: the processor's statement
+/// (`disputes::gather_facts`), each table replaced by that table as the batch's snapshot saw
+/// it, and the batch's clock. The two must agree on what they read: the dispute processor's
+/// shadow tests replay its batches with the production rules and match every decision.
+pub async fn gather_facts_as_of(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    as_of: AsOf<'_>,
+) -> Result<GatheredAsOf, sqlx::Error> {
+    let sql = facts_as_of_statement();
+    let rows = disputes::facts_query(&sql, ids)
+        .bind(as_of.clock.at)
+        .bind(&as_of.clock.snapshot)
+        .bind(as_of.xact)
+        .fetch_all(conn)
+        .await?;
+    let rescored = rows
+        .iter()
+        .filter(|r| r.scores_seen == Some(false) || r.against_target.0.iter().any(|o| !o.score_seen))
+        .map(|r| r.id)
+        .collect();
+    Ok(GatheredAsOf { facts: disputes::decode_facts(rows)?, rescored })
+}
+
+/// The facts statement as a past batch read them ($5 its clock, $6 its snapshot, $7 its
+/// transaction). A decision or a filing is in them when its transaction is visible in the
+/// snapshot (a row written before transactions were recorded, when it is older than the clock);
+/// the batch's own decisions came after them. A user's status and role are read from the user
+/// administration audit, which records every change of them in commit order: as the snapshot
+/// saw them, they are what the earliest change it did not see changed them from, or, when it
+/// saw every change, what they are now. (The batch's own suspensions came after its facts: its
+/// in-batch overlay applies them.)
+fn facts_as_of_statement() -> String {
+    // The value before the earliest change of `actions` to user `u` that the snapshot did not
+    // see, as `expr` of the audit row `a`; NULL when it saw every change. A snapshot does not
+    // list its own transaction as in progress, so the batch's own changes are excluded by id.
+    let before_unseen = |u: &str, actions: &str, expr: &str| {
+        format!(
+            "(SELECT {expr} FROM identity.user_admin_audit a
+              WHERE a.user_id = {u}.id AND a.action IN ({actions})
+                AND (a.xact = $7::xid8 OR NOT pg_visible_in_snapshot(a.xact, $6::pg_snapshot))
+              ORDER BY a.id LIMIT 1)"
+        )
+    };
+    let suspended = |u: &str| {
+        format!(
+            "coalesce({}, {u}.status = 'suspended')",
+            before_unseen(u, "'suspend', 'reinstate'", "a.from_value = 'suspended'")
+        )
+    };
+    let (reporter_suspended, target_suspended) = (suspended("ru"), suspended("tu"));
+    let target_role = format!("coalesce({}, tu.role)", before_unseen("tu", "'grant_role'", "a.from_value"));
+    format!(
+        "WITH clock AS (SELECT $5::timestamptz AS now, $6::text AS snapshot),
+         visible_decisions AS NOT MATERIALIZED (
+             SELECT x.id, x.dispute_id, x.status, x.decided_at FROM security.dispute_decisions x
+             WHERE x.xact IS DISTINCT FROM $7::xid8
+               AND CASE WHEN x.xact IS NULL THEN x.decided_at < $5
+                        ELSE pg_visible_in_snapshot(x.xact, $6::pg_snapshot) END
+         ), disputes_as_of AS NOT MATERIALIZED (
+             SELECT o.id, o.reporter_id, o.target_id, o.kind, o.created_at,
+                 coalesce(v.status, 'pending') AS status, v.decided_at
+             FROM security.disputes o
+             LEFT JOIN LATERAL (SELECT x.status, x.decided_at FROM visible_decisions x WHERE x.dispute_id = o.id
+                                ORDER BY x.decided_at DESC, x.id DESC LIMIT 1) v ON true
+             WHERE CASE WHEN o.filed_xact IS NULL THEN o.created_at < $5
+                        ELSE pg_visible_in_snapshot(o.filed_xact, $6::pg_snapshot) END
+         )
+         SELECT d.id, d.reporter_id, d.target_id, d.kind, d.created_at, clock.now, clock.snapshot,
+             {reporter_suspended} AS reporter_suspended, {target_suspended} AS target_suspended,
+             {target_role} AS target_role, rs.score AS reporter_score, ts.score AS target_score,
+             (rs.user_id IS NULL OR shadow.xmin_visible_in(rs.xmin, $6::pg_snapshot))
+                 AND (ts.user_id IS NULL OR shadow.xmin_visible_in(ts.xmin, $6::pg_snapshot)) AS scores_seen,
+             (SELECT coalesce(jsonb_agg(jsonb_build_object('id', o.id, 'reporter_id', o.reporter_id,
+                      'status', o.status, 'filed_at', o.created_at, 'decided_at', o.decided_at)), '[]')
+                FROM disputes_as_of o
+               WHERE o.target_id = d.target_id AND o.kind = d.kind AND o.reporter_id = d.reporter_id
+                 AND o.id <> d.id
+                 AND (o.status IN ('pending', 'needs_review') OR o.decided_at >= clock.now - make_interval(secs => $2)))
+               AS same_reporter,
+             (SELECT coalesce(jsonb_agg(jsonb_build_object('id', o.id, 'reporter_id', o.reporter_id,
+                      'status', o.status, 'filed_at', o.created_at, 'decided_at', o.decided_at)), '[]')
+                FROM disputes_as_of o
+               WHERE o.reporter_id = d.reporter_id AND o.id <> d.id
+                 AND o.created_at >= clock.now - make_interval(secs => $3))
+               AS reporter_record,
+             (SELECT coalesce(jsonb_agg(jsonb_build_object('id', o.id, 'reporter_id', o.reporter_id,
+                      'status', o.status, 'filed_at', o.created_at, 'decided_at', o.decided_at,
+                      'reporter_score', s.score,
+                      'score_seen', s.user_id IS NULL OR shadow.xmin_visible_in(s.xmin, $6::pg_snapshot))), '[]')
+                FROM disputes_as_of o LEFT JOIN score.user_scores s ON s.user_id = o.reporter_id
+               WHERE o.target_id = d.target_id AND o.kind = d.kind AND o.id <> d.id
+                 AND (o.status IN ('pending', 'needs_review') OR o.created_at >= clock.now - make_interval(secs => $4)))
+               AS against_target
+         FROM security.disputes d CROSS JOIN clock
+         JOIN identity.users ru ON ru.id = d.reporter_id
+         JOIN identity.users tu ON tu.id = d.target_id
+         LEFT JOIN score.user_scores rs ON rs.user_id = d.reporter_id
+         LEFT JOIN score.user_scores ts ON ts.user_id = d.target_id
+         WHERE d.id = ANY($1)"
+    )
 }

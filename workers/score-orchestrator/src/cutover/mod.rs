@@ -1,4 +1,5 @@
-//! The score orchestrator's shadow candidate (docs/design/contracts.md §4) and its comparer.
+//! The score orchestrator's part of the cutover: its shadow candidate and its comparison
+//! (docs/design/contracts.md §4).
 //!
 //! **The candidate** reads its own copy of `events.scores.run_requested` (consumer
 //! `score-orchestrator-shadow`) while `score.executor` says `shadow` and its side is not the
@@ -16,7 +17,8 @@
 //! starts its run only once the primary has started one for the request (or the wait is over),
 //! so both snapshots are taken moments apart.
 //!
-//! **The comparer** runs beside the candidate and settles each candidate run once: one
+//! **The comparison** (a round of the runtime's comparer, `trellis_runtime::cutover::comparer`)
+//! settles each candidate run once: one
 //! `matched` comparison standing for every matched user, one `mismatched` comparison per
 //! differing user (the first [`MISMATCH_ROWS`] by id, the rest folded into one), and `missing`
 //! for users without a provable primary value.
@@ -27,16 +29,16 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
 use time::OffsetDateTime;
-use tokio_util::sync::CancellationToken;
 use trellis_domain::flags::Flag;
 use trellis_domain::shadow::{Comparison, ComparisonResult, FieldDiff};
 use trellis_runtime::consumer::{ConsumerGroup, ConsumerSpec, Delivery, EachMessage, MessageHandler, Outcome};
 use trellis_runtime::consumer::{RunnerConfig, RunnerContext};
+use trellis_runtime::cutover::{Round, ShadowCandidate};
+use trellis_store::cutover::scores::{self as shadow_scores, CandidateRun, Compared, Settled};
 use trellis_store::scores::{self as store, digest_text};
-use trellis_store::shadow_scores::{self, CandidateRun, Compared, Settled};
 use uuid::Uuid;
 
-use crate::{BuilderSink, Computed, Orchestrator, Rules, RunError};
+use crate::{BuilderSink, Computed, Orchestrator, RunError, ScoreRules};
 
 /// The largest relative difference of two trust values that still match.
 ///
@@ -64,7 +66,7 @@ const PRIMARY_POLL: Duration = Duration::from_millis(50);
 
 /// The candidate's consumer: the orchestrator's, named `score-orchestrator-shadow`.
 pub fn consumer_spec() -> ConsumerSpec {
-    trellis_runtime::shadow::candidate_spec(crate::consumer_spec())
+    trellis_runtime::cutover::candidate_spec(crate::consumer_spec())
 }
 
 /// What one candidate run did.
@@ -82,22 +84,16 @@ pub struct CandidateSummary {
 /// The shadow candidate: the orchestrator's load and compute with the candidate's `rules`,
 /// writing to the shadow tables only.
 #[derive(Clone)]
-pub struct Candidate {
+pub struct ScoreCandidate {
     orchestrator: Orchestrator,
-    rules: Rules,
+    rules: ScoreRules,
 }
 
-impl Candidate {
+impl ScoreCandidate {
     /// A candidate sharing `orchestrator`'s pool, settings and compute threads (a side runs
     /// either the primary or the candidate, never both at once).
-    pub fn new(orchestrator: &Orchestrator, rules: Rules) -> Self {
+    pub fn new(orchestrator: &Orchestrator, rules: ScoreRules) -> Self {
         Self { orchestrator: orchestrator.clone(), rules }
-    }
-
-    /// The candidate's consumer group over its copy of the requests, one at a time.
-    pub fn group(&self, ctx: RunnerContext, config: RunnerConfig) -> ConsumerGroup<EachMessage<Candidate>> {
-        let handler = Arc::new(EachMessage { handler: self.clone(), concurrency: 1 });
-        ConsumerGroup::new(ctx, consumer_spec(), config, handler)
     }
 
     /// Serves a request made at `asked_at`: nothing when a candidate run whose snapshot began
@@ -207,67 +203,53 @@ impl Candidate {
         outcome
     }
 
-    /// The comparer: settles the candidate runs every [`COMPARE_EVERY`] until `stop`.
-    pub async fn compare(self, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(COMPARE_EVERY);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.cancelled() => return,
-            }
-            if let Err(e) = self.compare_pending().await {
-                tracing::warn!(error = %e, "comparing shadow score runs failed; retrying");
-            }
-        }
-    }
-
-    /// Settles every candidate run that can be settled now; returns how many were.
-    pub async fn compare_pending(&self) -> Result<usize, sqlx::Error> {
+    /// Settles every candidate run of the period that began at `since` that can be settled now:
+    /// how many were, and the comparisons recorded.
+    pub async fn settle_pending(&self, since: OffsetDateTime) -> Result<(usize, Vec<Comparison>), sqlx::Error> {
         let pool = &self.orchestrator.pool;
-        let period = trellis_store::shadow::latest_period(pool, Flag::ScoreExecutor).await?;
-        let Some(period) = period.filter(|p| p.ended_at.is_none()) else {
-            return Ok(0);
-        };
-        let mut settled = 0;
+        let (mut settled, mut comparisons) = (0, Vec::new());
         for run in shadow_scores::uncompared(pool).await? {
-            if self.settle(run.id, period.started_at).await? {
+            if let Some(recorded) = self.settle(run.id, since).await? {
                 settled += 1;
+                comparisons.extend(recorded);
             }
         }
-        Ok(settled)
+        Ok((settled, comparisons))
     }
 
     /// Settles candidate run `id` if it can be: compared, missing, or not counted (it belongs to
-    /// an earlier shadow period). Under the run's row lock, so each run is settled once.
-    async fn settle(&self, id: Uuid, period_start: OffsetDateTime) -> Result<bool, sqlx::Error> {
+    /// an earlier shadow period). Under the run's row lock, so each run is settled once, and its
+    /// comparisons (returned) are recorded in the same transaction.
+    async fn settle(&self, id: Uuid, period_start: OffsetDateTime) -> Result<Option<Vec<Comparison>>, sqlx::Error> {
         let pool = &self.orchestrator.pool;
         let mut claim = pool.begin().await?;
         let Some((run, waited)) = shadow_scores::claim(&mut claim, id).await? else {
-            return Ok(false);
+            return Ok(None);
         };
+        let mut recorded = Vec::new();
         let key = run_key(id);
         let settled = if run.started_at < period_start {
             // Evidence from another period may be of other code: the gate counts this period only.
             tracing::info!(run_id = %id, "shadow candidate run of an ended shadow period: not compared");
             Settled::PeriodEnded
-        } else if let Some(recorded) = shadow_scores::recorded_key(pool, &key).await? {
+        } else if let Some(earlier) = shadow_scores::recorded_key(pool, &key).await? {
             // Recorded by a comparer that stopped before it settled the run: settle, once.
-            match primary_of_key(&recorded) {
+            match primary_of_key(&earlier) {
                 Some(primary_run_id) => Settled::Compared { primary_run_id, max_trust_difference: None },
                 None => Settled::Missing,
             }
         } else {
             let (Some(digest), Some(users)) = (run.input_digest, run.users) else {
                 let why = "the candidate run recorded no input digest";
-                trellis_runtime::shadow::record(pool, Flag::ScoreExecutor, &[Comparison::missing(key, why)]).await?;
+                let missing = vec![Comparison::missing(key, why)];
+                trellis_store::cutover::record(&mut *claim, Flag::ScoreExecutor, &missing).await?;
                 shadow_scores::settle(&mut claim, id, Settled::Missing).await?;
                 claim.commit().await?;
-                return Ok(true);
+                return Ok(Some(missing));
             };
             match shadow_scores::compare(pool, id, digest, users, TRUST_TOLERANCE, MISMATCH_ROWS as i64).await? {
                 Some(compared) => {
-                    let comparisons = comparisons(id, &compared);
-                    trellis_runtime::shadow::record(pool, Flag::ScoreExecutor, &comparisons).await?;
+                    recorded = comparisons(id, &compared);
                     tracing::info!(run_id = %id, primary_run_id = %compared.primary.id, matched = compared.matched,
                         mismatched = compared.mismatched, absent = compared.absent, superseded = compared.superseded,
                         max_trust_difference = ?compared.max_trust_difference, "shadow candidate run compared");
@@ -283,17 +265,42 @@ impl Candidate {
                         humantime::format_duration(self.orchestrator.config.shadow_wait)
                     );
                     tracing::info!(run_id = %id, "{why}");
-                    trellis_runtime::shadow::record(pool, Flag::ScoreExecutor, &[Comparison::missing(key, why)])
-                        .await?;
+                    recorded = vec![Comparison::missing(key, why)];
                     Settled::Missing
                 }
                 // The primary run of this input may still be on its way.
-                None => return Ok(false),
+                None => return Ok(None),
             }
         };
+        trellis_store::cutover::record(&mut *claim, Flag::ScoreExecutor, &recorded).await?;
         shadow_scores::settle(&mut claim, id, settled).await?;
         claim.commit().await?;
-        Ok(true)
+        Ok(Some(recorded))
+    }
+}
+
+impl ShadowCandidate for ScoreCandidate {
+    const FLAG: Flag = Flag::ScoreExecutor;
+    type Handler = EachMessage<ScoreCandidate>;
+    type Ledger = ();
+
+    /// Its copy of the requests, one at a time.
+    fn group(&self, ctx: RunnerContext, runner: RunnerConfig) -> ConsumerGroup<Self::Handler> {
+        let handler = Arc::new(EachMessage { handler: self.clone(), concurrency: 1 });
+        ConsumerGroup::new(ctx, consumer_spec(), runner, handler)
+    }
+
+    fn compare_every(&self) -> Duration {
+        COMPARE_EVERY
+    }
+
+    async fn begin(&self, _since: OffsetDateTime) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    async fn round(&self, _: &mut (), since: OffsetDateTime) -> anyhow::Result<Round> {
+        let (_, comparisons) = self.settle_pending(since).await?;
+        Ok(Round { comparisons, more: false })
     }
 }
 
@@ -389,7 +396,7 @@ pub fn trust_matches(primary: f64, candidate: f64) -> bool {
     (primary - candidate).abs() <= TRUST_TOLERANCE * primary.abs().max(candidate.abs())
 }
 
-impl MessageHandler for Candidate {
+impl MessageHandler for ScoreCandidate {
     async fn handle_one(&self, delivery: &Delivery) -> Outcome {
         if let Err(rejected) = crate::check_request(delivery) {
             return rejected;
@@ -404,7 +411,7 @@ impl MessageHandler for Candidate {
 
 #[cfg(test)]
 mod tests {
-    use trellis_store::shadow_scores::{Mismatch, PrimaryRun};
+    use trellis_store::cutover::scores::{Mismatch, PrimaryRun};
 
     use super::*;
 

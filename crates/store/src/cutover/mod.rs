@@ -1,6 +1,13 @@
-//! `shadow.comparisons` and the shadow periods the flag audit records: what `trellisctl parity`
-//! reports and the promotion gate reads. Each processor's candidate writes its own outputs to
+//! Everything of the Stage B cutover in the database, removable in one piece: the flags and
+//! their audit (`flags`), each processor's shadow candidate's tables (`disputes`, `scores`,
+//! `search`), and here `shadow.comparisons` and the shadow periods the flag audit records: what
+//! `trellisctl parity` reports and the promotion gate reads. Each processor's candidate writes its own outputs to
 //! tables of the `shadow` schema; only the comparisons are shared.
+
+pub mod disputes;
+pub mod flags;
+pub mod scores;
+pub mod search;
 
 use sqlx::PgExecutor;
 use time::OffsetDateTime;

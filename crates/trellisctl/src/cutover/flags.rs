@@ -6,7 +6,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use trellis_domain::flags::{Executor, Flag};
 use trellis_runtime::config::PromotionArgs;
-use trellis_store::flags::{AuditRow, Change, FlagRow, SetError};
+use trellis_store::cutover::flags::{AuditRow, Change, FlagRow, SetError};
 
 use crate::Output;
 
@@ -51,12 +51,13 @@ pub enum Flags {
 pub async fn run(pool: &sqlx::PgPool, output: Output, command: Flags) -> anyhow::Result<()> {
     match command {
         Flags::List => {
-            let rows = trellis_store::flags::list(pool).await.context("reading the flags")?;
+            let rows = trellis_store::cutover::flags::list(pool).await.context("reading the flags")?;
             print_rows(output, &rows)
         }
         Flags::Get { name } => {
             let flag = parse_flag(&name)?;
-            let row = trellis_store::flags::get(pool, flag).await.with_context(|| format!("reading {name}"))?;
+            let row =
+                trellis_store::cutover::flags::get(pool, flag).await.with_context(|| format!("reading {name}"))?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&row_json(&row))?),
                 Output::Table => print_rows(output, std::slice::from_ref(&row))?,
@@ -72,7 +73,7 @@ pub async fn run(pool: &sqlx::PgPool, output: Output, command: Flags) -> anyhow:
             let actor = crate::actor(actor);
             let policy = gate.policy().map_err(|e| anyhow::anyhow!(e))?;
             let change = Change { flag, value, actor: &actor, reason, forced: force };
-            let changed = match trellis_store::flags::set_checked(pool, &change, &policy).await {
+            let changed = match trellis_store::cutover::flags::set_checked(pool, &change, &policy).await {
                 Ok(changed) => changed,
                 Err(SetError::Refused(why)) => bail!("refused to set {name} to {}: {why}", value.as_str()),
                 Err(SetError::Database(e)) => return Err(e).with_context(|| format!("setting {name}")),
@@ -102,8 +103,9 @@ pub async fn run(pool: &sqlx::PgPool, output: Output, command: Flags) -> anyhow:
             if limit == 0 {
                 bail!("--limit must be at least 1");
             }
-            let rows =
-                trellis_store::flags::audit(pool, flag, i64::from(limit)).await.context("reading the flag audit")?;
+            let rows = trellis_store::cutover::flags::audit(pool, flag, i64::from(limit))
+                .await
+                .context("reading the flag audit")?;
             print_audit(output, &rows)
         }
     }

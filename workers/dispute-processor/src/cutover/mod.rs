@@ -1,6 +1,6 @@
-//! The dispute processor's shadow candidate (`dispute.executor` = `shadow`): it judges every
-//! dispute filed during the period with its own rule set and compares its decision with the
-//! primary's, without any effect (no decision, suspension, token revocation or event: it
+//! The dispute processor's part of the cutover: its shadow candidate (`dispute.executor` =
+//! `shadow`) judges every dispute filed during the period with its own rule set and compares
+//! its decision with the primary's, without any effect (no decision, suspension, token revocation or event: it
 //! writes to `shadow.*` only).
 //!
 //! **Same input.** A dispute's facts change with time and with other decisions, the primary's
@@ -10,7 +10,7 @@
 //! on, once the primary has decided it. Every automatic decision records the rules' clock and
 //! the MVCC snapshot of the statement that read its batch's facts, and every decision and
 //! filing records its transaction; the candidate reads the facts again with the same statement
-//! as that snapshot saw the tables (`trellis_store::disputes::gather_facts` with `as_of`): a
+//! as that snapshot saw the tables (`trellis_store::cutover::disputes::gather_facts_as_of`): a
 //! decision, filing or suspension is in them exactly when its transaction was visible to the
 //! primary — concurrent batches and decisions committed between the primary's read and its
 //! own decisions included. It then replays the primary's batch in the order the primary made
@@ -22,8 +22,9 @@
 //!
 //! **Shape.** The candidate's consumer (`dispute-processor-shadow`, one filter subject,
 //! `events.disputes.filed.>`) records the filings it receives (`shadow.dispute_inputs`); the
-//! comparer ([`Candidate::compare`]) takes those the primary has decided (its first decision in
-//! `security.dispute_decisions`), judges them, writes the candidate's decisions
+//! comparison ([`DisputeCandidate::compare_ready`], a round of the runtime's comparer) takes
+//! those the primary has decided (its first decision in `security.dispute_decisions`), judges
+//! them, writes the candidate's decisions
 //! (`shadow.dispute_decisions`) and the comparisons of `{status, rule, reasons}` in one
 //! transaction, each input once. The reasons are compared too: they are a function of the
 //! facts (the counts that decided), so on the same input they are the same. A filing the
@@ -36,15 +37,15 @@ use std::time::Duration;
 use serde_json::json;
 use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
-use tokio_util::sync::CancellationToken;
 use trellis_domain::flags::Flag;
 use trellis_domain::shadow::Comparison;
 use trellis_runtime::consumer::{ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome, RunnerConfig, RunnerContext};
-use trellis_store::disputes::{AsOf, FactsClock};
-use trellis_store::shadow_disputes::{self as store, CandidateDecision, PrimaryDecision};
+use trellis_runtime::cutover::{Round as ComparerRound, ShadowCandidate};
+use trellis_store::cutover::disputes::{self as store, AsOf, CandidateDecision, PrimaryDecision};
+use trellis_store::disputes::FactsClock;
 use uuid::Uuid;
 
-use crate::batch::{self, Rules};
+use crate::batch::{self, JudgingRules};
 use crate::{ProcessorArgs, decode_filed};
 
 /// Every dispute filing: the candidate's one filter subject (the primary's consumers have one
@@ -53,7 +54,7 @@ pub const FILED_SUBJECTS: &str = "events.disputes.filed.>";
 
 /// The candidate's consumer group: `dispute-processor-shadow` on [`FILED_SUBJECTS`].
 pub fn candidate_spec() -> ConsumerSpec {
-    trellis_runtime::shadow::candidate_spec(ConsumerSpec {
+    trellis_runtime::cutover::candidate_spec(ConsumerSpec {
         name: "dispute-processor".into(),
         filter_subject: FILED_SUBJECTS.into(),
     })
@@ -67,13 +68,13 @@ const BATCH_SPAN: time::Duration = time::Duration::seconds(1);
 
 /// The shadow candidate: a pool, its rule set and the comparer's settings.
 #[derive(Clone)]
-pub struct Candidate {
+pub struct DisputeCandidate {
     inner: Arc<Inner>,
 }
 
 struct Inner {
     pool: PgPool,
-    rules: Rules,
+    rules: JudgingRules,
     compare_every: Duration,
     missing_after: Duration,
 }
@@ -86,9 +87,9 @@ pub struct Round {
     pub comparisons: Vec<Comparison>,
 }
 
-impl Candidate {
-    /// A candidate judging with `rules` (production: [`Rules::PRODUCTION`]).
-    pub fn new(pool: PgPool, args: &ProcessorArgs, rules: Rules) -> Self {
+impl DisputeCandidate {
+    /// A candidate judging with `rules` (production: [`JudgingRules::PRODUCTION`]).
+    pub fn new(pool: PgPool, args: &ProcessorArgs, rules: JudgingRules) -> Self {
         Self {
             inner: Arc::new(Inner {
                 pool,
@@ -96,52 +97,6 @@ impl Candidate {
                 compare_every: args.dispute_shadow_compare_every,
                 missing_after: args.dispute_shadow_missing_after,
             }),
-        }
-    }
-
-    /// The candidate's consumer group, which records the filings it receives: for
-    /// `trellis_runtime::shadow::run_candidate` (from new messages only, while the period lasts).
-    pub fn group(&self, ctx: RunnerContext, runner: RunnerConfig) -> ConsumerGroup<CopyHandler> {
-        ConsumerGroup::new(ctx, candidate_spec(), runner, Arc::new(CopyHandler { pool: self.inner.pool.clone() }))
-    }
-
-    /// The comparer: every `--dispute-shadow-compare-every`, compares what is ready, until `stop`
-    /// (the end of the period). Inputs received before the period began are not its.
-    pub async fn compare(self, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(self.inner.compare_every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut since = None;
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.cancelled() => return,
-            }
-            if since.is_none() {
-                match trellis_store::shadow::latest_period(&self.inner.pool, Flag::DisputeExecutor).await {
-                    Ok(Some(period)) => since = Some(period.started_at),
-                    Ok(None) => {
-                        tracing::warn!("dispute.executor has no shadow period in its audit: nothing to compare")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "reading the shadow period failed; retrying"),
-                }
-            }
-            let Some(since) = since else { continue };
-            loop {
-                match self.compare_ready(since).await {
-                    Ok(round) => {
-                        if !round.comparisons.is_empty() {
-                            tracing::debug!(comparisons = round.comparisons.len(), "dispute shadow: compared");
-                        }
-                        if round.claimed < ROUND_SIZE as usize || stop.is_cancelled() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "dispute shadow: comparing failed; retrying");
-                        break;
-                    }
-                }
-            }
         }
     }
 
@@ -184,9 +139,8 @@ impl Candidate {
             outputs.extend(decisions);
         }
         store::record_outputs(&mut tx, &outputs, &compared).await?;
-        trellis_store::shadow::record(&mut *tx, flag, &round.comparisons).await?;
+        trellis_store::cutover::record(&mut *tx, flag, &round.comparisons).await?;
         tx.commit().await?;
-        trellis_runtime::shadow::count(flag, &round.comparisons);
         Ok(round)
     }
 
@@ -202,7 +156,7 @@ impl Candidate {
         let last = members.iter().map(|(_, p)| p.decided_at).max().unwrap_or(clock.at);
         let decisions = store::batch_decisions(conn, xact, clock.at, last + BATCH_SPAN).await?;
         let order: Vec<Uuid> = decisions.iter().map(|d| d.dispute_id).collect();
-        let gathered = trellis_store::disputes::gather_facts(conn, &order, Some(AsOf { clock, xact })).await?;
+        let gathered = store::gather_facts_as_of(conn, &order, AsOf { clock, xact }).await?;
         if !gathered.rescored.is_empty() {
             let why = "a trust score its facts read was written after the primary read them (scores keep no \
                        history): its input cannot be read again";
@@ -251,12 +205,37 @@ impl Candidate {
     }
 }
 
+impl ShadowCandidate for DisputeCandidate {
+    const FLAG: Flag = Flag::DisputeExecutor;
+    type Handler = FilingRecorder;
+    type Ledger = ();
+
+    /// Records the filings it receives (from new messages only, while the period lasts).
+    fn group(&self, ctx: RunnerContext, runner: RunnerConfig) -> ConsumerGroup<FilingRecorder> {
+        ConsumerGroup::new(ctx, candidate_spec(), runner, Arc::new(FilingRecorder { pool: self.inner.pool.clone() }))
+    }
+
+    fn compare_every(&self) -> Duration {
+        self.inner.compare_every
+    }
+
+    async fn begin(&self, _since: OffsetDateTime) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// [`DisputeCandidate::compare_ready`]; a full round asks for the next one at once.
+    async fn round(&self, _: &mut (), since: OffsetDateTime) -> anyhow::Result<ComparerRound> {
+        let round = self.compare_ready(since).await?;
+        Ok(ComparerRound { more: round.claimed >= ROUND_SIZE as usize, comparisons: round.comparisons })
+    }
+}
+
 /// The candidate's handler: records each filing it receives, nothing else.
-pub struct CopyHandler {
+pub struct FilingRecorder {
     pool: PgPool,
 }
 
-impl Handler for CopyHandler {
+impl Handler for FilingRecorder {
     async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
         let decoded: Vec<Result<Uuid, String>> = batch.iter().map(decode_filed).collect();
         let ids: Vec<Uuid> = decoded.iter().filter_map(|d| d.as_ref().ok().copied()).collect();

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{ConsumerGroup, Handler};
+use crate::consumer::{ConsumerGroup, Handler};
 
 impl<H: Handler> ConsumerGroup<H> {
     /// Pulls only while `gate` is open (the cutover flag names this process the executor).
@@ -27,7 +27,7 @@ impl<H: Handler> ConsumerGroup<H> {
     }
 
     /// Waits until the gate is open (at once without a gate); false if `stop` came first.
-    pub(super) async fn until_executor(
+    pub(crate) async fn until_executor(
         &self,
         gate: &mut Option<tokio::sync::watch::Receiver<bool>>,
         stop: &CancellationToken,

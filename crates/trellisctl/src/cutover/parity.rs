@@ -19,7 +19,8 @@ pub struct Args {
 
 pub async fn run(pool: &sqlx::PgPool, args: Args, output: Output) -> anyhow::Result<()> {
     let flag = parse_processor(&args.processor).map_err(|e| anyhow::anyhow!(e.message))?;
-    let Some(period) = trellis_store::shadow::latest_period(pool, flag).await.context("reading the flag audit")? else {
+    let Some(period) = trellis_store::cutover::latest_period(pool, flag).await.context("reading the flag audit")?
+    else {
         bail!(
             "{} has never been in shadow: there is nothing to compare (`trellisctl flags set {} shadow --reason …` starts a \
              shadow period)",
@@ -27,8 +28,8 @@ pub async fn run(pool: &sqlx::PgPool, args: Args, output: Output) -> anyhow::Res
             flag.as_str()
         );
     };
-    let tally = trellis_store::shadow::tally(pool, flag, &period).await.context("reading the comparisons")?;
-    let first = trellis_store::shadow::first_differences(pool, flag, &period, i64::from(args.limit))
+    let tally = trellis_store::cutover::tally(pool, flag, &period).await.context("reading the comparisons")?;
+    let first = trellis_store::cutover::first_differences(pool, flag, &period, i64::from(args.limit))
         .await
         .context("reading the comparisons")?;
     let time = |t: time::OffsetDateTime| t.format(&Rfc3339).unwrap_or_default();

@@ -1,16 +1,18 @@
-//! The search projector's shadow candidate and its comparer (docs/design/contracts.md §4).
+//! The search projector's part of the cutover: its shadow candidate and its comparison
+//! (docs/design/contracts.md §4).
 //!
-//! **The candidate** ([`Candidate`]) pulls its own copy of `events.>` (consumer
+//! **The candidate** ([`CandidateProjector`]) pulls its own copy of `events.>` (consumer
 //! `search-projector-shadow`) while `search.executor` says `shadow` and this side is not the
 //! primary. For each batch it re-reads the dirty documents with the read model's own document
 //! SELECT ([`search_model::directory_documents`], [`search_model::contact_documents`]: one
-//! definition, shared with the projection's upsert), applies its [`Rules`] on top (production:
-//! [`Rules::PRODUCTION`], which changes nothing), and writes them to `shadow.search_directory` /
+//! definition, shared with the projection's upsert), applies its [`DocumentRules`] on top (production:
+//! [`DocumentRules::PRODUCTION`], which changes nothing), and writes them to `shadow.search_directory` /
 //! `shadow.search_contacts` with its own checkpoint: nothing else, so it has no external effect.
 //! Every re-read stores a new `version` of the document and raises its `through_sequence` to
 //! the stream sequence of the event that dirtied *that document* (not the batch's highest).
 //!
-//! **The comparer** ([`Comparer`]) compares each candidate document version with the read
+//! **The comparison** ([`SearchCandidate`]'s rounds, made by the runtime's comparer loop, with
+//! a [`Comparer`] and its [`Ledger`]) compares each candidate document version with the read
 //! model's document once both sides have had the same input. A document is re-read from base
 //! tables, so two copies agree once both sides have applied the same events touching it; but a
 //! re-read also sees writes whose events it has not applied yet. Each round reads both
@@ -34,12 +36,13 @@ use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use serde_json::Value;
 use sqlx::PgPool;
 use time::OffsetDateTime;
-use tokio_util::sync::CancellationToken;
 use trellis_domain::flags::Flag;
 use trellis_domain::shadow::{Comparison, ComparisonResult, field_diffs};
 use trellis_runtime::consumer::{ConsumerGroup, Delivery, Handler, Outcome, RunnerConfig, RunnerContext};
+use trellis_runtime::cutover::{Round, ShadowCandidate};
+use trellis_runtime::host::Batching;
+use trellis_store::cutover::search::{self as shadow_search, DocKey, Marks, Pair, Written};
 use trellis_store::search_model::{self, ContactDocument, DirectoryDocument};
-use trellis_store::shadow_search::{self, DocKey, Marks, Pair, Written};
 use uuid::Uuid;
 
 use crate::{CONSUMER, consumer_spec, dirty};
@@ -49,16 +52,16 @@ const FLAG: Flag = Flag::SearchExecutor;
 
 /// How the candidate turns a document, as the shared definition builds it from the base
 /// tables, into the document it stores: a transformation applied on top. Production's candidate
-/// runs [`Rules::PRODUCTION`]; a test passes a deliberately different one.
+/// runs [`DocumentRules::PRODUCTION`]; a test passes a deliberately different one.
 #[derive(Debug, Clone, Copy)]
-pub struct Rules {
+pub struct DocumentRules {
     pub directory: fn(&mut DirectoryDocument),
     pub contact: fn(&mut ContactDocument),
 }
 
-impl Rules {
+impl DocumentRules {
     /// The documents exactly as the read model's definition builds them.
-    pub const PRODUCTION: Rules = Rules { directory: unchanged, contact: unchanged };
+    pub const PRODUCTION: DocumentRules = DocumentRules { directory: unchanged, contact: unchanged };
 }
 
 fn unchanged<T>(_: &mut T) {}
@@ -96,20 +99,54 @@ impl ShadowArgs {
 pub struct ComparerConfig {
     pub every: Duration,
     pub missing_after: Duration,
-    /// Candidate versions read per document kind and round.
+    /// CandidateProjector versions read per document kind and round.
     pub batch: i64,
 }
 
-/// The candidate's consumer group: its own durable consumer (`search-projector-shadow`) over
-/// `events.>`, driving a [`Candidate`] with `rule`.
-pub fn candidate_group(
-    ctx: RunnerContext,
-    config: RunnerConfig,
+/// The search projector's shadow candidate: its projection into the shadow tables with its
+/// [`DocumentRules`], and the comparison of its documents with the read model's.
+pub struct SearchCandidate {
     pool: PgPool,
-    rule: Rules,
-) -> ConsumerGroup<Candidate> {
-    let spec = trellis_runtime::shadow::candidate_spec(consumer_spec());
-    ConsumerGroup::new(ctx, spec, config, Arc::new(Candidate::new(pool, rule)))
+    rules: DocumentRules,
+    comparer: Comparer,
+}
+
+impl SearchCandidate {
+    pub fn new(pool: PgPool, ctx: RunnerContext, config: ComparerConfig, rules: DocumentRules) -> Self {
+        Self { comparer: Comparer::new(pool.clone(), ctx, config), pool, rules }
+    }
+}
+
+impl ShadowCandidate for SearchCandidate {
+    const FLAG: Flag = FLAG;
+    type Handler = CandidateProjector;
+    type Ledger = Ledger;
+
+    fn batching(&self) -> Batching {
+        crate::BATCHING
+    }
+
+    /// Its own durable consumer (`search-projector-shadow`) over `events.>`.
+    fn group(&self, ctx: RunnerContext, runner: RunnerConfig) -> ConsumerGroup<CandidateProjector> {
+        let spec = trellis_runtime::cutover::candidate_spec(consumer_spec());
+        ConsumerGroup::new(ctx, spec, runner, Arc::new(CandidateProjector::new(self.pool.clone(), self.rules)))
+    }
+
+    fn compare_every(&self) -> Duration {
+        self.comparer.config.every
+    }
+
+    /// Deletes the candidate documents of earlier periods.
+    async fn begin(&self, since: OffsetDateTime) -> anyhow::Result<Ledger> {
+        let deleted = shadow_search::prune(&self.pool, since).await?;
+        tracing::info!(deleted, "search shadow period: earlier candidate documents deleted");
+        Ok(Ledger::new(self.comparer.config.missing_after))
+    }
+
+    async fn round(&self, ledger: &mut Ledger, since: OffsetDateTime) -> anyhow::Result<Round> {
+        let comparisons = self.comparer.round(ledger, since).await?;
+        Ok(Round { comparisons, more: false })
+    }
 }
 
 /// The stream sequence a delivery contributes: a replayed message (from the DLQ) arrives on
@@ -167,13 +204,13 @@ impl DocumentPlan {
 }
 
 /// The candidate: a batch handler over its copy of the events that writes shadow tables only.
-pub struct Candidate {
+pub struct CandidateProjector {
     pool: PgPool,
-    rule: Rules,
+    rule: DocumentRules,
 }
 
-impl Candidate {
-    pub fn new(pool: PgPool, rule: Rules) -> Self {
+impl CandidateProjector {
+    pub fn new(pool: PgPool, rule: DocumentRules) -> Self {
         Self { pool, rule }
     }
 
@@ -237,7 +274,7 @@ impl Candidate {
     }
 }
 
-impl Handler for Candidate {
+impl Handler for CandidateProjector {
     async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
         let plan = DocumentPlan::of(batch);
         let error = self.apply(&plan).await.err().map(|e| {
@@ -484,12 +521,12 @@ pub fn fold(comparisons: Vec<(DocKey, Comparison)>) -> Vec<Comparison> {
     out
 }
 
-/// The comparer: run beside the candidate for as long as a shadow period lasts.
+/// The comparer of the documents: one round at a time, with the [`Ledger`] of the period.
 #[derive(Clone)]
 pub struct Comparer {
     pool: PgPool,
     ctx: RunnerContext,
-    config: ComparerConfig,
+    pub config: ComparerConfig,
 }
 
 /// Why a comparison round failed (the next one starts afresh; nothing was settled).
@@ -504,36 +541,6 @@ pub enum RoundError {
 impl Comparer {
     pub fn new(pool: PgPool, ctx: RunnerContext, config: ComparerConfig) -> Self {
         Self { pool, ctx, config }
-    }
-
-    /// Compares until `stop`. First deletes the candidate documents of earlier periods.
-    pub async fn run(self, stop: CancellationToken) {
-        let started_at = loop {
-            match trellis_store::shadow::latest_period(&self.pool, FLAG).await {
-                Ok(period) => break period.map_or_else(OffsetDateTime::now_utc, |p| p.started_at),
-                Err(e) => tracing::warn!(error = %e, "reading the shadow period failed; retrying"),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(self.config.every) => {}
-                _ = stop.cancelled() => return,
-            }
-        };
-        match shadow_search::prune(&self.pool, started_at).await {
-            Ok(n) => tracing::info!(deleted = n, "search shadow period: earlier candidate documents deleted"),
-            Err(e) => tracing::warn!(error = %e, "deleting earlier candidate documents failed"),
-        }
-        let mut ledger = Ledger::new(self.config.missing_after);
-        let mut tick = tokio::time::interval(self.config.every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.cancelled() => return,
-            }
-            if let Err(e) = self.round(&mut ledger, started_at).await {
-                tracing::warn!(error = %e, "a search comparison round failed; the next one retries");
-            }
-        }
     }
 
     fn stream(&self) -> String {
@@ -554,12 +561,12 @@ impl Comparer {
         Ok(i64::try_from(stream.cached_info().state.last_sequence).unwrap_or(i64::MAX))
     }
 
-    /// One round ([`Self::run`] makes one every `every`) over the candidate documents written
-    /// since `since`: floors, then one snapshot (marks, confirmations, new versions), then
-    /// fences, then the verdicts recorded with their versions settled, in one transaction.
-    pub async fn round(&self, ledger: &mut Ledger, since: OffsetDateTime) -> Result<(), RoundError> {
+    /// One round over the candidate documents written since `since`: floors, then one
+    /// snapshot (marks, confirmations, new versions), then fences, then the verdicts recorded
+    /// with their versions settled, in one transaction. Returns the comparisons recorded.
+    pub async fn round(&self, ledger: &mut Ledger, since: OffsetDateTime) -> Result<Vec<Comparison>, RoundError> {
         let stream = self.ctx.js.get_stream(self.stream()).await.map_err(|e| RoundError::Nats(e.to_string()))?;
-        let candidate_consumer = trellis_runtime::shadow::candidate_spec(consumer_spec()).name;
+        let candidate_consumer = trellis_runtime::cutover::candidate_spec(consumer_spec()).name;
         // Read before the snapshot: whatever they count as applied is committed in it.
         let floors = Floors {
             primary: self.floor(&stream, CONSUMER).await?,
@@ -584,15 +591,14 @@ impl Comparer {
         if !ready.is_empty() {
             ledger.set_fence(&ready, self.last_sequence().await?);
         }
-        self.record(verdicts).await?;
-        Ok(())
+        Ok(self.record(verdicts).await?)
     }
 
     /// Settles the verdicts' versions and records their comparisons in one transaction: a
     /// version another comparer settled first is left out, so each is recorded once.
-    async fn record(&self, verdicts: Vec<Verdict>) -> Result<(), sqlx::Error> {
+    async fn record(&self, verdicts: Vec<Verdict>) -> Result<Vec<Comparison>, sqlx::Error> {
         if verdicts.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let versions: Vec<(DocKey, i64)> = verdicts.iter().map(Verdict::version).collect();
         let mut tx = self.pool.begin().await?;
@@ -607,10 +613,9 @@ impl Comparer {
             })
             .collect();
         let comparisons = fold(comparisons);
-        trellis_store::shadow::record(&mut *tx, FLAG, &comparisons).await?;
+        trellis_store::cutover::record(&mut *tx, FLAG, &comparisons).await?;
         tx.commit().await?;
-        trellis_runtime::shadow::count(FLAG, &comparisons);
-        Ok(())
+        Ok(comparisons)
     }
 }
 

@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 use trellis_domain::flags::{Executor, Flag};
 use trellis_domain::shadow::PromotionPolicy;
 
-use crate::shadow;
+use crate::cutover as shadow;
 
 /// The channel a change is announced on (the payload is the flag's name). Announcements wake
 /// the watchers early; their polling is the truth when one is lost.

@@ -9,8 +9,9 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use trellis_domain::flags::{Executor, Flag};
-use trellis_store::flags::{self as store, FlagRow};
+use trellis_store::cutover::flags::{self as store, FlagRow};
 
 use crate::relay::recv;
 
@@ -42,11 +43,13 @@ impl State {
 #[derive(Clone)]
 pub struct Flags {
     states: HashMap<Flag, watch::Receiver<Option<State>>>,
+    /// Where the watcher and every gate's task run.
+    tracker: TaskTracker,
 }
 
 impl Flags {
-    /// Starts the watcher; it runs until `stop`.
-    pub fn watch(pool: PgPool, poll: Duration, stop: CancellationToken) -> Flags {
+    /// Starts the watcher on `tracker`; it runs until `stop` (and each gate's task until then).
+    pub fn watch(pool: PgPool, poll: Duration, tracker: &TaskTracker, stop: CancellationToken) -> Flags {
         let mut senders = HashMap::new();
         let mut states = HashMap::new();
         for flag in Flag::ALL {
@@ -54,8 +57,8 @@ impl Flags {
             senders.insert(flag, tx);
             states.insert(flag, rx);
         }
-        tokio::spawn(watch_loop(pool, poll, senders, stop));
-        Flags { states }
+        tracker.spawn(watch_loop(pool, poll, senders, stop));
+        Flags { states, tracker: tracker.clone() }
     }
 
     pub fn state(&self, flag: Flag) -> watch::Receiver<Option<State>> {
@@ -77,7 +80,7 @@ impl Flags {
         let mut state = self.state(flag);
         let open = move |s: &Option<State>| s.is_some_and(&open);
         let (tx, rx) = watch::channel(open(&state.borrow()));
-        tokio::spawn(async move {
+        self.tracker.spawn(async move {
             while state.changed().await.is_ok() {
                 let now = open(&state.borrow_and_update());
                 tx.send_if_modified(|was| std::mem::replace(was, now) != now);
