@@ -86,8 +86,8 @@ async fn json_of_the_wrong_types_is_a_validation_problem() {
 
 #[tokio::test]
 async fn an_unavailable_database_is_a_503_with_retry_after() {
-    let port = trellis_testkit::free_port().unwrap();
-    let url = format!("postgres://postgres@127.0.0.1:{port}/nowhere");
+    let closed = trellis_testkit::ClosedPort::new();
+    let url = format!("postgres://postgres@127.0.0.1:{}/nowhere", closed.port);
     let nowhere = TestDb { name: String::new(), pool: sqlx::PgPool::connect_lazy(&url).unwrap(), url };
     let options = Options { args: vec!["--io-timeout".into(), "1s".into()], ..Options::default() };
     let app = TestApp::start_on(nowhere, trellis_testkit::nats_prefix(), options).await;

@@ -272,6 +272,8 @@ where
         let worker = Worker::start(name, args, shutdown).await?;
         tracing::info!(worker = name, admin = %worker.admin_addr, "started");
         setup(&worker).await?;
+        // Once its groups are registered: whoever reads the addresses may wait for `/readyz`.
+        crate::admin::write_addr_file(worker.args.common.addr_file.as_deref(), &[("admin", worker.admin_addr)])?;
         worker.run().await
     }
     .await;

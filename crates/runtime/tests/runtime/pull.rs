@@ -33,11 +33,11 @@ async fn a_full_pull_behind_a_busy_handler(
     busy: &Recorder,
     log: &Mutex<Vec<Seen>>,
 ) -> Vec<u64> {
-    let mut sequences = env.publish(1).await;
+    let mut sequences = env.publish_ok(1).await;
     busy.wait_for_batches(1).await;
-    sequences.extend(env.publish(BATCH - 1).await);
-    eventually(PULL_EXPIRY, "the server to deliver the whole batch in the pull in hand", || async {
-        let info = env.consumer_info(group).await;
+    sequences.extend(env.publish_ok(BATCH - 1).await);
+    eventually("the server to deliver the whole batch in the pull in hand", PULL_EXPIRY, || async {
+        let info = env.events_consumer_info(group).await;
         (info.num_pending == 0 && info.num_ack_pending == BATCH).then_some(())
     })
     .await;
@@ -49,8 +49,8 @@ async fn a_full_pull_behind_a_busy_handler(
 /// Waits until the group has acknowledged everything; asserts the server delivered each
 /// message once (its consumer sequence counts redeliveries too).
 async fn assert_settled_without_redelivery(env: &Env, group: &str, within: Duration) {
-    let info = eventually(within, "every message acknowledged", || async {
-        let info = env.consumer_info(group).await;
+    let info = eventually("every message acknowledged", within, || async {
+        let info = env.events_consumer_info(group).await;
         (info.num_pending == 0 && info.num_ack_pending == 0).then_some(info)
     })
     .await;
@@ -82,7 +82,7 @@ async fn a_handler_busy_past_its_pull_s_lifetime_loses_none_of_the_pull() {
     // A message of that pull left unhandled would come back only after ack_wait.
     let within = BUSY + Duration::from_secs(10);
     assert!(within < ack_wait);
-    eventually(within, "every message of the pull handled", || async {
+    eventually("every message of the pull handled", within, || async {
         (log.lock().unwrap().len() >= BATCH).then_some(())
     })
     .await;

@@ -233,7 +233,7 @@ async fn a_replayed_message_that_dies_again_returns_with_its_count_raised_and_it
 
     let replayed = env.ctl(&["dlq", "replay", &first.sequence.to_string(), "--reason", "retry it"]).await;
     assert!(replayed.success(), "{replayed:?}");
-    let again = eventually(WAIT, "the message dead again", || async {
+    let again = eventually("the message dead again", WAIT, || async {
         let dead = env.dead_letters(None).await;
         dead.into_iter().find(|e| e.sequence != first.sequence)
     })

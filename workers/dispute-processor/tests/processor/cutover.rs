@@ -289,7 +289,7 @@ async fn when_the_api_is_killed_mid_flip_the_worker_decides_what_it_held() {
     assert_eq!(pending as usize, ids.len(), "nothing is decided while the API is held");
 
     flip(&db, Executor::Worker).await;
-    api.kill();
+    api.kill().await;
     lock.rollback().await.unwrap();
 
     // The worker decides what was never delivered at once, and what the dead API held once

@@ -1,10 +1,7 @@
 //! The harness: a real `trellis-api` in-process, real `dispute-processor` child processes, each
 //! test on its own database and NATS prefix, and polling with deadlines.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use clap::Parser;
@@ -14,28 +11,12 @@ use tokio_util::sync::CancellationToken;
 use trellis_api::{Config, Running};
 use trellis_domain::disputes::DisputeKind;
 use trellis_domain::{DisputeId, UserId};
-use trellis_testkit::TestDb;
+pub use trellis_testkit::eventually;
+use trellis_testkit::{Process, Spawn, TestDb};
 use uuid::Uuid;
 
 pub const PASSWORD: &str = "correct horse battery staple";
 pub const WAIT: Duration = Duration::from_secs(60);
-
-/// Polls `check` every 25 ms until it returns `Some`, or panics with `what` after `timeout`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut pace = tokio::time::interval(Duration::from_millis(25));
-    loop {
-        pace.tick().await;
-        if let Some(found) = check().await {
-            return found;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-    }
-}
 
 /// The API's abuse limits (docs/SECURITY.md) opened wide: these tests register many users and
 /// file many disputes, impersonation among them, from one address within seconds.
@@ -61,7 +42,7 @@ pub struct Api {
 
 enum ApiProcess {
     InProcess { shutdown: CancellationToken, _running: Running },
-    Child(Child),
+    Child(Box<trellis_testkit::http::Api>),
 }
 
 #[derive(Debug, Clone)]
@@ -108,65 +89,19 @@ impl Api {
     }
 
     /// Starts the `trellis-api` binary as a child process with `env` on top of the test's
-    /// settings, and waits until its `/readyz` answers 200. The binary is the workspace's, built
-    /// next to this package's (`cargo build --workspace --bins`, as `cargo xtask test` does):
-    /// Cargo only builds the binaries of the package under test.
+    /// settings, and waits until its `/readyz` answers 200.
     pub async fn spawn(db: &TestDb, prefix: &str, env: &[(&str, &str)]) -> Self {
-        let binary = Path::new(env!("CARGO_BIN_EXE_dispute-processor")).with_file_name("trellis-api");
-        assert!(
-            binary.exists(),
-            "{} is missing: build the workspace (cargo build --workspace --bins)",
-            binary.display()
-        );
-        let port = |what| -> SocketAddr {
-            let port = trellis_testkit::free_port().unwrap_or_else(|e| panic!("a free port for {what}: {e}"));
-            format!("127.0.0.1:{port}").parse().unwrap()
-        };
-        let (addr, admin) = (port("the API"), port("the admin listener"));
-        let mut cmd = Command::new(binary);
-        cmd.env("DATABASE_URL", &db.url)
-            .env("NATS_URL", trellis_testkit::nats_url())
-            .env("NATS_PREFIX", prefix)
-            .env("API_ADDR", addr.to_string())
-            .env("ADMIN_ADDR", admin.to_string())
-            .env("LOG_FORMAT", "json")
-            .env("SHUTDOWN_GRACE", "5s")
-            .env("REGISTRATION_RATE_PER_ADDRESS", "1000000")
-            .env("DISPUTE_P0_MIN_ACCOUNT_AGE", "0s")
-            .env("DISPUTE_OPEN_LIMIT", "1000000")
-            .env("DISPUTE_OPEN_LIMIT_P0", "1000000")
-            .stdin(Stdio::null())
-            .stdout(trellis_testkit::log_file("trellis-api").1);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("trellis-api starts");
-        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build().expect("http client");
-        let ready = format!("http://{admin}/readyz");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let mut pace = tokio::time::interval(Duration::from_millis(50));
-        loop {
-            pace.tick().await;
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("trellis-api exited before it was ready: {status}");
-            }
-            if let Ok(resp) = http.get(&ready).send().await
-                && resp.status() == 200
-            {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "trellis-api is not ready after 30 s");
-        }
-        Self { addr, admin, http, process: ApiProcess::Child(child) }
+        use trellis_testkit::http::Api as Child;
+        let child =
+            Child::start(Child::spawn(&db.url, prefix).env("SHUTDOWN_GRACE", "5s").envs(env.iter().copied())).await;
+        let (addr, admin, http) = (child.client.addr, child.admin(), child.client.http.clone());
+        Self { addr, admin, http, process: ApiProcess::Child(Box::new(child)) }
     }
 
     /// SIGKILL (a child process only), and wait until it is gone.
-    pub fn kill(&mut self) {
+    pub async fn kill(&mut self) {
         match &mut self.process {
-            ApiProcess::Child(child) => {
-                child.kill().expect("SIGKILL the API");
-                child.wait().expect("the killed API is reaped");
-            }
+            ApiProcess::Child(child) => child.kill().await,
             ApiProcess::InProcess { .. } => panic!("an in-process API cannot be killed"),
         }
     }
@@ -245,10 +180,8 @@ impl Drop for Api {
     fn drop(&mut self) {
         match &mut self.process {
             ApiProcess::InProcess { shutdown, .. } => shutdown.cancel(),
-            ApiProcess::Child(child) => {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            // A child process is killed when its value is dropped.
+            ApiProcess::Child(_) => {}
         }
     }
 }
@@ -358,64 +291,20 @@ pub async fn all_decided(db: &TestDb, ids: &[Uuid]) {
 
 /// A `dispute-processor` child process, killed (SIGKILL) when dropped.
 pub struct Replica {
-    pub child: Child,
-    pub admin: SocketAddr,
+    pub process: Process,
 }
 
 impl Replica {
     /// Starts a replica and waits until its `/readyz` answers 200.
     pub async fn start(db: &TestDb, prefix: &str, args: &[&str]) -> Self {
-        let port = trellis_testkit::free_port().expect("a free port");
-        let admin: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_dispute-processor"))
-            .args(args)
-            .env("DATABASE_URL", &db.url)
-            .env("NATS_URL", trellis_testkit::nats_url())
-            .env("NATS_PREFIX", prefix)
-            .env("ADMIN_ADDR", admin.to_string())
-            .env("LOG_FORMAT", "json")
-            .env("SHUTDOWN_GRACE", "2s")
-            .env("METRICS_EVERY", "200ms")
-            .stdin(Stdio::null())
-            .stdout(trellis_testkit::log_file("dispute-processor").1)
-            .spawn()
-            .expect("the processor starts");
-        let mut replica = Self { child, admin };
-        replica.wait_ready().await;
-        replica
-    }
-
-    async fn wait_ready(&mut self) {
-        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
-        let url = format!("http://{}/readyz", self.admin);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let mut pace = tokio::time::interval(Duration::from_millis(50));
-        loop {
-            pace.tick().await;
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the processor exited before it was ready: {status}");
-            }
-            if let Ok(resp) = http.get(&url).send().await
-                && resp.status() == 200
-            {
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "the processor is not ready after 30 s");
-        }
+        let process =
+            Spawn::new("dispute-processor").on(&db.url, prefix).env("METRICS_EVERY", "200ms").args(args).ready().await;
+        Self { process }
     }
 
     /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
-        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
-        let resp = http.get(format!("http://{}/metrics", self.admin)).send().await.expect("metrics answer");
-        resp.text().await.expect("metrics text")
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.metrics().await
     }
 }
 

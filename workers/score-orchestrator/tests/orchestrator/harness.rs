@@ -2,9 +2,8 @@
 //! test on its own database and NATS prefix, and polling with deadlines.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use clap::Parser;
@@ -12,27 +11,11 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use trellis_api::{Config, Running};
 use trellis_domain::score::{self, GraphBuilder};
-use trellis_testkit::TestDb;
+pub use trellis_testkit::eventually;
+use trellis_testkit::{Process, Spawn, TestDb};
 use uuid::Uuid;
 
 pub const PASSWORD: &str = "correct horse battery staple";
-
-/// Polls `check` every 25 ms until it returns `Some`, or panics with `what` after `timeout`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut pace = tokio::time::interval(Duration::from_millis(25));
-    loop {
-        pace.tick().await;
-        if let Some(found) = check().await {
-            return found;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-    }
-}
 
 /// The API's abuse limits (docs/SECURITY.md) opened wide: these tests register many users and
 /// file many disputes, impersonation among them, from one address within seconds.
@@ -164,76 +147,27 @@ impl Drop for Api {
 
 /// A `score-orchestrator` child process, killed (SIGKILL) when dropped.
 pub struct Replica {
-    pub child: Child,
-    pub admin: SocketAddr,
+    pub process: Process,
     pub host: String,
-}
-
-pub fn orchestrator() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_score-orchestrator"))
 }
 
 impl Replica {
     /// Starts a replica named `host` (its `HOSTNAME`, recorded in `score.runs.host`) and waits
     /// until its `/readyz` answers 200.
     pub async fn start(db: &TestDb, prefix: &str, host: &str, args: &[&str]) -> Self {
-        let port = trellis_testkit::free_port().expect("a free port");
-        let admin: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = orchestrator()
-            .args(args)
-            .env("DATABASE_URL", &db.url)
-            .env("NATS_URL", trellis_testkit::nats_url())
-            .env("NATS_PREFIX", prefix)
-            .env("ADMIN_ADDR", admin.to_string())
-            .env("LOG_FORMAT", "json")
-            .env("HOSTNAME", host)
-            .env("SHUTDOWN_GRACE", "2s")
-            .stdin(Stdio::null())
-            .stdout(trellis_testkit::log_file("score-orchestrator").1)
-            .spawn()
-            .expect("the orchestrator starts");
-        let mut replica = Self { child, admin, host: host.to_owned() };
-        replica.wait_ready().await;
-        replica
+        let process =
+            Spawn::new("score-orchestrator").on(&db.url, prefix).env("HOSTNAME", host).args(args).ready().await;
+        Self { process, host: host.to_owned() }
     }
 
-    async fn wait_ready(&mut self) {
-        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
-        let url = format!("http://{}/readyz", self.admin);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let mut pace = tokio::time::interval(Duration::from_millis(50));
-        loop {
-            pace.tick().await;
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("replica {} exited before it was ready: {status}", self.host);
-            }
-            if let Ok(resp) = http.get(&url).send().await
-                && resp.status() == 200
-            {
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "replica {} not ready after 30 s", self.host);
-        }
-    }
-
-    /// The `/metrics` text. A replica computing a run keeps every core busy, so its answer may
-    /// take seconds on a loaded machine.
+    /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
-        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().unwrap();
-        let resp = http.get(format!("http://{}/metrics", self.admin)).send().await.expect("metrics answer");
-        resp.text().await.expect("metrics text")
+        self.process.metrics().await
     }
 
     /// SIGKILL, and wait for the process to be gone.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        self.kill();
+    pub async fn kill(&mut self) {
+        self.process.kill().await;
     }
 }
 
@@ -406,9 +340,7 @@ pub async fn set_verified(db: &TestDb, user: Uuid) {
 
 /// `trellisctl`, built next to this package's binary by the workspace build.
 pub fn trellisctl() -> std::path::PathBuf {
-    let path = std::path::Path::new(env!("CARGO_BIN_EXE_score-orchestrator")).with_file_name("trellisctl");
-    assert!(path.exists(), "{} is missing: build the workspace (cargo build --workspace --bins)", path.display());
-    path
+    trellis_testkit::process::binary("trellisctl")
 }
 
 /// Runs `trellisctl args…` on the test's database: (exit status success, stdout, stderr).

@@ -1,9 +1,7 @@
 //! The harness: a real `trellis-api` in-process, real `search-projector` child processes, each
 //! test on its own database and NATS prefix, and polling with deadlines.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use clap::Parser;
@@ -15,27 +13,11 @@ use trellis_domain::events::Envelope;
 use trellis_domain::ids::EventId;
 use trellis_domain::score::RunStatus;
 use trellis_runtime::consumer::Delivery;
-use trellis_testkit::TestDb;
+pub use trellis_testkit::eventually;
+use trellis_testkit::{Process, Spawn, TestDb};
 use uuid::Uuid;
 
 pub const PASSWORD: &str = "correct horse battery staple";
-
-/// Polls `check` every 25 ms until it returns `Some`, or panics with `what` after `timeout`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut pace = tokio::time::interval(Duration::from_millis(25));
-    loop {
-        pace.tick().await;
-        if let Some(found) = check().await {
-            return found;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-    }
-}
 
 /// The API's abuse limits (docs/SECURITY.md) opened wide: these tests register many users and
 /// file many disputes, impersonation among them, from one address within seconds.
@@ -344,64 +326,24 @@ pub fn delivery(event_type: &str, data: serde_json::Value, sequence: u64) -> Del
 
 /// A `search-projector` child process, killed (SIGKILL) when dropped.
 pub struct Replica {
-    pub child: Child,
-    pub admin: SocketAddr,
+    pub process: Process,
 }
 
 impl Replica {
     /// Starts a replica and waits until its `/readyz` answers 200.
     pub async fn start(db: &TestDb, prefix: &str, args: &[&str]) -> Self {
-        let port = trellis_testkit::free_port().expect("a free port");
-        let admin: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_search-projector"))
-            .args(args)
-            .env("DATABASE_URL", &db.url)
-            .env("NATS_URL", trellis_testkit::nats_url())
-            .env("NATS_PREFIX", prefix)
-            .env("ADMIN_ADDR", admin.to_string())
-            .env("LOG_FORMAT", "json")
-            .env("SHUTDOWN_GRACE", "2s")
+        let process = Spawn::new("search-projector")
+            .on(&db.url, prefix)
             .env("CHECKPOINT_AGE_EVERY", "200ms")
-            .stdin(Stdio::null())
-            .stdout(trellis_testkit::log_file("search-projector").1)
-            .spawn()
-            .expect("the projector starts");
-        let mut replica = Self { child, admin };
-        replica.wait_ready().await;
-        replica
-    }
-
-    async fn wait_ready(&mut self) {
-        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
-        let url = format!("http://{}/readyz", self.admin);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let mut pace = tokio::time::interval(Duration::from_millis(50));
-        loop {
-            pace.tick().await;
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the projector exited before it was ready: {status}");
-            }
-            if let Ok(resp) = http.get(&url).send().await
-                && resp.status() == 200
-            {
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "the projector is not ready after 30 s");
-        }
+            .args(args)
+            .ready()
+            .await;
+        Self { process }
     }
 
     /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
-        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
-        let resp = http.get(format!("http://{}/metrics", self.admin)).send().await.expect("metrics answer");
-        resp.text().await.expect("metrics text")
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.metrics().await
     }
 }
 
