@@ -232,7 +232,8 @@ pub fn readme_commands(readme: &str, cli: &Commands) -> BTreeSet<String> {
 }
 
 /// The commands of the `crates/trellisctl` row of the code map: each backticked `group a/b/c`
-/// (each `/`-separated part starts with the name of a subcommand of `group`).
+/// (each `/`-separated part starts with the name of a subcommand of `group`) or `command`; other
+/// backticked text (paths, code) does not start with a lowercase name.
 pub fn architecture_commands(architecture: &str, cli: &Commands) -> BTreeSet<String> {
     let Some(row) = architecture.lines().find(|l| l.starts_with("| `crates/trellisctl` |")) else {
         return BTreeSet::new();
@@ -241,6 +242,12 @@ pub fn architecture_commands(architecture: &str, cli: &Commands) -> BTreeSet<Str
     for (i, quoted) in row.split('`').enumerate() {
         if i % 2 == 0 || i == 1 {
             continue; // outside backticks, or the row's own name
+        }
+        // A command starts with its name; a path (`deploy/`) or a code name is not one.
+        let named =
+            quoted.split_whitespace().next().is_some_and(|w| w.chars().all(|c| c.is_ascii_lowercase() || c == '-'));
+        if !named {
+            continue;
         }
         let mut parts = quoted.split('/');
         let first = parts.next().unwrap_or("");
@@ -386,7 +393,7 @@ pub enum Users {
         let problems =
             compare("README.md", &readme_commands(readme, &cli), "trellisctl's clap definitions", &cli.all());
         assert_eq!(problems.len(), 3, "{problems:?}"); // down and grant-role missing, sideways extra
-        let row = "| `crates/trellisctl` | the tool: `migrate up/down [--to V]`, `users grant-role USER`, `triggers` |";
+        let row = "| `crates/trellisctl` | the tool: `migrate up/down [--to V]`, `users grant-role USER`, `triggers`; `deploy/` |";
         assert_eq!(architecture_commands(row, &cli), cli.all());
         let stale = "| `crates/trellisctl` | the tool: `migrate up`, `users grant-role USER`, `triggers`, `db roles` |";
         let problems =
