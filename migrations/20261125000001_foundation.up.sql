@@ -1,4 +1,4 @@
--- Foundation: one schema per domain and the core tables of DESIGN.md §2.
+-- Foundation: one schema per domain and the core tables (docs/design/contracts.md §2).
 -- Every table here is new, so the indexes are built inside this migration's transaction.
 SET lock_timeout = '5s';
 SET statement_timeout = '60s';

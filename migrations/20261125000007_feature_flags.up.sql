@@ -1,4 +1,4 @@
--- Cutover flags: which side executes each processor (DESIGN.md §4), and every change to them.
+-- Cutover flags: which side executes each processor, and every change to them.
 SET lock_timeout = '5s';
 SET statement_timeout = '60s';
 

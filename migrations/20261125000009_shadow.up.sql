@@ -1,4 +1,4 @@
--- Shadow parity (DESIGN.md §4): every comparison of a candidate's output with the primary's for
+-- Shadow parity: every comparison of a candidate's output with the primary's for
 -- the same input. Each processor's candidate writes its own outputs to tables of this schema;
 -- this table is what `trellisctl parity` reports and the promotion gate reads.
 SET lock_timeout = '5s';

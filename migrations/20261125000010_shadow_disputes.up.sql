@@ -1,4 +1,4 @@
--- The dispute processor's shadow candidate (issue 7 §3). The candidate judges each dispute on
+-- The dispute processor's shadow candidate. The candidate judges each dispute on
 -- the facts the primary judged it on: it reconstructs them from what PostgreSQL itself records
 -- about visibility, so that a decision, a filing or a suspension committed after the primary
 -- read its facts (the primary's own decisions among them) is not part of the candidate's input.

@@ -1,4 +1,4 @@
--- The score orchestrator's shadow candidate (DESIGN.md §4): the digest of every run's input, so
+-- The score orchestrator's shadow candidate: the digest of every run's input, so
 -- that a candidate's run is compared with the primary run computed from the same input, and the
 -- candidate's own runs and scores, which nothing but the comparison reads.
 SET lock_timeout = '5s';

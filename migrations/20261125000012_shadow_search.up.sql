@@ -1,4 +1,4 @@
--- The search projector's shadow candidate (DESIGN.md §4): while `search.executor` says `shadow`, the
+-- The search projector's shadow candidate: while `search.executor` says `shadow`, the
 -- candidate side projects its own copy of the events into these tables, never into `search.*`.
 -- Documents keep only what a search query reads of `search.directory` / `search.contacts`, as JSON
 -- (NULL: the document does not exist, e.g. a removed contact), and what the comparer needs to compare

@@ -158,7 +158,7 @@ impl Migration {
     }
 }
 
-/// Every migration comes as an up and a down file (DESIGN.md §2).
+/// Every migration comes as an up and a down file (docs/design/contracts.md §2).
 fn check_pairs(migrations: &[Migration]) -> anyhow::Result<()> {
     let has = |stem: &str, direction| migrations.iter().any(|m| m.stem == stem && m.direction == direction);
     let unpaired: Vec<String> = migrations

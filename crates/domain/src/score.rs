@@ -1,4 +1,4 @@
-//! The trust score (issue 4, section 1): an EigenTrust variant over the contact graph, then a
+//! The trust score: an EigenTrust variant over the contact graph, then a
 //! penalty for upheld disputes and a percentile rank. Pure code: the caller loads the graph,
 //! maps user ids to dense node indices `0..n` and back, and writes the results.
 //!

@@ -1,4 +1,4 @@
-//! The NATS connection and the JetStream topology (DESIGN.md §3): stream names, subjects and
+//! The NATS connection and the JetStream topology (docs/design/contracts.md §3): stream names, subjects and
 //! their idempotent declaration with a check that the server kept what was asked.
 
 use std::time::Duration;
@@ -63,7 +63,7 @@ impl Topology {
         self.name("ADVISORIES")
     }
 
-    /// The streams of DESIGN.md §3, as this deployment names them.
+    /// The streams of docs/design/contracts.md §3, as this deployment names them.
     pub fn stream_configs(&self) -> Vec<stream::Config> {
         vec![
             stream::Config {

@@ -108,3 +108,43 @@ async fn reverting_one_migration_at_a_time_reaches_an_empty_schema() -> anyhow::
     assert_all_applied(&db.pool).await?;
     Ok(())
 }
+
+/// A database migrated by a release whose migration files differed from today's in comments only
+/// is accepted, and its recorded checksums become the current files'; any other difference still
+/// stops the migrator.
+#[tokio::test]
+async fn comment_only_edits_of_released_migrations_are_accepted_and_nothing_else() -> anyhow::Result<()> {
+    let db = TestDb::migrated().await?;
+    for (version, released) in migrate::COMMENT_ONLY_EDITS {
+        let current: Vec<u8> = sqlx::query_scalar("SELECT checksum FROM _sqlx_migrations WHERE version = $1")
+            .bind(version)
+            .fetch_one(&db.pool)
+            .await?;
+        assert_ne!(hex::encode(&current), *released, "migration {version} was edited after release");
+        sqlx::query("UPDATE _sqlx_migrations SET checksum = decode($1, 'hex') WHERE version = $2")
+            .bind(released)
+            .bind(version)
+            .execute(&db.pool)
+            .await?;
+    }
+    migrate::up(&db.pool).await?;
+    let mismatched: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE encode(checksum, 'hex') = ANY($1)")
+            .bind(migrate::COMMENT_ONLY_EDITS.iter().map(|(_, c)| c.to_string()).collect::<Vec<_>>())
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(mismatched, 0, "every released checksum was moved to the current file's");
+    assert_all_applied(&db.pool).await?;
+
+    let (version, _) = migrate::COMMENT_ONLY_EDITS[0];
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = sha384('something else'::bytea) WHERE version = $1")
+        .bind(version)
+        .execute(&db.pool)
+        .await?;
+    let refused = migrate::up(&db.pool).await;
+    assert!(
+        matches!(refused, Err(sqlx::migrate::MigrateError::VersionMismatch(v)) if v == version),
+        "an unlisted edit stops the migrator: {refused:?}"
+    );
+    Ok(())
+}

@@ -1,4 +1,4 @@
-//! The score orchestrator's shadow candidate (DESIGN.md §4) and its comparer.
+//! The score orchestrator's shadow candidate (docs/design/contracts.md §4) and its comparer.
 //!
 //! **The candidate** reads its own copy of `events.scores.run_requested` (consumer
 //! `score-orchestrator-shadow`) while `score.executor` says `shadow` and its side is not the

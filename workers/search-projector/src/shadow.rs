@@ -1,4 +1,4 @@
-//! The search projector's shadow candidate and its comparer (DESIGN.md §4, issue 7 §3).
+//! The search projector's shadow candidate and its comparer (docs/design/contracts.md §4).
 //!
 //! **The candidate** ([`Candidate`]) pulls its own copy of `events.>` (consumer
 //! `search-projector-shadow`) while `search.executor` says `shadow` and this side is not the

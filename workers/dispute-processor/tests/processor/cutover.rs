@@ -1,4 +1,4 @@
-//! Cutover (issue 7 §4, §5): `dispute.executor` moves the dispute processor between
+//! Cutover: `dispute.executor` moves the dispute processor between
 //! `trellis-api` (in-process) and the `dispute-processor` worker, both pulling from the same
 //! four per-priority consumers. Under a steady stream of filings it flips 20 times; and when
 //! the API is killed (SIGKILL) mid-flip, the worker takes over what the API held.

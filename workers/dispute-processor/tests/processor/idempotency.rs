@@ -1,4 +1,4 @@
-//! Redelivery is idempotent, and two replicas never decide one dispute twice (issue 6 §2, §5).
+//! Redelivery is idempotent, and two replicas never decide one dispute twice.
 
 use std::time::Duration;
 

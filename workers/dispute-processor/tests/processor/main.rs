@@ -1,4 +1,4 @@
-//! Integration tests of the dispute processor (issue 6 §5, its cutover: issue 7) against real
+//! Integration tests of the dispute processor against real
 //! PostgreSQL and JetStream: a real `trellis-api` in-process or as a child process (its relay
 //! publishes the events), real `dispute-processor` processes, or the library fed directly.
 

@@ -1,4 +1,4 @@
-//! Strict priority, its in-flight bound, and aging (issue 6 §1, §5).
+//! Strict priority, its in-flight bound, and aging.
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! Shadow parity of the dispute processor (issue 7 §3, §4) with real processes: `trellis-api`
+//! Shadow parity of the dispute processor with real processes: `trellis-api`
 //! in-process, the `dispute-processor` binary as a child, `trellisctl` as a child. An identical
 //! candidate matches the primary on every filing and may be promoted; a candidate with
 //! different rules is caught, the promotion gate refuses it (unless forced), and it has no

@@ -1,4 +1,4 @@
-//! The shadow candidate judges each dispute on the facts the primary judged it on (issue 7 §3):
+//! The shadow candidate judges each dispute on the facts the primary judged it on:
 //! the processor's library decides real batches (one batch with an in-batch suspension and an
 //! R4 group; batches one after another, where the primary's own decisions suspend the target;
 //! two concurrent batches forced to overlap), and the candidate's comparer, with the same

@@ -1,4 +1,4 @@
-//! Cutover (issue 7 §4): `score.executor` moves the orchestrator between `trellis-api`
+//! Cutover: `score.executor` moves the orchestrator between `trellis-api`
 //! (in-process) and the `score-orchestrator` worker, both pulling run requests from the same
 //! consumer, while contacts are written and runs are requested through the API.
 //!

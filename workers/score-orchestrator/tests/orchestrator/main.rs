@@ -1,4 +1,4 @@
-//! Integration tests of the score orchestrator (issue 4 §4, its cutover: issue 7) against real
+//! Integration tests of the score orchestrator against real
 //! PostgreSQL and JetStream: a real `trellis-api` in-process and real `score-orchestrator` processes.
 
 mod harness;

@@ -1,4 +1,4 @@
-//! Shadow (issue 7 §3, §4): the candidate computes from its own copy of each run request into
+//! Shadow: the candidate computes from its own copy of each run request into
 //! the shadow tables, its runs are compared with the primary run of the same input, and the
 //! promotion gate reads the comparisons.
 

@@ -1,4 +1,4 @@
-//! Cutover (issue 7 §2): `search.executor` moves the projection between `trellis-api`
+//! Cutover: `search.executor` moves the projection between `trellis-api`
 //! (in-process) and the `search-projector` worker, both pulling from the same consumer.
 
 use std::time::Duration;

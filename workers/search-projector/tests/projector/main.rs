@@ -1,4 +1,4 @@
-//! Integration tests of the search projector (issue 5 §4) against real PostgreSQL and
+//! Integration tests of the search projector against real PostgreSQL and
 //! JetStream: a real `trellis-api` in-process (its relay publishes the events) and real
 //! `search-projector` processes, or the library's handler fed directly.
 

@@ -1,4 +1,4 @@
-//! A rebuild under concurrent writes (issue 5 §3, §4): `search_model::rebuild` runs, again and
+//! A rebuild under concurrent writes: `search_model::rebuild` runs, again and
 //! again, while API mutations go on and a projector projects them; once the writes stop and
 //! the projector has caught up, the model equals a fresh rebuild.
 

@@ -1,4 +1,4 @@
-//! Shadow (issue 7 §3, §4): while `search.executor` says `shadow`, the candidate side projects its
+//! Shadow: while `search.executor` says `shadow`, the candidate side projects its
 //! own copy of the events into `shadow.search_*`, and its documents are compared with the read
 //! model's on the same input; the promotion gate reads the comparisons.
 
