@@ -254,7 +254,7 @@ async fn when_the_api_is_killed_mid_flip_the_worker_decides_what_it_held() {
     let db = TestDb::migrated().await.unwrap();
     let prefix = trellis_testkit::nats_prefix();
     flip(&db, Executor::Monolith).await;
-    let mut api = Api::spawn(&db, &prefix, &[("FLAG_POLL", "200ms")]).await;
+    let mut api = Api::start_with(&db, &prefix, &["--flag-poll", "200ms"]).await;
     let worker = Replica::start(&db, &prefix, &["--flag-poll", "200ms"]).await;
     // The API decides the set-up's disputes; the worker stands by.
     let cast = Cast::new(&api, &db).await;
@@ -297,7 +297,7 @@ async fn when_the_api_is_killed_mid_flip_the_worker_decides_what_it_held() {
     all_decided(&db, &ids).await;
     // A new API relays the worker's decision events (the relay runs in the API); the flag says
     // `worker`, so it decides nothing.
-    let relay = Api::spawn(&db, &prefix, &[("FLAG_POLL", "200ms")]).await;
+    let relay = Api::start_with(&db, &prefix, &["--flag-poll", "200ms"]).await;
     drained(&db, &prefix).await;
 
     let (upheld, dismissed, priorities) = decided_once(&db, &ids).await;

@@ -1,152 +1,52 @@
-//! The harness: a real `trellis-api` in-process, real `dispute-processor` child processes, each
-//! test on its own database and NATS prefix, and polling with deadlines.
+//! The harness: real `trellis-api` and `dispute-processor` child processes
+//! (`trellis_testkit`), each test on its own database and NATS prefix.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::Parser;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
-use tokio_util::sync::CancellationToken;
-use trellis_api::{Config, Running};
 use trellis_domain::disputes::DisputeKind;
 use trellis_domain::{DisputeId, UserId};
 pub use trellis_testkit::eventually;
+pub use trellis_testkit::http::{Response, User};
 use trellis_testkit::{Process, Spawn, TestDb};
 use uuid::Uuid;
 
-pub const PASSWORD: &str = "correct horse battery staple";
 pub const WAIT: Duration = Duration::from_secs(60);
 
-/// The API's abuse limits (docs/SECURITY.md) opened wide: these tests register many users and
-/// file many disputes, impersonation among them, from one address within seconds.
-const TEST_LIMITS: &[&str] = &[
-    "--registration-rate-per-address",
-    "1000000",
-    "--dispute-p0-min-account-age",
-    "0s",
-    "--dispute-open-limit",
-    "1000000",
-    "--dispute-open-limit-p0",
-    "1000000",
-];
+/// `trellis-api` as a child process (`trellis_testkit::http::Api`, killed when dropped; a test
+/// may kill it first), with this crate's shortcuts.
+pub struct Api(pub trellis_testkit::http::Api);
 
-/// A `trellis-api`: running in this process, or a child process (which a test can kill).
-pub struct Api {
-    pub addr: SocketAddr,
-    /// The admin listener (`/metrics`).
-    pub admin: SocketAddr,
-    pub http: reqwest::Client,
-    process: ApiProcess,
+impl std::ops::Deref for Api {
+    type Target = trellis_testkit::http::Api;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
-enum ApiProcess {
-    InProcess { shutdown: CancellationToken, _running: Running },
-    Child(Box<trellis_testkit::http::Api>),
-}
-
-#[derive(Debug, Clone)]
-pub struct User {
-    pub id: Uuid,
-    pub handle: String,
-    pub token: String,
+impl std::ops::DerefMut for Api {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl Api {
+    /// Starts the API on the test's database and prefix with `extra` command-line flags (e.g.
+    /// `--flag-poll 200ms`), and waits until its `/readyz` answers 200.
+    pub async fn start_with(db: &TestDb, prefix: &str, extra: &[&str]) -> Self {
+        Api(trellis_testkit::http::Api::start(trellis_testkit::http::Api::spawn(&db.url, prefix).args(extra)).await)
+    }
+
     pub async fn start(db: &TestDb, prefix: &str) -> Self {
         Self::start_with(db, prefix, &[]).await
-    }
-
-    /// Starts the API in this process with `extra` command-line arguments (e.g. `--flag-poll 200ms`).
-    pub async fn start_with(db: &TestDb, prefix: &str, extra: &[&str]) -> Self {
-        let nats_url = trellis_testkit::nats_url();
-        let mut args = vec![
-            "trellis-api",
-            "--database-url",
-            &db.url,
-            "--nats-url",
-            &nats_url,
-            "--nats-prefix",
-            prefix,
-            "--api-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--log-format",
-            "pretty",
-            "--shutdown-grace",
-            "5s",
-        ];
-        args.extend_from_slice(TEST_LIMITS);
-        args.extend_from_slice(extra);
-        let config = Config::try_parse_from(args).expect("test config parses");
-        trellis_testkit::capture_logs("trellis-api-in-process");
-        let shutdown = CancellationToken::new();
-        let running = trellis_api::start(config, shutdown.clone()).await.expect("the API starts");
-        let http = reqwest::Client::builder().no_proxy().build().expect("http client");
-        let (addr, admin) = (running.api_addr, running.admin_addr);
-        Self { addr, admin, http, process: ApiProcess::InProcess { shutdown, _running: running } }
-    }
-
-    /// Starts the `trellis-api` binary as a child process with `env` on top of the test's
-    /// settings, and waits until its `/readyz` answers 200.
-    pub async fn spawn(db: &TestDb, prefix: &str, env: &[(&str, &str)]) -> Self {
-        use trellis_testkit::http::Api as Child;
-        let child =
-            Child::start(Child::spawn(&db.url, prefix).env("SHUTDOWN_GRACE", "5s").envs(env.iter().copied())).await;
-        let (addr, admin, http) = (child.client.addr, child.admin(), child.client.http.clone());
-        Self { addr, admin, http, process: ApiProcess::Child(Box::new(child)) }
-    }
-
-    /// SIGKILL (a child process only), and wait until it is gone.
-    pub async fn kill(&mut self) {
-        match &mut self.process {
-            ApiProcess::Child(child) => child.kill().await,
-            ApiProcess::InProcess { .. } => panic!("an in-process API cannot be killed"),
-        }
-    }
-
-    /// The admin `/metrics` text.
-    pub async fn metrics(&self) -> String {
-        let resp = self.http.get(format!("http://{}/metrics", self.admin)).send().await.expect("metrics answer");
-        resp.text().await.expect("metrics text")
-    }
-
-    pub async fn request(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("http://{}{path}", self.addr));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("request sent");
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.expect("body read");
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-    }
-
-    pub async fn register(&self, handle: &str) -> User {
-        let body = json!({"handle": handle, "display_name": handle, "email": format!("{handle}@example.com"), "password": PASSWORD});
-        let (status, body) = self.request(reqwest::Method::POST, "/v1/users", None, Some(body)).await;
-        assert_eq!(status, 201, "registering {handle}: {body:?}");
-        User {
-            id: body["user"]["id"].as_str().unwrap().parse().unwrap(),
-            handle: handle.to_owned(),
-            token: body["token"].as_str().unwrap().to_owned(),
-        }
     }
 
     /// Files a dispute and returns its id.
     pub async fn file(&self, reporter: &User, target: Uuid, kind: &str) -> Uuid {
         let body = json!({"target_id": target.to_string(), "kind": kind, "description": "a test dispute"});
-        let (status, body) =
+        let Response { status, body, .. } =
             self.request(reqwest::Method::POST, "/v1/disputes", Some(&reporter.token), Some(body)).await;
         assert_eq!(status, 201, "filing {kind}: {body:?}");
         body["id"].as_str().expect("a dispute id").parse().unwrap()
@@ -154,7 +54,7 @@ impl Api {
 
     /// The dispute as `viewer` sees it (its reporter, or a moderator).
     pub async fn dispute(&self, viewer: &User, id: Uuid) -> Value {
-        let (status, body) =
+        let Response { status, body, .. } =
             self.request(reqwest::Method::GET, &format!("/v1/disputes/{id}"), Some(&viewer.token), None).await;
         assert_eq!(status, 200, "{body:?}");
         body
@@ -172,17 +72,8 @@ impl Api {
     pub async fn moderate(&self, moderator: &User, id: Uuid, decision: &str) -> (u16, Value) {
         let body = json!({"decision": decision, "note": "checked by hand"});
         let path = format!("/v1/moderation/disputes/{id}/decision");
-        self.request(reqwest::Method::POST, &path, Some(&moderator.token), Some(body)).await
-    }
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        match &mut self.process {
-            ApiProcess::InProcess { shutdown, .. } => shutdown.cancel(),
-            // A child process is killed when its value is dropped.
-            ApiProcess::Child(_) => {}
-        }
+        let answer = self.request(reqwest::Method::POST, &path, Some(&moderator.token), Some(body)).await;
+        (answer.status, answer.body)
     }
 }
 
