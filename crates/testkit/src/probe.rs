@@ -1,13 +1,161 @@
 //! `trellis-probe-worker`, the worker whose handler does what each message asks (`ok`,
 //! `fail_until:N`, `fail`, `reject`, `panic`, `crash`, `sleep:MS`), for the tests of the worker
-//! runtime and of the on-call tool: its events, its process, and the table it records what it
-//! handled in.
+//! runtime and of the on-call tool: a test's world ([`Env`]: database, NATS prefix, streams),
+//! the probe's events, its process, the table it records what it handled in, and the dead
+//! letters and consumers as the server sees them.
 
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
 use serde_json::json;
+use trellis_runtime::consumer::RunnerContext;
+use trellis_runtime::dlq::{self, Entry};
+use trellis_runtime::nats::Topology;
 use uuid::Uuid;
 
-use crate::TestDb;
-use crate::process::Spawn;
+use crate::process::{Process, Spawn};
+use crate::{TestDb, eventually};
+
+/// A test's world: its own database (with the [`RECORDS`] table), its own NATS prefix with the
+/// streams declared, and a JetStream client on it.
+pub struct Env {
+    pub db: TestDb,
+    pub prefix: String,
+    pub nats_url: String,
+    pub topology: Topology,
+    pub js: jetstream::Context,
+}
+
+impl Env {
+    pub async fn new() -> Env {
+        Env::on(&crate::nats_url()).await
+    }
+
+    /// An environment on another NATS server (a private one, for outage tests).
+    pub async fn on(nats_url: &str) -> Env {
+        let db = TestDb::migrated().await.expect("a test database");
+        let prefix = crate::nats_prefix();
+        let topology = Topology::new(&prefix).expect("a valid prefix");
+        let js = connect(nats_url).await;
+        trellis_runtime::nats::ensure_streams(&js, &topology).await.expect("declaring the streams");
+        create_record_table(&db, RECORDS).await;
+        Env { db, prefix, nats_url: nats_url.to_owned(), topology, js }
+    }
+
+    /// A probe worker with the usual fast test settings (and `extra` flags after them, which
+    /// win), once its `/readyz` says ready.
+    pub async fn worker(&self, extra: &[&str]) -> Process {
+        worker(&self.db.url, &self.nats_url, &self.prefix, extra).ready().await
+    }
+
+    /// A probe worker, not waited for.
+    pub fn worker_unready(&self, extra: &[&str]) -> Process {
+        worker(&self.db.url, &self.nats_url, &self.prefix, extra).spawn()
+    }
+
+    /// What a consumer group run in the test's own process is given.
+    pub fn context(&self) -> RunnerContext {
+        RunnerContext {
+            js: self.js.clone(),
+            topology: self.topology.clone(),
+            host: "tests".into(),
+            version: "test".into(),
+        }
+    }
+
+    /// Publishes an event whose handler will do what `probe` says; its id and its sequence in
+    /// the events stream.
+    pub async fn publish(&self, probe: &str) -> (Uuid, u64) {
+        publish(&self.js, &self.prefix, probe).await
+    }
+
+    /// Publishes `count` events, without waiting for each ack before sending the next.
+    pub async fn publish_many(&self, probe: &str, count: usize) -> Vec<Uuid> {
+        publish_many(&self.js, &self.prefix, probe, count).await
+    }
+
+    /// Publishes raw bytes on `events.probe.<tail>`; the message id and sequence.
+    pub async fn publish_raw(&self, tail: &str, payload: &'static [u8]) -> (String, u64) {
+        let msg_id = format!("raw-{}", Uuid::new_v4());
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", msg_id.as_str());
+        let subject = self.topology.subject(&format!("events.probe.{tail}"));
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, payload.into())
+            .await
+            .expect("publishing")
+            .await
+            .expect("the publish ack");
+        (msg_id, ack.sequence)
+    }
+
+    /// Every dead letter now in the DLQ (of one consumer, or all).
+    pub async fn dead_letters(&self, consumer: Option<&str>) -> Vec<Entry> {
+        dlq::read(&self.js, &self.topology, consumer, 1).await.expect("reading the DLQ")
+    }
+
+    /// Waits until the DLQ holds at least `count` dead letters (of `consumer`, or all).
+    pub async fn wait_for_dead_letters(&self, consumer: Option<&str>, count: usize, within: Duration) -> Vec<Entry> {
+        eventually(&format!("{count} dead letters of {consumer:?}"), within, || async {
+            let entries = self.dead_letters(consumer).await;
+            (entries.len() >= count).then_some(entries)
+        })
+        .await
+    }
+
+    /// What the probe workers recorded in `table`, in the order they handled it.
+    pub async fn records_in(&self, table: &str) -> Vec<Record> {
+        records_in(&self.db, table).await
+    }
+
+    /// What the probe workers recorded in [`RECORDS`].
+    pub async fn records(&self) -> Vec<Record> {
+        self.records_in(RECORDS).await
+    }
+
+    /// Waits until `id` is recorded in `table`; returns its rows.
+    pub async fn wait_for_record_in(&self, table: &str, id: Uuid, within: Duration) -> Vec<Record> {
+        eventually(&format!("event {id} recorded in {table}"), within, || async {
+            let rows: Vec<Record> = self.records_in(table).await.into_iter().filter(|r| r.event_id == id).collect();
+            (!rows.is_empty()).then_some(rows)
+        })
+        .await
+    }
+
+    /// Waits until `id` is recorded in [`RECORDS`]; returns its rows.
+    pub async fn wait_for_record(&self, id: Uuid, within: Duration) -> Vec<Record> {
+        self.wait_for_record_in(RECORDS, id, within).await
+    }
+
+    /// The durable consumer `group` on `stream` (events or replay), as the server sees it.
+    pub async fn consumer_info(&self, stream: &str, group: &str) -> consumer::Info {
+        let stream = self.js.get_stream(stream).await.expect("the stream");
+        let mut c: consumer::PullConsumer =
+            stream.get_consumer(&self.topology.name(group)).await.expect("the consumer");
+        c.info().await.expect("consumer info").clone()
+    }
+
+    /// Waits until the group's consumer on `stream` holds nothing: every message acked or
+    /// terminated.
+    pub async fn wait_until_settled(&self, stream: &str, group: &str, within: Duration) -> consumer::Info {
+        eventually(&format!("consumer {group} on {stream} settled"), within, || async {
+            let info = self.consumer_info(stream, group).await;
+            (info.num_pending == 0 && info.num_ack_pending == 0).then_some(info)
+        })
+        .await
+    }
+}
+
+/// A JetStream client on `url`, which waits for a server that is not up yet.
+pub async fn connect(url: &str) -> jetstream::Context {
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to NATS at {url}: {e}"));
+    trellis_runtime::nats::jetstream(client, Duration::from_secs(10))
+}
 
 /// The table every probe worker of a test records what it handled in (unless told otherwise).
 pub const RECORDS: &str = "ops_probe_handled";

@@ -12,7 +12,7 @@ use trellis_runtime::dlq::Entry;
 
 use trellis_testkit::probe::PROBE;
 
-use crate::harness::{Env, Worker, eventually};
+use crate::harness::{Env, Worker, eventually, trellisctl};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -178,7 +178,7 @@ async fn a_message_that_crashes_the_process_on_every_delivery_reaches_the_dlq_th
     assert!(d.error().contains("delivered 3 times without an outcome"), "{:?}", d.error());
 
     // Replayed, it crashes the replay consumer's workers too: the safety net covers replays.
-    env.trellisctl(&["dlq", "replay", &d.sequence.to_string(), "--reason", "crash again"]).await;
+    trellisctl(&env, &["dlq", "replay", &d.sequence.to_string(), "--reason", "crash again"]).await;
     let (mut worker, restarts, again) = restart_until_dead_lettered(&env, worker, &args, 1).await;
     assert!(restarts >= 2, "{restarts} restarts");
     assert_eq!(again.len(), 1, "{again:?}");
@@ -298,7 +298,7 @@ async fn a_worker_survives_a_nats_restart_and_readyz_tells_the_truth_meanwhile()
     nats.restart().expect("restarting nats-server");
     eventually("/readyz ready again", WAIT, || async { (worker.readyz().await == Some(200)).then_some(()) }).await;
 
-    let js = crate::harness::connect(&nats.url()).await;
+    let js = trellis_testkit::probe::connect(&nats.url()).await;
     let mut after = Vec::new();
     for _ in 0..5 {
         after.push(trellis_testkit::probe::publish(&js, &env.prefix, "ok").await.0);

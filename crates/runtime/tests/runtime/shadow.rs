@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::PullConsumer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use trellis_runtime::consumer::{ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome, RunnerContext};
+use trellis_runtime::consumer::{ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome};
 
 use crate::harness::{Env, eventually};
 
@@ -37,12 +37,7 @@ async fn saw(seen: &Seen, want: &[u64]) {
 #[tokio::test]
 async fn a_candidate_copies_only_its_periods_messages_and_its_consumers_go_when_the_period_ends() {
     let env = Env::new().await;
-    let ctx = RunnerContext {
-        js: env.js.clone(),
-        topology: env.topology.clone(),
-        host: "test".into(),
-        version: "test".into(),
-    };
+    let ctx = env.context();
     let spec = trellis_runtime::shadow::candidate_spec(ConsumerSpec {
         name: "parity".into(),
         filter_subject: "events.probe.>".into(),
