@@ -9,10 +9,14 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
 
+use trellis_testkit::eventually;
+
 use crate::helpers::{Options, PASSWORD, Resp, TestApp};
 
+/// A `trellis-api` child process with `args`: these tests read its metrics, which apps in one
+/// process would share.
 fn with(args: &[&str]) -> Options {
-    Options { args: args.iter().map(|a| a.to_string()).collect(), ..Default::default() }
+    Options { args: args.iter().map(|a| a.to_string()).collect(), process: true, ..Default::default() }
 }
 
 async fn login(app: &TestApp, login: &str, password: &str) -> Resp {
@@ -74,7 +78,7 @@ fn assert_overloaded(r: &Resp) {
 
 #[tokio::test]
 async fn a_login_longer_than_254_characters_is_refused_before_it_is_looked_up_or_counted() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(with(&[])).await;
     let long = "a".repeat(255);
     let r = login(&app, &long, PASSWORD).await;
     assert_eq!((r.status, r.problem()), (422, "validation"), "{:?}", r.body);
@@ -216,7 +220,7 @@ async fn hashes(app: &TestApp, operation: &str) -> f64 {
 
 #[tokio::test]
 async fn a_registration_with_a_taken_handle_or_email_is_refused_before_hashing() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(with(&[])).await;
     app.register("alice").await;
     let before = hashes(&app, "hash").await;
     let r = app
@@ -249,21 +253,23 @@ async fn password_hashing_beyond_its_slots_and_queue_is_answered_503_at_once() {
         "100000",
     ]))
     .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let app = &app;
-    for burst_no in 0.. {
-        let burst: Vec<Resp> = futures::future::join_all(
-            (0..16).map(|i| async move { login(app, &format!("nobody{burst_no}_{i}"), "wrong password!").await }),
-        )
-        .await;
-        let statuses: Vec<u16> = burst.iter().map(|r| r.status).collect();
-        assert!(statuses.iter().all(|s| [401, 503].contains(s)), "{statuses:?}");
-        if let Some(shed) = burst.iter().find(|r| r.status == 503) {
-            assert_overloaded(shed);
-            break;
+    let mut bursts = 0;
+    let shed = eventually("16 logins at once to find the one hashing slot taken", Duration::from_secs(60), || {
+        bursts += 1;
+        let burst_no = bursts;
+        async move {
+            let burst: Vec<Resp> = futures::future::join_all(
+                (0..16).map(|i| async move { login(app, &format!("nobody{burst_no}_{i}"), "wrong password!").await }),
+            )
+            .await;
+            let statuses: Vec<u16> = burst.iter().map(|r| r.status).collect();
+            assert!(statuses.iter().all(|s| [401, 503].contains(s)), "{statuses:?}");
+            burst.into_iter().find(|r| r.status == 503)
         }
-        assert!(tokio::time::Instant::now() < deadline, "16 logins at once never found the one hashing slot taken");
-    }
+    })
+    .await;
+    assert_overloaded(&shed);
     let shed = app.labelled_metric("trellis_api_requests_shed_total", "reason=\"password_hashing\"").await;
     assert!(shed.unwrap_or(0.0) >= 1.0, "{shed:?}");
 }
@@ -444,15 +450,11 @@ async fn connections_beyond_the_per_address_cap_are_answered_503_and_others_are_
     // Closing one frees a place.
     drop(_held);
     let attacker = TestApp::client_from("127.0.0.2");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually("127.0.0.2 to be served again", Duration::from_secs(10), || async {
         let status = attacker.get(app.url("/healthz")).send().await.map(|r| r.status().as_u16());
-        if status.as_ref().is_ok_and(|s| *s == 200) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "127.0.0.2 is never served again: {status:?}");
-        tokio::task::yield_now().await;
-    }
+        status.is_ok_and(|s| s == 200).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -473,20 +475,7 @@ async fn requests_beyond_the_in_flight_cap_are_shed_at_once() {
     let mut blocker = app.db.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE contacts.contacts IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
     let in_flight = tokio::spawn(app.build(Method::GET, "/v1/me/contacts", Some(&alice.token), None).send());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the request never reached the database");
-        tokio::task::yield_now().await;
-    }
+    app.wait_for_lock_wait().await;
     let started = tokio::time::Instant::now();
     let shed = app.get("/v1/me", Some(&alice.token)).await;
     assert_overloaded(&shed);

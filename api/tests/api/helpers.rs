@@ -1,5 +1,6 @@
-//! The test harness: a real `trellis-api` on port 0, its own database and NATS prefix, and a
-//! plain HTTP client.
+//! The test harness: a real `trellis-api` on port 0 (in this process, or as a child process
+//! for the tests that read its metrics: the metrics recorder is one per process), its own
+//! database and NATS prefix, and a plain HTTP client.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -25,6 +26,8 @@ pub struct TestApp {
     pub client: Client,
     shutdown: CancellationToken,
     running: Option<Running>,
+    /// The child process, when [`Options::process`] asked for one.
+    process: Option<trellis_testkit::Process>,
 }
 
 /// How to start a test app; `Default` is the usual one.
@@ -36,6 +39,9 @@ pub struct Options {
     pub database_url: Option<String>,
     /// Extra command-line flags.
     pub args: Vec<String>,
+    /// Runs the `trellis-api` binary as a child process instead of in this process: for the
+    /// tests that read `/metrics`, which in-process apps share (one recorder per process).
+    pub process: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -96,21 +102,18 @@ impl TestApp {
             }
         }
         args.extend(options.args);
-        let config = Config::try_parse_from(args).expect("test config parses");
         let shutdown = CancellationToken::new();
-        let running = trellis_api::start(config, shutdown.clone()).await.expect("app starts");
-        let client = Client::new(running.api_addr);
-        Self {
-            addr: running.api_addr,
-            admin_addr: running.admin_addr,
-            db,
-            prefix,
-            nats_url,
-            http: client.http.clone(),
-            client,
-            shutdown,
-            running: Some(running),
-        }
+        let (addr, admin_addr, running, process) = if options.process {
+            let mut process = trellis_testkit::Spawn::new("trellis-api").args(&args[1..]).spawn();
+            process.wait_listening(trellis_testkit::process::READY_WITHIN).await;
+            (process.api(), process.admin(), None, Some(process))
+        } else {
+            let config = Config::try_parse_from(args).expect("test config parses");
+            let running = trellis_api::start(config, shutdown.clone()).await.expect("app starts");
+            (running.api_addr, running.admin_addr, Some(running), None)
+        };
+        let client = Client::new(addr);
+        Self { addr, admin_addr, db, prefix, nats_url, http: client.http.clone(), client, shutdown, running, process }
     }
 
     /// Shuts the app down gracefully and hands back its database and prefix.
@@ -118,6 +121,10 @@ impl TestApp {
         self.shutdown.cancel();
         if let Some(running) = self.running.take() {
             running.wait().await.expect("clean shutdown");
+        }
+        if let Some(mut process) = self.process.take() {
+            process.terminate().await;
+            assert_eq!(process.wait_exit(Duration::from_secs(30)).await, Some(0), "clean shutdown");
         }
         let db = std::mem::replace(&mut self.db, placeholder_db());
         (db, std::mem::take(&mut self.prefix))
@@ -351,8 +358,11 @@ impl TestApp {
 
 impl TestApp {
     /// Starts a graceful shutdown (what SIGTERM does) without waiting for it.
-    pub fn begin_shutdown(&self) {
+    pub async fn begin_shutdown(&self) {
         self.shutdown.cancel();
+        if let Some(process) = &self.process {
+            process.terminate().await;
+        }
     }
 }
 

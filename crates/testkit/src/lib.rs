@@ -350,19 +350,9 @@ impl TestDb {
 
 impl StreamReader {
     /// Waits (up to `timeout`) until the stream exists: applications declare their streams in
-    /// the background after they start.
-    pub async fn wait_until_declared(&self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut pace = tokio::time::interval(Duration::from_millis(20));
-        loop {
-            pace.tick().await;
-            match self.js.get_stream(&self.stream).await {
-                Ok(_) => return Ok(()),
-                Err(e) if tokio::time::Instant::now() >= deadline => {
-                    anyhow::bail!("stream {} not declared after {timeout:?}: {e}", self.stream)
-                }
-                Err(_) => {}
-            }
-        }
+    /// the background after they start. Panics after `timeout`.
+    pub async fn wait_until_declared(&self, timeout: Duration) {
+        let what = format!("stream {} to be declared", self.stream);
+        eventually(&what, timeout, || async { self.js.get_stream(&self.stream).await.ok().map(|_| ()) }).await
     }
 }

@@ -151,6 +151,21 @@ impl Process {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits until the process has reported its addresses (its listeners are bound; it may
+    /// not be ready yet); panics, with the process's log, if it exits first or does not report
+    /// them within `within`.
+    pub async fn wait_listening(&mut self, within: Duration) {
+        let what = format!("{} to report its addresses", self.name);
+        eventually(&what, within, || {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("{} exited ({status}) before it was listening; its log:\n{}", self.name, self.log_text());
+            }
+            let listening = self.addrs().map(|_| ());
+            async move { listening }
+        })
+        .await;
+    }
+
     /// The `/readyz` status code, or `None` while nothing answers.
     pub async fn readyz(&self) -> Option<u16> {
         readyz_at(self.addrs()?.admin).await

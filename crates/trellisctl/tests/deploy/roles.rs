@@ -131,15 +131,11 @@ async fn trellisctl(database_url: &str, prefix: &str, args: &[&str]) -> String {
 }
 
 async fn wait_for(what: &str, db: &TestDb, sql: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    trellis_testkit::eventually(what, Duration::from_secs(30), || async {
         let done: bool = sqlx::query_scalar(sql).fetch_one(&db.pool).await.unwrap();
-        if done {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{what} did not happen within 30 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        done.then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

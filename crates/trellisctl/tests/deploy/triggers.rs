@@ -214,15 +214,11 @@ async fn triggers_reads_a_prometheus_that_loads_the_rules() {
 
     // The API refreshes its gauge, Prometheus scrapes it and evaluates the rules: then the
     // A→B alert fires.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let r = loop {
+    let r = eventually("the A→B trigger to fire", Duration::from_secs(60), || async {
         let r = readings(&db, &args);
-        if find(&r, "StageTriggerDailyActiveUsersAToB")["met"] == true {
-            break r;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the A→B trigger never fires: {r:?}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+        (find(&r, "StageTriggerDailyActiveUsersAToB")["met"] == true).then_some(r)
+    })
+    .await;
     assert_eq!(find(&r, "StageTriggerDailyActiveUsersAToB")["value"].as_f64(), Some(1500.0));
     let dau_c = find(&r, "StageTriggerDailyActiveUsersBToC");
     assert_eq!((dau_c["value"].as_f64(), dau_c["met"].as_bool()), (Some(1500.0), Some(false)));
