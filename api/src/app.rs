@@ -49,6 +49,9 @@ pub struct AppState {
     pub health: Health,
     pub search_source: Arc<crate::routes::search::SourceCache>,
     pub activity: Arc<ActivityTracker>,
+    /// One reporter's dispute filings, one at a time in this process (before each takes a
+    /// database connection and the reporter's advisory lock).
+    pub filings: Arc<crate::keyed_mutex::KeyedMutex<trellis_domain::UserId>>,
 }
 
 #[derive(utoipa::OpenApi)]
@@ -224,6 +227,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     for reason in serve::SHED_REASONS {
         metrics::counter!("trellis_api_requests_shed_total", "reason" => reason).increment(0);
     }
+    metrics::counter!("trellis_api_connections_displaced_total").increment(0);
     let cursor_key = cursor_key(&config)?;
 
     let mut pool_config = PoolConfig::new("trellis-api");
@@ -269,6 +273,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         health: health.clone(),
         search_source: Arc::default(),
         activity: Arc::new(ActivityTracker::new(config.activity_max_tokens)),
+        filings: Arc::default(),
     };
 
     let listener = tokio::net::TcpListener::bind(config.api_addr)

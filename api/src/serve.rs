@@ -4,11 +4,17 @@
 //! `axum::serve` has no header-read timeout, so a client that opens connections and sends a
 //! byte a minute holds them forever. Here a connection that has not sent a whole request head
 //! within `HEADER_READ_TIMEOUT` is closed (an idle keep-alive connection too: hyper restarts
-//! the timer when it waits for the next request). A connection beyond `MAX_CONNECTIONS`, or
-//! beyond `MAX_CONNECTIONS_PER_ADDRESS` from one client address, is answered with a 503
-//! problem and `Retry-After` and closed; at most [`REFUSALS_AT_ONCE`] such answers are written
-//! at a time, and past that a connection is closed unanswered. Connections from a trusted proxy
-//! count against `MAX_CONNECTIONS` only (their clients are told apart per request).
+//! the timer when it waits for the next request).
+//!
+//! When `MAX_CONNECTIONS` are open, a new connection takes the place of the one that has waited
+//! longest for a request head: a connection that never sent one, or an idle keep-alive one. A
+//! client that sends its request at once is never the oldest, so slow clients from many
+//! addresses, each reopening what is closed, only ever displace each other. A connection in the
+//! middle of a request is never closed this way. Only when every open connection is busy, or
+//! beyond `MAX_CONNECTIONS_PER_ADDRESS` from one client address, is a connection answered with a
+//! 503 problem and `Retry-After` and closed; at most [`REFUSALS_AT_ONCE`] such answers are
+//! written at a time, and past that a connection is closed unanswered. Connections from a
+//! trusted proxy count against `MAX_CONNECTIONS` only (their clients are told apart per request).
 //!
 //! HTTP/2 is not served: hyper-util's version detection before the first request has no
 //! timeout. A proxy in front terminates HTTP/2.
@@ -19,8 +25,11 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ConnectInfo;
@@ -43,6 +52,10 @@ pub const REFUSALS_AT_ONCE: usize = 64;
 
 /// How long a refused connection may take to send its request head and read the answer.
 const REFUSAL_DEADLINE: Duration = Duration::from_secs(2);
+
+/// How long a connection that displaced another waits for the slot to be given back (the
+/// displaced connection's task gives it back as soon as it runs).
+const DISPLACEMENT_DEADLINE: Duration = Duration::from_secs(1);
 
 /// The values of `trellis_api_requests_shed_total{reason}`.
 pub const SHED_REASONS: [&str; 4] = ["connections", "connections_per_address", "in_flight", "password_hashing"];
@@ -91,11 +104,100 @@ impl Drop for AddressSlot {
     }
 }
 
+/// The open connections that are waiting for a request head, with the time they started to
+/// wait; a connection leaves it while one of its requests is in progress.
+#[derive(Default)]
+struct Waiting {
+    next_id: AtomicU64,
+    since: Mutex<HashMap<u64, (Instant, CancellationToken)>>,
+}
+
+impl Waiting {
+    fn register(self: &Arc<Self>) -> WaitingEntry {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let close = CancellationToken::new();
+        self.since.lock().expect("waiting map lock").insert(id, (Instant::now(), close.clone()));
+        WaitingEntry { owner: self.clone(), id, close }
+    }
+
+    /// Closes the connection that has waited longest for a request head, if any waits.
+    fn displace_oldest(&self) -> bool {
+        let mut since = self.since.lock().expect("waiting map lock");
+        let Some(oldest) = since.iter().min_by_key(|(_, (at, _))| *at).map(|(id, _)| *id) else {
+            return false;
+        };
+        if let Some((_, close)) = since.remove(&oldest) {
+            close.cancel();
+        }
+        true
+    }
+}
+
+/// One connection's place in [`Waiting`]: out of it while a request is in progress, back in
+/// when the response's body has been written, gone when the connection is.
+struct WaitingEntry {
+    owner: Arc<Waiting>,
+    id: u64,
+    close: CancellationToken,
+}
+
+impl WaitingEntry {
+    fn busy(&self) {
+        self.owner.since.lock().expect("waiting map lock").remove(&self.id);
+    }
+
+    fn waiting(&self) {
+        if !self.close.is_cancelled() {
+            self.owner.since.lock().expect("waiting map lock").insert(self.id, (Instant::now(), self.close.clone()));
+        }
+    }
+}
+
+impl Drop for WaitingEntry {
+    fn drop(&mut self) {
+        self.busy();
+    }
+}
+
+/// A response body that puts its connection back among the waiting ones when it is dropped,
+/// that is, when hyper has written it (or given up on it).
+struct ResponseBody {
+    inner: axum::body::Body,
+    entry: Arc<WaitingEntry>,
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        self.entry.waiting();
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown`, then drains as described in the module doc.
 pub async fn serve(listener: TcpListener, app: Router, limits: Limits, shutdown: CancellationToken) {
     let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let per_address = Arc::new(PerAddress { max: limits.max_connections_per_address.max(1), open: Mutex::default() });
     let refusals = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
+    let waiting = Arc::new(Waiting::default());
     // Every connection task holds a receiver; the sender's `closed` is "all have finished".
     let (close_tx, close_rx) = watch::channel(());
 
@@ -123,7 +225,15 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, shutdown:
         } else {
             per_address.take(ClientAddress::of(peer.ip())).map(Some).ok_or("connections_per_address")
         };
-        let permit = connections.clone().try_acquire_owned().map_err(|_| "connections");
+        let permit = match connections.clone().try_acquire_owned() {
+            Ok(permit) => Ok(Some(permit)),
+            // At the cap: the new connection takes the place of the longest-waiting one.
+            Err(_) if slot.is_ok() && waiting.displace_oldest() => {
+                metrics::counter!("trellis_api_connections_displaced_total").increment(1);
+                Ok(None)
+            }
+            Err(_) => Err("connections"),
+        };
         match (permit, slot) {
             (Ok(permit), Ok(slot)) => {
                 let connection = Connection {
@@ -131,9 +241,18 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, shutdown:
                     peer,
                     header_read_timeout: limits.header_read_timeout,
                     shutdown: shutdown.clone(),
+                    waiting: waiting.register(),
                 };
+                let connections = connections.clone();
                 let close_rx = close_rx.clone();
                 tokio::spawn(async move {
+                    let permit = match permit {
+                        Some(permit) => permit,
+                        None => match tokio::time::timeout(DISPLACEMENT_DEADLINE, connections.acquire_owned()).await {
+                            Ok(Ok(permit)) => permit,
+                            _ => return,
+                        },
+                    };
                     connection.run(stream).await;
                     drop((permit, slot, close_rx));
                 });
@@ -158,15 +277,26 @@ struct Connection {
     peer: SocketAddr,
     header_read_timeout: Duration,
     shutdown: CancellationToken,
+    waiting: WaitingEntry,
 }
 
 impl Connection {
     async fn run(self, stream: TcpStream) {
         let peer = self.peer;
-        let service = self.app.map_request(move |mut request: axum::http::Request<Incoming>| {
-            request.extensions_mut().insert(ConnectInfo(peer));
-            request
-        });
+        let displaced = self.waiting.close.clone();
+        let entry = Arc::new(self.waiting);
+        let on_request = entry.clone();
+        let service = self
+            .app
+            .map_request(move |mut request: axum::http::Request<Incoming>| {
+                on_request.busy();
+                request.extensions_mut().insert(ConnectInfo(peer));
+                request
+            })
+            .map_response(move |response: axum::response::Response| {
+                let entry = entry.clone();
+                response.map(|inner| axum::body::Body::new(ResponseBody { inner, entry }))
+            });
         let mut builder = http1::Builder::new();
         builder.timer(TokioTimer::new()).header_read_timeout(self.header_read_timeout);
         let connection = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
@@ -184,6 +314,8 @@ impl Connection {
                     draining = true;
                     connection.as_mut().graceful_shutdown();
                 }
+                // Displaced by a new connection while waiting for a request head: close now.
+                _ = displaced.cancelled() => return,
             }
         }
     }

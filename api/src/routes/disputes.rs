@@ -69,6 +69,9 @@ async fn file_dispute(
         return Err(errors.into());
     };
     errors.into_result()?;
+    // The reporter's concurrent filings queue here, holding no database connection; the
+    // advisory lock in the transaction then serialises them across replicas.
+    let _one_filing_at_a_time = state.filings.lock(principal.user_id).await;
     let mut tx = work.begin().await?;
     let target = resolve_user(&mut *tx, &body.target_id).await?;
     let id = DisputeId::new();

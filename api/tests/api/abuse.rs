@@ -196,6 +196,8 @@ async fn forwarded_addresses_count_only_from_a_trusted_proxy() {
 
 #[tokio::test]
 async fn login_answers_are_counted_by_status_for_the_alert() {
+    // A process of its own (`with`): the apps of this test process share one metrics recorder,
+    // and other tests' logins would count here too.
     let app = TestApp::spawn_with(with(&["--login-rate-per-address", "2"])).await;
     let count = |status: &'static str| {
         let app = &app;
@@ -278,6 +280,29 @@ async fn register_from(app: &TestApp, client: &reqwest::Client, handle: &str) ->
     let body =
         json!({"handle": handle, "display_name": "x", "email": format!("{handle}@example.com"), "password": PASSWORD});
     app.send(app.build_on(client, Method::POST, "/v1/users", None, Some(body))).await
+}
+
+#[tokio::test]
+async fn passwords_are_hashed_on_the_gates_own_low_priority_threads() {
+    // In this process: the test reads this process's threads.
+    let args = vec!["--password-hash-concurrency".into(), "2".into()];
+    let _app = TestApp::spawn_with(Options { args, ..Default::default() }).await;
+    // The threads of this test process (other tests' apps run here too, on the same kind).
+    let threads: Vec<(String, i64)> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| {
+            let task = task.ok()?.path();
+            let name = std::fs::read_to_string(task.join("comm")).ok()?.trim().to_owned();
+            let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+            // After the parenthesised name come the fields from the third (state) on; the
+            // nineteenth is the nice value.
+            let nice = stat.rsplit_once(')')?.1.split_whitespace().nth(16)?.parse().ok()?;
+            Some((name, nice))
+        })
+        .filter(|(name, _)| name.starts_with("password-hash-"))
+        .collect();
+    assert!(threads.len() >= 2, "the gate's threads exist: {threads:?}");
+    assert!(threads.iter().all(|(_, nice)| *nice == 10), "each runs at nice 10: {threads:?}");
 }
 
 #[tokio::test]
@@ -457,14 +482,68 @@ async fn connections_beyond_the_per_address_cap_are_answered_503_and_others_are_
     .await;
 }
 
+/// Waits until `n` sessions of the app's database wait for a lock.
+async fn until_waiting_for_a_lock(app: &TestApp, n: i64) {
+    eventually(&format!("{n} requests waiting for a lock in the database"), Duration::from_secs(10), || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+        (waiting >= n).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
-async fn connections_beyond_the_total_cap_are_answered_503() {
+async fn connections_beyond_the_total_cap_are_answered_503_when_every_open_one_is_busy() {
     let app = TestApp::spawn_with(with(&["--max-connections", "2"])).await;
-    let _held = [connect_from(&app, "127.0.0.2").await, connect_from(&app, "127.0.0.3").await];
+    let alice = app.register("alice").await;
+    // Two requests held inside the database: both open connections are busy.
+    let mut blocker = app.db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE contacts.contacts IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
+    let busy: Vec<_> = ["127.0.0.2", "127.0.0.3"]
+        .into_iter()
+        .map(|from| {
+            let request =
+                app.build_on(&TestApp::client_from(from), Method::GET, "/v1/me/contacts", Some(&alice.token), None);
+            tokio::spawn(request.send())
+        })
+        .collect();
+    until_waiting_for_a_lock(&app, 2).await;
     let mut third = connect_from(&app, "127.0.0.4").await;
     third.write_all(b"GET /healthz HTTP/1.1\r\nHost: trellis\r\n\r\n").await.unwrap();
     let answer = String::from_utf8_lossy(&read_to_close(&mut third, Duration::from_secs(10)).await).into_owned();
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    blocker.commit().await.unwrap();
+    for request in busy {
+        assert_eq!(request.await.unwrap().unwrap().status(), 200, "a busy connection is never displaced");
+    }
+}
+
+#[tokio::test]
+async fn at_the_cap_a_new_connection_displaces_the_one_waiting_longest_for_a_request() {
+    // Header-read timeout far above the test's waits: only displacement can close a connection.
+    let app = TestApp::spawn_with(with(&["--max-connections", "4", "--header-read-timeout", "60s"])).await;
+    let mut slow = Vec::new();
+    for from in ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"] {
+        let mut connection = connect_from(&app, from).await;
+        connection.write_all(b"GET /healthz HTTP/1.1\r\nHost: trellis\r\nX-Slow: ").await.unwrap();
+        slow.push(connection);
+    }
+    // Every place is taken by a connection that never finishes its request head; a client that
+    // sends its request at once is still served, from an address never seen before.
+    let legitimate = TestApp::client_from("127.0.0.9");
+    for _ in 0..3 {
+        let r = app.send(app.build_on(&legitimate, Method::GET, "/healthz", None, None)).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    // The oldest slow connection made way for it, well before any timeout.
+    read_to_close(&mut slow[0], Duration::from_secs(10)).await;
+    let displaced = app.metric("trellis_api_connections_displaced_total").await.expect("exported");
+    assert!(displaced >= 1.0, "{displaced}");
+    assert_eq!(app.labelled_metric("trellis_api_requests_shed_total", "reason=\"connections\"").await, Some(0.0));
 }
 
 #[tokio::test]
@@ -475,7 +554,7 @@ async fn requests_beyond_the_in_flight_cap_are_shed_at_once() {
     let mut blocker = app.db.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE contacts.contacts IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
     let in_flight = tokio::spawn(app.build(Method::GET, "/v1/me/contacts", Some(&alice.token), None).send());
-    app.wait_for_lock_wait().await;
+    until_waiting_for_a_lock(&app, 1).await;
     let started = tokio::time::Instant::now();
     let shed = app.get("/v1/me", Some(&alice.token)).await;
     assert_overloaded(&shed);
@@ -540,6 +619,37 @@ async fn concurrent_filings_of_one_reporter_cannot_pass_the_open_limit_together(
     let filed = results.iter().filter(|r| r.status == 201).count();
     assert_eq!(filed, 2, "{:?}", results.iter().map(|r| r.status).collect::<Vec<_>>());
     assert!(results.iter().all(|r| r.status == 201 || r.problem() == "open-dispute-limit"));
+}
+
+#[tokio::test]
+async fn one_reporters_waiting_filings_leave_the_database_pool_to_everyone_else() {
+    let app = TestApp::spawn_with(with(&["--db-pool-size", "3"])).await;
+    let alice = app.register("alice").await;
+    let bob = app.register("bob").await;
+    // Hold alice's filing lock from outside, as a filing on another replica would.
+    let mut other_replica = app.db.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(1953066613, hashtext($1::uuid::text))")
+        .bind(&alice.id)
+        .execute(&mut *other_replica)
+        .await
+        .unwrap();
+    let filings: Vec<_> = (0..12)
+        .map(|i| {
+            let body = json!({"target_id": bob.id, "kind": "spam", "description": format!("spam number {i}")});
+            tokio::spawn(app.build(Method::POST, "/v1/disputes", Some(&alice.token), Some(body)).send())
+        })
+        .collect();
+    until_waiting_for_a_lock(&app, 1).await;
+    // Twelve filings wait, yet the pool of three serves everyone else meanwhile.
+    for _ in 0..5 {
+        let r = app.get("/v1/me/contacts", Some(&bob.token)).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut *other_replica).await.unwrap();
+    for filing in filings {
+        let status = filing.await.unwrap().unwrap().status().as_u16();
+        assert!(status == 201 || status == 429, "{status}");
+    }
 }
 
 #[tokio::test]
