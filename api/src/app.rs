@@ -276,9 +276,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         filings: Arc::default(),
     };
 
-    let listener = tokio::net::TcpListener::bind(config.api_addr)
-        .await
-        .with_context(|| format!("cannot bind the API listener on {}", config.api_addr))?;
+    let listener =
+        serve::bind(config.api_addr).with_context(|| format!("cannot bind the API listener on {}", config.api_addr))?;
     let api_addr = listener.local_addr()?;
     let (admin_addr, admin_task) =
         trellis_runtime::admin::serve(common.admin_addr, health, metrics, shutdown.clone()).await?;

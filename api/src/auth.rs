@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{Output, ParamsString, PasswordHash, Salt, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use base64::Engine as _;
@@ -74,12 +74,13 @@ pub async fn issue_token(
 /// as many threads the gate owns, and `PASSWORD_HASH_QUEUE` more wait; beyond that a request is
 /// answered 503 with `Retry-After` at once.
 ///
-/// The gate's own threads, rather than tokio's blocking pool, for two reasons. Memory: the
-/// allocator keeps a freed 19 MiB block in the arena of the thread that used it, and the blocking
-/// pool spreads hashes over many threads, so a burst grows the process by 19 MiB per thread it
-/// touched; on a fixed set of threads the blocks are reused. Latency: the threads run at a lower
-/// scheduling priority (nice [`HASHING_NICE`]), so a flood of logins or registrations, which
-/// keeps every hashing thread busy, does not take the CPU from the requests that need no hash.
+/// The gate's own threads, rather than tokio's blocking pool, for two reasons. Memory: each
+/// thread owns the 19 MiB that argon2 works in, allocated once when the thread starts, so the
+/// process's memory is the same before, during and after a flood of logins (allocating it per
+/// hash left the allocator holding freed blocks: +64 to +76 MiB at the peak of a flood).
+/// Latency: the threads run at a lower scheduling priority (nice [`HASHING_NICE`]), so a flood
+/// of logins or registrations, which keeps every hashing thread busy, does not take the CPU from
+/// the requests that need no hash.
 pub struct HashingGate {
     permits: Arc<Semaphore>,
     waiting: AtomicUsize,
@@ -90,7 +91,7 @@ pub struct HashingGate {
 /// The nice value of the hashing threads (0 is normal, 19 the lowest priority).
 pub const HASHING_NICE: i32 = 10;
 
-type HashJob = Box<dyn FnOnce() + Send>;
+type HashJob = Box<dyn FnOnce(&mut ThreadHasher) + Send>;
 
 /// Decrements the queue length when a waiter leaves it, however it leaves.
 struct Waiting<'a>(&'a AtomicUsize);
@@ -140,15 +141,15 @@ impl HashingGate {
     async fn run<T: Send + 'static>(
         &self,
         operation: &'static str,
-        work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+        work: impl FnOnce(&mut ThreadHasher) -> anyhow::Result<T> + Send + 'static,
     ) -> Result<T, ApiError> {
         let permit = self.enter().await?;
         metrics::counter!("trellis_api_password_hashes_total", "operation" => operation).increment(1);
         let (done, result) = tokio::sync::oneshot::channel();
         self.jobs
-            .send(Box::new(move || {
+            .send(Box::new(move |hasher: &mut ThreadHasher| {
                 let _permit = permit;
-                let _ = done.send(work());
+                let _ = done.send(work(hasher));
             }))
             .map_err(|_| ApiError::Internal(anyhow::anyhow!("the password-hashing threads have ended")))?;
         // A panic in `work` drops `done`: the request fails, the thread goes on.
@@ -156,16 +157,22 @@ impl HashingGate {
         Ok(outcome?)
     }
 
-    /// Hashes with argon2id on a hashing thread.
+    /// Hashes with argon2id (the crate's default parameters) on a hashing thread.
     pub async fn hash_password(&self, password: Password) -> Result<String, ApiError> {
-        self.run("hash", move || {
+        self.run("hash", move |hasher| {
             let mut salt = [0u8; 16];
             rand::rng().fill_bytes(&mut salt);
             let salt = SaltString::encode_b64(&salt).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
-            Argon2::default()
-                .hash_password(password.expose().as_bytes(), &salt)
-                .map(|h| h.to_string())
-                .map_err(|e| anyhow::anyhow!("hashing: {e}"))
+            let hash = hasher
+                .hash(
+                    Algorithm::default(),
+                    Version::default(),
+                    Params::default(),
+                    password.expose().as_bytes(),
+                    salt.as_salt(),
+                )
+                .map_err(|e| anyhow::anyhow!("hashing: {e}"))?;
+            Ok(hash.to_string())
         })
         .await
     }
@@ -173,24 +180,93 @@ impl HashingGate {
     /// Verifies on a hashing thread. With no stored hash (unknown login) it verifies against
     /// a fixed dummy so that the response takes as long either way.
     pub async fn verify_password(&self, candidate: String, stored: Option<String>) -> Result<bool, ApiError> {
-        static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        self.run("verify", move || {
-            let dummy = DUMMY.get_or_init(|| {
-                Argon2::default()
-                    .hash_password(
-                        b"trellis-dummy-password",
-                        &SaltString::encode_b64(b"trellis-dummy-salt").expect("salt"),
-                    )
-                    .expect("hashing a constant")
-                    .to_string()
-            });
+        self.run("verify", move |hasher| {
             let known = stored.is_some();
-            let hash_text = stored.unwrap_or_else(|| dummy.clone());
+            let hash_text = stored.unwrap_or_else(|| hasher.dummy.clone());
             let hash = PasswordHash::new(&hash_text).map_err(|e| anyhow::anyhow!("stored hash: {e}"))?;
-            let ok = Argon2::default().verify_password(candidate.as_bytes(), &hash).is_ok();
-            anyhow::Ok(known && ok)
+            // A stored hash this crate cannot check matches no password.
+            Ok(hasher.verify(candidate.as_bytes(), &hash).unwrap_or(false) && known)
         })
         .await
+    }
+}
+
+/// argon2 in the memory of one hashing thread: the crate's `hash_password` allocates its
+/// working memory on every call; this hashes into `memory`, which the thread keeps.
+pub struct ThreadHasher {
+    memory: Vec<Block>,
+    /// A hash of a fixed password, verified against for unknown logins.
+    dummy: String,
+}
+
+impl ThreadHasher {
+    /// Allocates the memory of the default parameters and uses it once (the dummy hash), so that
+    /// the thread's memory is in place before the first request.
+    pub fn new() -> Self {
+        let mut hasher = Self { memory: vec![Block::default(); Params::default().block_count()], dummy: String::new() };
+        let salt = SaltString::encode_b64(b"trellis-dummy-salt").expect("a constant salt encodes");
+        hasher.dummy = hasher
+            .hash(
+                Algorithm::default(),
+                Version::default(),
+                Params::default(),
+                b"trellis-dummy-password",
+                salt.as_salt(),
+            )
+            .expect("hashing a constant")
+            .to_string();
+        hasher
+    }
+
+    /// What `argon2::PasswordHasher::hash_password` computes, in this thread's memory (grown
+    /// when a stored hash asks for more than the default parameters).
+    pub fn hash<'a>(
+        &mut self,
+        algorithm: Algorithm,
+        version: Version,
+        params: Params,
+        password: &[u8],
+        salt: Salt<'a>,
+    ) -> argon2::password_hash::Result<PasswordHash<'a>> {
+        let mut salt_bytes = [0u8; 64];
+        let salt_bytes = salt.decode_b64(&mut salt_bytes)?;
+        let blocks = params.block_count();
+        if self.memory.len() < blocks {
+            self.memory.resize(blocks, Block::default());
+        }
+        let argon2 = Argon2::new(algorithm, version, params.clone());
+        let output_len = params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN);
+        let memory = &mut self.memory[..blocks];
+        let output = Output::init_with(output_len, |out| {
+            Ok(argon2.hash_password_into_with_memory(password, salt_bytes, out, &mut *memory)?)
+        })?;
+        Ok(PasswordHash {
+            algorithm: algorithm.ident(),
+            version: Some(version.into()),
+            params: ParamsString::try_from(&params)?,
+            salt: Some(salt),
+            hash: Some(output),
+        })
+    }
+
+    /// Whether `password` matches `stored`, compared in constant time; an error when `stored`
+    /// is not an argon2 hash this crate can check.
+    pub fn verify(&mut self, password: &[u8], stored: &PasswordHash<'_>) -> argon2::password_hash::Result<bool> {
+        let (Some(salt), Some(expected)) = (stored.salt, &stored.hash) else {
+            return Err(argon2::password_hash::Error::Password);
+        };
+        let algorithm = Algorithm::try_from(stored.algorithm)?;
+        let version = stored.version.map(Version::try_from).transpose()?.unwrap_or_default();
+        let params = Params::try_from(stored)?;
+        let computed = self.hash(algorithm, version, params, password, salt)?;
+        // `Output`'s equality is constant-time.
+        Ok(computed.hash.as_ref() == Some(expected))
+    }
+}
+
+impl Default for ThreadHasher {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -202,6 +278,7 @@ fn hashing_thread(jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<HashJob>>) {
     if let Err(e) = rustix::process::setpriority_process(Some(tid), HASHING_NICE) {
         tracing::warn!(error = %e, "could not lower the priority of a password-hashing thread");
     }
+    let mut hasher = ThreadHasher::new();
     loop {
         let job = match jobs.lock() {
             Ok(receiver) => receiver.recv(),
@@ -209,7 +286,7 @@ fn hashing_thread(jobs: &std::sync::Mutex<std::sync::mpsc::Receiver<HashJob>>) {
         };
         let Ok(job) = job else { return };
         // The job's panic is reported to its request through the dropped sender.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut hasher)));
     }
 }
 
@@ -288,7 +365,40 @@ impl FromRequestParts<AppState> for Principal {
 
 #[cfg(test)]
 mod tests {
+    use argon2::PasswordHasher as _;
+
     use super::*;
+
+    #[test]
+    fn a_thread_hasher_computes_what_argon2_computes_in_memory_it_reuses() {
+        let mut hasher = ThreadHasher::new();
+        for password in [b"correct horse battery".as_slice(), b"another password entirely"] {
+            let salt = SaltString::encode_b64(b"sixteen byte slt").unwrap();
+            let ours = hasher
+                .hash(Algorithm::default(), Version::default(), Params::default(), password, salt.as_salt())
+                .unwrap()
+                .to_string();
+            let reference = Argon2::default().hash_password(password, &salt).unwrap().to_string();
+            assert_eq!(ours, reference);
+            let parsed = PasswordHash::new(&reference).unwrap();
+            assert!(hasher.verify(password, &parsed).unwrap());
+            assert!(!hasher.verify(b"wrong", &parsed).unwrap());
+        }
+    }
+
+    #[test]
+    fn a_hash_made_with_other_parameters_verifies_and_grows_the_memory_as_needed() {
+        let mut hasher = ThreadHasher::new();
+        let params = Params::new(Params::DEFAULT_M_COST * 2, 1, 1, None).unwrap();
+        let salt = SaltString::encode_b64(b"sixteen byte slt").unwrap();
+        let stored = Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+            .hash_password(b"pw with more memory", &salt)
+            .unwrap()
+            .to_string();
+        let parsed = PasswordHash::new(&stored).unwrap();
+        assert!(hasher.verify(b"pw with more memory", &parsed).unwrap());
+        assert!(!hasher.verify(b"pw with less memory", &parsed).unwrap());
+    }
 
     #[test]
     fn tokens_are_256_bit_and_hashed() {

@@ -192,6 +192,21 @@ impl http_body::Body for ResponseBody {
     }
 }
 
+/// Connections the kernel completes and queues for this listener before it accepts them (capped
+/// by `net.core.somaxconn`, 4,096 by default). When slow clients hold every place and reopen each
+/// one that is displaced, the queue holds what waits to be accepted; once it is full the kernel
+/// drops new handshakes, and a legitimate client's connect waits for its SYN to be sent again
+/// (1 s, then 3 s). A queue deeper than the usual 1,024 keeps that from happening.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// The public listener on `addr`, with [`LISTEN_BACKLOG`].
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Serves `app` on `listener` until `shutdown`, then drains as described in the module doc.
 pub async fn serve(listener: TcpListener, app: Router, limits: Limits, shutdown: CancellationToken) {
     let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));

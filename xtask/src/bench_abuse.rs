@@ -58,6 +58,9 @@ const WARM_UP: Duration = Duration::from_secs(2);
 /// Between the end of an attack and the "after" figures: the API finishes what it started.
 const SETTLE: Duration = Duration::from_secs(3);
 const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(50);
+
+/// The nice value of the attacker thread of the load generator (the legitimate client runs at 0).
+const ATTACKER_NICE: i32 = 10;
 /// A slow client sends one byte of its headers this often.
 const SLOW_BYTE_EVERY: Duration = Duration::from_secs(1);
 /// The bytes of a "long" idempotency key (the most the API accepts today) and query string.
@@ -557,6 +560,10 @@ fn measure(
         let (duration, concurrency, slow_connections, users) =
             (settings.duration, settings.concurrency, settings.slow_connections, settings.users);
         std::thread::spawn(move || -> anyhow::Result<Load> {
+            // The attacker's machine is not the API's: on this one, the attack's own load
+            // generation yields the CPU to the API, the database and the legitimate client.
+            rustix::process::setpriority_process(Some(rustix::thread::gettid()), ATTACKER_NICE)
+                .context("lowering the attacker thread's priority")?;
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             Ok(runtime.block_on(async move {
                 let until = tokio::time::Instant::now() + duration;

@@ -547,6 +547,17 @@ async fn at_the_cap_a_new_connection_displaces_the_one_waiting_longest_for_a_req
 }
 
 #[tokio::test]
+async fn the_public_listener_queues_as_many_connections_as_the_kernel_allows_up_to_4096() {
+    let app = TestApp::spawn().await;
+    let listening = std::process::Command::new("ss").args(["-Hltn", "src", &app.addr.to_string()]).output().unwrap();
+    let listening = String::from_utf8(listening.stdout).unwrap();
+    // A listening socket's Send-Q is its backlog: "LISTEN <Recv-Q> <Send-Q> <local> <peer>".
+    let backlog: u32 = listening.split_whitespace().nth(2).expect("the listener is listed").parse().unwrap();
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap().trim().parse().unwrap();
+    assert_eq!(backlog, trellis_api::serve::LISTEN_BACKLOG.min(somaxconn), "{listening}");
+}
+
+#[tokio::test]
 async fn requests_beyond_the_in_flight_cap_are_shed_at_once() {
     let app = TestApp::spawn_with(with(&["--max-in-flight-requests", "1"])).await;
     let alice = app.register("alice").await;
