@@ -9,6 +9,9 @@ use uuid::Uuid;
 
 use crate::process::{Process, READY_WITHIN, Spawn};
 
+/// How long a request of [`Client`] may take: far above any answer a test waits for.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The password of every user the tests register.
 pub const PASSWORD: &str = "correct horse battery staple";
 
@@ -57,8 +60,10 @@ pub struct Client {
 }
 
 impl Client {
+    /// A client of `addr` whose requests fail after [`REQUEST_TIMEOUT`] instead of hanging a
+    /// test whose server stopped answering.
     pub fn new(addr: SocketAddr) -> Client {
-        Client { addr, http: reqwest::Client::builder().no_proxy().build().expect("an HTTP client") }
+        Client { addr, http: crate::process::client(REQUEST_TIMEOUT) }
     }
 
     pub fn url(&self, path: &str) -> String {
