@@ -210,6 +210,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let topology = Topology::new(&common.nats_prefix)?;
     config.promotion.policy().map_err(anyhow::Error::msg)?;
     config.check().map_err(anyhow::Error::msg)?;
+    serve::raise_open_file_limit(config.max_connections);
     let metrics = trellis_runtime::telemetry::install_metrics();
     trellis_runtime::shadow::init_metrics();
     for endpoint in routes::search::ENDPOINTS {

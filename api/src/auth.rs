@@ -136,6 +136,12 @@ impl HashingGate {
         Ok(self.permits.clone().acquire_owned().await.expect("the hashing semaphore is never closed"))
     }
 
+    /// A slot for one hash, taken before the work that leads to it (a sign-in's account lookup):
+    /// when hashing is saturated, a request is answered 503 before it costs a query.
+    pub async fn reserve(&self) -> Result<HashingSlot, ApiError> {
+        self.enter().await.map(HashingSlot)
+    }
+
     /// Runs `work` on a hashing thread once a slot is free. The permit moves with the work: a
     /// request cut off by its timeout does not free the slot while its hash still runs.
     async fn run<T: Send + 'static>(
@@ -143,7 +149,16 @@ impl HashingGate {
         operation: &'static str,
         work: impl FnOnce(&mut ThreadHasher) -> anyhow::Result<T> + Send + 'static,
     ) -> Result<T, ApiError> {
-        let permit = self.enter().await?;
+        let slot = self.reserve().await?;
+        self.run_in(slot, operation, work).await
+    }
+
+    async fn run_in<T: Send + 'static>(
+        &self,
+        HashingSlot(permit): HashingSlot,
+        operation: &'static str,
+        work: impl FnOnce(&mut ThreadHasher) -> anyhow::Result<T> + Send + 'static,
+    ) -> Result<T, ApiError> {
         metrics::counter!("trellis_api_password_hashes_total", "operation" => operation).increment(1);
         let (done, result) = tokio::sync::oneshot::channel();
         self.jobs
@@ -180,7 +195,18 @@ impl HashingGate {
     /// Verifies on a hashing thread. With no stored hash (unknown login) it verifies against
     /// a fixed dummy so that the response takes as long either way.
     pub async fn verify_password(&self, candidate: String, stored: Option<String>) -> Result<bool, ApiError> {
-        self.run("verify", move |hasher| {
+        let slot = self.reserve().await?;
+        self.verify_password_in(slot, candidate, stored).await
+    }
+
+    /// [`HashingGate::verify_password`] in a slot reserved before.
+    pub async fn verify_password_in(
+        &self,
+        slot: HashingSlot,
+        candidate: String,
+        stored: Option<String>,
+    ) -> Result<bool, ApiError> {
+        self.run_in(slot, "verify", move |hasher| {
             let known = stored.is_some();
             let hash_text = stored.unwrap_or_else(|| hasher.dummy.clone());
             let hash = PasswordHash::new(&hash_text).map_err(|e| anyhow::anyhow!("stored hash: {e}"))?;
@@ -190,6 +216,9 @@ impl HashingGate {
         .await
     }
 }
+
+/// One reserved place among the hashes running at once, given back when dropped.
+pub struct HashingSlot(OwnedSemaphorePermit);
 
 /// argon2 in the memory of one hashing thread: the crate's `hash_password` allocates its
 /// working memory on every call; this hashes into `memory`, which the thread keeps.

@@ -127,9 +127,11 @@ pub struct Config {
     #[arg(long, env = "HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     pub header_read_timeout: Duration,
 
-    /// Open client connections at most; a connection beyond it is answered 503 with
-    /// `Retry-After` and closed.
-    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024)]
+    /// Open client connections at most. At the cap a new connection displaces one waiting for a
+    /// request head; when every open one is in a request, it is answered 503 with `Retry-After`
+    /// and closed. Each open connection is a file descriptor: the API raises its soft limit of
+    /// open files to the hard limit at start-up and warns when the cap does not fit in it.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
 
     /// Open connections per client address (an IPv6 /64 counts as one) at most; one beyond it is

@@ -6,11 +6,12 @@
 //! within `HEADER_READ_TIMEOUT` is closed (an idle keep-alive connection too: hyper restarts
 //! the timer when it waits for the next request).
 //!
-//! When `MAX_CONNECTIONS` are open, a new connection takes the place of the one that has waited
-//! longest for a request head: a connection that never sent one, or an idle keep-alive one. A
-//! client that sends its request at once is never the oldest, so slow clients from many
-//! addresses, each reopening what is closed, only ever displace each other. A connection in the
-//! middle of a request is never closed this way. Only when every open connection is busy, or
+//! When `MAX_CONNECTIONS` are open, a new connection takes the place of one waiting for a
+//! request head: the oldest of those that never sent a request, or else the oldest idle
+//! keep-alive one. A client that sends its request at once is never the oldest of the first
+//! kind and then becomes the second, so slow clients from many addresses, each reopening what is
+//! closed, only ever displace each other. A connection in the middle of a request is never
+//! closed this way. Only when every open connection is busy, or
 //! beyond `MAX_CONNECTIONS_PER_ADDRESS` from one client address, is a connection answered with a
 //! 503 problem and `Retry-After` and closed; at most [`REFUSALS_AT_ONCE`] such answers are
 //! written at a time, and past that a connection is closed unanswered. Connections from a
@@ -22,7 +23,7 @@
 //! Shutdown is what `axum::serve`'s graceful shutdown does: stop accepting, let each
 //! connection finish the request it is on (idle ones close), and return when all have closed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -33,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ConnectInfo;
+use axum::http::{HeaderValue, header};
 use axum::response::IntoResponse as _;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -104,37 +106,60 @@ impl Drop for AddressSlot {
     }
 }
 
-/// The open connections that are waiting for a request head, with the time they started to
-/// wait; a connection leaves it while one of its requests is in progress.
+/// The open connections that are waiting for a request head, in the order they are displaced:
+/// those that never sent a request first (slow clients are among them), then idle keep-alive
+/// ones; each group oldest first. A connection leaves it while one of its requests is in
+/// progress.
 #[derive(Default)]
 struct Waiting {
     next_id: AtomicU64,
-    since: Mutex<HashMap<u64, (Instant, CancellationToken)>>,
+    set: Mutex<WaitingSet>,
+}
+
+#[derive(Default)]
+struct WaitingSet {
+    /// (has been served, waiting since, id) → how to close it.
+    order: BTreeMap<(bool, Instant, u64), CancellationToken>,
+    /// id → its key in `order`.
+    keys: HashMap<u64, (bool, Instant, u64)>,
+}
+
+impl WaitingSet {
+    fn insert(&mut self, id: u64, served: bool, close: CancellationToken) {
+        let key = (served, Instant::now(), id);
+        self.order.insert(key, close);
+        self.keys.insert(id, key);
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(key) = self.keys.remove(&id) {
+            self.order.remove(&key);
+        }
+    }
 }
 
 impl Waiting {
     fn register(self: &Arc<Self>) -> WaitingEntry {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let close = CancellationToken::new();
-        self.since.lock().expect("waiting map lock").insert(id, (Instant::now(), close.clone()));
+        self.set.lock().expect("waiting set lock").insert(id, false, close.clone());
         WaitingEntry { owner: self.clone(), id, close }
     }
 
-    /// Closes the connection that has waited longest for a request head, if any waits.
+    /// Closes the first connection in displacement order, if any waits.
     fn displace_oldest(&self) -> bool {
-        let mut since = self.since.lock().expect("waiting map lock");
-        let Some(oldest) = since.iter().min_by_key(|(_, (at, _))| *at).map(|(id, _)| *id) else {
+        let mut set = self.set.lock().expect("waiting set lock");
+        let Some(((_, _, id), close)) = set.order.pop_first() else {
             return false;
         };
-        if let Some((_, close)) = since.remove(&oldest) {
-            close.cancel();
-        }
+        set.keys.remove(&id);
+        close.cancel();
         true
     }
 }
 
 /// One connection's place in [`Waiting`]: out of it while a request is in progress, back in
-/// when the response's body has been written, gone when the connection is.
+/// (as served) when the response's body has been written, gone when the connection is.
 struct WaitingEntry {
     owner: Arc<Waiting>,
     id: u64,
@@ -143,12 +168,12 @@ struct WaitingEntry {
 
 impl WaitingEntry {
     fn busy(&self) {
-        self.owner.since.lock().expect("waiting map lock").remove(&self.id);
+        self.owner.set.lock().expect("waiting set lock").remove(self.id);
     }
 
     fn waiting(&self) {
         if !self.close.is_cancelled() {
-            self.owner.since.lock().expect("waiting map lock").insert(self.id, (Instant::now(), self.close.clone()));
+            self.owner.set.lock().expect("waiting set lock").insert(self.id, true, self.close.clone());
         }
     }
 }
@@ -198,6 +223,35 @@ impl http_body::Body for ResponseBody {
 /// drops new handshakes, and a legitimate client's connect waits for its SYN to be sent again
 /// (1 s, then 3 s). A queue deeper than the usual 1,024 keeps that from happening.
 pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// File descriptors kept for everything but client connections (pools, NATS, logs, files).
+const NON_CLIENT_FILES: u64 = 256;
+
+/// Raises the soft limit of open files to the hard limit, as the Go runtime does for every
+/// program: the soft limit is often 1,024, fewer than `MAX_CONNECTIONS`, while the hard limit
+/// is what the deployment grants. Warns when `max_connections` still does not fit.
+pub fn raise_open_file_limit(max_connections: usize) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let raised = Rlimit { current: limit.maximum, maximum: limit.maximum };
+    let soft = match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => limit.maximum,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the soft limit of open files");
+            limit.current
+        }
+    };
+    if let Some(soft) = soft
+        && soft < max_connections as u64 + NON_CLIENT_FILES
+    {
+        tracing::warn!(
+            open_files = soft,
+            max_connections,
+            "the limit of open files is below MAX_CONNECTIONS + {NON_CLIENT_FILES}: connections beyond it are refused by \
+             the kernel; raise the hard limit (LimitNOFILE, ulimit -n) or lower MAX_CONNECTIONS"
+        );
+    }
+}
 
 /// The public listener on `addr`, with [`LISTEN_BACKLOG`].
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -257,6 +311,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, shutdown:
                     header_read_timeout: limits.header_read_timeout,
                     shutdown: shutdown.clone(),
                     waiting: waiting.register(),
+                    close_after_refusal: !is_trusted(peer.ip(), &limits.trusted_proxies),
                 };
                 let connections = connections.clone();
                 let close_rx = close_rx.clone();
@@ -293,11 +348,15 @@ struct Connection {
     header_read_timeout: Duration,
     shutdown: CancellationToken,
     waiting: WaitingEntry,
+    /// Whether a 429 or 503 answer closes the connection: yes for a client, no for a trusted
+    /// proxy (one of its clients was refused, not the proxy).
+    close_after_refusal: bool,
 }
 
 impl Connection {
     async fn run(self, stream: TcpStream) {
         let peer = self.peer;
+        let close_after_refusal = self.close_after_refusal;
         let displaced = self.waiting.close.clone();
         let entry = Arc::new(self.waiting);
         let on_request = entry.clone();
@@ -308,7 +367,13 @@ impl Connection {
                 request.extensions_mut().insert(ConnectInfo(peer));
                 request
             })
-            .map_response(move |response: axum::response::Response| {
+            .map_response(move |mut response: axum::response::Response| {
+                // A refused client that wants to go on reconnects first: a flood over kept-alive
+                // connections is paced by the accept loop instead of taking a turn per request.
+                let refused = matches!(response.status().as_u16(), 429 | 503);
+                if refused && close_after_refusal {
+                    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
                 let entry = entry.clone();
                 response.map(|inner| axum::body::Body::new(ResponseBody { inner, entry }))
             });

@@ -174,6 +174,9 @@ async fn login(
         .login_address
         .check(&client)
         .map_err(|retry_after_secs| ApiError::RateLimited { retry_after_secs })?;
+    // The password check's slot comes before the account lookup: when hashing is saturated, a
+    // sign-in flood is answered 503 without a query each.
+    let slot = state.hashing.reserve().await?;
     let found = trellis_store::identity::find_credentials(&state.pool, &login).await?;
     let account = match &found {
         Some((user, _)) => AccountKey::User(user.id),
@@ -188,7 +191,7 @@ async fn login(
         Some((user, hash)) => (Some(user), Some(hash)),
         None => (None, None),
     };
-    let valid = state.hashing.verify_password(body.password.into_exposed(), hash.clone()).await?;
+    let valid = state.hashing.verify_password_in(slot, body.password.into_exposed(), hash.clone()).await?;
     let user = match user {
         Some(user) if valid => user,
         _ => return Err(ApiError::Unauthenticated),

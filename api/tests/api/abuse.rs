@@ -195,6 +195,24 @@ async fn forwarded_addresses_count_only_from_a_trusted_proxy() {
 }
 
 #[tokio::test]
+async fn a_refused_client_is_answered_and_its_connection_closed() {
+    let app = TestApp::spawn_with(with(&["--login-rate-per-address", "1", "--header-read-timeout", "60s"])).await;
+    let body = r#"{"login":"nobody","password":"wrong password!"}"#;
+    let request = format!(
+        "POST /v1/sessions HTTP/1.1\r\nHost: trellis\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut connection = connect_from(&app, "127.0.0.2").await;
+    // The first sign-in is a 401 and the connection stays open; the second, refused, closes it.
+    connection.write_all(request.as_bytes()).await.unwrap();
+    connection.write_all(request.as_bytes()).await.unwrap();
+    let answers = String::from_utf8_lossy(&read_to_close(&mut connection, Duration::from_secs(10)).await).into_owned();
+    let statuses: Vec<&str> = answers.match_indices("HTTP/1.1 ").map(|(i, _)| &answers[i + 9..i + 12]).collect();
+    assert_eq!(statuses, ["401", "429"], "{answers}");
+    assert!(answers.to_ascii_lowercase().contains("connection: close"), "{answers}");
+}
+
+#[tokio::test]
 async fn login_answers_are_counted_by_status_for_the_alert() {
     // A process of its own (`with`): the apps of this test process share one metrics recorder,
     // and other tests' logins would count here too.
@@ -274,6 +292,24 @@ async fn password_hashing_beyond_its_slots_and_queue_is_answered_503_at_once() {
     assert_overloaded(&shed);
     let shed = app.labelled_metric("trellis_api_requests_shed_total", "reason=\"password_hashing\"").await;
     assert!(shed.unwrap_or(0.0) >= 1.0, "{shed:?}");
+}
+
+#[tokio::test]
+async fn a_sign_in_finding_hashing_saturated_is_shed_before_it_looks_the_account_up() {
+    let app = TestApp::spawn_with(with(&["--password-hash-concurrency", "1", "--password-hash-queue", "0"])).await;
+    // The first sign-in takes the one hashing slot, then waits for its account lookup.
+    let mut blocker = app.db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE identity.users IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
+    let first = tokio::spawn(
+        app.build(Method::POST, "/v1/sessions", None, Some(json!({"login": "nobody", "password": "wrong password!"})))
+            .send(),
+    );
+    until_waiting_for_a_lock(&app, 1).await;
+    // A second is answered while the table is still locked: it never queried.
+    let second = login(&app, "somebody", "wrong password!").await;
+    assert_overloaded(&second);
+    blocker.commit().await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap().status(), 401);
 }
 
 async fn register_from(app: &TestApp, client: &reqwest::Client, handle: &str) -> Resp {
@@ -503,15 +539,15 @@ async fn connections_beyond_the_total_cap_are_answered_503_when_every_open_one_i
     // Two requests held inside the database: both open connections are busy.
     let mut blocker = app.db.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE contacts.contacts IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
-    let busy: Vec<_> = ["127.0.0.2", "127.0.0.3"]
-        .into_iter()
-        .map(|from| {
-            let request =
-                app.build_on(&TestApp::client_from(from), Method::GET, "/v1/me/contacts", Some(&alice.token), None);
-            tokio::spawn(request.send())
-        })
-        .collect();
-    until_waiting_for_a_lock(&app, 2).await;
+    // One after the other: a connection that has not yet sent its request can itself be
+    // displaced; once its request waits in the database it cannot.
+    let mut busy = Vec::new();
+    for (n, from) in [(1, "127.0.0.2"), (2, "127.0.0.3")] {
+        let request =
+            app.build_on(&TestApp::client_from(from), Method::GET, "/v1/me/contacts", Some(&alice.token), None);
+        busy.push(tokio::spawn(request.send()));
+        until_waiting_for_a_lock(&app, n).await;
+    }
     let mut third = connect_from(&app, "127.0.0.4").await;
     third.write_all(b"GET /healthz HTTP/1.1\r\nHost: trellis\r\n\r\n").await.unwrap();
     let answer = String::from_utf8_lossy(&read_to_close(&mut third, Duration::from_secs(10)).await).into_owned();
@@ -544,6 +580,86 @@ async fn at_the_cap_a_new_connection_displaces_the_one_waiting_longest_for_a_req
     let displaced = app.metric("trellis_api_connections_displaced_total").await.expect("exported");
     assert!(displaced >= 1.0, "{displaced}");
     assert_eq!(app.labelled_metric("trellis_api_requests_shed_total", "reason=\"connections\"").await, Some(0.0));
+}
+
+/// Sends `GET /healthz` on a kept-alive connection and reads the whole answer.
+async fn healthz_on(stream: &mut TcpStream) -> String {
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: trellis\r\n\r\n").await.unwrap();
+    let mut read = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await.expect("answered").unwrap();
+        assert!(n > 0, "the connection was closed: {}", String::from_utf8_lossy(&read));
+        read.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&read).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                .expect("a content length");
+            if body.len() >= length {
+                return text;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_connection_that_was_served_is_displaced_only_after_those_that_never_sent_a_request() {
+    let app = TestApp::spawn_with(with(&["--max-connections", "3", "--header-read-timeout", "60s"])).await;
+    // The oldest connection is a client's, idle between two requests.
+    let mut client = connect_from(&app, "127.0.0.9").await;
+    assert!(healthz_on(&mut client).await.starts_with("HTTP/1.1 200"));
+    let mut slow = Vec::new();
+    for from in ["127.0.0.2", "127.0.0.3"] {
+        let mut connection = connect_from(&app, from).await;
+        connection.write_all(b"GET /healthz HTTP/1.1\r\nHost: trellis\r\nX-Slow: ").await.unwrap();
+        slow.push(connection);
+    }
+    // A new connection displaces the older slow one, not the client's older idle one.
+    let mut newcomer = connect_from(&app, "127.0.0.4").await;
+    assert!(healthz_on(&mut newcomer).await.starts_with("HTTP/1.1 200"));
+    read_to_close(&mut slow[0], Duration::from_secs(10)).await;
+    assert!(healthz_on(&mut client).await.starts_with("HTTP/1.1 200"), "the client's connection is still open");
+}
+
+/// The soft and hard limits of open files of process `pid`.
+fn open_file_limits(pid: u32) -> Option<(String, String)> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut fields = line.split_whitespace().skip(3);
+    Some((fields.next()?.to_owned(), fields.next()?.to_owned()))
+}
+
+#[tokio::test]
+async fn the_api_raises_its_soft_limit_of_open_files_to_the_hard_limit() {
+    let db = trellis_testkit::TestDb::migrated().await.unwrap();
+    // Started with a soft limit of 512, as a shell or a service manager may leave it.
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "ulimit -Sn 512 && exec \"$0\"", env!("CARGO_BIN_EXE_trellis-api")])
+        .env("DATABASE_URL", &db.url)
+        .env("NATS_URL", trellis_testkit::nats_url())
+        .env("NATS_PREFIX", trellis_testkit::nats_prefix())
+        .env("API_ADDR", "127.0.0.1:0")
+        .env("ADMIN_ADDR", "127.0.0.1:0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let limits = loop {
+        let limits = open_file_limits(child.id());
+        if limits.as_ref().is_some_and(|(soft, hard)| soft == hard) {
+            break limits;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "trellis-api exited; limits were {limits:?}");
+        assert!(tokio::time::Instant::now() < deadline, "the soft limit stayed below the hard one: {limits:?}");
+        tokio::task::yield_now().await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let (soft, _) = limits.unwrap();
+    assert_ne!(soft, "512");
 }
 
 #[tokio::test]
