@@ -313,6 +313,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     });
     let admin_addr = host.admin_addr();
     let task = tokio::spawn(host.run());
+    // Once everything is started: whoever reads the addresses may wait for `/readyz`.
+    trellis_runtime::admin::write_addr_file(common.addr_file.as_deref(), &[("api", api_addr), ("admin", admin_addr)])?;
     Ok(Running { api_addr, admin_addr, pool, task })
 }
 

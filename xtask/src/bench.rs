@@ -104,23 +104,23 @@ pub(crate) fn build_release(packages: &[&str]) -> anyhow::Result<()> {
     util::run(&mut cmd)
 }
 
-/// A release `trellis-api` on fixed local ports, killed (SIGTERM, then SIGKILL) on drop.
+/// A release `trellis-api` on ports the system picks (read from its address file), killed
+/// (SIGTERM, then SIGKILL) on drop.
 pub(crate) struct Api {
     child: Child,
     pub(crate) url: String,
+    /// The admin listener (`/metrics`), `host:port`.
+    pub(crate) admin: String,
 }
 
 impl Api {
     pub(crate) fn start(db: &BenchDb, stack: &Stack, prefix: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let port = free_port()?;
-        let admin = free_port()?;
         let log = util::target_dir().join("bench-api.log");
         let mut cmd = Command::new(release_bin("trellis-api"));
         cmd.env("DATABASE_URL", &db.url)
             .env("NATS_URL", &stack.nats_url)
             .env("NATS_PREFIX", prefix)
-            .env("API_ADDR", format!("127.0.0.1:{port}"))
-            .env("ADMIN_ADDR", format!("127.0.0.1:{admin}"))
+            .env("API_ADDR", "127.0.0.1:0")
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "warn")
             // The benchmarks are one legitimate client that files disputes for seeded (just
@@ -133,11 +133,12 @@ impl Api {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().context("starting trellis-api")?;
-        let url = format!("http://127.0.0.1:{port}");
-        let api = Self { child, url };
-        let ready = format!("127.0.0.1:{port}");
-        util::wait_until("trellis-api", Duration::from_secs(30), || Ok(http_status(&ready, "/readyz")? == Some(200)))?;
+        let (child, addrs) = start_listening("trellis-api", &mut cmd)?;
+        let api_addr = addrs["api"].as_str().context("trellis-api reported no API address")?.to_owned();
+        let api = Self { child, url: format!("http://{api_addr}"), admin: admin_addr(&addrs)? };
+        util::wait_until("trellis-api", Duration::from_secs(30), || {
+            Ok(http_status(&api_addr, "/readyz")? == Some(200))
+        })?;
         Ok(api)
     }
 
@@ -153,29 +154,30 @@ impl Drop for Api {
     }
 }
 
-/// A release worker binary on a benchmark's database and NATS prefix, its admin listener on
-/// `admin`, its log in `target/bench-<name>.log`; stopped (SIGTERM, then SIGKILL) on drop.
+/// A release worker binary on a benchmark's database and NATS prefix, its admin listener on a
+/// port the system picks, its log in `target/bench-<name>.log`; stopped (SIGTERM, then SIGKILL)
+/// on drop.
 pub(crate) struct Worker {
     child: Child,
+    /// The admin listener (`/metrics`), `host:port`.
+    pub(crate) admin: String,
 }
 
 impl Worker {
-    pub(crate) fn start(name: &str, db: &BenchDb, stack: &Stack, prefix: &str, admin: &str) -> anyhow::Result<Self> {
+    pub(crate) fn start(name: &str, db: &BenchDb, stack: &Stack, prefix: &str) -> anyhow::Result<Self> {
         let log = util::target_dir().join(format!("bench-{name}.log"));
         eprintln!("xtask: bench: {name} (log: {})", log.display());
-        let child = Command::new(release_bin(name))
-            .env("DATABASE_URL", &db.url)
+        let mut cmd = Command::new(release_bin(name));
+        cmd.env("DATABASE_URL", &db.url)
             .env("NATS_URL", &stack.nats_url)
             .env("NATS_PREFIX", prefix)
-            .env("ADMIN_ADDR", admin)
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        let worker = Self { child };
-        util::wait_until(name, Duration::from_secs(30), || Ok(http_status(admin, "/readyz")? == Some(200)))?;
+            .stderr(std::fs::File::create(&log)?);
+        let (child, addrs) = start_listening(name, &mut cmd)?;
+        let worker = Self { child, admin: admin_addr(&addrs)? };
+        util::wait_until(name, Duration::from_secs(30), || Ok(http_status(&worker.admin, "/readyz")? == Some(200)))?;
         Ok(worker)
     }
 }
@@ -184,6 +186,32 @@ impl Drop for Worker {
     fn drop(&mut self) {
         stop(&mut self.child);
     }
+}
+
+/// Starts `cmd` with its admin listener on port 0 and an address file, and waits (up to 30 s)
+/// for the addresses it reports (`ADDR_FILE`: a JSON object of listener name to address).
+fn start_listening(name: &str, cmd: &mut Command) -> anyhow::Result<(Child, serde_json::Value)> {
+    let addr_file = util::target_dir().join(format!("bench-{name}.addr"));
+    let _ = std::fs::remove_file(&addr_file);
+    cmd.env("ADMIN_ADDR", "127.0.0.1:0").env("ADDR_FILE", &addr_file);
+    let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+    let waited = util::wait_until(&format!("{name}'s address file"), Duration::from_secs(30), || {
+        if let Some(status) = child.try_wait()? {
+            bail!("{name} exited ({status}) before it reported its addresses");
+        }
+        Ok(addr_file.exists())
+    });
+    if let Err(e) = waited {
+        stop(&mut child);
+        return Err(e);
+    }
+    let text = std::fs::read_to_string(&addr_file).with_context(|| format!("reading {}", addr_file.display()))?;
+    let addrs = serde_json::from_str(&text).with_context(|| format!("{} is not JSON: {text}", addr_file.display()))?;
+    Ok((child, addrs))
+}
+
+fn admin_addr(addrs: &serde_json::Value) -> anyhow::Result<String> {
+    Ok(addrs["admin"].as_str().context("no admin address reported")?.to_owned())
 }
 
 /// SIGTERM, up to 10 s for a graceful exit, then SIGKILL.
@@ -198,10 +226,6 @@ fn stop(child: &mut Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
-}
-
-pub(crate) fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// The status of a GET, or `None` when nothing answers.

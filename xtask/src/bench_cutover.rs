@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use serde_json::json;
 
-use crate::bench::{Api, BenchDb, Worker, build_release, free_port, http_get, machine, release_bin};
+use crate::bench::{Api, BenchDb, Worker, build_release, http_get, machine, release_bin};
 use crate::flags;
 use crate::services::Stack;
 use crate::util;
@@ -84,10 +84,9 @@ fn set_flag(db: &BenchDb, flag: &str, value: &str) -> anyhow::Result<()> {
 fn propagation(stack: &Stack) -> anyhow::Result<String> {
     let db = BenchDb::fresh(stack, "trellis_bench_cutover")?;
     let prefix = format!("bench{}cutover", std::process::id());
-    let api_admin = format!("127.0.0.1:{}", free_port()?);
-    let _api = Api::start(&db, stack, &prefix, &[("ADMIN_ADDR", api_admin.as_str())])?;
-    let worker_admin = format!("127.0.0.1:{}", free_port()?);
-    let _worker = Worker::start("search-projector", &db, stack, &prefix, &worker_admin)?;
+    let api = Api::start(&db, stack, &prefix, &[])?;
+    let worker = Worker::start("search-projector", &db, stack, &prefix)?;
+    let (api_admin, worker_admin) = (&api.admin, &worker.admin);
 
     let mut samples = Vec::with_capacity(FLIPS);
     for i in 0..FLIPS {
@@ -95,7 +94,7 @@ fn propagation(stack: &Stack) -> anyhow::Result<String> {
         set_flag(&db, "search.executor", value)?;
         let committed = Instant::now();
         let series = format!("trellis_flag_state{{flag=\"search.executor\",value=\"{value}\"}} 1");
-        for admin in [&api_admin, &worker_admin] {
+        for admin in [api_admin, worker_admin] {
             while !http_get(admin, "/metrics")?.unwrap_or_default().lines().any(|line| line.trim_end() == series) {
                 ensure!(committed.elapsed() < Duration::from_secs(10), "{value} did not reach {admin} within 10 s");
                 std::thread::sleep(Duration::from_millis(5));
@@ -338,10 +337,9 @@ fn throughput(stack: &Stack, processor: Processor, rate: u64) -> anyhow::Result<
     seed_writers(&db, users)?;
     set_flag(&db, processor.flag(), "monolith")?;
     let prefix = format!("bench{}{}", std::process::id(), processor.binary().replace('-', ""));
-    let api_admin = format!("127.0.0.1:{}", free_port()?);
-    let api = Api::start(&db, stack, &prefix, &[("ADMIN_ADDR", api_admin.as_str())])?;
-    let worker_admin = format!("127.0.0.1:{}", free_port()?);
-    let _worker = Worker::start(processor.binary(), &db, stack, &prefix, &worker_admin)?;
+    let api = Api::start(&db, stack, &prefix, &[])?;
+    let worker = Worker::start(processor.binary(), &db, stack, &prefix)?;
+    let (api_admin, worker_admin) = (api.admin.clone(), worker.admin.clone());
 
     eprintln!("xtask: bench: {} at {rate} writes/s; flag to worker after {} s", processor.name(), 2 * SIDE);
     let load = Load::start(&api.url, rate, users, processor);
@@ -394,7 +392,7 @@ fn score(stack: &Stack, users: u64) -> anyhow::Result<Score> {
     set_flag(&db, "score.executor", "monolith")?;
     let prefix = format!("bench{}score", std::process::id());
     let api = Api::start(&db, stack, &prefix, &[("HOSTNAME", API_HOST)])?;
-    let _worker = Worker::start("score-orchestrator", &db, stack, &prefix, &format!("127.0.0.1:{}", free_port()?))?;
+    let _worker = Worker::start("score-orchestrator", &db, stack, &prefix)?;
     // The start-up run (no run ever succeeded), made by the API.
     util::wait_until("the start-up score run", Duration::from_secs(30 * 60), || {
         Ok(db.exec("SELECT count(*) FROM score.runs WHERE status = 'succeeded'")? != "0")

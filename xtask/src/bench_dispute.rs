@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::bench::{Api, BenchDb, Worker, build_release, free_port, machine};
+use crate::bench::{Api, BenchDb, Worker, build_release, machine};
 use crate::flags;
 use crate::services::Stack;
 use crate::util;
@@ -46,7 +46,7 @@ pub fn run(flags: &flags::Bench) -> anyhow::Result<()> {
     eprintln!("xtask: bench: backlog published to JetStream in {:.1} s", started.elapsed().as_secs_f64());
     db.exec("ANALYZE")?;
 
-    let processor = Worker::start("dispute-processor", &db, &stack, &prefix, &format!("127.0.0.1:{}", free_port()?))?;
+    let processor = Worker::start("dispute-processor", &db, &stack, &prefix)?;
     let stop = Arc::new(AtomicBool::new(false));
     let filer = {
         let (url, stop) = (api.url.clone(), stop.clone());

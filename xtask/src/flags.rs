@@ -12,11 +12,14 @@ commands:
   services [--stop]  make sure PostgreSQL and NATS are reachable (starting private ones under
                      target/dev-stack/ if needed) and print `export` lines for them;
                      --stop stops the private ones.
+  tidy               check the repository by machine: no issue numbers or paths outside it,
+                     no comment line over 120 characters, the README's and ARCHITECTURE's
+                     trellisctl commands match its CLI, every table and event type catalogued.
   lint [DIR]         lint the migrations (in migrations/, or DIR) with squawk.
   deploy             validate deploy/ offline: docker-compose config, promtool check and test
                      rules, kubectl kustomize of both overlays, kubernetes-validate, and the
                      KEDA ScaledObjects against the vendored CRD schema (installs what is missing).
-  test [-- ARGS]     fmt check, clippy, lint, deploy, then the test suite (ARGS go to the test runner).
+  test [-- ARGS]     tidy, fmt check, clippy, lint, deploy, then the test suite (ARGS go to the test runner).
   bench SUITE [--duration SECS] [--users N] [--db-pool-size N] [--rate N]
               [--only NAME,...] [--concurrency N] [--slow-connections N]
                      run a benchmark suite against release builds; SUITE is one of: api, runtime,
@@ -47,6 +50,7 @@ pub enum Command {
     Up(Up),
     Services(Services),
     Lint(Lint),
+    Tidy,
     Deploy,
     Test(Test),
     Bench(Bench),
@@ -154,6 +158,7 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
         }
         "lint" => Command::Lint(Lint { dir: args.next().map(Into::into) }),
         "deploy" => Command::Deploy,
+        "tidy" => Command::Tidy,
         "test" => {
             let mut runner_args = Vec::new();
             if let Some(arg) = args.next() {

@@ -16,6 +16,7 @@ mod secrets;
 mod seed;
 mod services;
 mod test;
+mod tidy;
 mod up;
 mod util;
 
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
         flags::Command::Up(up) => up::run(&up),
         flags::Command::Services(services) => services::run(&services),
         flags::Command::Lint(lint) => lint::run(&lint),
+        flags::Command::Tidy => tidy::run(),
         flags::Command::Deploy => deploy::run(),
         flags::Command::Test(test) => test::run(&test),
         flags::Command::Bench(bench) => bench::run(&bench),

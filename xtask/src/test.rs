@@ -1,6 +1,6 @@
 //! `cargo xtask test`: what CI runs (`.ci/run`), in order, stopping at the first failure:
-//! format check, clippy, migration lint, deploy checks, test suite, and the scan of the suite's
-//! logs for its secrets — against PostgreSQL and NATS made reachable as `cargo xtask services`
+//! tidy (`tidy.rs`), format check, clippy, migration lint, deploy checks, test suite, and the
+//! scan of the suite's logs for its secrets — against PostgreSQL and NATS made reachable as `cargo xtask services`
 //! does (private instances are left running for the next run).
 //!
 //! The suite logs in to PostgreSQL as a login of its own with a fresh random password
@@ -61,6 +61,7 @@ pub fn run(flags: &flags::Test) -> anyhow::Result<()> {
         cmd
     };
 
+    timed("tidy", &mut || crate::tidy::run())?;
     timed("fmt", &mut || util::run(&mut cargo(&["fmt", "--all", "--", "--check"])))?;
     timed("clippy", &mut || {
         util::run(&mut cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use trellis_testkit::eventually;
+
 use crate::helpers::{Options, TestApp};
 
 async fn activity_rows(app: &TestApp) -> Vec<(uuid::Uuid, i64)> {
@@ -17,8 +19,10 @@ async fn activity_rows(app: &TestApp) -> Vec<(uuid::Uuid, i64)> {
 
 #[tokio::test]
 async fn users_seen_with_a_live_token_are_daily_active_users_and_the_gauge_counts_them() {
+    // A process of its own: the gauge is one per process.
     let app = TestApp::spawn_with(Options {
         args: vec!["--activity-flush-interval".into(), "200ms".into()],
+        process: true,
         ..Default::default()
     })
     .await;
@@ -33,15 +37,10 @@ async fn users_seen_with_a_live_token_are_daily_active_users_and_the_gauge_count
     assert_eq!(app.get("/v1/me", Some("trl_not-a-token")).await.status, 401);
     assert_eq!(app.delete("/v1/sessions/current", Some(&carol.token)).await.status, 204);
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let gauge = app.metric("trellis_api_daily_active_users").await;
-        if gauge == Some(2.0) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the gauge stays at {gauge:?}, not 2");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("trellis_api_daily_active_users at 2", Duration::from_secs(10), || async {
+        (app.metric("trellis_api_daily_active_users").await == Some(2.0)).then_some(())
+    })
+    .await;
     let rows = activity_rows(&app).await;
     let mut expected: Vec<uuid::Uuid> = [&alice, &bob].iter().map(|u| u.id.parse().unwrap()).collect();
     expected.sort();
@@ -53,21 +52,18 @@ async fn users_seen_with_a_live_token_are_daily_active_users_and_the_gauge_count
         .execute(&app.db.pool)
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let gauge = app.metric("trellis_api_daily_active_users").await;
-        if gauge == Some(1.0) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the gauge stays at {gauge:?}, not 1");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("trellis_api_daily_active_users at 1", Duration::from_secs(10), || async {
+        (app.metric("trellis_api_daily_active_users").await == Some(1.0)).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_user_active_within_the_hour_costs_no_further_activity_write() {
+    // A process of its own: the gauge that tells a flush happened is one per process.
     let app = TestApp::spawn_with(Options {
         args: vec!["--activity-flush-interval".into(), "100ms".into()],
+        process: true,
         ..Default::default()
     })
     .await;
@@ -82,15 +78,11 @@ async fn a_user_active_within_the_hour_costs_no_further_activity_write() {
         .await
         .unwrap()
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let first = loop {
+    let first = eventually("alice's activity to be written", Duration::from_secs(10), || async {
         assert_eq!(app.get("/v1/me", Some(&alice.token)).await.status, 200);
-        if let Some(at) = stamp().await {
-            break at;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "alice's activity is never written");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        stamp().await
+    })
+    .await;
     // Alice is active again; then a flush is known to have happened after her request when the
     // gauge counts a row written after it. Her row was not rewritten within the hour…
     let xmin = || async {
@@ -108,11 +100,10 @@ async fn a_user_active_within_the_hour_costs_no_further_activity_write() {
         .execute(&app.db.pool)
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while app.metric("trellis_api_daily_active_users").await != Some(2.0) {
-        assert!(tokio::time::Instant::now() < deadline, "no flush counts bob");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("a flush that counts bob", Duration::from_secs(10), || async {
+        (app.metric("trellis_api_daily_active_users").await == Some(2.0)).then_some(())
+    })
+    .await;
     assert_eq!(stamp().await, Some(first));
     assert_eq!(xmin().await, version, "the row was rewritten within the hour");
     // …and is once it is older than that.
@@ -121,15 +112,11 @@ async fn a_user_active_within_the_hour_costs_no_further_activity_write() {
         .execute(&app.db.pool)
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually("alice's activity refreshed after an hour", Duration::from_secs(10), || async {
         assert_eq!(app.get("/v1/me", Some(&alice.token)).await.status, 200);
-        if stamp().await.is_some_and(|at| at > first) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "alice's activity is not refreshed after an hour");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        stamp().await.is_some_and(|at| at > first).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

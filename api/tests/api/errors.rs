@@ -86,8 +86,8 @@ async fn json_of_the_wrong_types_is_a_validation_problem() {
 
 #[tokio::test]
 async fn an_unavailable_database_is_a_503_with_retry_after() {
-    let port = trellis_testkit::free_port().unwrap();
-    let url = format!("postgres://postgres@127.0.0.1:{port}/nowhere");
+    let closed = trellis_testkit::ClosedPort::new();
+    let url = format!("postgres://postgres@127.0.0.1:{}/nowhere", closed.port);
     let nowhere = TestDb { name: String::new(), pool: sqlx::PgPool::connect_lazy(&url).unwrap(), url };
     let options = Options { args: vec!["--io-timeout".into(), "1s".into()], ..Options::default() };
     let app = TestApp::start_on(nowhere, trellis_testkit::nats_prefix(), options).await;
@@ -148,21 +148,8 @@ async fn shutdown_lets_a_request_in_flight_finish() {
     let request = app.build(reqwest::Method::GET, "/v1/me/contacts", Some(&alice.token), None);
     let in_flight = tokio::spawn(request.send());
     // Wait until the request is blocked on the lock, i.e. truly in flight.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the request never reached the database");
-        tokio::task::yield_now().await;
-    }
-    app.begin_shutdown();
+    app.wait_for_lock_wait().await;
+    app.begin_shutdown().await;
     blocker.commit().await.unwrap();
     let response = in_flight.await.unwrap().expect("the in-flight request is answered");
     assert_eq!(response.status(), 200);

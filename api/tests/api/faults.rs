@@ -4,7 +4,6 @@
 //! completes exactly once, and no request answers "retry" for a change that was made.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -13,9 +12,10 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use trellis_testkit::TestDb;
+use trellis_testkit::http::Api;
+use trellis_testkit::{TestDb, eventually};
 
-use crate::helpers::{Options, PASSWORD, Resp, TestApp, TestUser, api_backends_in_transaction, waiting_on_lock};
+use crate::helpers::{Options, PASSWORD, TestApp, TestUser, api_backends_in_transaction, waiting_on_lock};
 
 async fn count(db: &TestDb, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(&db.pool).await.expect(sql)
@@ -27,152 +27,31 @@ fn dispute(target: &TestUser) -> Value {
     json!({"target_id": target.id, "kind": "spam", "description": "sells watches"})
 }
 
-/// Polls `check` every 20 ms until it holds, or panics with `what` after `timeout`.
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut pace = tokio::time::interval(Duration::from_millis(20));
-    loop {
-        pace.tick().await;
-        if check().await {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-    }
-}
-
-/// The `trellis-api` binary as a child process, killed when dropped. Its metrics are its own,
-/// unlike those of the apps that share the test process's recorder.
-pub(crate) struct ApiProcess {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    http: reqwest::Client,
-    child: Child,
-}
-
-impl ApiProcess {
-    /// Starts the binary on `db` and `prefix` and waits until `/readyz` answers 200.
-    async fn start(db: &TestDb, prefix: &str) -> Self {
-        Self::start_with(db, prefix, &[]).await
-    }
-
-    /// [`ApiProcess::start`] with more environment variables (settings) for the binary.
-    pub(crate) async fn start_with(db: &TestDb, prefix: &str, settings: &[(&str, &str)]) -> Self {
-        let port = || trellis_testkit::free_port().expect("a free port");
-        let (addr, admin): (SocketAddr, SocketAddr) =
-            (format!("127.0.0.1:{}", port()).parse().unwrap(), format!("127.0.0.1:{}", port()).parse().unwrap());
-        let child = Command::new(env!("CARGO_BIN_EXE_trellis-api"))
-            .env("DATABASE_URL", &db.url)
-            .env("NATS_URL", trellis_testkit::nats_url())
-            .env("NATS_PREFIX", prefix)
-            .env("API_ADDR", addr.to_string())
-            .env("ADMIN_ADDR", admin.to_string())
-            .env("LOG_FORMAT", "json")
-            .env("SHUTDOWN_GRACE", "2s")
-            // Statements may wait long: a waiting one ends because its client went, not because
-            // it timed out.
-            .env("IO_TIMEOUT", "10s")
-            .envs(settings.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("trellis-api starts");
-        let http = reqwest::Client::builder().no_proxy().build().expect("http client");
-        let mut api = Self { addr, admin, http, child };
-        let ready = format!("http://{admin}/readyz");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = api.child.try_wait() {
-                panic!("trellis-api exited before it was ready: {status}");
-            }
-            if let Ok(resp) = api.http.get(&ready).send().await
-                && resp.status() == 200
-            {
-                return api;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "trellis-api is not ready after 30 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGKILL, and wait until it is gone.
-    fn kill(&mut self) {
-        self.child.kill().expect("SIGKILL the API");
-        self.child.wait().expect("the killed API is reaped");
-    }
-
-    /// The value of one series of the process's `/metrics` (`name{labels}`), if exported.
-    pub(crate) async fn metric(&self, series: &str) -> Option<f64> {
-        let text = self.http.get(format!("http://{}/metrics", self.admin)).send().await.ok()?.text().await.ok()?;
-        text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-    }
-
-    pub(crate) fn request(
-        &self,
-        method: Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> reqwest::RequestBuilder {
-        let mut req = self.http.request(method, format!("http://{}{path}", self.addr));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        req
-    }
-
-    pub(crate) async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
-        let resp = req.send().await.expect("request sent");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let bytes = resp.bytes().await.expect("body read");
-        Resp { status, headers, body: serde_json::from_slice(&bytes).unwrap_or(Value::Null) }
-    }
-
-    async fn register(&self, handle: &str) -> TestUser {
-        let body = json!({"handle": handle, "display_name": handle, "email": format!("{handle}@example.com"), "password": PASSWORD});
-        let r = self.send(self.request(Method::POST, "/v1/users", None, Some(body))).await;
-        assert_eq!(r.status, 201, "registering {handle}: {:?}", r.body);
-        TestUser {
-            id: r.body["user"]["id"].as_str().unwrap().to_owned(),
-            handle: handle.to_owned(),
-            token: r.body["token"].as_str().unwrap().to_owned(),
-        }
-    }
-}
-
-impl Drop for ApiProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The `trellis-api` binary as a child process on `db` and `prefix`, once ready. Statements may
+/// wait long: a waiting one ends because its client went, not because it timed out.
+async fn api_process(db: &TestDb, prefix: &str) -> Api {
+    Api::start(Api::spawn(&db.url, prefix).env("IO_TIMEOUT", "10s")).await
 }
 
 #[tokio::test]
 async fn a_retry_after_the_api_was_killed_mid_request_completes_exactly_once() {
     let db = TestDb::migrated().await.unwrap();
     let prefix = trellis_testkit::nats_prefix();
-    let mut api = ApiProcess::start(&db, &prefix).await;
-    let alice = api.register("alice").await;
-    let bob = api.register("bob").await;
+    let mut api = api_process(&db, &prefix).await;
+    let alice = TestUser::from(api.register("alice").await);
+    let bob = TestUser::from(api.register("bob").await);
 
     // The filing waits on a lock the test holds: the request is in flight, its key taken.
     let mut holder = db.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE security.disputes IN EXCLUSIVE MODE").execute(&mut *holder).await.unwrap();
     let in_flight = api
-        .request(Method::POST, "/v1/disputes", Some(&alice.token), Some(dispute(&bob)))
+        .build(Method::POST, "/v1/disputes", Some(&alice.token), Some(dispute(&bob)))
         .header("idempotency-key", "file-once")
         .send();
     let in_flight = tokio::spawn(in_flight);
     let pid = waiting_on_lock(&db).await;
 
-    api.kill();
+    api.kill().await;
     assert!(in_flight.await.unwrap().is_err(), "the killed API answered nothing");
     // The killed process's transaction ends while the lock is still held, within seconds (its
     // statement could wait 10 s): the key's lease went with the process.
@@ -182,14 +61,14 @@ async fn a_retry_after_the_api_was_killed_mid_request_completes_exactly_once() {
             .fetch_one(&db.pool)
             .await
             .unwrap();
-        alive == 0 && api_backends_in_transaction(&db).await == 0
+        (alive == 0 && api_backends_in_transaction(&db).await == 0).then_some(())
     })
     .await;
     holder.rollback().await.unwrap();
 
-    let api = ApiProcess::start(&db, &prefix).await;
+    let api = api_process(&db, &prefix).await;
     let retry = || {
-        api.request(Method::POST, "/v1/disputes", Some(&alice.token), Some(dispute(&bob)))
+        api.build(Method::POST, "/v1/disputes", Some(&alice.token), Some(dispute(&bob)))
             .header("idempotency-key", "file-once")
     };
     let retried = api.send(retry()).await;
@@ -264,7 +143,7 @@ async fn after_every_backend_of_the_api_pool_is_terminated_the_next_requests_suc
             .fetch_one(&app.db.pool)
             .await
             .unwrap();
-            left == 0
+            (left == 0).then_some(())
         })
         .await;
 

@@ -4,36 +4,27 @@
 use std::time::Duration;
 
 use serde_json::json;
-use trellis_testkit::PrivateNats;
+use trellis_testkit::{PrivateNats, eventually};
 
-use crate::helpers::{Options, Resp, TestApp};
-
-async fn poll_until(timeout: Duration, mut read: impl AsyncFnMut() -> Resp, done: impl Fn(&Resp) -> bool) -> Resp {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut pace = tokio::time::interval(Duration::from_millis(50));
-    loop {
-        pace.tick().await;
-        let r = read().await;
-        if done(&r) {
-            return r;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "not reached after {timeout:?}: {} {:?}", r.status, r.body);
-    }
-}
+use crate::helpers::{Options, TestApp};
 
 #[tokio::test]
 async fn the_public_readyz_answers_the_status_only_while_the_admin_port_names_the_failing_check() {
     let mut nats = PrivateNats::start().expect("a private nats-server");
     let app = TestApp::spawn_with(Options { nats_url: Some(nats.url()), ..Options::default() }).await;
-    let ready =
-        poll_until(Duration::from_secs(10), async || app.get("/readyz", None).await, |r| r.body["status"] == "ready")
-            .await;
+    let ready = eventually("the public /readyz to say ready", Duration::from_secs(10), || async {
+        let r = app.get("/readyz", None).await;
+        (r.body["status"] == "ready").then_some(r)
+    })
+    .await;
     assert_eq!(ready.body, json!({"status": "ready"}), "the public port shows no check");
 
     nats.stop();
-    let admin =
-        poll_until(Duration::from_secs(10), async || app.admin_readyz().await, |r| r.body["status"] == "degraded")
-            .await;
+    let admin = eventually("the admin /readyz to say degraded", Duration::from_secs(10), || async {
+        let r = app.admin_readyz().await;
+        (r.body["status"] == "degraded").then_some(r)
+    })
+    .await;
     let nats_check = admin.body["checks"].as_array().unwrap().iter().find(|c| c["name"] == "nats").expect("nats check");
     assert_eq!(nats_check["ok"], false);
     let error = nats_check["error"].as_str().expect("the admin port tells why");

@@ -1,5 +1,6 @@
-//! The test harness: a real `trellis-api` on port 0, its own database and NATS prefix, and a
-//! plain HTTP client.
+//! The test harness: a real `trellis-api` on port 0 (in this process, or as a child process
+//! for the tests that read its metrics: the metrics recorder is one per process), its own
+//! database and NATS prefix, and a plain HTTP client.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -11,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 use trellis_api::{Config, Running};
 use trellis_testkit::{StreamReader, TestDb};
 
-pub const PASSWORD: &str = "correct horse battery staple";
+use trellis_testkit::http::Client;
+pub use trellis_testkit::http::{PASSWORD, Response as Resp};
 
 pub struct TestApp {
     pub addr: SocketAddr,
@@ -20,8 +22,12 @@ pub struct TestApp {
     pub prefix: String,
     pub nats_url: String,
     pub http: reqwest::Client,
+    /// The public listener's client (`trellis_testkit::http`).
+    pub client: Client,
     shutdown: CancellationToken,
     running: Option<Running>,
+    /// The child process, when [`Options::process`] asked for one.
+    process: Option<trellis_testkit::Process>,
 }
 
 /// How to start a test app; `Default` is the usual one.
@@ -33,6 +39,9 @@ pub struct Options {
     pub database_url: Option<String>,
     /// Extra command-line flags.
     pub args: Vec<String>,
+    /// Runs the `trellis-api` binary as a child process instead of in this process: for the
+    /// tests that read `/metrics`, which in-process apps share (one recorder per process).
+    pub process: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -42,21 +51,9 @@ pub struct TestUser {
     pub token: String,
 }
 
-#[derive(Debug)]
-pub struct Resp {
-    pub status: u16,
-    pub headers: reqwest::header::HeaderMap,
-    pub body: Value,
-}
-
-impl Resp {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    /// The `type` of a problem response, without the `urn:trellis:problem:` prefix.
-    pub fn problem(&self) -> &str {
-        self.body["type"].as_str().and_then(|t| t.strip_prefix("urn:trellis:problem:")).unwrap_or("")
+impl From<trellis_testkit::http::User> for TestUser {
+    fn from(user: trellis_testkit::http::User) -> TestUser {
+        TestUser { id: user.id.to_string(), handle: user.handle, token: user.token }
     }
 }
 
@@ -105,20 +102,18 @@ impl TestApp {
             }
         }
         args.extend(options.args);
-        let config = Config::try_parse_from(args).expect("test config parses");
         let shutdown = CancellationToken::new();
-        let running = trellis_api::start(config, shutdown.clone()).await.expect("app starts");
-        let http = reqwest::Client::builder().no_proxy().build().expect("http client");
-        Self {
-            addr: running.api_addr,
-            admin_addr: running.admin_addr,
-            db,
-            prefix,
-            nats_url,
-            http,
-            shutdown,
-            running: Some(running),
-        }
+        let (addr, admin_addr, running, process) = if options.process {
+            let mut process = trellis_testkit::Spawn::new("trellis-api").args(&args[1..]).spawn();
+            process.wait_listening(trellis_testkit::process::READY_WITHIN).await;
+            (process.api(), process.admin(), None, Some(process))
+        } else {
+            let config = Config::try_parse_from(args).expect("test config parses");
+            let running = trellis_api::start(config, shutdown.clone()).await.expect("app starts");
+            (running.api_addr, running.admin_addr, Some(running), None)
+        };
+        let client = Client::new(addr);
+        Self { addr, admin_addr, db, prefix, nats_url, http: client.http.clone(), client, shutdown, running, process }
     }
 
     /// Shuts the app down gracefully and hands back its database and prefix.
@@ -127,16 +122,20 @@ impl TestApp {
         if let Some(running) = self.running.take() {
             running.wait().await.expect("clean shutdown");
         }
+        if let Some(mut process) = self.process.take() {
+            process.terminate().await;
+            assert_eq!(process.wait_exit(Duration::from_secs(30)).await, Some(0), "clean shutdown");
+        }
         let db = std::mem::replace(&mut self.db, placeholder_db());
         (db, std::mem::take(&mut self.prefix))
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        self.client.url(path)
     }
 
     pub async fn request(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> Resp {
-        self.send(self.build(method, path, token, body)).await
+        self.client.request(method, path, token, body).await
     }
 
     pub fn build(
@@ -146,23 +145,11 @@ impl TestApp {
         token: Option<&str>,
         body: Option<Value>,
     ) -> reqwest::RequestBuilder {
-        let mut req = self.http.request(method, self.url(path));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        req
+        self.client.build(method, path, token, body)
     }
 
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
-        let resp = req.send().await.expect("request sent");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let bytes = resp.bytes().await.expect("body read");
-        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
-        Resp { status, headers, body }
+        self.client.send(req).await
     }
 
     /// `/readyz` on the admin port: the status with every check and its error.
@@ -190,21 +177,10 @@ impl TestApp {
         self.request(Method::DELETE, path, token, None).await
     }
 
-    /// Registers `handle` (e-mail `<handle>@example.com`, password [`PASSWORD`]).
+    /// Registers `handle` (display name `<handle> name`, e-mail `<handle>@example.com`,
+    /// password [`PASSWORD`]).
     pub async fn register(&self, handle: &str) -> TestUser {
-        let r = self
-            .post(
-                "/v1/users",
-                None,
-                json!({"handle": handle, "display_name": format!("{handle} name"), "email": format!("{handle}@example.com"), "password": PASSWORD}),
-            )
-            .await;
-        assert_eq!(r.status, 201, "registering {handle}: {:?}", r.body);
-        TestUser {
-            id: r.body["user"]["id"].as_str().unwrap().to_owned(),
-            handle: handle.to_owned(),
-            token: r.body["token"].as_str().unwrap().to_owned(),
-        }
+        self.client.register_named(handle, &format!("{handle} name")).await.into()
     }
 
     /// Gives `user` a role the way `trellisctl users grant-role` does (audited).
@@ -266,10 +242,7 @@ impl TestApp {
     pub async fn metric(&self, name: &str) -> Option<f64> {
         let (status, text) = self.admin_get("/metrics").await;
         assert_eq!(status, 200, "/metrics answers");
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-            .and_then(|v| v.trim().parse().ok())
+        trellis_testkit::metrics::series(&text, name)
     }
 
     /// The value of the series `name{labels}` on the admin `/metrics` (`labels` as Prometheus
@@ -277,8 +250,7 @@ impl TestApp {
     pub async fn labelled_metric(&self, name: &str, labels: &str) -> Option<f64> {
         let (status, text) = self.admin_get("/metrics").await;
         assert_eq!(status, 200, "/metrics answers");
-        let series = format!("{name}{{{labels}}} ");
-        text.lines().find_map(|l| l.strip_prefix(&series)).and_then(|v| v.trim().parse().ok())
+        trellis_testkit::metrics::series(&text, &format!("{name}{{{labels}}}"))
     }
 
     /// An HTTP client whose connections come from `ip` (a loopback address such as
@@ -291,7 +263,7 @@ impl TestApp {
             .expect("http client")
     }
 
-    /// Sends `req` built on another client (see [`client_from`](Self::client_from)).
+    /// A request on another client (see [`client_from`](Self::client_from)).
     pub fn build_on(
         &self,
         client: &reqwest::Client,
@@ -300,14 +272,7 @@ impl TestApp {
         token: Option<&str>,
         body: Option<Value>,
     ) -> reqwest::RequestBuilder {
-        let mut req = client.request(method, self.url(path));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        req
+        self.client.build_on(client, method, path, token, body)
     }
 
     /// Rows of `ops.outbox` not yet published.
@@ -320,17 +285,10 @@ impl TestApp {
 
     /// Waits (up to `timeout`) until every outbox row is marked published.
     pub async fn wait_all_published(&self, timeout: Duration) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        // Polls the database at a steady pace until the condition holds or the deadline passes.
-        let mut pace = tokio::time::interval(Duration::from_millis(25));
-        loop {
-            pace.tick().await;
-            let left = self.unpublished().await;
-            if left == 0 {
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{left} outbox rows still unpublished after {timeout:?}");
-        }
+        trellis_testkit::eventually("every outbox row published", timeout, || async {
+            (self.unpublished().await == 0).then_some(())
+        })
+        .await;
     }
 }
 
@@ -400,8 +358,11 @@ impl TestApp {
 
 impl TestApp {
     /// Starts a graceful shutdown (what SIGTERM does) without waiting for it.
-    pub fn begin_shutdown(&self) {
+    pub async fn begin_shutdown(&self) {
         self.shutdown.cancel();
+        if let Some(process) = &self.process {
+            process.terminate().await;
+        }
     }
 }
 
@@ -435,23 +396,17 @@ impl TestApp {
 /// Waits (up to 10 s) until a statement of a `trellis-api` request pool on `db` waits on a lock;
 /// returns that backend's pid.
 pub async fn waiting_on_lock(db: &TestDb) -> i32 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut pace = tokio::time::interval(Duration::from_millis(20));
-    loop {
-        pace.tick().await;
-        let pid: Option<i32> = sqlx::query_scalar(
+    trellis_testkit::eventually("a request of the API waiting on a lock", Duration::from_secs(10), || async {
+        sqlx::query_scalar(
             "SELECT pid FROM pg_stat_activity
              WHERE datname = $1 AND application_name = 'trellis-api' AND wait_event_type = 'Lock'",
         )
         .bind(&db.name)
         .fetch_optional(&db.pool)
         .await
-        .expect("reading pg_stat_activity");
-        if let Some(pid) = pid {
-            return pid;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no request of the API waits on a lock");
-    }
+        .expect("reading pg_stat_activity")
+    })
+    .await
 }
 
 /// Backends of a `trellis-api` request pool on `db` that are in a transaction.

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{Value, json};
+use trellis_testkit::eventually;
 
 use crate::helpers::{Options, PASSWORD, Resp, TestApp, TestUser};
 
@@ -288,30 +289,24 @@ async fn expired_keys_are_pruned_until_none_is_left() {
         let r = app.with_key(Method::POST, "/v1/me/circles", Some(&alice.token), Some(json!({"name": key})), key).await;
         assert_eq!(r.status, 201);
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut pace = tokio::time::interval(Duration::from_millis(100));
-    loop {
-        pace.tick().await;
+    eventually("every expired key pruned", Duration::from_secs(30), || async {
         let expired = count(&app, "SELECT count(*) FROM ops.idempotency_keys WHERE expires_at <= now()").await;
-        if expired == 0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{expired} expired keys are still there");
-    }
+        (expired == 0).then_some(())
+    })
+    .await;
     assert_eq!(count(&app, "SELECT count(*) FROM ops.idempotency_keys").await, 3, "live keys stay");
 }
 
 #[tokio::test]
 async fn the_stored_keys_gauge_counts_the_tables_rows() {
-    let app =
-        TestApp::spawn_with(Options { args: vec!["--prune-interval".into(), "200ms".into()], ..Options::default() })
-            .await;
+    // A process of its own: the gauge is one per process.
+    let args = vec!["--prune-interval".into(), "200ms".into()];
+    let app = TestApp::spawn_with(Options { args, process: true, ..Options::default() }).await;
     let alice = app.register("alice").await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while app.metric("trellis_idempotency_keys").await.is_none() {
-        assert!(tokio::time::Instant::now() < deadline, "the gauge does not exist from start-up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("trellis_idempotency_keys to exist from start-up", Duration::from_secs(10), || async {
+        app.metric("trellis_idempotency_keys").await
+    })
+    .await;
     sqlx::query(
         "INSERT INTO ops.idempotency_keys (principal, key, method, request_hash, status, expires_at)
          SELECT $1, 'k-' || n, 'POST', '\\x00', 201, now() + interval '1 hour' FROM generate_series(1, 500) n",
@@ -321,15 +316,10 @@ async fn the_stored_keys_gauge_counts_the_tables_rows() {
     .await
     .unwrap();
     // The statistics the gauge reads are flushed by each backend within seconds.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let gauge = app.metric("trellis_idempotency_keys").await;
-        if gauge == Some(500.0) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the gauge says {gauge:?}, not 500");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually("trellis_idempotency_keys at 500", Duration::from_secs(60), || async {
+        (app.metric("trellis_idempotency_keys").await == Some(500.0)).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use trellis_domain::UserId;
 use trellis_domain::events::{ContactChanged, Event, EventPayload};
-use trellis_testkit::{PrivateNats, StoredMessage, TestDb};
+use trellis_testkit::{PrivateNats, StoredMessage, TestDb, eventually};
 use uuid::Uuid;
 
 use crate::helpers::{Options, TestApp};
@@ -255,17 +255,14 @@ async fn filed_disputes_go_to_their_priority_subject_and_decisions_publish_their
 
 /// Polls `/readyz` on the admin port until its `status` is `want` (or the deadline passes).
 async fn wait_for_readiness(app: &TestApp, want: &str, timeout: Duration) -> Value {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut pace = tokio::time::interval(Duration::from_millis(50));
-    loop {
-        pace.tick().await;
+    eventually(&format!("/readyz to say {want}"), timeout, || async {
         let r = app.admin_readyz().await;
-        if r.body["status"] == want {
+        (r.body["status"] == want).then(|| {
             assert_eq!(r.status, 200, "readyz answers 200 when {want}: {:?}", r.body);
-            return r.body;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "readyz never said {want}: {} {:?}", r.status, r.body);
-    }
+            r.body
+        })
+    })
+    .await
 }
 
 fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
@@ -276,7 +273,8 @@ fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
 async fn a_nats_outage_keeps_writes_working_and_the_backlog_drains_in_order_exactly_once() {
     const WRITES: usize = 20;
     let mut nats = PrivateNats::start().expect("a private nats-server");
-    let app = TestApp::spawn_with(Options { nats_url: Some(nats.url()), ..Options::default() }).await;
+    // A process of its own: the backlog gauge is one per process.
+    let app = TestApp::spawn_with(Options { nats_url: Some(nats.url()), process: true, ..Options::default() }).await;
     let alice = app.register("alice").await;
     app.wait_for_events("identity.user_registered", 1).await;
     app.wait_all_published(Duration::from_secs(10)).await;
@@ -299,19 +297,11 @@ async fn a_nats_outage_keeps_writes_working_and_the_backlog_drains_in_order_exac
     assert_eq!(check(&report, "nats")["ok"], false);
 
     // The backlog gauge is sampled every 2 s.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    let mut pace = tokio::time::interval(Duration::from_millis(200));
-    loop {
-        pace.tick().await;
-        match app.metric("trellis_outbox_pending").await {
-            // The whole backlog, once a sample was taken after the last write.
-            Some(v) if v == pending as f64 => break,
-            other => assert!(
-                tokio::time::Instant::now() < deadline,
-                "trellis_outbox_pending is {other:?}, not the {pending} pending events"
-            ),
-        }
-    }
+    // The whole backlog, once a sample was taken after the last write.
+    eventually(&format!("trellis_outbox_pending at {pending}"), Duration::from_secs(15), || async {
+        (app.metric("trellis_outbox_pending").await == Some(pending as f64)).then_some(())
+    })
+    .await;
     assert_eq!(app.unpublished().await, pending, "nothing was marked published while NATS was down");
 
     nats.restart().expect("nats-server restarts");
@@ -338,15 +328,10 @@ async fn a_nats_outage_keeps_writes_working_and_the_backlog_drains_in_order_exac
     assert_eq!(stream_order, outbox_order, "the stream holds the events in outbox order");
     assert!(rows.iter().all(|r| r.published_at.is_some()));
     assert_eq!(messages.iter().filter(|m| m.payload["type"] == "circles.circle_created").count(), WRITES);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    let mut pace = tokio::time::interval(Duration::from_millis(200));
-    loop {
-        pace.tick().await;
-        match app.metric("trellis_outbox_pending").await {
-            Some(0.0) => break,
-            other => assert!(tokio::time::Instant::now() < deadline, "trellis_outbox_pending stays {other:?}"),
-        }
-    }
+    eventually("trellis_outbox_pending at 0", Duration::from_secs(15), || async {
+        (app.metric("trellis_outbox_pending").await == Some(0.0)).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -388,7 +373,7 @@ async fn two_relays_over_one_backlog_publish_every_event_exactly_once() {
     assert_ne!(first.addr, second.addr);
 
     let reader = first.events().await;
-    reader.wait_until_declared(Duration::from_secs(10)).await.expect("the apps declare the stream");
+    reader.wait_until_declared(Duration::from_secs(10)).await;
     let messages = reader
         .wait_for(&first.subject("events.>"), BACKLOG, Duration::from_secs(120))
         .await

@@ -2,13 +2,16 @@
 //! R1 → R5; the first that applies decides. Pure: the store gathers the [`Facts`], this module
 //! judges them, and the caller writes the [`Judgement`] with its effects.
 //!
-//! | rule | applies when | decides |
-//! |---|---|---|
-//! | R1 duplicate | the reporter already has an earlier dispute of the same kind against the same target that is undecided, or was decided in the last 24 h | dismissed |
-//! | R2 invalid | the reporter is suspended, or the target already is ("moot") | dismissed |
-//! | R3 low credibility | the reporter's disputes filed in the last 90 days: ≥ 5 dismissed and 0 upheld | dismissed (P0: needs review) |
-//! | R4 corroborated | ≥ 3 distinct reporters with score ≥ 400 filed (and were not dismissed) this kind against the target in the last 7 days, the target's score is < 300 or unscored, and the target is neither a moderator nor an admin | upheld, with the target's other undecided disputes of that kind |
-//! | R5 otherwise | none of the above | needs review (by an admin when the target is a moderator or an admin) |
+//! - **R1 duplicate**: when the reporter already has an earlier dispute of the same kind against the same target
+//!   that is undecided, or was decided in the last 24 h; dismissed.
+//! - **R2 invalid**: when the reporter is suspended, or the target already is ("moot"); dismissed.
+//! - **R3 low credibility**: when the reporter's disputes filed in the last 90 days: ≥ 5 dismissed and 0 upheld;
+//!   dismissed (P0: needs review).
+//! - **R4 corroborated**: when ≥ 3 distinct reporters with score ≥ 400 filed (and were not dismissed) this kind
+//!   against the target in the last 7 days, the target's score is < 300 or unscored, and the target is neither a
+//!   moderator nor an admin; upheld, with the target's other undecided disputes of that kind.
+//! - **R5 otherwise**: when none of the above; needs review (by an admin when the target is a moderator or an
+//!   admin).
 //!
 //! Windows are inclusive of their edge: a dispute decided exactly 24 h ago is still "in the
 //! last 24 h".

@@ -51,6 +51,24 @@ pub async fn serve(
     Ok((local, task))
 }
 
+/// Writes the addresses a process listens on (`(listener name, address)`) to `path` as a JSON
+/// object, when a path is given (`CommonArgs::addr_file`): through a temporary file renamed
+/// into place, so a reader sees the whole file or none.
+pub fn write_addr_file(path: Option<&std::path::Path>, listeners: &[(&str, SocketAddr)]) -> anyhow::Result<()> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let addrs: serde_json::Map<String, serde_json::Value> =
+        listeners.iter().map(|(name, addr)| ((*name).to_owned(), addr.to_string().into())).collect();
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".partial");
+    std::fs::write(&temporary, serde_json::Value::Object(addrs).to_string())
+        .map_err(|e| anyhow::anyhow!("cannot write the address file {}: {e}", path.display()))?;
+    std::fs::rename(&temporary, path)
+        .map_err(|e| anyhow::anyhow!("cannot move the address file into place at {}: {e}", path.display()))?;
+    Ok(())
+}
+
 async fn healthz() -> &'static str {
     "ok"
 }

@@ -175,9 +175,17 @@ pub struct CommonArgs {
     #[arg(long, env = "NATS_PREFIX", default_value = "")]
     pub nats_prefix: String,
 
-    /// Address of the admin listener (`/healthz`, `/readyz`, `/metrics`).
+    /// Address of the admin listener (`/healthz`, `/readyz`, `/metrics`). Port 0 lets the
+    /// system pick a free port; `--addr-file` tells which.
     #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:9080")]
     pub admin_addr: SocketAddr,
+
+    /// A file to write the addresses this process listens on to, once every listener is bound:
+    /// a JSON object of listener name to address (`{"admin": "127.0.0.1:40123"}`, and `"api"`
+    /// for trellis-api). Whoever started the process with port 0 reads it instead of guessing
+    /// a free port. Written to a temporary file and renamed, so it is never seen half-written.
+    #[arg(long, env = "ADDR_FILE")]
+    pub addr_file: Option<std::path::PathBuf>,
 
     /// Log output format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]

@@ -145,5 +145,7 @@ async fn serve(name: &'static str, args: WorkerArgs, processor: impl Processor) 
         let _ = host.run().await;
         return Err(e);
     }
+    // Once its groups are registered: whoever reads the addresses may wait for `/readyz`.
+    crate::admin::write_addr_file(args.common.addr_file.as_deref(), &[("admin", host.admin_addr())])?;
     host.run().await
 }

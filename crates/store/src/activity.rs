@@ -5,9 +5,10 @@ use sqlx::PgExecutor;
 
 /// Records that these tokens authenticated requests just now: the tokens' `last_used_at` (a
 /// token used within the last minute is left alone) and the activity of the users whose token
-/// is still live (a row touched within the last hour is left alone), in one statement. A busy user costs at most one token
-/// write a minute and one activity write an hour. Tokens another transaction is changing (a
-/// revocation) are skipped rather than waited for. Returns the activity rows written.
+/// is still live (a row touched within the last hour is left alone), in one statement. A busy user
+/// costs at most one token write a minute and one activity write an hour. Tokens another
+/// transaction is changing (a revocation) are skipped rather than waited for. Returns the activity
+/// rows written.
 pub async fn record_token_use(db: impl PgExecutor<'_>, token_hashes: &[Vec<u8>]) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "WITH used AS (

@@ -1,11 +1,22 @@
-//! Test support shared by every crate's integration tests: each test gets its own database
+//! The one test harness of every crate's integration tests: each test gets its own database
 //! (created and migrated, dropped afterwards) and its own NATS prefix, so the suite runs in
-//! parallel against one PostgreSQL and one NATS server. `PrivateNats` starts a nats-server of
-//! the test's own, for outage scenarios.
+//! parallel against one PostgreSQL and one NATS server. It starts the workspace's binaries as
+//! real processes and waits for their readiness ([`process`]), talks to the API ([`http`]),
+//! reads `/metrics` ([`metrics`]) and waits for conditions ([`eventually`]). `PrivateNats`
+//! starts a nats-server of the test's own, for outage scenarios.
 //!
 //! Every process a test starts, and the in-process apps' `tracing` output, log to files under
 //! [`log_dir`]: `cargo xtask test` scans them for the suite's passwords and credentials after
 //! the run.
+
+pub mod http;
+pub mod metrics;
+pub mod probe;
+pub mod process;
+pub mod wait;
+
+pub use process::{ClosedPort, Process, Spawn};
+pub use wait::eventually;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -178,7 +189,8 @@ pub fn with_database(url: &str, name: &str) -> String {
     out
 }
 
-/// A nats-server with JetStream of the test's own, on a free loopback port.
+/// A nats-server with JetStream of the test's own, on a loopback port it picks (and reports in
+/// its log) when it first starts.
 pub struct PrivateNats {
     pub port: u16,
     store: PathBuf,
@@ -199,10 +211,9 @@ impl PrivateNats {
     }
 
     pub fn start() -> anyhow::Result<Self> {
-        let port = free_port()?;
         let store = std::env::temp_dir().join(format!("trellis-nats-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&store)?;
-        let mut nats = Self { port, store, child: None };
+        let mut nats = Self { port: 0, store, child: None };
         nats.restart()?;
         Ok(nats)
     }
@@ -211,11 +222,14 @@ impl PrivateNats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    /// Starts the server (again, on the same port and store) and returns once it says it is ready.
+    /// Starts the server and returns once it says it is ready: the first time on a port it picks,
+    /// then again on that port and store (its clients reconnect to the address they know).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(self.child.is_none(), "the server is running");
+        // `-p -1`: a random free port, which the server logs.
+        let port = if self.port == 0 { "-1".to_owned() } else { self.port.to_string() };
         let mut child = Command::new(Self::binary())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
             .arg(&self.store)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -225,10 +239,15 @@ impl PrivateNats {
         let mut lines = BufReader::new(stderr).lines();
         loop {
             let line = lines.next().context("nats-server exited before it was ready")??;
+            if let Some((_, addr)) = line.split_once("Listening for client connections on ") {
+                let port = addr.trim().rsplit(':').next().and_then(|p| p.parse().ok());
+                self.port = port.with_context(|| format!("no port in the server's log line: {line}"))?;
+            }
             if line.contains("Server is ready") {
                 break;
             }
         }
+        anyhow::ensure!(self.port != 0, "nats-server was ready without saying its port");
         // Keep draining its log so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         self.child = Some(child);
@@ -249,10 +268,6 @@ impl Drop for PrivateNats {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.store);
     }
-}
-
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Reads what is in a stream, without disturbing any consumer of the application.
@@ -335,19 +350,9 @@ impl TestDb {
 
 impl StreamReader {
     /// Waits (up to `timeout`) until the stream exists: applications declare their streams in
-    /// the background after they start.
-    pub async fn wait_until_declared(&self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut pace = tokio::time::interval(Duration::from_millis(20));
-        loop {
-            pace.tick().await;
-            match self.js.get_stream(&self.stream).await {
-                Ok(_) => return Ok(()),
-                Err(e) if tokio::time::Instant::now() >= deadline => {
-                    anyhow::bail!("stream {} not declared after {timeout:?}: {e}", self.stream)
-                }
-                Err(_) => {}
-            }
-        }
+    /// the background after they start. Panics after `timeout`.
+    pub async fn wait_until_declared(&self, timeout: Duration) {
+        let what = format!("stream {} to be declared", self.stream);
+        eventually(&what, timeout, || async { self.js.get_stream(&self.stream).await.ok().map(|_| ()) }).await
     }
 }

@@ -17,11 +17,12 @@
 //! so an entirely overdue backlog cannot starve the others. P0 has one more slot than the
 //! others: it starts even while every regular slot is busy with lower-priority batches.
 //!
-//! **Why strict.** Every group always has a pull outstanding, so a new P0 reaches the scheduler as
-//! soon as it is published; the scheduler never grants a lower priority while a higher one waits
-//! (save the alternating aging turn), and a P0 never waits for a lower-priority batch at all. At start-up the groups begin pulling in priority order
-//! (P1 only once P0's first pull is on the wire, and so on), so a backlog that was queued while
-//! the processor was down is also served P0 first.
+//! **Why strict.** Every group always has a pull outstanding, so a new P0 reaches the scheduler
+//! as soon as it is published; the scheduler never grants a lower priority while a higher one
+//! waits (save the alternating aging turn), and a P0 never waits for a lower-priority batch at
+//! all. At start-up the groups begin pulling in priority order (P1 only once P0's first pull is
+//! on the wire, and so on), so a backlog that was queued while the processor was down is also
+//! served P0 first.
 //!
 //! **The in-flight bound.** A group holds at most one pull (its batch size) at a time, and each
 //! priority has one group per slot. P1–P3 pull short batches (`--short-batch-size`, 64 by

@@ -1,5 +1,10 @@
-//! The runtime against real JetStream: consumer groups run in this process, each test on a NATS
-//! prefix of its own (so the tests run in parallel on one server).
+//! The worker runtime against real JetStream and PostgreSQL: consumer groups run in this process
+//! (pulls, batching, shadow candidates) and in real `trellis-probe-worker` processes (retries,
+//! dead letters, the MAX_DELIVERIES safety net, replicas, shutdown, outages). Each test has its
+//! own database and NATS prefix, so they run in parallel on one server.
 
+mod batching;
 mod harness;
 mod pull;
+mod runner;
+mod shadow;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use trellis_runtime::consumer::RunnerConfig;
 
-use crate::harness::{Env, Recorder, Seen, eventually};
+use crate::harness::{Env, Recorder, Seen, eventually, publish_ok, start_group};
 
 const BATCH: usize = 8;
 const PULL_EXPIRY: Duration = Duration::from_secs(4);
@@ -33,11 +33,11 @@ async fn a_full_pull_behind_a_busy_handler(
     busy: &Recorder,
     log: &Mutex<Vec<Seen>>,
 ) -> Vec<u64> {
-    let mut sequences = env.publish(1).await;
+    let mut sequences = publish_ok(env, 1).await;
     busy.wait_for_batches(1).await;
-    sequences.extend(env.publish(BATCH - 1).await);
-    eventually(PULL_EXPIRY, "the server to deliver the whole batch in the pull in hand", || async {
-        let info = env.consumer_info(group).await;
+    sequences.extend(publish_ok(env, BATCH - 1).await);
+    eventually("the server to deliver the whole batch in the pull in hand", PULL_EXPIRY, || async {
+        let info = env.consumer_info(&env.topology.events_stream(), group).await;
         (info.num_pending == 0 && info.num_ack_pending == BATCH).then_some(())
     })
     .await;
@@ -49,8 +49,8 @@ async fn a_full_pull_behind_a_busy_handler(
 /// Waits until the group has acknowledged everything; asserts the server delivered each
 /// message once (its consumer sequence counts redeliveries too).
 async fn assert_settled_without_redelivery(env: &Env, group: &str, within: Duration) {
-    let info = eventually(within, "every message acknowledged", || async {
-        let info = env.consumer_info(group).await;
+    let info = eventually("every message acknowledged", within, || async {
+        let info = env.consumer_info(&env.topology.events_stream(), group).await;
         (info.num_pending == 0 && info.num_ack_pending == 0).then_some(info)
     })
     .await;
@@ -76,13 +76,13 @@ async fn a_handler_busy_past_its_pull_s_lifetime_loses_none_of_the_pull() {
     let ack_wait = Duration::from_secs(30);
     let log = Arc::new(Mutex::new(Vec::new()));
     let busy = Recorder::new("busy", BUSY, log.clone());
-    let group = env.start_group("slow", config(ack_wait), busy.clone()).await;
+    let group = start_group(&env, "slow", config(ack_wait), busy.clone()).await;
 
     let sequences = a_full_pull_behind_a_busy_handler(&env, "slow", &busy, &log).await;
     // A message of that pull left unhandled would come back only after ack_wait.
     let within = BUSY + Duration::from_secs(10);
     assert!(within < ack_wait);
-    eventually(within, "every message of the pull handled", || async {
+    eventually("every message of the pull handled", within, || async {
         (log.lock().unwrap().len() >= BATCH).then_some(())
     })
     .await;
@@ -98,12 +98,12 @@ async fn messages_waiting_behind_a_handler_busy_past_ack_wait_are_not_redelivere
     assert!(BUSY > ack_wait * 3, "the rest of the pull waits for several ack_waits");
     let log = Arc::new(Mutex::new(Vec::new()));
     let busy = Recorder::new("busy", BUSY, log.clone());
-    let first = env.start_group("slow", config(ack_wait), busy.clone()).await;
+    let first = start_group(&env, "slow", config(ack_wait), busy.clone()).await;
     let sequences = a_full_pull_behind_a_busy_handler(&env, "slow", &busy, &log).await;
 
     // An idle replica pulls beside it: whatever the server redelivers goes there at once.
     let idle = Recorder::new("idle", Duration::ZERO, log.clone());
-    let second = env.start_group("slow", config(ack_wait), idle).await;
+    let second = start_group(&env, "slow", config(ack_wait), idle).await;
     assert_settled_without_redelivery(&env, "slow", BUSY + Duration::from_secs(10)).await;
     first.stop().await;
     second.stop().await;

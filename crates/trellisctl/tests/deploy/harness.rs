@@ -4,7 +4,6 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use trellis_testkit::TestDb;
@@ -22,83 +21,23 @@ pub fn yaml(relative: &str) -> serde_yaml_ng::Value {
     serde_yaml_ng::from_str(&read(relative)).unwrap_or_else(|e| panic!("{relative} is not YAML: {e}"))
 }
 
-/// A binary of the workspace, built next to `trellisctl` (`cargo xtask test` builds them all).
-pub fn binary(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_trellisctl")).with_file_name(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
-    path
+pub use trellis_testkit::metrics::names as exported_names;
+pub use trellis_testkit::process::binary;
+pub use trellis_testkit::{Process, Spawn};
+
+/// Starts `name` (a binary of the workspace) on the test's database and prefix with `env` on top
+/// of the test settings, and waits for its `/readyz`.
+pub async fn start(name: &str, db: &TestDb, prefix: &str, env: &[(&str, String)]) -> Process {
+    env.iter().fold(Spawn::new(name).on(&db.url, prefix), |spawn, (k, v)| spawn.env(k, v)).ready().await
 }
 
-/// A child process with an admin listener, killed when dropped.
-pub struct Process {
-    pub name: String,
-    pub admin: SocketAddr,
-    /// Where its output goes.
-    pub log: PathBuf,
-    child: Child,
-}
-
-impl Process {
-    /// Starts `name` with the common settings of a test and `env`, and waits for `/readyz`.
-    pub async fn start(name: &str, db: &TestDb, prefix: &str, env: &[(&str, String)]) -> Process {
-        let admin: SocketAddr =
-            format!("127.0.0.1:{}", trellis_testkit::free_port().expect("a free port")).parse().unwrap();
-        let (log, log_file) = trellis_testkit::log_file(name);
-        let mut cmd = Command::new(binary(name));
-        cmd.env("DATABASE_URL", &db.url)
-            .env("NATS_URL", trellis_testkit::nats_url())
-            .env("NATS_PREFIX", prefix)
-            .env("ADMIN_ADDR", admin.to_string())
-            .env("LOG_FORMAT", "json")
-            .env("SHUTDOWN_GRACE", "2s")
-            .stdin(Stdio::null())
-            .stdout(log_file);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        let mut process = Process { name: name.to_owned(), admin, log, child };
-        process.wait_ready().await;
-        process
-    }
-
-    async fn wait_ready(&mut self) {
-        let url = format!("http://{}/readyz", self.admin);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited before it was ready: {status}", self.name);
-            }
-            if let Ok(resp) = http().get(&url).send().await
-                && resp.status() == 200
-            {
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{} is not ready after 30 s", self.name);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    pub fn metrics_url(&self) -> String {
-        format!("http://{}/metrics", self.admin)
-    }
-
-    pub async fn metrics(&self) -> String {
-        let resp = http().get(self.metrics_url()).send().await.expect("/metrics answers");
-        assert_eq!(resp.status(), 200, "{} /metrics", self.name);
-        resp.text().await.expect("the metrics text")
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The `/metrics` URL of a process.
+pub fn metrics_url(process: &Process) -> String {
+    format!("http://{}/metrics", process.admin())
 }
 
 pub fn http() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(5)).build().expect("an HTTP client")
+    trellis_testkit::process::client(Duration::from_secs(5))
 }
 
 /// The API and every worker of the workspace, on one database and NATS prefix.
@@ -110,19 +49,12 @@ pub struct System {
 
 impl System {
     pub async fn start(db: &TestDb, prefix: &str) -> System {
-        let api_addr: SocketAddr =
-            format!("127.0.0.1:{}", trellis_testkit::free_port().expect("a free port")).parse().unwrap();
-        let api = Process::start(
-            "trellis-api",
-            db,
-            prefix,
-            &[("API_ADDR", api_addr.to_string()), ("ACTIVITY_FLUSH_INTERVAL", "200ms".into())],
-        )
-        .await;
+        let api = start("trellis-api", db, prefix, &[("ACTIVITY_FLUSH_INTERVAL", "200ms".into())]).await;
+        let api_addr = api.api();
         let names = ["score-orchestrator", "search-projector", "dispute-processor"];
         let mut workers = Vec::new();
         for name in names {
-            workers.push(Process::start(name, db, prefix, &[]).await);
+            workers.push(start(name, db, prefix, &[]).await);
         }
         System { api, api_addr, workers }
     }
@@ -132,17 +64,8 @@ impl System {
     }
 
     pub fn metrics_urls(&self) -> Vec<String> {
-        self.processes().map(Process::metrics_url).collect()
+        self.processes().map(metrics_url).collect()
     }
-}
-
-/// The metric names of a scrape (histograms as `_bucket`, `_sum` and `_count`).
-pub fn exported_names(text: &str) -> BTreeSet<String> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .map(str::to_owned)
-        .collect()
 }
 
 /// The Trellis metric and recording-rule names a PromQL expression mentions.

@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use trellis_store::roles;
 use trellis_testkit::TestDb;
 
-use crate::harness::{Process, http};
+use crate::harness::{http, start};
 
 /// The SQLSTATE of an error, or a panic naming what succeeded that should not have.
 async fn refused(pool: &PgPool, role: &str, sql: &str) -> String {
@@ -131,15 +131,11 @@ async fn trellisctl(database_url: &str, prefix: &str, args: &[&str]) -> String {
 }
 
 async fn wait_for(what: &str, db: &TestDb, sql: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    trellis_testkit::eventually(what, Duration::from_secs(30), || async {
         let done: bool = sqlx::query_scalar(sql).fetch_one(&db.pool).await.unwrap();
-        if done {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{what} did not happen within 30 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        done.then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -183,21 +179,15 @@ async fn the_owner_migrates_and_every_binary_does_its_job_with_its_own_role() {
     sqlx::raw_sql("DROP TABLE search.added_later").execute(&owner).await.unwrap();
     owner.close().await;
 
-    let api_addr = format!("127.0.0.1:{}", trellis_testkit::free_port().unwrap());
-    let _api = Process::start(
-        "trellis-api",
-        &db,
-        &prefix,
-        &[("DATABASE_URL", url(roles::API).await), ("API_ADDR", api_addr.clone())],
-    )
-    .await;
+    let api = start("trellis-api", &db, &prefix, &[("DATABASE_URL", url(roles::API).await)]).await;
+    let api_addr = api.api();
     let mut workers = Vec::new();
     for (name, role) in [
         ("score-orchestrator", roles::SCORE_ORCHESTRATOR),
         ("search-projector", roles::SEARCH_PROJECTOR),
         ("dispute-processor", roles::DISPUTE_PROCESSOR),
     ] {
-        workers.push(Process::start(name, &db, &prefix, &[("DATABASE_URL", url(role).await)]).await);
+        workers.push(start(name, &db, &prefix, &[("DATABASE_URL", url(role).await)]).await);
     }
 
     let api = |path: &str| format!("http://{api_addr}{path}");

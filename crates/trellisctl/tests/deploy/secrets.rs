@@ -5,7 +5,7 @@ use std::process::Stdio;
 
 use trellis_testkit::{PrivateNats, TestDb};
 
-use crate::harness::Process;
+use crate::harness::start;
 
 const DATABASE_PASSWORD: &str = "db-secret-in-url-7c1e";
 const NATS_PASSWORD: &str = "nats-secret-in-url-2b9d";
@@ -25,9 +25,9 @@ async fn trellisctl(database_url: &str, nats_url: &str, args: &[&str]) -> (bool,
 
 #[tokio::test]
 async fn trellisctl_shows_no_credential_in_its_help_or_its_errors() {
-    let closed = trellis_testkit::free_port().unwrap();
-    let database_url = format!("postgres://someone:{DATABASE_PASSWORD}@127.0.0.1:{closed}/trellis");
-    let nats_url = format!("nats://someone:{NATS_PASSWORD}@127.0.0.1:{closed}");
+    let closed = trellis_testkit::ClosedPort::new();
+    let database_url = format!("postgres://someone:{DATABASE_PASSWORD}@127.0.0.1:{}/trellis", closed.port);
+    let nats_url = format!("nats://someone:{NATS_PASSWORD}@127.0.0.1:{}", closed.port);
     let (ok, help) = trellisctl(&database_url, &nats_url, &["--help"]).await;
     assert!(ok, "{help}");
     assert!(help.contains("DATABASE_URL") && help.contains("NATS_URL"), "{help}");
@@ -48,7 +48,7 @@ async fn a_worker_logging_at_debug_level_logs_no_credential_of_its_urls() {
     let prefix = trellis_testkit::nats_prefix();
     let database_url = trellis_testkit::with_login(&db.url, "postgres", DATABASE_PASSWORD);
     let nats_url = nats.url().replace("nats://", &format!("nats://someone:{NATS_PASSWORD}@"));
-    let worker = Process::start(
+    let worker = start(
         "search-projector",
         &db,
         &prefix,

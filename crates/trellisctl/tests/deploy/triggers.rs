@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use trellis_testkit::TestDb;
+use trellis_testkit::{TestDb, eventually};
 
 use crate::harness::{System, binary, http, repo_root};
 
@@ -124,14 +124,15 @@ async fn triggers_reads_the_processes_and_the_database_and_says_which_are_met() 
 #[tokio::test]
 async fn triggers_says_which_process_it_cannot_scrape_and_fails_on_an_unreachable_prometheus() {
     let db = TestDb::migrated().await.unwrap();
-    let closed = format!("http://127.0.0.1:{}/metrics", trellis_testkit::free_port().unwrap());
+    let nothing = trellis_testkit::ClosedPort::new();
+    let closed = format!("http://127.0.0.1:{}/metrics", nothing.port);
     let out = triggers(&db, &["--metrics-url", &closed]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains(&closed), "the unreachable URL is named");
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("unreachable"), "{table}");
 
-    let prometheus = format!("http://127.0.0.1:{}", trellis_testkit::free_port().unwrap());
+    let prometheus = format!("http://127.0.0.1:{}", nothing.port);
     let out = triggers(&db, &["--prometheus-url", &prometheus]);
     assert!(!out.status.success(), "an unreachable Prometheus is an error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("querying Prometheus"), "{out:?}");
@@ -164,31 +165,33 @@ impl Prometheus {
         for process in system.processes() {
             config.push_str(&format!(
                 "  - job_name: {}\n    static_configs: [{{targets: [\"{}\"]}}]\n",
-                process.name, process.admin
+                process.name,
+                process.admin()
             ));
         }
         std::fs::write(dir.join("prometheus.yml"), config).unwrap();
-        let port = trellis_testkit::free_port().unwrap();
+        // Prometheus cannot report the port it got: its listener is found in /proc.
         let child = Command::new(prometheus_binary())
             .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
             .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--web.listen-address=127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("prometheus starts");
-        let prometheus = Prometheus { child, dir, url: format!("http://127.0.0.1:{port}") };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(resp) = http().get(format!("{}/-/ready", prometheus.url)).send().await
-                && resp.status() == 200
-            {
-                return prometheus;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "prometheus is not ready after 30 s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let pid = child.id() as i32;
+        let addr = eventually("prometheus to listen", Duration::from_secs(30), || async move {
+            trellis_testkit::process::listening_addrs(pid).into_iter().next()
+        })
+        .await;
+        let prometheus = Prometheus { child, dir, url: format!("http://{addr}") };
+        eventually("prometheus to be ready", Duration::from_secs(30), || async {
+            let resp = http().get(format!("{}/-/ready", prometheus.url)).send().await.ok()?;
+            (resp.status() == 200).then_some(())
+        })
+        .await;
+        prometheus
     }
 }
 
@@ -211,15 +214,11 @@ async fn triggers_reads_a_prometheus_that_loads_the_rules() {
 
     // The API refreshes its gauge, Prometheus scrapes it and evaluates the rules: then the
     // A→B alert fires.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let r = loop {
+    let r = eventually("the A→B trigger to fire", Duration::from_secs(60), || async {
         let r = readings(&db, &args);
-        if find(&r, "StageTriggerDailyActiveUsersAToB")["met"] == true {
-            break r;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the A→B trigger never fires: {r:?}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+        (find(&r, "StageTriggerDailyActiveUsersAToB")["met"] == true).then_some(r)
+    })
+    .await;
     assert_eq!(find(&r, "StageTriggerDailyActiveUsersAToB")["value"].as_f64(), Some(1500.0));
     let dau_c = find(&r, "StageTriggerDailyActiveUsersBToC");
     assert_eq!((dau_c["value"].as_f64(), dau_c["met"].as_bool()), (Some(1500.0), Some(false)));

@@ -6,7 +6,7 @@ use time::OffsetDateTime;
 use trellis_domain::events::{Event, EventPayload, EventType};
 use trellis_runtime::dlq::{self, DeadLetter, ErrorKind};
 
-use crate::helpers::{Env, PROBE, RECORDS, Worker, create_record_table, eventually};
+use crate::helpers::{Env, PROBE, RECORDS, Worker, audit_rows, create_record_table, ctl, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -50,24 +50,24 @@ async fn list_filters_by_consumer_and_kind_stats_groups_by_fingerprint_and_show_
     let a3 = dead_letter(&env, "alpha", 3, ErrorKind::Permanent, "unknown event version 7").await;
     let b1 = dead_letter(&env, "beta", 4, ErrorKind::Decode, "payload is not an event envelope").await;
 
-    let all = env.ctl(&["--output", "json", "dlq", "list"]).await.json();
+    let all = ctl(&env, &["--output", "json", "dlq", "list"]).await.json();
     assert_eq!(sequences(&all), vec![a1, a2, a3, b1]);
-    let alpha = env.ctl(&["--output", "json", "dlq", "list", "--consumer", "alpha"]).await.json();
+    let alpha = ctl(&env, &["--output", "json", "dlq", "list", "--consumer", "alpha"]).await.json();
     assert_eq!(sequences(&alpha), vec![a1, a2, a3]);
-    let transient = env.ctl(&["--output", "json", "dlq", "list", "--consumer", "alpha", "--kind", "transient"]).await;
+    let transient = ctl(&env, &["--output", "json", "dlq", "list", "--consumer", "alpha", "--kind", "transient"]).await;
     let transient = transient.json();
     assert_eq!(sequences(&transient), vec![a1, a2]);
     assert_eq!(transient[0]["consumer"], "alpha");
     assert_eq!(transient[0]["kind"], "transient");
     assert_eq!(transient[0]["original_subject"], "events.probe.synthetic");
-    let decode = env.ctl(&["--output", "json", "dlq", "list", "--kind", "decode"]).await.json();
+    let decode = ctl(&env, &["--output", "json", "dlq", "list", "--kind", "decode"]).await.json();
     assert_eq!(sequences(&decode), vec![b1]);
-    let grep = env.ctl(&["--output", "json", "dlq", "list", "--grep", "version"]).await.json();
+    let grep = ctl(&env, &["--output", "json", "dlq", "list", "--grep", "version"]).await.json();
     assert_eq!(sequences(&grep), vec![a3]);
-    let table = env.ctl(&["dlq", "list", "--consumer", "beta"]).await;
+    let table = ctl(&env, &["dlq", "list", "--consumer", "beta"]).await;
     assert!(table.success() && table.stdout.contains("1 of 1 dead letters"), "{table:?}");
 
-    let stats = env.ctl(&["--output", "json", "dlq", "stats"]).await.json();
+    let stats = ctl(&env, &["--output", "json", "dlq", "stats"]).await.json();
     let groups = stats.as_array().unwrap();
     assert_eq!(groups.len(), 3, "two timeouts share one fingerprint: {stats:#}");
     assert_eq!(groups[0]["consumer"], "alpha");
@@ -75,13 +75,13 @@ async fn list_filters_by_consumer_and_kind_stats_groups_by_fingerprint_and_show_
     assert_eq!(groups[0]["count"], 2);
     let counts: Vec<u64> = groups.iter().map(|g| g["count"].as_u64().unwrap()).collect();
     assert_eq!(counts, vec![2, 1, 1]);
-    let by_fingerprint = env
-        .ctl(&["--output", "json", "dlq", "list", "--fingerprint", "transient: db timeout after N ms on row N"])
-        .await
-        .json();
+    let by_fingerprint =
+        ctl(&env, &["--output", "json", "dlq", "list", "--fingerprint", "transient: db timeout after N ms on row N"])
+            .await
+            .json();
     assert_eq!(sequences(&by_fingerprint), vec![a1, a2]);
 
-    let show = env.ctl(&["dlq", "show", &a3.to_string()]).await;
+    let show = ctl(&env, &["dlq", "show", &a3.to_string()]).await;
     assert!(show.success(), "{show:?}");
     for expected in [
         &format!("sequence: {a3}"),
@@ -94,7 +94,7 @@ async fn list_filters_by_consumer_and_kind_stats_groups_by_fingerprint_and_show_
     ] {
         assert!(show.stdout.contains(expected), "`dlq show` lacks {expected:?}:\n{}", show.stdout);
     }
-    let missing = env.ctl(&["dlq", "show", "9999"]).await;
+    let missing = ctl(&env, &["dlq", "show", "9999"]).await;
     assert!(!missing.success() && missing.stderr.contains("no dead letter 9999"), "{missing:?}");
 }
 
@@ -110,20 +110,20 @@ async fn show_says_what_the_dead_letters_event_says_or_why_it_does_not_decode() 
     let probe = dead_letter(&env, "alpha", 3, ErrorKind::Decode, "not an envelope").await;
 
     let EventPayload::UserReinstated(user) = EventType::UserReinstated.example() else { unreachable!() };
-    let show = env.ctl(&["dlq", "show", &reinstated.to_string()]).await;
+    let show = ctl(&env, &["dlq", "show", &reinstated.to_string()]).await;
     let says = format!("event: identity.user_reinstated v1: user {} was reinstated", user.user_id);
     assert!(show.success() && show.stdout.contains(&says), "`dlq show` lacks {says:?}:\n{}", show.stdout);
-    let show = env.ctl(&["dlq", "show", &newer.to_string()]).await;
+    let show = ctl(&env, &["dlq", "show", &newer.to_string()]).await;
     let says = "event: does not decode: identity.user_reinstated version 2 is not the version this code reads (1)";
     assert!(show.stdout.contains(says), "`dlq show` lacks {says:?}:\n{}", show.stdout);
-    let show = env.ctl(&["dlq", "show", &probe.to_string()]).await;
+    let show = ctl(&env, &["dlq", "show", &probe.to_string()]).await;
     let says = "event: does not decode: payload is not an event envelope";
     assert!(show.stdout.contains(says), "`dlq show` lacks {says:?}:\n{}", show.stdout);
 
-    let json = env.ctl(&["--output", "json", "dlq", "show", &reinstated.to_string()]).await.json();
+    let json = ctl(&env, &["--output", "json", "dlq", "show", &reinstated.to_string()]).await.json();
     assert_eq!(json["event"]["decodes"], true);
     assert_eq!(json["event"]["type"], "identity.user_reinstated v1");
-    let json = env.ctl(&["--output", "json", "dlq", "show", &probe.to_string()]).await.json();
+    let json = ctl(&env, &["--output", "json", "dlq", "show", &probe.to_string()]).await.json();
     assert_eq!(json["event"]["decodes"], false);
 }
 
@@ -133,20 +133,20 @@ async fn purge_needs_yes_removes_the_dead_letter_and_writes_an_audit_row() {
     let keep = dead_letter(&env, "alpha", 1, ErrorKind::Permanent, "bad").await;
     let gone = dead_letter(&env, "alpha", 2, ErrorKind::Permanent, "bad").await;
 
-    let refused = env.ctl(&["dlq", "purge", "--reason", "x", &gone.to_string()]).await;
+    let refused = ctl(&env, &["dlq", "purge", "--reason", "x", &gone.to_string()]).await;
     assert!(!refused.success(), "{refused:?}");
     assert!(refused.stderr.contains("add --yes to confirm"), "a clear message: {refused:?}");
     assert_eq!(env.dead_letters(None).await.len(), 2, "nothing purged without --yes");
-    assert!(env.audit_rows().await.is_empty());
+    assert!(audit_rows(&env).await.is_empty());
 
-    let nothing = env.ctl(&["dlq", "replay", "--reason", "x"]).await;
+    let nothing = ctl(&env, &["dlq", "replay", "--reason", "x"]).await;
     assert!(!nothing.success() && nothing.stderr.contains("nothing selected"), "{nothing:?}");
 
-    let purged = env.ctl(&["dlq", "purge", "--yes", "--reason", "x", &gone.to_string()]).await;
+    let purged = ctl(&env, &["dlq", "purge", "--yes", "--reason", "x", &gone.to_string()]).await;
     assert!(purged.success(), "{purged:?}");
     let left: Vec<u64> = env.dead_letters(None).await.iter().map(|e| e.sequence).collect();
     assert_eq!(left, vec![keep]);
-    let audit = env.audit_rows().await;
+    let audit = audit_rows(&env).await;
     assert_eq!(audit.len(), 1);
     assert_eq!(
         (audit[0].action.as_str(), audit[0].status.as_str(), audit[0].reason.as_str()),
@@ -163,14 +163,14 @@ async fn a_dry_run_replay_changes_nothing() {
     let a = dead_letter(&env, "alpha", 1, ErrorKind::Transient, "x").await;
     let b = dead_letter(&env, "beta", 2, ErrorKind::Transient, "y").await;
 
-    let dry = env.ctl(&["dlq", "replay", "--all", "--dry-run"]).await;
+    let dry = ctl(&env, &["dlq", "replay", "--all", "--dry-run"]).await;
     assert!(dry.success(), "{dry:?}");
     assert!(dry.stdout.contains("2 dead letters would be replayed"), "{dry:?}");
     assert!(dry.stdout.contains(&format!("{a} → replay.alpha.events.probe.synthetic")), "{dry:?}");
     let after = env.dead_letters(None).await;
     assert_eq!(after.iter().map(|e| e.sequence).collect::<Vec<_>>(), vec![a, b], "the DLQ is unchanged");
     assert!(after.iter().all(|e| e.replays() == 0));
-    assert!(env.audit_rows().await.is_empty(), "a dry run writes no audit row");
+    assert!(audit_rows(&env).await.is_empty(), "a dry run writes no audit row");
     let mut replay = env.js.get_stream(env.topology.replay_stream()).await.unwrap();
     assert_eq!(replay.info().await.unwrap().state.messages, 0, "nothing was sent to the REPLAY stream");
 }
@@ -197,7 +197,7 @@ async fn a_replay_reaches_only_the_consumer_that_failed_and_is_processed() {
     let a = env.worker(&a_args("4")).await;
 
     let seq = dead[0].sequence.to_string();
-    let replayed = env.ctl(&["dlq", "replay", &seq, "--reason", "test"]).await;
+    let replayed = ctl(&env, &["dlq", "replay", &seq, "--reason", "test"]).await;
     assert!(replayed.success(), "{replayed:?}");
 
     let a_rows = env.wait_for_record_in("probe_a", id, WAIT).await;
@@ -215,7 +215,7 @@ async fn a_replay_reaches_only_the_consumer_that_failed_and_is_processed() {
     assert!(env.records_in(RECORDS).await.is_empty());
     assert!(env.dead_letters(None).await.is_empty(), "the replayed message left the DLQ");
 
-    let audit = env.audit_rows().await;
+    let audit = audit_rows(&env).await;
     assert_eq!(audit.len(), 1);
     let row = &audit[0];
     assert_eq!((row.action.as_str(), row.status.as_str(), row.reason.as_str()), ("replay", "completed", "test"));
@@ -231,14 +231,14 @@ async fn a_replayed_message_that_dies_again_returns_with_its_count_raised_and_it
     let (id, seq) = env.publish("fail").await;
     let first = env.wait_for_dead_letters(Some(PROBE), 1, WAIT).await.remove(0);
 
-    let replayed = env.ctl(&["dlq", "replay", &first.sequence.to_string(), "--reason", "retry it"]).await;
+    let replayed = ctl(&env, &["dlq", "replay", &first.sequence.to_string(), "--reason", "retry it"]).await;
     assert!(replayed.success(), "{replayed:?}");
-    let again = eventually(WAIT, "the message dead again", || async {
+    let again = eventually("the message dead again", WAIT, || async {
         let dead = env.dead_letters(None).await;
         dead.into_iter().find(|e| e.sequence != first.sequence)
     })
     .await;
-    let audit = env.audit_rows().await;
+    let audit = audit_rows(&env).await;
     assert_eq!(audit.len(), 1);
 
     let left = env.dead_letters(None).await;
@@ -273,7 +273,7 @@ async fn a_canary_that_dies_again_stops_the_replay_and_the_rest_stay_in_the_dlq(
     let original: Vec<u64> = dead.iter().map(|e| e.sequence).collect();
 
     let run =
-        env.ctl(&["dlq", "replay", "--all", "--canary", "1", "--canary-timeout", "30s", "--reason", "canary"]).await;
+        ctl(&env, &["dlq", "replay", "--all", "--canary", "1", "--canary-timeout", "30s", "--reason", "canary"]).await;
     assert!(!run.success(), "{run:?}");
     assert!(run.stderr.contains("the canary died again"), "{run:?}");
 
@@ -284,7 +284,7 @@ async fn a_canary_that_dies_again_stops_the_replay_and_the_rest_stay_in_the_dlq(
     let back: Vec<_> = after.iter().filter(|e| e.replays() == 1).collect();
     assert_eq!(back.len(), 1, "the canary is back, replayed once");
     assert_eq!(back[0].payload, dead[0].payload);
-    let audit = env.audit_rows().await;
+    let audit = audit_rows(&env).await;
     assert_eq!(audit.len(), 1);
     assert_eq!((audit[0].action.as_str(), audit[0].status.as_str()), ("replay", "stopped"));
     assert_eq!(audit[0].outcome.as_ref().unwrap()["canary_died"], 1);
@@ -307,7 +307,7 @@ async fn a_canary_that_survives_lets_the_rest_of_the_replay_through() {
     let _worker = env.worker(&["--max-deliver", "4"]).await;
 
     let run =
-        env.ctl(&["dlq", "replay", "--all", "--canary", "1", "--canary-timeout", "30s", "--reason", "fixed"]).await;
+        ctl(&env, &["dlq", "replay", "--all", "--canary", "1", "--canary-timeout", "30s", "--reason", "fixed"]).await;
     assert!(run.success(), "{run:?}");
     assert!(run.stdout.contains("replayed 3, failed 0"), "{run:?}");
     for id in ids {
@@ -315,7 +315,7 @@ async fn a_canary_that_survives_lets_the_rest_of_the_replay_through() {
         assert_eq!(rows.len(), 1);
     }
     assert!(env.dead_letters(None).await.is_empty(), "every dead letter left the DLQ");
-    let audit = env.audit_rows().await;
+    let audit = audit_rows(&env).await;
     assert_eq!(audit.len(), 1);
     assert_eq!(
         (audit[0].status.as_str(), audit[0].outcome.as_ref().unwrap()["replayed"].as_u64()),

@@ -1,17 +1,13 @@
-//! The worker runtime against real JetStream and PostgreSQL: consumer groups,
-//! retries, dead letters, the MAX_DELIVERIES safety net, shutdown, outages, `trellisctl dlq`,
-//! `trellisctl flags`, `trellisctl users` and `trellisctl migrate down`.
-//! Each test has its own database and NATS prefix, and drives real `trellis-probe-worker`
-//! processes.
+//! `trellisctl` against real PostgreSQL and JetStream: `dlq`, `flags`, `parity`, `users`,
+//! `migrate down`, `search rebuild` and the cutover runbook's commands. Each test has its own
+//! database and NATS prefix; the dead-letter tests drive real `trellis-probe-worker` processes.
+//! The worker runtime's own tests are in `crates/runtime/tests/`.
 
-mod batching;
 mod dlq;
 mod flags;
 mod helpers;
 mod migrate;
 mod parity;
 mod runbook;
-mod runner;
 mod search;
-mod shadow;
 mod users;

@@ -254,7 +254,7 @@ async fn when_the_api_is_killed_mid_flip_the_worker_decides_what_it_held() {
     let db = TestDb::migrated().await.unwrap();
     let prefix = trellis_testkit::nats_prefix();
     flip(&db, Executor::Monolith).await;
-    let mut api = Api::spawn(&db, &prefix, &[("FLAG_POLL", "200ms")]).await;
+    let mut api = Api::start_with(&db, &prefix, &["--flag-poll", "200ms"]).await;
     let worker = Replica::start(&db, &prefix, &["--flag-poll", "200ms"]).await;
     // The API decides the set-up's disputes; the worker stands by.
     let cast = Cast::new(&api, &db).await;
@@ -289,7 +289,7 @@ async fn when_the_api_is_killed_mid_flip_the_worker_decides_what_it_held() {
     assert_eq!(pending as usize, ids.len(), "nothing is decided while the API is held");
 
     flip(&db, Executor::Worker).await;
-    api.kill();
+    api.kill().await;
     lock.rollback().await.unwrap();
 
     // The worker decides what was never delivered at once, and what the dead API held once
@@ -297,7 +297,7 @@ async fn when_the_api_is_killed_mid_flip_the_worker_decides_what_it_held() {
     all_decided(&db, &ids).await;
     // A new API relays the worker's decision events (the relay runs in the API); the flag says
     // `worker`, so it decides nothing.
-    let relay = Api::spawn(&db, &prefix, &[("FLAG_POLL", "200ms")]).await;
+    let relay = Api::start_with(&db, &prefix, &["--flag-poll", "200ms"]).await;
     drained(&db, &prefix).await;
 
     let (upheld, dismissed, priorities) = decided_once(&db, &ids).await;
@@ -325,7 +325,7 @@ async fn a_terminated_api_gives_its_processor_the_grace_period_and_no_more() {
     let prefix = trellis_testkit::nats_prefix();
     flip(&db, Executor::Monolith).await;
     let grace = Duration::from_secs(2);
-    let mut api = Api::spawn(&db, &prefix, &[("FLAG_POLL", "200ms"), ("SHUTDOWN_GRACE", "2s")]).await;
+    let mut api = Api::start_with(&db, &prefix, &["--flag-poll", "200ms", "--shutdown-grace", "2s"]).await;
     let cast = Cast::new(&api, &db).await;
 
     // Hold the API in the middle of deciding (as above): its deciding statement waits on a lock
@@ -347,9 +347,13 @@ async fn a_terminated_api_gives_its_processor_the_grace_period_and_no_more() {
     })
     .await;
 
-    let (status, took) = api.terminate(Duration::from_secs(25)).await.expect("the API exits before BATCH_TIMEOUT");
+    let signalled = tokio::time::Instant::now();
+    api.process.terminate().await;
+    // Before BATCH_TIMEOUT (30 s), which would end the held statement anyway.
+    let code = api.process.wait_exit(Duration::from_secs(25)).await;
+    let took = signalled.elapsed();
     lock.rollback().await.unwrap();
-    assert_eq!(status.code(), Some(0), "a shutdown past its grace period is still an orderly exit");
+    assert_eq!(code, Some(0), "a shutdown past its grace period is still an orderly exit");
     assert!(took < grace + Duration::from_secs(6), "exited {took:?} after SIGTERM, with a {grace:?} grace period");
     let pending: i64 =
         sqlx::query_scalar("SELECT count(*) FROM security.disputes WHERE id = ANY($1) AND status = 'pending'")

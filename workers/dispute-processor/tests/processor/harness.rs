@@ -1,233 +1,52 @@
-//! The harness: a real `trellis-api` in-process, real `dispute-processor` child processes, each
-//! test on its own database and NATS prefix, and polling with deadlines.
+//! The harness: real `trellis-api` and `dispute-processor` child processes
+//! (`trellis_testkit`), each test on its own database and NATS prefix.
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use clap::Parser;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
-use tokio_util::sync::CancellationToken;
-use trellis_api::{Config, Running};
 use trellis_domain::disputes::DisputeKind;
 use trellis_domain::{DisputeId, UserId};
-use trellis_testkit::TestDb;
+pub use trellis_testkit::eventually;
+pub use trellis_testkit::http::{Response, User};
+use trellis_testkit::{Process, Spawn, TestDb};
 use uuid::Uuid;
 
-pub const PASSWORD: &str = "correct horse battery staple";
 pub const WAIT: Duration = Duration::from_secs(60);
 
-/// Polls `check` every 25 ms until it returns `Some`, or panics with `what` after `timeout`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut pace = tokio::time::interval(Duration::from_millis(25));
-    loop {
-        pace.tick().await;
-        if let Some(found) = check().await {
-            return found;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+/// `trellis-api` as a child process (`trellis_testkit::http::Api`, killed when dropped; a test
+/// may kill it first), with this crate's shortcuts.
+pub struct Api(pub trellis_testkit::http::Api);
+
+impl std::ops::Deref for Api {
+    type Target = trellis_testkit::http::Api;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 
-/// The API's abuse limits (docs/SECURITY.md) opened wide: these tests register many users and
-/// file many disputes, impersonation among them, from one address within seconds.
-const TEST_LIMITS: &[&str] = &[
-    "--registration-rate-per-address",
-    "1000000",
-    "--dispute-p0-min-account-age",
-    "0s",
-    "--dispute-open-limit",
-    "1000000",
-    "--dispute-open-limit-p0",
-    "1000000",
-];
-
-/// A `trellis-api`: running in this process, or a child process (which a test can kill).
-pub struct Api {
-    pub addr: SocketAddr,
-    /// The admin listener (`/metrics`).
-    pub admin: SocketAddr,
-    pub http: reqwest::Client,
-    process: ApiProcess,
-}
-
-enum ApiProcess {
-    InProcess { shutdown: CancellationToken, _running: Running },
-    Child(Child),
-}
-
-#[derive(Debug, Clone)]
-pub struct User {
-    pub id: Uuid,
-    pub handle: String,
-    pub token: String,
+impl std::ops::DerefMut for Api {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl Api {
+    /// Starts the API on the test's database and prefix with `extra` command-line flags (e.g.
+    /// `--flag-poll 200ms`), and waits until its `/readyz` answers 200.
+    pub async fn start_with(db: &TestDb, prefix: &str, extra: &[&str]) -> Self {
+        Api(trellis_testkit::http::Api::start(trellis_testkit::http::Api::spawn(&db.url, prefix).args(extra)).await)
+    }
+
     pub async fn start(db: &TestDb, prefix: &str) -> Self {
         Self::start_with(db, prefix, &[]).await
-    }
-
-    /// Starts the API in this process with `extra` command-line arguments (e.g. `--flag-poll 200ms`).
-    pub async fn start_with(db: &TestDb, prefix: &str, extra: &[&str]) -> Self {
-        let nats_url = trellis_testkit::nats_url();
-        let mut args = vec![
-            "trellis-api",
-            "--database-url",
-            &db.url,
-            "--nats-url",
-            &nats_url,
-            "--nats-prefix",
-            prefix,
-            "--api-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--log-format",
-            "pretty",
-            "--shutdown-grace",
-            "5s",
-        ];
-        args.extend_from_slice(TEST_LIMITS);
-        args.extend_from_slice(extra);
-        let config = Config::try_parse_from(args).expect("test config parses");
-        trellis_testkit::capture_logs("trellis-api-in-process");
-        let shutdown = CancellationToken::new();
-        let running = trellis_api::start(config, shutdown.clone()).await.expect("the API starts");
-        let http = reqwest::Client::builder().no_proxy().build().expect("http client");
-        let (addr, admin) = (running.api_addr, running.admin_addr);
-        Self { addr, admin, http, process: ApiProcess::InProcess { shutdown, _running: running } }
-    }
-
-    /// Starts the `trellis-api` binary as a child process with `env` on top of the test's
-    /// settings, and waits until its `/readyz` answers 200. The binary is the workspace's, built
-    /// next to this package's (`cargo build --workspace --bins`, as `cargo xtask test` does):
-    /// Cargo only builds the binaries of the package under test.
-    pub async fn spawn(db: &TestDb, prefix: &str, env: &[(&str, &str)]) -> Self {
-        let binary = Path::new(env!("CARGO_BIN_EXE_dispute-processor")).with_file_name("trellis-api");
-        assert!(
-            binary.exists(),
-            "{} is missing: build the workspace (cargo build --workspace --bins)",
-            binary.display()
-        );
-        let port = |what| -> SocketAddr {
-            let port = trellis_testkit::free_port().unwrap_or_else(|e| panic!("a free port for {what}: {e}"));
-            format!("127.0.0.1:{port}").parse().unwrap()
-        };
-        let (addr, admin) = (port("the API"), port("the admin listener"));
-        let mut cmd = Command::new(binary);
-        cmd.env("DATABASE_URL", &db.url)
-            .env("NATS_URL", trellis_testkit::nats_url())
-            .env("NATS_PREFIX", prefix)
-            .env("API_ADDR", addr.to_string())
-            .env("ADMIN_ADDR", admin.to_string())
-            .env("LOG_FORMAT", "json")
-            .env("SHUTDOWN_GRACE", "5s")
-            .env("REGISTRATION_RATE_PER_ADDRESS", "1000000")
-            .env("DISPUTE_P0_MIN_ACCOUNT_AGE", "0s")
-            .env("DISPUTE_OPEN_LIMIT", "1000000")
-            .env("DISPUTE_OPEN_LIMIT_P0", "1000000")
-            .stdin(Stdio::null())
-            .stdout(trellis_testkit::log_file("trellis-api").1);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("trellis-api starts");
-        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build().expect("http client");
-        let ready = format!("http://{admin}/readyz");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let mut pace = tokio::time::interval(Duration::from_millis(50));
-        loop {
-            pace.tick().await;
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("trellis-api exited before it was ready: {status}");
-            }
-            if let Ok(resp) = http.get(&ready).send().await
-                && resp.status() == 200
-            {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "trellis-api is not ready after 30 s");
-        }
-        Self { addr, admin, http, process: ApiProcess::Child(child) }
-    }
-
-    /// SIGKILL (a child process only), and wait until it is gone.
-    pub fn kill(&mut self) {
-        match &mut self.process {
-            ApiProcess::Child(child) => {
-                child.kill().expect("SIGKILL the API");
-                child.wait().expect("the killed API is reaped");
-            }
-            ApiProcess::InProcess { .. } => panic!("an in-process API cannot be killed"),
-        }
-    }
-
-    /// SIGTERM (a child process only); how it exited and how long after the signal, or `None`
-    /// if it still runs after `timeout`.
-    pub async fn terminate(&mut self, timeout: Duration) -> Option<(std::process::ExitStatus, Duration)> {
-        let ApiProcess::Child(child) = &mut self.process else { panic!("an in-process API has no process to signal") };
-        let sent = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        assert!(sent.expect("kill runs").success(), "SIGTERM sent");
-        let signalled = tokio::time::Instant::now();
-        while signalled.elapsed() < timeout {
-            if let Some(status) = child.try_wait().expect("the API's status") {
-                return Some((status, signalled.elapsed()));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        None
-    }
-
-    /// The admin `/metrics` text.
-    pub async fn metrics(&self) -> String {
-        let resp = self.http.get(format!("http://{}/metrics", self.admin)).send().await.expect("metrics answer");
-        resp.text().await.expect("metrics text")
-    }
-
-    pub async fn request(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("http://{}{path}", self.addr));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("request sent");
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.expect("body read");
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-    }
-
-    pub async fn register(&self, handle: &str) -> User {
-        let body = json!({"handle": handle, "display_name": handle, "email": format!("{handle}@example.com"), "password": PASSWORD});
-        let (status, body) = self.request(reqwest::Method::POST, "/v1/users", None, Some(body)).await;
-        assert_eq!(status, 201, "registering {handle}: {body:?}");
-        User {
-            id: body["user"]["id"].as_str().unwrap().parse().unwrap(),
-            handle: handle.to_owned(),
-            token: body["token"].as_str().unwrap().to_owned(),
-        }
     }
 
     /// Files a dispute and returns its id.
     pub async fn file(&self, reporter: &User, target: Uuid, kind: &str) -> Uuid {
         let body = json!({"target_id": target.to_string(), "kind": kind, "description": "a test dispute"});
-        let (status, body) =
+        let Response { status, body, .. } =
             self.request(reqwest::Method::POST, "/v1/disputes", Some(&reporter.token), Some(body)).await;
         assert_eq!(status, 201, "filing {kind}: {body:?}");
         body["id"].as_str().expect("a dispute id").parse().unwrap()
@@ -235,7 +54,7 @@ impl Api {
 
     /// The dispute as `viewer` sees it (its reporter, or a moderator).
     pub async fn dispute(&self, viewer: &User, id: Uuid) -> Value {
-        let (status, body) =
+        let Response { status, body, .. } =
             self.request(reqwest::Method::GET, &format!("/v1/disputes/{id}"), Some(&viewer.token), None).await;
         assert_eq!(status, 200, "{body:?}");
         body
@@ -253,19 +72,8 @@ impl Api {
     pub async fn moderate(&self, moderator: &User, id: Uuid, decision: &str) -> (u16, Value) {
         let body = json!({"decision": decision, "note": "checked by hand"});
         let path = format!("/v1/moderation/disputes/{id}/decision");
-        self.request(reqwest::Method::POST, &path, Some(&moderator.token), Some(body)).await
-    }
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        match &mut self.process {
-            ApiProcess::InProcess { shutdown, .. } => shutdown.cancel(),
-            ApiProcess::Child(child) => {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
+        let answer = self.request(reqwest::Method::POST, &path, Some(&moderator.token), Some(body)).await;
+        (answer.status, answer.body)
     }
 }
 
@@ -374,64 +182,20 @@ pub async fn all_decided(db: &TestDb, ids: &[Uuid]) {
 
 /// A `dispute-processor` child process, killed (SIGKILL) when dropped.
 pub struct Replica {
-    pub child: Child,
-    pub admin: SocketAddr,
+    pub process: Process,
 }
 
 impl Replica {
     /// Starts a replica and waits until its `/readyz` answers 200.
     pub async fn start(db: &TestDb, prefix: &str, args: &[&str]) -> Self {
-        let port = trellis_testkit::free_port().expect("a free port");
-        let admin: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_dispute-processor"))
-            .args(args)
-            .env("DATABASE_URL", &db.url)
-            .env("NATS_URL", trellis_testkit::nats_url())
-            .env("NATS_PREFIX", prefix)
-            .env("ADMIN_ADDR", admin.to_string())
-            .env("LOG_FORMAT", "json")
-            .env("SHUTDOWN_GRACE", "2s")
-            .env("METRICS_EVERY", "200ms")
-            .stdin(Stdio::null())
-            .stdout(trellis_testkit::log_file("dispute-processor").1)
-            .spawn()
-            .expect("the processor starts");
-        let mut replica = Self { child, admin };
-        replica.wait_ready().await;
-        replica
-    }
-
-    async fn wait_ready(&mut self) {
-        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
-        let url = format!("http://{}/readyz", self.admin);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let mut pace = tokio::time::interval(Duration::from_millis(50));
-        loop {
-            pace.tick().await;
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the processor exited before it was ready: {status}");
-            }
-            if let Ok(resp) = http.get(&url).send().await
-                && resp.status() == 200
-            {
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "the processor is not ready after 30 s");
-        }
+        let process =
+            Spawn::new("dispute-processor").on(&db.url, prefix).env("METRICS_EVERY", "200ms").args(args).ready().await;
+        Self { process }
     }
 
     /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
-        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
-        let resp = http.get(format!("http://{}/metrics", self.admin)).send().await.expect("metrics answer");
-        resp.text().await.expect("metrics text")
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.metrics().await
     }
 }
 

@@ -1,6 +1,6 @@
 //! Integration tests of the dispute processor against real
-//! PostgreSQL and JetStream: a real `trellis-api` in-process or as a child process (its relay
-//! publishes the events), real `dispute-processor` processes, or the library fed directly.
+//! PostgreSQL and JetStream: a real `trellis-api` process (its relay publishes the events), real
+//! `dispute-processor` processes, or the library fed directly.
 
 mod harness;
 

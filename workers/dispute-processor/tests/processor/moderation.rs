@@ -94,7 +94,8 @@ async fn corroborated_disputes_against_a_moderator_go_to_admins(executor: Execut
     assert_eq!((status.as_str(), rule.as_str()), ("needs_review", "R5"), "{reasons}");
     assert!(reasons.to_string().contains("3 credible reporter(s)"), "{reasons}");
     assert!(reasons.to_string().contains("only an admin reviews it"), "{reasons}");
-    let (code, _) = api.request(reqwest::Method::GET, "/v1/me", Some(&target.token), None).await;
+    let Response { status: code, body: _, .. } =
+        api.request(reqwest::Method::GET, "/v1/me", Some(&target.token), None).await;
     assert_eq!(code, 200, "the moderator is not suspended");
     let suspensions: i64 =
         sqlx::query_scalar("SELECT count(*) FROM ops.outbox WHERE subject = 'events.identity.user_suspended'")
@@ -107,7 +108,7 @@ async fn corroborated_disputes_against_a_moderator_go_to_admins(executor: Execut
         let token = user.token.clone();
         let api = &api;
         async move {
-            let (code, body) =
+            let Response { status: code, body, .. } =
                 api.request(reqwest::Method::GET, "/v1/moderation/disputes?limit=100", Some(&token), None).await;
             assert_eq!(code, 200, "{body:?}");
             queued(&body)
@@ -118,13 +119,14 @@ async fn corroborated_disputes_against_a_moderator_go_to_admins(executor: Execut
     assert_eq!(queue(&target).await, Vec::<Uuid>::new(), "nor does the target");
     for (who, user) in [("another moderator", &peer), ("the target", &target)] {
         let path = format!("/v1/disputes/{}", filed[0]);
-        let (code, body) = api.request(reqwest::Method::GET, &path, Some(&user.token), None).await;
+        let Response { status: code, body, .. } =
+            api.request(reqwest::Method::GET, &path, Some(&user.token), None).await;
         assert_eq!(code, 404, "{who} does not see it: {body:?}");
         let (code, body) = api.moderate(user, filed[0], "dismissed").await;
         assert_eq!(code, 404, "{who} cannot decide it: {body:?}");
     }
     let path = format!("/v1/disputes/{}", filed[0]);
-    let (code, body) = api.request(reqwest::Method::GET, &path, Some(&admin.token), None).await;
+    let Response { status: code, body, .. } = api.request(reqwest::Method::GET, &path, Some(&admin.token), None).await;
     assert_eq!((code, body["decision"]["rule"].as_str()), (200, Some("R5")), "an admin sees everything: {body:?}");
     let (code, body) = api.moderate(&admin, filed[0], "upheld").await;
     assert_eq!(code, 200, "an admin decides it: {body:?}");

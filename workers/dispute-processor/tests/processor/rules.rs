@@ -97,9 +97,9 @@ async fn each_rule_decides_with_its_reasons_and_the_reporter_sees_only_the_outco
         assert!(!d.to_string().contains("distinct") && !d.to_string().contains("R4"), "{d:?}");
     }
     // The upheld harassment suspended the victim: their token stops working.
-    let (status, _) = api.request(reqwest::Method::GET, "/v1/me", Some(&victim.token), None).await;
+    let Response { status, body: _, .. } = api.request(reqwest::Method::GET, "/v1/me", Some(&victim.token), None).await;
     assert_eq!(status, 401, "the suspended user's token is revoked");
-    let (status, body) = api
+    let Response { status, body, .. } = api
         .request(reqwest::Method::GET, &format!("/v1/search/users?q={}", victim.handle), Some(&reporter.token), None)
         .await;
     assert_eq!(status, 200);
@@ -167,9 +167,10 @@ async fn an_upheld_spam_dispute_hides_the_target_from_search() {
     assert_eq!(last["status"], "upheld");
     let id = last["id"].as_str().unwrap().parse().unwrap();
     assert_eq!(rule_of(&db, id).await, "R4");
-    let (status, _) = api.request(reqwest::Method::GET, "/v1/me", Some(&spammer.token), None).await;
+    let Response { status, body: _, .. } =
+        api.request(reqwest::Method::GET, "/v1/me", Some(&spammer.token), None).await;
     assert_eq!(status, 200, "spam hides, it does not suspend");
-    let (_, body) = api
+    let Response { status: _, body, .. } = api
         .request(
             reqwest::Method::GET,
             &format!("/v1/search/users?q={}", spammer.handle),
@@ -199,7 +200,7 @@ async fn moderators_get_needs_review_by_priority_then_age_and_their_decisions_ap
         assert_eq!(api.decided(&reporter, id).await["status"], "needs_review");
         filed.push((id, target));
     }
-    let (status, queue) = api
+    let Response { status, body: queue, .. } = api
         .request(reqwest::Method::GET, "/v1/moderation/disputes?status=needs_review", Some(&moderator.token), None)
         .await;
     assert_eq!(status, 200, "{queue:?}");
@@ -211,7 +212,8 @@ async fn moderators_get_needs_review_by_priority_then_age_and_their_decisions_ap
     let (impersonation, impostor) = &filed[2];
     let (status, body) = api.moderate(&moderator, *impersonation, "upheld").await;
     assert_eq!(status, 200, "{body:?}");
-    let (status, _) = api.request(reqwest::Method::GET, "/v1/me", Some(&impostor.token), None).await;
+    let Response { status, body: _, .. } =
+        api.request(reqwest::Method::GET, "/v1/me", Some(&impostor.token), None).await;
     assert_eq!(status, 401, "upheld by a moderator: the impostor is suspended");
     let seen = api.dispute(&reporter, *impersonation).await;
     assert_eq!(seen["status"], "upheld");

@@ -306,7 +306,8 @@ async fn a_candidate_with_other_rules_is_caught_refused_unless_forced_and_has_no
     want.sort();
     assert_eq!(upheld, want, "the candidate's decisions are recorded in the shadow schema");
     for target in &targets {
-        let (status, _) = api.request(reqwest::Method::GET, "/v1/me", Some(&target.token), None).await;
+        let Response { status, body: _, .. } =
+            api.request(reqwest::Method::GET, "/v1/me", Some(&target.token), None).await;
         assert_eq!(status, 200, "the target is not suspended, their token works");
     }
     for id in &ids[..3] {

@@ -39,7 +39,7 @@ async fn a_replica_killed_mid_write_leaves_no_partial_scores_and_a_new_run_succe
             "the run finished before it could be killed: {all:#?}"
         );
         if writing(&db).await {
-            a.kill();
+            a.kill().await;
             break all;
         }
         assert!(tokio::time::Instant::now() < deadline, "replica-a's run never reached its write phase: {all:#?}");
@@ -141,7 +141,7 @@ async fn a_request_whose_run_died_with_its_replica_is_served_by_the_next_lease_h
     let killed = loop {
         pace.tick().await;
         if writing(&db).await {
-            a.kill();
+            a.kill().await;
             let all = runs(&db).await;
             break all.into_iter().find(|r| r.status == RunStatus::Running).expect("the run replica-a was making");
         }

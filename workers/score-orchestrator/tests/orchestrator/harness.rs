@@ -1,146 +1,45 @@
-//! The harness: a real `trellis-api` in-process, real `score-orchestrator` child processes, each
-//! test on its own database and NATS prefix, and polling with deadlines.
+//! The harness: real `trellis-api` and `score-orchestrator` child processes
+//! (`trellis_testkit`), each test on its own database and NATS prefix.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use clap::Parser;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-use trellis_api::{Config, Running};
 use trellis_domain::score::{self, GraphBuilder};
-use trellis_testkit::TestDb;
+pub use trellis_testkit::eventually;
+pub use trellis_testkit::http::{Response, User};
+use trellis_testkit::{Process, Spawn, TestDb};
 use uuid::Uuid;
 
-pub const PASSWORD: &str = "correct horse battery staple";
+/// `trellis-api` as a child process (`trellis_testkit::http::Api`), killed when dropped.
+pub struct Api(pub trellis_testkit::http::Api);
 
-/// Polls `check` every 25 ms until it returns `Some`, or panics with `what` after `timeout`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut pace = tokio::time::interval(Duration::from_millis(25));
-    loop {
-        pace.tick().await;
-        if let Some(found) = check().await {
-            return found;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+impl std::ops::Deref for Api {
+    type Target = trellis_testkit::http::Api;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
-}
-
-/// The API's abuse limits (docs/SECURITY.md) opened wide: these tests register many users and
-/// file many disputes, impersonation among them, from one address within seconds.
-const TEST_LIMITS: &[&str] = &[
-    "--registration-rate-per-address",
-    "1000000",
-    "--dispute-p0-min-account-age",
-    "0s",
-    "--dispute-open-limit",
-    "1000000",
-    "--dispute-open-limit-p0",
-    "1000000",
-];
-
-/// A `trellis-api` running in this process.
-pub struct Api {
-    pub addr: SocketAddr,
-    /// The admin listener (`/metrics`).
-    pub admin: SocketAddr,
-    pub http: reqwest::Client,
-    shutdown: CancellationToken,
-    _running: Running,
-}
-
-#[derive(Debug, Clone)]
-pub struct User {
-    pub id: Uuid,
-    pub handle: String,
-    pub token: String,
 }
 
 impl Api {
+    /// Starts the API on the test's database and prefix with `extra` command-line flags, and
+    /// waits until its `/readyz` answers 200.
     pub async fn start(db: &TestDb, prefix: &str, extra: &[&str]) -> Self {
-        let nats_url = trellis_testkit::nats_url();
-        let mut args = vec![
-            "trellis-api",
-            "--database-url",
-            &db.url,
-            "--nats-url",
-            &nats_url,
-            "--nats-prefix",
-            prefix,
-            "--api-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--log-format",
-            "pretty",
-            "--shutdown-grace",
-            "5s",
-        ];
-        args.extend_from_slice(TEST_LIMITS);
-        args.extend_from_slice(extra);
-        let config = Config::try_parse_from(args).expect("test config parses");
-        trellis_testkit::capture_logs("trellis-api-in-process");
-        let shutdown = CancellationToken::new();
-        let running = trellis_api::start(config, shutdown.clone()).await.expect("the API starts");
-        let http = reqwest::Client::builder().no_proxy().build().expect("http client");
-        Self { addr: running.api_addr, admin: running.admin_addr, http, shutdown, _running: running }
-    }
-
-    /// The admin `/metrics` text.
-    pub async fn metrics(&self) -> String {
-        let resp = self.http.get(format!("http://{}/metrics", self.admin)).send().await.expect("metrics answer");
-        resp.text().await.expect("metrics text")
-    }
-
-    pub async fn request(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("http://{}{path}", self.addr));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("request sent");
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.expect("body read");
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-    }
-
-    pub async fn register(&self, handle: &str) -> User {
-        let body = json!({"handle": handle, "display_name": handle, "email": format!("{handle}@example.com"), "password": PASSWORD});
-        let (status, body) = self.request(reqwest::Method::POST, "/v1/users", None, Some(body)).await;
-        assert_eq!(status, 201, "registering {handle}: {body:?}");
-        User {
-            id: body["user"]["id"].as_str().unwrap().parse().unwrap(),
-            handle: handle.to_owned(),
-            token: body["token"].as_str().unwrap().to_owned(),
-        }
+        Api(trellis_testkit::http::Api::start(trellis_testkit::http::Api::spawn(&db.url, prefix).args(extra)).await)
     }
 
     pub async fn add_contact(&self, owner: &User, contact: &User) {
         let path = format!("/v1/me/contacts/{}", contact.id);
-        let (status, body) =
+        let Response { status, body, .. } =
             self.request(reqwest::Method::PUT, &path, Some(&owner.token), Some(json!({"label": ""}))).await;
         assert_eq!(status, 201, "{} adding {}: {body:?}", owner.handle, contact.handle);
     }
 
     /// `POST /v1/admin/score-runs`: 202 expected. Returns the id of the request's event.
     pub async fn request_run(&self, admin: &User) -> Uuid {
-        let (status, body) =
+        let Response { status, body, .. } =
             self.request(reqwest::Method::POST, "/v1/admin/score-runs", Some(&admin.token), Some(json!({}))).await;
         assert_eq!(status, 202, "requesting a score run: {body:?}");
         assert_eq!(body["status"], "requested");
@@ -149,91 +48,36 @@ impl Api {
 
     /// `GET /v1/users/{user}/score`: 200 expected.
     pub async fn score(&self, token: &str, user: Uuid) -> Value {
-        let (status, body) =
+        let Response { status, body, .. } =
             self.request(reqwest::Method::GET, &format!("/v1/users/{user}/score"), Some(token), None).await;
         assert_eq!(status, 200, "score of {user}: {body:?}");
         body
     }
 }
 
-impl Drop for Api {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
 /// A `score-orchestrator` child process, killed (SIGKILL) when dropped.
 pub struct Replica {
-    pub child: Child,
-    pub admin: SocketAddr,
+    pub process: Process,
     pub host: String,
-}
-
-pub fn orchestrator() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_score-orchestrator"))
 }
 
 impl Replica {
     /// Starts a replica named `host` (its `HOSTNAME`, recorded in `score.runs.host`) and waits
     /// until its `/readyz` answers 200.
     pub async fn start(db: &TestDb, prefix: &str, host: &str, args: &[&str]) -> Self {
-        let port = trellis_testkit::free_port().expect("a free port");
-        let admin: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = orchestrator()
-            .args(args)
-            .env("DATABASE_URL", &db.url)
-            .env("NATS_URL", trellis_testkit::nats_url())
-            .env("NATS_PREFIX", prefix)
-            .env("ADMIN_ADDR", admin.to_string())
-            .env("LOG_FORMAT", "json")
-            .env("HOSTNAME", host)
-            .env("SHUTDOWN_GRACE", "2s")
-            .stdin(Stdio::null())
-            .stdout(trellis_testkit::log_file("score-orchestrator").1)
-            .spawn()
-            .expect("the orchestrator starts");
-        let mut replica = Self { child, admin, host: host.to_owned() };
-        replica.wait_ready().await;
-        replica
+        let process =
+            Spawn::new("score-orchestrator").on(&db.url, prefix).env("HOSTNAME", host).args(args).ready().await;
+        Self { process, host: host.to_owned() }
     }
 
-    async fn wait_ready(&mut self) {
-        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
-        let url = format!("http://{}/readyz", self.admin);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let mut pace = tokio::time::interval(Duration::from_millis(50));
-        loop {
-            pace.tick().await;
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("replica {} exited before it was ready: {status}", self.host);
-            }
-            if let Ok(resp) = http.get(&url).send().await
-                && resp.status() == 200
-            {
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "replica {} not ready after 30 s", self.host);
-        }
-    }
-
-    /// The `/metrics` text. A replica computing a run keeps every core busy, so its answer may
-    /// take seconds on a loaded machine.
+    /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
-        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().unwrap();
-        let resp = http.get(format!("http://{}/metrics", self.admin)).send().await.expect("metrics answer");
-        resp.text().await.expect("metrics text")
+        self.process.metrics().await
     }
 
     /// SIGKILL, and wait for the process to be gone.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        self.kill();
+    pub async fn kill(&mut self) {
+        self.process.kill().await;
     }
 }
 
@@ -406,9 +250,7 @@ pub async fn set_verified(db: &TestDb, user: Uuid) {
 
 /// `trellisctl`, built next to this package's binary by the workspace build.
 pub fn trellisctl() -> std::path::PathBuf {
-    let path = std::path::Path::new(env!("CARGO_BIN_EXE_score-orchestrator")).with_file_name("trellisctl");
-    assert!(path.exists(), "{} is missing: build the workspace (cargo build --workspace --bins)", path.display());
-    path
+    trellis_testkit::process::binary("trellisctl")
 }
 
 /// Runs `trellisctl args…` on the test's database: (exit status success, stdout, stderr).

@@ -1,5 +1,5 @@
 //! Integration tests of the score orchestrator against real
-//! PostgreSQL and JetStream: a real `trellis-api` in-process and real `score-orchestrator` processes.
+//! PostgreSQL and JetStream: real `trellis-api` and `score-orchestrator` processes.
 
 mod harness;
 

@@ -67,7 +67,7 @@ async fn a_manual_trigger_leads_to_a_run_whose_scores_the_api_serves() {
     assert_eq!(rows_of_run, 5, "the manual run wrote every score");
     // Also by handle: the route resolves either.
     let by_handle = api.request(reqwest::Method::GET, "/v1/users/bob/score", Some(&ada.token), None).await;
-    assert_eq!((by_handle.0, by_handle.1["score"].as_i64()), (200, Some(i64::from(expected.of(bob.id).1))));
+    assert_eq!((by_handle.status, by_handle.body["score"].as_i64()), (200, Some(i64::from(expected.of(bob.id).1))));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

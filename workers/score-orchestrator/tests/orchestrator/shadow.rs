@@ -182,7 +182,7 @@ async fn an_identical_candidate_matches_every_user_and_the_gate_promotes_the_wor
         (report["period"]["primary"].as_str(), report["period"]["candidate"].as_str()),
         (Some("monolith"), Some("worker"))
     );
-    let metrics = reqwest::get(format!("http://{}/metrics", worker.admin)).await.unwrap().text().await.unwrap();
+    let metrics = worker.metrics().await;
     assert!(
         metrics.lines().any(|l| l == r#"trellis_shadow_comparisons_total{processor="score",result="matched"} 80"#),
         "the worker counts what it compared:\n{metrics}"

@@ -21,7 +21,7 @@ async fn an_orchestrator_runs_on_its_own_at_start_up_only_while_no_run_ever_succ
     assert_eq!(first.host.as_deref(), Some("replica-a"));
     assert_eq!((first.users, first.edges), (Some(200), Some(edges)));
     assert_eq!(count(&db, "SELECT count(*) FROM score.user_scores").await, 200);
-    a.kill();
+    a.kill().await;
 
     // A success exists now: a fresh replica does not run at start-up, only once the success
     // is older than its schedule.

@@ -1,4 +1,5 @@
-//! Fallback engages when the projector is stopped and disengages when it catches up: an API with `--search-max-lag 1s`, a projector that is killed and started again.
+//! Fallback engages when the projector is stopped and disengages when it catches up: an API with
+//! `--search-max-lag 1s`, a projector that is killed and started again.
 
 use std::time::Duration;
 

@@ -1,73 +1,37 @@
-//! The harness: a real `trellis-api` in-process, real `search-projector` child processes, each
-//! test on its own database and NATS prefix, and polling with deadlines.
+//! The harness: real `trellis-api` and `search-projector` child processes
+//! (`trellis_testkit`), each test on its own database and NATS prefix.
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use clap::Parser;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
-use tokio_util::sync::CancellationToken;
-use trellis_api::{Config, Running};
 use trellis_domain::events::Envelope;
 use trellis_domain::ids::EventId;
 use trellis_domain::score::RunStatus;
 use trellis_runtime::consumer::Delivery;
-use trellis_testkit::TestDb;
+pub use trellis_testkit::eventually;
+pub use trellis_testkit::http::{PASSWORD, Response, User};
+use trellis_testkit::{Process, Spawn, TestDb};
 use uuid::Uuid;
 
-pub const PASSWORD: &str = "correct horse battery staple";
+/// `trellis-api` as a child process (`trellis_testkit::http::Api`, killed when dropped), with
+/// this crate's shortcuts.
+pub struct Api(pub trellis_testkit::http::Api);
 
-/// Polls `check` every 25 ms until it returns `Some`, or panics with `what` after `timeout`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut pace = tokio::time::interval(Duration::from_millis(25));
-    loop {
-        pace.tick().await;
-        if let Some(found) = check().await {
-            return found;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+impl std::ops::Deref for Api {
+    type Target = trellis_testkit::http::Api;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 
-/// The API's abuse limits (docs/SECURITY.md) opened wide: these tests register many users and
-/// file many disputes, impersonation among them, from one address within seconds.
-const TEST_LIMITS: &[&str] = &[
-    "--registration-rate-per-address",
-    "1000000",
-    "--dispute-p0-min-account-age",
-    "0s",
-    "--dispute-open-limit",
-    "1000000",
-    "--dispute-open-limit-p0",
-    "1000000",
-];
-
-/// A `trellis-api` running in this process.
-pub struct Api {
-    pub addr: SocketAddr,
-    /// The admin listener (`/metrics`).
-    pub admin: SocketAddr,
-    pub http: reqwest::Client,
-    shutdown: CancellationToken,
-    running: Option<Running>,
-}
-
-#[derive(Debug, Clone)]
-pub struct User {
-    pub id: Uuid,
-    pub handle: String,
-    pub token: String,
-}
-
 impl Api {
+    /// Starts the API on the test's database and prefix with `extra` command-line flags (e.g.
+    /// `--search-max-lag 1s`), and waits until its `/readyz` answers 200.
+    pub async fn start_with(db: &TestDb, prefix: &str, extra: &[&str]) -> Self {
+        Api(trellis_testkit::http::Api::start(trellis_testkit::http::Api::spawn(&db.url, prefix).args(extra)).await)
+    }
     pub async fn start(db: &TestDb, prefix: &str) -> Self {
         Self::start_with(db, prefix, &[]).await
     }
@@ -88,99 +52,21 @@ impl Api {
         Self::start(db, prefix).await
     }
 
-    /// Starts the API with `extra` command-line arguments (e.g. `--search-max-lag 1s`).
-    pub async fn start_with(db: &TestDb, prefix: &str, extra: &[&str]) -> Self {
-        let nats_url = trellis_testkit::nats_url();
-        let mut args = vec![
-            "trellis-api",
-            "--database-url",
-            &db.url,
-            "--nats-url",
-            &nats_url,
-            "--nats-prefix",
-            prefix,
-            "--api-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--log-format",
-            "pretty",
-            "--shutdown-grace",
-            "5s",
-        ];
-        args.extend_from_slice(TEST_LIMITS);
-        args.extend_from_slice(extra);
-        let config = Config::try_parse_from(args).expect("test config parses");
-        trellis_testkit::capture_logs("trellis-api-in-process");
-        let shutdown = CancellationToken::new();
-        let running = trellis_api::start(config, shutdown.clone()).await.expect("the API starts");
-        let http = reqwest::Client::builder().no_proxy().build().expect("http client");
-        Self { addr: running.api_addr, admin: running.admin_addr, http, shutdown, running: Some(running) }
-    }
-
-    /// How the API stopped, if it stopped on its own within `timeout`.
-    pub async fn stopped(mut self, timeout: Duration) -> Option<anyhow::Result<()>> {
-        let running = self.running.take().expect("a running API");
-        tokio::time::timeout(timeout, running.wait()).await.ok()
-    }
-
     /// A search request (`path` with its query string) as `user`: the `x-search-source`
     /// header and the body. The status must be 200, and the body's `source` must match the
     /// header.
     pub async fn search(&self, path: &str, user: &User) -> (String, Value) {
-        let resp = self
-            .http
-            .get(format!("http://{}{path}", self.addr))
-            .bearer_auth(&user.token)
-            .send()
-            .await
-            .expect("search request sent");
-        let status = resp.status().as_u16();
-        let header = resp
-            .headers()
-            .get("x-search-source")
-            .map(|v| v.to_str().expect("an ASCII header").to_owned())
-            .unwrap_or_default();
-        let body: Value = resp.json().await.expect("a JSON body");
-        assert_eq!(status, 200, "GET {path}: {body:?}");
-        assert_eq!(body["source"].as_str(), Some(header.as_str()), "GET {path}: header and body agree");
-        (header, body)
-    }
-
-    /// The admin `/metrics` text.
-    pub async fn metrics(&self) -> String {
-        let resp = self.http.get(format!("http://{}/metrics", self.admin)).send().await.expect("metrics answer");
-        resp.text().await.expect("metrics text")
+        let answer = self.request(reqwest::Method::GET, path, Some(&user.token), None).await;
+        let header = answer.header("x-search-source").unwrap_or_default().to_owned();
+        assert_eq!(answer.status, 200, "GET {path}: {:?}", answer.body);
+        assert_eq!(answer.body["source"].as_str(), Some(header.as_str()), "GET {path}: header and body agree");
+        (header, answer.body)
     }
 
     /// The value of `trellis_search_fallbacks_total{endpoint="<endpoint>"}` (0 while absent).
     pub async fn fallbacks(&self, endpoint: &str) -> f64 {
-        let series = format!("trellis_search_fallbacks_total{{endpoint=\"{endpoint}\"}} ");
-        let text = self.metrics().await;
-        text.lines()
-            .find_map(|line| line.strip_prefix(&series))
-            .map(|v| v.trim().parse().expect("a counter value"))
-            .unwrap_or(0.0)
-    }
-
-    pub async fn request(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("http://{}{path}", self.addr));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("request sent");
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.expect("body read");
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        let series = format!("trellis_search_fallbacks_total{{endpoint=\"{endpoint}\"}}");
+        trellis_testkit::metrics::series(&self.metrics().await, &series).unwrap_or(0.0)
     }
 
     /// A request whose status must be one of `ok`; returns the body.
@@ -192,20 +78,9 @@ impl Api {
         body: Option<Value>,
         ok: &[u16],
     ) -> Value {
-        let (status, answer) = self.request(method.clone(), path, Some(&user.token), body).await;
+        let Response { status, body: answer, .. } = self.request(method.clone(), path, Some(&user.token), body).await;
         assert!(ok.contains(&status), "{} {method} {path}: {status} {answer:?}", user.handle);
         answer
-    }
-
-    pub async fn register(&self, handle: &str) -> User {
-        let body = json!({"handle": handle, "display_name": handle, "email": format!("{handle}@example.com"), "password": PASSWORD});
-        let (status, body) = self.request(reqwest::Method::POST, "/v1/users", None, Some(body)).await;
-        assert_eq!(status, 201, "registering {handle}: {body:?}");
-        User {
-            id: body["user"]["id"].as_str().unwrap().parse().unwrap(),
-            handle: handle.to_owned(),
-            token: body["token"].as_str().unwrap().to_owned(),
-        }
     }
 
     pub async fn put_contact(&self, owner: &User, contact: Uuid, label: &str) {
@@ -250,7 +125,7 @@ impl Api {
     /// token.
     pub async fn sign_in(&self, user: &User) -> User {
         let body = json!({"login": user.handle, "password": PASSWORD});
-        let (status, body) = self.request(reqwest::Method::POST, "/v1/sessions", None, Some(body)).await;
+        let Response { status, body, .. } = self.request(reqwest::Method::POST, "/v1/sessions", None, Some(body)).await;
         assert_eq!(status, 201, "signing {} in: {body:?}", user.handle);
         User { token: body["token"].as_str().expect("a token").to_owned(), ..user.clone() }
     }
@@ -282,12 +157,6 @@ impl Api {
         let path = format!("/v1/moderation/disputes/{id}/decision");
         let decision = json!({"decision": "upheld", "note": "confirmed"});
         self.expect(reqwest::Method::POST, &path, moderator, Some(decision), &[200]).await;
-    }
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
     }
 }
 
@@ -350,64 +219,24 @@ pub fn delivery(event_type: &str, data: serde_json::Value, sequence: u64) -> Del
 
 /// A `search-projector` child process, killed (SIGKILL) when dropped.
 pub struct Replica {
-    pub child: Child,
-    pub admin: SocketAddr,
+    pub process: Process,
 }
 
 impl Replica {
     /// Starts a replica and waits until its `/readyz` answers 200.
     pub async fn start(db: &TestDb, prefix: &str, args: &[&str]) -> Self {
-        let port = trellis_testkit::free_port().expect("a free port");
-        let admin: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_search-projector"))
-            .args(args)
-            .env("DATABASE_URL", &db.url)
-            .env("NATS_URL", trellis_testkit::nats_url())
-            .env("NATS_PREFIX", prefix)
-            .env("ADMIN_ADDR", admin.to_string())
-            .env("LOG_FORMAT", "json")
-            .env("SHUTDOWN_GRACE", "2s")
+        let process = Spawn::new("search-projector")
+            .on(&db.url, prefix)
             .env("CHECKPOINT_AGE_EVERY", "200ms")
-            .stdin(Stdio::null())
-            .stdout(trellis_testkit::log_file("search-projector").1)
-            .spawn()
-            .expect("the projector starts");
-        let mut replica = Self { child, admin };
-        replica.wait_ready().await;
-        replica
-    }
-
-    async fn wait_ready(&mut self) {
-        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
-        let url = format!("http://{}/readyz", self.admin);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let mut pace = tokio::time::interval(Duration::from_millis(50));
-        loop {
-            pace.tick().await;
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the projector exited before it was ready: {status}");
-            }
-            if let Ok(resp) = http.get(&url).send().await
-                && resp.status() == 200
-            {
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "the projector is not ready after 30 s");
-        }
+            .args(args)
+            .ready()
+            .await;
+        Self { process }
     }
 
     /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
-        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
-        let resp = http.get(format!("http://{}/metrics", self.admin)).send().await.expect("metrics answer");
-        resp.text().await.expect("metrics text")
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.metrics().await
     }
 }
 

@@ -1,5 +1,5 @@
 //! Integration tests of the search projector against real PostgreSQL and
-//! JetStream: a real `trellis-api` in-process (its relay publishes the events) and real
+//! JetStream: a real `trellis-api` process (its relay publishes the events) and real
 //! `search-projector` processes, or the library's handler fed directly.
 
 mod harness;

@@ -47,7 +47,8 @@ async fn suspended_and_hidden_users_vanish_from_index_results() {
 
     api.uphold(&reporter, &moderator, impostor.id, "impersonation").await;
     api.uphold(&reporter, &moderator, spammer.id, "spam").await;
-    let (status, _) = api.request(reqwest::Method::GET, "/v1/me", Some(&impostor.token), None).await;
+    let Response { status, body: _, .. } =
+        api.request(reqwest::Method::GET, "/v1/me", Some(&impostor.token), None).await;
     assert_eq!(status, 401, "the suspended impostor's token is revoked");
 
     until_index_answers(&api, &reporter, &q, handles_of([&bystander]), "the suspended and the hidden user to vanish")

@@ -10,7 +10,9 @@ use trellis_testkit::PrivateNats;
 
 use trellis_runtime::dlq::Entry;
 
-use crate::helpers::{Env, PROBE, Worker, eventually};
+use trellis_testkit::probe::PROBE;
+
+use crate::harness::{Env, Worker, eventually, trellisctl};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -150,7 +152,7 @@ async fn restart_until_dead_lettered(
             restarts += 1;
             assert!(restarts <= 6, "still not dead-lettered after {restarts} restarts");
             // Not waiting for readiness: a fast redelivery may crash it before /readyz is polled.
-            worker = Worker::spawn_unready(env, &env.nats_url, args);
+            worker = env.worker_unready(args);
         }
         assert!(tokio::time::Instant::now() < deadline, "not dead-lettered after {restarts} restarts");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -176,8 +178,7 @@ async fn a_message_that_crashes_the_process_on_every_delivery_reaches_the_dlq_th
     assert!(d.error().contains("delivered 3 times without an outcome"), "{:?}", d.error());
 
     // Replayed, it crashes the replay consumer's workers too: the safety net covers replays.
-    let replayed = env.ctl(&["dlq", "replay", &d.sequence.to_string(), "--reason", "crash again"]).await;
-    assert!(replayed.success(), "{replayed:?}");
+    trellisctl(&env, &["dlq", "replay", &d.sequence.to_string(), "--reason", "crash again"]).await;
     let (mut worker, restarts, again) = restart_until_dead_lettered(&env, worker, &args, 1).await;
     assert!(restarts >= 2, "{restarts} restarts");
     assert_eq!(again.len(), 1, "{again:?}");
@@ -199,7 +200,7 @@ async fn killing_a_worker_mid_batch_loses_nothing_because_the_other_replica_take
     let ids = env.publish_many("sleep:300", 32).await;
 
     // Once the victim has finished one batch it is working on the next one.
-    eventually(WAIT, "the victim finishing a batch", || async {
+    eventually("the victim finishing a batch", WAIT, || async {
         env.records().await.iter().any(|r| r.pid == victim.pid).then_some(())
     })
     .await;
@@ -207,7 +208,7 @@ async fn killing_a_worker_mid_batch_loses_nothing_because_the_other_replica_take
     victim.kill().await;
     assert!(!victim.alive());
 
-    let rows = eventually(Duration::from_secs(45), "every message recorded", || async {
+    let rows = eventually("every message recorded", Duration::from_secs(45), || async {
         let rows = env.records().await;
         let seen: HashSet<_> = rows.iter().map(|r| r.event_id).collect();
         ids.iter().all(|id| seen.contains(id)).then_some(rows)
@@ -230,7 +231,7 @@ async fn two_replicas_handle_every_message_exactly_once_in_total() {
     const TOTAL: i64 = 2_000;
     env.publish_many("ok", TOTAL as usize).await;
 
-    eventually(Duration::from_secs(45), "2,000 messages recorded", || async {
+    eventually("2,000 messages recorded", Duration::from_secs(45), || async {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM ops_probe_handled").fetch_one(&env.db.pool).await.ok()?;
         (n >= TOTAL).then_some(())
     })
@@ -258,7 +259,7 @@ async fn sigterm_lets_in_flight_messages_finish_and_none_is_delivered_twice() {
     let mut first = env.worker(&args).await;
     let ids = env.publish_many("sleep:1000", 4).await;
     // The first replica holds all four before the second one starts.
-    eventually(WAIT, "the first replica holding the batch", || async {
+    eventually("the first replica holding the batch", WAIT, || async {
         let info = env.consumer_info(&env.topology.events_stream(), PROBE).await;
         (info.num_ack_pending == 4 && info.num_pending == 0).then_some(())
     })
@@ -292,15 +293,15 @@ async fn a_worker_survives_a_nats_restart_and_readyz_tells_the_truth_meanwhile()
     env.wait_for_record(before, WAIT).await;
 
     nats.stop();
-    eventually(WAIT, "/readyz reporting not ready", || async { (worker.readyz().await == Some(503)).then_some(()) })
+    eventually("/readyz reporting not ready", WAIT, || async { (worker.readyz().await == Some(503)).then_some(()) })
         .await;
     nats.restart().expect("restarting nats-server");
-    eventually(WAIT, "/readyz ready again", || async { (worker.readyz().await == Some(200)).then_some(()) }).await;
+    eventually("/readyz ready again", WAIT, || async { (worker.readyz().await == Some(200)).then_some(()) }).await;
 
-    let js = crate::helpers::connect(&nats.url()).await;
+    let js = trellis_testkit::probe::connect(&nats.url()).await;
     let mut after = Vec::new();
     for _ in 0..5 {
-        after.push(crate::helpers::publish_on(&js, &env.topology, "ok").await.0);
+        after.push(trellis_testkit::probe::publish(&js, &env.prefix, "ok").await.0);
     }
     for id in after {
         let rows = env.wait_for_record(id, Duration::from_secs(40)).await;

@@ -4,9 +4,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use trellis_runtime::consumer::{ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome, RunnerConfig, RunnerContext};
+use trellis_runtime::consumer::{ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome, RunnerConfig};
 
-use crate::helpers::Env;
+use crate::harness::{Env, eventually};
 
 /// Records the size of every batch it is handed.
 #[derive(Default)]
@@ -23,33 +23,27 @@ impl Handler for Sizes {
 /// batch sizes its handler saw once all five were handled.
 async fn batches(config: RunnerConfig, gap: Duration) -> Vec<usize> {
     let env = Env::new().await;
-    let ctx = RunnerContext {
-        js: env.js.clone(),
-        topology: env.topology.clone(),
-        host: "test".into(),
-        version: "test".into(),
-    };
+    let ctx = env.context();
     let spec = ConsumerSpec { name: "batching".into(), filter_subject: "events.probe.>".into() };
     let sizes = Arc::new(Sizes::default());
     let group = ConsumerGroup::new(ctx, spec, config, sizes.clone());
     let stop = CancellationToken::new();
     let bound = group.bound_flag();
     let run = tokio::spawn(group.run(stop.clone()));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !bound.load(std::sync::atomic::Ordering::Relaxed) {
-        assert!(tokio::time::Instant::now() < deadline, "the group never bound its consumer");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the group to bind its consumer", Duration::from_secs(10), || async {
+        bound.load(std::sync::atomic::Ordering::Relaxed).then_some(())
+    })
+    .await;
     env.publish("ok").await;
     // The gap is what is under test: the first message is pulled alone.
     tokio::time::sleep(gap).await;
     for _ in 0..4 {
         env.publish("ok").await;
     }
-    while sizes.0.lock().unwrap().iter().sum::<usize>() < 5 {
-        assert!(tokio::time::Instant::now() < deadline, "not every message was handled: {:?}", sizes.0.lock());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("every message handled", Duration::from_secs(10), || async {
+        (sizes.0.lock().unwrap().iter().sum::<usize>() >= 5).then_some(())
+    })
+    .await;
     stop.cancel();
     run.await.unwrap().unwrap();
     sizes.0.lock().unwrap().clone()

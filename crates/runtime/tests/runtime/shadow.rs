@@ -7,9 +7,9 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::PullConsumer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use trellis_runtime::consumer::{ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome, RunnerContext};
+use trellis_runtime::consumer::{ConsumerGroup, ConsumerSpec, Delivery, Handler, Outcome};
 
-use crate::helpers::{Env, eventually};
+use crate::harness::{Env, eventually};
 
 /// The stream sequences it was handed.
 #[derive(Default)]
@@ -28,7 +28,7 @@ async fn candidate_exists(env: &Env, durable: &str) -> bool {
 }
 
 async fn saw(seen: &Seen, want: &[u64]) {
-    eventually(Duration::from_secs(10), "the candidate to handle what was published", || async {
+    eventually("the candidate to handle what was published", Duration::from_secs(10), || async {
         (seen.0.lock().unwrap().as_slice() == want).then_some(())
     })
     .await;
@@ -37,12 +37,7 @@ async fn saw(seen: &Seen, want: &[u64]) {
 #[tokio::test]
 async fn a_candidate_copies_only_its_periods_messages_and_its_consumers_go_when_the_period_ends() {
     let env = Env::new().await;
-    let ctx = RunnerContext {
-        js: env.js.clone(),
-        topology: env.topology.clone(),
-        host: "test".into(),
-        version: "test".into(),
-    };
+    let ctx = env.context();
     let spec = trellis_runtime::cutover::candidate_spec(ConsumerSpec {
         name: "parity".into(),
         filter_subject: "events.probe.>".into(),
@@ -61,7 +56,7 @@ async fn a_candidate_copies_only_its_periods_messages_and_its_consumers_go_when_
     // History before the period is not copied.
     env.publish_many("ok", 3).await;
     gate.send_replace(true);
-    eventually(Duration::from_secs(10), "the candidate's consumer", || async {
+    eventually("the candidate's consumer", Duration::from_secs(10), || async {
         candidate_exists(&env, &durable).await.then_some(())
     })
     .await;
@@ -71,13 +66,13 @@ async fn a_candidate_copies_only_its_periods_messages_and_its_consumers_go_when_
 
     // The period ends: the consumers go; what is published until the next one is not copied.
     gate.send_replace(false);
-    eventually(Duration::from_secs(10), "the candidate's consumer to be deleted", || async {
+    eventually("the candidate's consumer to be deleted", Duration::from_secs(10), || async {
         (!candidate_exists(&env, &durable).await).then_some(())
     })
     .await;
     env.publish("ok").await;
     gate.send_replace(true);
-    eventually(Duration::from_secs(10), "the next period's consumer", || async {
+    eventually("the next period's consumer", Duration::from_secs(10), || async {
         candidate_exists(&env, &durable).await.then_some(())
     })
     .await;

@@ -1,0 +1,49 @@
+//! Waiting for a condition with a deadline: the one way the tests wait for something another
+//! process or task makes true.
+
+use std::future::Future;
+use std::time::Duration;
+
+/// How often [`eventually`] checks.
+pub const PACE: Duration = Duration::from_millis(25);
+
+/// Checks `check` every [`PACE`] until it yields a value and returns it; panics, naming `what`,
+/// once `within` has passed without one.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    let mut pace = tokio::time::interval(PACE);
+    loop {
+        pace.tick().await;
+        if let Some(found) = check().await {
+            return found;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn eventually_returns_the_first_value_the_check_yields() {
+        let mut calls = 0;
+        let found = eventually("the third call", Duration::from_secs(5), || {
+            calls += 1;
+            let now = calls;
+            async move { (now == 3).then_some(now) }
+        })
+        .await;
+        assert_eq!(found, 3);
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "timed out after 100ms waiting for nothing")]
+    async fn eventually_panics_with_what_it_waited_for() {
+        eventually("nothing", Duration::from_millis(100), || async { None::<()> }).await;
+    }
+}
