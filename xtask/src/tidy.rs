@@ -98,7 +98,7 @@ pub fn outside_references(text: &str) -> Vec<String> {
             !before.is_some_and(|c| c.is_ascii_alphanumeric())
                 && lower[i + m.len()..].trim_start_matches('#').starts_with(|c: char| c.is_ascii_digit())
         });
-        if issue || line.contains("../shared") || line.contains(concat!("DESIGN", ".md")) {
+        if issue || line.contains(concat!("..", "/shared")) || line.contains(concat!("DESIGN", ".md")) {
             found.push(format!("line {}: refers outside the repository: {}", n + 1, line.trim()));
         }
     }
@@ -333,9 +333,13 @@ mod tests {
 
     #[test]
     fn references_outside_the_repository_are_found() {
-        assert_eq!(outside_references("see issue 14 for why\nissue #3\nsee ../shared/notes\n").len(), 3);
+        // Spelled in pieces, so that this file passes the same check.
+        assert_eq!(
+            outside_references(concat!("see is", "sue 14 for why\nissue #3\nsee ..", "/shared/notes\n")).len(),
+            3
+        );
         assert_eq!(outside_references(concat!("as DESIGN", ".md says")).len(), 1);
-        assert!(outside_references("no tissue 3 here; an issue of taste; issued 4").is_empty());
+        assert!(outside_references(concat!("no tis", "sue 3 here; an issue of taste; issued 4")).is_empty());
     }
 
     #[test]
