@@ -37,11 +37,13 @@ impl<K: Eq + Hash + Clone> KeyedMutex<K> {
     }
 
     /// Keys with a holder or a waiter.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.locks.lock().expect("keyed mutex map lock").len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }

@@ -199,21 +199,7 @@ impl Replica {
     }
 }
 
-/// The sum of the series of metric `name` whose labels include every one of `labels` (each
-/// `key="value"`) in a `/metrics` text; 0 when there is none.
-pub fn sum(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix(name)?;
-            let (set, value) = match rest.strip_prefix('{') {
-                Some(labelled) => labelled.split_once("} ")?,
-                None => ("", rest.strip_prefix(' ')?),
-            };
-            let set: Vec<&str> = set.split(',').collect();
-            labels.iter().all(|l| set.contains(l)).then(|| value.trim().parse::<f64>().ok())?
-        })
-        .sum()
-}
+pub use trellis_testkit::metrics::sum;
 
 /// The value of a series (its full name with labels) in a `/metrics` text.
 pub fn series(text: &str, name: &str) -> Option<f64> {
