@@ -619,13 +619,7 @@ mod tests {
     use super::*;
 
     fn delivery(event: &Event) -> Delivery {
-        Delivery {
-            subject: event.subject.clone(),
-            envelope: event.envelope.clone(),
-            stream_sequence: 1,
-            deliveries: 1,
-            replays: 0,
-        }
+        Delivery::first(event.subject.clone(), event.envelope.clone(), 1)
     }
 
     /// What the orchestrator's match handles is what the catalogue says it consumes, and its

@@ -32,6 +32,14 @@ pub struct Delivery {
     pub replays: u32,
 }
 
+impl Delivery {
+    /// The first delivery of `envelope`, published on `subject` at `stream_sequence` and never
+    /// replayed.
+    pub fn first(subject: impl Into<String>, envelope: Envelope, stream_sequence: u64) -> Self {
+        Self { subject: subject.into(), envelope, stream_sequence, deliveries: 1, replays: 0 }
+    }
+}
+
 /// A handler of batches: one outcome per delivery, in order.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, batch: &[Delivery]) -> impl Future<Output = Vec<Outcome>> + Send;

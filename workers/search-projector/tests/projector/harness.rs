@@ -201,20 +201,15 @@ pub async fn checkpoint_reaches_newest_event(db: &TestDb) {
 
 /// A delivery of an event of `event_type` with `data`, as the runner hands it to a handler.
 pub fn delivery(event_type: &str, data: serde_json::Value, sequence: u64) -> Delivery {
-    Delivery {
-        subject: format!("events.{event_type}"),
-        envelope: Envelope {
-            id: EventId::new(),
-            event_type: event_type.into(),
-            version: 1,
-            occurred_at: OffsetDateTime::now_utc(),
-            actor_id: None,
-            data,
-        },
-        stream_sequence: sequence,
-        deliveries: 1,
-        replays: 0,
-    }
+    let envelope = Envelope {
+        id: EventId::new(),
+        event_type: event_type.into(),
+        version: 1,
+        occurred_at: OffsetDateTime::now_utc(),
+        actor_id: None,
+        data,
+    };
+    Delivery::first(format!("events.{event_type}"), envelope, sequence)
 }
 
 /// A `search-projector` child process, killed (SIGKILL) when dropped.
