@@ -54,7 +54,7 @@ impl ActivityTracker {
             }
             self.flush(&pool).await;
             match trellis_store::activity::daily_active_users(&pool).await {
-                Ok(n) => metrics::gauge!("trellis_api_daily_active_users").set(n as f64),
+                Ok(users) => crate::instrument::DailyActiveUsersCounted { users }.emit(),
                 Err(e) => tracing::warn!(error = %e, "counting daily active users failed"),
             }
         }

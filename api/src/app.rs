@@ -32,6 +32,7 @@ use crate::activity::ActivityTracker;
 use crate::auth::HashingSlots;
 use crate::config::Config;
 use crate::error::{ApiError, ErrorCause, problem_response};
+use crate::instrument::{RequestAnswered, RequestShed, ShedReason};
 use crate::ratelimit::Limiters;
 use crate::{routes, serve, unit_of_work};
 
@@ -140,20 +141,10 @@ async fn method_not_allowed() -> Response {
 /// a flood makes no queue that legitimate requests would wait behind.
 async fn shed_load(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
-        metrics::counter!("trellis_api_requests_shed_total", "reason" => "in_flight").increment(1);
+        RequestShed { reason: ShedReason::InFlight }.emit();
         return ApiError::Overloaded { retry_after_secs: 1 }.into_response();
     };
     next.run(request).await
-}
-
-/// The values of `trellis_api_login_responses_total{status}`: every status `POST /v1/sessions`
-/// answers with, and `other`.
-pub const LOGIN_STATUSES: [&str; 10] = ["201", "400", "401", "403", "413", "415", "422", "429", "503", "other"];
-
-fn count_login_response(status: StatusCode) {
-    let code = status.as_str();
-    let label = LOGIN_STATUSES.iter().copied().find(|s| *s == code).unwrap_or("other");
-    metrics::counter!("trellis_api_login_responses_total", "status" => label).increment(1);
 }
 
 /// `trellis_http_request_duration_seconds{route,method,status_class}`, and the log line of
@@ -167,25 +158,8 @@ async fn record_request(request: Request, next: Next) -> Response {
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let response = next.run(request).await;
-    let status = response.status();
-    if route == "/v1/sessions" && method == "POST" {
-        count_login_response(status);
-    }
-    let class = match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    };
-    if let Some(cause) = response.extensions().get::<ErrorCause>() {
-        tracing::error!(%route, %method, status = status.as_u16(), cause = %cause.0, "request failed");
-    }
-    metrics::histogram!(
-        "trellis_http_request_duration_seconds",
-        "route" => route, "method" => method, "status_class" => class
-    )
-    .record(started.elapsed().as_secs_f64());
+    let cause = response.extensions().get::<ErrorCause>().map(|c| &c.0 as &dyn std::fmt::Display);
+    RequestAnswered { route, method, status: response.status(), duration: started.elapsed(), cause }.emit();
     response
 }
 
@@ -233,7 +207,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         shutdown.clone(),
     )
     .await?;
-    register_metrics();
+    crate::instrument::register();
 
     let mut pool_config = PoolConfig::new("trellis-api");
     pool_config.max_connections = config.db_pool_size;
@@ -316,26 +290,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     // Once everything is started: whoever reads the addresses may wait for `/readyz`.
     trellis_runtime::admin::write_addr_file(common.addr_file.as_deref(), &[("api", api_addr), ("admin", admin_addr)])?;
     Ok(Running { api_addr, admin_addr, pool, task })
-}
-
-/// Exports the API's series with bounded labels at zero.
-fn register_metrics() {
-    for endpoint in routes::search::ENDPOINTS {
-        metrics::counter!("trellis_search_fallbacks_total", "endpoint" => endpoint).increment(0);
-    }
-    for status in LOGIN_STATUSES {
-        metrics::counter!("trellis_api_login_responses_total", "status" => status).increment(0);
-    }
-    for operation in crate::auth::HASH_OPERATIONS {
-        metrics::counter!("trellis_api_password_hashes_total", "operation" => operation).increment(0);
-    }
-    for limiter in crate::ratelimit::LIMITERS {
-        metrics::gauge!("trellis_api_rate_limiter_keys", "limiter" => limiter).set(0.0);
-    }
-    for reason in serve::SHED_REASONS {
-        metrics::counter!("trellis_api_requests_shed_total", "reason" => reason).increment(0);
-    }
-    metrics::counter!("trellis_api_connections_displaced_total").increment(0);
 }
 
 /// Shortest `CURSOR_KEY` accepted, in bytes.

@@ -18,6 +18,7 @@ use trellis_domain::identity::{Password, Role};
 
 use crate::app::AppState;
 use crate::error::ApiError;
+use crate::instrument::{HashOperation, PasswordHashStarted, RequestShed, ShedReason};
 
 /// A bearer token as handed to the client: 256 random bits, base64url, prefixed `trl_`.
 pub struct IssuedToken {
@@ -102,9 +103,6 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// The values of `trellis_api_password_hashes_total{operation}`.
-pub const HASH_OPERATIONS: [&str; 2] = ["hash", "verify"];
-
 impl HashingSlots {
     pub fn new(concurrency: usize, queue: usize) -> Self {
         let concurrency = concurrency.max(1);
@@ -128,7 +126,7 @@ impl HashingSlots {
         let queue = self.queue;
         self.waiting.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w < queue).then_some(w + 1)).map_err(
             |_| {
-                metrics::counter!("trellis_api_requests_shed_total", "reason" => "password_hashing").increment(1);
+                RequestShed { reason: ShedReason::PasswordHashing }.emit();
                 ApiError::Overloaded { retry_after_secs: 1 }
             },
         )?;
@@ -146,7 +144,7 @@ impl HashingSlots {
     /// request cut off by its timeout does not free the slot while its hash still runs.
     async fn run<T: Send + 'static>(
         &self,
-        operation: &'static str,
+        operation: HashOperation,
         work: impl FnOnce(&mut ThreadHasher) -> anyhow::Result<T> + Send + 'static,
     ) -> Result<T, ApiError> {
         let slot = self.reserve().await?;
@@ -156,10 +154,10 @@ impl HashingSlots {
     async fn run_in<T: Send + 'static>(
         &self,
         HashingSlot(permit): HashingSlot,
-        operation: &'static str,
+        operation: HashOperation,
         work: impl FnOnce(&mut ThreadHasher) -> anyhow::Result<T> + Send + 'static,
     ) -> Result<T, ApiError> {
-        metrics::counter!("trellis_api_password_hashes_total", "operation" => operation).increment(1);
+        PasswordHashStarted { operation }.emit();
         let (done, result) = tokio::sync::oneshot::channel();
         self.jobs
             .send(Box::new(move |hasher: &mut ThreadHasher| {
@@ -174,7 +172,7 @@ impl HashingSlots {
 
     /// Hashes with argon2id (the crate's default parameters) on a hashing thread.
     pub async fn hash_password(&self, password: Password) -> Result<String, ApiError> {
-        self.run("hash", move |hasher| {
+        self.run(HashOperation::Hash, move |hasher| {
             let mut salt = [0u8; 16];
             rand::rng().fill_bytes(&mut salt);
             let salt = SaltString::encode_b64(&salt).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
@@ -206,7 +204,7 @@ impl HashingSlots {
         candidate: String,
         stored: Option<String>,
     ) -> Result<bool, ApiError> {
-        self.run_in(slot, "verify", move |hasher| {
+        self.run_in(slot, HashOperation::Verify, move |hasher| {
             let known = stored.is_some();
             let hash_text = stored.unwrap_or_else(|| hasher.dummy.clone());
             let hash = PasswordHash::new(&hash_text).map_err(|e| anyhow::anyhow!("stored hash: {e}"))?;

@@ -52,7 +52,7 @@ pub struct Config {
     pub tokens_per_user: u32,
 
     /// How often expired idempotency keys and dead tokens (revoked, expired, idle) are deleted,
-    /// each time until none is left, and the `trellis_idempotency_keys` gauge is refreshed.
+    /// each time until none is left, and the `trellis_api_idempotency_keys` gauge is refreshed.
     #[arg(long, env = "PRUNE_INTERVAL", value_parser = humantime::parse_duration, default_value = "5m")]
     pub prune_interval: Duration,
 

@@ -8,6 +8,7 @@ pub mod client_address;
 pub mod config;
 pub mod error;
 pub mod idempotency;
+pub mod instrument;
 pub mod keyed_mutex;
 pub mod processors;
 pub mod prune;

@@ -1,6 +1,6 @@
 //! Pruning: expired idempotency keys and dead bearer tokens (revoked, expired, or idle past
 //! `TOKEN_IDLE_TIMEOUT`) are deleted every `PRUNE_INTERVAL`, in batches, until none is left;
-//! and the `trellis_idempotency_keys` gauge (the table's live rows) is refreshed. Every replica
+//! and the `trellis_api_idempotency_keys` gauge (the table's live rows) is refreshed. Every replica
 //! prunes; deleting what another replica deletes at the same time is harmless.
 
 use std::future::Future;
@@ -56,7 +56,7 @@ where
 
 async fn refresh_gauge(pool: &PgPool) {
     match trellis_store::idempotency::stored_keys(pool).await {
-        Ok(n) => metrics::gauge!("trellis_idempotency_keys").set(n as f64),
+        Ok(keys) => crate::instrument::IdempotencyKeysCounted { keys }.emit(),
         Err(e) => tracing::warn!(error = %e, "counting idempotency keys failed"),
     }
 }

@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use crate::client_address::ClientAddress;
 use crate::config::Config;
+use crate::instrument::RateLimiterResized;
 
 /// The values of `trellis_api_rate_limiter_keys{limiter}`.
 pub const LIMITERS: [&str; 4] = ["login_address", "login_account", "registration_address", "current_password"];
@@ -140,7 +141,7 @@ impl<K: Hash + Eq + Ord + Clone> KeyedLimiter<K> {
     }
 
     fn publish(&self) {
-        metrics::gauge!("trellis_api_rate_limiter_keys", "limiter" => self.name).set(self.limiter.len() as f64);
+        RateLimiterResized { limiter: self.name, keys: self.limiter.len() }.emit();
     }
 }
 

@@ -47,6 +47,7 @@ use tower::ServiceExt as _;
 
 use crate::client_address::{ClientAddress, is_trusted};
 use crate::error::ApiError;
+use crate::instrument::{ConnectionDisplaced, RequestShed, ShedReason};
 
 /// Refusals (503 answers to connections over a cap) written at once.
 pub const REFUSALS_AT_ONCE: usize = 64;
@@ -57,9 +58,6 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(2);
 /// How long a connection that displaced another waits for the slot to be given back (the
 /// displaced connection's task gives it back as soon as it runs).
 const DISPLACEMENT_DEADLINE: Duration = Duration::from_secs(1);
-
-/// The values of `trellis_api_requests_shed_total{reason}`.
-pub const SHED_REASONS: [&str; 4] = ["connections", "connections_per_address", "in_flight", "password_hashing"];
 
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -291,16 +289,16 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, shutdown:
         let slot = if is_trusted(peer.ip(), &limits.trusted_proxies) {
             Ok(None)
         } else {
-            per_address.take(ClientAddress::of(peer.ip())).map(Some).ok_or("connections_per_address")
+            per_address.take(ClientAddress::of(peer.ip())).map(Some).ok_or(ShedReason::ConnectionsPerAddress)
         };
         let permit = match connections.clone().try_acquire_owned() {
             Ok(permit) => Ok(Some(permit)),
             // At the cap: the new connection takes the place of the longest-waiting one.
             Err(_) if slot.is_ok() && waiting.displace_oldest() => {
-                metrics::counter!("trellis_api_connections_displaced_total").increment(1);
+                ConnectionDisplaced.emit();
                 Ok(None)
             }
-            Err(_) => Err("connections"),
+            Err(_) => Err(ShedReason::Connections),
         };
         match (permit, slot) {
             (Ok(permit), Ok(slot)) => {
@@ -326,8 +324,8 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, shutdown:
                 });
             }
             (permit, slot) => {
-                let reason = permit.err().or(slot.err()).unwrap_or("connections");
-                metrics::counter!("trellis_api_requests_shed_total", "reason" => reason).increment(1);
+                let reason = permit.err().or(slot.err()).unwrap_or(ShedReason::Connections);
+                RequestShed { reason }.emit();
                 if let Ok(refusal) = refusals.clone().try_acquire_owned() {
                     tokio::spawn(refuse(stream, refusal));
                 }

@@ -3,7 +3,7 @@
 //! 1. **Propagation.** A release `trellis-api` and a release `search-projector` on a fresh
 //!    database; `search.executor` is flipped 50 times with `trellisctl flags set`, and each flip
 //!    is timed from the moment `trellisctl` returns (the change is committed) until both
-//!    processes export the new value (`trellis_flag_state`), scraped every 5 ms.
+//!    processes export the new value (`trellis_cutover_flag_state`), scraped every 5 ms.
 //! 2. **Throughput around a flip**, for the search projector and the dispute processor. A fresh
 //!    database per processor with 10,000 users (bearer tokens for 1,000 of them), the flag at
 //!    `monolith`, a release `trellis-api` (executing) and the release worker (standing by). A
@@ -93,7 +93,7 @@ fn propagation(stack: &Stack) -> anyhow::Result<String> {
         let value = if i % 2 == 0 { "monolith" } else { "worker" };
         set_flag(&db, "search.executor", value)?;
         let committed = Instant::now();
-        let series = format!("trellis_flag_state{{flag=\"search.executor\",value=\"{value}\"}} 1");
+        let series = format!("trellis_cutover_flag_state{{flag=\"search.executor\",value=\"{value}\"}} 1");
         for admin in [api_admin, worker_admin] {
             while !http_get(admin, "/metrics")?.unwrap_or_default().lines().any(|line| line.trim_end() == series) {
                 ensure!(committed.elapsed() < Duration::from_secs(10), "{value} did not reach {admin} within 10 s");

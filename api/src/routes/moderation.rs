@@ -105,7 +105,8 @@ async fn decide(
     // The same counter as the dispute processor's rules (its series exist from the processor's
     // start-up; Prometheus sums both processes).
     let outcome = verdict.status().as_str();
-    metrics::counter!("trellis_dispute_decisions_total", "outcome" => outcome, "rule" => MODERATOR_RULE).increment(1);
+    dispute_processor::instrument::DisputeDecided { dispute: id.0, status: verdict.status(), rule: MODERATOR_RULE }
+        .emit();
     tracing::info!(dispute = %id, moderator = %principal.user_id, decision = outcome, "dispute decided by a moderator");
     Ok(Json(Dispute::from_row(row, Audience::Moderator)))
 }

@@ -66,7 +66,7 @@ async fn source(state: &AppState, endpoint: &'static str) -> Result<SearchSource
         }
     };
     if source == SearchSource::Database {
-        metrics::counter!("trellis_search_fallbacks_total", "endpoint" => endpoint).increment(1);
+        crate::instrument::SearchFellBack { endpoint }.emit();
     }
     Ok(source)
 }

@@ -48,7 +48,7 @@ async fn the_in_process_processors_series_exist_from_start_up() {
         let series = format!("outcome=\"{outcome}\"");
         assert!(app.labelled_metric("trellis_score_runs_total", &series).await.is_some(), "score runs {outcome}");
     }
-    assert!(app.metric("trellis_score_runs_in_progress").await.is_some(), "score runs in progress");
+    assert!(app.metric("trellis_score_in_progress_runs").await.is_some(), "score runs in progress");
     for priority in ["p0", "p1", "p2", "p3"] {
         let series = format!("priority=\"{priority}\"");
         let depth = app.labelled_metric("trellis_dispute_queue_depth_messages", &series).await;
@@ -57,5 +57,40 @@ async fn the_in_process_processors_series_exist_from_start_up() {
     for consumer in ["search-projector", "score-orchestrator", "dispute-processor-p0"] {
         let series = format!("consumer=\"{consumer}\"");
         assert!(app.labelled_metric("trellis_worker_in_flight_messages", &series).await.is_some(), "{consumer}");
+    }
+}
+
+/// Every family the API exports (it runs the relay and can run every processor) is named in
+/// one crate's `instrument` module, once, and follows `trellis_<area>_<what>_<unit>`: a metric
+/// emitted anywhere else, or a name typed twice, fails here.
+#[tokio::test]
+async fn every_exported_metric_is_named_once_in_an_instrument_module() {
+    let app = TestApp::spawn().await;
+    let (status, text) = app.admin_get("/metrics").await;
+    assert_eq!(status, 200);
+    let defined: Vec<&str> = [
+        trellis_runtime::instrument::NAMES,
+        trellis_api::instrument::NAMES,
+        dispute_processor::instrument::NAMES,
+        search_projector::instrument::NAMES,
+        score_orchestrator::instrument::NAMES,
+    ]
+    .concat();
+    let mut unique = defined.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), defined.len(), "a name is defined twice: {defined:?}");
+    for name in &defined {
+        trellis_runtime::instrument::check_name(name).unwrap();
+    }
+    let exported: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("trellis_"))
+        .map(|l| l.split(['{', ' ']).next().unwrap())
+        .map(|n| ["_bucket", "_sum", "_count"].iter().fold(n, |n, s| n.strip_suffix(s).unwrap_or(n)))
+        .collect();
+    assert!(exported.len() > 20, "the API exports its families: {exported:?}");
+    for name in exported {
+        assert!(defined.contains(&name), "{name} is exported but named in no instrument module");
     }
 }

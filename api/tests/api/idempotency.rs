@@ -303,8 +303,8 @@ async fn the_stored_keys_gauge_counts_the_tables_rows() {
     let args = vec!["--prune-interval".into(), "200ms".into()];
     let app = TestApp::spawn_with(Options { args, process: true, ..Options::default() }).await;
     let alice = app.register("alice").await;
-    eventually("trellis_idempotency_keys to exist from start-up", Duration::from_secs(10), || async {
-        app.metric("trellis_idempotency_keys").await
+    eventually("trellis_api_idempotency_keys to exist from start-up", Duration::from_secs(10), || async {
+        app.metric("trellis_api_idempotency_keys").await
     })
     .await;
     sqlx::query(
@@ -316,8 +316,8 @@ async fn the_stored_keys_gauge_counts_the_tables_rows() {
     .await
     .unwrap();
     // The statistics the gauge reads are flushed by each backend within seconds.
-    eventually("trellis_idempotency_keys at 500", Duration::from_secs(60), || async {
-        (app.metric("trellis_idempotency_keys").await == Some(500.0)).then_some(())
+    eventually("trellis_api_idempotency_keys at 500", Duration::from_secs(60), || async {
+        (app.metric("trellis_api_idempotency_keys").await == Some(500.0)).then_some(())
     })
     .await;
 }

@@ -298,8 +298,8 @@ async fn a_nats_outage_keeps_writes_working_and_the_backlog_drains_in_order_exac
 
     // The backlog gauge is sampled every 2 s.
     // The whole backlog, once a sample was taken after the last write.
-    eventually(&format!("trellis_outbox_pending at {pending}"), Duration::from_secs(15), || async {
-        (app.metric("trellis_outbox_pending").await == Some(pending as f64)).then_some(())
+    eventually(&format!("trellis_outbox_pending_rows at {pending}"), Duration::from_secs(15), || async {
+        (app.metric("trellis_outbox_pending_rows").await == Some(pending as f64)).then_some(())
     })
     .await;
     assert_eq!(app.unpublished().await, pending, "nothing was marked published while NATS was down");
@@ -328,8 +328,8 @@ async fn a_nats_outage_keeps_writes_working_and_the_backlog_drains_in_order_exac
     assert_eq!(stream_order, outbox_order, "the stream holds the events in outbox order");
     assert!(rows.iter().all(|r| r.published_at.is_some()));
     assert_eq!(messages.iter().filter(|m| m.payload["type"] == "circles.circle_created").count(), WRITES);
-    eventually("trellis_outbox_pending at 0", Duration::from_secs(15), || async {
-        (app.metric("trellis_outbox_pending").await == Some(0.0)).then_some(())
+    eventually("trellis_outbox_pending_rows at 0", Duration::from_secs(15), || async {
+        (app.metric("trellis_outbox_pending_rows").await == Some(0.0)).then_some(())
     })
     .await;
 }

@@ -127,7 +127,7 @@ impl Host {
         let common = &config.common;
         let topology = Topology::new(&common.nats_prefix)?;
         let metrics = crate::telemetry::install_metrics();
-        crate::cutover::comparer::register_metrics();
+        crate::instrument::register();
         let pool = Self::connect_pool(common, config.pool_name, config.pool_size, common.batch_timeout)?;
         let client = nats::connect(&common.nats_url, config.name, common.io_timeout).await?;
         let js = nats::jetstream(client.clone(), common.io_timeout);

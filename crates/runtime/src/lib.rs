@@ -9,6 +9,7 @@ pub mod cutover;
 pub mod dlq;
 pub mod health;
 pub mod host;
+pub mod instrument;
 pub mod nats;
 pub mod relay;
 pub mod shutdown;

@@ -15,6 +15,7 @@ use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 use trellis_store::outbox;
 
+use crate::instrument::{OutboxPruned, OutboxSampled, RelayBatchPublished, RelayFailed};
 use crate::nats::Topology;
 
 /// The channel the outbox trigger notifies on commit.
@@ -68,10 +69,7 @@ impl Relay {
 
     /// Runs until `shutdown`: relays, samples the backlog gauges and prunes.
     pub async fn run(self, shutdown: CancellationToken) {
-        // Counters at zero from the start, so that rates and alerts see them before any event.
-        metrics::counter!("trellis_outbox_published_total").increment(0);
-        metrics::counter!("trellis_outbox_relay_errors_total").increment(0);
-        metrics::counter!("trellis_outbox_pruned_total").increment(0);
+        crate::instrument::register_relay();
         let sampler = tokio::spawn(sample_backlog(self.pool.clone(), shutdown.clone()));
         let pruner = tokio::spawn(prune_loop(self.pool.clone(), self.config.clone(), shutdown.clone()));
         self.relay_loop(&shutdown).await;
@@ -88,9 +86,8 @@ impl Relay {
             match self.drain().await {
                 Ok(_) => backoff = new_backoff(),
                 Err(e) => {
-                    metrics::counter!("trellis_outbox_relay_errors_total").increment(1);
                     let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(error = %e, retry_in = ?delay, "outbox relay failed; retrying");
+                    RelayFailed { error: &e, retry_in: delay }.emit();
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => continue,
                         _ = shutdown.cancelled() => return,
@@ -209,8 +206,7 @@ impl Relay {
             outbox::mark_published(&mut tx, &published).await?;
         }
         tx.commit().await?;
-        metrics::counter!("trellis_outbox_published_total").increment(published.len() as u64);
-        metrics::histogram!("trellis_outbox_relay_batch_duration_seconds").record(started.elapsed().as_secs_f64());
+        RelayBatchPublished { rows: published.len(), duration: started.elapsed() }.emit();
         match send_error.or(ack_error) {
             Some(e) => Err(RelayError::Publish(e)),
             None => Ok(published.len()),
@@ -245,7 +241,7 @@ fn new_backoff() -> backon::ExponentialBackoff {
         .build()
 }
 
-/// Keeps `trellis_outbox_pending` and `trellis_outbox_oldest_pending_age_seconds` current.
+/// Keeps `trellis_outbox_pending_rows` and `trellis_outbox_oldest_pending_age_seconds` current.
 async fn sample_backlog(pool: PgPool, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
@@ -253,13 +249,12 @@ async fn sample_backlog(pool: PgPool, shutdown: CancellationToken) {
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        match outbox::pending_count(&pool).await {
-            Ok(n) => metrics::gauge!("trellis_outbox_pending").set(n as f64),
-            Err(e) => tracing::debug!(error = %e, "sampling the outbox backlog failed"),
-        }
-        if let Ok(age) = outbox::oldest_pending_age_seconds(&pool).await {
-            metrics::gauge!("trellis_outbox_oldest_pending_age_seconds").set(age);
-        }
+        let pending = outbox::pending_count(&pool)
+            .await
+            .inspect_err(|e| tracing::debug!(error = %e, "sampling the outbox backlog failed"))
+            .ok();
+        let oldest_age_seconds = outbox::oldest_pending_age_seconds(&pool).await.ok();
+        OutboxSampled { pending, oldest_age_seconds }.emit();
     }
 }
 
@@ -275,7 +270,7 @@ async fn prune_loop(pool: PgPool, config: RelayConfig, shutdown: CancellationTok
         loop {
             match outbox::prune(&pool, before, BATCH).await {
                 Ok(n) => {
-                    metrics::counter!("trellis_outbox_pruned_total").increment(n);
+                    OutboxPruned { rows: n }.emit();
                     if (n as i64) < BATCH || shutdown.is_cancelled() {
                         break;
                     }

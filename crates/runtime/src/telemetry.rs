@@ -55,7 +55,7 @@ pub fn install_metrics() -> PrometheusHandle {
 /// exports it so that the trigger (and the dashboard) can see each of them.
 fn record_binary_size() {
     match std::env::current_exe().and_then(std::fs::metadata) {
-        Ok(meta) => metrics::gauge!("trellis_build_binary_size_bytes").set(meta.len() as f64),
+        Ok(meta) => crate::instrument::BinarySizeRead { bytes: meta.len() }.emit(),
         Err(e) => {
             tracing::warn!(error = %e, "cannot read this executable's size; trellis_build_binary_size_bytes is not exported")
         }

@@ -194,7 +194,7 @@ async fn direct(http: &reqwest::Client, pool: &sqlx::PgPool, urls: &[String]) ->
     let (pending, pending_long) =
         trellis_store::disputes::pending_depth(pool, sustained).await.map_err(db("pending disputes"))?;
     let dau = trellis_store::activity::daily_active_users(pool).await.map_err(db("user activity"))?;
-    let batch_running = gauges("trellis_score_runs_in_progress").iter().any(|v| *v > 0.0);
+    let batch_running = gauges("trellis_score_in_progress_runs").iter().any(|v| *v > 0.0);
     let p95 = quantile(0.95, &histogram_buckets(&samples, "trellis_http_request_duration_seconds"));
     let binary_size = gauges("trellis_build_binary_size_bytes").into_iter().reduce(f64::max);
 

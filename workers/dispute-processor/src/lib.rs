@@ -41,6 +41,7 @@
 
 mod batch;
 pub mod cutover;
+pub mod instrument;
 pub mod scheduler;
 
 use std::collections::{HashMap, HashSet};
@@ -69,6 +70,7 @@ use uuid::Uuid;
 use batch::Batch;
 pub use batch::JudgingRules;
 pub use cutover::DisputeCandidate;
+use instrument::{AutoAdjudicationSampled, DecisionLatency, DisputeDecided, OldestWaitingSampled, QueueSampled};
 pub use scheduler::MaxWaits;
 
 /// The durable consumer of a priority: `dispute-processor-p0` … `dispute-processor-p3`.
@@ -246,12 +248,10 @@ impl Processor {
         trellis_commands::commit(tx, emitted).await?;
         for r in &recorded {
             let latency = (r.decided_at - r.created_at).as_seconds_f64().max(0.0);
-            metrics::histogram!("trellis_dispute_decision_latency_seconds", "priority" => label(r.priority))
-                .record(latency);
+            DecisionLatency { priority: r.priority, seconds: latency }.emit();
         }
         for d in &batch.decisions {
-            metrics::counter!("trellis_dispute_decisions_total", "outcome" => d.status.as_str(), "rule" => d.rule)
-                .increment(1);
+            DisputeDecided { dispute: d.id, status: d.status, rule: d.rule }.emit();
         }
         Ok(locked_ids.into_iter().collect())
     }
@@ -272,20 +272,20 @@ impl Processor {
                     c.info().await.ok().map(|i| i.num_pending + i.num_ack_pending as u64)
                 };
                 if let Some(depth) = info.await {
-                    metrics::gauge!("trellis_dispute_queue_depth_messages", "priority" => label(p)).set(depth as f64);
+                    QueueSampled { priority: p, depth }.emit();
                 }
             }
             match trellis_store::disputes::oldest_pending_age_seconds(&self.inner.pool).await {
                 Ok(ages) => {
                     for p in Priority::ALL {
                         let age = ages.iter().find(|(rank, _)| *rank == p.rank()).map_or(0.0, |(_, a)| a.max(0.0));
-                        metrics::gauge!("trellis_dispute_oldest_waiting_seconds", "priority" => label(p)).set(age);
+                        OldestWaitingSampled { priority: p, seconds: age }.emit();
                     }
                 }
                 Err(e) => tracing::debug!(error = %e, "reading the oldest pending disputes failed"),
             }
             match trellis_store::disputes::auto_adjudication_ratio(&self.inner.pool, AUTO_RATIO_WINDOW).await {
-                Ok(Some(ratio)) => metrics::gauge!("trellis_dispute_auto_adjudication_ratio").set(ratio),
+                Ok(Some(ratio)) => AutoAdjudicationSampled { ratio }.emit(),
                 Ok(None) => {}
                 Err(e) => tracing::debug!(error = %e, "reading the auto-adjudication ratio failed"),
             }
@@ -327,7 +327,7 @@ impl host::Processor for DisputeProcessor {
     }
 
     fn register_metrics(&self, _host: &Host) {
-        register_metrics();
+        instrument::register();
     }
 
     /// The four priorities' groups, started in order, while this side executes
@@ -347,32 +347,6 @@ impl host::Processor for DisputeProcessor {
         })
     }
 }
-
-/// Sets every series with bounded labels to zero (alerts never see an absent series). Only
-/// the outcome/rule pairs the rules can produce exist.
-pub fn register_metrics() {
-    for p in Priority::ALL {
-        metrics::gauge!("trellis_dispute_queue_depth_messages", "priority" => label(p)).set(0.0);
-        metrics::gauge!("trellis_dispute_oldest_waiting_seconds", "priority" => label(p)).set(0.0);
-        let _ = metrics::histogram!("trellis_dispute_decision_latency_seconds", "priority" => label(p));
-    }
-    for (outcome, rule) in DECISION_SERIES {
-        metrics::counter!("trellis_dispute_decisions_total", "outcome" => outcome, "rule" => rule).absolute(0);
-    }
-    metrics::gauge!("trellis_dispute_auto_adjudication_ratio").set(0.0);
-}
-
-/// Every (outcome, rule) pair of `trellis_dispute_decisions_total`.
-pub const DECISION_SERIES: [(&str, &str); 8] = [
-    ("dismissed", "R1"),
-    ("dismissed", "R2"),
-    ("dismissed", "R3"),
-    ("needs_review", "R3"),
-    ("upheld", "R4"),
-    ("needs_review", "R5"),
-    ("upheld", MODERATOR_RULE),
-    ("dismissed", MODERATOR_RULE),
-];
 
 /// The handler of one priority's group: decode, wait for the scheduler, decide.
 struct PriorityHandler {

@@ -16,6 +16,7 @@
 //! input.
 
 pub mod cutover;
+pub mod instrument;
 mod run_once;
 
 use std::sync::Arc;
@@ -34,6 +35,8 @@ use trellis_runtime::host::{Host, Processor, hostname};
 use trellis_runtime::worker::{OneOff, WorkerArgs};
 use trellis_store::scores::{self as store, NewScore, RunResult};
 use uuid::Uuid;
+
+use instrument::{LastSuccessRead, Phase, PhaseDone, RunFailed, RunStarted, RunSucceeded, RunsAbandoned};
 
 /// The consumer group's name (and durable consumer).
 pub const CONSUMER: &str = "score-orchestrator";
@@ -102,13 +105,7 @@ impl Processor for ScoreOrchestrator {
     /// Counters and histograms at zero, and the last success as the database records it (read
     /// in a task), so that a restarted process does not hide (or fake) a stale score.
     fn register_metrics(&self, host: &Host) {
-        for outcome in ["succeeded", "failed", "abandoned"] {
-            metrics::counter!("trellis_score_runs_total", "outcome" => outcome).increment(0);
-        }
-        metrics::gauge!("trellis_score_runs_in_progress").set(0.0);
-        for phase in ["load", "compute", "write"] {
-            let _ = metrics::histogram!("trellis_score_run_duration_seconds", "phase" => phase);
-        }
+        instrument::register();
         host.spawn(report_last_success(host.pool().clone()));
     }
 
@@ -133,7 +130,7 @@ impl Processor for ScoreOrchestrator {
 /// Sets `trellis_score_last_success_timestamp_seconds` from the database.
 async fn report_last_success(pool: PgPool) {
     match store::last_success(&pool).await {
-        Ok(Some(at)) => metrics::gauge!("trellis_score_last_success_timestamp_seconds").set(at.unix_timestamp() as f64),
+        Ok(Some(at)) => LastSuccessRead { at }.emit(),
         // Never succeeded: the staleness alert fires on the absent series.
         Ok(None) => {}
         Err(e) => {
@@ -345,8 +342,7 @@ impl Orchestrator {
             };
             let abandoned = store::fail_abandoned_runs(&mut lease).await?;
             if abandoned > 0 {
-                tracing::warn!(abandoned, "marked runs abandoned by a dead replica as failed");
-                metrics::counter!("trellis_score_runs_total", "outcome" => "abandoned").increment(abandoned);
+                RunsAbandoned { runs: abandoned }.emit();
             }
             let outcome = async {
                 // The pending request stays set for the new executor once this side is not.
@@ -373,28 +369,20 @@ impl Orchestrator {
     /// Makes run `run_id`, recorded as started by [`store::start_pending_run`].
     async fn run(&self, conn: &mut PgConnection, run_id: Uuid, trigger: &str) -> Result<RunSummary, RunError> {
         let started = Instant::now();
-        tracing::info!(%run_id, trigger, "score run started");
-        // "API latency during batch compute" (a stage trigger) needs to know when one runs.
-        let in_progress = metrics::gauge!("trellis_score_runs_in_progress");
-        in_progress.increment(1.0);
+        RunStarted { run_id, trigger }.emit();
         let result = self.phases(conn, run_id, trigger).await;
-        in_progress.decrement(1.0);
-        let outcome = match &result {
-            Ok(_) => "succeeded",
-            Err(_) => "failed",
-        };
-        metrics::counter!("trellis_score_runs_total", "outcome" => outcome).increment(1);
         match &result {
-            Ok(summary) => {
-                tracing::info!(%run_id, users = summary.users, edges = summary.edges, iterations = summary.iterations,
-                    changed = summary.scores_changed, elapsed = ?started.elapsed(), "score run succeeded");
-                metrics::gauge!("trellis_score_last_success_timestamp_seconds")
-                    .set(OffsetDateTime::now_utc().unix_timestamp() as f64);
-                metrics::gauge!("trellis_score_users_scored").set(summary.users as f64);
-                metrics::gauge!("trellis_score_iterations").set(summary.iterations as f64);
+            Ok(summary) => RunSucceeded {
+                run_id,
+                users: summary.users,
+                edges: summary.edges,
+                iterations: summary.iterations,
+                scores_changed: summary.scores_changed,
+                elapsed: started.elapsed(),
             }
+            .emit(),
             Err(e) => {
-                tracing::error!(%run_id, error = %e, "score run failed");
+                RunFailed { run_id, error: e }.emit();
                 // On a fresh connection: the run's own may be the broken thing.
                 if let Err(mark) = store::fail_run(&self.pool, run_id, &e.to_string()).await {
                     tracing::error!(%run_id, error = %mark, "could not mark the run failed");
@@ -410,14 +398,13 @@ impl Orchestrator {
         let mut sink = BuilderSink(None);
         let loaded = store::load_graph(conn, timeout, &mut sink).await?;
         let load = t.elapsed();
-        metrics::histogram!("trellis_score_run_duration_seconds", "phase" => "load").record(load.as_secs_f64());
+        PhaseDone { phase: Phase::Load, duration: load }.emit();
 
         let t = Instant::now();
         let n = loaded.users.len();
         let (Computed { trust, scores, edges }, loaded) = self.compute(ScoreRules::PRODUCTION, sink, loaded).await?;
         let compute_time = t.elapsed();
-        metrics::histogram!("trellis_score_run_duration_seconds", "phase" => "compute")
-            .record(compute_time.as_secs_f64());
+        PhaseDone { phase: Phase::Compute, duration: compute_time }.emit();
 
         let changed: Vec<NewScore> = (0..n)
             .filter(|&i| match loaded.current[i] {
@@ -442,8 +429,9 @@ impl Orchestrator {
         let mut tx = conn.begin().await?;
         let recorded = trellis_commands::scores::record_run(&mut tx, &result, timeout).await?;
         trellis_commands::commit_with(tx, recorded, trellis_commands::scores::finish_run(&result, t)).await?;
-        let write_ms = t.elapsed().as_millis() as i64;
-        metrics::histogram!("trellis_score_run_duration_seconds", "phase" => "write").record(write_ms as f64 / 1000.0);
+        let write = t.elapsed();
+        PhaseDone { phase: Phase::Write, duration: write }.emit();
+        let write_ms = write.as_millis() as i64;
         Ok(RunSummary {
             run_id,
             trigger: trigger.to_owned(),

@@ -46,6 +46,9 @@ use trellis_store::search_model;
 use uuid::Uuid;
 
 pub mod cutover;
+pub mod instrument;
+
+use instrument::{CheckpointAgeSampled, ProjectionLagMeasured};
 
 /// The durable consumer's name.
 pub const CONSUMER: &str = "search-projector";
@@ -91,6 +94,7 @@ impl Processor for SearchProjector {
     /// The lag and the checkpoint age, from the database at once and then every
     /// `--checkpoint-age-every` (on both sides: they describe the read model).
     fn register_metrics(&self, host: &Host) {
+        instrument::register();
         host.spawn(report_checkpoint_age(host.pool().clone(), self.args.checkpoint_age_every, host.stop_token()));
     }
 
@@ -250,7 +254,7 @@ impl Handler for Projector {
             && let Some(newest) = plan.newest_event_at
         {
             let lag = (OffsetDateTime::now_utc() - newest).as_seconds_f64().max(0.0);
-            metrics::gauge!("trellis_search_projection_lag_seconds").set(lag);
+            ProjectionLagMeasured { seconds: lag }.emit();
         }
         let error = applied.err().map(|e| {
             tracing::warn!(error = %e, messages = batch.len(), "projecting a batch failed; it will be retried");
@@ -279,7 +283,7 @@ pub fn outcomes(rejected: Vec<Option<String>>, error: Option<String>) -> Vec<Out
 pub async fn report_checkpoint_age(pool: PgPool, every: Duration, stop: CancellationToken) {
     match trellis_store::search::freshness(&pool).await {
         Ok(freshness) if freshness.lag() < time::Duration::MAX => {
-            metrics::gauge!("trellis_search_projection_lag_seconds").set(freshness.lag().as_seconds_f64())
+            ProjectionLagMeasured { seconds: freshness.lag().as_seconds_f64() }.emit()
         }
         Ok(_) => {}
         Err(e) => tracing::debug!(error = %e, "reading the search freshness failed"),
@@ -291,7 +295,7 @@ pub async fn report_checkpoint_age(pool: PgPool, every: Duration, stop: Cancella
             _ = stop.cancelled() => return,
         }
         match search_model::checkpoint_age_seconds(&pool).await {
-            Ok(Some(age)) => metrics::gauge!("trellis_search_checkpoint_age_seconds").set(age.max(0.0)),
+            Ok(Some(age)) => CheckpointAgeSampled { seconds: age.max(0.0) }.emit(),
             Ok(None) => {}
             Err(e) => tracing::debug!(error = %e, "reading the search checkpoint failed"),
         }

@@ -34,6 +34,7 @@ use async_nats::jetstream::{self, consumer};
 use tokio_util::sync::CancellationToken;
 
 use crate::dlq;
+use crate::instrument::{ConsumerSampled, DlqSampled};
 use crate::nats::Topology;
 pub use declare::{Bound, ConsumerError};
 pub use handler::{Delivery, EachMessage, Handler, MessageHandler, Outcome};
@@ -97,9 +98,6 @@ pub struct ConsumerSpec {
     pub name: String,
     pub filter_subject: String,
 }
-
-/// The values of `trellis_worker_messages_total{outcome}`.
-pub const OUTCOMES: &[&str] = &["ok", "retried", "dead_lettered", "decode_error"];
 
 /// One processor's consumer group: the runner of its main consumer, its replay consumer and
 /// its MAX_DELIVERIES watchers. Every replica of a worker runs one with the same spec.
@@ -189,22 +187,6 @@ impl<H: Handler> ConsumerGroup<H> {
         self.pulling.subscribe()
     }
 
-    /// Exports every series of this group at zero before the first message, so that a scrape
-    /// (and an alert on a rate or an absent series) sees the group from its start.
-    fn initialise_series(&self) {
-        let consumer = self.spec.name.clone();
-        for outcome in OUTCOMES {
-            metrics::counter!("trellis_worker_messages_total", "consumer" => consumer.clone(), "outcome" => *outcome)
-                .increment(0);
-        }
-        metrics::gauge!("trellis_worker_in_flight_messages", "consumer" => consumer.clone()).set(0.0);
-        metrics::gauge!("trellis_dlq_depth_messages", "consumer" => consumer.clone()).increment(0.0);
-        metrics::gauge!("trellis_consumer_pending_messages", "consumer" => consumer.clone()).increment(0.0);
-        metrics::gauge!("trellis_consumer_ack_pending_messages", "consumer" => consumer.clone()).increment(0.0);
-        // Registering is enough: the exporter renders a histogram with no observation yet.
-        let _ = metrics::histogram!("trellis_worker_handle_duration_seconds", "consumer" => consumer);
-    }
-
     fn durable(&self) -> String {
         self.ctx.topology.name(&self.spec.name)
     }
@@ -214,7 +196,7 @@ impl<H: Handler> ConsumerGroup<H> {
     /// that has arrived) finish; the worker bounds that by its grace period. A configuration
     /// the server will not keep is returned as an error.
     pub async fn run(self, stop: CancellationToken) -> Result<(), ConsumerError> {
-        self.initialise_series();
+        crate::instrument::register_consumer(&self.spec.name);
         if !self.until_executor(&mut self.gate.clone(), &stop).await {
             return Ok(());
         }
@@ -255,7 +237,6 @@ impl<H: Handler> ConsumerGroup<H> {
     /// Keeps the consumer and DLQ gauges current.
     async fn sample_loop(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
-        let consumer = self.spec.name.clone();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -271,13 +252,15 @@ impl<H: Handler> ConsumerGroup<H> {
                 .await
                 && let Ok(info) = c.info().await
             {
-                metrics::gauge!("trellis_consumer_pending_messages", "consumer" => consumer.clone())
-                    .set(info.num_pending as f64);
-                metrics::gauge!("trellis_consumer_ack_pending_messages", "consumer" => consumer.clone())
-                    .set(info.num_ack_pending as f64);
+                ConsumerSampled {
+                    consumer: &self.spec.name,
+                    pending: info.num_pending,
+                    ack_pending: info.num_ack_pending,
+                }
+                .emit();
             }
             if let Ok(depth) = dlq::depth(&self.ctx.js, &self.ctx.topology, &self.spec.name).await {
-                metrics::gauge!("trellis_dlq_depth_messages", "consumer" => consumer.clone()).set(depth as f64);
+                DlqSampled { consumer: &self.spec.name, depth }.emit();
             }
         }
     }

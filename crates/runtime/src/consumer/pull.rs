@@ -26,6 +26,7 @@ use trellis_domain::events::Envelope;
 use super::handler::panic_text;
 use super::{ConsumerGroup, Delivery, Feed, Handler, Outcome, PullConsumer};
 use crate::dlq::{self, ErrorKind};
+use crate::instrument::{BatchHandled, BatchReceived, BatchSettled, MessageUndecodable};
 
 /// The batch being gathered: the messages that have arrived, and when its window closes (set
 /// by its first message).
@@ -204,9 +205,8 @@ impl<H: Handler> ConsumerGroup<H> {
     }
 
     async fn process(&self, messages: Vec<jetstream::Message>, feed: Feed) {
-        let consumer = self.spec.name.clone();
-        let in_flight = metrics::gauge!("trellis_worker_in_flight_messages", "consumer" => consumer.clone());
-        in_flight.increment(messages.len() as f64);
+        let consumer = self.spec.name.as_str();
+        BatchReceived { consumer, messages: messages.len() }.emit();
         let mut deliveries = Vec::with_capacity(messages.len());
         let mut decoded = Vec::with_capacity(messages.len());
         for m in messages {
@@ -216,9 +216,9 @@ impl<H: Handler> ConsumerGroup<H> {
                     decoded.push(m);
                 }
                 Err(e) => {
-                    metrics::counter!("trellis_worker_messages_total", "consumer" => consumer.clone(), "outcome" => "decode_error").increment(1);
+                    let stream_sequence = m.info().map(|i| i.stream_sequence).unwrap_or(0);
                     self.dead_letter(&m, feed, ErrorKind::Decode, &e).await;
-                    in_flight.decrement(1.0);
+                    MessageUndecodable { consumer, stream_sequence, error: &e }.emit();
                 }
             }
         }
@@ -250,12 +250,11 @@ impl<H: Handler> ConsumerGroup<H> {
             }
             Err(panic) => vec![Outcome::Retry(format!("handler panicked: {}", panic_text(&panic))); deliveries.len()],
         };
-        metrics::histogram!("trellis_worker_handle_duration_seconds", "consumer" => consumer.clone())
-            .record(started.elapsed().as_secs_f64());
+        BatchHandled { consumer, messages: deliveries.len(), duration: started.elapsed() }.emit();
         let acts =
             decoded.iter().zip(&deliveries).zip(outcomes).map(|((m, d), outcome)| self.settle(m, d, outcome, feed));
         futures::future::join_all(acts).await;
-        in_flight.decrement(deliveries.len() as f64);
+        BatchSettled { consumer, messages: deliveries.len() }.emit();
     }
 
     fn decode(&self, m: &jetstream::Message, feed: Feed) -> Result<Delivery, String> {

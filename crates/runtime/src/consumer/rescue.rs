@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ConsumerGroup, Feed, Handler, PullConsumer};
 use crate::dlq::{self, DeadLetter, ErrorKind};
+use crate::instrument::{MessageOutcome, MessageSettled};
 
 impl<H: Handler> ConsumerGroup<H> {
     /// The safety net: a MAX_DELIVERIES advisory for this group means a message was delivered
@@ -79,7 +80,12 @@ impl<H: Handler> ConsumerGroup<H> {
         };
         dlq::publish(&self.ctx.js, &self.ctx.topology, &letter, Some(&original.headers), original.payload.clone())
             .await?;
-        metrics::counter!("trellis_worker_messages_total", "consumer" => self.spec.name.clone(), "outcome" => "dead_lettered").increment(1);
+        MessageSettled {
+            consumer: &self.spec.name,
+            stream_sequence: a.stream_seq,
+            outcome: MessageOutcome::DeadLettered,
+        }
+        .emit();
         tracing::warn!(consumer = %self.spec.name, seq = a.stream_seq, "message rescued from MAX_DELIVERIES into the DLQ");
         Ok(())
     }

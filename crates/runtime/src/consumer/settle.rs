@@ -9,6 +9,7 @@ use time::OffsetDateTime;
 
 use super::{ConsumerGroup, Delivery, Feed, Handler, Outcome, RunnerConfig};
 use crate::dlq::ErrorKind;
+use crate::instrument::{MessageOutcome, MessageRetried, MessageSettled};
 
 impl RunnerConfig {
     /// The delay before delivery number `deliveries + 1` (exponential with jitter).
@@ -27,38 +28,39 @@ impl RunnerConfig {
 
 impl<H: Handler> ConsumerGroup<H> {
     pub(super) async fn settle(&self, m: &jetstream::Message, d: &Delivery, outcome: Outcome, feed: Feed) {
-        let consumer = self.spec.name.clone();
-        let count = |outcome: &'static str| {
-            metrics::counter!("trellis_worker_messages_total", "consumer" => consumer.clone(), "outcome" => outcome)
-                .increment(1)
-        };
+        let count =
+            |outcome| MessageSettled { consumer: &self.spec.name, stream_sequence: d.stream_sequence, outcome }.emit();
         match outcome {
             Outcome::Done => {
                 let acked = if self.config.double_ack { m.double_ack().await } else { m.ack().await };
                 if let Err(e) = acked {
                     tracing::warn!(consumer = %self.spec.name, error = %e, "ack failed; the message will be redelivered");
                 }
-                count("ok");
+                count(MessageOutcome::Ok);
                 if d.deliveries > 1 {
                     self.first_failures.take((feed, d.stream_sequence));
                 }
-                metrics::gauge!("trellis_worker_last_success_timestamp_seconds", "consumer" => consumer.clone())
-                    .set(OffsetDateTime::now_utc().unix_timestamp() as f64);
             }
             Outcome::Retry(e) if d.deliveries < self.config.max_deliver => {
                 let delay = self.config.retry_delay(d.deliveries);
                 self.first_failures.record((feed, d.stream_sequence), OffsetDateTime::now_utc());
-                tracing::info!(consumer = %self.spec.name, seq = d.stream_sequence, deliveries = d.deliveries, retry_in = ?delay, error = %e, "transient failure; retrying");
                 let _ = m.ack_with(AckKind::Nak(Some(delay))).await;
-                count("retried");
+                MessageRetried {
+                    consumer: &self.spec.name,
+                    stream_sequence: d.stream_sequence,
+                    deliveries: d.deliveries,
+                    retry_in: delay,
+                    error: &e,
+                }
+                .emit();
             }
             Outcome::Retry(e) => {
                 self.dead_letter(m, feed, ErrorKind::Transient, &e).await;
-                count("dead_lettered");
+                count(MessageOutcome::DeadLettered);
             }
             Outcome::Reject(e) => {
                 self.dead_letter(m, feed, ErrorKind::Permanent, &e).await;
-                count("dead_lettered");
+                count(MessageOutcome::DeadLettered);
             }
         }
     }

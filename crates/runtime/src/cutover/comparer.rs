@@ -13,10 +13,11 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use trellis_domain::flags::Flag;
-use trellis_domain::shadow::{Comparison, ComparisonResult, processor};
+use trellis_domain::shadow::Comparison;
 
 use crate::consumer::{ConsumerGroup, Handler, RunnerConfig, RunnerContext};
 use crate::host::Batching;
+use crate::instrument::ComparisonsRecorded;
 
 /// A processor's shadow candidate and its comparison.
 pub trait ShadowCandidate: Send + Sync + 'static {
@@ -60,24 +61,6 @@ pub struct Round {
     pub comparisons: Vec<Comparison>,
     /// The round stopped at its size limit: the next one starts at once.
     pub more: bool,
-}
-
-/// Exports every series of `trellis_shadow_comparisons_total` at zero.
-pub fn register_metrics() {
-    for flag in Flag::ALL {
-        for result in ComparisonResult::ALL {
-            metrics::counter!("trellis_shadow_comparisons_total", "processor" => processor(flag), "result" => result.as_str())
-                .increment(0);
-        }
-    }
-}
-
-/// Counts comparisons of `flag`'s processor in the metric (they are recorded already).
-pub fn count(flag: Flag, comparisons: &[Comparison]) {
-    for c in comparisons {
-        metrics::counter!("trellis_shadow_comparisons_total", "processor" => processor(flag), "result" => c.result.as_str())
-            .increment(c.count.max(0) as u64);
-    }
 }
 
 /// Compares until `stop` (the end of the period, or of the process): reads when the period
@@ -126,7 +109,7 @@ pub async fn run<C: ShadowCandidate>(candidate: Arc<C>, pool: PgPool, stop: Canc
         loop {
             match candidate.round(&mut ledger, since).await {
                 Ok(round) => {
-                    count(C::FLAG, &round.comparisons);
+                    ComparisonsRecorded { flag: C::FLAG, comparisons: &round.comparisons }.emit();
                     if !round.comparisons.is_empty() {
                         tracing::debug!(
                             flag = C::FLAG.as_str(),

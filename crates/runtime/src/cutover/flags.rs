@@ -1,6 +1,6 @@
 //! The cutover flags as a process sees them: a watcher that learns of every change within
 //! `poll` (LISTEN/NOTIFY wakes it at once; polling is the truth when a notification is lost)
-//! and exports the value the process acts on, `trellis_flag_state{flag,value}`.
+//! and exports the value the process acts on, `trellis_cutover_flag_state{flag,value}`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use trellis_domain::flags::{Executor, Flag};
 use trellis_store::cutover::flags::{self as store, FlagRow};
 
+use crate::instrument::FlagObserved;
 use crate::relay::recv;
 
 /// How often the flags are read even without a notification.
@@ -130,16 +131,9 @@ async fn listen(pool: &PgPool) -> Option<PgListener> {
 fn publish(senders: &HashMap<Flag, watch::Sender<Option<State>>>, rows: &[FlagRow]) {
     for row in rows {
         let state = State { value: row.value, previous: row.previous };
-        for value in Executor::ALL {
-            metrics::gauge!("trellis_flag_state", "flag" => row.flag.as_str(), "value" => value.as_str())
-                .set(if value == row.value { 1.0 } else { 0.0 });
-        }
-        if let Some(tx) = senders.get(&row.flag) {
-            let changed = tx.send_if_modified(|was| was.replace(state) != Some(state));
-            if changed {
-                tracing::info!(flag = row.flag.as_str(), value = row.value.as_str(), "cutover flag");
-            }
-        }
+        let changed =
+            senders.get(&row.flag).is_some_and(|tx| tx.send_if_modified(|was| was.replace(state) != Some(state)));
+        FlagObserved { flag: row.flag, value: row.value, changed }.emit();
     }
 }
 

@@ -6,11 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio_util::sync::CancellationToken;
 
 use crate::consumer::{ConsumerGroup, Handler};
+use crate::instrument::StandbyChanged;
 
 impl<H: Handler> ConsumerGroup<H> {
     /// Pulls only while `gate` is open (the cutover flag names this process the executor).
     /// When it closes, the group makes no new pull request: it finishes the pull in hand and
-    /// waits (`trellis_consumer_standing_by{consumer}` says so). Until the gate first opens,
+    /// waits (`trellis_consumer_standby_state{consumer}` says so). Until the gate first opens,
     /// the consumers are not even declared. The pull in hand lasts at most `fetch_expiry`,
     /// which bounds the overlap with the new executor; the handler's idempotency absorbs it.
     /// The pull in hand is finished rather than handed back (nak):
@@ -37,14 +38,13 @@ impl<H: Handler> ConsumerGroup<H> {
             return true;
         }
         self.standing_by.store(true, Ordering::Release);
-        metrics::gauge!("trellis_consumer_standing_by", "consumer" => self.spec.name.clone()).set(1.0);
-        tracing::info!(consumer = %self.spec.name, "not the executor: standing by");
+        StandbyChanged { consumer: &self.spec.name, standing_by: true }.emit();
         let open = tokio::select! {
             open = gate.wait_for(|open| *open) => open.is_ok(),
             _ = stop.cancelled() => false,
         };
         self.standing_by.store(false, Ordering::Release);
-        metrics::gauge!("trellis_consumer_standing_by", "consumer" => self.spec.name.clone()).set(0.0);
+        StandbyChanged { consumer: &self.spec.name, standing_by: false }.emit();
         if open {
             tracing::info!(consumer = %self.spec.name, "the executor: pulling");
         }

@@ -77,7 +77,7 @@ async fn every_metric_the_dashboard_and_the_rules_query_is_exported_by_a_live_pr
     assert!(missing.is_empty(), "queried but exported by no process of {:?}: {missing:?}", system.metrics_urls());
     // The check has teeth: the dashboard queries worker, API and outbox metrics.
     for name in
-        ["trellis_worker_messages_total", "trellis_http_request_duration_seconds_bucket", "trellis_outbox_pending"]
+        ["trellis_worker_messages_total", "trellis_http_request_duration_seconds_bucket", "trellis_outbox_pending_rows"]
     {
         assert!(queried.contains(name), "the dashboard no longer queries {name}");
     }

@@ -20,7 +20,7 @@ fn handled(metrics: &str) -> f64 {
 }
 
 fn acting_on(metrics: &str, value: Executor) -> bool {
-    let series = format!("trellis_flag_state{{flag=\"search.executor\",value=\"{}\"}} 1", value.as_str());
+    let series = format!("trellis_cutover_flag_state{{flag=\"search.executor\",value=\"{}\"}} 1", value.as_str());
     metrics.lines().any(|l| l == series)
 }
 
@@ -82,7 +82,7 @@ async fn each_process_exports_the_executor_it_acts_on() {
     // While the API executes, a user registered through it is projected by the API alone: once
     // the worker has finished its pull in hand, it stands by.
     flip(&db, Executor::Monolith).await;
-    let standing_by = format!("trellis_consumer_standing_by{{consumer=\"{}\"}} 1", search_projector::CONSUMER);
+    let standing_by = format!("trellis_consumer_standby_state{{consumer=\"{}\"}} 1", search_projector::CONSUMER);
     eventually("the worker to stand by", Duration::from_secs(10), || async {
         worker.metrics().await.lines().any(|l| l == standing_by).then_some(())
     })
