@@ -18,6 +18,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -115,6 +116,8 @@ pub struct Host {
     admin: tokio::task::JoinHandle<()>,
     admin_addr: SocketAddr,
     declared: watch::Receiver<bool>,
+    /// Set by [`Host::run`]: every processor is installed (and has added its `/readyz` checks).
+    installed: Arc<AtomicBool>,
     failures: Arc<Mutex<Vec<anyhow::Error>>>,
 }
 
@@ -134,6 +137,14 @@ impl Host {
         let health = Health::new();
         health.add("database", Severity::Critical, health::database_check(pool.clone()));
         health.add("nats", config.nats, health::nats_check(client.clone()));
+        // Until then a group's check does not exist yet: without this one, `/readyz` would say
+        // ready while nothing is bound.
+        let installed = Arc::new(AtomicBool::new(false));
+        let installing = installed.clone();
+        health.add("processors", Severity::Critical, move || {
+            let done = installing.load(Ordering::Acquire);
+            async move { if done { Ok(()) } else { Err("installing the processors".to_owned()) } }
+        });
         let (admin_addr, admin) =
             crate::admin::serve(common.admin_addr, health.clone(), metrics.clone(), shutdown.clone()).await?;
         let ctx = RunnerContext { js, topology, host: hostname(), version: env!("CARGO_PKG_VERSION").to_owned() };
@@ -156,6 +167,7 @@ impl Host {
             admin,
             admin_addr,
             declared,
+            installed,
             failures: Arc::default(),
         };
         let (ctx, stop) = (host.ctx.clone(), host.stop.clone());
@@ -341,8 +353,10 @@ impl Host {
     }
 
     /// Runs until the shutdown starts, then stops within the grace period (see the module
-    /// doc). Returns the first fatal error, if any.
+    /// doc). Returns the first fatal error, if any. It is called once every processor is
+    /// installed: from then on the `processors` check of `/readyz` passes.
     pub async fn run(self) -> anyhow::Result<()> {
+        self.installed.store(true, Ordering::Release);
         self.shutdown.cancelled().await;
         let grace = self.config.common.shutdown_grace;
         let deadline = tokio::time::Instant::now() + grace;

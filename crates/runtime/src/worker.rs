@@ -140,12 +140,13 @@ async fn serve(name: &'static str, args: WorkerArgs, processor: impl Processor) 
     let shutdown = crate::shutdown::on_signal();
     let host = Host::start(args.host_config(name), shutdown).await?;
     tracing::info!(worker = name, admin = %host.admin_addr(), "started");
+    // `/readyz` says "installing the processors" until `run`: whoever reads the address may
+    // wait for it at once.
+    crate::admin::write_addr_file(args.common.addr_file.as_deref(), &[("admin", host.admin_addr())])?;
     if let Err(e) = host.install(&processor).await {
         host.shutdown_token().cancel();
         let _ = host.run().await;
         return Err(e);
     }
-    // Once its groups are registered: whoever reads the addresses may wait for `/readyz`.
-    crate::admin::write_addr_file(args.common.addr_file.as_deref(), &[("admin", host.admin_addr())])?;
     host.run().await
 }

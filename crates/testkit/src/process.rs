@@ -171,6 +171,15 @@ impl Process {
         readyz_at(self.addrs()?.admin).await
     }
 
+    /// The `/readyz` status code and its body (the admin listener names each check), or `None`
+    /// while nothing answers.
+    pub async fn readyz_checks(&self) -> Option<(u16, serde_json::Value)> {
+        let admin = self.addrs()?.admin;
+        let resp = client(Duration::from_secs(2)).get(format!("http://{admin}/readyz")).send().await.ok()?;
+        let status = resp.status().as_u16();
+        Some((status, resp.json().await.ok()?))
+    }
+
     /// Waits until `/readyz` answers 200; panics, with the process's log, if it exits first or
     /// is not ready within `within`.
     pub async fn wait_ready(&mut self, within: Duration) {

@@ -27,6 +27,11 @@ struct ProbeArgs {
     /// Table to record handled messages in (created if missing).
     #[arg(long, env = "PROBE_RECORD_TABLE")]
     record_table: Option<String>,
+
+    /// Holds the installation until this PostgreSQL advisory lock (a session lock, taken and
+    /// released) is free: a test holds it to see the process between start and installed.
+    #[arg(long, env = "PROBE_INSTALL_LOCK")]
+    install_lock: Option<i64>,
 }
 
 /// The probe as a processor: one ungated group (it belongs to no cutover flag).
@@ -41,8 +46,13 @@ impl Processor for ProbeProcessor {
 
     fn install<'h>(&'h self, host: &'h Host) -> BoxFuture<'h, anyhow::Result<()>> {
         Box::pin(async move {
-            let ProbeArgs { consumer, filter, record_table } = &self.0;
+            let ProbeArgs { consumer, filter, record_table, install_lock } = &self.0;
             let pool = host.pool().clone();
+            if let Some(key) = install_lock {
+                let mut conn = pool.acquire().await?;
+                sqlx::query("SELECT pg_advisory_lock($1)").bind(key).execute(&mut *conn).await?;
+                sqlx::query("SELECT pg_advisory_unlock($1)").bind(key).execute(&mut *conn).await?;
+            }
             if let Some(table) = record_table {
                 sqlx::query(&format!(
                     "CREATE TABLE IF NOT EXISTS {table} (event_id uuid NOT NULL, stream_sequence bigint NOT NULL,

@@ -308,3 +308,36 @@ async fn a_worker_survives_a_nats_restart_and_readyz_tells_the_truth_meanwhile()
         assert_eq!(rows[0].pid, worker.pid, "the same process handled it after the restart");
     }
 }
+
+/// `/readyz` says not ready until the processors are installed: before, the consumer groups'
+/// checks do not exist yet, and the database and NATS checks alone would say ready while
+/// nothing is bound. (The probe's installation waits on an advisory lock the test holds.)
+#[tokio::test]
+async fn readyz_is_not_ready_until_the_processors_are_installed() {
+    const INSTALL_LOCK: i64 = 7_271;
+    let env = Env::new().await;
+    let mut holder = env.db.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)").bind(INSTALL_LOCK).execute(&mut *holder).await.unwrap();
+    let mut worker = env.worker_unready(&["--install-lock", &INSTALL_LOCK.to_string()]);
+    worker.wait_listening(WAIT).await;
+
+    let check = |body: &serde_json::Value, name: &str| {
+        body["checks"].as_array().and_then(|c| c.iter().find(|c| c["name"] == name).cloned())
+    };
+    let (status, body) = eventually("the database and NATS checks to pass", WAIT, || async {
+        let (status, body) = worker.readyz_checks().await?;
+        let up = |name| check(&body, name).is_some_and(|c| c["ok"] == true);
+        (up("database") && up("nats")).then_some((status, body))
+    })
+    .await;
+    assert_eq!(status, 503, "not ready while installing: {body}");
+    let processors = check(&body, "processors").expect("a processors check");
+    assert_eq!((&processors["ok"], &processors["error"]), (&false.into(), &"installing the processors".into()));
+    assert!(check(&body, &format!("consumer {PROBE}")).is_none(), "no group yet: {body}");
+
+    sqlx::query("SELECT pg_advisory_unlock($1)").bind(INSTALL_LOCK).execute(&mut *holder).await.unwrap();
+    worker.wait_ready(WAIT).await;
+    let (_, body) = worker.readyz_checks().await.expect("/readyz answers");
+    assert_eq!(check(&body, &format!("consumer {PROBE}")).map(|c| c["ok"].clone()), Some(true.into()), "{body}");
+    assert_eq!(check(&body, "processors").map(|c| c["ok"].clone()), Some(true.into()));
+}

@@ -363,3 +363,47 @@ async fn a_terminated_api_gives_its_processor_the_grace_period_and_no_more() {
             .unwrap();
     assert_eq!(pending as usize, ids.len(), "the held batch was given up, not decided");
 }
+
+/// The API stops like a worker (the same host): a batch its in-process processor holds when
+/// SIGTERM arrives is finished within the grace period, and its acks (flushed before the
+/// connection is drained) are on the server by the time the process has exited, not
+/// redelivered after `ACK_WAIT` (30 s) to whoever executes next.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminated_api_acknowledges_what_its_processor_finishes_during_the_shutdown() {
+    let db = TestDb::migrated().await.unwrap();
+    let prefix = trellis_testkit::nats_prefix();
+    flip(&db, Executor::Monolith).await;
+    let mut api = Api::start_with(&db, &prefix, &["--flag-poll", "200ms", "--shutdown-grace", "20s"]).await;
+    let cast = Cast::new(&api, &db).await;
+
+    // The processor holds its batches mid-decision until the shutdown has started.
+    let mut lock = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE security.dispute_decisions IN SHARE MODE").execute(&mut *lock).await.unwrap();
+    let ids = cast.file_each(&api, 4).await;
+    all_published(&db).await;
+    eventually("the API to hold messages mid-decision", WAIT, || async {
+        (unacknowledged(&prefix).await? > 0).then_some(())
+    })
+    .await;
+    api.process.terminate().await;
+    eventually("the API to start its shutdown", WAIT, || async {
+        api.process.log_text().contains("stopping: no new work").then_some(())
+    })
+    .await;
+    lock.rollback().await.unwrap();
+
+    let code = api.process.wait_exit(Duration::from_secs(25)).await;
+    assert_eq!(code, Some(0), "a graceful exit; log:\n{}", api.process.log_text());
+    let decided: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM security.disputes WHERE id = ANY($1) AND status <> 'pending'")
+            .bind(&ids)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(decided > 0, "the held batches were decided within the grace period");
+    // Well inside ACK_WAIT: only acks that reached the server before the exit can empty it.
+    eventually("every dispute message acknowledged", Duration::from_secs(3), || async {
+        (unacknowledged(&prefix).await? == 0).then_some(())
+    })
+    .await;
+}
