@@ -13,17 +13,26 @@ use crate::services::Stack;
 use crate::util;
 
 pub fn run(flags: &flags::Bench) -> anyhow::Result<()> {
-    match flags.suite.as_str() {
-        "api" => api(flags),
-        "runtime" => runtime(),
-        "search" => search(flags),
-        "score" => score(flags),
-        "dispute" => crate::bench_dispute::run(flags),
-        "cutover" => crate::bench_cutover::run(flags),
-        "abuse" => crate::bench_abuse::run(flags),
-        other => bail!("unknown bench suite `{other}` (known: api, runtime, score, search, dispute, cutover, abuse)"),
+    match suite(&flags.suite) {
+        Some(run) => run(flags),
+        None => bail!("unknown bench suite `{}` (known: {})", flags.suite, flags::BENCH_SUITES.join(", ")),
     }
 }
+
+/// The suite named `name` (one of [`flags::BENCH_SUITES`]).
+fn suite(name: &str) -> Option<fn(&flags::Bench) -> anyhow::Result<()>> {
+    Some(match name {
+        "api" => api,
+        "runtime" => |_| runtime(),
+        "search" => search,
+        "score" => score,
+        "dispute" => crate::bench_dispute::run,
+        "cutover" => crate::bench_cutover::run,
+        "abuse" => crate::bench_abuse::run,
+        _ => return None,
+    })
+}
+
 
 /// The machine, for the record.
 pub(crate) fn machine() -> String {
@@ -692,3 +701,14 @@ request = function()
   return wrk.format("GET", "/v1/search/users?q=" .. names[math.random(1, #names)])
 end
 "#;
+
+#[cfg(test)]
+mod suite_tests {
+    #[test]
+    fn every_listed_suite_runs_and_no_other() {
+        for name in crate::flags::BENCH_SUITES {
+            assert!(super::suite(name).is_some(), "{name}");
+        }
+        assert!(super::suite("nope").is_none());
+    }
+}

@@ -14,7 +14,8 @@ commands:
                      --stop stops the private ones.
   tidy               check the repository by machine: no issue numbers or paths outside it,
                      no comment line over 120 characters, the README's and ARCHITECTURE's
-                     trellisctl commands match its CLI, every table and event type catalogued.
+                     trellisctl and xtask commands match their CLIs, every table and event type
+                     catalogued.
   lint [DIR]         lint the migrations (in migrations/, or DIR) with squawk.
   deploy             validate deploy/ offline: docker-compose config, promtool check and test
                      rules, kubectl kustomize of both overlays, kubernetes-validate, and the
@@ -44,6 +45,13 @@ commands:
   help               this text.
 
 environment: DATABASE_URL, NATS_URL, NATS_PREFIX, API_ADDR (see each command's output).";
+
+/// Every command, as typed. The parser, `HELP`, the README and the code map of
+/// `docs/ARCHITECTURE.md` agree with this list (the tests below and `cargo xtask tidy`).
+pub const COMMANDS: [&str; 9] = ["up", "services", "tidy", "lint", "deploy", "test", "bench", "seed", "help"];
+
+/// Every suite of `bench`, as typed (`bench::suite` runs each).
+pub const BENCH_SUITES: [&str; 7] = ["api", "runtime", "score", "search", "dispute", "cutover", "abuse"];
 
 pub enum Command {
     Help,
@@ -170,9 +178,8 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
             Command::Test(Test { runner_args })
         }
         "bench" => {
-            let suite = args
-                .next()
-                .context("bench needs a suite name (api, runtime, score, search, dispute, cutover, abuse)")?;
+            let suite =
+                args.next().with_context(|| format!("bench needs a suite name ({})", BENCH_SUITES.join(", ")))?;
             let mut duration = if suite == "abuse" { 30 } else { 20 };
             let mut users = None;
             let mut db_pool_size = None;
@@ -266,4 +273,36 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
         bail!("unexpected argument `{extra}`");
     }
     Ok(command)
+}
+
+#[cfg(test)]
+mod command_list_tests {
+    use super::*;
+
+    #[test]
+    fn the_parser_knows_every_listed_command_and_no_other() {
+        for command in COMMANDS {
+            if let Err(e) = parse(std::iter::once(command.to_owned())) {
+                assert!(!e.to_string().contains("unknown command"), "{command}: {e}");
+            }
+        }
+        let e = parse(std::iter::once("frobnicate".to_owned())).err().expect("an unknown command fails");
+        assert!(e.to_string().contains("unknown command"));
+    }
+
+    #[test]
+    fn help_lists_exactly_the_commands() {
+        let listed: Vec<&str> = HELP
+            .lines()
+            .skip_while(|l| *l != "commands:")
+            .skip(1)
+            .take_while(|l| !l.is_empty())
+            .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert_eq!(listed, COMMANDS);
+        for suite in BENCH_SUITES {
+            assert!(HELP.contains(&format!(" {suite},")) || HELP.contains(&format!(" {suite}.")), "{suite}");
+        }
+    }
 }

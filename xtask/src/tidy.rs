@@ -4,6 +4,8 @@
 //! - no comment line of Rust code is longer than [`MAX_COMMENT`] characters;
 //! - the `trellisctl` commands that `README.md` and `docs/ARCHITECTURE.md` list are exactly the
 //!   commands its clap definitions (`crates/trellisctl/src/*.rs`) declare;
+//! - every `cargo xtask …` command the README and `docs/ARCHITECTURE.md` name exists, and the
+//!   code map's `xtask/` row lists exactly [`crate::flags::COMMANDS`] and every bench suite;
 //! - every table the migrations create is in the table catalogue of `docs/ARCHITECTURE.md`
 //!   (and nothing else is), and every event type of `crates/domain/src/events.rs` is in
 //!   `docs/EVENTS.md` (and nothing else is).
@@ -56,6 +58,14 @@ pub fn run() -> anyhow::Result<()> {
         &architecture_commands(&architecture, &commands),
         "trellisctl's clap definitions",
         &commands.all(),
+    ));
+    problems.extend(unknown_xtask_commands("README.md", &readme));
+    problems.extend(unknown_xtask_commands("docs/ARCHITECTURE.md", &architecture));
+    problems.extend(compare(
+        "the xtask row of docs/ARCHITECTURE.md",
+        &architecture_xtask_commands(&architecture),
+        "xtask's command list",
+        &xtask_commands(),
     ));
     let mut migrations = Vec::new();
     for entry in std::fs::read_dir(root.join("migrations"))? {
@@ -267,6 +277,58 @@ pub fn architecture_commands(architecture: &str, cli: &Commands) -> BTreeSet<Str
     found
 }
 
+/// Every command of xtask as the docs name it: `up`, …, and `bench <suite>` for each suite
+/// (`help` aside).
+pub fn xtask_commands() -> BTreeSet<String> {
+    let mut all: BTreeSet<String> =
+        crate::flags::COMMANDS.iter().filter(|c| !["help", "bench"].contains(c)).map(|c| c.to_string()).collect();
+    all.extend(crate::flags::BENCH_SUITES.iter().map(|s| format!("bench {s}")));
+    all
+}
+
+/// Each `cargo xtask <command>` (and `cargo xtask bench <suite>`) in `text` that xtask does not
+/// have.
+pub fn unknown_xtask_commands(file: &str, text: &str) -> Vec<String> {
+    let known = xtask_commands();
+    let mut problems = Vec::new();
+    for (_, rest) in text.match_indices("cargo xtask ").map(|(i, m)| ((), &text[i + m.len()..])) {
+        let mut words = rest.split(|c: char| !(c.is_ascii_lowercase() || c == '-'));
+        let Some(command) = words.next().filter(|w| !w.is_empty()) else { continue };
+        let named = if command == "bench" {
+            match rest.strip_prefix("bench ").and_then(|r| r.split(|c: char| !c.is_ascii_lowercase()).next()) {
+                Some(suite) if !suite.is_empty() => format!("bench {suite}"),
+                _ => continue, // `cargo xtask bench …` in general
+            }
+        } else {
+            command.to_owned()
+        };
+        if !known.contains(&named) && command != "help" {
+            problems.push(format!("{file} names `cargo xtask {named}`, which xtask does not have"));
+        }
+    }
+    problems
+}
+
+/// The commands of the `xtask/` row of the code map: `cargo xtask a / b / bench x|y`.
+pub fn architecture_xtask_commands(architecture: &str) -> BTreeSet<String> {
+    let Some(row) = architecture.lines().find(|l| l.starts_with("| `xtask/` |")) else {
+        return BTreeSet::new();
+    };
+    let Some(list) = row.split('`').find_map(|q| q.strip_prefix("cargo xtask ")) else {
+        return BTreeSet::new();
+    };
+    let mut found = BTreeSet::new();
+    for part in list.split('/').map(str::trim) {
+        match part.strip_prefix("bench ") {
+            Some(suites) => found.extend(suites.split('|').map(|s| format!("bench {}", s.trim_end_matches('\\')))),
+            None => {
+                found.insert(part.to_owned());
+            }
+        }
+    }
+    found
+}
+
 /// The tables of the catalogue: the rows of the markdown table under `## Tables` whose first
 /// cell is a backticked `schema.table`.
 pub fn catalogued_tables(architecture: &str) -> BTreeSet<String> {
@@ -425,5 +487,18 @@ pub enum Users {
         let md = "| [`a.one`](#aone) | `events.a.one` | 1 |\n";
         let problems = compare("EVENTS.md", &catalogued_events(md), "events.rs", &defined_events(rs));
         assert_eq!(problems, ["`a.two` is in events.rs but not in EVENTS.md"]);
+    }
+
+    #[test]
+    fn the_xtask_commands_the_docs_name_are_the_ones_it_has() {
+        let row = "| `xtask/` | `cargo xtask up / services / tidy / lint / deploy / test / seed / bench \
+                   api\\|runtime\\|score\\|search\\|dispute\\|cutover\\|abuse` (…) |";
+        assert_eq!(architecture_xtask_commands(row), xtask_commands());
+        let stale = "| `xtask/` | `cargo xtask up / services / tidy / lint / deploy / test / seed / bench api` |";
+        assert!(!compare("ARCHITECTURE", &architecture_xtask_commands(stale), "xtask", &xtask_commands()).is_empty());
+        let readme = "run `cargo xtask up`, then `cargo xtask bench api` or `cargo xtask bench …`";
+        assert!(unknown_xtask_commands("README.md", readme).is_empty());
+        let wrong = "`cargo xtask start` and `cargo xtask bench graph`";
+        assert_eq!(unknown_xtask_commands("README.md", wrong).len(), 2);
     }
 }
