@@ -33,7 +33,6 @@ fn suite(name: &str) -> Option<fn(&flags::Bench) -> anyhow::Result<()>> {
     })
 }
 
-
 /// The machine, for the record.
 pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

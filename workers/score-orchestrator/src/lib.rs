@@ -614,15 +614,12 @@ mod tests {
     /// consumer receives every subject of those types.
     #[test]
     fn the_orchestrator_consumes_exactly_the_types_the_catalogue_names() {
-        for &t in EventType::ALL {
-            let handled = run_request(t.example()).is_ok();
-            assert_eq!(handled, catalogue::consumes(Service::ScoreOrchestrator, t), "{t}: the catalogue disagrees");
-            if handled {
-                for subject in t.subjects() {
-                    assert!(subject_matches(&consumer_spec().filter_subject, &subject), "{subject} is not received");
-                }
-            }
-        }
+        let receives = |subject: &str| {
+            let received = subject_matches(&consumer_spec().filter_subject, subject);
+            if received { Ok(()) } else { Err(format!("{subject} is not received")) }
+        };
+        let found = catalogue::disagreements(Service::ScoreOrchestrator, |p| run_request(p).is_ok(), receives);
+        assert!(found.is_empty(), "{found:#?}");
     }
 
     #[test]

@@ -305,7 +305,7 @@ pub async fn report_checkpoint_age(pool: PgPool, every: Duration, stop: Cancella
 #[cfg(test)]
 mod tests {
     use trellis_domain::events::catalogue::{self, Service};
-    use trellis_domain::events::{EventType, subject_matches};
+    use trellis_domain::events::subject_matches;
 
     use super::*;
 
@@ -313,14 +313,11 @@ mod tests {
     /// consumer receives every subject of those types.
     #[test]
     fn the_projector_consumes_exactly_the_types_the_catalogue_names() {
-        for &t in EventType::ALL {
-            let handled = dirtied_by(&t.example()).is_some();
-            assert_eq!(handled, catalogue::consumes(Service::SearchProjector, t), "{t}: the catalogue disagrees");
-            if handled {
-                for subject in t.subjects() {
-                    assert!(subject_matches(&consumer_spec().filter_subject, &subject), "{subject} is not received");
-                }
-            }
-        }
+        let receives = |subject: &str| {
+            let received = subject_matches(&consumer_spec().filter_subject, subject);
+            if received { Ok(()) } else { Err(format!("{subject} is not received")) }
+        };
+        let found = catalogue::disagreements(Service::SearchProjector, |p| dirtied_by(&p).is_some(), receives);
+        assert!(found.is_empty(), "{found:#?}");
     }
 }

@@ -165,6 +165,28 @@ pub fn consumes(service: Service, t: EventType) -> bool {
     entry(t).consumers.contains(&service)
 }
 
+/// Where `service`'s code and the catalogue disagree: a type its match handles (`handles`, fed
+/// each type's [`EventType::example`]) that the catalogue does not list for it, or the reverse,
+/// and a subject of a handled type that one of its filters does not receive (`receives`). Each
+/// consumer's test asserts that this is empty.
+pub fn disagreements(
+    service: Service,
+    handles: impl Fn(EventPayload) -> bool,
+    receives: impl Fn(&str) -> Result<(), String>,
+) -> Vec<String> {
+    let mut found = Vec::new();
+    for &t in EventType::ALL {
+        let handled = handles(t.example());
+        if handled != consumes(service, t) {
+            found.push(format!("{t}: {} handles it: {handled}; the catalogue says {}", service.name(), !handled));
+        }
+        if handled {
+            found.extend(t.subjects().iter().filter_map(|subject| receives(subject).err()));
+        }
+    }
+    found
+}
+
 impl EventType {
     /// A payload of this type with fixed ids: the catalogue's example, and what tests feed a
     /// consumer to see whether it handles the type.
@@ -314,6 +336,16 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
+
+    #[test]
+    fn a_consumer_that_handles_more_or_less_than_listed_or_misses_a_subject_disagrees() {
+        let handles_all = disagreements(Service::SearchProjector, |_| true, |_| Ok(()));
+        assert!(!handles_all.is_empty(), "the projector does not consume every type");
+        let listed = |p: EventPayload| consumes(Service::SearchProjector, p.event_type());
+        assert!(disagreements(Service::SearchProjector, listed, |_| Ok(())).is_empty());
+        let deaf = disagreements(Service::SearchProjector, listed, |s| Err(format!("{s} is not received")));
+        assert!(!deaf.is_empty() && deaf.iter().all(|d| d.ends_with("is not received")), "{deaf:?}");
+    }
 
     #[test]
     fn every_type_has_one_entry_with_a_producer() {
