@@ -4,7 +4,10 @@
 //! `axum::serve` has no header-read timeout, so a client that opens connections and sends a
 //! byte a minute holds them forever. Here a connection that has not sent a whole request head
 //! within `HEADER_READ_TIMEOUT` is closed (an idle keep-alive connection too: hyper restarts
-//! the timer when it waits for the next request).
+//! the timer when it waits for the next request). A connection's first head is read here, into
+//! a buffer that grows with what arrives, and hyper's connection (its read and write buffers,
+//! 8 KiB each) is made only once the head is whole: a connection that trickles bytes costs
+//! about a kibibyte.
 //!
 //! When `MAX_CONNECTIONS` are open, a new connection takes the place of one waiting for a
 //! request head: the oldest of those that never sent a request, or else the oldest idle
@@ -347,9 +350,29 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(self, stream: TcpStream) {
+    async fn run(self, mut stream: TcpStream) {
         let peer = self.peer;
         let displaced = self.waiting.close.clone();
+        // Until its first request head is whole, a connection holds a small buffer and no more
+        // (hyper's connection, with its 8 KiB read and write buffers, comes after): a slow
+        // client costs about a kibibyte. The time limit is the header-read timeout.
+        let head = tokio::select! {
+            head = tokio::time::timeout(self.header_read_timeout, read_first_head(&mut stream)) => head,
+            _ = displaced.cancelled() => return,
+            _ = self.shutdown.cancelled() => return,
+        };
+        let head = match head {
+            Ok(Ok(Some(head))) => head,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "connection ended before its first request head");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "no whole request head within the header-read timeout; closing");
+                return;
+            }
+        };
         let entry = Arc::new(self.waiting);
         let on_request = entry.clone();
         let service = self
@@ -365,8 +388,10 @@ impl Connection {
             });
         let mut builder = http1::Builder::new();
         builder.timer(TokioTimer::new()).header_read_timeout(self.header_read_timeout);
-        let connection = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
-        tokio::pin!(connection);
+        let stream = Rewind { head, read: 0, inner: stream };
+        // Boxed: the task's own future stays small while it waits for the first head.
+        let mut connection =
+            Box::pin(builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service)));
         let mut draining = false;
         loop {
             tokio::select! {
@@ -384,6 +409,84 @@ impl Connection {
                 _ = displaced.cancelled() => return,
             }
         }
+    }
+}
+
+/// The most of a first request head read before hyper takes over (which reads the rest, up to
+/// its own limit): past it, the head is handed over unfinished.
+const FIRST_HEAD_MAX: usize = 16 * 1024;
+
+/// Reads until the first request head is whole (its blank line has arrived) or
+/// [`FIRST_HEAD_MAX`] bytes are in; `None` when the client closes first. The buffer starts at
+/// 1 KiB and doubles as bytes arrive, so a client that trickles holds little.
+async fn read_first_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    use tokio::io::AsyncReadExt as _;
+    let mut head = Vec::with_capacity(1024);
+    loop {
+        if head.len() == head.capacity() {
+            head.reserve(head.len());
+        }
+        let searched = head.len().saturating_sub(3);
+        if stream.read_buf(&mut head).await? == 0 {
+            return Ok(None);
+        }
+        if head[searched..].windows(4).any(|w| w == b"\r\n\r\n") || head.len() >= FIRST_HEAD_MAX {
+            return Ok(Some(head));
+        }
+    }
+}
+
+/// A stream that yields `head` (already read from `inner`) before what `inner` has next.
+struct Rewind {
+    head: Vec<u8>,
+    read: usize,
+    inner: TcpStream,
+}
+
+impl tokio::io::AsyncRead for Rewind {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.read < this.head.len() {
+            let n = buf.remaining().min(this.head.len() - this.read);
+            buf.put_slice(&this.head[this.read..this.read + n]);
+            this.read += n;
+            if this.read == this.head.len() {
+                this.head = Vec::new();
+                this.read = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Rewind {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

@@ -477,6 +477,41 @@ async fn a_connection_that_never_finishes_its_request_head_is_closed() {
     assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
 }
 
+/// The first request head is read before hyper takes over (into a small buffer, so that a slow
+/// client costs little): a head that arrives in pieces, a body sent with its head, and a request
+/// pipelined behind the first reach the router intact.
+#[tokio::test]
+async fn heads_in_pieces_bodies_sent_with_their_head_and_pipelined_requests_are_served() {
+    let app = TestApp::spawn_with(with(&["--header-read-timeout", "10s"])).await;
+    let mut pieces = connect_from(&app, "127.0.0.2").await;
+    pieces.set_nodelay(true).unwrap();
+    for piece in ["GET /hea", "lthz HTTP/1.1\r\nHo", "st: trellis\r\nConnection: close\r\n", "\r\n"] {
+        pieces.write_all(piece.as_bytes()).await.unwrap();
+        // Apart, as a slow client sends them (the test wants separate reads, not readiness).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let answer = String::from_utf8_lossy(&read_to_close(&mut pieces, Duration::from_secs(10)).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    let mut with_body = connect_from(&app, "127.0.0.2").await;
+    let body = r#"{"login":"nobody","password":"not-the-password-1"}"#;
+    let request = format!(
+        "POST /v1/sessions HTTP/1.1\r\nHost: trellis\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    with_body.write_all(request.as_bytes()).await.unwrap();
+    let answer = String::from_utf8_lossy(&read_to_close(&mut with_body, Duration::from_secs(10)).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 401"), "the body reached the handler whole: {answer}");
+
+    let mut pipelined = connect_from(&app, "127.0.0.2").await;
+    let two = "GET /healthz HTTP/1.1\r\nHost: trellis\r\n\r\nGET /healthz HTTP/1.1\r\nHost: trellis\r\n\
+               Connection: close\r\n\r\n";
+    pipelined.write_all(two.as_bytes()).await.unwrap();
+    let answer = String::from_utf8_lossy(&read_to_close(&mut pipelined, Duration::from_secs(10)).await).into_owned();
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+}
+
 #[tokio::test]
 async fn connections_beyond_the_per_address_cap_are_answered_503_and_others_are_served() {
     let app = TestApp::spawn_with(with(&["--max-connections-per-address", "2"])).await;
