@@ -101,6 +101,7 @@ impl TestApp {
                 args.extend([flag.to_owned(), value.to_owned()]);
             }
         }
+        args.extend(trellis_testkit::unlimited_stream_args());
         args.extend(options.args);
         let shutdown = CancellationToken::new();
         let (addr, admin_addr, running, process) = if options.process {

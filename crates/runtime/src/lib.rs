@@ -10,6 +10,7 @@ pub mod dlq;
 pub mod health;
 pub mod host;
 pub mod nats;
+pub mod nats_options;
 pub mod relay;
 pub mod shutdown;
 pub mod telemetry;

@@ -5,6 +5,7 @@
 
 mod batching;
 mod harness;
+mod nats_auth;
 mod pull;
 mod runner;
 mod shadow;
