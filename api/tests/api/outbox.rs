@@ -446,3 +446,33 @@ async fn republishing_a_window_resends_it_and_the_stream_keeps_one_copy_of_each_
         .unwrap();
     assert_eq!(published, 3);
 }
+
+#[tokio::test]
+async fn the_relay_exports_how_full_each_stream_is() {
+    let args = ["--events-stream-max-bytes", "1MiB", "--stream-poll-interval", "100ms"];
+    let app = TestApp::spawn_with(Options {
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        process: true,
+        ..Options::default()
+    })
+    .await;
+    for stream in ["EVENTS", "DLQ", "REPLAY", "ADVISORIES"] {
+        for name in ["trellis_stream_bytes", "trellis_stream_messages", "trellis_stream_limit_ratio"] {
+            let labels = format!("stream=\"{stream}\"");
+            assert!(app.labelled_metric(name, &labels).await.is_some(), "{name}{{{labels}}} from start-up");
+        }
+    }
+    app.register("alice").await;
+    app.wait_for_events("identity.user_registered", 1).await;
+    let (bytes, ratio) =
+        eventually("the EVENTS stream's gauges to count the event", Duration::from_secs(10), || async {
+            let bytes = app.labelled_metric("trellis_stream_bytes", "stream=\"EVENTS\"").await?;
+            let ratio = app.labelled_metric("trellis_stream_limit_ratio", "stream=\"EVENTS\"").await?;
+            let messages = app.labelled_metric("trellis_stream_messages", "stream=\"EVENTS\"").await?;
+            (messages >= 1.0).then_some((bytes, ratio))
+        })
+        .await;
+    assert!(bytes > 0.0 && (ratio - bytes / (1024.0 * 1024.0)).abs() < 1e-9, "bytes {bytes}, ratio {ratio}");
+    // Streams without a byte limit (the test's DLQ) report a ratio of 0.
+    assert_eq!(app.labelled_metric("trellis_stream_limit_ratio", "stream=\"DLQ\"").await, Some(0.0));
+}

@@ -13,5 +13,6 @@ pub mod nats;
 pub mod nats_options;
 pub mod relay;
 pub mod shutdown;
+pub mod stream_limits;
 pub mod telemetry;
 pub mod worker;

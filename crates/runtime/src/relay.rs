@@ -30,6 +30,8 @@ pub struct RelayConfig {
     pub retention: Duration,
     /// How often published events past retention are pruned.
     pub prune_interval: Duration,
+    /// How often the streams' fill levels are read (`stream_limits`).
+    pub stream_poll_interval: Duration,
 }
 
 impl Default for RelayConfig {
@@ -39,6 +41,7 @@ impl Default for RelayConfig {
             poll_interval: Duration::from_secs(1),
             retention: Duration::from_secs(72 * 3600),
             prune_interval: Duration::from_secs(60),
+            stream_poll_interval: crate::stream_limits::POLL_EVERY,
         }
     }
 }
@@ -63,10 +66,12 @@ impl Relay {
     /// `pool` should be the relay's own small pool (a bulkhead): HTTP requests never queue
     /// behind a batch that is waiting for JetStream.
     pub fn new(pool: PgPool, js: jetstream::Context, topology: Topology, config: RelayConfig) -> Self {
+        crate::stream_limits::register(&topology);
         Self { pool, js, topology, config }
     }
 
-    /// Runs until `shutdown`: relays, samples the backlog gauges and prunes.
+    /// Runs until `shutdown`: relays, samples the backlog gauges and the streams' fill levels
+    /// (`stream_limits`), and prunes.
     pub async fn run(self, shutdown: CancellationToken) {
         // Counters at zero from the start, so that rates and alerts see them before any event.
         metrics::counter!("trellis_outbox_published_total").increment(0);
@@ -74,8 +79,14 @@ impl Relay {
         metrics::counter!("trellis_outbox_pruned_total").increment(0);
         let sampler = tokio::spawn(sample_backlog(self.pool.clone(), shutdown.clone()));
         let pruner = tokio::spawn(prune_loop(self.pool.clone(), self.config.clone(), shutdown.clone()));
+        let streams = tokio::spawn(crate::stream_limits::run(
+            self.js.clone(),
+            self.topology.clone(),
+            self.config.stream_poll_interval,
+            shutdown.clone(),
+        ));
         self.relay_loop(&shutdown).await;
-        let _ = tokio::join!(sampler, pruner);
+        let _ = tokio::join!(sampler, pruner, streams);
     }
 
     async fn relay_loop(&self, shutdown: &CancellationToken) {

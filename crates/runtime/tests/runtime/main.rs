@@ -9,3 +9,4 @@ mod nats_auth;
 mod pull;
 mod runner;
 mod shadow;
+mod streams;
