@@ -476,3 +476,37 @@ async fn the_relay_exports_how_full_each_stream_is() {
     // Streams without a byte limit (the test's DLQ) report a ratio of 0.
     assert_eq!(app.labelled_metric("trellis_stream_limit_ratio", "stream=\"DLQ\"").await, Some(0.0));
 }
+
+/// The API as deployed once every processor runs in its worker: logged in to NATS as
+/// `trellis-api` of `deploy/nats/auth.conf` (publish `events.>`, declare the streams, no
+/// consumer), its relay publishes what a request wrote.
+#[tokio::test]
+async fn the_relay_publishes_as_the_apis_own_nats_user() {
+    use trellis_domain::flags::{Executor, Flag};
+    let nats = PrivateNats::deployed().expect("a nats-server with the deployed permissions");
+    let db = TestDb::migrated().await.unwrap();
+    for flag in Flag::ALL {
+        let change = trellis_store::cutover::flags::Change {
+            flag,
+            value: Executor::Worker,
+            actor: "test",
+            reason: "the API runs no processor",
+            forced: false,
+        };
+        trellis_store::cutover::flags::set(&db.pool, &change).await.expect("setting the flag");
+    }
+    let args = ["--nats-user", "trellis-api", "--nats-password", "api-nats-pw"];
+    let options = Options {
+        nats_url: Some(nats.url()),
+        process: true,
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        ..Options::default()
+    };
+    let app = TestApp::start_on(db, String::new(), options).await;
+    wait_for_readiness(&app, "ready", Duration::from_secs(10)).await;
+    app.register("alice").await;
+    app.wait_all_published(Duration::from_secs(10)).await;
+    let operator = trellis_testkit::probe::connect(&nats.url_as("trellisctl", "ctl-nats-pw")).await;
+    let mut events = operator.get_stream("EVENTS").await.expect("the API declared the stream");
+    assert!(events.info().await.unwrap().state.messages >= 1, "the registration's event is in EVENTS");
+}

@@ -516,6 +516,61 @@ mod tests {
 }
 
 #[cfg(test)]
+mod settings_tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        streams: StreamArgs,
+    }
+
+    #[test]
+    fn sizes_parse_with_units_and_unlimited_and_bad_ones_say_why() {
+        assert_eq!(parse_bytes("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("unlimited"), Ok(-1));
+        assert!(parse_bytes("0").unwrap_err().contains("refuse every message"));
+        assert!(parse_bytes("10 parsecs").unwrap_err().contains("unknown size unit"));
+        assert!(parse_bytes("lots").unwrap_err().contains("is not a size"));
+    }
+
+    #[test]
+    fn the_defaults_are_one_replica_and_the_documented_limits() {
+        let settings = Flags::try_parse_from(["t"]).unwrap().streams.settings();
+        assert_eq!(
+            settings,
+            StreamSettings {
+                replicas: 1,
+                events_max_bytes: 10 << 30,
+                dlq_max_bytes: 1 << 30,
+                replay_max_bytes: 1 << 30,
+                advisories_max_bytes: 256 << 20,
+            }
+        );
+        let three =
+            Flags::try_parse_from(["t", "--stream-replicas", "3", "--events-stream-max-bytes", "1GiB"]).unwrap();
+        assert_eq!((three.streams.settings().replicas, three.streams.settings().events_max_bytes), (3, 1 << 30));
+        assert!(Flags::try_parse_from(["t", "--stream-replicas", "0"]).is_err());
+        let topology = Topology::new("").unwrap().with_streams(three.streams.settings());
+        let configs = topology.stream_configs();
+        assert_eq!(
+            configs.iter().map(|c| (c.num_replicas, c.discard)).collect::<Vec<_>>(),
+            [
+                (3, stream::DiscardPolicy::New),
+                (3, stream::DiscardPolicy::New),
+                (3, stream::DiscardPolicy::New),
+                (3, stream::DiscardPolicy::Old)
+            ]
+        );
+    }
+}
+
+#[cfg(test)]
 mod credential_tests {
     use super::*;
 

@@ -212,6 +212,17 @@ pub fn with_database(url: &str, name: &str) -> String {
     out
 }
 
+/// The passwords of `deploy/nats/auth.conf`'s users on [`PrivateNats::deployed`]: (the server's
+/// variable, the password). The user is the variable's middle part in lower case with `-`.
+pub const DEPLOYED_NATS_PASSWORDS: [(&str, &str); 6] = [
+    ("TRELLIS_API_NATS_PASSWORD", "api-nats-pw"),
+    ("TRELLIS_API_MONOLITH_NATS_PASSWORD", "monolith-nats-pw"),
+    ("TRELLIS_SEARCH_PROJECTOR_NATS_PASSWORD", "projector-nats-pw"),
+    ("TRELLIS_SCORE_ORCHESTRATOR_NATS_PASSWORD", "orchestrator-nats-pw"),
+    ("TRELLIS_DISPUTE_PROCESSOR_NATS_PASSWORD", "disputes-nats-pw"),
+    ("TRELLISCTL_NATS_PASSWORD", "ctl-nats-pw"),
+];
+
 /// A nats-server with JetStream of the test's own, on a loopback port it picks (and reports in
 /// its log) when it first starts.
 pub struct PrivateNats {
@@ -271,6 +282,17 @@ impl PrivateNats {
         nats.env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         nats.restart()?;
         Ok(nats)
+    }
+
+    /// A server with the production users and permissions (`deploy/nats/auth.conf`), their
+    /// passwords [`DEPLOYED_NATS_PASSWORDS`], no TLS. Subjects have no prefix there: use an empty
+    /// prefix on it.
+    pub fn deployed() -> anyhow::Result<Self> {
+        let auth = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nats/auth.conf");
+        Self::configured("include \"auth.conf\"\n", &DEPLOYED_NATS_PASSWORDS, |dir| {
+            std::fs::copy(&auth, dir.join("auth.conf")).with_context(|| format!("copying {}", auth.display()))?;
+            Ok(())
+        })
     }
 
     /// The server's URL with `user` and `password` in it.

@@ -218,25 +218,9 @@ async fn tls_needs_the_ca_a_client_certificate_and_the_servers_name() {
     .await;
 }
 
-/// The passwords of `deploy/nats/auth.conf`'s users, in the server's environment.
-const PASSWORDS: [(&str, &str); 6] = [
-    ("TRELLIS_API_NATS_PASSWORD", "api-nats-pw"),
-    ("TRELLIS_API_MONOLITH_NATS_PASSWORD", "monolith-nats-pw"),
-    ("TRELLIS_SEARCH_PROJECTOR_NATS_PASSWORD", "projector-nats-pw"),
-    ("TRELLIS_SCORE_ORCHESTRATOR_NATS_PASSWORD", "orchestrator-nats-pw"),
-    ("TRELLIS_DISPUTE_PROCESSOR_NATS_PASSWORD", "disputes-nats-pw"),
-    ("TRELLISCTL_NATS_PASSWORD", "ctl-nats-pw"),
-];
-
-fn deployed_permissions(dir: &Path) -> anyhow::Result<()> {
-    let auth = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nats/auth.conf");
-    std::fs::copy(auth, dir.join("auth.conf"))?;
-    Ok(())
-}
-
 #[tokio::test]
 async fn each_process_may_do_its_job_and_nothing_else() {
-    let server = PrivateNats::configured("include \"auth.conf\"\n", &PASSWORDS, deployed_permissions).unwrap();
+    let server = PrivateNats::deployed().unwrap();
     let url = format!("nats://127.0.0.1:{}", server.port);
     // trellisctl, the operator, declares the streams and reads everything.
     let env = Env::on_prefixed(&server.url_as("trellisctl", "ctl-nats-pw"), "").await;
@@ -295,4 +279,20 @@ async fn each_process_may_do_its_job_and_nothing_else() {
         env.js.get_stream("EVENTS").await.expect("the stream is still there").info().await.unwrap().state.messages;
     assert_eq!(before, after, "the stream holds what it held");
     drop(worker);
+}
+
+#[tokio::test]
+async fn a_worker_with_a_missing_creds_file_or_two_ways_of_logging_in_exits_naming_the_option() {
+    let db = trellis_testkit::TestDb::migrated().await.unwrap();
+    let url = trellis_testkit::nats_url();
+    let mut missing = probe::worker(&db.url, &url, "", &[]).env("NATS_CREDS", "/nonexistent/worker.creds").spawn();
+    assert_eq!(missing.wait_exit(Duration::from_secs(10)).await, Some(1), "{}", missing.log_text());
+    assert!(missing.log_text().contains("cannot read NATS_CREDS /nonexistent/worker.creds"), "{}", missing.log_text());
+
+    let with_password = url.replace("nats://", "nats://someone:url-pw-93@");
+    let mut both = probe::worker(&db.url, &with_password, "", &[]).env("NATS_TOKEN", "token-pw-94").spawn();
+    assert_eq!(both.wait_exit(Duration::from_secs(10)).await, Some(1), "{}", both.log_text());
+    let log = both.log_text();
+    assert!(log.contains("conflicting NATS credentials"), "{log}");
+    assert!(!log.contains("url-pw-93") && !log.contains("token-pw-94"), "{log}");
 }
