@@ -51,10 +51,10 @@ pub async fn poll(js: &jetstream::Context, topology: &Topology) -> anyhow::Resul
         };
         match info {
             Ok((bytes, messages, max_bytes)) => {
-                metrics::gauge!(STREAM_BYTES, "stream" => label).set(bytes as f64);
-                metrics::gauge!(STREAM_MESSAGES, "stream" => label).set(messages as f64);
                 let ratio = if max_bytes > 0 { bytes as f64 / max_bytes as f64 } else { 0.0 };
+                metrics::gauge!(STREAM_BYTES, "stream" => label).set(bytes as f64);
                 metrics::gauge!(STREAM_LIMIT_RATIO, "stream" => label).set(ratio);
+                metrics::gauge!(STREAM_MESSAGES, "stream" => label).set(messages as f64);
             }
             Err(e) => failed = Some(anyhow::anyhow!("reading stream {name}: {e}")),
         }
