@@ -511,3 +511,35 @@ async fn the_relay_publishes_as_the_apis_own_nats_user() {
     let mut events = operator.get_stream("EVENTS").await.expect("the API declared the stream");
     assert!(events.info().await.unwrap().state.messages >= 1, "the registration's event is in EVENTS");
 }
+
+/// A full `EVENTS` stream (discard `new`) refuses the relay's publishes; the events wait in the
+/// outbox, and nothing the stream held is dropped, on nats-server 2.9 too (whose own check lets
+/// a stream near its limit drop its oldest messages: the relay checks the room itself).
+#[tokio::test]
+async fn a_full_events_stream_keeps_the_rest_in_the_outbox_and_drops_nothing() {
+    const CIRCLES: usize = 60;
+    let args = ["--events-stream-max-bytes", "16KiB"];
+    let app = TestApp::spawn_with(Options {
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        process: true,
+        ..Options::default()
+    })
+    .await;
+    let alice = app.register("alice").await;
+    for i in 0..CIRCLES {
+        let r = app.post("/v1/me/circles", Some(&alice.token), json!({"name": format!("circle {i}")})).await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+    }
+    eventually("the relay to find the stream full", Duration::from_secs(15), || async {
+        (app.metric("trellis_outbox_relay_errors_total").await? > 0.0).then_some(())
+    })
+    .await;
+    let js = trellis_testkit::probe::connect(&app.nats_url).await;
+    let mut events = js.get_stream(format!("{}_EVENTS", app.prefix)).await.unwrap();
+    let state = events.info().await.unwrap().state.clone();
+    let waiting = app.unpublished().await;
+    assert!(waiting > 0, "some events wait in the outbox: {state:?}");
+    assert_eq!(state.first_sequence, 1, "the stream dropped nothing: {state:?}");
+    assert_eq!(state.messages as i64 + waiting, CIRCLES as i64 + 1, "every event is in the stream or the outbox");
+    assert!(state.bytes <= 16 * 1024, "{state:?}");
+}

@@ -141,7 +141,8 @@ impl Relay {
         let mut total = 0u64;
         let mut in_flight: Option<InFlight> = None;
         loop {
-            let next = match self.send_batch().await {
+            let unacknowledged = in_flight.as_ref().map_or(0, |b| b.bytes);
+            let next = match self.send_batch(unacknowledged).await {
                 Ok(next) => next,
                 Err(e) => {
                     if let Some(prev) = in_flight.take() {
@@ -177,8 +178,9 @@ impl Relay {
     }
 
     /// Claims and publishes one batch; returns what is still to be acknowledged and marked
-    /// (`None` when there was nothing to claim).
-    async fn send_batch(&self) -> Result<Option<InFlight>, RelayError> {
+    /// (`None` when there was nothing to claim). `unacknowledged`: the bytes of the batch still in
+    /// flight, which the stream may not count yet.
+    async fn send_batch(&self, unacknowledged: u64) -> Result<Option<InFlight>, RelayError> {
         let started = Instant::now();
         let mut tx = self.pool.begin().await?;
         let batch = outbox::claim(&mut tx, self.config.batch_size).await?;
@@ -186,21 +188,52 @@ impl Relay {
             tx.rollback().await?;
             return Ok(None);
         }
+        let mut room = self.events_room(unacknowledged).await;
         let mut acks = Vec::with_capacity(batch.len());
         let mut send_error = None;
+        let mut bytes = 0;
         for event in &batch {
+            let subject = self.topology.subject(&event.subject);
+            let size = stored_size(&subject, event.payload.len());
+            if let Some(room) = room.as_mut() {
+                if *room < size {
+                    // What is not sent stays unpublished in the outbox, for the next attempt.
+                    send_error = Some(format!(
+                        "the {} stream is full (max_bytes {}): publishing waits until it has room",
+                        self.topology.events_stream(),
+                        self.topology.streams().events_max_bytes
+                    ));
+                    break;
+                }
+                *room -= size;
+            }
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
-            let subject = self.topology.subject(&event.subject);
             match self.js.publish_with_headers(subject, headers, event.payload.clone().into()).await {
-                Ok(ack) => acks.push((event.seq, ack)),
+                Ok(ack) => {
+                    acks.push((event.seq, ack));
+                    bytes += size;
+                }
                 Err(e) => {
                     send_error = Some(e.to_string());
                     break;
                 }
             }
         }
-        Ok(Some(InFlight { tx, claimed: batch.len(), acks, send_error, started }))
+        Ok(Some(InFlight { tx, claimed: batch.len(), acks, send_error, started, bytes }))
+    }
+
+    /// The bytes the events stream still takes, when it has a byte limit (`None`: no limit, or
+    /// its state cannot be read now; then the server's own `discard: new` refusal decides).
+    ///
+    /// The relay does not rely on the server's refusal alone: nats-server 2.9 underestimates a
+    /// message's stored size in that check, so near the limit it stores the message and drops
+    /// the oldest instead (docs/ARCHITECTURE.md, "Outbox retention, `max_age` and what alerts first").
+    async fn events_room(&self, unacknowledged: u64) -> Option<u64> {
+        let max_bytes = u64::try_from(self.topology.streams().events_max_bytes).ok().filter(|m| *m > 0)?;
+        let mut stream = self.js.get_stream(self.topology.events_stream()).await.ok()?;
+        let stored = stream.info().await.ok()?.state.bytes;
+        Some(max_bytes.saturating_sub(stored).saturating_sub(unacknowledged))
     }
 
     /// Waits for a batch's acknowledgements and marks exactly the acknowledged events published.
@@ -237,6 +270,14 @@ struct InFlight {
     acks: Vec<(i64, async_nats::jetstream::context::PublishAckFuture)>,
     send_error: Option<String>,
     started: Instant,
+    /// What its published events take in the stream ([`stored_size`]).
+    bytes: u64,
+}
+
+/// What an event takes in a file-backed stream, over-estimated: its subject and payload, the
+/// `Nats-Msg-Id` header and the store's record overhead.
+fn stored_size(subject: &str, payload: usize) -> u64 {
+    (subject.len() + payload + 128) as u64
 }
 
 /// The next notification of a LISTEN connection; never, without one (so that polling decides).
