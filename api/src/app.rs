@@ -243,6 +243,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         let relay_config = RelayConfig {
             batch_size: config.relay_batch_size,
             retention: config.outbox_retention,
+            stream_poll_interval: config.stream_poll_interval,
             ..RelayConfig::default()
         };
         let relay = Relay::new(relay_pool, host.ctx().js.clone(), host.ctx().topology.clone(), relay_config);

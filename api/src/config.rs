@@ -172,6 +172,10 @@ pub struct Config {
     #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 2000)]
     pub relay_batch_size: i64,
 
+    /// How often the relay reads the streams' fill levels (`trellis_stream_*` metrics).
+    #[arg(long, env = "STREAM_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = "15s")]
+    pub stream_poll_interval: Duration,
+
     /// How long published outbox events are kept (for republishing) before pruning.
     #[arg(long, env = "OUTBOX_RETENTION", value_parser = humantime::parse_duration, default_value = "72h")]
     pub outbox_retention: Duration,

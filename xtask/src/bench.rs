@@ -12,6 +12,15 @@ use crate::flags;
 use crate::services::Stack;
 use crate::util;
 
+/// The benchmarks' processes declare their streams without byte limits: nats-server reserves
+/// each stream's `max_bytes` against its whole store, and every benchmark has a prefix of its own.
+const UNLIMITED_STREAMS: [(&str, &str); 4] = [
+    ("TRELLIS_EVENTS_STREAM_MAX_BYTES", "unlimited"),
+    ("TRELLIS_DLQ_STREAM_MAX_BYTES", "unlimited"),
+    ("TRELLIS_REPLAY_STREAM_MAX_BYTES", "unlimited"),
+    ("TRELLIS_ADVISORIES_STREAM_MAX_BYTES", "unlimited"),
+];
+
 pub fn run(flags: &flags::Bench) -> anyhow::Result<()> {
     match suite(&flags.suite) {
         Some(run) => run(flags),
@@ -127,6 +136,7 @@ impl Api {
         let mut cmd = Command::new(release_bin("trellis-api"));
         cmd.env("DATABASE_URL", &db.url)
             .env("NATS_URL", &stack.nats_url)
+            .envs(UNLIMITED_STREAMS)
             .env("NATS_PREFIX", prefix)
             .env("API_ADDR", "127.0.0.1:0")
             .env("LOG_FORMAT", "json")
@@ -178,6 +188,7 @@ impl Worker {
         let mut cmd = Command::new(release_bin(name));
         cmd.env("DATABASE_URL", &db.url)
             .env("NATS_URL", &stack.nats_url)
+            .envs(UNLIMITED_STREAMS)
             .env("NATS_PREFIX", prefix)
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "warn")
@@ -512,6 +523,7 @@ fn score(flags: &flags::Bench) -> anyhow::Result<()> {
             .arg("--run-once")
             .env("DATABASE_URL", &db.url)
             .env("NATS_URL", &stack.nats_url)
+            .envs(UNLIMITED_STREAMS)
             .env("NATS_PREFIX", format!("bench{}score", std::process::id()))
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
@@ -614,6 +626,7 @@ fn search(flags: &flags::Bench) -> anyhow::Result<()> {
             .arg("--run-once")
             .env("DATABASE_URL", &db.url)
             .env("NATS_URL", &stack.nats_url)
+            .envs(UNLIMITED_STREAMS)
             .env("NATS_PREFIX", format!("bench{}search", std::process::id()))
             .stdout(std::process::Stdio::null())
             .status()?;

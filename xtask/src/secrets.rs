@@ -16,7 +16,8 @@ pub struct Known {
 
 /// The passwords the test code sends or sets: those listed here, and every password literal
 /// the workspace's Rust sources hold (`"password": "…"`, `"current_password": "…"`,
-/// `…PASSWORD: &str = "…"`), so that a new test password is scanned for without being listed.
+/// `…PASSWORD: &str = "…"`, `("…_NATS_PASSWORD", "…")`), so that a new test password is
+/// scanned for without being listed.
 pub fn test_passwords(root: &Path) -> anyhow::Result<Vec<Known>> {
     let mut known: Vec<Known> = [
         // "correct horse battery staple" and the unit tests' "correct horse battery".
@@ -52,8 +53,14 @@ pub fn test_passwords(root: &Path) -> anyhow::Result<Vec<Known>> {
 /// The password literals of a Rust source: long enough to be a valid password (10
 /// characters); shorter ones are refused by the API before anything could log them.
 fn password_literals(text: &str) -> Vec<String> {
-    const MARKERS: [&str; 4] =
-        ["\"password\": \"", "\"current_password\": \"", "PASSWORD: &str = \"", "\"password\":\""];
+    // The last: testkit's DEPLOYED_NATS_PASSWORDS, `("TRELLIS_API_NATS_PASSWORD", "…")`.
+    const MARKERS: [&str; 5] = [
+        "\"password\": \"",
+        "\"current_password\": \"",
+        "PASSWORD: &str = \"",
+        "\"password\":\"",
+        "_NATS_PASSWORD\", \"",
+    ];
     let mut found = Vec::new();
     for marker in MARKERS {
         for (at, _) in text.match_indices(marker) {

@@ -660,6 +660,7 @@ async fn the_api_raises_its_soft_limit_of_open_files_to_the_hard_limit() {
     let mut child = std::process::Command::new("sh")
         .args(["-c", "ulimit -Sn 512 && exec \"$0\"", env!("CARGO_BIN_EXE_trellis-api")])
         .env("DATABASE_URL", &db.url)
+        .envs(trellis_testkit::UNLIMITED_STREAMS)
         .env("NATS_URL", trellis_testkit::nats_url())
         .env("NATS_PREFIX", trellis_testkit::nats_prefix())
         .env("API_ADDR", "127.0.0.1:0")

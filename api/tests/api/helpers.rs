@@ -101,6 +101,11 @@ impl TestApp {
                 args.extend([flag.to_owned(), value.to_owned()]);
             }
         }
+        for pair in trellis_testkit::unlimited_stream_args().chunks(2) {
+            if !options.args.iter().any(|a| *a == pair[0]) {
+                args.extend(pair.iter().cloned());
+            }
+        }
         args.extend(options.args);
         let shutdown = CancellationToken::new();
         let (addr, admin_addr, running, process) = if options.process {

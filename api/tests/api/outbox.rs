@@ -446,3 +446,100 @@ async fn republishing_a_window_resends_it_and_the_stream_keeps_one_copy_of_each_
         .unwrap();
     assert_eq!(published, 3);
 }
+
+#[tokio::test]
+async fn the_relay_exports_how_full_each_stream_is() {
+    let args = ["--events-stream-max-bytes", "1MiB", "--stream-poll-interval", "100ms"];
+    let app = TestApp::spawn_with(Options {
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        process: true,
+        ..Options::default()
+    })
+    .await;
+    for stream in ["EVENTS", "DLQ", "REPLAY", "ADVISORIES"] {
+        for name in ["trellis_stream_stored_bytes", "trellis_stream_stored_messages", "trellis_stream_limit_ratio"] {
+            let labels = format!("stream=\"{stream}\"");
+            assert!(app.labelled_metric(name, &labels).await.is_some(), "{name}{{{labels}}} from start-up");
+        }
+    }
+    app.register("alice").await;
+    app.wait_for_events("identity.user_registered", 1).await;
+    let (bytes, ratio) =
+        eventually("the EVENTS stream's gauges to count the event", Duration::from_secs(10), || async {
+            // One scrape: the three gauges of one poll.
+            let (_, text) = app.admin_get("/metrics").await;
+            let gauge = |name: &str| trellis_testkit::metrics::series(&text, &format!("{name}{{stream=\"EVENTS\"}}"));
+            let (bytes, ratio) = (gauge("trellis_stream_stored_bytes")?, gauge("trellis_stream_limit_ratio")?);
+            (gauge("trellis_stream_stored_messages")? >= 1.0).then_some((bytes, ratio))
+        })
+        .await;
+    assert!(bytes > 0.0 && (ratio - bytes / (1024.0 * 1024.0)).abs() < 1e-9, "bytes {bytes}, ratio {ratio}");
+    // Streams without a byte limit (the test's DLQ) report a ratio of 0.
+    assert_eq!(app.labelled_metric("trellis_stream_limit_ratio", "stream=\"DLQ\"").await, Some(0.0));
+}
+
+/// The API as deployed once every processor runs in its worker: logged in to NATS as
+/// `trellis-api` of `deploy/nats/auth.conf` (publish `events.>`, declare the streams, no
+/// consumer), its relay publishes what a request wrote.
+#[tokio::test]
+async fn the_relay_publishes_as_the_apis_own_nats_user() {
+    use trellis_domain::flags::{Executor, Flag};
+    let nats = PrivateNats::deployed().expect("a nats-server with the deployed permissions");
+    let db = TestDb::migrated().await.unwrap();
+    for flag in Flag::ALL {
+        let change = trellis_store::cutover::flags::Change {
+            flag,
+            value: Executor::Worker,
+            actor: "test",
+            reason: "the API runs no processor",
+            forced: false,
+        };
+        trellis_store::cutover::flags::set(&db.pool, &change).await.expect("setting the flag");
+    }
+    let args = ["--nats-user", "trellis-api", "--nats-password", "api-nats-pw"];
+    let options = Options {
+        nats_url: Some(nats.url()),
+        process: true,
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        ..Options::default()
+    };
+    let app = TestApp::start_on(db, String::new(), options).await;
+    wait_for_readiness(&app, "ready", Duration::from_secs(10)).await;
+    app.register("alice").await;
+    app.wait_all_published(Duration::from_secs(10)).await;
+    let operator = trellis_testkit::probe::connect(&nats.url_as("trellisctl", "ctl-nats-pw")).await;
+    let mut events = operator.get_stream("EVENTS").await.expect("the API declared the stream");
+    assert!(events.info().await.unwrap().state.messages >= 1, "the registration's event is in EVENTS");
+}
+
+/// A full `EVENTS` stream (discard `new`) refuses the relay's publishes; the events wait in the
+/// outbox, and nothing the stream held is dropped, on nats-server 2.9 too (whose own check lets
+/// a stream near its limit drop its oldest messages: the relay checks the room itself).
+#[tokio::test]
+async fn a_full_events_stream_keeps_the_rest_in_the_outbox_and_drops_nothing() {
+    const CIRCLES: usize = 60;
+    let args = ["--events-stream-max-bytes", "16KiB"];
+    let app = TestApp::spawn_with(Options {
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        process: true,
+        ..Options::default()
+    })
+    .await;
+    let alice = app.register("alice").await;
+    for i in 0..CIRCLES {
+        let r = app.post("/v1/me/circles", Some(&alice.token), json!({"name": format!("circle {i}")})).await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+    }
+    eventually("the relay to find the stream full", Duration::from_secs(15), || async {
+        (app.metric("trellis_outbox_relay_errors_total").await? > 0.0).then_some(())
+    })
+    .await;
+    let js = trellis_testkit::probe::connect(&app.nats_url).await;
+    let mut events = js.get_stream(format!("{}_EVENTS", app.prefix)).await.unwrap();
+    let state = events.info().await.unwrap().state.clone();
+    let waiting = app.unpublished().await;
+    assert!(waiting > 0, "some events wait in the outbox: {state:?}");
+    assert_eq!(state.first_sequence, 1, "the stream dropped nothing: {state:?}");
+    assert_eq!(state.messages as i64 + waiting, CIRCLES as i64 + 1, "every event is in the stream or the outbox");
+    assert!(state.bytes <= 16 * 1024, "{state:?}");
+}

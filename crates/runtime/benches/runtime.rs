@@ -61,7 +61,12 @@ async fn main() -> anyhow::Result<()> {
     let nats_url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let prefix = format!("benchrt{}", std::process::id());
     let topology = Topology::new(&prefix)?;
-    let client = nats::connect(&nats_url.parse()?, "runtime-bench", Duration::from_secs(10)).await?;
+    let client = nats::connect(
+        &trellis_runtime::nats_options::NatsOptions::from_url(&nats_url),
+        "runtime-bench",
+        Duration::from_secs(10),
+    )
+    .await?;
     let js = nats::jetstream(client.clone(), Duration::from_secs(30));
     nats::ensure_streams(&js, &topology).await?;
 

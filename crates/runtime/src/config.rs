@@ -165,15 +165,18 @@ pub struct CommonArgs {
     )]
     pub database_url: SecretUrl,
 
-    /// NATS server URL (or a comma-separated list). Credentials in it (`user:password@`,
-    /// `token@`) are handed to the client as credentials, never as part of an address.
-    #[arg(long, env = "NATS_URL", hide_env_values = true, default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: SecretUrl,
+    /// How to reach and log in to NATS: `NATS_URL`, credentials, TLS.
+    #[command(flatten)]
+    pub nats: crate::nats_options::NatsOptions,
 
     /// Prefix for every stream, subject and consumer name, so that tenants (tests, staging)
     /// can share one NATS server in isolation. Letters, digits, `-` and `_`; empty by default.
     #[arg(long, env = "NATS_PREFIX", default_value = "")]
     pub nats_prefix: String,
+
+    /// Stream replicas and byte limits.
+    #[command(flatten)]
+    pub streams: crate::nats::StreamArgs,
 
     /// Address of the admin listener (`/healthz`, `/readyz`, `/metrics`). Port 0 lets the
     /// system pick a free port; `--addr-file` tells which.

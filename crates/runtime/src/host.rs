@@ -128,11 +128,11 @@ impl Host {
     /// `shutdown` starts the shutdown ([`Self::run`]); a fatal error cancels it too.
     pub async fn start(config: HostConfig, shutdown: CancellationToken) -> anyhow::Result<Self> {
         let common = &config.common;
-        let topology = Topology::new(&common.nats_prefix)?;
+        let topology = Topology::new(&common.nats_prefix)?.with_streams(common.streams.settings());
         let metrics = crate::telemetry::install_metrics();
         crate::instrument::register();
         let pool = Self::connect_pool(common, config.pool_name, config.pool_size, common.batch_timeout)?;
-        let client = nats::connect(&common.nats_url, config.name, common.io_timeout).await?;
+        let client = nats::connect(&common.nats, config.name, common.io_timeout).await?;
         let js = nats::jetstream(client.clone(), common.io_timeout);
         let health = Health::new();
         health.add("database", Severity::Critical, health::database_check(pool.clone()));
@@ -397,7 +397,7 @@ async fn declare_streams(ctx: &RunnerContext, stop: &CancellationToken) -> Resul
     loop {
         match nats::ensure_streams(&ctx.js, &ctx.topology).await {
             Ok(()) => return Ok(()),
-            Err(e @ TopologyError::Mismatch { .. }) => return Err(e),
+            Err(e) if e.is_permanent() => return Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, "declaring JetStream streams failed; retrying");
                 tokio::select! {

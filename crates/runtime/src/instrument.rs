@@ -34,6 +34,9 @@ pub mod name {
     pub const CUTOVER_FLAG_STATE: &str = "trellis_cutover_flag_state";
     pub const SHADOW_COMPARISONS_TOTAL: &str = "trellis_shadow_comparisons_total";
     pub const BUILD_BINARY_SIZE_BYTES: &str = "trellis_build_binary_size_bytes";
+    pub const STREAM_STORED_BYTES: &str = "trellis_stream_stored_bytes";
+    pub const STREAM_STORED_MESSAGES: &str = "trellis_stream_stored_messages";
+    pub const STREAM_LIMIT_RATIO: &str = "trellis_stream_limit_ratio";
 }
 
 /// Every name in [`name`].
@@ -55,6 +58,9 @@ pub const NAMES: &[&str] = &[
     name::CUTOVER_FLAG_STATE,
     name::SHADOW_COMPARISONS_TOTAL,
     name::BUILD_BINARY_SIZE_BYTES,
+    name::STREAM_STORED_BYTES,
+    name::STREAM_STORED_MESSAGES,
+    name::STREAM_LIMIT_RATIO,
 ];
 
 /// The units a name may end in: `total` for counters (of events), a physical unit for times and
@@ -111,6 +117,35 @@ pub fn register_relay() {
     metrics::counter!(name::OUTBOX_PUBLISHED_TOTAL).increment(0);
     metrics::counter!(name::OUTBOX_RELAY_ERRORS_TOTAL).increment(0);
     metrics::counter!(name::OUTBOX_PRUNED_TOTAL).increment(0);
+}
+
+/// Exports the fill level of each stream (by its base name, the `stream` label) at zero (the
+/// process that polls them calls it).
+pub fn register_streams(streams: &[&'static str]) {
+    for &stream in streams {
+        metrics::gauge!(name::STREAM_STORED_BYTES, "stream" => stream).set(0.0);
+        metrics::gauge!(name::STREAM_STORED_MESSAGES, "stream" => stream).set(0.0);
+        metrics::gauge!(name::STREAM_LIMIT_RATIO, "stream" => stream).set(0.0);
+    }
+}
+
+/// A stream's state as last read: what it stores, and its byte limit (0: none).
+pub struct StreamSampled {
+    pub stream: &'static str,
+    pub bytes: u64,
+    pub messages: u64,
+    pub max_bytes: i64,
+}
+
+impl StreamSampled {
+    pub fn emit(self) {
+        let ratio = if self.max_bytes > 0 { self.bytes as f64 / self.max_bytes as f64 } else { 0.0 };
+        tracing::trace!(stream = self.stream, bytes = self.bytes, messages = self.messages, ratio, "stream sampled");
+        metrics::gauge!(name::STREAM_STORED_BYTES, "stream" => self.stream).set(self.bytes as f64);
+        metrics::gauge!(name::STREAM_LIMIT_RATIO, "stream" => self.stream).set(ratio);
+        // Last: a reader that sees the new count sees the new size and ratio too.
+        metrics::gauge!(name::STREAM_STORED_MESSAGES, "stream" => self.stream).set(self.messages as f64);
+    }
 }
 
 /// What became of one message of a consumer group (the `outcome` label).

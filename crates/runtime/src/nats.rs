@@ -3,14 +3,109 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::context::{CreateStreamError, CreateStreamErrorKind, GetStreamErrorKind};
 use async_nats::jetstream::{self, stream};
 
 use crate::config::{Secret, SecretUrl};
+use crate::nats_options::{Auth, NatsOptions};
 
-/// Stream, subject and consumer names under one deployment prefix.
+/// Stream, subject and consumer names under one deployment prefix, and the streams' sizing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     prefix: String,
+    streams: StreamSettings,
+}
+
+/// Replicas and byte limits of the streams (docs/ARCHITECTURE.md, "JetStream topology").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamSettings {
+    /// Replicas of every stream; consumers inherit it.
+    pub replicas: usize,
+    /// `max_bytes` of each stream; -1: unlimited.
+    pub events_max_bytes: i64,
+    pub dlq_max_bytes: i64,
+    pub replay_max_bytes: i64,
+    pub advisories_max_bytes: i64,
+}
+
+impl StreamSettings {
+    /// One replica and no byte limit: what [`Topology::new`] declares (tests, tools). nats-server
+    /// reserves a stream's `max_bytes` against its whole store when the stream is created, so a
+    /// server shared by many prefixes runs out of reservations long before it runs out of disk.
+    pub const UNLIMITED: Self =
+        Self { replicas: 1, events_max_bytes: -1, dlq_max_bytes: -1, replay_max_bytes: -1, advisories_max_bytes: -1 };
+}
+
+/// Replicas and byte limits of the streams, as flags (every long-running binary declares them).
+#[derive(Debug, Clone, clap::Args)]
+pub struct StreamArgs {
+    /// Replicas of every stream (1 on a single server; 3 on a three-node JetStream cluster).
+    /// Consumers inherit it. Asking for more replicas than the cluster has servers is an error.
+    #[arg(long, env = "TRELLIS_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub stream_replicas: u8,
+    /// `max_bytes` of the EVENTS stream (`10GiB`, `512MiB`, bytes, or `unlimited`). When full, a
+    /// publish is refused (discard `new`): the outbox keeps the events and retries.
+    #[arg(long, env = "TRELLIS_EVENTS_STREAM_MAX_BYTES", default_value = "10GiB", value_parser = parse_bytes)]
+    pub events_stream_max_bytes: i64,
+    /// `max_bytes` of the DLQ stream. When full, a dead letter is refused (discard `new`): its
+    /// original is not terminated and stays in its consumer.
+    #[arg(long, env = "TRELLIS_DLQ_STREAM_MAX_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
+    pub dlq_stream_max_bytes: i64,
+    /// `max_bytes` of the REPLAY stream. When full, `trellisctl dlq replay` is refused (discard
+    /// `new`) and says so; the dead letters stay in the DLQ.
+    #[arg(long, env = "TRELLIS_REPLAY_STREAM_MAX_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
+    pub replay_stream_max_bytes: i64,
+    /// `max_bytes` of the ADVISORIES stream. When full, the oldest advisories go (discard `old`):
+    /// the safety net has handled them long before.
+    #[arg(long, env = "TRELLIS_ADVISORIES_STREAM_MAX_BYTES", default_value = "256MiB", value_parser = parse_bytes)]
+    pub advisories_stream_max_bytes: i64,
+}
+
+impl StreamArgs {
+    pub fn settings(&self) -> StreamSettings {
+        StreamSettings {
+            replicas: usize::from(self.stream_replicas),
+            events_max_bytes: self.events_stream_max_bytes,
+            dlq_max_bytes: self.dlq_stream_max_bytes,
+            replay_max_bytes: self.replay_stream_max_bytes,
+            advisories_max_bytes: self.advisories_stream_max_bytes,
+        }
+    }
+}
+
+/// A byte size: a number of bytes, or one with a unit (`KiB`, `MiB`, `GiB`, `TiB`; `KB`, `MB`,
+/// `GB`, `TB` are powers of 1000), or `unlimited` (-1).
+pub fn parse_bytes(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("unlimited") || t == "-1" {
+        return Ok(-1);
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: i64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size: write e.g. 10GiB, 512MiB, 1048576 or unlimited"))?;
+    let factor: i64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {text:?}: use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"
+            ));
+        }
+    };
+    let bytes = number.checked_mul(factor).ok_or_else(|| format!("{text:?} is too large"))?;
+    if bytes == 0 {
+        return Err("a stream's max_bytes of 0 would refuse every message: give a size or `unlimited`".into());
+    }
+    Ok(bytes)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +117,16 @@ impl Topology {
         if !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
             return Err(InvalidPrefix(prefix.to_owned()));
         }
-        Ok(Self { prefix: prefix.to_owned() })
+        Ok(Self { prefix: prefix.to_owned(), streams: StreamSettings::UNLIMITED })
+    }
+
+    /// This topology with the streams sized as `streams` says.
+    pub fn with_streams(self, streams: StreamSettings) -> Self {
+        Self { streams, ..self }
+    }
+
+    pub fn streams(&self) -> &StreamSettings {
+        &self.streams
     }
 
     pub fn prefix(&self) -> &str {
@@ -75,6 +179,11 @@ impl Topology {
                 storage: stream::StorageType::File,
                 max_age: Duration::from_secs(7 * 24 * 3600),
                 duplicate_window: Duration::from_secs(120),
+                // Full: a publish is refused and the outbox retries, rather than an event a
+                // consumer has not read yet disappearing.
+                discard: stream::DiscardPolicy::New,
+                max_bytes: self.streams.events_max_bytes,
+                num_replicas: self.streams.replicas,
                 ..Default::default()
             },
             stream::Config {
@@ -85,6 +194,10 @@ impl Topology {
                 storage: stream::StorageType::File,
                 max_age: Duration::from_secs(90 * 24 * 3600),
                 duplicate_window: Duration::from_secs(120),
+                // Full: a dead letter is refused and its original stays in its consumer.
+                discard: stream::DiscardPolicy::New,
+                max_bytes: self.streams.dlq_max_bytes,
+                num_replicas: self.streams.replicas,
                 ..Default::default()
             },
             stream::Config {
@@ -95,6 +208,9 @@ impl Topology {
                 storage: stream::StorageType::File,
                 max_age: Duration::from_secs(14 * 24 * 3600),
                 duplicate_window: Duration::from_secs(120),
+                discard: stream::DiscardPolicy::New,
+                max_bytes: self.streams.replay_max_bytes,
+                num_replicas: self.streams.replicas,
                 ..Default::default()
             },
             stream::Config {
@@ -110,19 +226,28 @@ impl Topology {
                 storage: stream::StorageType::File,
                 max_age: Duration::from_secs(7 * 24 * 3600),
                 duplicate_window: Duration::from_secs(120),
+                // Full: the oldest advisories go; the safety net handled them long before.
+                discard: stream::DiscardPolicy::Old,
+                max_bytes: self.streams.advisories_max_bytes,
+                num_replicas: self.streams.replicas,
                 ..Default::default()
             },
         ]
     }
 }
 
-/// Connects to NATS. The connection retries in the background when the server is down at
-/// start-up, so a process can start and report "degraded" instead of exiting. Credentials in
-/// the URL are handed over as connect options (see [`Servers::parse`]).
-pub async fn connect(url: &SecretUrl, name: &str, request_timeout: Duration) -> anyhow::Result<async_nats::Client> {
-    let servers = Servers::parse(url)?;
-    let options = servers
-        .credentials(async_nats::ConnectOptions::new())
+/// Connects to NATS with `options` (credentials and TLS: [`NatsOptions`]). The connection
+/// retries in the background when the server is down at start-up, so a process can start and
+/// report "degraded" instead of exiting; options that are wrong (a conflict, a missing file) are
+/// an error at once.
+pub async fn connect(
+    options: &NatsOptions,
+    name: &str,
+    request_timeout: Duration,
+) -> anyhow::Result<async_nats::Client> {
+    let resolved = options.resolve()?;
+    let connect = resolved
+        .connect_options()?
         .name(name)
         .retry_on_initial_connect()
         .request_timeout(Some(request_timeout))
@@ -130,10 +255,24 @@ pub async fn connect(url: &SecretUrl, name: &str, request_timeout: Duration) -> 
             match event {
                 async_nats::Event::Connected => tracing::info!("NATS connected"),
                 async_nats::Event::Disconnected => tracing::warn!("NATS disconnected"),
+                async_nats::Event::ServerError(e) => tracing::error!(error = %e, "NATS server error"),
                 other => tracing::info!(event = %other, "NATS event"),
             }
         });
-    Ok(options.connect(servers.addresses).await?)
+    Ok(connect.connect(resolved.addresses).await?)
+}
+
+/// Connects to NATS with `options` once, without retrying (a command-line tool): an unreachable
+/// server, refused credentials or a certificate that does not verify are an error naming the
+/// server (redacted).
+pub async fn connect_once(
+    options: &NatsOptions,
+    name: &str,
+    request_timeout: Duration,
+) -> anyhow::Result<async_nats::Client> {
+    let resolved = options.resolve()?;
+    let connect = resolved.connect_options()?.name(name).request_timeout(Some(request_timeout));
+    connect.connect(resolved.addresses).await.map_err(|e| anyhow::anyhow!("connecting to NATS at {}: {e}", options.url))
 }
 
 /// The servers of a NATS URL (or comma-separated list), without credentials, and the
@@ -210,14 +349,14 @@ impl Servers {
         Ok(Self { addresses, credentials })
     }
 
-    /// `options` with the credentials, if the URL carried any.
-    pub fn credentials(&self, options: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
+    /// The credentials the URL carried, if any.
+    pub fn auth(&self) -> Option<Auth> {
         match &self.credentials {
-            None => options,
+            None => None,
             Some(NatsCredentials::UserPassword { user, password }) => {
-                options.user_and_password(user.clone(), password.expose().to_owned())
+                Some(Auth::UserPassword { user: user.clone(), password: password.clone() })
             }
-            Some(NatsCredentials::Token(token)) => options.token(token.expose().to_owned()),
+            Some(NatsCredentials::Token(token)) => Some(Auth::Token(token.clone())),
         }
     }
 }
@@ -261,6 +400,21 @@ pub enum TopologyError {
          created by hand"
     )]
     Mismatch { stream: String, field: &'static str, asked: String, got: String },
+    #[error(
+        "stream {stream}: asked for {replicas} replicas, but the NATS server is not clustered (or its JetStream \
+         cluster has fewer servers than replicas): set TRELLIS_STREAM_REPLICAS=1 for a single server, or run a \
+         JetStream cluster of at least {replicas} servers ({message})"
+    )]
+    NotClustered { stream: String, replicas: usize, message: String },
+    #[error("stream {stream}: the server refused its configuration: {message}")]
+    Refused { stream: String, message: String },
+}
+
+impl TopologyError {
+    /// Whether retrying cannot help: the server answered, and said no (or kept something else).
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, Self::Request { .. })
+    }
 }
 
 /// Creates or updates each stream and verifies the server's view of it field by field.
@@ -274,12 +428,32 @@ pub async fn ensure_streams(js: &jetstream::Context, topology: &Topology) -> Res
 async fn ensure_stream(js: &jetstream::Context, wanted: &stream::Config) -> Result<(), TopologyError> {
     let request =
         |e: &dyn std::fmt::Display| TopologyError::Request { stream: wanted.name.clone(), message: e.to_string() };
+    let refused = |e: CreateStreamError| match e.kind() {
+        CreateStreamErrorKind::JetStream(j) => {
+            let code = j.error_code();
+            let replicas = code == jetstream::ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED
+                || (wanted.num_replicas > 1 && code == jetstream::ErrorCode::INSUFFICIENT_RESOURCES);
+            if replicas {
+                TopologyError::NotClustered {
+                    stream: wanted.name.clone(),
+                    replicas: wanted.num_replicas,
+                    message: j.to_string(),
+                }
+            } else {
+                TopologyError::Refused { stream: wanted.name.clone(), message: j.to_string() }
+            }
+        }
+        _ => request(&e),
+    };
     let mut info = match js.get_stream(&wanted.name).await {
         Ok(mut s) => s.info().await.map_err(|e| request(&e))?.config.clone(),
-        Err(_) => js.create_stream(wanted.clone()).await.map_err(|e| request(&e))?.cached_info().config.clone(),
+        Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {
+            js.create_stream(wanted.clone()).await.map_err(refused)?.cached_info().config.clone()
+        }
+        Err(e) => return Err(request(&e)),
     };
     if verify(wanted, &info).is_err() {
-        info = js.update_stream(wanted.clone()).await.map_err(|e| request(&e))?.config;
+        info = js.update_stream(wanted.clone()).await.map_err(refused)?.config;
     }
     verify(wanted, &info)
 }
@@ -306,6 +480,20 @@ fn verify(wanted: &stream::Config, got: &stream::Config) -> Result<(), TopologyE
     if wanted.max_age != got.max_age {
         return Err(mismatch("max_age", format!("{:?}", wanted.max_age), format!("{:?}", got.max_age)));
     }
+    if wanted.max_bytes != got.max_bytes {
+        return Err(mismatch("max_bytes", wanted.max_bytes.to_string(), got.max_bytes.to_string()));
+    }
+    if wanted.discard != got.discard {
+        return Err(mismatch("discard", format!("{:?}", wanted.discard), format!("{:?}", got.discard)));
+    }
+    if wanted.num_replicas != got.num_replicas {
+        // A server that is not clustered may keep one replica instead of refusing.
+        return Err(TopologyError::NotClustered {
+            stream: wanted.name.clone(),
+            replicas: wanted.num_replicas,
+            message: format!("the server kept {} replicas", got.num_replicas),
+        });
+    }
     Ok(())
 }
 
@@ -324,6 +512,61 @@ mod tests {
         assert_eq!(plain.subject("events.>"), "events.>");
         assert!(Topology::new("a.b").is_err());
         assert!(Topology::new("a b").is_err());
+    }
+}
+
+#[cfg(test)]
+mod settings_tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        streams: StreamArgs,
+    }
+
+    #[test]
+    fn sizes_parse_with_units_and_unlimited_and_bad_ones_say_why() {
+        assert_eq!(parse_bytes("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("unlimited"), Ok(-1));
+        assert!(parse_bytes("0").unwrap_err().contains("refuse every message"));
+        assert!(parse_bytes("10 parsecs").unwrap_err().contains("unknown size unit"));
+        assert!(parse_bytes("lots").unwrap_err().contains("is not a size"));
+    }
+
+    #[test]
+    fn the_defaults_are_one_replica_and_the_documented_limits() {
+        let settings = Flags::try_parse_from(["t"]).unwrap().streams.settings();
+        assert_eq!(
+            settings,
+            StreamSettings {
+                replicas: 1,
+                events_max_bytes: 10 << 30,
+                dlq_max_bytes: 1 << 30,
+                replay_max_bytes: 1 << 30,
+                advisories_max_bytes: 256 << 20,
+            }
+        );
+        let three =
+            Flags::try_parse_from(["t", "--stream-replicas", "3", "--events-stream-max-bytes", "1GiB"]).unwrap();
+        assert_eq!((three.streams.settings().replicas, three.streams.settings().events_max_bytes), (3, 1 << 30));
+        assert!(Flags::try_parse_from(["t", "--stream-replicas", "0"]).is_err());
+        let topology = Topology::new("").unwrap().with_streams(three.streams.settings());
+        let configs = topology.stream_configs();
+        assert_eq!(
+            configs.iter().map(|c| (c.num_replicas, c.discard)).collect::<Vec<_>>(),
+            [
+                (3, stream::DiscardPolicy::New),
+                (3, stream::DiscardPolicy::New),
+                (3, stream::DiscardPolicy::New),
+                (3, stream::DiscardPolicy::Old)
+            ]
+        );
     }
 }
 

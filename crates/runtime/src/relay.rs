@@ -31,6 +31,8 @@ pub struct RelayConfig {
     pub retention: Duration,
     /// How often published events past retention are pruned.
     pub prune_interval: Duration,
+    /// How often the streams' fill levels are read (`stream_limits`).
+    pub stream_poll_interval: Duration,
 }
 
 impl Default for RelayConfig {
@@ -40,6 +42,7 @@ impl Default for RelayConfig {
             poll_interval: Duration::from_secs(1),
             retention: Duration::from_secs(72 * 3600),
             prune_interval: Duration::from_secs(60),
+            stream_poll_interval: crate::stream_limits::POLL_EVERY,
         }
     }
 }
@@ -64,16 +67,24 @@ impl Relay {
     /// `pool` should be the relay's own small pool (a bulkhead): HTTP requests never queue
     /// behind a batch that is waiting for JetStream.
     pub fn new(pool: PgPool, js: jetstream::Context, topology: Topology, config: RelayConfig) -> Self {
+        crate::stream_limits::register(&topology);
         Self { pool, js, topology, config }
     }
 
-    /// Runs until `shutdown`: relays, samples the backlog gauges and prunes.
+    /// Runs until `shutdown`: relays, samples the backlog gauges and the streams' fill levels
+    /// (`stream_limits`), and prunes.
     pub async fn run(self, shutdown: CancellationToken) {
         crate::instrument::register_relay();
         let sampler = tokio::spawn(sample_backlog(self.pool.clone(), shutdown.clone()));
         let pruner = tokio::spawn(prune_loop(self.pool.clone(), self.config.clone(), shutdown.clone()));
+        let streams = tokio::spawn(crate::stream_limits::run(
+            self.js.clone(),
+            self.topology.clone(),
+            self.config.stream_poll_interval,
+            shutdown.clone(),
+        ));
         self.relay_loop(&shutdown).await;
-        let _ = tokio::join!(sampler, pruner);
+        let _ = tokio::join!(sampler, pruner, streams);
     }
 
     async fn relay_loop(&self, shutdown: &CancellationToken) {
@@ -127,7 +138,8 @@ impl Relay {
         let mut total = 0u64;
         let mut in_flight: Option<InFlight> = None;
         loop {
-            let next = match self.send_batch().await {
+            let unacknowledged = in_flight.as_ref().map_or(0, |b| b.bytes);
+            let next = match self.send_batch(unacknowledged).await {
                 Ok(next) => next,
                 Err(e) => {
                     if let Some(prev) = in_flight.take() {
@@ -163,8 +175,9 @@ impl Relay {
     }
 
     /// Claims and publishes one batch; returns what is still to be acknowledged and marked
-    /// (`None` when there was nothing to claim).
-    async fn send_batch(&self) -> Result<Option<InFlight>, RelayError> {
+    /// (`None` when there was nothing to claim). `unacknowledged`: the bytes of the batch still in
+    /// flight, which the stream may not count yet.
+    async fn send_batch(&self, unacknowledged: u64) -> Result<Option<InFlight>, RelayError> {
         let started = Instant::now();
         let mut tx = self.pool.begin().await?;
         let batch = outbox::claim(&mut tx, self.config.batch_size).await?;
@@ -172,21 +185,52 @@ impl Relay {
             tx.rollback().await?;
             return Ok(None);
         }
+        let mut room = self.events_room(unacknowledged).await;
         let mut acks = Vec::with_capacity(batch.len());
         let mut send_error = None;
+        let mut bytes = 0;
         for event in &batch {
+            let subject = self.topology.subject(&event.subject);
+            let size = stored_size(&subject, event.payload.len());
+            if let Some(room) = room.as_mut() {
+                if *room < size {
+                    // What is not sent stays unpublished in the outbox, for the next attempt.
+                    send_error = Some(format!(
+                        "the {} stream is full (max_bytes {}): publishing waits until it has room",
+                        self.topology.events_stream(),
+                        self.topology.streams().events_max_bytes
+                    ));
+                    break;
+                }
+                *room -= size;
+            }
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
-            let subject = self.topology.subject(&event.subject);
             match self.js.publish_with_headers(subject, headers, event.payload.clone().into()).await {
-                Ok(ack) => acks.push((event.seq, ack)),
+                Ok(ack) => {
+                    acks.push((event.seq, ack));
+                    bytes += size;
+                }
                 Err(e) => {
                     send_error = Some(e.to_string());
                     break;
                 }
             }
         }
-        Ok(Some(InFlight { tx, claimed: batch.len(), acks, send_error, started }))
+        Ok(Some(InFlight { tx, claimed: batch.len(), acks, send_error, started, bytes }))
+    }
+
+    /// The bytes the events stream still takes, when it has a byte limit (`None`: no limit, or
+    /// its state cannot be read now; then the server's own `discard: new` refusal decides).
+    ///
+    /// The relay does not rely on the server's refusal alone: nats-server 2.9 underestimates a
+    /// message's stored size in that check, so near the limit it stores the message and drops
+    /// the oldest instead (docs/ARCHITECTURE.md, "Outbox retention, `max_age` and what alerts first").
+    async fn events_room(&self, unacknowledged: u64) -> Option<u64> {
+        let max_bytes = u64::try_from(self.topology.streams().events_max_bytes).ok().filter(|m| *m > 0)?;
+        let mut stream = self.js.get_stream(self.topology.events_stream()).await.ok()?;
+        let stored = stream.info().await.ok()?.state.bytes;
+        Some(max_bytes.saturating_sub(stored).saturating_sub(unacknowledged))
     }
 
     /// Waits for a batch's acknowledgements and marks exactly the acknowledged events published.
@@ -222,6 +266,14 @@ struct InFlight {
     acks: Vec<(i64, async_nats::jetstream::context::PublishAckFuture)>,
     send_error: Option<String>,
     started: Instant,
+    /// What its published events take in the stream ([`stored_size`]).
+    bytes: u64,
+}
+
+/// What an event takes in a file-backed stream, over-estimated: its subject and payload, the
+/// `Nats-Msg-Id` header and the store's record overhead.
+fn stored_size(subject: &str, payload: usize) -> u64 {
+    (subject.len() + payload + 128) as u64
 }
 
 /// The next notification of a LISTEN connection; never, without one (so that polling decides).

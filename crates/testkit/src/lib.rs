@@ -38,6 +38,29 @@ pub fn nats_url() -> String {
     std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
+/// The environment of every process a test starts: streams without byte limits, as
+/// `trellis_runtime::nats::Topology::new` declares them in a test. nats-server reserves each
+/// stream's `max_bytes` against its whole store when the stream is created, so the production
+/// defaults would exhaust a server shared by every test's prefix after a few tests. The tests
+/// of the limits set their own.
+pub const UNLIMITED_STREAMS: [(&str, &str); 4] = [
+    ("TRELLIS_EVENTS_STREAM_MAX_BYTES", "unlimited"),
+    ("TRELLIS_DLQ_STREAM_MAX_BYTES", "unlimited"),
+    ("TRELLIS_REPLAY_STREAM_MAX_BYTES", "unlimited"),
+    ("TRELLIS_ADVISORIES_STREAM_MAX_BYTES", "unlimited"),
+];
+
+/// [`UNLIMITED_STREAMS`] as flags, for an app started in the test's process.
+pub fn unlimited_stream_args() -> Vec<String> {
+    UNLIMITED_STREAMS
+        .iter()
+        .flat_map(|(env, value)| {
+            let flag = format!("--{}", env.trim_start_matches("TRELLIS_").to_ascii_lowercase().replace('_', "-"));
+            [flag, (*value).to_owned()]
+        })
+        .collect()
+}
+
 /// A fresh prefix for stream, subject and consumer names.
 pub fn nats_prefix() -> String {
     format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
@@ -189,12 +212,26 @@ pub fn with_database(url: &str, name: &str) -> String {
     out
 }
 
+/// The passwords of `deploy/nats/auth.conf`'s users on [`PrivateNats::deployed`]: (the server's
+/// variable, the password). The user is the variable's middle part in lower case with `-`.
+pub const DEPLOYED_NATS_PASSWORDS: [(&str, &str); 6] = [
+    ("TRELLIS_API_NATS_PASSWORD", "api-nats-pw"),
+    ("TRELLIS_API_MONOLITH_NATS_PASSWORD", "monolith-nats-pw"),
+    ("TRELLIS_SEARCH_PROJECTOR_NATS_PASSWORD", "projector-nats-pw"),
+    ("TRELLIS_SCORE_ORCHESTRATOR_NATS_PASSWORD", "orchestrator-nats-pw"),
+    ("TRELLIS_DISPUTE_PROCESSOR_NATS_PASSWORD", "disputes-nats-pw"),
+    ("TRELLISCTL_NATS_PASSWORD", "ctl-nats-pw"),
+];
+
 /// A nats-server with JetStream of the test's own, on a loopback port it picks (and reports in
 /// its log) when it first starts.
 pub struct PrivateNats {
     pub port: u16,
     store: PathBuf,
     child: Option<Child>,
+    /// Its configuration file and environment, when started with [`PrivateNats::configured`].
+    config: Option<PathBuf>,
+    env: Vec<(String, String)>,
 }
 
 impl PrivateNats {
@@ -211,11 +248,56 @@ impl PrivateNats {
     }
 
     pub fn start() -> anyhow::Result<Self> {
-        let store = std::env::temp_dir().join(format!("trellis-nats-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&store)?;
-        let mut nats = Self { port: 0, store, child: None };
+        let mut nats = Self::unstarted()?;
         nats.restart()?;
         Ok(nats)
+    }
+
+    fn unstarted() -> anyhow::Result<Self> {
+        let store = std::env::temp_dir().join(format!("trellis-nats-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(store.join("jetstream"))?;
+        Ok(Self { port: 0, store, child: None, config: None, env: Vec::new() })
+    }
+
+    /// A directory of the server's own (removed with it), for the files its configuration names
+    /// (certificates, included configuration files): make them with [`Self::configured`]'s `files`.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.store
+    }
+
+    /// A server started with the configuration `config` (nats-server's syntax; its listen
+    /// address, port and JetStream store are set on the command line) and the environment `env`
+    /// (the configuration's `$VARIABLES`). `files(dir)` writes what the configuration refers to
+    /// into the server's directory first (paths in `config` are relative to that directory).
+    pub fn configured(
+        config: &str,
+        env: &[(&str, &str)],
+        files: impl FnOnce(&std::path::Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Self> {
+        let mut nats = Self::unstarted()?;
+        files(&nats.store)?;
+        let path = nats.store.join("nats-server.conf");
+        std::fs::write(&path, config)?;
+        nats.config = Some(path);
+        nats.env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        nats.restart()?;
+        Ok(nats)
+    }
+
+    /// A server with the production users and permissions (`deploy/nats/auth.conf`), their
+    /// passwords [`DEPLOYED_NATS_PASSWORDS`], no TLS. Subjects have no prefix there: use an empty
+    /// prefix on it.
+    pub fn deployed() -> anyhow::Result<Self> {
+        let auth = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nats/auth.conf");
+        Self::configured("include \"auth.conf\"\n", &DEPLOYED_NATS_PASSWORDS, |dir| {
+            std::fs::copy(&auth, dir.join("auth.conf")).with_context(|| format!("copying {}", auth.display()))?;
+            Ok(())
+        })
+    }
+
+    /// The server's URL with `user` and `password` in it.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!("nats://{user}:{password}@127.0.0.1:{}", self.port)
     }
 
     pub fn url(&self) -> String {
@@ -228,9 +310,14 @@ impl PrivateNats {
         anyhow::ensure!(self.child.is_none(), "the server is running");
         // `-p -1`: a random free port, which the server logs.
         let port = if self.port == 0 { "-1".to_owned() } else { self.port.to_string() };
-        let mut child = Command::new(Self::binary())
+        let mut command = Command::new(Self::binary());
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config).current_dir(&self.store);
+        }
+        let mut child = command
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
-            .arg(&self.store)
+            .arg(self.store.join("jetstream"))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -239,6 +326,7 @@ impl PrivateNats {
         let mut lines = BufReader::new(stderr).lines();
         loop {
             let line = lines.next().context("nats-server exited before it was ready")??;
+            anyhow::ensure!(!line.contains("[FTL]"), "nats-server could not start: {line}");
             if let Some((_, addr)) = line.split_once("Listening for client connections on ") {
                 let port = addr.trim().rsplit(':').next().and_then(|p| p.parse().ok());
                 self.port = port.with_context(|| format!("no port in the server's log line: {line}"))?;
@@ -248,8 +336,14 @@ impl PrivateNats {
             }
         }
         anyhow::ensure!(self.port != 0, "nats-server was ready without saying its port");
-        // Keep draining its log so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        // Keep draining its log so the server never blocks on a full pipe; into a log file.
+        let (_, mut log) = log_file("nats-server");
+        std::thread::spawn(move || {
+            use std::io::Write as _;
+            for line in lines.map_while(Result::ok) {
+                let _ = writeln!(log, "{line}");
+            }
+        });
         self.child = Some(child);
         Ok(())
     }

@@ -33,8 +33,14 @@ impl Env {
 
     /// An environment on another NATS server (a private one, for outage tests).
     pub async fn on(nats_url: &str) -> Env {
+        Env::on_prefixed(nats_url, &crate::nats_prefix()).await
+    }
+
+    /// An environment on another NATS server with `prefix` (empty: the production names, on a
+    /// server of the test's own).
+    pub async fn on_prefixed(nats_url: &str, prefix: &str) -> Env {
         let db = TestDb::migrated().await.expect("a test database");
-        let prefix = crate::nats_prefix();
+        let prefix = prefix.to_owned();
         let topology = Topology::new(&prefix).expect("a valid prefix");
         let js = connect(nats_url).await;
         trellis_runtime::nats::ensure_streams(&js, &topology).await.expect("declaring the streams");
@@ -148,12 +154,12 @@ impl Env {
 }
 
 /// A JetStream client on `url`, which waits for a server that is not up yet.
+/// Credentials in `url` are used as the processes use them.
 pub async fn connect(url: &str) -> jetstream::Context {
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(url)
+    let options = trellis_runtime::nats_options::NatsOptions::from_url(url);
+    let client = trellis_runtime::nats::connect(&options, "tests", Duration::from_secs(10))
         .await
-        .unwrap_or_else(|e| panic!("connecting to NATS at {url}: {e}"));
+        .unwrap_or_else(|e| panic!("connecting to NATS at {}: {e}", options.url));
     trellis_runtime::nats::jetstream(client, Duration::from_secs(10))
 }
 
@@ -211,7 +217,8 @@ pub fn event(prefix: &str, id: Uuid, probe: &str) -> (String, async_nats::Header
     let verb = probe.split(':').next().unwrap_or("ok").replace('_', "-");
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", id.to_string().as_str());
-    (format!("{prefix}.events.probe.{verb}"), headers, serde_json::to_vec(&envelope).unwrap().into())
+    let subject = Topology::new(prefix).expect("a valid prefix").subject(&format!("events.probe.{verb}"));
+    (subject, headers, serde_json::to_vec(&envelope).unwrap().into())
 }
 
 /// Publishes an event whose handler will do what `probe` says; its id and its sequence in the

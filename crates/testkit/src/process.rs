@@ -69,6 +69,7 @@ impl Spawn {
             .env("ADMIN_ADDR", "127.0.0.1:0")
             .env("ADDR_FILE", &addr_file)
             .env("NATS_URL", crate::nats_url())
+            .envs(crate::UNLIMITED_STREAMS)
             .env("LOG_FORMAT", "json")
             .env("SHUTDOWN_GRACE", "2s")
             .stdin(Stdio::null())

@@ -30,9 +30,9 @@ struct Cli {
     )]
     database_url: SecretUrl,
 
-    /// NATS server URL (credentials in it are sent as credentials, never shown).
-    #[arg(long, env = "NATS_URL", hide_env_values = true, default_value = "nats://127.0.0.1:4222", global = true)]
-    nats_url: SecretUrl,
+    /// How to reach and log in to NATS: `NATS_URL`, credentials, TLS (as the processes take them).
+    #[command(flatten)]
+    nats: trellis_runtime::nats_options::NatsOptions,
 
     /// Prefix of stream, subject and consumer names (as the processes were started with).
     #[arg(long, env = "NATS_PREFIX", default_value = "", global = true)]
@@ -270,13 +270,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Parity(args) => cutover::parity::run(&pool, args, cli.output).await,
         Command::Dlq { action } => {
             let topology = trellis_runtime::nats::Topology::new(&cli.nats_prefix)?;
-            let servers = trellis_runtime::nats::Servers::parse(&cli.nats_url)?;
-            let client = servers
-                .credentials(async_nats::ConnectOptions::new())
-                .name("trellisctl")
-                .connect(servers.addresses)
-                .await
-                .with_context(|| format!("connecting to NATS at {}", cli.nats_url))?;
+            let client =
+                trellis_runtime::nats::connect_once(&cli.nats, "trellisctl", std::time::Duration::from_secs(10))
+                    .await?;
             let js = trellis_runtime::nats::jetstream(client, std::time::Duration::from_secs(10));
             dlq::run(&dlq::Ctx { js, topology, pool, output: cli.output }, *action).await
         }

@@ -95,7 +95,12 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let users: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM identity.users ORDER BY handle").fetch_all(&pool).await?;
     let nats_url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let client = nats::connect(&nats_url.parse()?, "projector-bench", Duration::from_secs(10)).await?;
+    let client = nats::connect(
+        &trellis_runtime::nats_options::NatsOptions::from_url(&nats_url),
+        "projector-bench",
+        Duration::from_secs(10),
+    )
+    .await?;
     let js = nats::jetstream(client, Duration::from_secs(30));
     let mut rows = Vec::new();
 

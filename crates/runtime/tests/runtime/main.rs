@@ -5,6 +5,8 @@
 
 mod batching;
 mod harness;
+mod nats_auth;
 mod pull;
 mod runner;
 mod shadow;
+mod streams;

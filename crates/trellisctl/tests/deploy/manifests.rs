@@ -318,3 +318,72 @@ fn every_third_party_image_is_pinned_by_digest() {
     assert!(!pinned_by_digest("postgres:16.4-bookworm"));
     assert!(!pinned_by_digest("postgres@sha256:abc123"));
 }
+
+/// The users `deploy/nats/auth.conf` defines.
+fn nats_users() -> Vec<String> {
+    read("deploy/nats/auth.conf")
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("{ user: "))
+        .map(|l| l.split(',').next().unwrap().trim().to_owned())
+        .collect()
+}
+
+#[test]
+fn each_process_logs_in_to_nats_as_its_own_user_over_tls_and_keda_reads_nats_through_its_authentication() {
+    let users = nats_users();
+    for user in ["trellis-api", "trellis-api-monolith", "trellisctl"].iter().chain(&WORKERS) {
+        assert!(users.iter().any(|u| u == user), "{user} is a user of deploy/nats/auth.conf: {users:?}");
+    }
+
+    let compose = compose();
+    let mut seen = std::collections::BTreeSet::new();
+    for service in ["trellis-api"].iter().chain(&WORKERS) {
+        let env = &compose["services"][*service]["environment"];
+        let user = env["NATS_USER"].as_str().unwrap_or_else(|| panic!("compose {service}: NATS_USER"));
+        assert!(users.iter().any(|u| u == user) && seen.insert(user.to_owned()), "compose {service}: {user}");
+        assert!(
+            env["NATS_PASSWORD"].as_str().unwrap().starts_with("${"),
+            "compose {service}: a password from the environment"
+        );
+        assert_eq!(env["NATS_CERT"].as_str(), Some(format!("/certs/{service}.pem").as_str()), "compose {service}");
+        assert_eq!(env["NATS_CA"].as_str(), Some("/certs/ca.pem"), "compose {service}");
+    }
+    let nats = read("deploy/nats/nats.conf");
+    assert!(
+        nats.contains("include auth.conf") && nats.contains("verify: true"),
+        "compose's NATS: users and client TLS"
+    );
+
+    let docs = base();
+    let config = &named(&docs, "ConfigMap", "trellis-config")["data"];
+    assert!(config["NATS_CA"].as_str().is_some() && config["NATS_TLS_SERVER_NAME"].as_str().is_some());
+    let mut keys = std::collections::BTreeSet::new();
+    for deployment in ["trellis-api"].iter().chain(&WORKERS) {
+        let pod = &named(&docs, "Deployment", deployment)["spec"]["template"]["spec"];
+        let env = pod["containers"][0]["env"].as_sequence().unwrap();
+        let var = |name: &str| env.iter().find(|e| e["name"] == name).unwrap_or_else(|| panic!("{deployment}: {name}"));
+        let user = var("NATS_USER")["value"].as_str().unwrap();
+        assert!(users.iter().any(|u| u == user), "{deployment}: {user}");
+        let key = var("NATS_PASSWORD")["valueFrom"]["secretKeyRef"]["key"].as_str().unwrap().to_owned();
+        assert!(keys.insert(key.clone()), "{deployment}: a NATS password of its own, not {key}");
+        assert_eq!(pod["volumes"][0]["secret"]["secretName"], "trellis-nats-tls", "{deployment}: the CA");
+    }
+
+    let auth = named(&docs, "TriggerAuthentication", "trellis-nats-monitoring");
+    let parameters: Vec<&str> = auth["spec"]["secretTargetRef"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| r["parameter"].as_str().unwrap())
+        .collect();
+    assert_eq!(parameters, ["natsServerMonitoringEndpoint", "account"]);
+    for scaled in of_kind(&docs, "ScaledObject") {
+        for trigger in scaled["spec"]["triggers"].as_sequence().unwrap() {
+            assert_eq!(trigger["authenticationRef"]["name"], "trellis-nats-monitoring");
+            assert!(
+                trigger["metadata"]["natsServerMonitoringEndpoint"].is_null(),
+                "the endpoint comes from the Secret"
+            );
+        }
+    }
+}

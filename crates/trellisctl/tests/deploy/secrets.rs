@@ -1,5 +1,5 @@
-//! Credentials in `DATABASE_URL` and `NATS_URL` appear in no help text, no error message and no
-//! log line, even at debug level.
+//! Credentials in `DATABASE_URL`, `NATS_URL` and `NATS_PASSWORD` / `NATS_TOKEN` appear in no help text, no
+//! error message and no log line, even at debug level.
 
 use std::process::Stdio;
 
@@ -60,6 +60,23 @@ async fn a_worker_logging_at_debug_level_logs_no_credential_of_its_urls() {
     for secret in [DATABASE_PASSWORD, NATS_PASSWORD] {
         assert!(!logged.contains(secret), "{} logged a password of its URLs", worker.log.display());
     }
+
+    // The same with the password in NATS_PASSWORD (the server has no users: it takes any).
+    let worker = start(
+        "search-projector",
+        &db,
+        &prefix,
+        &[
+            ("NATS_URL", nats.url()),
+            ("NATS_USER", "someone".into()),
+            ("NATS_PASSWORD", NATS_PASSWORD.into()),
+            ("RUST_LOG", "debug".into()),
+        ],
+    )
+    .await;
+    let logged = std::fs::read_to_string(&worker.log).unwrap();
+    assert!(logged.contains("connect"), "the worker logged its connections at debug level: {logged}");
+    assert!(!logged.contains(NATS_PASSWORD), "{} logged NATS_PASSWORD", worker.log.display());
 }
 
 #[tokio::test]
@@ -69,12 +86,17 @@ async fn the_services_help_shows_no_credential_of_the_environment() {
             .arg("--help")
             .env("DATABASE_URL", format!("postgres://someone:{DATABASE_PASSWORD}@db/trellis"))
             .env("NATS_URL", format!("nats://someone:{NATS_PASSWORD}@nats:4222"))
+            .env("NATS_PASSWORD", NATS_PASSWORD)
+            .env("NATS_TOKEN", NATS_PASSWORD)
             .stdin(Stdio::null())
             .output()
             .await
             .unwrap();
         let help = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() && help.contains("DATABASE_URL"), "{name}: {help}");
+        assert!(
+            out.status.success() && help.contains("DATABASE_URL") && help.contains("NATS_PASSWORD"),
+            "{name}: {help}"
+        );
         assert!(!help.contains(DATABASE_PASSWORD) && !help.contains(NATS_PASSWORD), "{name} --help: {help}");
     }
 }

@@ -54,6 +54,7 @@ async fn every_command_of_the_cutover_runbook_works_for_each_processor() {
                 .env("FLAG", flag.as_str())
                 .env("PROCESSOR", processor(flag))
                 .env("DATABASE_URL", &env.db.url)
+                .envs(trellis_testkit::UNLIMITED_STREAMS)
                 .env("NATS_URL", &env.nats_url)
                 .env("NATS_PREFIX", &env.prefix)
                 .env("TRELLIS_ACTOR", "on-call")

@@ -100,6 +100,7 @@ pub async fn run_once(db: &TestDb, host: &str) -> (bool, String, String) {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_score-orchestrator"));
     cmd.arg("--run-once")
         .env("DATABASE_URL", &db.url)
+        .envs(trellis_testkit::UNLIMITED_STREAMS)
         .env("NATS_URL", trellis_testkit::nats_url())
         .env("LOG_FORMAT", "json")
         .env("HOSTNAME", host)

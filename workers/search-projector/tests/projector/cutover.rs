@@ -121,6 +121,7 @@ async fn a_group_the_server_refuses_stops_the_worker_and_the_api_alike() {
     let (log, out) = trellis_testkit::log_file("search-projector");
     let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_search-projector"))
         .env("DATABASE_URL", &db.url)
+        .envs(trellis_testkit::UNLIMITED_STREAMS)
         .env("NATS_URL", trellis_testkit::nats_url())
         .env("NATS_PREFIX", &prefix)
         .env("ADMIN_ADDR", "127.0.0.1:0")
