@@ -14,4 +14,5 @@ pub mod nats;
 pub mod relay;
 pub mod shutdown;
 pub mod telemetry;
+pub mod trace;
 pub mod worker;

@@ -13,10 +13,12 @@ use backon::BackoffBuilder;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use trellis_store::outbox;
 
 use crate::instrument::{OutboxPruned, OutboxSampled, RelayBatchPublished, RelayFailed};
 use crate::nats::Topology;
+use crate::trace::{ParentMode, TraceHeaders};
 
 /// The channel the outbox trigger notifies on commit.
 pub const OUTBOX_CHANNEL: &str = "trellis_outbox";
@@ -178,7 +180,21 @@ impl Relay {
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
             let subject = self.topology.subject(&event.subject);
-            match self.js.publish_with_headers(subject, headers, event.payload.clone().into()).await {
+            let span = publish_span(event, &subject);
+            // The row's context goes on as it is (a consumer's span is the child of the
+            // request's outbox write); a row without one carries the publish span's.
+            let trace = event
+                .traceparent
+                .as_ref()
+                .map(|tp| TraceHeaders { traceparent: tp.clone(), tracestate: event.tracestate.clone() })
+                .filter(|t| t.span_context().is_some())
+                .or_else(|| TraceHeaders::of(&tracing_opentelemetry::OpenTelemetrySpanExt::context(&span)));
+            if let Some(trace) = &trace {
+                trace.to_nats(&mut headers);
+            }
+            let published =
+                self.js.publish_with_headers(subject, headers, event.payload.clone().into()).instrument(span).await;
+            match published {
                 Ok(ack) => acks.push((event.seq, ack)),
                 Err(e) => {
                     send_error = Some(e.to_string());
@@ -212,6 +228,28 @@ impl Relay {
             None => Ok(published.len()),
         }
     }
+}
+
+/// The relay's span for publishing one event: a child of the span that wrote the row (the
+/// request's outbox write) and linked to it, with the messaging attributes of the OpenTelemetry
+/// semantic conventions.
+fn publish_span(event: &outbox::PendingEvent, subject: &str) -> tracing::Span {
+    let span = tracing::info_span!(
+        parent: None,
+        "publish",
+        otel.name = %format_args!("publish {}", event.subject),
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.operation.type = "send",
+        messaging.destination.name = %subject,
+        messaging.message.id = %event.id,
+        trellis.outbox.seq = event.seq,
+    );
+    let row = event.traceparent.as_deref().and_then(|tp| TraceHeaders::parse(tp, event.tracestate.as_deref()));
+    if let Some(row) = row {
+        crate::trace::relate(&span, &row, ParentMode::Child);
+    }
+    span
 }
 
 /// A claimed batch whose publishes are sent and whose acknowledgements are awaited; its row
