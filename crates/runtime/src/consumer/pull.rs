@@ -284,6 +284,10 @@ impl<H: Handler> ConsumerGroup<H> {
         if let Some(sc) = TraceHeaders::from_nats(m.headers.as_ref()).and_then(|t| t.span_context()) {
             crate::trace::relate(&span, &sc, crate::trace::consumer_parent());
         }
+        // A replay links to the delivery that failed.
+        if let Some(failed) = dlq::failed_trace(m.headers.as_ref()).and_then(|t| t.span_context()) {
+            crate::trace::link(&span, &failed);
+        }
         Ok(Delivery {
             subject,
             envelope,
