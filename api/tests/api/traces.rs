@@ -149,3 +149,48 @@ async fn a_dispute_filing_trace_reaches_the_dispute_processors_decision() {
     assert_eq!(decision.attr("trellis.dispute.id"), Some(dispute.as_str()));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_score_run_asked_for_through_the_api_records_the_requests_trace() {
+    let otlp = OtlpReceiver::start().await.expect("the OTLP receiver");
+    let app = traced_app(&otlp).await;
+    let _orchestrator = traced_worker(&app, &otlp, "score-orchestrator").await;
+    // No run ever succeeded: the orchestrator makes one at start-up; the request comes after it.
+    eventually("the start-up run", Duration::from_secs(30), || async {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM score.runs WHERE status = 'succeeded'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+        (done > 0).then_some(())
+    })
+    .await;
+    let admin = app.register("root").await;
+    app.grant_role(&admin, "admin").await;
+    let (trace_id, caller_span) = caller();
+    let post = app
+        .build(Method::POST, "/v1/admin/score-runs", Some(&admin.token), None)
+        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"));
+    let r = app.send(post).await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let (trigger, status): (String, String) =
+        eventually("a run with the request's trace", Duration::from_secs(30), || {
+            let pool = app.db.pool.clone();
+            let trace_id = trace_id.clone();
+            async move {
+                sqlx::query_as("SELECT trigger, status FROM score.runs WHERE trace_id = $1 AND status <> 'running'")
+                    .bind(&trace_id)
+                    .fetch_optional(&pool)
+                    .await
+                    .unwrap()
+            }
+        })
+        .await;
+    assert_eq!((trigger.as_str(), status.as_str()), ("manual", "succeeded"));
+    // The orchestrator's process span of the request is in the request's trace.
+    eventually("the orchestrator's process span in the request's trace", Duration::from_secs(30), || {
+        let found = otlp.trace(&trace_id).iter().any(|s| s.kind == CONSUMER && s.service == "score-orchestrator");
+        async move { found.then_some(()) }
+    })
+    .await;
+    app.stop().await;
+}

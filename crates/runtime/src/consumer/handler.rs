@@ -35,6 +35,8 @@ pub struct Delivery {
     /// linked to it, see `trace::ParentMode`). A handler's work on this message alone runs in
     /// it; the runner settles the message in it.
     pub span: tracing::Span,
+    /// The trace context the message carries (the request's, through its outbox row).
+    pub trace: Option<crate::trace::TraceHeaders>,
 }
 
 impl Delivery {
@@ -48,6 +50,7 @@ impl Delivery {
             deliveries: 1,
             replays: 0,
             span: tracing::Span::none(),
+            trace: None,
         }
     }
 }

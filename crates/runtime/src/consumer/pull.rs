@@ -281,7 +281,8 @@ impl<H: Handler> ConsumerGroup<H> {
             messaging.nats.message.delivery_count = info.delivered,
             messaging.nats.stream_sequence = info.stream_sequence,
         );
-        if let Some(sc) = TraceHeaders::from_nats(m.headers.as_ref()).and_then(|t| t.span_context()) {
+        let trace = TraceHeaders::from_nats(m.headers.as_ref()).filter(|t| t.span_context().is_some());
+        if let Some(sc) = trace.as_ref().and_then(TraceHeaders::span_context) {
             crate::trace::relate(&span, &sc, crate::trace::consumer_parent());
         }
         // A replay links to the delivery that failed.
@@ -295,6 +296,7 @@ impl<H: Handler> ConsumerGroup<H> {
             deliveries: info.delivered,
             replays: dlq::replay_count(m.headers.as_ref()),
             span,
+            trace,
         })
     }
 

@@ -829,6 +829,7 @@ mod tests {
             deliveries: 1,
             replays: 0,
             span: tracing::Span::none(),
+            trace: None,
         };
         let contact = |owner: Uuid, contact: Uuid| json!({"owner_id": owner, "contact_id": contact, "label": "x"});
         let batch = [

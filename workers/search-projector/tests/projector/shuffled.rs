@@ -26,6 +26,7 @@ async fn outbox_deliveries(db: &TestDb) -> Vec<Delivery> {
             deliveries: 1,
             replays: 0,
             span: tracing::Span::none(),
+            trace: None,
         })
         .collect()
 }
