@@ -23,8 +23,13 @@ async fn traced_app(otlp: &OtlpReceiver) -> TestApp {
 /// A worker process (the executor of its processor: the cutover flags name the workers by
 /// default) exporting its spans to `otlp`.
 async fn traced_worker(app: &TestApp, otlp: &OtlpReceiver, name: &str) -> Process {
+    traced_worker_with(app, otlp, name, &[]).await
+}
+
+async fn traced_worker_with(app: &TestApp, otlp: &OtlpReceiver, name: &str, extra: &[(&str, &str)]) -> Process {
     let env = otlp.env(name);
-    Spawn::new(name).on(&app.db.url, &app.prefix).envs(env.iter().map(|(k, v)| (*k, v.as_str()))).ready().await
+    let spawn = Spawn::new(name).on(&app.db.url, &app.prefix).envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    spawn.envs(extra.iter().copied()).ready().await
 }
 
 /// A caller's `traceparent`: a new trace id and the caller's span id.
@@ -192,5 +197,36 @@ async fn a_score_run_asked_for_through_the_api_records_the_requests_trace() {
         async move { found.then_some(()) }
     })
     .await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn in_link_mode_a_process_span_starts_its_own_trace_linked_to_the_request() {
+    let otlp = OtlpReceiver::start().await.expect("the OTLP receiver");
+    let app = traced_app(&otlp).await;
+    let _projector = traced_worker_with(&app, &otlp, "search-projector", &[("TRACE_CONSUMER_PARENT", "link")]).await;
+    let alice = app.register("alice").await;
+    let bob = app.register("bob").await;
+    let (trace_id, caller_span) = caller();
+    let put = app
+        .build(Method::PUT, &format!("/v1/me/contacts/{}", bob.id), Some(&alice.token), Some(json!({"label": "x"})))
+        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"));
+    let r = app.send(put).await;
+    assert!(r.status == 200 || r.status == 201, "{:?}", r.body);
+    let write = eventually("the request's outbox write", Duration::from_secs(30), || {
+        let write = otlp.trace(&trace_id).into_iter().find(|s| s.name == "outbox write");
+        async move { write }
+    })
+    .await;
+    let process = eventually("the projector's process span linked to the request", Duration::from_secs(30), || {
+        let found = otlp
+            .spans()
+            .into_iter()
+            .find(|s| s.kind == CONSUMER && s.service == "search-projector" && s.links_to(&trace_id, &write.span_id));
+        async move { found }
+    })
+    .await;
+    assert_ne!(process.trace_id, trace_id, "a trace of its own");
+    assert_eq!(process.parent_span_id, "", "a root span");
     app.stop().await;
 }

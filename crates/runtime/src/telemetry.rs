@@ -36,11 +36,7 @@ pub fn init_logging(format: LogFormat) {
         .with_filter(tracing::level_filters::LevelFilter::INFO);
     let fmt = tracing_subscriber::fmt::layer().with_target(true);
     let fmt = match format {
-        LogFormat::Json => fmt
-            .fmt_fields(JsonFields::new())
-            .event_format(TraceJson(format::format().json().flatten_event(true).with_current_span(true)))
-            .with_filter(filter)
-            .boxed(),
+        LogFormat::Json => fmt.fmt_fields(JsonFields::new()).event_format(TraceJson::new()).with_filter(filter).boxed(),
         LogFormat::Pretty => fmt.with_filter(filter).boxed(),
     };
     // A second init (tests running several apps in one process) keeps the first subscriber.
@@ -82,6 +78,12 @@ pub fn shutdown_tracing() {
 /// The JSON log format with the current span's `trace_id` and `span_id` at the top level of
 /// every line written inside a span.
 struct TraceJson(format::Format<format::Json>);
+
+impl TraceJson {
+    fn new() -> Self {
+        Self(format::format().json().flatten_event(true).with_current_span(true))
+    }
+}
 
 impl<S, N> FormatEvent<S, N> for TraceJson
 where
@@ -148,5 +150,65 @@ fn record_binary_size() {
         Err(e) => {
             tracing::warn!(error = %e, "cannot read this executable's size; trellis_build_binary_size_bytes is not exported")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_json_line_inside_a_span_carries_its_trace_and_span_id_and_one_outside_none() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .fmt_fields(JsonFields::new())
+                    .event_format(TraceJson::new())
+                    .with_writer(move || writer.clone()),
+            );
+        let (trace_id, span_id) = tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("outside");
+            let span = tracing::info_span!("request", request_id = "r1");
+            let ids = span.in_scope(|| {
+                tracing::info!(n = 1, "inside");
+                let cx = tracing::Span::current().context();
+                let sc = cx.span().span_context().clone();
+                (sc.trace_id().to_string(), sc.span_id().to_string())
+            });
+            drop(span);
+            ids
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).expect(l)).collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0]["message"], "outside");
+        assert!(lines[0].get("trace_id").is_none(), "{text}");
+        assert_eq!(lines[1]["message"], "inside");
+        assert_eq!(lines[1]["n"], 1);
+        assert_eq!(lines[1]["span"]["request_id"], "r1");
+        assert_eq!(lines[1]["trace_id"], trace_id.as_str());
+        assert_eq!(lines[1]["span_id"], span_id.as_str());
+        assert_ne!(trace_id, opentelemetry::trace::TraceId::INVALID.to_string());
     }
 }
