@@ -191,6 +191,8 @@ async fn a_score_run_asked_for_through_the_api_records_the_requests_trace() {
         })
         .await;
     assert_eq!((trigger.as_str(), status.as_str()), ("manual", "succeeded"));
+    let run = trellis_store::scores::latest_run(&app.db.pool).await.unwrap().expect("the run");
+    assert_eq!(run.trace_id.as_deref(), Some(trace_id.as_str()), "the run record shows it");
     // The orchestrator's process span of the request is in the request's trace.
     eventually("the orchestrator's process span in the request's trace", Duration::from_secs(30), || {
         let found = otlp.trace(&trace_id).iter().any(|s| s.kind == CONSUMER && s.service == "score-orchestrator");

@@ -58,10 +58,15 @@ pub struct RunRow {
     pub started_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
     pub finished_at: Option<OffsetDateTime>,
+    /// The trace id of the request that asked for the run, if a traced request did.
+    pub trace_id: Option<String>,
+    /// The trace ids of the requests coalesced into the run.
+    pub linked_trace_ids: Option<Vec<String>>,
 }
 
 const RUN_COLUMNS: &str = "id, trigger, requested_by, status, host, algorithm, users, edges, iterations, residual,
-    scores_changed, load_ms, compute_ms, write_ms, error, input_digest, created_at, started_at, finished_at";
+    scores_changed, load_ms, compute_ms, write_ms, error, input_digest, created_at, started_at, finished_at, trace_id,
+    linked_trace_ids";
 
 /// An input digest as operators see it: its 64 bits in hex.
 pub fn digest_text(digest: i64) -> String {
