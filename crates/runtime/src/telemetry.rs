@@ -62,11 +62,6 @@ fn tracer_provider() -> SdkTracerProvider {
     }
 }
 
-/// Whether spans are exported (an OTLP endpoint is configured).
-pub fn exporting() -> bool {
-    std::env::var(OTLP_ENDPOINT_ENV).is_ok_and(|e| !e.trim().is_empty())
-}
-
 /// Exports the spans still buffered and stops the exporter. Called once at process exit.
 pub fn shutdown_tracing() {
     if let Some(provider) = PROVIDER.get() {

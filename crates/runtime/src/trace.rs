@@ -120,13 +120,6 @@ pub fn link(span: &tracing::Span, other: &SpanContext) {
     span.add_link(other.clone());
 }
 
-/// The trace id of `span` (32 hex digits), whether or not it is exported.
-pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    sc.is_valid().then(|| sc.trace_id().to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
