@@ -12,17 +12,20 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hmac::{Hmac, Mac as _};
+use opentelemetry::trace::TraceContextExt as _;
 use sha2::Sha256;
 use sqlx::PgPool;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use trellis_domain::flags::Executor;
 use trellis_runtime::consumer::RunnerConfig;
 use trellis_runtime::health::{self, Health, Severity};
 use trellis_runtime::host::{Host, HostConfig};
 use trellis_runtime::relay::{Relay, RelayConfig};
+use trellis_runtime::trace;
 use trellis_store::PoolConfig;
 use trellis_store::page::CursorKey;
 use utoipa::OpenApi as _;
@@ -117,11 +120,30 @@ pub fn app(state: AppState) -> Router {
     .with_state(state)
     .merge(trellis_runtime::admin::public_health_routes(health))
     .layer(PropagateRequestIdLayer::new(request_id.clone()))
-    .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-        let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
-        tracing::info_span!("request", method = %req.method(), uri = %req.uri().path(), request_id = %id)
-    }))
+    .layer(TraceLayer::new_for_http().make_span_with(request_span))
     .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+/// The span of one HTTP request: a new trace, or the child of the caller's W3C `traceparent`
+/// (and `tracestate`) when it sends a valid one. Every outbox row the request writes carries
+/// its context (see `trellis_runtime::trace`).
+fn request_span(req: &Request) -> tracing::Span {
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let id = header("x-request-id").unwrap_or("");
+    let span = tracing::info_span!(
+        parent: None,
+        "request",
+        otel.name = %format_args!("{} {}", req.method(), req.uri().path()),
+        otel.kind = "server",
+        method = %req.method(),
+        uri = %req.uri().path(),
+        request_id = %id,
+    );
+    let caller = header(trace::TRACEPARENT).and_then(|tp| trace::TraceHeaders::parse(tp, header(trace::TRACESTATE)));
+    if let Some(caller) = caller {
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(caller));
+    }
+    span
 }
 
 async fn route_not_found() -> Response {

@@ -9,6 +9,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = Config::parse();
+    trellis_runtime::trace::set_consumer_parent(config.common.trace_consumer_parent);
     trellis_runtime::telemetry::init_logging(config.common.log_format);
     let shutdown = trellis_runtime::shutdown::on_signal();
     let result = async {

@@ -382,27 +382,57 @@ fn api(flags: &flags::Bench) -> anyhow::Result<()> {
     std::fs::write(&write_script, WRITE_SCRIPT)?;
 
     let mut rows = Vec::new();
-    {
-        let pool_size = flags.db_pool_size.map(|n| n.to_string());
-        let env: Vec<(&str, &str)> = pool_size.iter().map(|n| ("DB_POOL_SIZE", n.as_str())).collect();
-        let api = Api::start(&db, &stack, &prefix, &env)?;
+    // The same phases twice, in one run: trace export off (the default), then on, with every
+    // span sampled and exported over OTLP to a sink in this process. The difference is the
+    // cost of tracing (docs/BENCHMARKS.md).
+    let sink = OtlpSink::start()?;
+    let endpoint = format!("http://{}", sink.addr);
+    let pool_size = flags.db_pool_size.map(|n| n.to_string());
+    let pooled: Vec<(&str, &str)> = pool_size.iter().map(|n| ("DB_POOL_SIZE", n.as_str())).collect();
+    let mut exporting = pooled.clone();
+    exporting.extend([
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ("OTEL_SERVICE_NAME", "trellis-api-bench"),
+        ("OTEL_TRACES_SAMPLER", "always_on"),
+    ]);
+    let mut throughput = Vec::new();
+    for (tracing, env) in [("export off", &pooled), ("export on, 100 % sampled", &exporting)] {
+        let api = Api::start(&db, &stack, &format!("{prefix}{}", throughput.len()), env)?;
         let count = db.exec("SELECT count(*) FROM contacts.contacts")?;
         eprintln!(
-            "xtask: bench: GET /v1/me/contacts ({count} contacts for bench_1), 32 connections, {}s",
+            "xtask: bench: trace {tracing}: GET /v1/me/contacts ({count} contacts for bench_1), 32 connections, {}s",
             flags.duration
         );
         // A short warm-up fills the connection pool and the statement caches.
         run_wrk(&format!("{}/v1/me/contacts", api.url), 32, 3, &read_script)?;
         let read = run_wrk(&format!("{}/v1/me/contacts", api.url), 32, flags.duration, &read_script)?;
-        rows.push(row("GET /v1/me/contacts (50 contacts), c=32", &read, "≥ 8,000 req/s, p99 ≤ 25 ms"));
+        rows.push(row(
+            &format!("GET /v1/me/contacts (50 contacts), c=32, trace {tracing}"),
+            &read,
+            "≥ 8,000 req/s, p99 ≤ 25 ms",
+        ));
 
-        eprintln!("xtask: bench: PUT /v1/me/contacts/{{user}} (write + outbox row), 32 connections");
+        eprintln!("xtask: bench: trace {tracing}: PUT /v1/me/contacts/{{user}} (write + outbox row), 32 connections");
         let events_before: i64 = db.exec("SELECT count(*) FROM ops.outbox")?.parse()?;
         let write = run_wrk(&format!("{}/v1/me/contacts/bench_2", api.url), 32, flags.duration, &write_script)?;
         let events_after: i64 = db.exec("SELECT count(*) FROM ops.outbox")?.parse()?;
         eprintln!("xtask: bench: {} outbox events written during the write phase", events_after - events_before);
-        rows.push(row("PUT /v1/me/contacts/{user} (write + outbox), c=32", &write, "≥ 2,500 req/s"));
+        rows.push(row(
+            &format!("PUT /v1/me/contacts/{{user}} (write + outbox), c=32, trace {tracing}"),
+            &write,
+            "≥ 2,500 req/s",
+        ));
+        throughput.push((read.requests_per_sec, write.requests_per_sec));
     }
+    let [(read_off, write_off), (read_on, write_on)] = throughput[..] else { unreachable!("two passes") };
+    let loss = |off: f64, on: f64| 100.0 * (off - on) / off;
+    rows.push(format!(
+        "| trace export on (100 % sampled) vs off | reads {:.1} % slower, writes {:.1} % slower ({} export requests received) | ≤ 10 % each |",
+        loss(read_off, read_on),
+        loss(write_off, write_on),
+        sink.requests()
+    ));
 
     // Relay drain: a 200,000-event backlog written while no relay runs, then one API replica.
     eprintln!("xtask: bench: relay drain of 200,000 outbox events");
@@ -442,6 +472,70 @@ fn api(flags: &flags::Bench) -> anyhow::Result<()> {
         println!("{r}");
     }
     Ok(())
+}
+
+/// A sink for OTLP/HTTP exports: answers every request 200 with an empty protobuf body and
+/// counts them. Its thread ends with the process.
+struct OtlpSink {
+    addr: std::net::SocketAddr,
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl OtlpSink {
+    fn start() -> anyhow::Result<Self> {
+        use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let counted = counted.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(match stream.try_clone() {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    });
+                    let mut writer = stream;
+                    loop {
+                        let mut length = 0usize;
+                        let mut line = String::new();
+                        // The request line and the headers, up to the blank line.
+                        loop {
+                            line.clear();
+                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let header = line.trim_end();
+                            if header.is_empty() {
+                                break;
+                            }
+                            if let Some((name, value)) = header.split_once(':')
+                                && name.eq_ignore_ascii_case("content-length")
+                            {
+                                length = value.trim().parse().unwrap_or(0);
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        if reader.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let answer =
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                        if writer.write_all(answer.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, requests })
+    }
+
+    fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 fn row(name: &str, load: &Load, target: &str) -> String {

@@ -42,6 +42,8 @@ pub struct Options {
     /// Runs the `trellis-api` binary as a child process instead of in this process: for the
     /// tests that read `/metrics`, which in-process apps share (one recorder per process).
     pub process: bool,
+    /// Extra environment of the child process (with [`Options::process`]).
+    pub env: Vec<(&'static str, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -109,7 +111,8 @@ impl TestApp {
         args.extend(options.args);
         let shutdown = CancellationToken::new();
         let (addr, admin_addr, running, process) = if options.process {
-            let mut process = trellis_testkit::Spawn::new("trellis-api").args(&args[1..]).spawn();
+            let spawn = trellis_testkit::Spawn::new("trellis-api").args(&args[1..]);
+            let mut process = options.env.iter().fold(spawn, |s, (k, v)| s.env(k, v)).spawn();
             process.wait_listening(trellis_testkit::process::READY_WITHIN).await;
             (process.api(), process.admin(), None, Some(process))
         } else {

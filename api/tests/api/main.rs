@@ -19,3 +19,4 @@ mod openapi;
 mod outbox;
 mod scores_search;
 mod sessions;
+mod traces;

@@ -125,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
             host: "bench",
             version: "bench",
             now,
+            trace: None,
         };
         let headers = dlq::dead_letter_headers(&letter, None);
         acks.push(js.publish_with_headers(topology.subject("dlq.bench"), headers, envelope(n)).await?);

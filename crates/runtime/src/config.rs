@@ -205,6 +205,12 @@ pub struct CommonArgs {
     /// How long SIGTERM waits for in-flight work before giving up on it.
     #[arg(long, env = "SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "20s")]
     pub shutdown_grace: Duration,
+
+    /// How a consumer's process span relates to the trace context a message carries: `child`
+    /// (one trace from the HTTP request to the worker's effect, and a link) or `link` (a new
+    /// trace per message, linked to the request's).
+    #[arg(long, env = "TRACE_CONSUMER_PARENT", value_enum, default_value = "child")]
+    pub trace_consumer_parent: crate::trace::ParentMode,
 }
 
 /// The promotion gate of the cutover flags: a change that makes the worker a processor's

@@ -7,6 +7,8 @@
 //! its whole history.
 
 use async_nats::HeaderMap;
+
+use crate::trace::TraceHeaders;
 use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -34,6 +36,10 @@ pub const WORKER_VERSION: &str = "Trellis-Worker-Version";
 pub const REPLAY_COUNT: &str = "Trellis-Replay-Count";
 pub const REPLAY_AUDIT_ID: &str = "Trellis-Replay-Audit-Id";
 pub const HISTORY: &str = "Trellis-History";
+/// The W3C trace context of the failed delivery (its process span), so that on-call can find
+/// the trace of the request behind a dead letter; a replay's trace links to it.
+pub const TRACEPARENT: &str = "Trellis-Traceparent";
+pub const TRACESTATE: &str = "Trellis-Tracestate";
 
 /// Why a message was dead-lettered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +79,8 @@ pub struct DeadLetter<'a> {
     pub host: &'a str,
     pub version: &'a str,
     pub now: OffsetDateTime,
+    /// The trace context of the failed delivery; without one, the message's own.
+    pub trace: Option<TraceHeaders>,
 }
 
 /// One failure in a message's history.
@@ -165,7 +173,21 @@ pub fn dead_letter_headers(letter: &DeadLetter<'_>, original: Option<&HeaderMap>
         h.insert(REPLAY_AUDIT_ID, audit.as_str());
     }
     h.insert(HISTORY, serde_json::to_string(&past).unwrap_or_default().as_str());
+    if let Some(trace) = letter.trace.clone().or_else(|| TraceHeaders::from_nats(original)) {
+        h.insert(TRACEPARENT, trace.traceparent.as_str());
+        if let Some(state) = &trace.tracestate {
+            h.insert(TRACESTATE, state.as_str());
+        }
+    }
     h
+}
+
+/// The failed delivery's trace context a dead letter (or its replay) carries.
+pub fn failed_trace(headers: Option<&HeaderMap>) -> Option<TraceHeaders> {
+    let headers = headers?;
+    let traceparent = headers.get(TRACEPARENT)?.as_str().to_owned();
+    let tracestate = headers.get(TRACESTATE).map(|v| v.as_str().to_owned());
+    Some(TraceHeaders { traceparent, tracestate })
 }
 
 /// Publishes a dead letter and waits for the DLQ stream to acknowledge it.
@@ -226,6 +248,12 @@ impl Entry {
 
     pub fn original_subject(&self) -> &str {
         self.header(ORIGINAL_SUBJECT).unwrap_or("")
+    }
+
+    /// The trace id of the failed delivery (32 hex digits), if the dead letter carries one.
+    pub fn trace_id(&self) -> Option<String> {
+        let trace = failed_trace(Some(&self.headers))?;
+        trace.span_context().map(|sc| sc.trace_id().to_string())
     }
 
     /// The error kind plus the error text with numbers and ids masked: equal for failures of
@@ -352,6 +380,14 @@ pub async fn publish_replays(
             if let Some(history) = entry.header(HISTORY) {
                 h.insert(HISTORY, history);
             }
+            // A replay is a new trace; its consumer's process span links to the failed delivery.
+            replay_trace().to_nats(&mut h);
+            if let Some(failed) = failed_trace(Some(&entry.headers)) {
+                h.insert(TRACEPARENT, failed.traceparent.as_str());
+                if let Some(state) = &failed.tracestate {
+                    h.insert(TRACESTATE, state.as_str());
+                }
+            }
             let subject = topology.subject(&format!("replay.{consumer}.{original}"));
             Ok(js.publish_with_headers(subject, h, entry.payload.clone()).await?)
         }
@@ -365,6 +401,13 @@ pub async fn publish_replays(
         }
     }))
     .await
+}
+
+/// A new trace context for a replay: a fresh trace id and span id, sampled.
+fn replay_trace() -> TraceHeaders {
+    let trace_id = uuid::Uuid::new_v4().simple().to_string();
+    let span_id = &uuid::Uuid::new_v4().simple().to_string()[..16];
+    TraceHeaders { traceparent: format!("00-{trace_id}-{span_id}-01"), tracestate: None }
 }
 
 /// Removes these dead letters one by one (requests in flight together).
@@ -428,6 +471,7 @@ mod tests {
             host: "h",
             version: "v",
             now,
+            trace: None,
         };
         let mut original = HeaderMap::new();
         original.insert("Nats-Msg-Id", "evt-1");

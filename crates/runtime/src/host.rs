@@ -412,14 +412,16 @@ async fn declare_streams(ctx: &RunnerContext, stop: &CancellationToken) -> Resul
 
 /// A process's exit code for how it ended; an error is logged and printed on stderr.
 pub fn exit_code(name: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
-    match result {
+    let code = match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(process = name, error = format!("{e:#}"), "stopped with an error");
             eprintln!("{name}: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    crate::telemetry::shutdown_tracing();
+    code
 }
 
 /// This machine's name, for dead-letter headers.

@@ -16,4 +16,5 @@ pub mod relay;
 pub mod shutdown;
 pub mod stream_limits;
 pub mod telemetry;
+pub mod trace;
 pub mod worker;

@@ -7,16 +7,18 @@
 
 use std::time::{Duration, Instant};
 
-use async_nats::HeaderMap;
 use async_nats::jetstream;
+use async_nats::{HeaderMap, HeaderName};
 use backon::BackoffBuilder;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use trellis_store::outbox;
 
 use crate::instrument::{OutboxPruned, OutboxSampled, RelayBatchPublished, RelayFailed};
 use crate::nats::Topology;
+use crate::trace::{ParentMode, TraceHeaders};
 
 /// The channel the outbox trigger notifies on commit.
 pub const OUTBOX_CHANNEL: &str = "trellis_outbox";
@@ -191,7 +193,21 @@ impl Relay {
         let mut bytes = 0;
         for event in &batch {
             let subject = self.topology.subject(&event.subject);
-            let size = stored_size(&subject, event.payload.len());
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
+            let span = publish_span(event, &subject);
+            // The row's context goes on as it is (a consumer's span is the child of the
+            // request's outbox write); a row without one carries the publish span's.
+            let trace = event
+                .traceparent
+                .as_ref()
+                .map(|tp| TraceHeaders { traceparent: tp.clone(), tracestate: event.tracestate.clone() })
+                .filter(|t| t.span_context().is_some())
+                .or_else(|| TraceHeaders::of(&tracing_opentelemetry::OpenTelemetrySpanExt::context(&span)));
+            if let Some(trace) = &trace {
+                trace.to_nats(&mut headers);
+            }
+            let size = stored_size(&subject, &headers, event.payload.len());
             if let Some(room) = room.as_mut() {
                 if *room < size {
                     // What is not sent stays unpublished in the outbox, for the next attempt.
@@ -204,9 +220,9 @@ impl Relay {
                 }
                 *room -= size;
             }
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
-            match self.js.publish_with_headers(subject, headers, event.payload.clone().into()).await {
+            let published =
+                self.js.publish_with_headers(subject, headers, event.payload.clone().into()).instrument(span).await;
+            match published {
                 Ok(ack) => {
                     acks.push((event.seq, ack));
                     bytes += size;
@@ -258,6 +274,28 @@ impl Relay {
     }
 }
 
+/// The relay's span for publishing one event: a child of the span that wrote the row (the
+/// request's outbox write) and linked to it, with the messaging attributes of the OpenTelemetry
+/// semantic conventions.
+fn publish_span(event: &outbox::PendingEvent, subject: &str) -> tracing::Span {
+    let span = tracing::info_span!(
+        parent: None,
+        "publish",
+        otel.name = %format_args!("publish {}", event.subject),
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.operation.type = "send",
+        messaging.destination.name = %subject,
+        messaging.message.id = %event.id,
+        trellis.outbox.seq = event.seq,
+    );
+    let row = event.traceparent.as_deref().and_then(|tp| TraceHeaders::parse(tp, event.tracestate.as_deref()));
+    if let Some(row) = row {
+        crate::trace::relate(&span, &row, ParentMode::Child);
+    }
+    span
+}
+
 /// A claimed batch whose publishes are sent and whose acknowledgements are awaited; its row
 /// locks hold until it is settled.
 struct InFlight {
@@ -270,10 +308,17 @@ struct InFlight {
     bytes: u64,
 }
 
-/// What an event takes in a file-backed stream, over-estimated: its subject and payload, the
-/// `Nats-Msg-Id` header and the store's record overhead.
-fn stored_size(subject: &str, payload: usize) -> u64 {
-    (subject.len() + payload + 128) as u64
+/// What an event takes in a file-backed stream, over-estimated: its subject, its headers as
+/// they are sent (`NATS/1.0`, then `name: value` lines), its payload and the store's record
+/// overhead.
+fn stored_size(subject: &str, headers: &HeaderMap, payload: usize) -> u64 {
+    let header_lines: usize = headers
+        .iter()
+        .map(|(name, values)| {
+            values.iter().map(|v| <HeaderName as AsRef<str>>::as_ref(name).len() + v.as_str().len() + 4).sum::<usize>()
+        })
+        .sum();
+    (subject.len() + 12 + header_lines + payload + 64) as u64
 }
 
 /// The next notification of a LISTEN connection; never, without one (so that polling decides).

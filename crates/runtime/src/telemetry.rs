@@ -1,22 +1,108 @@
-//! Logging and the Prometheus recorder.
+//! Logging, tracing (OpenTelemetry, exported over OTLP when configured) and the Prometheus
+//! recorder.
 
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::FmtContext;
+use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, JsonFields, Writer};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 use crate::config::LogFormat;
 
-/// Installs the global `tracing` subscriber. `RUST_LOG` filters (default `info`).
+/// The environment variable that switches span export on (the OpenTelemetry standard one).
+pub const OTLP_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
+static PROVIDER: std::sync::OnceLock<SdkTracerProvider> = std::sync::OnceLock::new();
+
+/// Installs the global `tracing` subscriber: the log output, filtered by `RUST_LOG` (default
+/// `info`), and the OpenTelemetry layer, which gives every `info` span a W3C trace and span id
+/// (whatever `RUST_LOG` says, so trace context always propagates). Spans are exported over
+/// OTLP (http/protobuf) only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set; `OTEL_SERVICE_NAME`,
+/// `OTEL_TRACES_SAMPLER` and `OTEL_BSP_*` configure it as the standard says. Otherwise there is
+/// no exporter and no batch processor: a span is never built for export.
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
-    let result = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
-        LogFormat::Pretty => builder.try_init(),
+    let provider = PROVIDER.get_or_init(tracer_provider).clone();
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("trellis"))
+        .with_tracked_inactivity(false)
+        .with_filter(tracing::level_filters::LevelFilter::INFO);
+    let fmt = tracing_subscriber::fmt::layer().with_target(true);
+    let fmt = match format {
+        LogFormat::Json => fmt.fmt_fields(JsonFields::new()).event_format(TraceJson::new()).with_filter(filter).boxed(),
+        LogFormat::Pretty => fmt.with_filter(filter).boxed(),
     };
     // A second init (tests running several apps in one process) keeps the first subscriber.
-    drop(result);
+    drop(tracing_subscriber::registry().with(otel).with(fmt).try_init());
+}
+
+/// The tracer provider: with a batch OTLP exporter when `OTEL_EXPORTER_OTLP_ENDPOINT` is set,
+/// bare otherwise. An exporter that cannot be built is reported and export stays off.
+fn tracer_provider() -> SdkTracerProvider {
+    let builder = SdkTracerProvider::builder();
+    let endpoint = std::env::var(OTLP_ENDPOINT_ENV).unwrap_or_default();
+    if endpoint.trim().is_empty() {
+        return builder.build();
+    }
+    match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
+        Ok(exporter) => builder.with_batch_exporter(exporter).build(),
+        Err(e) => {
+            eprintln!(
+                "OTEL_EXPORTER_OTLP_ENDPOINT is set but the OTLP exporter cannot be built ({e}); spans are not exported"
+            );
+            builder.build()
+        }
+    }
+}
+
+/// Exports the spans still buffered and stops the exporter. Called once at process exit.
+pub fn shutdown_tracing() {
+    if let Some(provider) = PROVIDER.get() {
+        let _ = provider.force_flush();
+        let _ = provider.shutdown();
+    }
+}
+
+/// The JSON log format with the current span's `trace_id` and `span_id` at the top level of
+/// every line written inside a span.
+struct TraceJson(format::Format<format::Json>);
+
+impl TraceJson {
+    fn new() -> Self {
+        Self(format::format().json().flatten_event(true).with_current_span(true))
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for TraceJson
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    format::Format<format::Json>: FormatEvent<S, N>,
+{
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
+        let cx = opentelemetry::Context::current();
+        let span = cx.span();
+        let sc = span.span_context();
+        if !sc.is_valid() {
+            return self.0.format_event(ctx, writer, event);
+        }
+        let mut line = String::with_capacity(256);
+        self.0.format_event(ctx, Writer::new(&mut line), event)?;
+        match line.strip_prefix('{') {
+            Some(rest) => {
+                write!(writer, "{{\"trace_id\":\"{}\",\"span_id\":\"{}\",", sc.trace_id(), sc.span_id())?;
+                writer.write_str(rest)
+            }
+            None => writer.write_str(&line),
+        }
+    }
 }
 
 /// Latency buckets in seconds, 1 ms to 60 s.
@@ -59,5 +145,65 @@ fn record_binary_size() {
         Err(e) => {
             tracing::warn!(error = %e, "cannot read this executable's size; trellis_build_binary_size_bytes is not exported")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_json_line_inside_a_span_carries_its_trace_and_span_id_and_one_outside_none() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .fmt_fields(JsonFields::new())
+                    .event_format(TraceJson::new())
+                    .with_writer(move || writer.clone()),
+            );
+        let (trace_id, span_id) = tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("outside");
+            let span = tracing::info_span!("request", request_id = "r1");
+            let ids = span.in_scope(|| {
+                tracing::info!(n = 1, "inside");
+                let cx = tracing::Span::current().context();
+                let sc = cx.span().span_context().clone();
+                (sc.trace_id().to_string(), sc.span_id().to_string())
+            });
+            drop(span);
+            ids
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).expect(l)).collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0]["message"], "outside");
+        assert!(lines[0].get("trace_id").is_none(), "{text}");
+        assert_eq!(lines[1]["message"], "inside");
+        assert_eq!(lines[1]["n"], 1);
+        assert_eq!(lines[1]["span"]["request_id"], "r1");
+        assert_eq!(lines[1]["trace_id"], trace_id.as_str());
+        assert_eq!(lines[1]["span_id"], span_id.as_str());
+        assert_ne!(trace_id, opentelemetry::trace::TraceId::INVALID.to_string());
     }
 }

@@ -136,6 +136,7 @@ where
 }
 
 async fn serve(name: &'static str, args: WorkerArgs, processor: impl Processor) -> anyhow::Result<()> {
+    crate::trace::set_consumer_parent(args.common.trace_consumer_parent);
     crate::telemetry::init_logging(args.common.log_format);
     let shutdown = crate::shutdown::on_signal();
     let host = Host::start(args.host_config(name), shutdown).await?;

@@ -14,13 +14,16 @@ pub struct PendingEvent {
     pub subject: String,
     /// The envelope as JSON text, exactly as it goes on the wire.
     pub payload: String,
+    /// The W3C trace context of the span that wrote the event, if any.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 /// Locks up to `limit` unpublished events, oldest first, skipping rows another relay holds.
 /// The locks last until the caller's transaction ends.
 pub async fn claim(conn: &mut PgConnection, limit: i64) -> Result<Vec<PendingEvent>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT seq, id, subject, payload::text AS payload FROM ops.outbox
+        "SELECT seq, id, subject, payload::text AS payload, traceparent, tracestate FROM ops.outbox
          WHERE published_at IS NULL ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(limit)

@@ -58,10 +58,15 @@ pub struct RunRow {
     pub started_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
     pub finished_at: Option<OffsetDateTime>,
+    /// The trace id of the request that asked for the run, if a traced request did.
+    pub trace_id: Option<String>,
+    /// The trace ids of the requests coalesced into the run.
+    pub linked_trace_ids: Option<Vec<String>>,
 }
 
 const RUN_COLUMNS: &str = "id, trigger, requested_by, status, host, algorithm, users, edges, iterations, residual,
-    scores_changed, load_ms, compute_ms, write_ms, error, input_digest, created_at, started_at, finished_at";
+    scores_changed, load_ms, compute_ms, write_ms, error, input_digest, created_at, started_at, finished_at, trace_id,
+    linked_trace_ids";
 
 /// An input digest as operators see it: its 64 bits in hex.
 pub fn digest_text(digest: i64) -> String {
@@ -117,15 +122,39 @@ pub async fn request_run(
     trigger: &str,
     requested_by: Option<Uuid>,
 ) -> Result<(), sqlx::Error> {
+    request_traced_run(db, trigger, requested_by, None).await
+}
+
+/// The most trace ids of coalesced requests a run keeps.
+pub const MAX_LINKED_TRACES: i32 = 100;
+
+/// [`request_run`] by a request of trace `trace_id`: the trace of the run's first request
+/// becomes the run's, those of the requests coalesced into it its links (at most
+/// [`MAX_LINKED_TRACES`]).
+pub async fn request_traced_run(
+    db: impl PgExecutor<'_>,
+    trigger: &str,
+    requested_by: Option<Uuid>,
+    trace_id: Option<&str>,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE score.scheduler SET run_pending = true,
              pending_trigger = CASE WHEN run_pending THEN pending_trigger ELSE $1 END,
              pending_requested_by = CASE WHEN run_pending THEN pending_requested_by ELSE $2 END,
-             pending_since = CASE WHEN run_pending THEN pending_since ELSE now() END
+             pending_since = CASE WHEN run_pending THEN pending_since ELSE now() END,
+             pending_trace_id = CASE WHEN run_pending THEN pending_trace_id ELSE $3 END,
+             pending_linked_trace_ids = CASE
+                 WHEN NOT run_pending THEN NULL
+                 WHEN $3 IS NULL OR cardinality(COALESCE(pending_linked_trace_ids, '{}')) >= $4
+                     THEN pending_linked_trace_ids
+                 ELSE array_append(COALESCE(pending_linked_trace_ids, '{}'), $3::text)
+             END
          WHERE id = 1",
     )
     .bind(trigger)
     .bind(requested_by)
+    .bind(trace_id)
+    .bind(MAX_LINKED_TRACES)
     .execute(db)
     .await?;
     Ok(())
@@ -143,15 +172,18 @@ pub async fn start_pending_run(
 ) -> Result<Option<(String, Option<Uuid>)>, sqlx::Error> {
     sqlx::query_as(
         "WITH old AS (
-             SELECT pending_trigger, pending_requested_by FROM score.scheduler WHERE id = 1 AND run_pending FOR UPDATE
+             SELECT pending_trigger, pending_requested_by, pending_trace_id, pending_linked_trace_ids
+             FROM score.scheduler WHERE id = 1 AND run_pending FOR UPDATE
          ), taken AS (
              UPDATE score.scheduler s SET run_pending = false, pending_trigger = NULL, pending_requested_by = NULL,
-                 pending_since = NULL
+                 pending_since = NULL, pending_trace_id = NULL, pending_linked_trace_ids = NULL
              FROM old WHERE s.id = 1
-             RETURNING COALESCE(old.pending_trigger, 'manual') AS trigger, old.pending_requested_by AS requested_by
+             RETURNING COALESCE(old.pending_trigger, 'manual') AS trigger, old.pending_requested_by AS requested_by,
+                 old.pending_trace_id AS trace_id, old.pending_linked_trace_ids AS linked_trace_ids
          )
-         INSERT INTO score.runs (id, trigger, requested_by, status, host, algorithm, started_at)
-         SELECT $1, trigger, requested_by, 'running', $2, $3, now() FROM taken
+         INSERT INTO score.runs (id, trigger, requested_by, status, host, algorithm, started_at, trace_id,
+             linked_trace_ids)
+         SELECT $1, trigger, requested_by, 'running', $2, $3, now(), trace_id, linked_trace_ids FROM taken
          RETURNING trigger, requested_by",
     )
     .bind(id)
@@ -194,21 +226,24 @@ pub async fn release_lease(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
 /// can be running. Each is marked failed, and the request it was serving is pending again (unless
 /// another one already is), so that the next run serves it.
 pub async fn fail_abandoned_runs(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
-    let abandoned: Vec<(String, Option<Uuid>)> = sqlx::query_as(
+    type Abandoned = (String, Option<Uuid>, Option<String>, Option<Vec<String>>);
+    let abandoned: Vec<Abandoned> = sqlx::query_as(
         "UPDATE score.runs SET status = 'failed', finished_at = now(),
              error = 'abandoned: the replica running it stopped before it finished'
-         WHERE status = 'running' RETURNING trigger, requested_by",
+         WHERE status = 'running' RETURNING trigger, requested_by, trace_id, linked_trace_ids",
     )
     .fetch_all(&mut *conn)
     .await?;
-    if let Some((trigger, requested_by)) = abandoned.last() {
+    if let Some((trigger, requested_by, trace_id, linked)) = abandoned.last() {
         sqlx::query(
             "UPDATE score.scheduler SET run_pending = true, pending_trigger = $1, pending_requested_by = $2,
-                 pending_since = now()
+                 pending_since = now(), pending_trace_id = $3, pending_linked_trace_ids = $4
              WHERE id = 1 AND NOT run_pending",
         )
         .bind(trigger)
         .bind(requested_by)
+        .bind(trace_id)
+        .bind(linked)
         .execute(conn)
         .await?;
     }

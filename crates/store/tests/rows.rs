@@ -53,3 +53,38 @@ async fn a_stored_value_no_enum_has_is_a_decode_error_naming_its_column() {
     let err = trellis_store::scores::get_run(&db.pool, run).await.unwrap_err();
     assert!(matches!(&err, sqlx::Error::ColumnDecode { index, .. } if index == "status"), "{err:?}");
 }
+
+#[tokio::test]
+async fn a_run_records_its_first_requests_trace_and_links_the_coalesced_ones() {
+    let db = TestDb::migrated().await.unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let [first, second, third] = ["a", "b", "c"].map(|c| c.repeat(32));
+    for trace in [Some(first.as_str()), None, Some(second.as_str()), Some(third.as_str())] {
+        trellis_store::scores::request_traced_run(&mut *conn, "manual", None, trace).await.unwrap();
+    }
+    let run = uuid::Uuid::now_v7();
+    trellis_store::scores::start_pending_run(&mut conn, run, "test", "test").await.unwrap().expect("a pending request");
+    let (trace_id, linked): (Option<String>, Option<Vec<String>>) =
+        sqlx::query_as("SELECT trace_id, linked_trace_ids FROM score.runs WHERE id = $1")
+            .bind(run)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(trace_id, Some(first));
+    assert_eq!(linked, Some(vec![second, third]));
+
+    // The next request starts afresh.
+    trellis_store::scores::request_traced_run(&mut *conn, "manual", None, None).await.unwrap();
+    let next = uuid::Uuid::now_v7();
+    trellis_store::scores::start_pending_run(&mut conn, next, "test", "test")
+        .await
+        .unwrap()
+        .expect("a pending request");
+    let (trace_id, linked): (Option<String>, Option<Vec<String>>) =
+        sqlx::query_as("SELECT trace_id, linked_trace_ids FROM score.runs WHERE id = $1")
+            .bind(next)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((trace_id, linked), (None, None));
+}

@@ -11,6 +11,7 @@
 
 pub mod http;
 pub mod metrics;
+pub mod otlp;
 pub mod probe;
 pub mod process;
 pub mod wait;

@@ -90,8 +90,8 @@ pub enum Dlq {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-    /// Shows one dead letter: every header, what its payload says as an event (or why it does
-    /// not decode), and the payload.
+    /// Shows one dead letter: the trace id of the failed delivery, every header, what its
+    /// payload says as an event (or why it does not decode), and the payload.
     Show { sequence: u64 },
     /// Groups dead letters by consumer and error fingerprint: the triage view.
     Stats {
@@ -237,6 +237,7 @@ fn entry_json(e: &Entry) -> serde_json::Value {
         "kind": e.kind(),
         "error": e.error(),
         "fingerprint": e.fingerprint(),
+        "trace_id": e.trace_id(),
         "original_subject": e.original_subject(),
         "replays": e.replays(),
         "headers": headers,
@@ -333,7 +334,8 @@ async fn show(ctx: &Ctx, sequence: u64) -> anyhow::Result<()> {
     match ctx.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&entry_json(&e))?),
         Output::Table => {
-            println!("sequence: {}\nsubject:  {}\ntime:     {}\n", e.sequence, e.subject, time_text(e.time));
+            println!("sequence: {}\nsubject:  {}\ntime:     {}", e.sequence, e.subject, time_text(e.time));
+            println!("trace:    {}\n", e.trace_id().as_deref().unwrap_or("(none)"));
             let mut headers: Vec<(String, String)> = e
                 .headers
                 .iter()

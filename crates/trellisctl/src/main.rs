@@ -391,6 +391,12 @@ async fn score(pool: &sqlx::PgPool, action: Score, output: Output) -> anyhow::Re
                 if let Some(digest) = run.input_digest {
                     println!("input digest {}", trellis_store::scores::digest_text(digest));
                 }
+                if let Some(trace) = &run.trace_id {
+                    println!("trace {trace}");
+                }
+                if let Some(linked) = run.linked_trace_ids.as_ref().filter(|l| !l.is_empty()) {
+                    println!("linked traces {}", linked.join(", "));
+                }
                 if let Some(e) = &run.error {
                     println!("error: {e}");
                 }

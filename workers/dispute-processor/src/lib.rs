@@ -53,6 +53,7 @@ use futures::future::BoxFuture;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use trellis_commands::Emitted;
 use trellis_commands::disputes::{Decided, DecidedBy};
 use trellis_domain::adjudication::Facts;
@@ -400,7 +401,20 @@ impl Handler for PriorityHandler {
             if turn.aged {
                 tracing::debug!(priority = self.priority.as_str(), "an overdue batch takes an aging turn");
             }
-            match self.processor.decide(&ids).await {
+            // One decision span per filing, in its message's trace (the batch is decided at
+            // once, in the runner's batch span, which links every message).
+            let decisions: Vec<tracing::Span> = batch
+                .iter()
+                .zip(&decoded)
+                .filter_map(|(d, id)| id.as_ref().ok().map(|id| (d, id)))
+                .map(|(d, id)| {
+                    tracing::info_span!(parent: &d.span, "dispute decision", trellis.dispute.id = %id, priority = self.priority.as_str())
+                })
+                .collect();
+            let decided =
+                self.processor.decide(&ids).instrument(tracing::info_span!("decide batch", disputes = ids.len())).await;
+            drop(decisions);
+            match decided {
                 // Not pending: already decided (a redelivery, another replica, a moderator), or
                 // missing, which only a corrupt or foreign event can cause.
                 Ok(pending) => {

@@ -267,7 +267,18 @@ impl Orchestrator {
     /// pending. Returns the runs this call made (none when another replica holds the lease:
     /// it will see the request).
     pub async fn request(&self, trigger: &str, requested_by: Option<Uuid>) -> Result<Vec<RunSummary>, RunError> {
-        store::request_run(&self.pool, trigger, requested_by).await?;
+        self.request_traced(trigger, requested_by, None).await
+    }
+
+    /// [`Orchestrator::request`] by a request of trace `trace_id`, which the run records (as
+    /// its trace, or as a link when the request is coalesced into a run already asked for).
+    pub async fn request_traced(
+        &self,
+        trigger: &str,
+        requested_by: Option<Uuid>,
+        trace_id: Option<&str>,
+    ) -> Result<Vec<RunSummary>, RunError> {
+        store::request_traced_run(&self.pool, trigger, requested_by, trace_id).await?;
         self.serve(None).await
     }
 
@@ -279,12 +290,13 @@ impl Orchestrator {
         asked_at: OffsetDateTime,
         trigger: &str,
         requested_by: Option<Uuid>,
+        trace_id: Option<&str>,
     ) -> Result<Vec<RunSummary>, RunError> {
         if store::succeeded_since(&self.pool, asked_at).await? {
             tracing::info!(%asked_at, "a run that started after this request succeeded; it is served");
             return Ok(Vec::new());
         }
-        self.request(trigger, requested_by).await
+        self.request_traced(trigger, requested_by, trace_id).await
     }
 
     /// For the schedule: asks for a run only when no run is in progress anywhere (that run
@@ -591,7 +603,9 @@ impl MessageHandler for Orchestrator {
             Err(rejected) => return rejected,
         };
         let requested_by = request.requested_by.map(|u| u.0);
-        match self.request_made_at(delivery.envelope.occurred_at, "manual", requested_by).await {
+        // The trace of the request that asked for the run, as the message carries it.
+        let trace_id = delivery.trace.as_ref().and_then(|t| t.trace_id());
+        match self.request_made_at(delivery.envelope.occurred_at, "manual", requested_by, trace_id).await {
             Ok(_) => Outcome::Done,
             Err(RunError::Invalid(e)) => Outcome::Reject(e),
             Err(e @ RunError::Database(_)) => Outcome::Retry(e.to_string()),

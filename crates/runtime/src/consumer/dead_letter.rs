@@ -27,6 +27,8 @@ impl<H: Handler> ConsumerGroup<H> {
             host: &self.ctx.host,
             version: &self.ctx.version,
             now,
+            // Settling runs in the delivery's process span; an undecodable message has none.
+            trace: crate::trace::TraceHeaders::current(),
         };
         match dlq::publish(&self.ctx.js, &self.ctx.topology, &letter, m.headers.as_ref(), m.payload.clone()).await {
             Ok(()) => {

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 
 use futures::{FutureExt, StreamExt};
+use tracing::Instrument as _;
 use trellis_domain::events::Envelope;
 
 /// What a handler decided for one message.
@@ -30,13 +31,27 @@ pub struct Delivery {
     pub deliveries: i64,
     /// How many times this message was replayed from the DLQ (0 if never).
     pub replays: u32,
+    /// This delivery's process span: a child of the trace context the message carries (or
+    /// linked to it, see `trace::ParentMode`). A handler's work on this message alone runs in
+    /// it; the runner settles the message in it.
+    pub span: tracing::Span,
+    /// The trace context the message carries (the request's, through its outbox row).
+    pub trace: Option<crate::trace::TraceHeaders>,
 }
 
 impl Delivery {
     /// The first delivery of `envelope`, published on `subject` at `stream_sequence` and never
     /// replayed.
     pub fn first(subject: impl Into<String>, envelope: Envelope, stream_sequence: u64) -> Self {
-        Self { subject: subject.into(), envelope, stream_sequence, deliveries: 1, replays: 0 }
+        Self {
+            subject: subject.into(),
+            envelope,
+            stream_sequence,
+            deliveries: 1,
+            replays: 0,
+            span: tracing::Span::none(),
+            trace: None,
+        }
     }
 }
 
@@ -66,7 +81,8 @@ impl<H: MessageHandler> Handler for EachMessage<H> {
 
 impl<H: MessageHandler> EachMessage<H> {
     async fn one(&self, delivery: &Delivery) -> Outcome {
-        match AssertUnwindSafe(self.handler.handle_one(delivery)).catch_unwind().await {
+        let handled = AssertUnwindSafe(self.handler.handle_one(delivery)).catch_unwind();
+        match handled.instrument(delivery.span.clone()).await {
             Ok(outcome) => outcome,
             Err(panic) => Outcome::Retry(format!("handler panicked: {}", panic_text(&panic))),
         }

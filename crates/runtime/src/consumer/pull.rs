@@ -21,12 +21,14 @@ use async_nats::jetstream::consumer::pull::Batch;
 use async_nats::jetstream::{self, AckKind};
 use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use trellis_domain::events::Envelope;
 
 use super::handler::panic_text;
 use super::{ConsumerGroup, Delivery, Feed, Handler, Outcome, PullConsumer};
 use crate::dlq::{self, ErrorKind};
 use crate::instrument::{BatchHandled, BatchReceived, BatchSettled, MessageUndecodable};
+use crate::trace::TraceHeaders;
 
 /// The batch being gathered: the messages that have arrived, and when its window closes (set
 /// by its first message).
@@ -237,7 +239,8 @@ impl<H: Handler> ConsumerGroup<H> {
                 }
             }
         };
-        let handled = AssertUnwindSafe(self.handler.handle(&deliveries)).catch_unwind();
+        let batch_span = self.batch_span(&decoded, deliveries.len());
+        let handled = AssertUnwindSafe(self.handler.handle(&deliveries)).catch_unwind().instrument(batch_span);
         let outcomes = tokio::select! {
             outcomes = handled => outcomes,
             _ = keep_alive => unreachable!("the keep-alive loop never ends"),
@@ -251,8 +254,11 @@ impl<H: Handler> ConsumerGroup<H> {
             Err(panic) => vec![Outcome::Retry(format!("handler panicked: {}", panic_text(&panic))); deliveries.len()],
         };
         BatchHandled { consumer, messages: deliveries.len(), duration: started.elapsed() }.emit();
-        let acts =
-            decoded.iter().zip(&deliveries).zip(outcomes).map(|((m, d), outcome)| self.settle(m, d, outcome, feed));
+        let acts = decoded
+            .iter()
+            .zip(&deliveries)
+            .zip(outcomes)
+            .map(|((m, d), outcome)| self.settle(m, d, outcome, feed).instrument(d.span.clone()));
         futures::future::join_all(acts).await;
         BatchSettled { consumer, messages: deliveries.len() }.emit();
     }
@@ -262,12 +268,55 @@ impl<H: Handler> ConsumerGroup<H> {
         let envelope: Envelope =
             serde_json::from_slice(&m.payload).map_err(|e| format!("payload is not an event envelope: {e}"))?;
         let subject = self.original_subject(m.subject.as_str(), feed);
+        let span = tracing::info_span!(
+            parent: None,
+            "process",
+            otel.name = %format_args!("process {subject}"),
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.operation.type = "process",
+            messaging.destination.name = %m.subject,
+            messaging.consumer.group.name = %self.spec.name,
+            messaging.message.id = %envelope.id.0,
+            messaging.nats.message.delivery_count = info.delivered,
+            messaging.nats.stream_sequence = info.stream_sequence,
+        );
+        let trace = TraceHeaders::from_nats(m.headers.as_ref()).filter(|t| t.span_context().is_some());
+        if let Some(sc) = trace.as_ref().and_then(TraceHeaders::span_context) {
+            crate::trace::relate(&span, &sc, crate::trace::consumer_parent());
+        }
+        // A replay links to the delivery that failed.
+        if let Some(failed) = dlq::failed_trace(m.headers.as_ref()).and_then(|t| t.span_context()) {
+            crate::trace::link(&span, &failed);
+        }
         Ok(Delivery {
             subject,
             envelope,
             stream_sequence: info.stream_sequence,
             deliveries: info.delivered,
             replays: dlq::replay_count(m.headers.as_ref()),
+            span,
+            trace,
         })
+    }
+
+    /// The span a batch is handled in: linked to the trace context of every message in it.
+    fn batch_span(&self, messages: &[jetstream::Message], size: usize) -> tracing::Span {
+        let span = tracing::info_span!(
+            parent: None,
+            "process batch",
+            otel.name = %format_args!("process batch {}", self.spec.name),
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.operation.type = "process",
+            messaging.consumer.group.name = %self.spec.name,
+            messaging.batch.message_count = size,
+        );
+        for m in messages {
+            if let Some(sc) = TraceHeaders::from_nats(m.headers.as_ref()).and_then(|t| t.span_context()) {
+                crate::trace::link(&span, &sc);
+            }
+        }
+        span
     }
 }

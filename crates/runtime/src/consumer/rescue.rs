@@ -77,6 +77,7 @@ impl<H: Handler> ConsumerGroup<H> {
             host: &self.ctx.host,
             version: &self.ctx.version,
             now,
+            trace: None,
         };
         dlq::publish(&self.ctx.js, &self.ctx.topology, &letter, Some(&original.headers), original.payload.clone())
             .await?;

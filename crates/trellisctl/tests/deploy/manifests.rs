@@ -301,7 +301,7 @@ fn every_third_party_image_is_pinned_by_digest() {
             references.push((format!("compose {}", name.as_str().unwrap()), image.to_owned()));
         }
     }
-    assert_eq!(references.len(), 7, "{references:?}");
+    assert_eq!(references.len(), 8, "{references:?}");
     for overlay in ["dev", "prod"] {
         for doc in crate::rendered::render(overlay) {
             for container in doc["spec"]["template"]["spec"]["containers"].as_sequence().into_iter().flatten() {

@@ -32,6 +32,7 @@ async fn dead_letter_of(env: &Env, consumer: &str, seq: u64, kind: ErrorKind, er
         host: "test-host",
         version: "test",
         now,
+        trace: None,
     };
     dlq::publish(&env.js, &env.topology, &letter, None, payload.into()).await.expect("publishing a dead letter");
     let entries = env.dead_letters(None).await;
@@ -321,4 +322,56 @@ async fn a_canary_that_survives_lets_the_rest_of_the_replay_through() {
         (audit[0].status.as_str(), audit[0].outcome.as_ref().unwrap()["replayed"].as_u64()),
         ("completed", Some(3))
     );
+}
+
+#[tokio::test]
+async fn a_dead_letter_carries_its_trace_and_a_replay_starts_a_new_trace_linked_to_it() {
+    use trellis_testkit::otlp::OtlpReceiver;
+    let env = Env::new().await;
+    let otlp = OtlpReceiver::start().await.expect("the OTLP receiver");
+    let otel = otlp.env("probe");
+    let _worker = trellis_testkit::probe::worker(&env.db.url, &env.nats_url, &env.prefix, &["--max-deliver", "1"])
+        .envs(otel.iter().map(|(k, v)| (*k, v.as_str())))
+        .ready()
+        .await;
+    let trace_id = uuid::Uuid::new_v4().simple().to_string();
+    let (subject, mut headers, payload) = trellis_testkit::probe::event(&env.prefix, uuid::Uuid::now_v7(), "fail");
+    headers.insert("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01").as_str());
+    env.js.publish_with_headers(subject, headers, payload).await.unwrap().await.unwrap();
+
+    // The dead letter carries the failed delivery's context: its process span, in the trace.
+    let dead = env.wait_for_dead_letters(Some(PROBE), 1, WAIT).await.remove(0);
+    assert_eq!(dead.trace_id().as_deref(), Some(trace_id.as_str()));
+    let failed = dlq::failed_trace(Some(&dead.headers)).unwrap();
+    let failed_span = failed.traceparent.split('-').nth(2).unwrap().to_owned();
+    eventually("the failed delivery's process span", WAIT, || {
+        let found = otlp.trace(&trace_id).into_iter().any(|s| s.span_id == failed_span && s.kind == 5);
+        async move { found.then_some(()) }
+    })
+    .await;
+
+    let seq = dead.sequence.to_string();
+    let shown = ctl(&env, &["dlq", "show", &seq]).await;
+    assert!(shown.success() && shown.stdout.contains(&format!("trace:    {trace_id}")), "{shown:?}");
+    let json = ctl(&env, &["--output", "json", "dlq", "show", &seq]).await.json();
+    assert_eq!(json["trace_id"], trace_id.as_str());
+
+    // A replay is a new trace whose process span links back to the failed delivery.
+    let replayed = ctl(&env, &["dlq", "replay", &seq, "--reason", "follow the trace"]).await;
+    assert!(replayed.success(), "{replayed:?}");
+    let replay = eventually("the replay's process span", WAIT, || {
+        let found = otlp
+            .spans()
+            .into_iter()
+            .find(|s| s.kind == 5 && s.trace_id != trace_id && s.links_to(&trace_id, &failed_span));
+        async move { found }
+    })
+    .await;
+    assert_eq!(replay.attr("messaging.consumer.group.name"), Some(PROBE));
+    // Dead again: the new dead letter names the replay's trace.
+    let again = eventually("the replay dead again", WAIT, || async {
+        env.dead_letters(None).await.into_iter().find(|e| e.sequence != dead.sequence)
+    })
+    .await;
+    assert_eq!(again.trace_id(), Some(replay.trace_id.clone()));
 }

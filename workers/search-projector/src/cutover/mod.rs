@@ -828,6 +828,8 @@ mod tests {
             stream_sequence: seq,
             deliveries: 1,
             replays: 0,
+            span: tracing::Span::none(),
+            trace: None,
         };
         let contact = |owner: Uuid, contact: Uuid| json!({"owner_id": owner, "contact_id": contact, "label": "x"});
         let batch = [

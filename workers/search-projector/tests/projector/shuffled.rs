@@ -25,6 +25,8 @@ async fn outbox_deliveries(db: &TestDb) -> Vec<Delivery> {
             stream_sequence: seq as u64,
             deliveries: 1,
             replays: 0,
+            span: tracing::Span::none(),
+            trace: None,
         })
         .collect()
 }

@@ -1,0 +1,234 @@
+//! One trace from the HTTP request to the workers' effects: the spans that a real `trellis-api`
+//! process (request, outbox write, relay publish) and real worker processes (process spans)
+//! export over OTLP, collected by the harness's OTLP receiver.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::json;
+use trellis_testkit::otlp::{OtlpReceiver, Span};
+use trellis_testkit::{Process, Spawn, eventually};
+
+use crate::helpers::{Options, TestApp};
+
+/// OTLP span kinds.
+const SERVER: i32 = 2;
+const PRODUCER: i32 = 4;
+const CONSUMER: i32 = 5;
+
+async fn traced_app(otlp: &OtlpReceiver) -> TestApp {
+    TestApp::spawn_with(Options { process: true, env: otlp.env("trellis-api"), ..Options::default() }).await
+}
+
+/// A worker process (the executor of its processor: the cutover flags name the workers by
+/// default) exporting its spans to `otlp`.
+async fn traced_worker(app: &TestApp, otlp: &OtlpReceiver, name: &str) -> Process {
+    traced_worker_with(app, otlp, name, &[]).await
+}
+
+async fn traced_worker_with(app: &TestApp, otlp: &OtlpReceiver, name: &str, extra: &[(&str, &str)]) -> Process {
+    let env = otlp.env(name);
+    let spawn = Spawn::new(name).on(&app.db.url, &app.prefix).envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    spawn.envs(extra.iter().copied()).ready().await
+}
+
+/// A caller's `traceparent`: a new trace id and the caller's span id.
+fn caller() -> (String, String) {
+    let trace_id = uuid::Uuid::new_v4().simple().to_string();
+    let span_id = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
+    (trace_id, span_id)
+}
+
+fn one<'a>(spans: &'a [Span], what: &str, pick: impl Fn(&Span) -> bool) -> &'a Span {
+    let found: Vec<&Span> = spans.iter().filter(|s| pick(s)).collect();
+    assert_eq!(found.len(), 1, "one {what} in {spans:#?}");
+    found[0]
+}
+
+#[tokio::test]
+async fn a_contact_add_is_one_trace_from_the_request_to_the_search_projector() {
+    let otlp = OtlpReceiver::start().await.expect("the OTLP receiver");
+    let app = traced_app(&otlp).await;
+    let _projector = traced_worker(&app, &otlp, "search-projector").await;
+    let alice = app.register("alice").await;
+    let bob = app.register("bob").await;
+    let (trace_id, caller_span) = caller();
+    let put = app
+        .build(Method::PUT, &format!("/v1/me/contacts/{}", bob.id), Some(&alice.token), Some(json!({"label": "x"})))
+        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"));
+    let r = app.send(put).await;
+    assert!(r.status == 200 || r.status == 201, "{:?}", r.body);
+
+    // The outbox row carries the request's trace.
+    let (event_id, traceparent): (uuid::Uuid, Option<String>) = sqlx::query_as(
+        "SELECT id, traceparent FROM ops.outbox WHERE subject LIKE '%contact_added%' ORDER BY seq DESC LIMIT 1",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    let traceparent = traceparent.expect("the row's traceparent");
+    assert!(traceparent.starts_with(&format!("00-{trace_id}-")), "{traceparent}");
+
+    let projected = |s: &Span| {
+        s.kind == CONSUMER
+            && s.attr("messaging.consumer.group.name") == Some(search_projector::CONSUMER)
+            && s.attr("messaging.message.id") == Some(event_id.to_string().as_str())
+    };
+    let spans = eventually("the projector's process span in the request's trace", Duration::from_secs(30), || {
+        let spans = otlp.trace(&trace_id);
+        async move { spans.iter().any(projected).then_some(spans) }
+    })
+    .await;
+    let request = one(&spans, "request span", |s| s.kind == SERVER);
+    assert_eq!(request.parent_span_id, caller_span, "the caller's traceparent is honoured");
+    assert_eq!(request.service, "trellis-api");
+    let write = one(&spans, "outbox write", |s| s.name == "outbox write");
+    assert_eq!(write.parent_span_id, request.span_id);
+    assert_eq!(traceparent, format!("00-{trace_id}-{}-01", write.span_id), "the row carries the outbox write's span");
+    let publish = one(&spans, "relay publish", |s| {
+        s.kind == PRODUCER && s.attr("messaging.message.id") == Some(event_id.to_string().as_str())
+    });
+    assert_eq!(publish.parent_span_id, write.span_id);
+    assert!(publish.links_to(&trace_id, &write.span_id), "{publish:?}");
+    assert_eq!(publish.attr("messaging.system"), Some("nats"));
+    let process = one(&spans, "projector process span", projected);
+    assert_eq!(process.service, "search-projector");
+    assert_eq!(process.parent_span_id, write.span_id, "a child of the message's context");
+    assert!(process.links_to(&trace_id, &write.span_id), "and linked to it: {process:?}");
+    assert_eq!(process.attr("messaging.system"), Some("nats"));
+    assert_eq!(process.attr("messaging.nats.message.delivery_count"), Some("1"));
+    assert!(process.attr("messaging.destination.name").is_some_and(|d| d.ends_with("contacts.contact_added")));
+
+    // The projector's batch span is linked to the message.
+    eventually("the projector's batch span, linked to the message", Duration::from_secs(30), || {
+        let linked = otlp.spans().into_iter().any(|s| {
+            s.name.starts_with("process batch")
+                && s.attr("messaging.consumer.group.name") == Some(search_projector::CONSUMER)
+                && s.links_to(&trace_id, &write.span_id)
+        });
+        async move { linked.then_some(()) }
+    })
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_dispute_filing_trace_reaches_the_dispute_processors_decision() {
+    let otlp = OtlpReceiver::start().await.expect("the OTLP receiver");
+    let app = traced_app(&otlp).await;
+    let _processor = traced_worker(&app, &otlp, "dispute-processor").await;
+    let alice = app.register("alice").await;
+    let bob = app.register("bob").await;
+    let (trace_id, caller_span) = caller();
+    let file = app
+        .build(
+            Method::POST,
+            "/v1/disputes",
+            Some(&alice.token),
+            Some(json!({"target_id": bob.id, "kind": "spam", "description": "details"})),
+        )
+        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"));
+    let r = app.send(file).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let dispute = r.body["id"].as_str().unwrap().to_owned();
+    let spans =
+        eventually("the dispute processor's decision span in the filing's trace", Duration::from_secs(30), || {
+            let spans = otlp.trace(&trace_id);
+            let decided = spans.iter().any(|s| s.name == "dispute decision");
+            async move { decided.then_some(spans) }
+        })
+        .await;
+    let request = one(&spans, "request span", |s| s.kind == SERVER);
+    assert_eq!(request.parent_span_id, caller_span);
+    let write = one(&spans, "outbox write", |s| s.name == "outbox write" && s.parent_span_id == request.span_id);
+    let process = one(&spans, "dispute processor process span", |s| {
+        s.kind == CONSUMER
+            && s.attr("messaging.consumer.group.name").is_some_and(|g| g.starts_with("dispute-processor-"))
+    });
+    assert_eq!(
+        (process.service.as_str(), process.parent_span_id.as_str()),
+        ("dispute-processor", write.span_id.as_str())
+    );
+    let decision = one(&spans, "decision span", |s| s.name == "dispute decision");
+    assert_eq!(decision.parent_span_id, process.span_id);
+    assert_eq!(decision.attr("trellis.dispute.id"), Some(dispute.as_str()));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_score_run_asked_for_through_the_api_records_the_requests_trace() {
+    let otlp = OtlpReceiver::start().await.expect("the OTLP receiver");
+    let app = traced_app(&otlp).await;
+    let _orchestrator = traced_worker(&app, &otlp, "score-orchestrator").await;
+    // No run ever succeeded: the orchestrator makes one at start-up; the request comes after it.
+    eventually("the start-up run", Duration::from_secs(30), || async {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM score.runs WHERE status = 'succeeded'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+        (done > 0).then_some(())
+    })
+    .await;
+    let admin = app.register("root").await;
+    app.grant_role(&admin, "admin").await;
+    let (trace_id, caller_span) = caller();
+    let post = app
+        .build(Method::POST, "/v1/admin/score-runs", Some(&admin.token), None)
+        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"));
+    let r = app.send(post).await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let (trigger, status): (String, String) =
+        eventually("a run with the request's trace", Duration::from_secs(30), || {
+            let pool = app.db.pool.clone();
+            let trace_id = trace_id.clone();
+            async move {
+                sqlx::query_as("SELECT trigger, status FROM score.runs WHERE trace_id = $1 AND status <> 'running'")
+                    .bind(&trace_id)
+                    .fetch_optional(&pool)
+                    .await
+                    .unwrap()
+            }
+        })
+        .await;
+    assert_eq!((trigger.as_str(), status.as_str()), ("manual", "succeeded"));
+    let run = trellis_store::scores::latest_run(&app.db.pool).await.unwrap().expect("the run");
+    assert_eq!(run.trace_id.as_deref(), Some(trace_id.as_str()), "the run record shows it");
+    // The orchestrator's process span of the request is in the request's trace.
+    eventually("the orchestrator's process span in the request's trace", Duration::from_secs(30), || {
+        let found = otlp.trace(&trace_id).iter().any(|s| s.kind == CONSUMER && s.service == "score-orchestrator");
+        async move { found.then_some(()) }
+    })
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn in_link_mode_a_process_span_starts_its_own_trace_linked_to_the_request() {
+    let otlp = OtlpReceiver::start().await.expect("the OTLP receiver");
+    let app = traced_app(&otlp).await;
+    let _projector = traced_worker_with(&app, &otlp, "search-projector", &[("TRACE_CONSUMER_PARENT", "link")]).await;
+    let alice = app.register("alice").await;
+    let bob = app.register("bob").await;
+    let (trace_id, caller_span) = caller();
+    let put = app
+        .build(Method::PUT, &format!("/v1/me/contacts/{}", bob.id), Some(&alice.token), Some(json!({"label": "x"})))
+        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"));
+    let r = app.send(put).await;
+    assert!(r.status == 200 || r.status == 201, "{:?}", r.body);
+    let write = eventually("the request's outbox write", Duration::from_secs(30), || {
+        let write = otlp.trace(&trace_id).into_iter().find(|s| s.name == "outbox write");
+        async move { write }
+    })
+    .await;
+    let process = eventually("the projector's process span linked to the request", Duration::from_secs(30), || {
+        let found = otlp
+            .spans()
+            .into_iter()
+            .find(|s| s.kind == CONSUMER && s.service == "search-projector" && s.links_to(&trace_id, &write.span_id));
+        async move { found }
+    })
+    .await;
+    assert_ne!(process.trace_id, trace_id, "a trace of its own");
+    assert_eq!(process.parent_span_id, "", "a root span");
+    app.stop().await;
+}
