@@ -6,9 +6,11 @@ pub const HELP: &str = "\
 usage: cargo xtask <command> [options]
 
 commands:
-  up [--stage a|b]   build and run the whole system (PostgreSQL, NATS, trellis-api and the
+  up [--stage a|b] [--nats-cluster]
+                     build and run the whole system (PostgreSQL, NATS, trellis-api and the
                      workers), seed demo data on first run; Ctrl-C stops everything.
-                     --stage a runs trellis-api alone (every processor in-process).
+                     --stage a runs trellis-api alone (every processor in-process);
+                     --nats-cluster runs NATS as a three-node JetStream cluster on loopback.
   services [--stop]  make sure PostgreSQL and NATS are reachable (starting private ones under
                      target/dev-stack/ if needed) and print `export` lines for them;
                      --stop stops the private ones.
@@ -97,6 +99,8 @@ pub struct Seed {
 
 pub struct Up {
     pub stage: Stage,
+    /// NATS as a three-node JetStream cluster (testkit's `trellis-nats-cluster`).
+    pub nats_cluster: bool,
 }
 
 /// Which stage of the migration guide `up` runs: A is the monolith alone, B adds the workers.
@@ -143,7 +147,12 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
         "help" | "--help" | "-h" => Command::Help,
         "up" => {
             let mut stage = Stage::B;
+            let mut nats_cluster = false;
             while let Some(arg) = args.next() {
+                if arg == "--nats-cluster" {
+                    nats_cluster = true;
+                    continue;
+                }
                 let value = match arg.strip_prefix("--stage=") {
                     Some(value) => value.to_owned(),
                     None if arg == "--stage" => args.next().context("--stage needs a value")?,
@@ -155,7 +164,7 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
                     other => bail!("--stage must be `a` or `b`, not `{other}`"),
                 };
             }
-            Command::Up(Up { stage })
+            Command::Up(Up { stage, nats_cluster })
         }
         "services" => {
             let mut stop = false;
@@ -308,6 +317,17 @@ mod tests {
         assert_eq!(matrix.runner_args, ["-E", "test(x)"]);
         assert_eq!(test_flags(&["test", "--nats", "2.12.8"]).unwrap().nats.as_deref(), Some("2.12.8"));
         assert_eq!(test_flags(&["test", "--nats=2.9.10"]).unwrap().nats.as_deref(), Some("2.9.10"));
+    }
+
+    #[test]
+    fn up_takes_a_stage_and_the_nats_cluster() {
+        let Command::Up(up) = parse(["up", "--nats-cluster", "--stage", "a"].map(str::to_owned).into_iter()).unwrap()
+        else {
+            panic!("not the up command")
+        };
+        assert!(up.nats_cluster && up.stage == super::Stage::A);
+        let Command::Up(up) = parse(["up"].map(str::to_owned).into_iter()).unwrap() else { panic!("not up") };
+        assert!(!up.nats_cluster && up.stage == super::Stage::B);
     }
 
     #[test]
