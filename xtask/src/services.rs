@@ -61,6 +61,12 @@ impl Stack {
         Ok(stack)
     }
 
+    /// PostgreSQL alone (for callers that run NATS servers of their own); `nats_url` is empty.
+    pub fn ensure_postgres() -> anyhow::Result<Stack> {
+        let (database_url, own_postgres) = ensure_postgres()?;
+        Ok(Stack { database_url, nats_url: String::new(), own_postgres, own_nats: None })
+    }
+
     /// Leaves the private instances this process started running after it exits.
     pub fn keep_running(mut self) {
         self.own_postgres = None;
@@ -526,7 +532,7 @@ fn nats_host_port(url: &str) -> anyhow::Result<(String, u16)> {
 
 /// A NATS server answers a connection with an `INFO {…}` line, which says whether JetStream
 /// is enabled.
-fn nats_usable(host: &str, port: u16) -> anyhow::Result<()> {
+pub fn nats_usable(host: &str, port: u16) -> anyhow::Result<()> {
     let Some(stream) = util::tcp_connect(host, port) else {
         bail!("nothing listens on {host}:{port}");
     };

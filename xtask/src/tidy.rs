@@ -317,12 +317,25 @@ pub fn architecture_xtask_commands(architecture: &str) -> BTreeSet<String> {
     let Some(list) = row.split('`').find_map(|q| q.strip_prefix("cargo xtask ")) else {
         return BTreeSet::new();
     };
+    // Options in brackets (`up [--nats-cluster]`) are not commands.
+    let mut bare = String::new();
+    let mut depth = 0usize;
+    for c in list.chars() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
+            c if depth == 0 => bare.push(c),
+            _ => {}
+        }
+    }
     let mut found = BTreeSet::new();
-    for part in list.split('/').map(str::trim) {
+    for part in bare.split('/').map(str::trim) {
         match part.strip_prefix("bench ") {
             Some(suites) => found.extend(suites.split('|').map(|s| format!("bench {}", s.trim_end_matches('\\')))),
             None => {
-                found.insert(part.to_owned());
+                if let Some(command) = part.split_whitespace().next() {
+                    found.insert(command.to_owned());
+                }
             }
         }
     }
@@ -491,7 +504,7 @@ pub enum Users {
 
     #[test]
     fn the_xtask_commands_the_docs_name_are_the_ones_it_has() {
-        let row = "| `xtask/` | `cargo xtask up / services / tidy / lint / deploy / test / seed / bench \
+        let row = "| `xtask/` | `cargo xtask up [--x] / services / tidy / lint / deploy / test [--y Z / --w] / seed / bench \
                    api\\|runtime\\|score\\|search\\|dispute\\|cutover\\|abuse` (…) |";
         assert_eq!(architecture_xtask_commands(row), xtask_commands());
         let stale = "| `xtask/` | `cargo xtask up / services / tidy / lint / deploy / test / seed / bench api` |";

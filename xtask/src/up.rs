@@ -1,4 +1,7 @@
-//! `cargo xtask up [--stage a|b]`: the whole system on this machine, for a new user.
+//! `cargo xtask up [--stage a|b] [--nats-cluster]`: the whole system on this machine, for a new user.
+//! With `--nats-cluster`, NATS is a three-node JetStream cluster on loopback (testkit's
+//! `trellis-nats-cluster`, stores in a temporary directory) and every process gets the three
+//! client URLs as `NATS_URL`.
 //!
 //! Services (see `services.rs`) → build → migrate → trellis-api and the workers that exist →
 //! wait for `/readyz` → demo data on first run → stream logs until Ctrl-C or SIGTERM, then
@@ -46,20 +49,29 @@ pub fn run(flags: &flags::Up) -> anyhow::Result<()> {
     let stop_requested = || interrupted.load(Ordering::SeqCst);
 
     // Dropping `stack` (on return or error) stops the private services started here.
-    let stack = Stack::ensure()?;
+    let mut stack = if flags.nats_cluster { Stack::ensure_postgres()? } else { Stack::ensure()? };
     let bin_dir = util::target_dir().join("debug");
-    let mut steps: Vec<(&str, Command)> = vec![
-        ("build", {
-            let mut cmd = util::cargo();
-            cmd.args(["build", "--workspace", "--bins", "--exclude", "xtask"]);
-            cmd
-        }),
-        ("migrate", {
-            let mut cmd = Command::new(bin_dir.join("trellisctl"));
-            cmd.args(["migrate", "up"]).env("DATABASE_URL", &stack.database_url).env("NATS_URL", &stack.nats_url);
-            cmd
-        }),
-    ];
+    let mut build = util::cargo();
+    build.args(["build", "--workspace", "--bins", "--exclude", "xtask"]);
+    eprintln!("xtask: build: {}", util::display(&build));
+    let built = util::run(&mut build);
+    if stop_requested() {
+        return Ok(());
+    }
+    built.context("build failed")?;
+    // Dropping `cluster` (on return or error) stops its three nodes, after the children.
+    let cluster = if flags.nats_cluster {
+        let cluster = NatsCluster::start(&bin_dir)?;
+        stack.nats_url = cluster.nats_url.clone();
+        Some(cluster)
+    } else {
+        None
+    };
+    let mut steps: Vec<(&str, Command)> = vec![("migrate", {
+        let mut cmd = Command::new(bin_dir.join("trellisctl"));
+        cmd.args(["migrate", "up"]).env("DATABASE_URL", &stack.database_url).env("NATS_URL", &stack.nats_url);
+        cmd
+    })];
     // Stage A: trellis-api executes every processor; stage B: the workers do. A development
     // stack has no shadow period to pass the promotion gate with: the move to the workers is
     // forced (and audited as such).
@@ -104,8 +116,58 @@ pub fn run(flags: &flags::Up) -> anyhow::Result<()> {
 
     let outcome = serve(&api_url, &mut children, &stop_requested);
     shutdown(&mut children);
+    drop(cluster);
     drop(stack);
     outcome
+}
+
+/// `trellis-nats-cluster` (testkit's three-node cluster) as a child: started, its `NATS_URL`
+/// read from its first line; it stops its nodes when its standard input closes, on drop.
+struct NatsCluster {
+    child: Child,
+    nats_url: String,
+}
+
+impl NatsCluster {
+    fn start(bin_dir: &Path) -> anyhow::Result<NatsCluster> {
+        let bin = bin_dir.join("trellis-nats-cluster");
+        eprintln!("xtask: starting a three-node NATS cluster ({})", bin.display());
+        let mut child = Command::new(&bin)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            // The terminal's Ctrl-C reaches only us: the cluster stops after the services.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut first = String::new();
+        BufReader::new(stdout).read_line(&mut first).context("reading the cluster's NATS_URL")?;
+        let Some(nats_url) = first.trim().strip_prefix("NATS_URL=").map(str::to_owned) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("trellis-nats-cluster did not start (see its output above)");
+        };
+        eprintln!("xtask: NATS cluster up: NATS_URL={nats_url}");
+        Ok(NatsCluster { child, nats_url })
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        eprintln!("xtask: stopping the NATS cluster");
+        // Closing its standard input is its signal to stop; kill it if it does not.
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while matches!(self.child.try_wait(), Ok(None)) {
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.wait();
+    }
 }
 
 /// Waits for readiness, seeds, prints the banner, then waits for a stop request.

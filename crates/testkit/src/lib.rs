@@ -3,12 +3,14 @@
 //! parallel against one PostgreSQL and one NATS server. It starts the workspace's binaries as
 //! real processes and waits for their readiness ([`process`]), talks to the API ([`http`]),
 //! reads `/metrics` ([`metrics`]) and waits for conditions ([`eventually`]). `PrivateNats`
-//! starts a nats-server of the test's own, for outage scenarios.
+//! starts a nats-server of the test's own, for outage scenarios; [`cluster::NatsCluster`] a
+//! three-node JetStream cluster.
 //!
 //! Every process a test starts, and the in-process apps' `tracing` output, log to files under
 //! [`log_dir`]: `cargo xtask test` scans them for the suite's passwords and credentials after
 //! the run.
 
+pub mod cluster;
 pub mod http;
 pub mod metrics;
 pub mod otlp;

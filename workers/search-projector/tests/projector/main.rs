@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod cluster;
 mod cutover;
 mod events;
 mod fallback;

@@ -1,0 +1,256 @@
+//! A three-node JetStream cluster on loopback, for tests of the system on a cluster: three
+//! nats-server processes (`NATS_SERVER_BIN`, as [`PrivateNats`](crate::PrivateNats)) named
+//! `n1`..`n3`, each with its own store directory, client, cluster and monitoring ports, and
+//! routes to the other two. [`NatsCluster::start`] returns once JetStream's meta leader is
+//! elected; a node can be killed with SIGKILL ([`NatsCluster::kill`]) and started again on its
+//! ports and store ([`NatsCluster::restart`]).
+//!
+//! Each node carries the server tag `node:<name>`, so that a test with R1 streams can place them
+//! (`Placement { tags: ["node:n1"] }`) on a node it will not kill.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::eventually;
+
+/// How long [`NatsCluster::start`] and [`NatsCluster::restart`] wait for the cluster.
+pub const FORMED_WITHIN: Duration = Duration::from_secs(60);
+
+/// One node's fixed addresses, kept across restarts.
+struct Node {
+    name: String,
+    client_port: u16,
+    cluster_port: u16,
+    http_port: u16,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct NatsCluster {
+    dir: PathBuf,
+    nodes: Vec<Node>,
+}
+
+impl NatsCluster {
+    /// Starts `n1`..`n3` and waits until JetStream's meta leader is elected (the JetStream API
+    /// answers). Panics if the cluster does not form within [`FORMED_WITHIN`].
+    pub async fn start() -> anyhow::Result<NatsCluster> {
+        let dir = std::env::temp_dir().join(format!("trellis-nats-cluster-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir)?;
+        let mut nodes = Vec::new();
+        for i in 1..=3 {
+            let name = format!("n{i}");
+            nodes.push(Node {
+                config: dir.join(format!("{name}.conf")),
+                name,
+                client_port: free_port()?,
+                cluster_port: free_port()?,
+                http_port: free_port()?,
+                child: None,
+            });
+        }
+        let routes: Vec<String> = nodes.iter().map(|n| format!("nats-route://127.0.0.1:{}", n.cluster_port)).collect();
+        for node in &nodes {
+            let store = dir.join(&node.name);
+            std::fs::create_dir_all(&store)?;
+            let config = format!(
+                "server_name: {name}\n\
+                 server_tags: [\"node:{name}\"]\n\
+                 listen: 127.0.0.1:{client}\n\
+                 http: 127.0.0.1:{http}\n\
+                 jetstream {{\n  store_dir: \"{store}\"\n}}\n\
+                 cluster {{\n  name: trellis-test\n  listen: 127.0.0.1:{cluster}\n  routes: [\n    {routes}\n  ]\n}}\n",
+                name = node.name,
+                client = node.client_port,
+                http = node.http_port,
+                store = store.display(),
+                cluster = node.cluster_port,
+                routes = routes.join("\n    "),
+            );
+            std::fs::write(&node.config, config)?;
+        }
+        let mut cluster = NatsCluster { dir, nodes };
+        for i in 0..cluster.nodes.len() {
+            cluster.spawn(i)?;
+        }
+        cluster.wait_formed().await;
+        Ok(cluster)
+    }
+
+    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = &mut self.nodes[i];
+        anyhow::ensure!(node.child.is_none(), "{} is running", node.name);
+        let (_, log) = crate::log_file(&format!("nats-cluster-{}", node.name));
+        let child = Command::new(crate::PrivateNats::binary())
+            .arg("-c")
+            .arg(&node.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| {
+                format!("starting {} for {} (set NATS_SERVER_BIN)", crate::PrivateNats::binary(), node.name)
+            })?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until every running node is up and reports the same elected meta leader.
+    async fn wait_formed(&self) {
+        let running: Vec<&Node> = self.nodes.iter().filter(|n| n.child.is_some()).collect();
+        eventually("the NATS cluster's JetStream meta leader", FORMED_WITHIN, || {
+            let running = running.clone();
+            async move {
+                let mut leader = None;
+                for node in running {
+                    let seen = meta_leader_seen_by(node.http_port).await?;
+                    if leader.get_or_insert_with(|| seen.clone()) != &seen {
+                        return None;
+                    }
+                }
+                leader
+            }
+        })
+        .await;
+    }
+
+    /// The client URLs, one per node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| format!("nats://127.0.0.1:{}", n.client_port)).collect()
+    }
+
+    /// The client URLs as one comma-separated `NATS_URL`.
+    pub fn nats_url(&self) -> String {
+        self.urls().join(",")
+    }
+
+    /// The node names, `n1`..`n3`.
+    pub fn names(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    /// The name of JetStream's meta leader, as a running node reports it.
+    pub async fn meta_leader(&self) -> anyhow::Result<String> {
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            if let Some(leader) = meta_leader_seen_by(node.http_port).await {
+                return Ok(leader);
+            }
+        }
+        anyhow::bail!("no running node reports a meta leader")
+    }
+
+    /// A node that is not the meta leader.
+    pub async fn a_follower(&self) -> anyhow::Result<String> {
+        let leader = self.meta_leader().await?;
+        self.names().into_iter().find(|n| *n != leader).context("a three-node cluster has a follower")
+    }
+
+    /// The names of the client connections node `name` holds (its `/connz`); empty while it
+    /// does not answer.
+    pub async fn client_names(&self, name: &str) -> Vec<String> {
+        let port = self.nodes[self.index(name)].http_port;
+        let Some(connz) = monitoring(port, "connz").await else { return Vec::new() };
+        let connections = connz["connections"].as_array().cloned().unwrap_or_default();
+        connections.iter().filter_map(|c| c["name"].as_str().map(str::to_owned)).collect()
+    }
+
+    fn index(&self, name: &str) -> usize {
+        self.nodes.iter().position(|n| n.name == name).unwrap_or_else(|| panic!("no node {name} in the cluster"))
+    }
+
+    /// Kills node `name` with SIGKILL (no shutdown of its own) and waits for it to be gone.
+    pub fn kill(&mut self, name: &str) {
+        let i = self.index(name);
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `name` again, on its ports and store, and waits until the running nodes
+    /// agree on a meta leader again.
+    pub async fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self.index(name);
+        self.spawn(i)?;
+        self.wait_formed().await;
+        Ok(())
+    }
+
+    /// Whether node `name` is running.
+    pub fn is_running(&self, name: &str) -> bool {
+        self.nodes[self.index(name)].child.is_some()
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The meta leader a node's monitoring endpoint (`/jsz`) reports, once one is elected.
+async fn meta_leader_seen_by(http_port: u16) -> Option<String> {
+    let jsz = monitoring(http_port, "jsz").await?;
+    let leader = jsz["meta_cluster"]["leader"].as_str()?;
+    (!leader.is_empty()).then(|| leader.to_owned())
+}
+
+/// A node's monitoring endpoint `/<what>` as JSON.
+async fn monitoring(http_port: u16, what: &str) -> Option<serde_json::Value> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().ok()?;
+    client.get(format!("http://127.0.0.1:{http_port}/{what}")).send().await.ok()?.json().await.ok()
+}
+
+/// A loopback port nothing listens on now (the OS's pick, released for a server to take).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JetStream API answers through the URL list: a meta leader exists and a node reaches
+    /// it. (The raw request: async-nats's account info does not decode 2.9's answer.)
+    async fn jetstream_answers(urls: &[String]) -> Option<()> {
+        let client = async_nats::connect(urls).await.ok()?;
+        let reply = client.request("$JS.API.INFO", bytes::Bytes::new()).await.ok()?;
+        let info: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
+        info.get("error").is_none().then_some(())
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn three_nodes_elect_a_meta_leader_and_outlive_a_follower_killed_with_sigkill() {
+        let mut cluster = NatsCluster::start().await.unwrap();
+        assert_eq!(cluster.names(), ["n1", "n2", "n3"]);
+        assert_eq!(cluster.urls().len(), 3);
+        let leader = cluster.meta_leader().await.unwrap();
+        assert!(cluster.names().contains(&leader), "{leader}");
+        let urls = cluster.urls();
+        assert_eq!(cluster.nats_url(), urls.join(","));
+        eventually("JetStream through the cluster", FORMED_WITHIN, || jetstream_answers(&urls)).await;
+
+        let follower = cluster.a_follower().await.unwrap();
+        assert_ne!(follower, leader);
+        cluster.kill(&follower);
+        assert!(!cluster.is_running(&follower));
+        assert_eq!(cluster.meta_leader().await.unwrap(), leader, "a follower's death moves no leadership");
+        eventually("JetStream without the follower", FORMED_WITHIN, || jetstream_answers(&urls)).await;
+
+        cluster.restart(&follower).await.unwrap();
+        assert!(cluster.is_running(&follower));
+        let port = cluster.nodes[cluster.index(&follower)].http_port;
+        let seen = meta_leader_seen_by(port).await;
+        assert!(seen.is_some(), "the restarted {follower} rejoined and sees a leader");
+    }
+}
