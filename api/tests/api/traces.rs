@@ -74,9 +74,16 @@ async fn a_contact_add_is_one_trace_from_the_request_to_the_search_projector() {
             && s.attr("messaging.consumer.group.name") == Some(search_projector::CONSUMER)
             && s.attr("messaging.message.id") == Some(event_id.to_string().as_str())
     };
-    let spans = eventually("the projector's process span in the request's trace", Duration::from_secs(30), || {
+    let published =
+        |s: &Span| s.kind == PRODUCER && s.attr("messaging.message.id") == Some(event_id.to_string().as_str());
+    // Each process exports on its own schedule: wait for every span the assertions name.
+    let spans = eventually("the request's spans and the projector's process span", Duration::from_secs(30), || {
         let spans = otlp.trace(&trace_id);
-        async move { spans.iter().any(projected).then_some(spans) }
+        let all = spans.iter().any(projected)
+            && spans.iter().any(published)
+            && spans.iter().any(|s| s.kind == SERVER)
+            && spans.iter().any(|s| s.name == "outbox write");
+        async move { all.then_some(spans) }
     })
     .await;
     let request = one(&spans, "request span", |s| s.kind == SERVER);
@@ -85,9 +92,7 @@ async fn a_contact_add_is_one_trace_from_the_request_to_the_search_projector() {
     let write = one(&spans, "outbox write", |s| s.name == "outbox write");
     assert_eq!(write.parent_span_id, request.span_id);
     assert_eq!(traceparent, format!("00-{trace_id}-{}-01", write.span_id), "the row carries the outbox write's span");
-    let publish = one(&spans, "relay publish", |s| {
-        s.kind == PRODUCER && s.attr("messaging.message.id") == Some(event_id.to_string().as_str())
-    });
+    let publish = one(&spans, "relay publish", published);
     assert_eq!(publish.parent_span_id, write.span_id);
     assert!(publish.links_to(&trace_id, &write.span_id), "{publish:?}");
     assert_eq!(publish.attr("messaging.system"), Some("nats"));
@@ -134,8 +139,12 @@ async fn a_dispute_filing_trace_reaches_the_dispute_processors_decision() {
     let spans =
         eventually("the dispute processor's decision span in the filing's trace", Duration::from_secs(30), || {
             let spans = otlp.trace(&trace_id);
-            let decided = spans.iter().any(|s| s.name == "dispute decision");
-            async move { decided.then_some(spans) }
+            // Each process exports on its own schedule: wait for every span the assertions name.
+            let all = spans.iter().any(|s| s.name == "dispute decision")
+                && spans.iter().any(|s| s.kind == SERVER)
+                && spans.iter().any(|s| s.name == "outbox write")
+                && spans.iter().any(|s| s.kind == CONSUMER && s.service == "dispute-processor");
+            async move { all.then_some(spans) }
         })
         .await;
     let request = one(&spans, "request span", |s| s.kind == SERVER);

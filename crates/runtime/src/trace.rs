@@ -3,8 +3,9 @@
 //! A request's span context is written on each outbox row it causes (`traceparent`,
 //! `tracestate`), the relay copies it into the NATS headers of the same names, and each
 //! consumer starts a process span per message as a child of that context (or linked only, see
-//! [`ParentMode`]). This works whether or not spans are exported: the ids are made by the
-//! OpenTelemetry layer that `telemetry::init_logging` always installs.
+//! [`ParentMode`]). The ids are made by the OpenTelemetry layer that `telemetry::init_logging`
+//! installs when span export is configured; without it no context is made, and rows and
+//! messages carry none (tracing off costs nothing per span).
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
