@@ -116,6 +116,7 @@ pub fn app(state: AppState) -> Router {
     .layer(middleware::from_fn_with_state(state.clone(), unit_of_work::layer))
     .layer(DefaultBodyLimit::max(body_limit))
     .layer(middleware::from_fn_with_state(state.clone(), shed_load))
+    .layer(middleware::from_fn_with_state(state.clone(), delay_refusals))
     .layer(middleware::from_fn(record_request))
     .with_state(state)
     .merge(trellis_runtime::admin::public_health_routes(health))
@@ -167,6 +168,19 @@ async fn shed_load(State(state): State<AppState>, request: Request, next: Next) 
         return ApiError::Overloaded { retry_after_secs: 1 }.into_response();
     };
     next.run(request).await
+}
+
+/// Holds a refused request's answer (429, 503) for `REFUSAL_DELAY`. It runs outside the
+/// in-flight cap and the unit of work: a waiting refusal holds no permit, no transaction and no
+/// hashing slot, only its connection, which an abusive client then cannot use for the next
+/// request meanwhile.
+async fn delay_refusals(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let refused = matches!(response.status(), StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE);
+    if refused && !state.config.refusal_delay.is_zero() {
+        tokio::time::sleep(state.config.refusal_delay).await;
+    }
+    response
 }
 
 /// `trellis_http_request_duration_seconds{route,method,status_class}`, and the log line of

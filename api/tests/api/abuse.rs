@@ -694,6 +694,38 @@ async fn the_public_listener_queues_as_many_connections_as_the_kernel_allows_up_
     assert_eq!(backlog, trellis_api::serve::LISTEN_BACKLOG.min(somaxconn), "{listening}");
 }
 
+/// A refused request's answer waits `REFUSAL_DELAY`, holding neither an in-flight permit nor a
+/// database connection: with one in-flight permit, a request sent while a refusal waits is
+/// served at once.
+#[tokio::test]
+async fn a_refused_request_is_answered_after_the_refusal_delay_holding_no_permit() {
+    let app = TestApp::spawn_with(with(&["--refusal-delay", "2s", "--max-in-flight-requests", "1"])).await;
+    let alice = app.register("alice").await;
+    // The login limiter allows a burst per address; past it, every attempt is 429.
+    let refused = loop {
+        let started = std::time::Instant::now();
+        let r = login(&app, "nobody-at-all", "not-the-password-1").await;
+        if r.status == 429 {
+            break started.elapsed();
+        }
+        assert_eq!(r.status, 401, "{:?}", r.body);
+    };
+    assert!(refused >= Duration::from_secs(2), "answered after {refused:?}");
+
+    let refusal = login(&app, "nobody-at-all", "not-the-password-1");
+    let during = async {
+        // Well inside the refusal's 2 s wait (placing the request, not waiting for readiness).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let started = std::time::Instant::now();
+        let r = app.get("/v1/me/contacts", Some(&alice.token)).await;
+        (r, started.elapsed())
+    };
+    let (refused, (served, took)) = tokio::join!(refusal, during);
+    assert_eq!(refused.status, 429);
+    assert_eq!(served.status, 200, "served while the refusal waited: {:?}", served.body);
+    assert!(took < Duration::from_secs(1), "at once, not after the refusal: {took:?}");
+}
+
 #[tokio::test]
 async fn requests_beyond_the_in_flight_cap_are_shed_at_once() {
     let app = TestApp::spawn_with(with(&["--max-in-flight-requests", "1"])).await;

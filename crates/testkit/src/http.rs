@@ -23,6 +23,7 @@ pub const OPEN_LIMITS: &[(&str, &str)] = &[
     ("DISPUTE_P0_MIN_ACCOUNT_AGE", "0s"),
     ("DISPUTE_OPEN_LIMIT", "1000000"),
     ("DISPUTE_OPEN_LIMIT_P0", "1000000"),
+    ("REFUSAL_DELAY", "0s"),
 ];
 
 /// An answer: status, headers, and the body as JSON (`Null` when empty or not JSON).
