@@ -113,7 +113,7 @@ async fn flipping_the_score_executor_under_writes_serves_every_run_request_once(
     })
     .await;
     let js = async_nats::jetstream::new(async_nats::connect(trellis_testkit::nats_url()).await.unwrap());
-    let mut stream = js.get_stream(format!("{prefix}_EVENTS")).await.unwrap();
+    let stream = js.get_stream(format!("{prefix}_EVENTS")).await.unwrap();
     let name = format!("{prefix}_{}", score_orchestrator::CONSUMER);
     let consumer = eventually("every run request to be acknowledged", Duration::from_secs(60), || async {
         let mut consumer: PullConsumer = stream.get_consumer(&name).await.ok()?;
@@ -123,8 +123,16 @@ async fn flipping_the_score_executor_under_writes_serves_every_run_request_once(
     })
     .await;
     assert_eq!(consumer.delivered.consumer_sequence, asked.len() as u64, "each request delivered once");
-    let events = count(&db, "SELECT count(*) FROM ops.outbox").await;
-    assert_eq!(stream.info().await.unwrap().state.messages, events as u64, "one stream message per outbox event");
+    // A run still finishing writes its completion event meanwhile: compare once the outbox is
+    // published again, with the stream read after the outbox.
+    eventually("one stream message per outbox event", Duration::from_secs(60), || async {
+        let unpublished = count(&db, "SELECT count(*) FROM ops.outbox WHERE published_at IS NULL").await;
+        let events = count(&db, "SELECT count(*) FROM ops.outbox").await;
+        let mut events_stream = js.get_stream(format!("{prefix}_EVENTS")).await.ok()?;
+        let messages = events_stream.info().await.ok()?.state.messages;
+        (unpublished == 0 && messages == events as u64).then_some(())
+    })
+    .await;
     eventually("no request to be left pending", Duration::from_secs(30), || async {
         (count(&db, "SELECT count(*) FROM score.scheduler WHERE run_pending").await == 0).then_some(())
     })
