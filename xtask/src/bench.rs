@@ -14,7 +14,7 @@ use crate::util;
 
 /// The benchmarks' processes declare their streams without byte limits: nats-server reserves
 /// each stream's `max_bytes` against its whole store, and every benchmark has a prefix of its own.
-const UNLIMITED_STREAMS: [(&str, &str); 4] = [
+pub(crate) const UNLIMITED_STREAMS: [(&str, &str); 4] = [
     ("TRELLIS_EVENTS_STREAM_MAX_BYTES", "unlimited"),
     ("TRELLIS_DLQ_STREAM_MAX_BYTES", "unlimited"),
     ("TRELLIS_REPLAY_STREAM_MAX_BYTES", "unlimited"),

@@ -216,6 +216,14 @@ fn child_command(bin_dir: &Path, name: &str, stack: &Stack, admin_addr: &str) ->
     if std::env::var_os("LOG_FORMAT").is_none() {
         cmd.env("LOG_FORMAT", "pretty");
     }
+    // nats-server reserves each stream's byte limit when the stream is made; the production
+    // limits (10 GiB of events, …) are more than a development machine's JetStream store has, so
+    // the development stack's streams have none unless the environment says otherwise.
+    for (name, value) in crate::bench::UNLIMITED_STREAMS {
+        if std::env::var_os(name).is_none() {
+            cmd.env(name, value);
+        }
+    }
     cmd
 }
 
