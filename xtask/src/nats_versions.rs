@@ -11,11 +11,9 @@
 
 use std::fs::{self, File};
 use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 
@@ -174,16 +172,7 @@ impl Server {
         let port = free_port()?;
         let log_path = dir.join("nats-server.log");
         let log = File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
-        let mut child = Command::new(bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(&store)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            // Not the terminal's Ctrl-C: xtask stops it after the tests.
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let mut child = services::spawn_jetstream(bin, port, &store, log)?;
         let ready = util::wait_until(&format!("nats-server {version}"), Duration::from_secs(30), || {
             if let Some(status) = child.try_wait()? {
                 bail!("nats-server {version} exited ({status})");
@@ -209,15 +198,7 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = services::terminate(self.child.id());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(self.child.try_wait(), Ok(None)) {
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                break;
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.wait();
+        util::await_exit(&mut self.child, Duration::from_secs(10));
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

