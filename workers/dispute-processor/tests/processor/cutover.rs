@@ -264,22 +264,7 @@ async fn when_the_api_is_killed_mid_flip_the_worker_decides_what_it_held() {
     // decisions, inside the deciding transaction. The API then holds delivered, unacknowledged
     // messages of its consumers and open, uncommitted decisions: exactly what a SIGKILL loses
     // if the take-over does not work.
-    let mut lock = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE security.dispute_decisions IN SHARE MODE").execute(&mut *lock).await.unwrap();
-    let ids = cast.file_each(&api, 16).await;
-    all_published(&db).await;
-    let held = eventually("the API to hold messages mid-decision", WAIT, || async {
-        let blocked: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
-             AND application_name = 'trellis-api-processors' AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .ok()?;
-        let unacked = unacknowledged(&prefix).await?;
-        (blocked > 0 && unacked > 0).then_some(unacked)
-    })
-    .await;
+    let (lock, ids, held) = hold_mid_decision(&db, &prefix, &api, &cast, 16).await;
     let pending: i64 =
         sqlx::query_scalar("SELECT count(*) FROM security.disputes WHERE id = ANY($1) AND status = 'pending'")
             .bind(&ids)
@@ -331,21 +316,7 @@ async fn a_terminated_api_gives_its_processor_the_grace_period_and_no_more() {
     // Hold the API in the middle of deciding (as above): its deciding statement waits on a lock
     // that the test keeps past the grace period, up to BATCH_TIMEOUT (30 s) unless the
     // shutdown gives up on it.
-    let mut lock = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE security.dispute_decisions IN SHARE MODE").execute(&mut *lock).await.unwrap();
-    let ids = cast.file_each(&api, 4).await;
-    all_published(&db).await;
-    eventually("the API to hold messages mid-decision", WAIT, || async {
-        let blocked: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
-             AND application_name = 'trellis-api-processors' AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .ok()?;
-        (blocked > 0).then_some(())
-    })
-    .await;
+    let (lock, ids, _) = hold_mid_decision(&db, &prefix, &api, &cast, 4).await;
 
     let signalled = tokio::time::Instant::now();
     api.process.terminate().await;
@@ -377,14 +348,7 @@ async fn a_terminated_api_acknowledges_what_its_processor_finishes_during_the_sh
     let cast = Cast::new(&api, &db).await;
 
     // The processor holds its batches mid-decision until the shutdown has started.
-    let mut lock = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE security.dispute_decisions IN SHARE MODE").execute(&mut *lock).await.unwrap();
-    let ids = cast.file_each(&api, 4).await;
-    all_published(&db).await;
-    eventually("the API to hold messages mid-decision", WAIT, || async {
-        (unacknowledged(&prefix).await? > 0).then_some(())
-    })
-    .await;
+    let (lock, ids, _) = hold_mid_decision(&db, &prefix, &api, &cast, 4).await;
     api.process.terminate().await;
     eventually("the API to start its shutdown", WAIT, || async {
         api.process.log_text().contains("stopping: no new work").then_some(())
@@ -406,4 +370,34 @@ async fn a_terminated_api_acknowledges_what_its_processor_finishes_during_the_sh
         (unacknowledged(&prefix).await? == 0).then_some(())
     })
     .await;
+}
+
+/// Files `filings` disputes (every priority in turn) through the API while the test holds a
+/// SHARE lock on the decision log, which the deciding statement waits on; returns once the API's
+/// processor waits on it holding unacknowledged messages: the lock (roll it back to let the
+/// decisions go on), the disputes, and how many messages it holds.
+async fn hold_mid_decision(
+    db: &TestDb,
+    prefix: &str,
+    api: &Api,
+    cast: &Cast,
+    filings: usize,
+) -> (sqlx::Transaction<'static, sqlx::Postgres>, Vec<Uuid>, usize) {
+    let mut lock = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE security.dispute_decisions IN SHARE MODE").execute(&mut *lock).await.unwrap();
+    let ids = cast.file_each(api, filings).await;
+    all_published(db).await;
+    let held = eventually("the API to hold messages mid-decision", WAIT, || async {
+        let blocked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+             AND application_name = 'trellis-api-processors' AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .ok()?;
+        let unacked = unacknowledged(prefix).await?;
+        (blocked > 0 && unacked > 0).then_some(unacked)
+    })
+    .await;
+    (lock, ids, held)
 }
