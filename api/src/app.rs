@@ -170,17 +170,32 @@ async fn shed_load(State(state): State<AppState>, request: Request, next: Next) 
     next.run(request).await
 }
 
-/// Holds a refused request's answer (429, 503) for `REFUSAL_DELAY`. It runs outside the
-/// in-flight cap and the unit of work: a waiting refusal holds no permit, no transaction and no
-/// hashing slot, only its connection, which an abusive client then cannot use for the next
-/// request meanwhile.
+/// Holds a refused request's answer for `REFUSAL_DELAY`. It runs outside the in-flight cap
+/// and the unit of work: a waiting refusal holds no permit, no transaction and no hashing slot,
+/// only its connection, which an abusive client then cannot use for the next request meanwhile.
 async fn delay_refusals(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let response = next.run(request).await;
-    let refused = matches!(response.status(), StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE);
-    if refused && !state.config.refusal_delay.is_zero() {
+    if is_refusal(response.status()) && !state.config.refusal_delay.is_zero() {
         tokio::time::sleep(state.config.refusal_delay).await;
     }
     response
+}
+
+/// A refusal turns the request away before it reaches a resource: a malformed or invalid
+/// request (400, 413, 422), no valid credentials (401), a limit (429), or shedding (503).
+/// These are what a flood is made of, and what a well-behaved client does not send in a loop.
+/// Answers about the resource itself (403, 404, 409, 412) are part of normal traffic and go at
+/// once.
+pub fn is_refusal(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BAD_REQUEST
+            | StatusCode::UNAUTHORIZED
+            | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::UNPROCESSABLE_ENTITY
+            | StatusCode::TOO_MANY_REQUESTS
+            | StatusCode::SERVICE_UNAVAILABLE
+    )
 }
 
 /// `trellis_http_request_duration_seconds{route,method,status_class}`, and the log line of

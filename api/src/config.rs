@@ -145,10 +145,10 @@ pub struct Config {
     #[arg(long, env = "MAX_IN_FLIGHT_REQUESTS", default_value_t = 512)]
     pub max_in_flight_requests: usize,
 
-    /// How long a refused request (429, or 503) waits before its answer is sent, holding
-    /// nothing but its connection: a client that floods refused requests is slowed to one per
-    /// connection per this delay, instead of taking the CPU from everyone else by being refused
-    /// as fast as it can send. 0 answers at once.
+    /// How long a refused request (400, 401, 413, 422, 429 or 503) waits before its answer is
+    /// sent, holding nothing but its connection: a client that floods refused requests is
+    /// slowed to one per connection per this delay, instead of taking the CPU from everyone
+    /// else by being refused as fast as it can send. 0 answers at once.
     #[arg(long, env = "REFUSAL_DELAY", value_parser = humantime::parse_duration, default_value = "250ms")]
     pub refusal_delay: std::time::Duration,
 

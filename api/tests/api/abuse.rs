@@ -694,36 +694,61 @@ async fn the_public_listener_queues_as_many_connections_as_the_kernel_allows_up_
     assert_eq!(backlog, trellis_api::serve::LISTEN_BACKLOG.min(somaxconn), "{listening}");
 }
 
+/// A request's status and how long its answer took.
+async fn timed(request: impl std::future::Future<Output = Resp>) -> (u16, Duration) {
+    let started = std::time::Instant::now();
+    let r = request.await;
+    (r.status, started.elapsed())
+}
+
 /// A refused request's answer waits `REFUSAL_DELAY`, holding neither an in-flight permit nor a
 /// database connection: with one in-flight permit, a request sent while a refusal waits is
 /// served at once.
 #[tokio::test]
-async fn a_refused_request_is_answered_after_the_refusal_delay_holding_no_permit() {
+async fn a_refused_request_waits_the_refusal_delay_holding_no_permit() {
     let app = TestApp::spawn_with(with(&["--refusal-delay", "2s", "--max-in-flight-requests", "1"])).await;
     let alice = app.register("alice").await;
-    // The login limiter allows a burst per address; past it, every attempt is 429.
-    let refused = loop {
-        let started = std::time::Instant::now();
-        let r = login(&app, "nobody-at-all", "not-the-password-1").await;
-        if r.status == 429 {
-            break started.elapsed();
-        }
-        assert_eq!(r.status, 401, "{:?}", r.body);
-    };
-    assert!(refused >= Duration::from_secs(2), "answered after {refused:?}");
-
-    let refusal = login(&app, "nobody-at-all", "not-the-password-1");
+    let refusal = timed(app.get("/v1/me", Some("trl_not_a_token_at_all")));
     let during = async {
         // Well inside the refusal's 2 s wait (placing the request, not waiting for readiness).
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let started = std::time::Instant::now();
-        let r = app.get("/v1/me/contacts", Some(&alice.token)).await;
-        (r, started.elapsed())
+        timed(app.get("/v1/me/contacts", Some(&alice.token))).await
     };
-    let (refused, (served, took)) = tokio::join!(refusal, during);
-    assert_eq!(refused.status, 429);
-    assert_eq!(served.status, 200, "served while the refusal waited: {:?}", served.body);
+    let ((refused, waited), (served, took)) = tokio::join!(refusal, during);
+    assert_eq!(refused, 401);
+    assert!(waited >= Duration::from_secs(2), "answered after {waited:?}");
+    assert_eq!(served, 200, "served while the refusal waited");
     assert!(took < Duration::from_secs(1), "at once, not after the refusal: {took:?}");
+}
+
+/// Each kind of refusal is held (a forged cursor 400, a bad token 401, an over-long login 422,
+/// the login limiter's 429); an answer about a resource (404) is not.
+#[tokio::test]
+async fn every_kind_of_refusal_waits_the_refusal_delay_and_an_answer_about_a_resource_does_not() {
+    const DELAY: Duration = Duration::from_secs(2);
+    let app = TestApp::spawn_with(with(&["--refusal-delay", "2s", "--login-rate-per-account", "1"])).await;
+    let alice = app.register("alice").await;
+    let long_login = "l".repeat(255);
+    let (forged_cursor, bad_token, too_long, missing) = tokio::join!(
+        timed(app.get("/v1/search/users?q=alice&cursor=AAAA", Some(&alice.token))),
+        timed(app.get("/v1/me", Some("trl_not_a_token_at_all"))),
+        timed(login(&app, &long_login, "not-the-password-1")),
+        timed(app.get("/v1/users/nobody-at-all", Some(&alice.token))),
+    );
+    for (what, (status, took), expected) in
+        [("forged cursor", forged_cursor, 400), ("bad token", bad_token, 401), ("long login", too_long, 422)]
+    {
+        assert_eq!(status, expected, "{what}");
+        assert!(took >= DELAY, "{what}: answered after {took:?}");
+    }
+    assert_eq!(missing.0, 404);
+    assert!(missing.1 < DELAY, "a 404 is not a refusal: answered after {:?}", missing.1);
+
+    // One login attempt a minute for this account: the second is the limiter's 429, held too.
+    assert_eq!(timed(login(&app, "nobody-at-all", "not-the-password-1")).await.0, 401);
+    let (status, took) = timed(login(&app, "nobody-at-all", "not-the-password-1")).await;
+    assert_eq!(status, 429);
+    assert!(took >= DELAY, "429 answered after {took:?}");
 }
 
 #[tokio::test]
