@@ -38,6 +38,7 @@ fn suite(name: &str) -> Option<fn(&flags::Bench) -> anyhow::Result<()>> {
         "dispute" => crate::bench_dispute::run,
         "cutover" => crate::bench_cutover::run,
         "abuse" => crate::bench_abuse::run,
+        "cluster" => crate::bench_cluster::run,
         _ => return None,
     })
 }
@@ -183,6 +184,17 @@ pub(crate) struct Worker {
 
 impl Worker {
     pub(crate) fn start(name: &str, db: &BenchDb, stack: &Stack, prefix: &str) -> anyhow::Result<Self> {
+        Self::start_with(name, db, stack, prefix, &[])
+    }
+
+    /// As [`Worker::start`], with `extra_env` on top.
+    pub(crate) fn start_with(
+        name: &str,
+        db: &BenchDb,
+        stack: &Stack,
+        prefix: &str,
+        extra_env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let log = util::target_dir().join(format!("bench-{name}.log"));
         eprintln!("xtask: bench: {name} (log: {})", log.display());
         let mut cmd = Command::new(release_bin(name));
@@ -194,6 +206,7 @@ impl Worker {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?);
+        cmd.envs(extra_env.iter().copied());
         let (child, addrs) = start_listening(name, &mut cmd)?;
         let worker = Self { child, admin: admin_addr(&addrs)? };
         util::wait_until(name, Duration::from_secs(30), || Ok(http_status(&worker.admin, "/readyz")? == Some(200)))?;
@@ -396,16 +409,21 @@ fn api(flags: &flags::Bench) -> anyhow::Result<()> {
         ("OTEL_SERVICE_NAME", "trellis-api-bench"),
         ("OTEL_TRACES_SAMPLER", "always_on"),
     ]);
-    // Off, on, on, off: the database grows with every write phase, so a drift over the run
-    // weighs on both cases alike and cancels in the comparison of their means.
+    // The reads in the order off, on, on, off, then the writes in the same order: the means of
+    // the two cases then weigh any drift over the run alike. The reads go first, on the
+    // database as seeded (and analysed): the writes add contact rows, and with statistics
+    // older than them the planner can pick a plan that visits thousands of rows per read.
     const OFF: &str = "export off";
     const ON: &str = "export on, 100 % sampled";
-    let mut throughput: Vec<(&str, f64, f64)> = Vec::new();
-    for (tracing, env) in [(OFF, &pooled), (ON, &exporting), (ON, &exporting), (OFF, &pooled)] {
-        let api = Api::start(&db, &stack, &format!("{prefix}{}", throughput.len()), env)?;
-        let count = db.exec("SELECT count(*) FROM contacts.contacts")?;
+    const ORDER: [&str; 4] = [OFF, ON, ON, OFF];
+    let env_of = |tracing: &str| if tracing == ON { &exporting } else { &pooled };
+    let mut passes = 0;
+    let mut reads: Vec<(&str, f64)> = Vec::new();
+    for tracing in ORDER {
+        let api = Api::start(&db, &stack, &format!("{prefix}{passes}"), env_of(tracing))?;
+        passes += 1;
         eprintln!(
-            "xtask: bench: trace {tracing}: GET /v1/me/contacts ({count} contacts for bench_1), 32 connections, {}s",
+            "xtask: bench: trace {tracing}: GET /v1/me/contacts (50 contacts), 32 connections, {}s",
             flags.duration
         );
         // A short warm-up fills the connection pool and the statement caches.
@@ -416,7 +434,12 @@ fn api(flags: &flags::Bench) -> anyhow::Result<()> {
             &read,
             "≥ 8,000 req/s, p99 ≤ 25 ms",
         ));
-
+        reads.push((tracing, read.requests_per_sec));
+    }
+    let mut writes: Vec<(&str, f64)> = Vec::new();
+    for tracing in ORDER {
+        let api = Api::start(&db, &stack, &format!("{prefix}{passes}"), env_of(tracing))?;
+        passes += 1;
         eprintln!("xtask: bench: trace {tracing}: PUT /v1/me/contacts/{{user}} (write + outbox row), 32 connections");
         let events_before: i64 = db.exec("SELECT count(*) FROM ops.outbox")?.parse()?;
         let write = run_wrk(&format!("{}/v1/me/contacts/bench_2", api.url), 32, flags.duration, &write_script)?;
@@ -427,14 +450,14 @@ fn api(flags: &flags::Bench) -> anyhow::Result<()> {
             &write,
             "≥ 2,500 req/s",
         ));
-        throughput.push((tracing, read.requests_per_sec, write.requests_per_sec));
+        writes.push((tracing, write.requests_per_sec));
     }
-    let mean = |case: &str, pick: fn(&(&str, f64, f64)) -> f64| {
-        let of_case: Vec<f64> = throughput.iter().filter(|t| t.0 == case).map(pick).collect();
+    let mean = |of: &[(&str, f64)], case: &str| {
+        let of_case: Vec<f64> = of.iter().filter(|t| t.0 == case).map(|t| t.1).collect();
         of_case.iter().sum::<f64>() / of_case.len() as f64
     };
-    let (read_off, write_off) = (mean(OFF, |t| t.1), mean(OFF, |t| t.2));
-    let (read_on, write_on) = (mean(ON, |t| t.1), mean(ON, |t| t.2));
+    let (read_off, write_off) = (mean(&reads, OFF), mean(&writes, OFF));
+    let (read_on, write_on) = (mean(&reads, ON), mean(&writes, ON));
     let loss = |off: f64, on: f64| 100.0 * (off - on) / off;
     rows.push(format!(
         "| trace export on (100 % sampled) vs off, means of two passes each | reads {read_on:.0} vs {read_off:.0} req/s, {:.1} % slower; writes {write_on:.0} vs {write_off:.0} req/s, {:.1} % slower ({} export requests received) | ≤ 10 % each |",

@@ -1,8 +1,9 @@
 //! `cargo xtask bench abuse`: what one abusive client costs a release `trellis-api`, and what
 //! it costs a legitimate client of the same replica.
 //!
-//! Each attack gets a fresh `trellis-api` process (its production defaults; nothing but the
-//! environment of [`Api::start`]) on one database seeded once: `--users` users (default
+//! Each attack gets a fresh `trellis-api` process (its production defaults but for what
+//! [`Api::start`] sets: it opens the dispute limits, so the `disputes` attack is a flood of
+//! accepted filings, a harder case than the limiter's refusals) on one database seeded once: `--users` users (default
 //! 10,000) with 20 contacts each on average and scores, the search directory rebuilt. Then:
 //!
 //! 1. **Idle.** The legitimate client, user `u1` with 50 contacts, reads `GET /v1/me/contacts`

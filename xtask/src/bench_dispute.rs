@@ -22,8 +22,8 @@ use crate::services::Stack;
 use crate::util;
 
 const DB: &str = "trellis_bench_dispute";
-const P0_RATE_PER_SECOND: u64 = 20;
-const P0_REPORTERS: u64 = 20;
+pub(crate) const P0_RATE_PER_SECOND: u64 = 20;
+pub(crate) const P0_REPORTERS: u64 = 20;
 
 pub fn run(flags: &flags::Bench) -> anyhow::Result<()> {
     let backlog = flags.backlog.unwrap_or(100_000);
@@ -112,11 +112,10 @@ pub fn run(flags: &flags::Bench) -> anyhow::Result<()> {
 }
 
 /// Scores for everyone, the P3 backlog and its outbox rows, and bearer tokens for the P0
-/// reporters (`trl_bench_dispute_<k>` for user `u<k>`).
+/// reporters.
 fn seed_sql(backlog: u64, users: u64) -> String {
     format!(
-        "INSERT INTO score.user_scores (user_id, trust, score, run_id, computed_at)
-         SELECT id, 0.5, abs(hashtext(id::text)) % 1001, gen_random_uuid(), now() FROM identity.users;
+        "{}
          CREATE TEMP TABLE numbered AS SELECT row_number() OVER (ORDER BY id) - 1 AS i, id FROM identity.users;
          CREATE UNIQUE INDEX ON numbered (i);
          INSERT INTO security.disputes (id, reporter_id, target_id, kind, priority, description, created_at, updated_at)
@@ -135,7 +134,17 @@ fn seed_sql(backlog: u64, users: u64) -> String {
                     'data', jsonb_build_object('dispute_id', d.id, 'reporter_id', d.reporter_id,
                         'target_id', d.target_id, 'kind', 'incorrect_info', 'priority', 'P3')),
                 d.created_at
-         FROM d ORDER BY d.created_at;
+         FROM d ORDER BY d.created_at;",
+        scores_and_reporters_sql()
+    )
+}
+
+/// Scores for everyone (so that every rule can fire), and bearer tokens for the P0 reporters
+/// (`trl_bench_dispute_<k>` for user `u<k>`), on users seeded by `seed::load`.
+pub(crate) fn scores_and_reporters_sql() -> String {
+    format!(
+        "INSERT INTO score.user_scores (user_id, trust, score, run_id, computed_at)
+         SELECT id, 0.5, abs(hashtext(id::text)) % 1001, gen_random_uuid(), now() FROM identity.users;
          INSERT INTO identity.tokens (token_hash, user_id, expires_at)
          SELECT sha256(convert_to('trl_bench_dispute_' || k, 'UTF8')), u.id, now() + interval '1 day'
          FROM generate_series(1, {P0_REPORTERS}) AS k JOIN identity.users u ON u.handle = 'u' || k;"
@@ -144,7 +153,7 @@ fn seed_sql(backlog: u64, users: u64) -> String {
 
 /// Files impersonation disputes at 20/s until `stop`; returns each id with the Unix time of
 /// its 201.
-fn file_p0s(url: &str, users: u64, stop: &AtomicBool) -> anyhow::Result<Vec<(String, f64)>> {
+pub(crate) fn file_p0s(url: &str, users: u64, stop: &AtomicBool) -> anyhow::Result<Vec<(String, f64)>> {
     let http: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .proxy(None)

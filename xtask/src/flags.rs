@@ -32,8 +32,9 @@ commands:
   bench SUITE [--duration SECS] [--users N] [--db-pool-size N] [--rate N]
               [--only NAME,...] [--concurrency N] [--slow-connections N]
                      run a benchmark suite against release builds; SUITE is one of: api, runtime,
-                     score, search, dispute, cutover, abuse.
-                     --duration: each load phase (default 20 s; abuse: each attack, default 30 s);
+                     score, search, dispute, cutover, abuse, cluster.
+                     --duration: each load phase (default 20 s; abuse: each attack, default 30 s;
+                     cluster: each replica count's P0 filing, the leader kill half-way in R3);
                      --users: the seeded graph of score and search (default 1,000,000), of
                      cutover's score phase (default 100,000), of abuse (default 10,000);
                      --db-pool-size: the API's request pool in the api suite;
@@ -59,7 +60,7 @@ environment: DATABASE_URL, NATS_URL, NATS_PREFIX, API_ADDR (see each command's o
 pub const COMMANDS: [&str; 9] = ["up", "services", "tidy", "lint", "deploy", "test", "bench", "seed", "help"];
 
 /// Every suite of `bench`, as typed (`bench::suite` runs each).
-pub const BENCH_SUITES: [&str; 7] = ["api", "runtime", "score", "search", "dispute", "cutover", "abuse"];
+pub const BENCH_SUITES: [&str; 8] = ["api", "runtime", "score", "search", "dispute", "cutover", "abuse", "cluster"];
 
 pub enum Command {
     Help,

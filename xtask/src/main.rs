@@ -6,8 +6,10 @@
 
 mod bench;
 mod bench_abuse;
+mod bench_cluster;
 mod bench_cutover;
 mod bench_dispute;
+mod cluster;
 mod deploy;
 mod flags;
 mod lint;

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
+use crate::cluster::NatsCluster;
 use crate::flags::{self, Stage};
 use crate::services::{self, Stack};
 use crate::util;
@@ -61,7 +62,7 @@ pub fn run(flags: &flags::Up) -> anyhow::Result<()> {
     built.context("build failed")?;
     // Dropping `cluster` (on return or error) stops its three nodes, after the children.
     let cluster = if flags.nats_cluster {
-        let cluster = NatsCluster::start(&bin_dir)?;
+        let cluster = NatsCluster::start(&bin_dir.join("trellis-nats-cluster"), &[])?;
         stack.nats_url = cluster.nats_url.clone();
         Some(cluster)
     } else {
@@ -119,47 +120,6 @@ pub fn run(flags: &flags::Up) -> anyhow::Result<()> {
     drop(cluster);
     drop(stack);
     outcome
-}
-
-/// `trellis-nats-cluster` (testkit's three-node cluster) as a child: started, its `NATS_URL`
-/// read from its first line; it stops its nodes when its standard input closes, on drop.
-struct NatsCluster {
-    child: Child,
-    nats_url: String,
-}
-
-impl NatsCluster {
-    fn start(bin_dir: &Path) -> anyhow::Result<NatsCluster> {
-        let bin = bin_dir.join("trellis-nats-cluster");
-        eprintln!("xtask: starting a three-node NATS cluster ({})", bin.display());
-        let mut child = Command::new(&bin)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            // The terminal's Ctrl-C reaches only us: the cluster stops after the services.
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let stdout = child.stdout.take().expect("piped");
-        let mut first = String::new();
-        BufReader::new(stdout).read_line(&mut first).context("reading the cluster's NATS_URL")?;
-        let Some(nats_url) = first.trim().strip_prefix("NATS_URL=").map(str::to_owned) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("trellis-nats-cluster did not start (see its output above)");
-        };
-        eprintln!("xtask: NATS cluster up: NATS_URL={nats_url}");
-        Ok(NatsCluster { child, nats_url })
-    }
-}
-
-impl Drop for NatsCluster {
-    fn drop(&mut self) {
-        eprintln!("xtask: stopping the NATS cluster");
-        // Closing its standard input is its signal to stop; kill it if it does not.
-        drop(self.child.stdin.take());
-        util::await_exit(&mut self.child, Duration::from_secs(15));
-    }
 }
 
 /// Waits for readiness, seeds, prints the banner, then waits for a stop request.

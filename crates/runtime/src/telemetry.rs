@@ -35,6 +35,11 @@ pub fn init_logging(format: LogFormat) {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("trellis"))
             .with_tracked_inactivity(false)
+            // The span names say where a span comes from: the source location, thread and
+            // target attributes would be five more strings on every exported span.
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
             .with_filter(tracing::level_filters::LevelFilter::INFO)
     });
     let fmt = tracing_subscriber::fmt::layer().with_target(true);
