@@ -144,7 +144,7 @@ fn request_span(req: &Request) -> tracing::Span {
     if let Some(caller) = caller {
         let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(caller));
     }
-    span
+    trace::started(span)
 }
 
 async fn route_not_found() -> Response {

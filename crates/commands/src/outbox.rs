@@ -51,7 +51,7 @@ struct Trace {
 
 impl Trace {
     fn current() -> Self {
-        let cx = opentelemetry::Context::current();
+        let cx = tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current());
         let span = cx.span();
         let sc = span.span_context();
         if !sc.is_valid() {

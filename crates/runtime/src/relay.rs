@@ -293,7 +293,7 @@ fn publish_span(event: &outbox::PendingEvent, subject: &str) -> tracing::Span {
     if let Some(row) = row {
         crate::trace::relate(&span, &row, ParentMode::Child);
     }
-    span
+    crate::trace::started(span)
 }
 
 /// A claimed batch whose publishes are sent and whose acknowledgements are awaited; its row

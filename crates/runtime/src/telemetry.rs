@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::level_filters::LevelFilter;
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::FmtContext;
 use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, JsonFields, Writer};
@@ -35,12 +36,18 @@ pub fn init_logging(format: LogFormat) {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("trellis"))
             .with_tracked_inactivity(false)
+            // Entering a span does not make its context the current OpenTelemetry context: that
+            // costs a context clone and a thread-local push on every poll of every instrumented
+            // future. The trace context is read from the `tracing` span instead
+            // (`OpenTelemetrySpanExt::context`), and `trace::started` starts a span's context
+            // where it is made, so that the log lines inside it carry its ids.
+            .with_context_activation(false)
             // The span names say where a span comes from: the source location, thread and
             // target attributes would be five more strings on every exported span.
             .with_location(false)
             .with_threads(false)
             .with_target(false)
-            .with_filter(tracing::level_filters::LevelFilter::INFO)
+            .with_filter(LevelFilter::INFO)
     });
     let fmt = tracing_subscriber::fmt::layer().with_target(true);
     let fmt = match format {
@@ -100,17 +107,19 @@ where
     format::Format<format::Json>: FormatEvent<S, N>,
 {
     fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
-        let cx = opentelemetry::Context::current();
-        let span = cx.span();
-        let sc = span.span_context();
-        if !sc.is_valid() {
+        let ids = ctx.lookup_current().and_then(|span| {
+            let extensions = span.extensions();
+            let data = extensions.get::<tracing_opentelemetry::OtelData>()?;
+            Some((data.trace_id()?, data.span_id()?))
+        });
+        let Some((trace_id, span_id)) = ids.filter(|(t, s)| *t != TraceId::INVALID && *s != SpanId::INVALID) else {
             return self.0.format_event(ctx, writer, event);
-        }
+        };
         let mut line = String::with_capacity(256);
         self.0.format_event(ctx, Writer::new(&mut line), event)?;
         match line.strip_prefix('{') {
             Some(rest) => {
-                write!(writer, "{{\"trace_id\":\"{}\",\"span_id\":\"{}\",", sc.trace_id(), sc.span_id())?;
+                write!(writer, "{{\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\",")?;
                 writer.write_str(rest)
             }
             None => writer.write_str(&line),
@@ -165,6 +174,7 @@ fn record_binary_size() {
 mod tests {
     use std::sync::{Arc, Mutex};
 
+    use opentelemetry::trace::TraceContextExt as _;
     use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
     use super::*;
@@ -188,7 +198,7 @@ mod tests {
         let writer = buffer.clone();
         let provider = SdkTracerProvider::builder().build();
         let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")).with_context_activation(false))
             .with(
                 tracing_subscriber::fmt::layer()
                     .fmt_fields(JsonFields::new())
@@ -197,7 +207,8 @@ mod tests {
             );
         let (trace_id, span_id) = tracing::subscriber::with_default(subscriber, || {
             tracing::info!("outside");
-            let span = tracing::info_span!("request", request_id = "r1");
+            // As the processes do: no context activation on entry; the span started where made.
+            let span = crate::trace::started(tracing::info_span!("request", request_id = "r1"));
             let ids = span.in_scope(|| {
                 tracing::info!(n = 1, "inside");
                 let cx = tracing::Span::current().context();

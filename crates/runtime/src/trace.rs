@@ -116,6 +116,14 @@ pub fn relate(span: &tracing::Span, parent: &SpanContext, mode: ParentMode) {
     span.add_link(parent.clone());
 }
 
+/// `span`, its OpenTelemetry context started now (it is otherwise started when a child is made or
+/// its context is first read): the log lines written inside it then carry its trace and span
+/// ids. Call it once the span's parent and links are set.
+pub fn started(span: tracing::Span) -> tracing::Span {
+    let _ = span.context();
+    span
+}
+
 /// Links `span` to `other`.
 pub fn link(span: &tracing::Span, other: &SpanContext) {
     span.add_link(other.clone());

@@ -408,11 +408,14 @@ impl Handler for PriorityHandler {
                 .zip(&decoded)
                 .filter_map(|(d, id)| id.as_ref().ok().map(|id| (d, id)))
                 .map(|(d, id)| {
-                    tracing::info_span!(parent: &d.span, "dispute decision", trellis.dispute.id = %id, priority = self.priority.as_str())
+                    trellis_runtime::trace::started(tracing::info_span!(parent: &d.span, "dispute decision", trellis.dispute.id = %id, priority = self.priority.as_str()))
                 })
                 .collect();
-            let decided =
-                self.processor.decide(&ids).instrument(tracing::info_span!("decide batch", disputes = ids.len())).await;
+            let decided = self
+                .processor
+                .decide(&ids)
+                .instrument(trellis_runtime::trace::started(tracing::info_span!("decide batch", disputes = ids.len())))
+                .await;
             drop(decisions);
             match decided {
                 // Not pending: already decided (a redelivery, another replica, a moderator), or

@@ -289,6 +289,7 @@ impl<H: Handler> ConsumerGroup<H> {
         if let Some(failed) = dlq::failed_trace(m.headers.as_ref()).and_then(|t| t.span_context()) {
             crate::trace::link(&span, &failed);
         }
+        let span = crate::trace::started(span);
         Ok(Delivery {
             subject,
             envelope,
@@ -317,6 +318,6 @@ impl<H: Handler> ConsumerGroup<H> {
                 crate::trace::link(&span, &sc);
             }
         }
-        span
+        crate::trace::started(span)
     }
 }
