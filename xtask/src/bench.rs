@@ -418,6 +418,13 @@ fn api(flags: &flags::Bench) -> anyhow::Result<()> {
     const ORDER: [&str; 4] = [OFF, ON, ON, OFF];
     let env_of = |tracing: &str| if tracing == ON { &exporting } else { &pooled };
     let mut passes = 0;
+    // This machine's limit for the reads, measured right before them at the same concurrency:
+    // pgbench's one primary-key lookup a transaction, on the same server and database.
+    let pgbench = Pgbench::new(&db)?;
+    let select_tps = pgbench.select_only(32, flags.duration)?;
+    rows.push(format!(
+        "| anchor: pgbench -S (one primary-key lookup a transaction), c=32, same database | {select_tps:.0} tps | — |"
+    ));
     let mut reads: Vec<(&str, f64)> = Vec::new();
     for tracing in ORDER {
         let api = Api::start(&db, &stack, &format!("{prefix}{passes}"), env_of(tracing))?;
@@ -436,6 +443,12 @@ fn api(flags: &flags::Bench) -> anyhow::Result<()> {
         ));
         reads.push((tracing, read.requests_per_sec));
     }
+    // The writes' anchor: their SQL alone (the contact upsert and its outbox row, one
+    // transaction, synchronous commit) from pgbench, at the same concurrency.
+    let write_tps = pgbench.write_script(32, flags.duration, &scripts)?;
+    rows.push(format!(
+        "| anchor: pgbench, the write's SQL (contact upsert + outbox row, synchronous commit), c=32 | {write_tps:.0} tps | — |"
+    ));
     let mut writes: Vec<(&str, f64)> = Vec::new();
     for tracing in ORDER {
         let api = Api::start(&db, &stack, &format!("{prefix}{passes}"), env_of(tracing))?;
@@ -458,6 +471,11 @@ fn api(flags: &flags::Bench) -> anyhow::Result<()> {
     };
     let (read_off, write_off) = (mean(&reads, OFF), mean(&writes, OFF));
     let (read_on, write_on) = (mean(&reads, ON), mean(&writes, ON));
+    rows.push(format!(
+        "| ratio to this machine's limit (export off) | reads {:.2} of pgbench -S, writes {:.2} of the pgbench write | — |",
+        read_off / select_tps,
+        write_off / write_tps
+    ));
     let loss = |off: f64, on: f64| 100.0 * (off - on) / off;
     rows.push(format!(
         "| trace export on (100 % sampled) vs off, means of two passes each | reads {read_on:.0} vs {read_off:.0} req/s, {:.1} % slower; writes {write_on:.0} vs {write_off:.0} req/s, {:.1} % slower ({} export requests received) | ≤ 10 % each |",
@@ -567,6 +585,67 @@ impl OtlpSink {
 
     fn requests(&self) -> u64 {
         self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// pgbench on a benchmark's database: the anchors the API's figures are divided by.
+struct Pgbench<'a> {
+    bin: PathBuf,
+    db: &'a BenchDb,
+}
+
+/// The write's SQL: the store's contact upsert and an outbox row, in one transaction (the
+/// server's default synchronous commit), on the seeded `bench_<i>` users.
+const PGBENCH_WRITE_SCRIPT: &str = "\\set owner random(1, 1000)
+\\set target random(1, 5000)
+BEGIN;
+INSERT INTO contacts.contacts AS c (owner_id, contact_id, label)
+SELECT o.id, t.id, 'p' || :owner || '-' || :target || '-' || random()
+FROM identity.users o, identity.users t
+WHERE o.handle = 'bench_' || :owner AND t.handle = 'bench_' || :target AND o.id <> t.id
+ON CONFLICT (owner_id, contact_id) DO UPDATE SET label = EXCLUDED.label,
+    updated_at = CASE WHEN c.label IS DISTINCT FROM EXCLUDED.label THEN now() ELSE c.updated_at END;
+INSERT INTO ops.outbox (id, subject, payload) VALUES (gen_random_uuid(), 'bench.pgbench', '{}');
+COMMIT;
+";
+
+impl<'a> Pgbench<'a> {
+    fn new(db: &'a BenchDb) -> anyhow::Result<Self> {
+        let bin =
+            crate::services::postgres_tool("pgbench").context("pgbench is needed (Debian: postgresql-contrib)")?;
+        Ok(Self { bin, db })
+    }
+
+    /// `pgbench -S` against its own tables (scale 10: 1,000,000 accounts), made first.
+    fn select_only(&self, clients: u32, seconds: u64) -> anyhow::Result<f64> {
+        eprintln!("xtask: bench: pgbench -S, {clients} clients, {seconds}s");
+        util::read(Command::new(&self.bin).args(["-i", "-q", "-s", "10"]).arg(&self.db.url))?;
+        let tps = self.run(&["-S", "-M", "prepared"], clients, seconds)?;
+        self.db.exec("DROP TABLE pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history")?;
+        Ok(tps)
+    }
+
+    /// pgbench running [`PGBENCH_WRITE_SCRIPT`]; its outbox rows are deleted afterwards, before
+    /// any relay can publish them.
+    fn write_script(&self, clients: u32, seconds: u64, dir: &Path) -> anyhow::Result<f64> {
+        eprintln!("xtask: bench: pgbench, the write's SQL, {clients} clients, {seconds}s");
+        let script = dir.join("pgbench-write.sql");
+        std::fs::write(&script, PGBENCH_WRITE_SCRIPT)?;
+        let tps = self.run(&["-M", "prepared", "-f", &script.to_string_lossy()], clients, seconds)?;
+        self.db.exec("DELETE FROM ops.outbox WHERE subject = 'bench.pgbench'; ANALYZE")?;
+        Ok(tps)
+    }
+
+    fn run(&self, args: &[&str], clients: u32, seconds: u64) -> anyhow::Result<f64> {
+        let out = util::read(
+            Command::new(&self.bin)
+                .args(["-n", "-j", "2", "-c", &clients.to_string(), "-T", &seconds.to_string()])
+                .args(args)
+                .arg(&self.db.url),
+        )?;
+        let line =
+            out.lines().find(|l| l.starts_with("tps = ")).with_context(|| format!("pgbench printed no tps:\n{out}"))?;
+        line["tps = ".len()..].split_whitespace().next().context("tps")?.parse().context("tps")
     }
 }
 

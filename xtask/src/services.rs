@@ -288,7 +288,7 @@ fn redact_all(text: &str, url: &str) -> String {
 }
 
 /// A PostgreSQL client or server program: on PATH, else in Debian's versioned directories.
-fn postgres_tool(name: &str) -> Option<PathBuf> {
+pub fn postgres_tool(name: &str) -> Option<PathBuf> {
     util::find_program(name, &debian_postgres_dirs())
 }
 
