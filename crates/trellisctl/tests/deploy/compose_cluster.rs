@@ -332,13 +332,16 @@ fn replaced(text: &str, from: &str, to: &str) -> String {
 struct Node {
     name: &'static str,
     http: u16,
-    child: Child,
+    _server: Server,
 }
 
-impl Drop for Node {
+/// A nats-server of the test's, killed when dropped (also when the test fails).
+struct Server(Child);
+
+impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -406,7 +409,7 @@ async fn the_deployed_nats_server_forms_the_cluster_from_the_deployed_files_and_
             ["-a".to_owned(), "127.0.0.1".into(), "-p".into(), free_port().to_string(), "-m".into(), http.to_string()];
         let child = spawn_server(&bin, &dir.join("cluster.conf"), &passwords, &args, &format!("compose-{name}"));
         passwords.pop();
-        nodes.push(Node { name, http, child });
+        nodes.push(Node { name, http, _server: Server(child) });
     }
     for node in &nodes {
         let what = format!("{} in contact with JetStream's meta leader (its /healthz)", node.name);
@@ -437,22 +440,23 @@ async fn the_deployed_nats_server_forms_the_cluster_from_the_deployed_files_and_
         target = cluster_ports[0],
     );
     std::fs::write(rogue_dir.join("rogue.conf"), rogue_config).unwrap();
-    let mut rogue = Command::new(&bin)
-        .arg("-c")
-        .arg(rogue_dir.join("rogue.conf"))
-        .args(["-a", "127.0.0.1", "-p"])
-        .arg(free_port().to_string())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let rogue = Server(
+        Command::new(&bin)
+            .arg("-c")
+            .arg(rogue_dir.join("rogue.conf"))
+            .args(["-a", "127.0.0.1", "-p"])
+            .arg(free_port().to_string())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     eventually("nats-1 to refuse the route of a process's certificate", Duration::from_secs(30), || async {
         let log = std::fs::read_to_string(&rogue_log).unwrap_or_default();
         log.contains("Authorization Violation").then_some(())
     })
     .await;
-    let _ = rogue.kill();
-    let _ = rogue.wait();
+    drop(rogue);
     let routed = routed_to(nodes[0].http).await;
     assert_eq!(routed, BTreeSet::from(["nats-2", "nats-3"].map(str::to_owned)), "nats-1's routes: {routed:?}");
 }
