@@ -3,13 +3,17 @@
 # a CA (ca.pem, ca-key.pem), the server's certificate for the given names (server.pem, server-key.pem)
 # and a client certificate per Trellis process (<process>.pem, <process>-key.pem), ECDSA P-256.
 #
-#   deploy/nats/gen-certs.sh OUT_DIR [SERVER_NAME ...]     (default names: nats localhost 127.0.0.1)
+#   deploy/nats/gen-certs.sh OUT_DIR [SERVER_NAME ...]
+#
+# Default names: nats (the name clients check, NATS_TLS_SERVER_NAME), nats-1 nats-2 nats-3 (the
+# cluster's nodes, deploy/compose.cluster.yaml: their routes check these names), localhost and
+# 127.0.0.1. One set of files serves the single node and the cluster.
 #
 # Keep ca-key.pem out of every container: only the CA certificate is distributed.
 set -eu
 out=${1:?usage: gen-certs.sh OUT_DIR [SERVER_NAME ...]}
 shift
-[ $# -gt 0 ] || set -- nats localhost 127.0.0.1
+[ $# -gt 0 ] || set -- nats nats-1 nats-2 nats-3 localhost 127.0.0.1
 days=${CERT_DAYS:-397}
 mkdir -p "$out"
 cd "$out"
@@ -38,7 +42,9 @@ for name in "$@"; do
     *) sans="${sans:+$sans,}IP:$name" ;;
   esac
 done
-issue server serverAuth "$sans"
+# serverAuth for clients, clientAuth as well: in a cluster each node presents it on the routes it
+# opens (deploy/nats/cluster.conf).
+issue server serverAuth,clientAuth "$sans"
 for process in trellis-api search-projector score-orchestrator dispute-processor trellisctl; do
   issue "$process" clientAuth "DNS:$process"
 done

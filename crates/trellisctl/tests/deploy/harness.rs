@@ -21,6 +21,17 @@ pub fn yaml(relative: &str) -> serde_yaml_ng::Value {
     serde_yaml_ng::from_str(&read(relative)).unwrap_or_else(|e| panic!("{relative} is not YAML: {e}"))
 }
 
+/// A compose file with its `<<` merge keys applied, as docker-compose reads it. A merged mapping
+/// may bring a merge key of its own (`x-trellis` merges `x-hardened`): apply until none is left.
+pub fn compose_file(relative: &str) -> serde_yaml_ng::Value {
+    let mut compose = yaml(relative);
+    for _ in 0..4 {
+        compose.apply_merge().unwrap();
+    }
+    assert!(!serde_yaml_ng::to_string(&compose).unwrap().contains("<<"), "{relative}: merge keys nested deeper than 4");
+    compose
+}
+
 pub use trellis_testkit::metrics::names as exported_names;
 pub use trellis_testkit::process::binary;
 pub use trellis_testkit::{Process, Spawn};

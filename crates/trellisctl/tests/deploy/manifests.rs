@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-use crate::harness::{read, repo_root, yaml};
+use crate::harness::{compose_file, read, repo_root};
 
 /// Every document of every YAML file of the kustomize base.
 fn base() -> Vec<Value> {
@@ -45,16 +45,9 @@ fn database_url_secret(container: &Value) -> (String, String) {
     (reference["name"].as_str().unwrap().to_owned(), reference["key"].as_str().unwrap().to_owned())
 }
 
-/// `compose.yaml` with its `<<` merge keys applied, as docker-compose reads it. A merged
-/// mapping may bring a merge key of its own (`x-trellis` merges `x-hardened`): apply until none
-/// is left.
-fn compose() -> Value {
-    let mut compose = yaml("deploy/compose.yaml");
-    for _ in 0..4 {
-        compose.apply_merge().unwrap();
-    }
-    assert!(!serde_yaml_ng::to_string(&compose).unwrap().contains("<<"), "merge keys nested deeper than 4");
-    compose
+/// `compose.yaml` with its `<<` merge keys applied, as docker-compose reads it.
+pub fn compose() -> Value {
+    compose_file("deploy/compose.yaml")
 }
 
 fn shutdown_grace(docs: &[Value]) -> Duration {
@@ -274,7 +267,7 @@ fn compose_containers_are_read_only_without_capabilities_and_monitoring_listens_
 }
 
 /// `image[:tag]@sha256:<64 hex>`.
-fn pinned_by_digest(image: &str) -> bool {
+pub fn pinned_by_digest(image: &str) -> bool {
     image.split_once("@sha256:").is_some_and(|(name, digest)| {
         !name.is_empty()
             && digest.len() == 64
@@ -356,7 +349,9 @@ fn each_process_logs_in_to_nats_as_its_own_user_over_tls_and_keda_reads_nats_thr
 
     let docs = base();
     let config = &named(&docs, "ConfigMap", "trellis-config")["data"];
-    assert!(config["NATS_CA"].as_str().is_some() && config["NATS_TLS_SERVER_NAME"].as_str().is_some());
+    for variable in ["NATS_CA", "NATS_CERT", "NATS_KEY", "NATS_TLS_SERVER_NAME"] {
+        assert!(config[variable].as_str().is_some(), "trellis-config has no {variable}");
+    }
     let mut keys = std::collections::BTreeSet::new();
     for deployment in ["trellis-api"].iter().chain(&WORKERS) {
         let pod = &named(&docs, "Deployment", deployment)["spec"]["template"]["spec"];
@@ -366,7 +361,15 @@ fn each_process_logs_in_to_nats_as_its_own_user_over_tls_and_keda_reads_nats_thr
         assert!(users.iter().any(|u| u == user), "{deployment}: {user}");
         let key = var("NATS_PASSWORD")["valueFrom"]["secretKeyRef"]["key"].as_str().unwrap().to_owned();
         assert!(keys.insert(key.clone()), "{deployment}: a NATS password of its own, not {key}");
-        assert_eq!(pod["volumes"][0]["secret"]["secretName"], "trellis-nats-tls", "{deployment}: the CA");
+        // The CA, and a client certificate of its own (which files the variables name: `rendered`).
+        let secrets: Vec<&str> = pod["volumes"][0]["projected"]["sources"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{deployment}: the NATS TLS volume"))
+            .iter()
+            .map(|s| s["secret"]["name"].as_str().unwrap())
+            .collect();
+        let own = format!("{deployment}-nats-client");
+        assert_eq!(secrets, ["trellis-nats-tls", own.as_str()], "{deployment}");
     }
 
     let auth = named(&docs, "TriggerAuthentication", "trellis-nats-monitoring");

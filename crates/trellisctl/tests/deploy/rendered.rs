@@ -183,3 +183,118 @@ fn the_selector_reading_follows_kubernetes() {
     assert!(selects(&yes, &labels));
     assert!(!selects(&no, &labels));
 }
+
+/// The value a container's environment gives `name`: its own `env`, else the ConfigMaps of its
+/// `envFrom` (as rendered in `docs`).
+fn env_value(docs: &[Value], container: &Value, name: &str) -> Option<String> {
+    let own = container["env"].as_sequence().into_iter().flatten().find(|e| e["name"] == name);
+    if let Some(var) = own {
+        return var["value"].as_str().map(str::to_owned);
+    }
+    container["envFrom"].as_sequence().into_iter().flatten().find_map(|source| {
+        let map = source["configMapRef"]["name"].as_str()?;
+        let config = docs.iter().find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == map)?;
+        config["data"][name].as_str().map(str::to_owned)
+    })
+}
+
+/// The Secret and key a file of a pod comes from: the volume mounted above `path`, one of its
+/// secret items (a `secret` volume or a `projected` volume's secret sources).
+fn secret_behind(pod: &Value, container: &Value, path: &str) -> Option<(String, String)> {
+    let mount = container["volumeMounts"].as_sequence()?.iter().find(|m| {
+        m["mountPath"].as_str().is_some_and(|dir| path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/')))
+    })?;
+    let file = &path[mount["mountPath"].as_str()?.len() + 1..];
+    let volume = pod["volumes"].as_sequence()?.iter().find(|v| v["name"] == mount["name"])?;
+    let secrets: Vec<(&str, &Value)> = match volume["secret"]["secretName"].as_str() {
+        Some(name) => vec![(name, &volume["secret"])],
+        None => volume["projected"]["sources"]
+            .as_sequence()?
+            .iter()
+            .filter_map(|s| Some((s["secret"]["name"].as_str()?, &s["secret"])))
+            .collect(),
+    };
+    secrets.into_iter().find_map(|(name, secret)| {
+        let item = secret["items"].as_sequence()?.iter().find(|i| i["path"] == file)?;
+        Some((name.to_owned(), item["key"].as_str()?.to_owned()))
+    })
+}
+
+/// The fields of a cert-manager `cert-manager.io/v1` Certificate's spec that these manifests
+/// may use (a misspelt field is ignored by a cluster, so it fails here).
+const CERTIFICATE_SPEC_FIELDS: [&str; 8] =
+    ["secretName", "commonName", "dnsNames", "usages", "duration", "renewBefore", "privateKey", "issuerRef"];
+
+#[test]
+fn every_deployment_reads_the_nats_ca_and_a_client_certificate_of_its_own_which_prod_has_cert_manager_issue() {
+    for overlay in OVERLAYS {
+        let docs = render(overlay);
+        let mut client_secrets = BTreeSet::new();
+        for deployment in docs.iter().filter(|d| d["kind"] == "Deployment") {
+            let name = deployment["metadata"]["name"].as_str().unwrap();
+            let pod = &deployment["spec"]["template"]["spec"];
+            let container = &pod["containers"][0];
+            let file = |variable: &str| {
+                let path = env_value(&docs, container, variable)
+                    .unwrap_or_else(|| panic!("{overlay}: {name} has no {variable}"));
+                secret_behind(pod, container, &path)
+                    .unwrap_or_else(|| panic!("{overlay}: {name}'s {variable} {path} is no file of a mounted Secret"))
+            };
+            assert_eq!(file("NATS_CA"), ("trellis-nats-tls".to_owned(), "ca.crt".to_owned()), "{overlay}: {name}");
+            let own = format!("{name}-nats-client");
+            assert_eq!(file("NATS_CERT"), (own.clone(), "tls.crt".to_owned()), "{overlay}: {name}");
+            assert_eq!(file("NATS_KEY"), (own.clone(), "tls.key".to_owned()), "{overlay}: {name}");
+            assert!(client_secrets.insert(own), "{overlay}: {name} shares a client certificate");
+        }
+        assert_eq!(client_secrets.len(), 4, "{overlay}: the API and the three workers");
+
+        let certificates: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "Certificate").collect();
+        if overlay == "dev" {
+            assert!(certificates.is_empty(), "dev: the client certificates are the operator's Secrets");
+            continue;
+        }
+        let issued: BTreeSet<String> =
+            certificates.iter().map(|c| c["spec"]["secretName"].as_str().unwrap().to_owned()).collect();
+        // Every client certificate a pod mounts, and the on-call tool's.
+        client_secrets.insert("trellisctl-nats-client".to_owned());
+        assert_eq!(issued, client_secrets, "prod: cert-manager issues every client certificate");
+        for certificate in certificates {
+            let spec = &certificate["spec"];
+            let secret = spec["secretName"].as_str().unwrap();
+            assert_eq!(certificate["apiVersion"], "cert-manager.io/v1", "{secret}");
+            for field in spec.as_mapping().unwrap().keys() {
+                let field = field.as_str().unwrap();
+                assert!(CERTIFICATE_SPEC_FIELDS.contains(&field), "{secret}: unknown Certificate field {field}");
+            }
+            // The process's name, as deploy/nats/gen-certs.sh names a client certificate.
+            let process = secret.strip_suffix("-nats-client").unwrap();
+            assert_eq!(spec["commonName"], process, "{secret}");
+            assert_eq!(spec["dnsNames"], serde_yaml_ng::to_value([process]).unwrap(), "{secret}");
+            let usages: BTreeSet<&str> =
+                spec["usages"].as_sequence().unwrap().iter().map(|u| u.as_str().unwrap()).collect();
+            assert_eq!(usages, BTreeSet::from(["digital signature", "client auth"]), "{secret}: a client certificate");
+            let issuer = &spec["issuerRef"];
+            assert_eq!(
+                (issuer["group"].as_str(), issuer["kind"].as_str(), issuer["name"].as_str()),
+                (Some("cert-manager.io"), Some("Issuer"), Some("trellis-nats-client-ca")),
+                "{secret}: the operator's Issuer"
+            );
+            let duration = humantime::parse_duration(spec["duration"].as_str().unwrap()).unwrap();
+            let renew_before = humantime::parse_duration(spec["renewBefore"].as_str().unwrap()).unwrap();
+            assert!(
+                renew_before >= std::time::Duration::from_secs(7 * 24 * 3600) && renew_before < duration / 2,
+                "{secret}: renewal leaves the pods days to restart onto it, and is not constant churn"
+            );
+            let key = &spec["privateKey"];
+            assert_eq!((key["algorithm"].as_str(), key["size"].as_u64()), (Some("ECDSA"), Some(256)), "{secret}");
+            assert!(
+                matches!(key["encoding"].as_str(), Some("PKCS1" | "PKCS8")),
+                "{secret}: an encoding cert-manager knows"
+            );
+            assert!(
+                matches!(key["rotationPolicy"].as_str(), Some("Always" | "Never")),
+                "{secret}: a policy cert-manager knows"
+            );
+        }
+    }
+}
