@@ -115,7 +115,11 @@ pub fn run(flags: &flags::Up) -> anyhow::Result<()> {
         }
     }
 
-    let outcome = serve(&api_url, &mut children, &stop_requested);
+    // A trust-score run over the demo data once it is seeded, so that a newcomer's first
+    // `GET /v1/users/bob/score` has a score to show.
+    let mut score_run = Command::new(bin_dir.join("trellisctl"));
+    score_run.args(["score", "run", "--wait"]).env("DATABASE_URL", &stack.database_url);
+    let outcome = serve(&api_url, &mut children, &mut score_run, &stop_requested);
     shutdown(&mut children);
     drop(cluster);
     drop(stack);
@@ -124,7 +128,12 @@ pub fn run(flags: &flags::Up) -> anyhow::Result<()> {
 
 /// Waits for readiness, seeds, prints the banner, then waits for a stop request.
 /// Returns an error if a child exits on its own.
-fn serve(api_url: &str, children: &mut [Supervised], stop_requested: &dyn Fn() -> bool) -> anyhow::Result<()> {
+fn serve(
+    api_url: &str,
+    children: &mut [Supervised],
+    score_run: &mut Command,
+    stop_requested: &dyn Fn() -> bool,
+) -> anyhow::Result<()> {
     let http = http_agent();
     eprintln!("xtask: waiting for {api_url}/readyz");
     let deadline = Instant::now() + READY_TIMEOUT;
@@ -144,7 +153,16 @@ fn serve(api_url: &str, children: &mut [Supervised], stop_requested: &dyn Fn() -
     }
 
     let demo_data = match seed_demo_data(&http, api_url) {
-        Ok(true) => "created just now",
+        Ok(true) => {
+            eprintln!("xtask: score run: {}", util::display(score_run));
+            match util::run(score_run) {
+                Ok(()) => "created just now, with a completed score run",
+                Err(err) => {
+                    eprintln!("xtask: the demo score run failed: {err:#}");
+                    "created just now; its score run FAILED, see above"
+                }
+            }
+        }
         Ok(false) => "already there",
         Err(err) => {
             eprintln!("xtask: could not seed the demo data: {err:#}");
