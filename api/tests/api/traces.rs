@@ -241,3 +241,48 @@ async fn in_link_mode_a_process_span_starts_its_own_trace_linked_to_the_request(
     assert_eq!(process.parent_span_id, "", "a root span");
     app.stop().await;
 }
+
+/// In the monolith executor `trellis-api` runs the search projector itself: the projector's
+/// process span is in the request's trace, exported by `trellis-api`, a child of the outbox
+/// write's context (the in-process consumer runs on the same runner as the worker).
+#[tokio::test]
+async fn in_the_monolith_executor_the_apis_own_projector_span_is_in_the_requests_trace() {
+    let otlp = OtlpReceiver::start().await.expect("the OTLP receiver");
+    let app = traced_app(&otlp).await;
+    let root = app.register("root").await;
+    app.grant_role(&root, "admin").await;
+    let r = app
+        .put("/v1/admin/flags/search.executor", Some(&root.token), json!({"value": "monolith", "reason": "trace test"}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let alice = app.register("alice").await;
+    let bob = app.register("bob").await;
+    let (trace_id, caller_span) = caller();
+    let put = app
+        .build(Method::PUT, &format!("/v1/me/contacts/{}", bob.id), Some(&alice.token), Some(json!({"label": "x"})))
+        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"));
+    let r = app.send(put).await;
+    assert!(r.status == 200 || r.status == 201, "{:?}", r.body);
+    let event_id: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM ops.outbox WHERE subject LIKE '%contact_added%' ORDER BY seq DESC LIMIT 1")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    let projected = |s: &Span| {
+        s.kind == CONSUMER
+            && s.attr("messaging.consumer.group.name") == Some(search_projector::CONSUMER)
+            && s.attr("messaging.message.id") == Some(event_id.to_string().as_str())
+    };
+    let spans = eventually("the API's own projector span in the request's trace", Duration::from_secs(30), || {
+        let spans = otlp.trace(&trace_id);
+        let all = spans.iter().any(projected) && spans.iter().any(|s| s.name == "outbox write");
+        async move { all.then_some(spans) }
+    })
+    .await;
+    let write = one(&spans, "outbox write", |s| s.name == "outbox write");
+    let process = one(&spans, "projector process span", projected);
+    assert_eq!(process.service, "trellis-api", "the API's in-process projector exported it");
+    assert_eq!(process.parent_span_id, write.span_id, "a child of the message's context");
+    assert!(process.links_to(&trace_id, &write.span_id), "and linked to it: {process:?}");
+    app.stop().await;
+}
