@@ -55,19 +55,21 @@ async fn a_contact_add_is_one_trace_from_the_request_to_the_search_projector() {
     let (trace_id, caller_span) = caller();
     let put = app
         .build(Method::PUT, &format!("/v1/me/contacts/{}", bob.id), Some(&alice.token), Some(json!({"label": "x"})))
-        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"));
+        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
+        .header("tracestate", "caller=c1");
     let r = app.send(put).await;
     assert!(r.status == 200 || r.status == 201, "{:?}", r.body);
 
-    // The outbox row carries the request's trace.
-    let (event_id, traceparent): (uuid::Uuid, Option<String>) = sqlx::query_as(
-        "SELECT id, traceparent FROM ops.outbox WHERE subject LIKE '%contact_added%' ORDER BY seq DESC LIMIT 1",
+    // The outbox row carries the request's trace, and the caller's tracestate with it.
+    let (event_id, traceparent, tracestate): (uuid::Uuid, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT id, traceparent, tracestate FROM ops.outbox WHERE subject LIKE '%contact_added%' ORDER BY seq DESC LIMIT 1",
     )
     .fetch_one(&app.db.pool)
     .await
     .unwrap();
     let traceparent = traceparent.expect("the row's traceparent");
     assert!(traceparent.starts_with(&format!("00-{trace_id}-")), "{traceparent}");
+    assert_eq!(tracestate.as_deref(), Some("caller=c1"), "the row's tracestate");
 
     let projected = |s: &Span| {
         s.kind == CONSUMER
@@ -102,6 +104,9 @@ async fn a_contact_add_is_one_trace_from_the_request_to_the_search_projector() {
     assert!(process.links_to(&trace_id, &write.span_id), "and linked to it: {process:?}");
     assert_eq!(process.attr("messaging.system"), Some("nats"));
     assert_eq!(process.attr("messaging.nats.message.delivery_count"), Some("1"));
+    for span in [request, write, publish, process] {
+        assert_eq!(span.trace_state, "caller=c1", "the caller's tracestate reaches {}", span.name);
+    }
     assert!(process.attr("messaging.destination.name").is_some_and(|d| d.ends_with("contacts.contact_added")));
 
     // The projector's batch span is linked to the message.
@@ -161,6 +166,18 @@ async fn a_dispute_filing_trace_reaches_the_dispute_processors_decision() {
     let decision = one(&spans, "decision span", |s| s.name == "dispute decision");
     assert_eq!(decision.parent_span_id, process.span_id);
     assert_eq!(decision.attr("trellis.dispute.id"), Some(dispute.as_str()));
+
+    // The processor's batch span (its own trace) is linked to the message.
+    eventually("the dispute processor's batch span, linked to the message", Duration::from_secs(30), || {
+        let linked = otlp.spans().into_iter().any(|s| {
+            s.name.starts_with("process batch")
+                && s.service == "dispute-processor"
+                && s.attr("messaging.consumer.group.name").is_some_and(|g| g.starts_with("dispute-processor-"))
+                && s.links_to(&trace_id, &write.span_id)
+        });
+        async move { linked.then_some(()) }
+    })
+    .await;
     app.stop().await;
 }
 

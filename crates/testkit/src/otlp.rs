@@ -29,6 +29,8 @@ pub struct Span {
     pub attributes: BTreeMap<String, String>,
     /// (trace id, span id) of every link.
     pub links: Vec<(String, String)>,
+    /// The W3C `tracestate` of the span's context (empty for none).
+    pub trace_state: String,
 }
 
 impl Span {
@@ -115,6 +117,7 @@ async fn receive(State(spans): State<Arc<Mutex<Vec<Span>>>>, body: Bytes) -> axu
                     kind: span.kind,
                     attributes: attributes(&span.attributes),
                     links: span.links.iter().map(|l| (hex::encode(&l.trace_id), hex::encode(&l.span_id))).collect(),
+                    trace_state: span.trace_state,
                 });
             }
         }
