@@ -303,3 +303,69 @@ async fn in_the_monolith_executor_the_apis_own_projector_span_is_in_the_requests
     assert!(process.links_to(&trace_id, &write.span_id), "and linked to it: {process:?}");
     app.stop().await;
 }
+
+/// During a shadow period with the worker as the primary, `trellis-api` runs the search
+/// projector's candidate: the candidate's process span is in the request's trace too, exported
+/// by `trellis-api`, beside the worker's.
+#[tokio::test]
+async fn in_a_shadow_period_the_candidates_process_span_is_in_the_requests_trace() {
+    let otlp = OtlpReceiver::start().await.expect("the OTLP receiver");
+    let app = traced_app(&otlp).await;
+    let _projector = traced_worker(&app, &otlp, "search-projector").await;
+    let root = app.register("root").await;
+    app.grant_role(&root, "admin").await;
+    let r = app
+        .put("/v1/admin/flags/search.executor", Some(&root.token), json!({"value": "shadow", "reason": "trace test"}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    // The candidate reads new messages only: write once its consumer exists.
+    let topology = trellis_runtime::nats::Topology::new(&app.prefix).expect("the test's prefix");
+    let candidate = topology.name(&trellis_runtime::cutover::candidate_spec(search_projector::consumer_spec()).name);
+    let js = async_nats::jetstream::new(async_nats::connect(&app.nats_url).await.expect("NATS"));
+    eventually("the candidate's consumer", Duration::from_secs(30), || {
+        let (js, stream, candidate) = (js.clone(), topology.events_stream(), candidate.clone());
+        async move {
+            let stream = js.get_stream(stream).await.ok()?;
+            stream.consumer_info(candidate).await.ok().map(|_| ())
+        }
+    })
+    .await;
+
+    let alice = app.register("alice").await;
+    let bob = app.register("bob").await;
+    let (trace_id, caller_span) = caller();
+    let put = app
+        .build(Method::PUT, &format!("/v1/me/contacts/{}", bob.id), Some(&alice.token), Some(json!({"label": "x"})))
+        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"));
+    let r = app.send(put).await;
+    assert!(r.status == 200 || r.status == 201, "{:?}", r.body);
+    let event_id: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM ops.outbox WHERE subject LIKE '%contact_added%' ORDER BY seq DESC LIMIT 1")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    let processed_by = |service: &'static str| {
+        let event_id = event_id.to_string();
+        move |s: &Span| {
+            s.kind == CONSUMER && s.service == service && s.attr("messaging.message.id") == Some(event_id.as_str())
+        }
+    };
+    let spans = eventually("the primary's and the candidate's process spans", Duration::from_secs(30), || {
+        let spans = otlp.trace(&trace_id);
+        let all = spans.iter().any(processed_by("trellis-api"))
+            && spans.iter().any(processed_by("search-projector"))
+            && spans.iter().any(|s| s.name == "outbox write");
+        async move { all.then_some(spans) }
+    })
+    .await;
+    let write = one(&spans, "outbox write", |s| s.name == "outbox write");
+    let candidate_span = one(&spans, "the candidate's process span", processed_by("trellis-api"));
+    assert_eq!(candidate_span.parent_span_id, write.span_id, "a child of the message's context");
+    assert!(
+        candidate_span.attr("messaging.consumer.group.name").is_some_and(|g| g.ends_with("-shadow")),
+        "the candidate's group: {candidate_span:?}"
+    );
+    let primary = one(&spans, "the worker's process span", processed_by("search-projector"));
+    assert_eq!(primary.attr("messaging.consumer.group.name"), Some(search_projector::CONSUMER));
+    app.stop().await;
+}
