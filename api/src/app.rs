@@ -271,6 +271,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let pool = trellis_store::connect_lazy(common.database_url.expose(), &pool_config)?;
     // Readiness is the requests' pool's: the processors' may be busy with a batch.
     host.health().add("database", Severity::Critical, health::database_check(pool.clone()));
+    // Connected is not enough: on a cluster that lost its quorum the client stays connected to a
+    // surviving node while the relay can publish nothing (the events stream has no leader).
+    let (js, events) = (host.ctx().js.clone(), host.ctx().topology.events_stream());
+    host.health().add("jetstream", Severity::Degrading, health::stream_check(js, events));
 
     let state = AppState {
         pool: pool.clone(),

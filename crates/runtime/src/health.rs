@@ -106,6 +106,27 @@ pub fn database_check(pool: sqlx::PgPool) -> impl Fn() -> BoxFuture<'static, Res
     }
 }
 
+/// A check that JetStream serves `stream`: the server answers for it and, on a cluster, the
+/// stream has an elected leader. On a cluster that lost its quorum the client stays connected to
+/// a surviving node (the `nats` check passes) while no publish to the stream can succeed.
+pub fn stream_check(
+    js: async_nats::jetstream::Context,
+    stream: String,
+) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
+    move || {
+        let (js, stream) = (js.clone(), stream.clone());
+        Box::pin(async move {
+            let found = js.get_stream(&stream).await.map_err(|e| format!("stream {stream}: {e}"))?;
+            match &found.cached_info().cluster {
+                Some(cluster) if cluster.leader.as_deref().is_none_or(str::is_empty) => {
+                    Err(format!("stream {stream} has no leader: its JetStream cluster has lost its quorum"))
+                }
+                _ => Ok(()),
+            }
+        })
+    }
+}
+
 /// A check that the NATS connection is up.
 pub fn nats_check(client: async_nats::Client) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
     move || {

@@ -381,6 +381,15 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Whether a JetStream API error is the cluster's passing state rather than an answer about the
+/// request: no meta leader or quorum now (10008, "JetStream system temporarily unavailable"), or
+/// a leader that changed while the request was handled (10009). Retried like an unreachable
+/// server, never taken for a refusal of the configuration: a worker whose consumer was being
+/// declared while its cluster had lost its quorum exited instead of waiting for it.
+pub fn is_transient(code: jetstream::ErrorCode) -> bool {
+    code == jetstream::ErrorCode::CLUSTER_NOT_AVAILABLE || code == jetstream::ErrorCode::CLUSTER_NOT_LEADER
+}
+
 /// A JetStream context whose requests and publish acknowledgements time out.
 pub fn jetstream(client: async_nats::Client, timeout: Duration) -> jetstream::Context {
     jetstream::context::ContextBuilder::new()
@@ -429,6 +438,7 @@ async fn ensure_stream(js: &jetstream::Context, wanted: &stream::Config) -> Resu
     let request =
         |e: &dyn std::fmt::Display| TopologyError::Request { stream: wanted.name.clone(), message: e.to_string() };
     let refused = |e: CreateStreamError| match e.kind() {
+        CreateStreamErrorKind::JetStream(j) if is_transient(j.error_code()) => request(&e),
         CreateStreamErrorKind::JetStream(j) => {
             let code = j.error_code();
             let replicas = code == jetstream::ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED
@@ -512,6 +522,17 @@ mod tests {
         assert_eq!(plain.subject("events.>"), "events.>");
         assert!(Topology::new("a.b").is_err());
         assert!(Topology::new("a b").is_err());
+    }
+
+    #[test]
+    fn only_a_cluster_without_quorum_or_leader_is_transient() {
+        use jetstream::ErrorCode;
+        assert!(is_transient(ErrorCode::CLUSTER_NOT_AVAILABLE) && is_transient(ErrorCode::CLUSTER_NOT_LEADER));
+        for refusal in
+            [ErrorCode::STREAM_NOT_FOUND, ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED, ErrorCode::CONSUMER_NAME_EXIST]
+        {
+            assert!(!is_transient(refusal), "{refusal:?}");
+        }
     }
 }
 

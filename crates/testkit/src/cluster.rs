@@ -2,8 +2,9 @@
 //! nats-server processes (`NATS_SERVER_BIN`, as [`PrivateNats`](crate::PrivateNats)) named
 //! `n1`..`n3`, each with its own store directory, client, cluster and monitoring ports, and
 //! routes to the other two. [`NatsCluster::start`] returns once JetStream's meta leader is
-//! elected; a node can be killed with SIGKILL ([`NatsCluster::kill`]) and started again on its
-//! ports and store ([`NatsCluster::restart`]).
+//! elected and an R3 stream can be placed; a node can be killed with SIGKILL
+//! ([`NatsCluster::kill`]) or stopped with SIGTERM ([`NatsCluster::stop`]), and started again on
+//! its ports and store ([`NatsCluster::restart`]).
 //!
 //! Each node carries the server tag `node:<name>`, so that a test with R1 streams can place them
 //! (`Placement { tags: ["node:n1"] }`) on a node it will not kill.
@@ -78,7 +79,29 @@ impl NatsCluster {
             cluster.spawn(i)?;
         }
         cluster.wait_formed().await;
+        cluster.wait_placeable().await;
         Ok(cluster)
+    }
+
+    /// Waits until JetStream can place a stream on all three nodes. An elected meta leader is not
+    /// enough: until it has heard from every peer, nats-server 2.10 refuses an R3 stream ("no
+    /// suitable peers for placement"), which a service takes for a refusal of its configuration.
+    async fn wait_placeable(&self) {
+        let urls = self.urls();
+        eventually("the NATS cluster to place an R3 stream", FORMED_WITHIN, || async {
+            let client = async_nats::connect(urls.as_slice()).await.ok()?;
+            let create = serde_json::json!({"name": "CLUSTER_PROBE", "subjects": ["cluster-probe"],
+                "num_replicas": 3, "storage": "memory"});
+            let reply = client.request("$JS.API.STREAM.CREATE.CLUSTER_PROBE", create.to_string().into()).await.ok()?;
+            let created: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
+            if created.get("error").is_some() {
+                return None;
+            }
+            let reply = client.request("$JS.API.STREAM.DELETE.CLUSTER_PROBE", bytes::Bytes::new()).await.ok()?;
+            let deleted: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
+            (deleted["success"] == true).then_some(())
+        })
+        .await;
     }
 
     fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
@@ -169,6 +192,20 @@ impl NatsCluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Stops node `name` as an operator stops a server for a restart (SIGTERM: nats-server shuts
+    /// down cleanly) and waits for it to be gone.
+    pub async fn stop(&mut self, name: &str) {
+        let i = self.index(name);
+        let Some(mut child) = self.nodes[i].child.take() else { return };
+        let sent = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {name} failed");
+        eventually(&format!("{name} to exit after SIGTERM"), FORMED_WITHIN, || {
+            let exited = child.try_wait().expect("polling a node").is_some();
+            async move { exited.then_some(()) }
+        })
+        .await;
     }
 
     /// Starts node `name` again, on its ports and store, and waits until the running nodes

@@ -25,6 +25,27 @@ where
     }
 }
 
+/// [`eventually`] for a check that says why its condition does not hold yet: checks `check`
+/// every [`PACE`] until it yields `Ok` and returns the value; panics, naming `what` and the last
+/// reason, once `within` has passed without one.
+pub async fn eventually_ok<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    let mut pace = tokio::time::interval(PACE);
+    loop {
+        pace.tick().await;
+        match check().await {
+            Ok(found) => return found,
+            Err(why) => {
+                assert!(tokio::time::Instant::now() < deadline, "timed out after {within:?} waiting for {what}: {why}")
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,5 +66,12 @@ mod tests {
     #[should_panic(expected = "timed out after 100ms waiting for nothing")]
     async fn eventually_panics_with_what_it_waited_for() {
         eventually("nothing", Duration::from_millis(100), || async { None::<()> }).await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "timed out after 100ms waiting for nothing: still 3 behind")]
+    async fn eventually_ok_panics_with_the_last_reason() {
+        eventually_ok("nothing", Duration::from_millis(100), || async { Err::<(), _>("still 3 behind".to_owned()) })
+            .await;
     }
 }

@@ -124,6 +124,8 @@ async fn declare(
     let request = |e: &dyn std::fmt::Display| ConsumerError::Request { consumer: name.clone(), message: e.to_string() };
     let s = js.get_stream(stream).await.map_err(|e| request(&e))?;
     let mut c: PullConsumer = s.create_consumer(wanted.clone()).await.map_err(|e| match e.kind() {
+        // The cluster has no quorum or leader now: retried.
+        jetstream::stream::ConsumerErrorKind::JetStream(j) if crate::nats::is_transient(j.error_code()) => request(&e),
         // The server answered and said no: retrying will not change its mind.
         jetstream::stream::ConsumerErrorKind::JetStream(refusal) => {
             ConsumerError::Refused { consumer: name.clone(), stream: stream.to_owned(), message: refusal.to_string() }

@@ -1,37 +1,17 @@
 //! The system on a three-node JetStream cluster (`trellis_testkit::cluster`): the API (its relay)
-//! and a projector process connect with `NATS_URL` listing the three nodes; an event goes end to
-//! end; a node that is not the meta leader is killed with SIGKILL and the system keeps working.
+//! and a projector process connect with `NATS_URL` listing the three nodes and declare R3
+//! streams; an event goes end to end; a follower of the meta group is killed with SIGKILL and
+//! the system keeps working. The whole system under faults, with exact invariants, is tested in
+//! `crates/trellisctl/tests/cluster`.
 
 use std::time::Duration;
 
-use async_nats::jetstream::stream::Placement;
-use trellis_runtime::nats::Topology;
 use trellis_testkit::cluster::NatsCluster;
 use trellis_testkit::{Spawn, TestDb};
 
 use crate::harness::*;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// The streams' replica count in this test. The services declare R1 streams (they have no
-/// replica setting yet), so the test declares them first, each placed on a node it does not
-/// kill: the services verify and keep a stream that exists. With a replica setting in the
-/// services, this becomes 3, the streams are theirs to declare (the setting passed to both
-/// processes), and any node but the meta leader may be killed.
-const STREAM_REPLICAS: usize = 1;
-
-/// Declares the prefix's streams as the services would, `replicas` each, placed on `node`.
-async fn declare_streams_on(urls: &[String], prefix: &str, node: &str, replicas: usize) {
-    let client = async_nats::connect(urls).await.expect("connecting to the cluster");
-    let js = async_nats::jetstream::new(client);
-    let topology = Topology::new(prefix).expect("a valid prefix");
-    for mut config in topology.stream_configs() {
-        config.num_replicas = replicas;
-        config.placement = Some(Placement { tags: vec![format!("node:{node}")], ..Default::default() });
-        let name = config.name.clone();
-        js.create_stream(config).await.unwrap_or_else(|e| panic!("declaring {name} on {node}: {e}"));
-    }
-}
 
 async fn registered_and_projected(api: &Api, db: &TestDb, handle: &str) {
     let user = api.register(handle).await;
@@ -60,14 +40,11 @@ async fn events_flow_through_a_three_node_cluster_and_survive_a_follower_killed_
 
     let db = TestDb::migrated().await.unwrap();
     let prefix = trellis_testkit::nats_prefix();
-    // R1: the streams live on the leader, which is not killed.
-    declare_streams_on(&cluster.urls(), &prefix, &leader, STREAM_REPLICAS).await;
-
-    let api = Api(trellis_testkit::http::Api::start(
-        trellis_testkit::http::Api::spawn(&db.url, &prefix).env("NATS_URL", &nats_url),
-    )
-    .await);
-    let _projector = Spawn::new("search-projector").on(&db.url, &prefix).env("NATS_URL", &nats_url).ready().await;
+    // The services declare the streams, R3: any one node may go.
+    let on_cluster = |spawn: Spawn| spawn.env("NATS_URL", &nats_url).env("TRELLIS_STREAM_REPLICAS", "3");
+    let api =
+        Api(trellis_testkit::http::Api::start(on_cluster(trellis_testkit::http::Api::spawn(&db.url, &prefix))).await);
+    let _projector = on_cluster(Spawn::new("search-projector").on(&db.url, &prefix)).ready().await;
 
     registered_and_projected(&api, &db, "before").await;
 

@@ -1,0 +1,665 @@
+//! The harness of the cluster tests: the system on a three-node cluster ([`System`]), a steady
+//! writer through the API that records every write the API acknowledged ([`Writer`]), and the
+//! invariants every test ends with ([`System::settle`], [`System::assert_invariants`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::stream::ClusterInfo;
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt as _;
+use reqwest::Method;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use trellis_runtime::nats::Topology;
+use trellis_testkit::cluster::NatsCluster;
+use trellis_testkit::http::{Api, Client, PASSWORD, User};
+use trellis_testkit::{Process, Spawn, StoredMessage, StreamReader, TestDb, eventually_ok};
+use uuid::Uuid;
+
+/// The workers, as their binaries are named, each with the consumer whose leader scenario (b)
+/// kills (the dispute processor's P1 group: harassment).
+pub const WORKERS: [(&str, &str); 3] = [
+    ("search-projector", "search-projector"),
+    ("dispute-processor", "dispute-processor-p1"),
+    ("score-orchestrator", "score-orchestrator"),
+];
+
+/// How long one step of a scenario may take: a leader election (nats-server's Raft waits
+/// seconds before it campaigns), a node's restart and catch-up.
+pub const STEP: Duration = Duration::from_secs(30);
+
+/// How long the system may take to settle once the fault is over and the writer stopped: the
+/// relay's backoff (at most 5 s) and the redelivery of acks lost with a leader ([`ACK_WAIT`]).
+const SETTLE: Duration = Duration::from_secs(45);
+
+/// The workers' `ACK_WAIT`: an ack sent to a consumer leader that died is lost, and the message
+/// comes again after this (30 s by default, longer than a test should wait).
+const ACK_WAIT: &str = "5s";
+
+/// The writer's pace: 25 writes a second.
+const WRITE_EVERY: Duration = Duration::from_millis(40);
+
+/// The system: the cluster, the test's database and prefix, the API and the three workers.
+pub struct System {
+    pub cluster: NatsCluster,
+    pub db: TestDb,
+    pub topology: Topology,
+    /// The test's own connection to the cluster (every node's URL), to read streams.
+    pub js: jetstream::Context,
+    pub api: Api,
+    pub workers: Vec<Process>,
+    pub people: People,
+}
+
+/// The users the writer writes as and about.
+#[derive(Clone)]
+pub struct People {
+    /// Requests score runs.
+    pub admin: User,
+    /// Add each other as contacts and file disputes.
+    pub writers: Vec<User>,
+    /// The disputes' targets: moderators, whom no rule upholds a dispute against, so that no
+    /// decision suspends or hides anyone the writer writes as or about.
+    pub targets: Vec<User>,
+}
+
+impl System {
+    /// Starts the cluster, then the API and the workers on it (`NATS_URL` lists the three nodes,
+    /// `TRELLIS_STREAM_REPLICAS=3`: the services declare R3 streams, their consumers inherit it),
+    /// and registers the [`People`].
+    pub async fn start() -> System {
+        let cluster = NatsCluster::start().await.expect("starting the three-node cluster");
+        let db = TestDb::migrated().await.expect("a test database");
+        let prefix = trellis_testkit::nats_prefix();
+        let nats_url = cluster.nats_url();
+        let on_cluster = |spawn: Spawn| spawn.env("NATS_URL", &nats_url).env("TRELLIS_STREAM_REPLICAS", "3");
+        // The writer registers a few users a second: the global registration limit opened too.
+        let api = Api::start(on_cluster(Api::spawn(&db.url, &prefix)).env("REGISTRATION_RATE_GLOBAL", "1000000"));
+        let workers = WORKERS
+            .map(|(name, _)| on_cluster(Spawn::new(name).on(&db.url, &prefix)).env("ACK_WAIT", ACK_WAIT).ready());
+        let (api, workers) = tokio::join!(api, futures::future::join_all(workers));
+        let client = async_nats::connect(cluster.urls().as_slice()).await.expect("connecting to the cluster");
+        let mut js = jetstream::new(client);
+        // Listing consumers while a node is down waits for the missing node's answer for seconds.
+        js.set_timeout(Duration::from_secs(10));
+        let topology = Topology::new(&prefix).expect("a valid prefix");
+        let people = People::register(&api, &db).await;
+        System { cluster, db, topology, js, api, workers, people }
+    }
+
+    pub fn events(&self) -> String {
+        self.topology.events_stream()
+    }
+
+    /// The test's four streams.
+    pub fn streams(&self) -> [String; 4] {
+        let t = &self.topology;
+        [t.events_stream(), t.dlq_stream(), t.replay_stream(), t.advisory_stream()]
+    }
+
+    async fn stream(&self, stream: &str) -> Result<jetstream::stream::Stream, String> {
+        self.js.get_stream(stream).await.map_err(|e| format!("stream {stream}: {e}"))
+    }
+
+    /// The node leading `stream`, as a running node reports it.
+    pub async fn stream_leader(&self, stream: &str) -> Result<String, String> {
+        let s = self.stream(stream).await?;
+        leader_of(s.cached_info().cluster.as_ref()).ok_or_else(|| format!("stream {stream} has no leader"))
+    }
+
+    async fn consumer_info(&self, stream: &str, consumer: &str) -> Result<consumer::Info, String> {
+        let s = self.stream(stream).await?;
+        s.consumer_info(consumer).await.map_err(|e| format!("consumer {consumer}: {e}"))
+    }
+
+    /// The node leading `consumer` of the events stream.
+    pub async fn consumer_leader(&self, consumer: &str) -> Result<String, String> {
+        let info = self.consumer_info(&self.events(), consumer).await?;
+        leader_of(info.cluster.as_ref()).ok_or_else(|| format!("consumer {consumer} has no leader"))
+    }
+
+    /// The leader of `what`, read by `leader`, once there is one.
+    pub async fn leader<F, Fut>(&self, what: &str, leader: F) -> String
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<String, String>>,
+    {
+        eventually_ok(&format!("a leader of {what}"), STEP, leader).await
+    }
+
+    /// Waits until `what` (a stream or consumer's leader, read by `leader`) is a running node
+    /// other than `gone`; returns it.
+    pub async fn new_leader<F, Fut>(&self, what: &str, gone: &str, leader: F) -> String
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<String, String>>,
+    {
+        eventually_ok(&format!("a leader of {what} other than {gone}"), STEP, || async {
+            let now = leader().await?;
+            if now == gone || !self.cluster.is_running(&now) { Err(format!("{now} is reported")) } else { Ok(now) }
+        })
+        .await
+    }
+
+    /// Waits until JetStream's meta leader and every stream and consumer of the test have a
+    /// leader among the running nodes (the cluster works without the nodes that are down).
+    pub async fn wait_leaders(&self) {
+        eventually_ok("a leader of the cluster and of every stream and consumer", STEP, || async {
+            let meta = self.cluster.meta_leader().await.map_err(|e| e.to_string())?;
+            let running = |leader: Option<String>, what: &str| match leader {
+                Some(l) if self.cluster.is_running(&l) => Ok(()),
+                other => Err(format!("{what}: leader {other:?}")),
+            };
+            running(Some(meta), "the meta group")?;
+            for stream in self.streams() {
+                let s = self.stream(&stream).await?;
+                running(leader_of(s.cached_info().cluster.as_ref()), stream.as_str())?;
+                for info in consumers(&s).await? {
+                    running(leader_of(info.cluster.as_ref()), info.name.as_str())?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Waits until every stream and consumer of the test has a leader and both its other
+    /// replicas are current: a node that came back has caught up, and the next one may go.
+    pub async fn wait_replicated(&self) {
+        eventually_ok("every stream and consumer with a leader and two current replicas", STEP, || async {
+            for stream in self.streams() {
+                let s = self.stream(&stream).await?;
+                replicated(&stream, s.cached_info().cluster.as_ref())?;
+                for info in consumers(&s).await? {
+                    replicated(&info.name, info.cluster.as_ref())?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Waits until every outbox row committed by now is published: the relay publishes (and
+    /// JetStream acknowledges) through whatever the cluster is now.
+    pub async fn published_through_now(&self) {
+        let newest: i64 = self.scalar("SELECT coalesce(max(seq), 0) FROM ops.outbox").await;
+        eventually_ok(&format!("the outbox rows up to seq {newest} to be published"), STEP, || async {
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM ops.outbox WHERE published_at IS NULL AND seq <= $1")
+                    .bind(newest)
+                    .fetch_one(&self.db.pool)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            if left == 0 { Ok(()) } else { Err(format!("{left} unpublished")) }
+        })
+        .await
+    }
+
+    /// Waits until `consumer` of the events stream has delivered a message stored after now
+    /// and its ack floor has reached it: its worker consumes (and acknowledges) through the
+    /// consumer's current leader.
+    pub async fn consumes_past_now(&self, consumer: &str) {
+        let events = self.events();
+        let now = eventually_ok("the events stream's last sequence", STEP, || async {
+            Ok(self.stream(&events).await?.cached_info().state.last_sequence)
+        })
+        .await;
+        eventually_ok(&format!("{consumer} to acknowledge a message stored after sequence {now}"), STEP, || async {
+            let info = self.consumer_info(&events, consumer).await?;
+            let (delivered, floor) = (info.delivered.stream_sequence, info.ack_floor.stream_sequence);
+            if delivered > now && floor >= delivered {
+                Ok(())
+            } else {
+                Err(format!("delivered up to {delivered}, ack floor {floor}"))
+            }
+        })
+        .await
+    }
+
+    /// The API's admin `/readyz` once its `status` is `want` (answered with 200).
+    pub async fn api_readiness(&self, want: &str) -> Value {
+        eventually_ok(&format!("the API's /readyz to say {want}"), STEP, || async {
+            let (status, body) = self.api.process.readyz_checks().await.ok_or("/readyz does not answer")?;
+            if status == 200 && body["status"] == want { Ok(body) } else { Err(format!("{status} {body}")) }
+        })
+        .await
+    }
+
+    /// The outbox rows not published yet, `(seq, event id)` in outbox order.
+    pub async fn unpublished(&self) -> Vec<(i64, Uuid)> {
+        sqlx::query_as("SELECT seq, id FROM ops.outbox WHERE published_at IS NULL ORDER BY seq")
+            .fetch_all(&self.db.pool)
+            .await
+            .expect("reading ops.outbox")
+    }
+
+    async fn scalar(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(&self.db.pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Waits until the system has settled after `written`: the last score run asked for has
+    /// succeeded, no dispute is pending, every outbox row is published, and no consumer of the
+    /// test's streams has anything pending or unacknowledged.
+    pub async fn settle(&self, written: &Written) {
+        eventually_ok("the system to settle", SETTLE, || async {
+            let sql = |e: sqlx::Error| e.to_string();
+            if let Some(at) = written.last_score_request {
+                let served = trellis_store::scores::succeeded_since(&self.db.pool, at).await.map_err(sql)?;
+                if !served {
+                    return Err(format!("no score run started after {at} has succeeded"));
+                }
+            }
+            let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM security.disputes WHERE status = 'pending'")
+                .fetch_one(&self.db.pool)
+                .await
+                .map_err(sql)?;
+            let unpublished: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.outbox WHERE published_at IS NULL")
+                .fetch_one(&self.db.pool)
+                .await
+                .map_err(sql)?;
+            if pending > 0 || unpublished > 0 {
+                return Err(format!("{pending} disputes pending, {unpublished} outbox rows unpublished"));
+            }
+            for stream in self.streams() {
+                for info in consumers(&self.stream(&stream).await?).await? {
+                    if info.num_pending > 0 || info.num_ack_pending > 0 {
+                        return Err(format!(
+                            "consumer {}: {} pending, {} unacknowledged",
+                            info.name, info.num_pending, info.num_ack_pending
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The invariants every scenario ends with, once the system has settled ([`Self::settle`]);
+    /// returns the events stream's messages, in stream order.
+    ///
+    /// - Every outbox row is published, exactly once: the stream holds as many messages as the
+    ///   outbox has rows, their `Nats-Msg-Id`s are distinct and are the outbox's event ids.
+    /// - Every consumer of the test's streams has nothing pending or unacknowledged, and its ack
+    ///   floor is at the last message on its filter (the stream's last sequence for the search
+    ///   projector's `events.>`).
+    /// - Every DLQ is empty: nothing was dead-lettered.
+    /// - Every dispute is decided exactly once: none is pending, each has one decision record.
+    /// - The search read model equals a rebuild from the base tables.
+    /// - Every acknowledged write is there, and nothing else: the registered users, the last
+    ///   label of each contact, the filed disputes, and a successful score run that started
+    ///   after the last run request (and no run failed).
+    pub async fn assert_invariants(&mut self, written: &Written) -> Vec<StoredMessage> {
+        assert!(self.api.process.alive(), "trellis-api exited; its log: {}", self.api.process.log.display());
+        for worker in &mut self.workers {
+            assert!(worker.alive(), "{} exited; its log: {}", worker.name, worker.log.display());
+        }
+        assert!(written.score_requests > 0 && written.writes > written.disputes.len(), "{written:?}");
+
+        // The outbox and the events stream.
+        let outbox: Vec<(i64, Uuid, bool)> =
+            sqlx::query_as("SELECT seq, id, published_at IS NOT NULL FROM ops.outbox ORDER BY seq")
+                .fetch_all(&self.db.pool)
+                .await
+                .expect("reading ops.outbox");
+        let unpublished: Vec<i64> = outbox.iter().filter(|(_, _, p)| !p).map(|(seq, _, _)| *seq).collect();
+        assert!(unpublished.is_empty(), "outbox rows never published: {unpublished:?}");
+        let events = self.events();
+        let stream = self.stream(&events).await.expect("the events stream");
+        let (stored, last) = (stream.cached_info().state.messages, stream.cached_info().state.last_sequence);
+        assert_eq!(stored, outbox.len() as u64, "the events stream holds one message per outbox row");
+        let reader = StreamReader { js: self.js.clone(), stream: events.clone() };
+        let messages = reader
+            .wait_for(&self.topology.subject("events.>"), outbox.len(), STEP)
+            .await
+            .expect("reading the events stream");
+        let ids: Vec<String> = messages.iter().map(|m| m.msg_id.clone().expect("a Nats-Msg-Id")).collect();
+        let distinct: HashSet<String> = ids.iter().cloned().collect();
+        assert_eq!(distinct.len(), ids.len(), "a message id is in the events stream twice");
+        let expected: HashSet<String> = outbox.iter().map(|(_, id, _)| id.to_string()).collect();
+        assert!(distinct == expected, "the stream's message ids are not the outbox's event ids");
+
+        // The consumers: caught up to the last message on their filter.
+        let mut names = BTreeSet::new();
+        for stream in self.streams() {
+            let s = self.stream(&stream).await.expect("a stream of the test");
+            for info in consumers(&s).await.expect("listing consumers") {
+                let end = self.last_on(&s, &info.config.filter_subject).await;
+                let (name, floor) = (&info.name, info.ack_floor.stream_sequence);
+                assert_eq!((info.num_pending, info.num_ack_pending), (0, 0), "consumer {name}: pending, unacked");
+                assert!(floor >= end, "consumer {name}: ack floor {floor} below the last message on its filter {end}");
+                names.insert(info.name.clone());
+            }
+        }
+        let projector = self.consumer_info(&events, &self.topology.name("search-projector")).await.unwrap();
+        assert_eq!(projector.ack_floor.stream_sequence, last, "the projector's ack floor");
+        for consumer in ["search-projector", "score-orchestrator"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain((0..4).map(|p| format!("dispute-processor-p{p}")))
+        {
+            assert!(names.contains(&self.topology.name(&consumer)), "no consumer {consumer} among {names:?}");
+        }
+
+        // Dead letters: none.
+        let dlq = self.stream(&self.topology.dlq_stream()).await.expect("the DLQ stream");
+        assert_eq!(dlq.cached_info().state.messages, 0, "dead letters in the DLQ");
+
+        // Disputes: each decided exactly once.
+        let disputes: Vec<(Uuid, String, i64)> = sqlx::query_as(
+            "SELECT d.id, d.status, (SELECT count(*) FROM security.dispute_decisions x WHERE x.dispute_id = d.id)
+             FROM security.disputes d",
+        )
+        .fetch_all(&self.db.pool)
+        .await
+        .expect("reading security.disputes");
+        for (id, status, decisions) in &disputes {
+            assert!(status != "pending" && *decisions == 1, "dispute {id}: {status}, {decisions} decision(s)");
+        }
+        let decisions = self.scalar("SELECT count(*) FROM security.dispute_decisions").await;
+        assert_eq!(decisions, disputes.len() as i64, "a decision of no dispute of the test");
+        let filed: BTreeSet<Uuid> = disputes.iter().map(|(id, _, _)| *id).collect();
+        assert_eq!(filed, written.disputes.iter().copied().collect(), "the disputes are the acknowledged filings");
+
+        // The search read model.
+        let projected = model(&self.db).await;
+        assert_eq!(projected, rebuilt_model(&self.db).await, "the projected search model equals a rebuild");
+
+        // Every acknowledged write, and nothing else.
+        let users: Vec<Uuid> =
+            sqlx::query_scalar("SELECT id FROM identity.users").fetch_all(&self.db.pool).await.expect("users");
+        let users: BTreeSet<Uuid> = users.into_iter().collect();
+        let people = &self.people;
+        let mut expected: BTreeSet<Uuid> = written.registered.iter().copied().collect();
+        expected.extend(std::iter::once(&people.admin).chain(&people.writers).chain(&people.targets).map(|u| u.id));
+        assert_eq!(users, expected, "the users are the registered ones");
+        let contacts: Vec<(Uuid, Uuid, String)> =
+            sqlx::query_as("SELECT owner_id, contact_id, label FROM contacts.contacts")
+                .fetch_all(&self.db.pool)
+                .await
+                .expect("contacts");
+        let contacts: BTreeMap<(Uuid, Uuid), String> = contacts.into_iter().map(|(o, c, l)| ((o, c), l)).collect();
+        assert_eq!(contacts, written.contacts, "each contact has the label of its last acknowledged write");
+        let failed = self.scalar("SELECT count(*) FROM score.runs WHERE status = 'failed'").await;
+        assert_eq!(failed, 0, "failed score runs");
+        if let Some(at) = written.last_score_request {
+            let served = trellis_store::scores::succeeded_since(&self.db.pool, at).await.expect("score.runs");
+            assert!(served, "no run started after the last score-run request ({at}) succeeded");
+        }
+        messages
+    }
+
+    /// The sequence of the last message of stream `s` on `filter` (0 when there is none).
+    async fn last_on(&self, s: &jetstream::stream::Stream, filter: &str) -> u64 {
+        let info = s.cached_info();
+        if filter.is_empty() || info.config.subjects == [filter] || info.state.messages == 0 {
+            return info.state.last_sequence;
+        }
+        let config = consumer::pull::OrderedConfig {
+            filter_subject: filter.to_owned(),
+            deliver_policy: consumer::DeliverPolicy::Last,
+            ..Default::default()
+        };
+        let mut last = s.create_consumer(config).await.unwrap_or_else(|e| panic!("reading {filter}: {e}"));
+        if last.info().await.unwrap_or_else(|e| panic!("reading {filter}: {e}")).num_pending == 0 {
+            return 0;
+        }
+        let mut messages = last.messages().await.unwrap_or_else(|e| panic!("reading {filter}: {e}"));
+        let message = tokio::time::timeout(STEP, messages.next())
+            .await
+            .unwrap_or_else(|_| panic!("the last message on {filter} did not come"))
+            .expect("a message")
+            .unwrap_or_else(|e| panic!("reading {filter}: {e}"));
+        message.info().expect("a JetStream message").stream_sequence
+    }
+}
+
+/// Every consumer of stream `s`, with its state.
+async fn consumers(s: &jetstream::stream::Stream) -> Result<Vec<consumer::Info>, String> {
+    let mut list = s.consumers();
+    let mut all = Vec::new();
+    while let Some(info) = list.next().await {
+        all.push(info.map_err(|e| format!("listing the consumers: {e}"))?);
+    }
+    Ok(all)
+}
+
+fn leader_of(cluster: Option<&ClusterInfo>) -> Option<String> {
+    cluster?.leader.clone().filter(|l| !l.is_empty())
+}
+
+/// Whether a stream's or consumer's Raft group has a leader and two current replicas.
+fn replicated(what: &str, cluster: Option<&ClusterInfo>) -> Result<(), String> {
+    let Some(cluster) = cluster else { return Err(format!("{what}: no cluster information")) };
+    if leader_of(Some(cluster)).is_none() {
+        return Err(format!("{what} has no leader"));
+    }
+    let current = cluster.replicas.iter().filter(|r| r.current && !r.offline).count();
+    if current == 2 { Ok(()) } else { Err(format!("{what}: replicas {:?}", cluster.replicas)) }
+}
+
+impl People {
+    async fn register(api: &Api, db: &TestDb) -> People {
+        let tag = &Uuid::new_v4().simple().to_string()[..6];
+        let handles: Vec<String> = std::iter::once(format!("a{tag}"))
+            .chain((0..6).map(|i| format!("w{tag}{i}")))
+            .chain((0..3).map(|i| format!("m{tag}{i}")))
+            .collect();
+        let mut users = futures::future::join_all(handles.iter().map(|h| api.register(h))).await.into_iter();
+        let admin = users.next().expect("the admin");
+        let writers: Vec<User> = users.by_ref().take(6).collect();
+        let targets: Vec<User> = users.collect();
+        let role = |user: Uuid, role: &'static str| {
+            sqlx::query("UPDATE identity.users SET role = $2 WHERE id = $1").bind(user).bind(role).execute(&db.pool)
+        };
+        role(admin.id, "admin").await.expect("making the admin");
+        for target in &targets {
+            role(target.id, "moderator").await.expect("making a moderator");
+        }
+        People { admin, writers, targets }
+    }
+}
+
+/// Every write the API acknowledged (answered 2xx).
+#[derive(Debug, Default)]
+pub struct Written {
+    pub writes: usize,
+    pub registered: Vec<Uuid>,
+    /// Each contact `(owner, contact)` and the label of its last write.
+    pub contacts: BTreeMap<(Uuid, Uuid), String>,
+    pub disputes: Vec<Uuid>,
+    pub score_requests: usize,
+    /// When the last score-run request was sent.
+    pub last_score_request: Option<OffsetDateTime>,
+}
+
+/// A task that writes through the API at a steady pace until stopped: of every 50 writes, 5
+/// registrations, 10 dispute filings (the four kinds in turn, so every priority's consumer has
+/// work), one score-run request and 34 contact upserts. A write the API does not acknowledge
+/// stops it, and the test fails with that answer.
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    acknowledged: Arc<AtomicUsize>,
+    failure: Arc<Mutex<Option<String>>>,
+    task: tokio::task::JoinHandle<Written>,
+}
+
+impl Writer {
+    pub fn start(system: &System) -> Writer {
+        let (stop, acknowledged, failure) = (Arc::default(), Arc::default(), Arc::default());
+        let task = tokio::spawn(write(
+            system.api.client.clone(),
+            system.people.clone(),
+            Arc::clone(&stop),
+            Arc::clone(&acknowledged),
+            Arc::clone(&failure),
+        ));
+        Writer { stop, acknowledged, failure, task }
+    }
+
+    fn failed(&self) -> Option<String> {
+        self.failure.lock().expect("the writer's failure").clone()
+    }
+
+    /// Waits until the API has acknowledged `more` writes more than now; panics with the
+    /// writer's failure if it stopped on one.
+    pub async fn wait_writes(&self, more: usize) {
+        let target = self.acknowledged.load(Ordering::Acquire) + more;
+        eventually_ok(&format!("{more} more acknowledged writes"), STEP, || async {
+            if let Some(failure) = self.failed() {
+                panic!("the writer stopped: {failure}");
+            }
+            let now = self.acknowledged.load(Ordering::Acquire);
+            if now >= target { Ok(()) } else { Err(format!("{now} of {target}")) }
+        })
+        .await
+    }
+
+    /// Stops writing; returns what the API acknowledged.
+    pub async fn stop(self) -> Written {
+        self.stop.store(true, Ordering::Release);
+        let failure = Arc::clone(&self.failure);
+        let written = self.task.await.expect("the writer task");
+        if let Some(failure) = failure.lock().expect("the writer's failure").take() {
+            panic!("the writer stopped: {failure}");
+        }
+        written
+    }
+}
+
+async fn write(
+    api: Client,
+    people: People,
+    stop: Arc<AtomicBool>,
+    acknowledged: Arc<AtomicUsize>,
+    failure: Arc<Mutex<Option<String>>>,
+) -> Written {
+    const KINDS: [&str; 4] = ["harassment", "spam", "incorrect_info", "impersonation"];
+    let tag = Uuid::new_v4().simple().to_string()[..6].to_owned();
+    let mut written = Written::default();
+    let mut pace = tokio::time::interval(WRITE_EVERY);
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let writers = &people.writers;
+    let mut filed = 0usize;
+    for i in 0usize.. {
+        pace.tick().await;
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        let o = i % writers.len();
+        let owner = &writers[o];
+        let done = match i % 10 {
+            0 => {
+                let handle = format!("r{tag}{i}");
+                let body = json!({"handle": handle, "display_name": format!("Registered {i}"),
+                    "email": format!("{handle}@example.com"), "password": PASSWORD});
+                let answer = api.request(Method::POST, "/v1/users", None, Some(body)).await;
+                acknowledged_as(&answer, &[201], "POST /v1/users").map(|body| {
+                    let id = body["user"]["id"].as_str().and_then(|id| id.parse().ok()).expect("the new user's id");
+                    written.registered.push(id);
+                })
+            }
+            3 | 7 => {
+                let (kind, target) = (KINDS[filed % 4], &people.targets[(filed / 4) % people.targets.len()]);
+                filed += 1;
+                let body =
+                    json!({"target_id": target.id, "kind": kind, "description": format!("{kind} number {filed}")});
+                let answer = api.request(Method::POST, "/v1/disputes", Some(&owner.token), Some(body)).await;
+                acknowledged_as(&answer, &[201], "POST /v1/disputes").map(|body| {
+                    written.disputes.push(body["id"].as_str().and_then(|id| id.parse().ok()).expect("a dispute id"));
+                })
+            }
+            5 if (i / 10) % 5 == 0 => {
+                let sent = OffsetDateTime::now_utc();
+                let answer = api.request(Method::POST, "/v1/admin/score-runs", Some(&people.admin.token), None).await;
+                acknowledged_as(&answer, &[202], "POST /v1/admin/score-runs").map(|_| {
+                    written.score_requests += 1;
+                    written.last_score_request = Some(sent);
+                })
+            }
+            _ => {
+                let contact = &writers[(o + 1 + (i / 10) % (writers.len() - 1)) % writers.len()];
+                let label = format!("l{i}");
+                let path = format!("/v1/me/contacts/{}", contact.id);
+                let body = json!({"label": label});
+                let answer = api.request(Method::PUT, &path, Some(&owner.token), Some(body)).await;
+                acknowledged_as(&answer, &[200, 201], "PUT /v1/me/contacts").map(|_| {
+                    written.contacts.insert((owner.id, contact.id), label);
+                })
+            }
+        };
+        match done {
+            Ok(()) => {
+                written.writes += 1;
+                acknowledged.fetch_add(1, Ordering::AcqRel);
+            }
+            Err(e) => {
+                *failure.lock().expect("the writer's failure") = Some(format!("write {i}: {e}"));
+                break;
+            }
+        }
+    }
+    written
+}
+
+/// The body of an answer whose status is one of `ok`; what it was otherwise.
+fn acknowledged_as(answer: &trellis_testkit::http::Response, ok: &[u16], what: &str) -> Result<Value, String> {
+    if ok.contains(&answer.status) {
+        Ok(answer.body.clone())
+    } else {
+        Err(format!("{what} answered {}: {}", answer.status, answer.body))
+    }
+}
+
+/// A directory document without `projected_at`.
+type DirectoryRow = (Uuid, String, String, bool, Option<i32>, String, bool);
+/// A contact document without `projected_at`.
+type ContactRow = (Uuid, Uuid, String, String, String, Vec<String>, String);
+/// A name posting: term, user, score, handle, the document's words.
+type PostingRow = (String, Uuid, Option<i32>, String, Vec<String>);
+
+/// The search read model's documents in key order, without `projected_at`. The term dictionary
+/// (`search.name_terms`, insert-only) is left out: words renamed away stay in it by design.
+#[derive(Debug, PartialEq)]
+struct Model {
+    directory: Vec<DirectoryRow>,
+    contacts: Vec<ContactRow>,
+    name_postings: Vec<PostingRow>,
+}
+
+async fn model(db: &TestDb) -> Model {
+    let directory = sqlx::query_as(
+        "SELECT user_id, handle, display_name, verified, score, status, hidden FROM search.directory ORDER BY user_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("reading search.directory");
+    let contacts = sqlx::query_as(
+        "SELECT owner_id, contact_id, handle, display_name, label, circles, search_text
+         FROM search.contacts ORDER BY owner_id, contact_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("reading search.contacts");
+    let name_postings =
+        sqlx::query_as("SELECT term, user_id, score, handle, words FROM search.name_postings ORDER BY term, user_id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("reading search.name_postings");
+    Model { directory, contacts, name_postings }
+}
+
+/// Empties the read model and rebuilds it from the base tables; returns the rebuilt model.
+async fn rebuilt_model(db: &TestDb) -> Model {
+    sqlx::query("TRUNCATE search.directory, search.contacts, search.name_postings")
+        .execute(&db.pool)
+        .await
+        .expect("truncating the read model");
+    trellis_store::search_model::rebuild(&db.pool, trellis_store::search_model::RebuildScope::All, |_| {})
+        .await
+        .expect("rebuilding the read model");
+    model(db).await
+}
