@@ -105,25 +105,17 @@ pub async fn list_for_token(
         user_id: Uuid,
         #[sqlx(try_from = "String")]
         role: Role,
-        contact_ids: Vec<Uuid>,
-        handles: Vec<String>,
-        display_names: Vec<String>,
-        labels: Vec<String>,
-        created_ats: Vec<OffsetDateTime>,
-        updated_ats: Vec<OffsetDateTime>,
+        contact_id: Option<Uuid>,
+        handle: Option<String>,
+        display_name: Option<String>,
+        label: Option<String>,
+        created_at: Option<OffsetDateTime>,
+        updated_at: Option<OffsetDateTime>,
     }
     // The nil UUID is below every id, so the first page needs no special case and the range
-    // scan on the primary key (owner_id, contact_id) serves every page. The page comes back as
-    // one row of arrays, not a row per contact: a row costs the API its decoding and, with
-    // span export on, an entry into the request's span (sqlx yields each row inside it).
-    let row: Option<Row> = sqlx::query_as(concat!(
-        "SELECT p.user_id, p.role,
-                coalesce(array_agg(c.contact_id ORDER BY c.contact_id) FILTER (WHERE c.contact_id IS NOT NULL), '{}') AS contact_ids,
-                coalesce(array_agg(c.handle ORDER BY c.contact_id) FILTER (WHERE c.contact_id IS NOT NULL), '{}') AS handles,
-                coalesce(array_agg(c.display_name ORDER BY c.contact_id) FILTER (WHERE c.contact_id IS NOT NULL), '{}') AS display_names,
-                coalesce(array_agg(c.label ORDER BY c.contact_id) FILTER (WHERE c.contact_id IS NOT NULL), '{}') AS labels,
-                coalesce(array_agg(c.created_at ORDER BY c.contact_id) FILTER (WHERE c.contact_id IS NOT NULL), '{}') AS created_ats,
-                coalesce(array_agg(c.updated_at ORDER BY c.contact_id) FILTER (WHERE c.contact_id IS NOT NULL), '{}') AS updated_ats
+    // scan on the primary key (owner_id, contact_id) serves every page.
+    let rows: Vec<Row> = sqlx::query_as(concat!(
+        "SELECT p.user_id, p.role, c.contact_id, c.handle, c.display_name, c.label, c.created_at, c.updated_at
          FROM (SELECT u.id AS user_id, u.role FROM identity.tokens t JOIN identity.users u ON u.id = t.user_id
                WHERE t.token_hash = $1 AND ",
         crate::identity::live_token!("t", "$4"),
@@ -133,30 +125,27 @@ pub async fn list_for_token(
              FROM contacts.contacts c JOIN identity.users u ON u.id = c.contact_id
              WHERE c.owner_id = p.user_id AND c.contact_id > $2
              ORDER BY c.contact_id LIMIT $3) c ON true
-         GROUP BY p.user_id, p.role"
+         ORDER BY c.contact_id"
     ))
     .bind(token_hash)
     .bind(after.unwrap_or(Uuid::nil()))
     .bind(limit as i64 + 1)
     .bind(idle_timeout)
-    .fetch_optional(db)
+    .fetch_all(db)
     .await?;
-    let Some(r) = row else { return Ok(None) };
-    let principal = crate::identity::Principal { user_id: r.user_id, role: r.role };
-    let contacts: Vec<ContactRow> = r
-        .contact_ids
+    let Some(first) = rows.first() else { return Ok(None) };
+    let principal = crate::identity::Principal { user_id: first.user_id, role: first.role };
+    let contacts: Vec<ContactRow> = rows
         .into_iter()
-        .zip(r.handles)
-        .zip(r.display_names)
-        .zip(r.labels)
-        .zip(r.created_ats.into_iter().zip(r.updated_ats))
-        .map(|((((contact_id, handle), display_name), label), (created_at, updated_at))| ContactRow {
-            contact_id,
-            handle,
-            display_name,
-            label,
-            created_at,
-            updated_at,
+        .filter_map(|r| {
+            Some(ContactRow {
+                contact_id: r.contact_id?,
+                handle: r.handle?,
+                display_name: r.display_name?,
+                label: r.label?,
+                created_at: r.created_at?,
+                updated_at: r.updated_at?,
+            })
         })
         .collect();
     Ok(Some((principal, Page::from_rows(contacts, limit, |r| r.contact_id))))
