@@ -39,6 +39,35 @@ fn caller() -> (String, String) {
     (trace_id, span_id)
 }
 
+/// Sets the `search.executor` cutover flag to `value` as an admin, through the API.
+async fn set_search_executor(app: &TestApp, value: &str) {
+    let root = app.register("root").await;
+    app.grant_role(&root, "admin").await;
+    let r = app
+        .put("/v1/admin/flags/search.executor", Some(&root.token), json!({"value": value, "reason": "trace test"}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+}
+
+/// alice adds bob as a contact with a caller's `traceparent`; returns the trace id and the id of
+/// the `contact_added` event the request wrote.
+async fn contact_added_in_a_callers_trace(app: &TestApp) -> (String, uuid::Uuid) {
+    let alice = app.register("alice").await;
+    let bob = app.register("bob").await;
+    let (trace_id, caller_span) = caller();
+    let put = app
+        .build(Method::PUT, &format!("/v1/me/contacts/{}", bob.id), Some(&alice.token), Some(json!({"label": "x"})))
+        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"));
+    let r = app.send(put).await;
+    assert!(r.status == 200 || r.status == 201, "{:?}", r.body);
+    let event_id: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM ops.outbox WHERE subject LIKE '%contact_added%' ORDER BY seq DESC LIMIT 1")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    (trace_id, event_id)
+}
+
 fn one<'a>(spans: &'a [Span], what: &str, pick: impl Fn(&Span) -> bool) -> &'a Span {
     let found: Vec<&Span> = spans.iter().filter(|s| pick(s)).collect();
     assert_eq!(found.len(), 1, "one {what} in {spans:#?}");
@@ -266,25 +295,8 @@ async fn in_link_mode_a_process_span_starts_its_own_trace_linked_to_the_request(
 async fn in_the_monolith_executor_the_apis_own_projector_span_is_in_the_requests_trace() {
     let otlp = OtlpReceiver::start().await.expect("the OTLP receiver");
     let app = traced_app(&otlp).await;
-    let root = app.register("root").await;
-    app.grant_role(&root, "admin").await;
-    let r = app
-        .put("/v1/admin/flags/search.executor", Some(&root.token), json!({"value": "monolith", "reason": "trace test"}))
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    let alice = app.register("alice").await;
-    let bob = app.register("bob").await;
-    let (trace_id, caller_span) = caller();
-    let put = app
-        .build(Method::PUT, &format!("/v1/me/contacts/{}", bob.id), Some(&alice.token), Some(json!({"label": "x"})))
-        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"));
-    let r = app.send(put).await;
-    assert!(r.status == 200 || r.status == 201, "{:?}", r.body);
-    let event_id: uuid::Uuid =
-        sqlx::query_scalar("SELECT id FROM ops.outbox WHERE subject LIKE '%contact_added%' ORDER BY seq DESC LIMIT 1")
-            .fetch_one(&app.db.pool)
-            .await
-            .unwrap();
+    set_search_executor(&app, "monolith").await;
+    let (trace_id, event_id) = contact_added_in_a_callers_trace(&app).await;
     let projected = |s: &Span| {
         s.kind == CONSUMER
             && s.attr("messaging.consumer.group.name") == Some(search_projector::CONSUMER)
@@ -312,12 +324,7 @@ async fn in_a_shadow_period_the_candidates_process_span_is_in_the_requests_trace
     let otlp = OtlpReceiver::start().await.expect("the OTLP receiver");
     let app = traced_app(&otlp).await;
     let _projector = traced_worker(&app, &otlp, "search-projector").await;
-    let root = app.register("root").await;
-    app.grant_role(&root, "admin").await;
-    let r = app
-        .put("/v1/admin/flags/search.executor", Some(&root.token), json!({"value": "shadow", "reason": "trace test"}))
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
+    set_search_executor(&app, "shadow").await;
     // The candidate reads new messages only: write once its consumer exists.
     let topology = trellis_runtime::nats::Topology::new(&app.prefix).expect("the test's prefix");
     let candidate = topology.name(&trellis_runtime::cutover::candidate_spec(search_projector::consumer_spec()).name);
@@ -331,19 +338,7 @@ async fn in_a_shadow_period_the_candidates_process_span_is_in_the_requests_trace
     })
     .await;
 
-    let alice = app.register("alice").await;
-    let bob = app.register("bob").await;
-    let (trace_id, caller_span) = caller();
-    let put = app
-        .build(Method::PUT, &format!("/v1/me/contacts/{}", bob.id), Some(&alice.token), Some(json!({"label": "x"})))
-        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"));
-    let r = app.send(put).await;
-    assert!(r.status == 200 || r.status == 201, "{:?}", r.body);
-    let event_id: uuid::Uuid =
-        sqlx::query_scalar("SELECT id FROM ops.outbox WHERE subject LIKE '%contact_added%' ORDER BY seq DESC LIMIT 1")
-            .fetch_one(&app.db.pool)
-            .await
-            .unwrap();
+    let (trace_id, event_id) = contact_added_in_a_callers_trace(&app).await;
     let processed_by = |service: &'static str| {
         let event_id = event_id.to_string();
         move |s: &Span| {
