@@ -16,10 +16,17 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::eventually;
+use crate::{eventually, eventually_ok, within_deadline};
 
-/// How long [`NatsCluster::start`] and [`NatsCluster::restart`] wait for the cluster.
+/// How long [`NatsCluster::restart`] waits for the cluster to agree on a meta leader again.
 pub const FORMED_WITHIN: Duration = Duration::from_secs(60);
+
+/// How long [`NatsCluster::start`] waits for a new cluster to elect a meta leader, and then to
+/// place an R3 stream, before it forms a fresh one instead.
+pub const PLACEABLE_WITHIN: Duration = Duration::from_secs(30);
+
+/// How many times [`NatsCluster::start`] forms a cluster before it gives up.
+pub const FORMATIONS: usize = 3;
 
 /// One node's fixed addresses, kept across restarts.
 struct Node {
@@ -28,6 +35,8 @@ struct Node {
     cluster_port: u16,
     http_port: u16,
     config: PathBuf,
+    /// Where its output goes (set when it is spawned).
+    log: PathBuf,
     child: Option<Child>,
 }
 
@@ -37,9 +46,29 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    /// Starts `n1`..`n3` and waits until JetStream's meta leader is elected (the JetStream API
-    /// answers). Panics if the cluster does not form within [`FORMED_WITHIN`].
+    /// Starts `n1`..`n3` and waits until JetStream's meta leader is elected and an R3 stream can
+    /// be placed. A cluster that has not got there within [`PLACEABLE_WITHIN`] is stopped and a
+    /// fresh one (new ports, new stores) formed in its place, at most [`FORMATIONS`] times: the
+    /// tests are about the system on a formed cluster, and on a loaded machine nats-server now and
+    /// then leaves a new cluster unable to place a stream for minutes. Each abandoned formation is
+    /// reported on stderr with its reason and the nodes' logs; the last failure is returned.
     pub async fn start() -> anyhow::Result<NatsCluster> {
+        let mut reasons = Vec::new();
+        for formation in 1..=FORMATIONS {
+            let cluster = NatsCluster::form()?;
+            match cluster.wait_usable().await {
+                Ok(()) => return Ok(cluster),
+                Err(why) => {
+                    eprintln!("formation {formation} of the NATS cluster abandoned: {why}\n{}", cluster.log_tails());
+                    reasons.push(why);
+                }
+            }
+        }
+        anyhow::bail!("the NATS cluster did not form {FORMATIONS} times: {}", reasons.join("; "))
+    }
+
+    /// Writes the nodes' configurations and starts them.
+    fn form() -> anyhow::Result<NatsCluster> {
         let dir = std::env::temp_dir().join(format!("trellis-nats-cluster-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir)?;
         let mut nodes = Vec::new();
@@ -47,6 +76,7 @@ impl NatsCluster {
             let name = format!("n{i}");
             nodes.push(Node {
                 config: dir.join(format!("{name}.conf")),
+                log: PathBuf::new(),
                 name,
                 client_port: free_port()?,
                 cluster_port: free_port()?,
@@ -78,36 +108,56 @@ impl NatsCluster {
         for i in 0..cluster.nodes.len() {
             cluster.spawn(i)?;
         }
-        cluster.wait_formed().await;
-        cluster.wait_placeable().await;
         Ok(cluster)
     }
 
-    /// Waits until JetStream can place a stream on all three nodes. An elected meta leader is not
-    /// enough: until it has heard from every peer, nats-server 2.10 refuses an R3 stream ("no
-    /// suitable peers for placement"), which a service takes for a refusal of its configuration.
-    async fn wait_placeable(&self) {
+    /// Waits until the running nodes agree on a meta leader and JetStream can place a stream on
+    /// all three nodes; the reason it cannot yet, once [`PLACEABLE_WITHIN`] has passed.
+    ///
+    /// An elected meta leader is not enough: until it has heard from every peer, nats-server
+    /// 2.10 refuses an R3 stream ("no suitable peers for placement"), which a service takes for
+    /// a refusal of its configuration. Each try creates a stream of its own name, so that a
+    /// creation still under way from an earlier try (its answer timed out) is not in the way.
+    async fn wait_usable(&self) -> Result<(), String> {
+        within_deadline(PLACEABLE_WITHIN, || self.formed()).await?;
         let urls = self.urls();
-        eventually("the NATS cluster to place an R3 stream", FORMED_WITHIN, || async {
-            let client = async_nats::connect(urls.as_slice()).await.ok()?;
-            let create = serde_json::json!({"name": "CLUSTER_PROBE", "subjects": ["cluster-probe"],
+        let client =
+            async_nats::connect(urls.as_slice()).await.map_err(|e| format!("connecting to the cluster: {e}"))?;
+        let tries = std::sync::atomic::AtomicUsize::new(0);
+        within_deadline(PLACEABLE_WITHIN, || async {
+            let probe = format!("CLUSTER_PROBE_{}", tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            let api = |verb: &str| format!("$JS.API.STREAM.{verb}.{probe}");
+            let create = serde_json::json!({"name": probe, "subjects": [format!("cluster-probe.{probe}")],
                 "num_replicas": 3, "storage": "memory"});
-            let reply = client.request("$JS.API.STREAM.CREATE.CLUSTER_PROBE", create.to_string().into()).await.ok()?;
-            let created: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
-            if created.get("error").is_some() {
-                return None;
+            let answer = |reply: Result<async_nats::Message, async_nats::RequestError>| {
+                let reply = reply.map_err(|e| format!("{probe}: {e}"))?;
+                serde_json::from_slice::<serde_json::Value>(&reply.payload).map_err(|e| format!("{probe}: {e}"))
+            };
+            let created = answer(client.request(api("CREATE"), create.to_string().into()).await)?;
+            if let Some(error) = created.get("error") {
+                return Err(format!("creating {probe}: {error}"));
             }
-            let reply = client.request("$JS.API.STREAM.DELETE.CLUSTER_PROBE", bytes::Bytes::new()).await.ok()?;
-            let deleted: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
-            (deleted["success"] == true).then_some(())
+            let deleted = answer(client.request(api("DELETE"), bytes::Bytes::new()).await)?;
+            if deleted["success"] == true { Ok(()) } else { Err(format!("deleting {probe}: {deleted}")) }
         })
-        .await;
+        .await
+    }
+
+    /// The last lines of each node's log.
+    fn log_tails(&self) -> String {
+        let tail = |node: &Node| {
+            let text = std::fs::read_to_string(&node.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        };
+        self.nodes.iter().map(|n| format!("--- {} ({})\n{}", n.name, n.log.display(), tail(n))).collect()
     }
 
     fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
         let node = &mut self.nodes[i];
         anyhow::ensure!(node.child.is_none(), "{} is running", node.name);
-        let (_, log) = crate::log_file(&format!("nats-cluster-{}", node.name));
+        let (path, log) = crate::log_file(&format!("nats-cluster-{}", node.name));
+        node.log = path;
         let child = Command::new(crate::PrivateNats::binary())
             .arg("-c")
             .arg(&node.config)
@@ -124,21 +174,19 @@ impl NatsCluster {
 
     /// Waits until every running node is up and reports the same elected meta leader.
     async fn wait_formed(&self) {
-        let running: Vec<&Node> = self.nodes.iter().filter(|n| n.child.is_some()).collect();
-        eventually("the NATS cluster's JetStream meta leader", FORMED_WITHIN, || {
-            let running = running.clone();
-            async move {
-                let mut leader = None;
-                for node in running {
-                    let seen = meta_leader_seen_by(node.http_port).await?;
-                    if leader.get_or_insert_with(|| seen.clone()) != &seen {
-                        return None;
-                    }
-                }
-                leader
+        eventually_ok("the NATS cluster's JetStream meta leader", FORMED_WITHIN, || self.formed()).await;
+    }
+
+    /// Whether every running node is up and reports the same elected meta leader.
+    async fn formed(&self) -> Result<(), String> {
+        let mut leader = None;
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let seen = meta_leader_seen_by(node.http_port).await.ok_or(format!("{} sees no meta leader", node.name))?;
+            if *leader.get_or_insert_with(|| seen.clone()) != seen {
+                return Err(format!("{} sees {seen} as the meta leader, another node {leader:?}", node.name));
             }
-        })
-        .await;
+        }
+        Ok(())
     }
 
     /// The client URLs, one per node.

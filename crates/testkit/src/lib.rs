@@ -19,7 +19,7 @@ pub mod process;
 pub mod wait;
 
 pub use process::{ClosedPort, Process, Spawn};
-pub use wait::{eventually, eventually_ok};
+pub use wait::{eventually, eventually_ok, within_deadline};
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

@@ -28,7 +28,20 @@ where
 /// [`eventually`] for a check that says why its condition does not hold yet: checks `check`
 /// every [`PACE`] until it yields `Ok` and returns the value; panics, naming `what` and the last
 /// reason, once `within` has passed without one.
-pub async fn eventually_ok<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+pub async fn eventually_ok<T, F, Fut>(what: &str, within: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    match within_deadline(within, check).await {
+        Ok(found) => found,
+        Err(why) => panic!("timed out after {within:?} waiting for {what}: {why}"),
+    }
+}
+
+/// [`eventually_ok`] that gives up instead of panicking: checks `check` every [`PACE`] until it
+/// yields `Ok` and returns the value, or the last reason once `within` has passed without one.
+pub async fn within_deadline<T, F, Fut>(within: Duration, mut check: F) -> Result<T, String>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, String>>,
@@ -38,10 +51,9 @@ where
     loop {
         pace.tick().await;
         match check().await {
-            Ok(found) => return found,
-            Err(why) => {
-                assert!(tokio::time::Instant::now() < deadline, "timed out after {within:?} waiting for {what}: {why}")
-            }
+            Ok(found) => return Ok(found),
+            Err(why) if tokio::time::Instant::now() >= deadline => return Err(why),
+            Err(_) => {}
         }
     }
 }
@@ -66,6 +78,19 @@ mod tests {
     #[should_panic(expected = "timed out after 100ms waiting for nothing")]
     async fn eventually_panics_with_what_it_waited_for() {
         eventually("nothing", Duration::from_millis(100), || async { None::<()> }).await;
+    }
+
+    #[tokio::test]
+    async fn within_deadline_returns_the_last_reason_once_the_time_is_up() {
+        let mut calls = 0;
+        let given_up = within_deadline(Duration::from_millis(100), || {
+            calls += 1;
+            let now = calls;
+            async move { Err::<(), _>(format!("call {now}")) }
+        })
+        .await;
+        assert_eq!(given_up, Err(format!("call {calls}")));
+        assert!(calls > 1, "checked once only");
     }
 
     #[tokio::test]
