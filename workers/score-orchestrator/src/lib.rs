@@ -139,6 +139,10 @@ async fn report_last_success(pool: PgPool) {
     }
 }
 
+/// How often the executor's schedule looks for a pending request or a `running` run that needs
+/// a lease holder (one single-row query), between its checks of whether a run is due.
+pub const PENDING_CHECK: Duration = Duration::from_secs(5);
+
 /// The orchestrator's settings as flags, shared by `score-orchestrator` and `trellis-api`
 /// (which runs the orchestrator in-process when `score.executor` says `monolith`).
 #[derive(Debug, Clone, clap::Args)]
@@ -496,13 +500,20 @@ impl Orchestrator {
 
     /// Requests a run whenever none ever succeeded (start-up) or the last success is older
     /// than the schedule. Every replica checks; the lease and the pending flag make it one run.
+    ///
+    /// Between those checks it looks every [`PENDING_CHECK`] for work a lease holder must take:
+    /// the executor that loses the flag finishes its pull in hand, and a request in it is left
+    /// pending for this side after this side's first look (the flag reaches each side on its
+    /// own clock), which the next look serves within seconds rather than a schedule check later.
     pub async fn schedule(self, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(self.config.schedule_check);
+        let mut pending_check = tokio::time::interval(self.config.schedule_check.min(PENDING_CHECK));
+        let mut due_check = tokio::time::interval(self.config.schedule_check);
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
+            let check_due = tokio::select! {
+                _ = pending_check.tick() => false,
+                _ = due_check.tick() => true,
                 _ = stop.cancelled() => return,
-            }
+            };
             // A request the previous executor left pending when the flag moved here, or a run a
             // replica that died left `running` (the lease holder hands its request back).
             match store::needs_lease_holder(&self.pool).await {
@@ -513,6 +524,9 @@ impl Orchestrator {
                 },
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "checking for a pending score run request failed"),
+            }
+            if !check_due {
+                continue;
             }
             let due = match self.due().await {
                 Ok(due) => due,
