@@ -29,6 +29,12 @@ commands:
   test --nats-matrix [-- ARGS]
                      the runtime, relay and worker suites on every nats-server version of the matrix
                      (2.9.10 Debian's, the others installed with pip); a table of the results.
+  chaos [--short] [-- ARGS]
+                     the fault scenarios (crates/trellisctl/tests/chaos) under a steady write load,
+                     on a three-node cluster and on one nats-server, each ending with exact
+                     invariants; a table: writes sent and acknowledged, writes repeated, events,
+                     time to settle, invariants held. Each phase of load runs 4 times longer than
+                     in the suite; --short runs the suite's form (ARGS go to the test runner).
   bench SUITE [--duration SECS] [--users N] [--db-pool-size N] [--rate N]
               [--only NAME,...] [--concurrency N] [--slow-connections N]
                      run a benchmark suite against release builds; SUITE is one of: api, runtime,
@@ -57,7 +63,7 @@ environment: DATABASE_URL, NATS_URL, NATS_PREFIX, API_ADDR (see each command's o
 
 /// Every command, as typed. The parser, `HELP`, the README and the code map of
 /// `docs/ARCHITECTURE.md` agree with this list (the tests below and `cargo xtask tidy`).
-pub const COMMANDS: [&str; 9] = ["up", "services", "tidy", "lint", "deploy", "test", "bench", "seed", "help"];
+pub const COMMANDS: [&str; 10] = ["up", "services", "tidy", "lint", "deploy", "test", "chaos", "bench", "seed", "help"];
 
 /// Every suite of `bench`, as typed (`bench::suite` runs each).
 pub const BENCH_SUITES: [&str; 8] = ["api", "runtime", "score", "search", "dispute", "cutover", "abuse", "cluster"];
@@ -70,6 +76,7 @@ pub enum Command {
     Tidy,
     Deploy,
     Test(Test),
+    Chaos(Chaos),
     Bench(Bench),
     Seed(Seed),
 }
@@ -147,6 +154,13 @@ pub struct Test {
     pub nats: Option<String>,
 }
 
+pub struct Chaos {
+    /// The suite's form: each phase of load as long as in `cargo xtask test`.
+    pub short: bool,
+    /// Passed verbatim to `cargo nextest run` (what follows `--`).
+    pub runner_args: Vec<String>,
+}
+
 pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
     let mut args = args.peekable();
     let Some(command) = args.next() else {
@@ -206,6 +220,17 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
                 bail!("`test --nats-matrix` runs every version: it takes no --nats");
             }
             Command::Test(test)
+        }
+        "chaos" => {
+            let mut chaos = Chaos { short: false, runner_args: Vec::new() };
+            while let Some(arg) = args.next() {
+                match arg.as_str() {
+                    "--" => chaos.runner_args.extend(args.by_ref()),
+                    "--short" => chaos.short = true,
+                    _ => bail!("unknown option for `chaos`: {arg} (runner arguments go after `--`)"),
+                }
+            }
+            Command::Chaos(chaos)
         }
         "bench" => {
             let suite =
@@ -370,6 +395,21 @@ mod tests {
         assert!(up.nats_cluster && up.stage == super::Stage::A);
         let Command::Up(up) = parse(["up"].map(str::to_owned).into_iter()).unwrap() else { panic!("not up") };
         assert!(!up.nats_cluster && up.stage == super::Stage::B);
+    }
+
+    #[test]
+    fn chaos_takes_the_short_form_and_runner_arguments() {
+        let chaos = |args: &[&str]| match parse(args.iter().map(|a| (*a).to_owned())) {
+            Ok(Command::Chaos(chaos)) => Ok(chaos),
+            Ok(_) => panic!("not the chaos command"),
+            Err(e) => Err(e.to_string()),
+        };
+        let long = chaos(&["chaos"]).unwrap();
+        assert!(!long.short && long.runner_args.is_empty());
+        let short = chaos(&["chaos", "--short", "--", "-E", "test(/^single::/)"]).unwrap();
+        assert!(short.short);
+        assert_eq!(short.runner_args, ["-E", "test(/^single::/)"]);
+        assert!(chaos(&["chaos", "--long"]).err().unwrap().contains("unknown option for `chaos`: --long"));
     }
 
     #[test]

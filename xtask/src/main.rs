@@ -9,6 +9,7 @@ mod bench_abuse;
 mod bench_cluster;
 mod bench_cutover;
 mod bench_dispute;
+mod chaos;
 mod cluster;
 mod deploy;
 mod flags;
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
         flags::Command::Tidy => tidy::run(),
         flags::Command::Deploy => deploy::run(),
         flags::Command::Test(test) => test::run(&test),
+        flags::Command::Chaos(chaos) => chaos::run(&chaos),
         flags::Command::Bench(bench) => bench::run(&bench),
         flags::Command::Seed(seed) => seed::run(&seed),
     };

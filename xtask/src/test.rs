@@ -72,6 +72,8 @@ pub fn run(flags: &flags::Test) -> anyhow::Result<()> {
         ("NATS_URL", nats_url),
         ("NATS_SERVER_BIN", nats_server.to_string_lossy().into_owned()),
         ("TRELLIS_TEST_LOG_DIR", log_dir.to_string_lossy().into_owned()),
+        // The fault scenarios' lines, printed as a table after the suite.
+        ("TRELLIS_CHAOS_REPORT", crate::chaos::suite_report(&log_dir).to_string_lossy().into_owned()),
     ];
     stack.keep_running();
     for (name, value) in &env {
@@ -118,7 +120,12 @@ pub fn run(flags: &flags::Test) -> anyhow::Result<()> {
             cargo(&["test", "--workspace"])
         };
         cmd.args(&flags.runner_args);
-        util::run(&mut cmd)
+        let ran = util::run(&mut cmd);
+        // The fault scenarios in their short form: CI's regression run of them.
+        let held = crate::chaos::print_table(&crate::chaos::suite_report(&log_dir))?;
+        ran?;
+        anyhow::ensure!(held, "a fault scenario's invariants did not hold");
+        Ok(())
     })?;
     timed("secrets", &mut || {
         let mut known = secrets::test_passwords(&util::project_root())?;

@@ -101,12 +101,18 @@ impl Client {
     }
 
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Response {
-        let resp = req.send().await.expect("request sent");
+        self.try_send(req).await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Self::send`] for a test whose API may be down or die mid-request: the transport's
+    /// failure (no connection, a connection closed before the answer) as an error.
+    pub async fn try_send(&self, req: reqwest::RequestBuilder) -> Result<Response, String> {
+        let resp = req.send().await.map_err(|e| format!("request not answered: {e}"))?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
-        let bytes = resp.bytes().await.expect("body read");
+        let bytes = resp.bytes().await.map_err(|e| format!("body not read: {e}"))?;
         let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
-        Response { status, headers, body }
+        Ok(Response { status, headers, body })
     }
 
     pub async fn request(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> Response {

@@ -14,6 +14,10 @@ use crate::wait::eventually;
 /// How long [`Spawn::ready`] waits for `/readyz`.
 pub const READY_WITHIN: Duration = Duration::from_secs(30);
 
+/// How long a test waits for one `/readyz` answer: longer than the server's own bound on each
+/// check (2 s), so that a check that timed out is reported as such, not taken for no answer.
+pub const READYZ_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A binary of the workspace, built next to the running test (in `target/<profile>/`). Cargo
 /// builds only the binaries of the package under test; `cargo build --workspace --bins` (a step
 /// of `cargo xtask test`) builds the others.
@@ -176,7 +180,7 @@ impl Process {
     /// while nothing answers.
     pub async fn readyz_checks(&self) -> Option<(u16, serde_json::Value)> {
         let admin = self.addrs()?.admin;
-        let resp = client(Duration::from_secs(2)).get(format!("http://{admin}/readyz")).send().await.ok()?;
+        let resp = client(READYZ_TIMEOUT).get(format!("http://{admin}/readyz")).send().await.ok()?;
         let status = resp.status().as_u16();
         Some((status, resp.json().await.ok()?))
     }
@@ -244,7 +248,7 @@ impl Drop for Process {
 }
 
 async fn readyz_at(admin: SocketAddr) -> Option<u16> {
-    let resp = client(Duration::from_secs(2)).get(format!("http://{admin}/readyz")).send().await.ok()?;
+    let resp = client(READYZ_TIMEOUT).get(format!("http://{admin}/readyz")).send().await.ok()?;
     Some(resp.status().as_u16())
 }
 

@@ -1,9 +1,7 @@
-//! The scenarios, one fault each, under the writer's steady load: the events stream's leader
-//! killed with SIGKILL, the leader of each worker's consumer killed, two of the three nodes
-//! lost (no quorum), and a rolling restart. Each ends with the writer stopped, the system
-//! settled and [`System::assert_invariants`].
-
-use std::collections::HashMap;
+//! The scenarios on a three-node cluster, one fault each, under the writer's steady load: the
+//! events stream's leader killed with SIGKILL, the leader of each worker's consumer killed, two
+//! of the three nodes lost (no quorum), and a rolling restart. Each ends with the writer
+//! stopped, the system settled and [`System::assert_invariants`].
 
 use crate::harness::*;
 
@@ -11,21 +9,21 @@ use crate::harness::*;
 /// publishes through it, the node comes back and catches up, and nothing is lost or doubled.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_events_stream_leader_killed_with_sigkill_loses_and_doubles_nothing() {
-    let mut system = System::start().await;
+    let mut system = System::on_cluster().await;
     let writer = Writer::start(&system);
-    writer.wait_writes(25).await;
+    writer.wait_writes(scaled(25)).await;
     system.published_through_now().await;
 
     let events = system.events();
     let leader = system.leader(&events, || system.stream_leader(&events)).await;
-    system.cluster.kill(&leader);
+    system.cluster_mut().kill(&leader);
     system.new_leader(&events, &leader, || system.stream_leader(&events)).await;
-    writer.wait_writes(25).await;
+    writer.wait_writes(scaled(25)).await;
     system.published_through_now().await;
 
-    system.cluster.restart(&leader).await.expect("restarting the killed node");
+    system.cluster_mut().restart(&leader).await.expect("restarting the killed node");
     system.wait_replicated().await;
-    writer.wait_writes(25).await;
+    writer.wait_writes(scaled(25)).await;
     let written = writer.stop().await;
     system.settle(&written).await;
     system.assert_invariants(&written).await;
@@ -37,9 +35,9 @@ async fn the_events_stream_leader_killed_with_sigkill_loses_and_doubles_nothing(
 /// the node comes back; acks lost with the old leader are redelivered and applied once.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_leader_of_each_workers_consumer_killed_with_sigkill_loses_and_doubles_nothing() {
-    let mut system = System::start().await;
+    let mut system = System::on_cluster().await;
     let writer = Writer::start(&system);
-    writer.wait_writes(25).await;
+    writer.wait_writes(scaled(25)).await;
 
     let mut left: Vec<String> = WORKERS.iter().map(|(_, consumer)| system.topology.name(consumer)).collect();
     while let Some(first) = left.first().cloned() {
@@ -50,13 +48,13 @@ async fn the_leader_of_each_workers_consumer_killed_with_sigkill_loses_and_doubl
                 led.push(consumer.clone());
             }
         }
-        system.cluster.kill(&victim);
+        system.cluster_mut().kill(&victim);
         for consumer in &led {
             system.new_leader(consumer, &victim, || system.consumer_leader(consumer)).await;
             system.consumes_past_now(consumer).await;
         }
         left.retain(|c| !led.contains(c));
-        system.cluster.restart(&victim).await.expect("restarting the killed node");
+        system.cluster_mut().restart(&victim).await.expect("restarting the killed node");
         system.wait_replicated().await;
     }
     let written = writer.stop().await;
@@ -69,43 +67,30 @@ async fn the_leader_of_each_workers_consumer_killed_with_sigkill_loses_and_doubl
 /// `jetstream` check; once the nodes are back, the backlog drains oldest first, once.
 #[tokio::test(flavor = "multi_thread")]
 async fn without_quorum_writes_commit_to_the_outbox_and_drain_in_order_once_it_returns() {
-    let mut system = System::start().await;
+    let mut system = System::on_cluster().await;
     let writer = Writer::start(&system);
-    writer.wait_writes(25).await;
+    writer.wait_writes(scaled(25)).await;
     system.published_through_now().await;
     system.api_readiness("ready").await;
 
     // The events stream's leader and another node go; a follower stays.
     let events = system.events();
     let leader = system.leader(&events, || system.stream_leader(&events)).await;
-    let other = system.cluster.names().into_iter().find(|n| *n != leader).expect("another node");
-    system.cluster.kill(&leader);
-    system.cluster.kill(&other);
+    let other = system.cluster().names().into_iter().find(|n| *n != leader).expect("another node");
+    system.cluster_mut().kill(&leader);
+    system.cluster_mut().kill(&other);
 
-    writer.wait_writes(40).await;
-    let report = system.api_readiness("degraded").await;
-    let check = |name: &str| {
-        let checks = report["checks"].as_array().expect("the checks");
-        checks.iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no {name} check: {report}")).clone()
-    };
-    assert_eq!(check("jetstream")["ok"], false, "{report}");
-    assert_eq!(check("database")["ok"], true, "{report}");
+    writer.wait_writes(scaled(40)).await;
+    system.wait_degraded_by_jetstream().await;
     let written = writer.stop().await;
     let backlog = system.unpublished().await;
-    assert!(backlog.len() >= 40, "the writes since the quorum was lost wait in the outbox: {}", backlog.len());
+    assert!(backlog.len() >= scaled(40), "the writes since the quorum was lost wait in the outbox: {}", backlog.len());
 
-    system.cluster.restart(&leader).await.expect("restarting a node");
-    system.cluster.restart(&other).await.expect("restarting a node");
+    system.cluster_mut().restart(&leader).await.expect("restarting a node");
+    system.cluster_mut().restart(&other).await.expect("restarting a node");
     system.settle(&written).await;
     let messages = system.assert_invariants(&written).await;
-    // Oldest first: the backlog is in the stream in outbox order.
-    let position: HashMap<String, u64> =
-        messages.iter().map(|m| (m.msg_id.clone().expect("a Nats-Msg-Id"), m.sequence)).collect();
-    let sequences: Vec<(i64, u64)> = backlog.iter().map(|(seq, id)| (*seq, position[&id.to_string()])).collect();
-    assert!(
-        sequences.windows(2).all(|w| w[0].1 < w[1].1),
-        "the backlog (outbox seq, stream sequence) is out of order: {sequences:?}"
-    );
+    assert_in_outbox_order(&messages, &backlog);
     system.api_readiness("ready").await;
 }
 
@@ -114,15 +99,15 @@ async fn without_quorum_writes_commit_to_the_outbox_and_drain_in_order_once_it_r
 /// its return, every replica is current again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rolling_restart_of_the_three_nodes_loses_and_doubles_nothing() {
-    let mut system = System::start().await;
+    let mut system = System::on_cluster().await;
     let writer = Writer::start(&system);
-    writer.wait_writes(25).await;
+    writer.wait_writes(scaled(25)).await;
 
-    for node in system.cluster.names() {
-        system.cluster.stop(&node).await;
+    for node in system.cluster().names() {
+        system.cluster_mut().stop(&node).await;
         system.wait_leaders().await;
-        writer.wait_writes(10).await;
-        system.cluster.restart(&node).await.expect("restarting a node");
+        writer.wait_writes(scaled(10)).await;
+        system.cluster_mut().restart(&node).await.expect("restarting a node");
         system.wait_replicated().await;
     }
     let written = writer.stop().await;

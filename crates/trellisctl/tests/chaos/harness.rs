@@ -1,11 +1,14 @@
-//! The harness of the cluster tests: the system on a three-node cluster ([`System`]), a steady
-//! writer through the API that records every write the API acknowledged ([`Writer`]), and the
-//! invariants every test ends with ([`System::settle`], [`System::assert_invariants`]).
+//! The harness of the fault scenarios: the system on a three-node cluster or on one
+//! nats-server ([`System`]), a steady writer through the API that repeats each write until the
+//! API acknowledges it and records what it acknowledged ([`Writer`]), the invariants every
+//! scenario ends with ([`System::settle`], [`System::assert_invariants`]), and the scenario's
+//! line of the fault report ([`Report`], written where `TRELLIS_CHAOS_REPORT` says).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::stream::ClusterInfo;
 use async_nats::jetstream::{self, consumer};
@@ -16,7 +19,7 @@ use time::OffsetDateTime;
 use trellis_runtime::nats::Topology;
 use trellis_testkit::cluster::NatsCluster;
 use trellis_testkit::http::{Api, Client, PASSWORD, User};
-use trellis_testkit::{Process, Spawn, StoredMessage, StreamReader, TestDb, eventually_ok};
+use trellis_testkit::{PrivateNats, Process, Spawn, StoredMessage, StreamReader, TestDb, eventually_ok};
 use uuid::Uuid;
 
 /// The workers, as their binaries are named, each with the consumer whose leader scenario (b)
@@ -42,16 +45,72 @@ const ACK_WAIT: &str = "5s";
 /// The writer's pace: 25 writes a second.
 const WRITE_EVERY: Duration = Duration::from_millis(40);
 
-/// The system: the cluster, the test's database and prefix, the API and the three workers.
+/// How long the writer repeats one write before the scenario fails: the API's restart, the
+/// database's reconnection, an election.
+const ACKNOWLEDGED_WITHIN: Duration = Duration::from_secs(60);
+
+/// The writer's pause between two attempts of a write.
+const RETRY_EVERY: Duration = Duration::from_millis(100);
+
+/// How much longer than the short form each phase of load runs: `TRELLIS_CHAOS_SCALE` (`cargo
+/// xtask chaos` sets 4; the suite runs the short form, 1).
+pub fn scale() -> usize {
+    std::env::var("TRELLIS_CHAOS_SCALE").ok().and_then(|s| s.parse().ok()).filter(|s| *s > 0).unwrap_or(1)
+}
+
+/// `n` of the short form's writes (or rounds), times [`scale`].
+pub fn scaled(n: usize) -> usize {
+    n * scale()
+}
+
+/// Where the system's NATS runs.
+pub enum Nats {
+    /// A three-node cluster; the streams are R3.
+    Cluster(NatsCluster),
+    /// One nats-server of the test's own; the streams are R1.
+    Single(PrivateNats),
+}
+
+/// How the system's processes are started, kept to start one again after it is killed.
+struct Recipe {
+    database_url: String,
+    prefix: String,
+    nats_url: String,
+    replicas: &'static str,
+}
+
+impl Recipe {
+    fn on_nats(&self, spawn: Spawn) -> Spawn {
+        spawn.env("NATS_URL", &self.nats_url).env("TRELLIS_STREAM_REPLICAS", self.replicas)
+    }
+
+    /// The API; the writer registers a few users a second: the global registration limit opened too.
+    fn api(&self) -> Spawn {
+        self.on_nats(Api::spawn(&self.database_url, &self.prefix)).env("REGISTRATION_RATE_GLOBAL", "1000000")
+    }
+
+    fn worker(&self, name: &str) -> Spawn {
+        self.on_nats(Spawn::new(name).on(&self.database_url, &self.prefix)).env("ACK_WAIT", ACK_WAIT)
+    }
+}
+
+/// The system: its NATS, the test's database and prefix, the API and the three workers.
 pub struct System {
-    pub cluster: NatsCluster,
+    pub nats: Nats,
     pub db: TestDb,
     pub topology: Topology,
-    /// The test's own connection to the cluster (every node's URL), to read streams.
+    /// The test's own connection to NATS (every node's URL), to read streams.
     pub js: jetstream::Context,
     pub api: Api,
+    /// The client the writer sends with: the API's, again after it is started again.
+    client: Arc<RwLock<Client>>,
+    /// The workers, in [`WORKERS`] order.
     pub workers: Vec<Process>,
     pub people: People,
+    recipe: Recipe,
+    pub report: Report,
+    /// Whether a process that runs score runs was killed: a run may have been abandoned.
+    killed_runner: bool,
 }
 
 /// The users the writer writes as and about.
@@ -67,27 +126,95 @@ pub struct People {
 }
 
 impl System {
-    /// Starts the cluster, then the API and the workers on it (`NATS_URL` lists the three nodes,
-    /// `TRELLIS_STREAM_REPLICAS=3`: the services declare R3 streams, their consumers inherit it),
-    /// and registers the [`People`].
-    pub async fn start() -> System {
+    /// The system on a three-node cluster: `NATS_URL` lists the three nodes,
+    /// `TRELLIS_STREAM_REPLICAS=3` (the services declare R3 streams, their consumers inherit it).
+    pub async fn on_cluster() -> System {
         let cluster = NatsCluster::start().await.expect("starting the three-node cluster");
+        let (urls, nats_url) = (cluster.urls(), cluster.nats_url());
+        System::start(Nats::Cluster(cluster), urls, nats_url, "3").await
+    }
+
+    /// The system on one nats-server of the test's own (which a scenario may kill), R1 streams.
+    pub async fn on_single() -> System {
+        let nats = PrivateNats::start().expect("starting a nats-server");
+        let url = nats.url();
+        System::start(Nats::Single(nats), vec![url.clone()], url, "1").await
+    }
+
+    /// Starts the API and the workers on `nats`, and registers the [`People`].
+    async fn start(nats: Nats, urls: Vec<String>, nats_url: String, replicas: &'static str) -> System {
+        let report = Report::new(match nats {
+            Nats::Cluster(_) => "3 nodes",
+            Nats::Single(_) => "1 node",
+        });
         let db = TestDb::migrated().await.expect("a test database");
         let prefix = trellis_testkit::nats_prefix();
-        let nats_url = cluster.nats_url();
-        let on_cluster = |spawn: Spawn| spawn.env("NATS_URL", &nats_url).env("TRELLIS_STREAM_REPLICAS", "3");
-        // The writer registers a few users a second: the global registration limit opened too.
-        let api = Api::start(on_cluster(Api::spawn(&db.url, &prefix)).env("REGISTRATION_RATE_GLOBAL", "1000000"));
-        let workers = WORKERS
-            .map(|(name, _)| on_cluster(Spawn::new(name).on(&db.url, &prefix)).env("ACK_WAIT", ACK_WAIT).ready());
+        let recipe = Recipe { database_url: db.url.clone(), prefix: prefix.clone(), nats_url, replicas };
+        let api = Api::start(recipe.api());
+        let workers = WORKERS.map(|(name, _)| recipe.worker(name).ready());
         let (api, workers) = tokio::join!(api, futures::future::join_all(workers));
-        let client = async_nats::connect(cluster.urls().as_slice()).await.expect("connecting to the cluster");
+        let client = async_nats::connect(urls.as_slice()).await.expect("connecting to NATS");
         let mut js = jetstream::new(client);
         // Listing consumers while a node is down waits for the missing node's answer for seconds.
         js.set_timeout(Duration::from_secs(10));
         let topology = Topology::new(&prefix).expect("a valid prefix");
         let people = People::register(&api, &db).await;
-        System { cluster, db, topology, js, api, workers, people }
+        let client = Arc::new(RwLock::new(api.client.clone()));
+        System { nats, db, topology, js, api, client, workers, people, recipe, report, killed_runner: false }
+    }
+
+    /// The cluster, for the scenarios on one.
+    pub fn cluster(&self) -> &NatsCluster {
+        match &self.nats {
+            Nats::Cluster(cluster) => cluster,
+            Nats::Single(_) => panic!("the system runs on one nats-server, not a cluster"),
+        }
+    }
+
+    pub fn cluster_mut(&mut self) -> &mut NatsCluster {
+        match &mut self.nats {
+            Nats::Cluster(cluster) => cluster,
+            Nats::Single(_) => panic!("the system runs on one nats-server, not a cluster"),
+        }
+    }
+
+    /// The nats-server, for the scenarios on one.
+    pub fn single_nats(&mut self) -> &mut PrivateNats {
+        match &mut self.nats {
+            Nats::Single(nats) => nats,
+            Nats::Cluster(_) => panic!("the system runs on a cluster"),
+        }
+    }
+
+    /// Kills `trellis-api` with SIGKILL; the writer's requests fail until [`Self::restart_api`].
+    pub async fn kill_api(&mut self) {
+        self.killed_runner = true;
+        self.api.kill().await;
+    }
+
+    /// Starts `trellis-api` again (on a new port, which the writer sends to from now on).
+    pub async fn restart_api(&mut self) {
+        self.api = Api::start(self.recipe.api()).await;
+        *self.client.write().expect("the writer's client") = self.api.client.clone();
+    }
+
+    /// Kills worker `i` (of [`WORKERS`]) with SIGKILL.
+    pub async fn kill_worker(&mut self, i: usize) {
+        self.killed_runner |= WORKERS[i].0 == "score-orchestrator";
+        self.workers[i].kill().await;
+    }
+
+    /// Starts worker `i` again and waits until it is ready.
+    pub async fn restart_worker(&mut self, i: usize) {
+        self.workers[i] = self.recipe.worker(WORKERS[i].0).ready().await;
+    }
+
+    /// Whether node `name` of the cluster is running (the one node of a single server always is).
+    fn is_running(&self, name: &str) -> bool {
+        match &self.nats {
+            Nats::Cluster(cluster) => cluster.is_running(name),
+            Nats::Single(_) => true,
+        }
     }
 
     pub fn events(&self) -> String {
@@ -139,7 +266,7 @@ impl System {
     {
         eventually_ok(&format!("a leader of {what} other than {gone}"), STEP, || async {
             let now = leader().await?;
-            if now == gone || !self.cluster.is_running(&now) { Err(format!("{now} is reported")) } else { Ok(now) }
+            if now == gone || !self.is_running(&now) { Err(format!("{now} is reported")) } else { Ok(now) }
         })
         .await
     }
@@ -148,9 +275,9 @@ impl System {
     /// leader among the running nodes (the cluster works without the nodes that are down).
     pub async fn wait_leaders(&self) {
         eventually_ok("a leader of the cluster and of every stream and consumer", STEP, || async {
-            let meta = self.cluster.meta_leader().await.map_err(|e| e.to_string())?;
+            let meta = self.cluster().meta_leader().await.map_err(|e| e.to_string())?;
             let running = |leader: Option<String>, what: &str| match leader {
-                Some(l) if self.cluster.is_running(&l) => Ok(()),
+                Some(l) if self.is_running(&l) => Ok(()),
                 other => Err(format!("{what}: leader {other:?}")),
             };
             running(Some(meta), "the meta group")?;
@@ -228,6 +355,102 @@ impl System {
         .await
     }
 
+    /// Waits until the API's `/readyz` says `degraded` for its `jetstream` check, its
+    /// `database` check passing: NATS is away, writes still commit.
+    pub async fn wait_degraded_by_jetstream(&self) {
+        let report = self.api_readiness("degraded").await;
+        let check = |name: &str| {
+            let checks = report["checks"].as_array().expect("the checks");
+            checks.iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no {name} check: {report}")).clone()
+        };
+        assert_eq!(check("jetstream")["ok"], false, "{report}");
+        assert_eq!(check("database")["ok"], true, "{report}");
+    }
+
+    /// The consumers worker `i` (of [`WORKERS`]) consumes the events stream with: the dispute
+    /// processor's four priority groups, the others' one.
+    pub fn consumers_of(&self, i: usize) -> Vec<String> {
+        match WORKERS[i].0 {
+            "dispute-processor" => (0..4).map(|p| self.topology.name(&format!("dispute-processor-p{p}"))).collect(),
+            name => vec![self.topology.name(name)],
+        }
+    }
+
+    /// Deliveries of worker `i`'s consumers it has not acknowledged yet.
+    async fn unacknowledged(&self, i: usize) -> Result<u64, String> {
+        let mut total = 0;
+        for consumer in self.consumers_of(i) {
+            total += self.consumer_info(&self.events(), &consumer).await?.num_ack_pending as u64;
+        }
+        Ok(total)
+    }
+
+    /// Kills worker `i` with SIGKILL mid-batch: when its consumers have deliveries it has not
+    /// acknowledged, and still have them once it is dead (a batch that ended between the look
+    /// and the kill does not count: the worker is started again and the next batch waited for).
+    /// Returns the deliveries it left unacknowledged.
+    pub async fn kill_worker_mid_batch(&mut self, i: usize) -> u64 {
+        let deadline = Instant::now() + ACKNOWLEDGED_WITHIN;
+        loop {
+            assert!(Instant::now() < deadline, "{} was never killed mid-batch", WORKERS[i].0);
+            if self.unacknowledged(i).await.unwrap_or(0) == 0 {
+                tokio::time::sleep(trellis_testkit::wait::PACE).await;
+                continue;
+            }
+            self.kill_worker(i).await;
+            let left = self.unacknowledged(i).await.expect("reading the consumers");
+            if left > 0 {
+                return left;
+            }
+            self.restart_worker(i).await;
+        }
+    }
+
+    /// Kills `trellis-api` with SIGKILL mid-batch: when the outbox has committed rows its relay
+    /// has not published yet. Returns how many it left.
+    pub async fn kill_api_mid_batch(&mut self) -> usize {
+        let deadline = Instant::now() + ACKNOWLEDGED_WITHIN;
+        loop {
+            assert!(Instant::now() < deadline, "trellis-api was never killed mid-batch");
+            if self.unpublished().await.is_empty() {
+                tokio::time::sleep(trellis_testkit::wait::PACE).await;
+                continue;
+            }
+            self.kill_api().await;
+            let left = self.unpublished().await.len();
+            if left > 0 {
+                return left;
+            }
+            self.restart_api().await;
+        }
+    }
+
+    /// Ends every database backend of the system's processes (`pg_terminate_backend`): the API's
+    /// pools and the workers'; returns the `application_name` of each one ended.
+    pub async fn terminate_backends(&self) -> Vec<String> {
+        sqlx::query_scalar(
+            "WITH victims AS MATERIALIZED (
+                 SELECT pid, application_name FROM pg_stat_activity
+                 WHERE datname = $1 AND pid <> pg_backend_pid()
+                   AND (application_name LIKE 'trellis-api%'
+                        OR application_name IN ('search-projector', 'dispute-processor', 'score-orchestrator')))
+             SELECT application_name FROM victims WHERE pg_terminate_backend(pid)",
+        )
+        .bind(&self.db.name)
+        .fetch_all(&self.db.pool)
+        .await
+        .expect("terminating the system's backends")
+    }
+
+    /// Sets cutover flag `flag` to `value` through the API as the admin (`force`: past the
+    /// promotion gate, as an operator rolling forward during an incident may).
+    pub async fn set_flag(&self, flag: &str, value: &str) {
+        let body = json!({"value": value, "reason": "fault scenario: flag flips under load", "force": true});
+        let path = format!("/v1/admin/flags/{flag}");
+        let answer = self.api.request(Method::PUT, &path, Some(&self.people.admin.token), Some(body)).await;
+        assert_eq!(answer.status, 200, "setting {flag} to {value}: {}", answer.body);
+    }
+
     /// The outbox rows not published yet, `(seq, event id)` in outbox order.
     pub async fn unpublished(&self) -> Vec<(i64, Uuid)> {
         sqlx::query_as("SELECT seq, id FROM ops.outbox WHERE published_at IS NULL ORDER BY seq")
@@ -243,7 +466,12 @@ impl System {
     /// Waits until the system has settled after `written`: the last score run asked for has
     /// succeeded, no dispute is pending, every outbox row is published, and no consumer of the
     /// test's streams has anything pending or unacknowledged.
-    pub async fn settle(&self, written: &Written) {
+    pub async fn settle(&mut self, written: &Written) {
+        self.settle_within(written).await;
+        self.report.settled = Some(written.stopped_at.elapsed());
+    }
+
+    async fn settle_within(&self, written: &Written) {
         eventually_ok("the system to settle", SETTLE, || async {
             let sql = |e: sqlx::Error| e.to_string();
             if let Some(at) = written.last_score_request {
@@ -291,13 +519,14 @@ impl System {
     /// - The search read model equals a rebuild from the base tables.
     /// - Every acknowledged write is there, and nothing else: the registered users, the last
     ///   label of each contact, the filed disputes, and a successful score run that started
-    ///   after the last run request (and no run failed).
+    ///   after the last run request (and no run failed, but one abandoned by a killed process).
     pub async fn assert_invariants(&mut self, written: &Written) -> Vec<StoredMessage> {
         assert!(self.api.process.alive(), "trellis-api exited; its log: {}", self.api.process.log.display());
         for worker in &mut self.workers {
             assert!(worker.alive(), "{} exited; its log: {}", worker.name, worker.log.display());
         }
         assert!(written.score_requests > 0 && written.writes > written.disputes.len(), "{written:?}");
+        self.report.written(written);
 
         // The outbox and the events stream.
         let outbox: Vec<(i64, Uuid, bool)> =
@@ -369,12 +598,14 @@ impl System {
         assert_eq!(projected, rebuilt_model(&self.db).await, "the projected search model equals a rebuild");
 
         // Every acknowledged write, and nothing else.
-        let users: Vec<Uuid> =
-            sqlx::query_scalar("SELECT id FROM identity.users").fetch_all(&self.db.pool).await.expect("users");
-        let users: BTreeSet<Uuid> = users.into_iter().collect();
+        let users: Vec<String> =
+            sqlx::query_scalar("SELECT handle FROM identity.users").fetch_all(&self.db.pool).await.expect("users");
+        let users: BTreeSet<String> = users.into_iter().collect();
         let people = &self.people;
-        let mut expected: BTreeSet<Uuid> = written.registered.iter().copied().collect();
-        expected.extend(std::iter::once(&people.admin).chain(&people.writers).chain(&people.targets).map(|u| u.id));
+        let mut expected: BTreeSet<String> = written.registered.iter().cloned().collect();
+        expected.extend(
+            std::iter::once(&people.admin).chain(&people.writers).chain(&people.targets).map(|u| u.handle.clone()),
+        );
         assert_eq!(users, expected, "the users are the registered ones");
         let contacts: Vec<(Uuid, Uuid, String)> =
             sqlx::query_as("SELECT owner_id, contact_id, label FROM contacts.contacts")
@@ -383,12 +614,21 @@ impl System {
                 .expect("contacts");
         let contacts: BTreeMap<(Uuid, Uuid), String> = contacts.into_iter().map(|(o, c, l)| ((o, c), l)).collect();
         assert_eq!(contacts, written.contacts, "each contact has the label of its last acknowledged write");
-        let failed = self.scalar("SELECT count(*) FROM score.runs WHERE status = 'failed'").await;
-        assert_eq!(failed, 0, "failed score runs");
+        // A run whose process was killed is recorded failed (abandoned) by the next lease holder,
+        // which serves its request again; no run fails otherwise.
+        let failed: Vec<String> =
+            sqlx::query_scalar("SELECT coalesce(error, '') FROM score.runs WHERE status = 'failed'")
+                .fetch_all(&self.db.pool)
+                .await
+                .expect("score.runs");
+        let abandoned = |e: &String| self.killed_runner && e.starts_with("abandoned:");
+        assert!(failed.iter().all(abandoned), "failed score runs: {failed:?}");
         if let Some(at) = written.last_score_request {
             let served = trellis_store::scores::succeeded_since(&self.db.pool, at).await.expect("score.runs");
             assert!(served, "no run started after the last score-run request ({at}) succeeded");
         }
+        self.report.events = Some(messages.len());
+        self.report.held = true;
         messages
     }
 
@@ -463,23 +703,54 @@ impl People {
     }
 }
 
-/// Every write the API acknowledged (answered 2xx).
-#[derive(Debug, Default)]
+/// Every write the API acknowledged (answered 2xx), and what it took.
+#[derive(Debug)]
 pub struct Written {
+    /// Writes sent.
+    pub sent: usize,
+    /// Writes acknowledged (each is sent until it is: all but one the writer stopped on).
     pub writes: usize,
-    pub registered: Vec<Uuid>,
+    /// Attempts beyond each write's first: the API down, its database connection ended, a
+    /// server error.
+    pub retries: usize,
+    /// The handles registered.
+    pub registered: Vec<String>,
     /// Each contact `(owner, contact)` and the label of its last write.
     pub contacts: BTreeMap<(Uuid, Uuid), String>,
     pub disputes: Vec<Uuid>,
     pub score_requests: usize,
     /// When the last score-run request was sent.
     pub last_score_request: Option<OffsetDateTime>,
+    /// When the writer stopped.
+    pub stopped_at: Instant,
+}
+
+impl Default for Written {
+    fn default() -> Self {
+        Written {
+            sent: 0,
+            writes: 0,
+            retries: 0,
+            registered: Vec::new(),
+            contacts: BTreeMap::new(),
+            disputes: Vec::new(),
+            score_requests: 0,
+            last_score_request: None,
+            stopped_at: Instant::now(),
+        }
+    }
 }
 
 /// A task that writes through the API at a steady pace until stopped: of every 50 writes, 5
 /// registrations, 10 dispute filings (the four kinds in turn, so every priority's consumer has
-/// work), one score-run request and 34 contact upserts. A write the API does not acknowledge
-/// stops it, and the test fails with that answer.
+/// work), one score-run request and 34 contact upserts.
+///
+/// Each write is sent until the API acknowledges it, as a careful client does: again after a
+/// failed connection, a 5xx or a 429, with the same `Idempotency-Key` (the signed-in writes),
+/// so that a write the API committed but could not answer is answered from its key, not made
+/// twice; a registration answered `handle-taken` on a later attempt was made by an earlier one.
+/// Any other refusal, or no acknowledgement within [`ACKNOWLEDGED_WITHIN`], stops the writer,
+/// and the test fails with it.
 pub struct Writer {
     stop: Arc<AtomicBool>,
     acknowledged: Arc<AtomicUsize>,
@@ -491,7 +762,7 @@ impl Writer {
     pub fn start(system: &System) -> Writer {
         let (stop, acknowledged, failure) = (Arc::default(), Arc::default(), Arc::default());
         let task = tokio::spawn(write(
-            system.api.client.clone(),
+            Arc::clone(&system.client),
             system.people.clone(),
             Arc::clone(&stop),
             Arc::clone(&acknowledged),
@@ -508,7 +779,7 @@ impl Writer {
     /// writer's failure if it stopped on one.
     pub async fn wait_writes(&self, more: usize) {
         let target = self.acknowledged.load(Ordering::Acquire) + more;
-        eventually_ok(&format!("{more} more acknowledged writes"), STEP, || async {
+        eventually_ok(&format!("{more} more acknowledged writes"), ACKNOWLEDGED_WITHIN, || async {
             if let Some(failure) = self.failed() {
                 panic!("the writer stopped: {failure}");
             }
@@ -522,16 +793,26 @@ impl Writer {
     pub async fn stop(self) -> Written {
         self.stop.store(true, Ordering::Release);
         let failure = Arc::clone(&self.failure);
-        let written = self.task.await.expect("the writer task");
+        let mut written = self.task.await.expect("the writer task");
         if let Some(failure) = failure.lock().expect("the writer's failure").take() {
             panic!("the writer stopped: {failure}");
         }
+        written.stopped_at = Instant::now();
         written
     }
 }
 
+/// One write: what to send, and the statuses that acknowledge it.
+struct Write {
+    method: Method,
+    path: String,
+    token: Option<String>,
+    body: Option<Value>,
+    ok: &'static [u16],
+}
+
 async fn write(
-    api: Client,
+    api: Arc<RwLock<Client>>,
     people: People,
     stop: Arc<AtomicBool>,
     acknowledged: Arc<AtomicUsize>,
@@ -549,33 +830,39 @@ async fn write(
         if stop.load(Ordering::Acquire) {
             break;
         }
+        written.sent += 1;
         let o = i % writers.len();
         let owner = &writers[o];
+        let signed_in = |method, path: String, token: &str, body, ok| Write {
+            method,
+            path,
+            token: Some(token.to_owned()),
+            body,
+            ok,
+        };
         let done = match i % 10 {
             0 => {
                 let handle = format!("r{tag}{i}");
                 let body = json!({"handle": handle, "display_name": format!("Registered {i}"),
                     "email": format!("{handle}@example.com"), "password": PASSWORD});
-                let answer = api.request(Method::POST, "/v1/users", None, Some(body)).await;
-                acknowledged_as(&answer, &[201], "POST /v1/users").map(|body| {
-                    let id = body["user"]["id"].as_str().and_then(|id| id.parse().ok()).expect("the new user's id");
-                    written.registered.push(id);
-                })
+                let write =
+                    Write { method: Method::POST, path: "/v1/users".into(), token: None, body: Some(body), ok: &[201] };
+                send(&api, &write, &mut written).await.map(|_| written.registered.push(handle))
             }
             3 | 7 => {
                 let (kind, target) = (KINDS[filed % 4], &people.targets[(filed / 4) % people.targets.len()]);
                 filed += 1;
                 let body =
                     json!({"target_id": target.id, "kind": kind, "description": format!("{kind} number {filed}")});
-                let answer = api.request(Method::POST, "/v1/disputes", Some(&owner.token), Some(body)).await;
-                acknowledged_as(&answer, &[201], "POST /v1/disputes").map(|body| {
+                let write = signed_in(Method::POST, "/v1/disputes".into(), &owner.token, Some(body), &[201]);
+                send(&api, &write, &mut written).await.map(|body| {
                     written.disputes.push(body["id"].as_str().and_then(|id| id.parse().ok()).expect("a dispute id"));
                 })
             }
             5 if (i / 10) % 5 == 0 => {
                 let sent = OffsetDateTime::now_utc();
-                let answer = api.request(Method::POST, "/v1/admin/score-runs", Some(&people.admin.token), None).await;
-                acknowledged_as(&answer, &[202], "POST /v1/admin/score-runs").map(|_| {
+                let write = signed_in(Method::POST, "/v1/admin/score-runs".into(), &people.admin.token, None, &[202]);
+                send(&api, &write, &mut written).await.map(|_| {
                     written.score_requests += 1;
                     written.last_score_request = Some(sent);
                 })
@@ -584,9 +871,8 @@ async fn write(
                 let contact = &writers[(o + 1 + (i / 10) % (writers.len() - 1)) % writers.len()];
                 let label = format!("l{i}");
                 let path = format!("/v1/me/contacts/{}", contact.id);
-                let body = json!({"label": label});
-                let answer = api.request(Method::PUT, &path, Some(&owner.token), Some(body)).await;
-                acknowledged_as(&answer, &[200, 201], "PUT /v1/me/contacts").map(|_| {
+                let write = signed_in(Method::PUT, path, &owner.token, Some(json!({"label": label})), &[200, 201]);
+                send(&api, &write, &mut written).await.map(|_| {
                     written.contacts.insert((owner.id, contact.id), label);
                 })
             }
@@ -605,12 +891,107 @@ async fn write(
     written
 }
 
-/// The body of an answer whose status is one of `ok`; what it was otherwise.
-fn acknowledged_as(answer: &trellis_testkit::http::Response, ok: &[u16], what: &str) -> Result<Value, String> {
-    if ok.contains(&answer.status) {
-        Ok(answer.body.clone())
-    } else {
-        Err(format!("{what} answered {}: {}", answer.status, answer.body))
+/// Sends `write` until the API acknowledges it (see [`Writer`]); the acknowledging answer's
+/// body (`Null` for a registration an earlier attempt made), or why it was not acknowledged.
+async fn send(api: &RwLock<Client>, write: &Write, written: &mut Written) -> Result<Value, String> {
+    let key = Uuid::new_v4().to_string();
+    let what = format!("{} {}", write.method, write.path);
+    let deadline = Instant::now() + ACKNOWLEDGED_WITHIN;
+    for attempt in 0usize.. {
+        if attempt > 0 {
+            written.retries += 1;
+            tokio::time::sleep(RETRY_EVERY).await;
+        }
+        let client = api.read().expect("the writer's client").clone();
+        let mut request = client.build(write.method.clone(), &write.path, write.token.as_deref(), write.body.clone());
+        if write.token.is_some() {
+            request = request.header("Idempotency-Key", &key);
+        }
+        let why = match client.try_send(request).await {
+            Ok(answer) if write.ok.contains(&answer.status) => return Ok(answer.body),
+            Ok(answer) if attempt > 0 && answer.problem() == "handle-taken" && write.token.is_none() => {
+                return Ok(Value::Null);
+            }
+            Ok(answer)
+                if answer.status >= 500
+                    || answer.status == 429
+                    || answer.problem() == "idempotency-request-in-progress" =>
+            {
+                format!("answered {}: {}", answer.status, answer.body)
+            }
+            Ok(answer) => return Err(format!("{what} answered {}: {}", answer.status, answer.body)),
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            return Err(format!("{what} not acknowledged within {ACKNOWLEDGED_WITHIN:?}; the last attempt: {why}"));
+        }
+    }
+    unreachable!("the attempts are unbounded")
+}
+
+/// Asserts that `backlog` (outbox rows left unpublished while NATS was away, `(seq, event id)`
+/// in outbox order) is in the events stream (`messages`) in the same order: oldest first.
+pub fn assert_in_outbox_order(messages: &[StoredMessage], backlog: &[(i64, Uuid)]) {
+    let position: std::collections::HashMap<String, u64> =
+        messages.iter().map(|m| (m.msg_id.clone().expect("a Nats-Msg-Id"), m.sequence)).collect();
+    let sequences: Vec<(i64, u64)> = backlog.iter().map(|(seq, id)| (*seq, position[&id.to_string()])).collect();
+    assert!(
+        sequences.windows(2).all(|w| w[0].1 < w[1].1),
+        "the backlog (outbox seq, stream sequence) is out of order: {sequences:?}"
+    );
+}
+
+/// A scenario's line of the fault report: what the writer sent and the API acknowledged, the
+/// events, the time to settle and whether the invariants held. Appended as one JSON line to the
+/// file `TRELLIS_CHAOS_REPORT` names (nothing without it) when the system is dropped, so that a
+/// scenario that failed is reported too; `cargo xtask chaos` prints the lines as a table.
+#[derive(Debug, Default)]
+pub struct Report {
+    nats: &'static str,
+    sent: Option<usize>,
+    writes: Option<usize>,
+    retries: Option<usize>,
+    events: Option<usize>,
+    settled: Option<Duration>,
+    held: bool,
+}
+
+impl Report {
+    fn new(nats: &'static str) -> Report {
+        Report { nats, ..Report::default() }
+    }
+
+    fn written(&mut self, written: &Written) {
+        self.sent = Some(written.sent);
+        self.writes = Some(written.writes);
+        self.retries = Some(written.retries);
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        let Some(path) = std::env::var_os("TRELLIS_CHAOS_REPORT") else { return };
+        // The test's thread is named after the test.
+        let scenario = std::thread::current().name().unwrap_or("unnamed").to_owned();
+        let r = &self.report;
+        let line = json!({
+            "scenario": scenario,
+            "nats": r.nats,
+            "sent": r.sent,
+            "acknowledged": r.writes,
+            "retries": r.retries,
+            "events": r.events,
+            "settle_ms": r.settled.map(|d| d.as_millis() as u64),
+            "held": r.held && !std::thread::panicking(),
+        });
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut file| writeln!(file, "{line}"));
+        if let Err(e) = appended {
+            eprintln!("writing the fault report to {}: {e}", std::path::Path::new(&path).display());
+        }
     }
 }
 

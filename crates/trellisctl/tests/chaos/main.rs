@@ -1,9 +1,11 @@
-//! The whole system on a three-node JetStream cluster (`trellis_testkit::cluster`), under a
-//! steady write load through the API, with a fault in the middle: `trellis-api`, the search
-//! projector, the dispute processor and the score orchestrator as real processes, connected to
-//! the three nodes, their streams R3 (`TRELLIS_STREAM_REPLICAS=3`, declared by the services).
-//! Each test ends with the same exact invariants (`harness::System::assert_invariants`); the
-//! scenarios and what they prove are in docs/ARCHITECTURE.md ("NATS versions", on a cluster).
+//! The fault scenarios: the whole system under a steady write load through the API, with a
+//! fault in the middle — `trellis-api`, the search projector, the dispute processor and the
+//! score orchestrator as real processes, on a three-node JetStream cluster (`cluster`: R3
+//! streams, `trellis_testkit::cluster`) or on one nats-server (`single`: R1). Each scenario ends
+//! with the same exact invariants (`harness::System::assert_invariants`) and reports a line of
+//! the fault table (`cargo xtask chaos`); the scenarios and what they prove are in
+//! docs/ARCHITECTURE.md ("Faults").
 
-mod faults;
+mod cluster;
 mod harness;
+mod single;

@@ -2,7 +2,7 @@
 //! and a projector process connect with `NATS_URL` listing the three nodes and declare R3
 //! streams; an event goes end to end; a follower of the meta group is killed with SIGKILL and
 //! the system keeps working. The whole system under faults, with exact invariants, is tested in
-//! `crates/trellisctl/tests/cluster`.
+//! `crates/trellisctl/tests/chaos`.
 
 use std::time::Duration;
 
