@@ -504,7 +504,7 @@ pub enum Users {
 
     #[test]
     fn the_xtask_commands_the_docs_name_are_the_ones_it_has() {
-        let row = "| `xtask/` | `cargo xtask up [--x] / services / tidy / lint / deploy / test [--y Z / --w] / seed / bench \
+        let row = "| `xtask/` | `cargo xtask up [--x] / services / tidy / lint / deploy / test [--y Z / --w] / chaos / seed / bench \
                    api\\|runtime\\|score\\|search\\|dispute\\|cutover\\|abuse\\|cluster` (…) |";
         assert_eq!(architecture_xtask_commands(row), xtask_commands());
         let stale = "| `xtask/` | `cargo xtask up / services / tidy / lint / deploy / test / seed / bench api` |";
