@@ -22,7 +22,7 @@ async fn the_events_stream_leader_killed_with_sigkill_loses_and_doubles_nothing(
     system.published_through_now().await;
 
     system.cluster_mut().restart(&leader).await.expect("restarting the killed node");
-    system.wait_replicated().await;
+    system.wait_replicated(&leader).await;
     writer.wait_writes(scaled(25)).await;
     let written = writer.stop().await;
     system.settle(&written).await;
@@ -55,7 +55,7 @@ async fn the_leader_of_each_workers_consumer_killed_with_sigkill_loses_and_doubl
         }
         left.retain(|c| !led.contains(c));
         system.cluster_mut().restart(&victim).await.expect("restarting the killed node");
-        system.wait_replicated().await;
+        system.wait_replicated(&victim).await;
     }
     let written = writer.stop().await;
     system.settle(&written).await;
@@ -108,7 +108,7 @@ async fn a_rolling_restart_of_the_three_nodes_loses_and_doubles_nothing() {
         system.wait_leaders().await;
         writer.wait_writes(scaled(10)).await;
         system.cluster_mut().restart(&node).await.expect("restarting a node");
-        system.wait_replicated().await;
+        system.wait_replicated(&node).await;
     }
     let written = writer.stop().await;
     system.settle(&written).await;
