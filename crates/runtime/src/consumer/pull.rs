@@ -84,8 +84,14 @@ async fn next_of(pull: &mut Option<Batch>) -> Option<jetstream::Message> {
 }
 
 /// Moves what the pull in hand has already received into `gathering`, without waiting.
+///
+/// Outside tokio's cooperative budget: each receive spends one unit of the task's budget (128
+/// a turn), and a receive over budget answers `Pending` (its wake-up going to `now_or_never`'s
+/// waker, which does nothing). The gathering then stopped every 128 messages and the task
+/// yielded its turn: batches of 65 on average and a third of the drain rate. What is drained
+/// here is bounded by the pull in hand (at most a batch), so nothing else starves.
 fn take_arrived(pull: &mut Option<Batch>, gathering: &mut Gathering, window: Duration) {
-    while let Some(Some(m)) = next_of(pull).now_or_never() {
+    while let Some(Some(m)) = tokio::task::unconstrained(next_of(pull)).now_or_never() {
         gathering.push(m, window);
     }
 }
