@@ -9,14 +9,13 @@
 //! Each node carries the server tag `node:<name>`, so that a test with R1 streams can place them
 //! (`Placement { tags: ["node:n1"] }`) on a node it will not kill.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::{eventually, eventually_ok, within_deadline};
+use crate::{eventually, eventually_ok, free_port, within_deadline};
 
 /// How long [`NatsCluster::restart`] waits for the cluster to agree on a meta leader again.
 pub const FORMED_WITHIN: Duration = Duration::from_secs(60);
@@ -78,9 +77,9 @@ impl NatsCluster {
                 config: dir.join(format!("{name}.conf")),
                 log: PathBuf::new(),
                 name,
-                client_port: free_port()?,
-                cluster_port: free_port()?,
-                http_port: free_port()?,
+                client_port: free_port(),
+                cluster_port: free_port(),
+                http_port: free_port(),
                 child: None,
             });
         }
@@ -123,22 +122,26 @@ impl NatsCluster {
         let urls = self.urls();
         let client =
             async_nats::connect(urls.as_slice()).await.map_err(|e| format!("connecting to the cluster: {e}"))?;
-        let tries = std::sync::atomic::AtomicUsize::new(0);
-        within_deadline(PLACEABLE_WITHIN, || async {
-            let probe = format!("CLUSTER_PROBE_{}", tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-            let api = |verb: &str| format!("$JS.API.STREAM.{verb}.{probe}");
-            let create = serde_json::json!({"name": probe, "subjects": [format!("cluster-probe.{probe}")],
+        let client = &client;
+        let mut tries = 0;
+        within_deadline(PLACEABLE_WITHIN, || {
+            tries += 1;
+            let probe = format!("CLUSTER_PROBE_{tries}");
+            async move {
+                let api = |verb: &str| format!("$JS.API.STREAM.{verb}.{probe}");
+                let create = serde_json::json!({"name": probe, "subjects": [format!("cluster-probe.{probe}")],
                 "num_replicas": 3, "storage": "memory"});
-            let answer = |reply: Result<async_nats::Message, async_nats::RequestError>| {
-                let reply = reply.map_err(|e| format!("{probe}: {e}"))?;
-                serde_json::from_slice::<serde_json::Value>(&reply.payload).map_err(|e| format!("{probe}: {e}"))
-            };
-            let created = answer(client.request(api("CREATE"), create.to_string().into()).await)?;
-            if let Some(error) = created.get("error") {
-                return Err(format!("creating {probe}: {error}"));
+                let answer = |reply: Result<async_nats::Message, async_nats::RequestError>| {
+                    let reply = reply.map_err(|e| format!("{probe}: {e}"))?;
+                    serde_json::from_slice::<serde_json::Value>(&reply.payload).map_err(|e| format!("{probe}: {e}"))
+                };
+                let created = answer(client.request(api("CREATE"), create.to_string().into()).await)?;
+                if let Some(error) = created.get("error") {
+                    return Err(format!("creating {probe}: {error}"));
+                }
+                let deleted = answer(client.request(api("DELETE"), bytes::Bytes::new()).await)?;
+                if deleted["success"] == true { Ok(()) } else { Err(format!("deleting {probe}: {deleted}")) }
             }
-            let deleted = answer(client.request(api("DELETE"), bytes::Bytes::new()).await)?;
-            if deleted["success"] == true { Ok(()) } else { Err(format!("deleting {probe}: {deleted}")) }
         })
         .await
     }
@@ -294,11 +297,6 @@ async fn meta_leader_seen_by(http_port: u16) -> Option<String> {
 async fn monitoring(http_port: u16, what: &str) -> Option<serde_json::Value> {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().ok()?;
     client.get(format!("http://127.0.0.1:{http_port}/{what}")).send().await.ok()?.json().await.ok()
-}
-
-/// A loopback port nothing listens on now (the OS's pick, released for a server to take).
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 #[cfg(test)]

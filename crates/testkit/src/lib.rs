@@ -2,7 +2,8 @@
 //! (created and migrated, dropped afterwards) and its own NATS prefix, so the suite runs in
 //! parallel against one PostgreSQL and one NATS server. It starts the workspace's binaries as
 //! real processes and waits for their readiness ([`process`]), talks to the API ([`http`]),
-//! reads `/metrics` ([`metrics`]) and waits for conditions ([`eventually`]). `PrivateNats`
+//! reads `/metrics` ([`metrics`]), waits for conditions ([`eventually`]) and compares the
+//! search read model with a rebuild ([`search_model`]). `PrivateNats`
 //! starts a nats-server of the test's own, for outage scenarios; [`cluster::NatsCluster`] a
 //! three-node JetStream cluster.
 //!
@@ -16,9 +17,10 @@ pub mod metrics;
 pub mod otlp;
 pub mod probe;
 pub mod process;
+pub mod search_model;
 pub mod wait;
 
-pub use process::{ClosedPort, Process, Spawn};
+pub use process::{ClosedPort, Process, Spawn, free_port};
 pub use wait::{eventually, eventually_ok, within_deadline};
 
 use std::io::{BufRead, BufReader};

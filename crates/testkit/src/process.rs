@@ -257,6 +257,12 @@ pub fn client(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder().no_proxy().timeout(timeout).build().expect("an HTTP client")
 }
 
+/// A loopback port nothing listens on now: the OS's pick, released for a server the test starts
+/// to take (unlike [`ClosedPort`], which keeps it from every other process).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("binding a loopback port").port()
+}
+
 /// A loopback port that nothing listens on while this value lives: a socket bound to it that
 /// never listens holds it, so a connection to it is refused (a server that is down), and no
 /// other process can take it.

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_yaml_ng::{Mapping, Value};
-use trellis_testkit::{DEPLOYED_NATS_PASSWORDS, PrivateNats, eventually};
+use trellis_testkit::{DEPLOYED_NATS_PASSWORDS, PrivateNats, eventually, free_port};
 
 use crate::harness::{compose_file, http, read, repo_root};
 use crate::manifests::{compose, pinned_by_digest};
@@ -314,11 +314,6 @@ fn nats_server_of(version: &str) -> PathBuf {
         dir.display()
     );
     installed
-}
-
-/// A free loopback port.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// `text` with `from` replaced by `to`; `from` must be there (a changed file fails here, not later).
