@@ -19,6 +19,7 @@ use time::OffsetDateTime;
 use trellis_runtime::nats::Topology;
 use trellis_testkit::cluster::NatsCluster;
 use trellis_testkit::http::{Api, Client, PASSWORD, User};
+use trellis_testkit::search_model::{model, rebuilt_model};
 use trellis_testkit::{
     PrivateNats, Process, Spawn, StoredMessage, StreamReader, TestDb, eventually_ok, within_deadline,
 };
@@ -403,8 +404,7 @@ impl System {
     /// Kills worker `i` with SIGKILL mid-batch: when its consumers have deliveries it has not
     /// acknowledged, and still have them once it is dead (a batch that ended between the look
     /// and the kill does not count: the worker is started again and the next batch waited for).
-    /// Returns the deliveries it left unacknowledged.
-    pub async fn kill_worker_mid_batch(&mut self, i: usize) -> u64 {
+    pub async fn kill_worker_mid_batch(&mut self, i: usize) {
         let deadline = Instant::now() + ACKNOWLEDGED_WITHIN;
         loop {
             assert!(Instant::now() < deadline, "{} was never killed mid-batch", WORKERS[i].0);
@@ -413,17 +413,16 @@ impl System {
                 continue;
             }
             self.kill_worker(i).await;
-            let left = self.unacknowledged(i).await.expect("reading the consumers");
-            if left > 0 {
-                return left;
+            if self.unacknowledged(i).await.expect("reading the consumers") > 0 {
+                return;
             }
             self.restart_worker(i).await;
         }
     }
 
     /// Kills `trellis-api` with SIGKILL mid-batch: when the outbox has committed rows its relay
-    /// has not published yet. Returns how many it left.
-    pub async fn kill_api_mid_batch(&mut self) -> usize {
+    /// has not published yet (and still are once it is dead).
+    pub async fn kill_api_mid_batch(&mut self) {
         let deadline = Instant::now() + ACKNOWLEDGED_WITHIN;
         loop {
             assert!(Instant::now() < deadline, "trellis-api was never killed mid-batch");
@@ -432,9 +431,8 @@ impl System {
                 continue;
             }
             self.kill_api().await;
-            let left = self.unpublished().await.len();
-            if left > 0 {
-                return left;
+            if !self.unpublished().await.is_empty() {
+                return;
             }
             self.restart_api().await;
         }
@@ -1008,54 +1006,4 @@ impl Drop for System {
             eprintln!("writing the fault report to {}: {e}", std::path::Path::new(&path).display());
         }
     }
-}
-
-/// A directory document without `projected_at`.
-type DirectoryRow = (Uuid, String, String, bool, Option<i32>, String, bool);
-/// A contact document without `projected_at`.
-type ContactRow = (Uuid, Uuid, String, String, String, Vec<String>, String);
-/// A name posting: term, user, score, handle, the document's words.
-type PostingRow = (String, Uuid, Option<i32>, String, Vec<String>);
-
-/// The search read model's documents in key order, without `projected_at`. The term dictionary
-/// (`search.name_terms`, insert-only) is left out: words renamed away stay in it by design.
-#[derive(Debug, PartialEq)]
-struct Model {
-    directory: Vec<DirectoryRow>,
-    contacts: Vec<ContactRow>,
-    name_postings: Vec<PostingRow>,
-}
-
-async fn model(db: &TestDb) -> Model {
-    let directory = sqlx::query_as(
-        "SELECT user_id, handle, display_name, verified, score, status, hidden FROM search.directory ORDER BY user_id",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .expect("reading search.directory");
-    let contacts = sqlx::query_as(
-        "SELECT owner_id, contact_id, handle, display_name, label, circles, search_text
-         FROM search.contacts ORDER BY owner_id, contact_id",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .expect("reading search.contacts");
-    let name_postings =
-        sqlx::query_as("SELECT term, user_id, score, handle, words FROM search.name_postings ORDER BY term, user_id")
-            .fetch_all(&db.pool)
-            .await
-            .expect("reading search.name_postings");
-    Model { directory, contacts, name_postings }
-}
-
-/// Empties the read model and rebuilds it from the base tables; returns the rebuilt model.
-async fn rebuilt_model(db: &TestDb) -> Model {
-    sqlx::query("TRUNCATE search.directory, search.contacts, search.name_postings")
-        .execute(&db.pool)
-        .await
-        .expect("truncating the read model");
-    trellis_store::search_model::rebuild(&db.pool, trellis_store::search_model::RebuildScope::All, |_| {})
-        .await
-        .expect("rebuilding the read model");
-    model(db).await
 }
