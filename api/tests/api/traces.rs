@@ -68,6 +68,16 @@ async fn contact_added_in_a_callers_trace(app: &TestApp) -> (String, uuid::Uuid)
     (trace_id, event_id)
 }
 
+/// Whether a span is the search projector's process span of event `event_id`.
+fn projector_process_span(event_id: uuid::Uuid) -> impl Fn(&Span) -> bool {
+    let event_id = event_id.to_string();
+    move |s: &Span| {
+        s.kind == CONSUMER
+            && s.attr("messaging.consumer.group.name") == Some(search_projector::CONSUMER)
+            && s.attr("messaging.message.id") == Some(event_id.as_str())
+    }
+}
+
 fn one<'a>(spans: &'a [Span], what: &str, pick: impl Fn(&Span) -> bool) -> &'a Span {
     let found: Vec<&Span> = spans.iter().filter(|s| pick(s)).collect();
     assert_eq!(found.len(), 1, "one {what} in {spans:#?}");
@@ -100,17 +110,13 @@ async fn a_contact_add_is_one_trace_from_the_request_to_the_search_projector() {
     assert!(traceparent.starts_with(&format!("00-{trace_id}-")), "{traceparent}");
     assert_eq!(tracestate.as_deref(), Some("caller=c1"), "the row's tracestate");
 
-    let projected = |s: &Span| {
-        s.kind == CONSUMER
-            && s.attr("messaging.consumer.group.name") == Some(search_projector::CONSUMER)
-            && s.attr("messaging.message.id") == Some(event_id.to_string().as_str())
-    };
+    let projected = projector_process_span(event_id);
     let published =
         |s: &Span| s.kind == PRODUCER && s.attr("messaging.message.id") == Some(event_id.to_string().as_str());
     // Each process exports on its own schedule: wait for every span the assertions name.
     let spans = eventually("the request's spans and the projector's process span", Duration::from_secs(30), || {
         let spans = otlp.trace(&trace_id);
-        let all = spans.iter().any(projected)
+        let all = spans.iter().any(&projected)
             && spans.iter().any(published)
             && spans.iter().any(|s| s.kind == SERVER)
             && spans.iter().any(|s| s.name == "outbox write");
@@ -127,7 +133,7 @@ async fn a_contact_add_is_one_trace_from_the_request_to_the_search_projector() {
     assert_eq!(publish.parent_span_id, write.span_id);
     assert!(publish.links_to(&trace_id, &write.span_id), "{publish:?}");
     assert_eq!(publish.attr("messaging.system"), Some("nats"));
-    let process = one(&spans, "projector process span", projected);
+    let process = one(&spans, "projector process span", &projected);
     assert_eq!(process.service, "search-projector");
     assert_eq!(process.parent_span_id, write.span_id, "a child of the message's context");
     assert!(process.links_to(&trace_id, &write.span_id), "and linked to it: {process:?}");
@@ -297,19 +303,15 @@ async fn in_the_monolith_executor_the_apis_own_projector_span_is_in_the_requests
     let app = traced_app(&otlp).await;
     set_search_executor(&app, "monolith").await;
     let (trace_id, event_id) = contact_added_in_a_callers_trace(&app).await;
-    let projected = |s: &Span| {
-        s.kind == CONSUMER
-            && s.attr("messaging.consumer.group.name") == Some(search_projector::CONSUMER)
-            && s.attr("messaging.message.id") == Some(event_id.to_string().as_str())
-    };
+    let projected = projector_process_span(event_id);
     let spans = eventually("the API's own projector span in the request's trace", Duration::from_secs(30), || {
         let spans = otlp.trace(&trace_id);
-        let all = spans.iter().any(projected) && spans.iter().any(|s| s.name == "outbox write");
+        let all = spans.iter().any(&projected) && spans.iter().any(|s| s.name == "outbox write");
         async move { all.then_some(spans) }
     })
     .await;
     let write = one(&spans, "outbox write", |s| s.name == "outbox write");
-    let process = one(&spans, "projector process span", projected);
+    let process = one(&spans, "projector process span", &projected);
     assert_eq!(process.service, "trellis-api", "the API's in-process projector exported it");
     assert_eq!(process.parent_span_id, write.span_id, "a child of the message's context");
     assert!(process.links_to(&trace_id, &write.span_id), "and linked to it: {process:?}");
