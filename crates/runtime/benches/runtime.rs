@@ -22,13 +22,18 @@ const DRAIN: u64 = 200_000;
 const REPLAY: u64 = 50_000;
 
 /// Counts the messages and the batches it is handed; notifies once it has had `DRAIN` messages.
-struct Noop(Arc<AtomicU64>, tokio::sync::Notify, AtomicU64);
+#[derive(Default)]
+struct Noop {
+    messages: AtomicU64,
+    batches: AtomicU64,
+    drained: tokio::sync::Notify,
+}
 
 impl Handler for Noop {
     async fn handle(&self, batch: &[Delivery]) -> Vec<Outcome> {
-        self.2.fetch_add(1, Ordering::Relaxed);
-        if self.0.fetch_add(batch.len() as u64, Ordering::Relaxed) + batch.len() as u64 >= DRAIN {
-            self.1.notify_one();
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        if self.messages.fetch_add(batch.len() as u64, Ordering::Relaxed) + batch.len() as u64 >= DRAIN {
+            self.drained.notify_one();
         }
         vec![Outcome::Done; batch.len()]
     }
@@ -128,7 +133,7 @@ async fn main() -> anyhow::Result<()> {
     // 1. Drain.
     eprintln!("bench runtime: publishing {DRAIN} messages");
     publish_many(&js, &topology.subject("events.probe.bench"), DRAIN).await?;
-    let counter = Arc::new(Noop(Arc::new(AtomicU64::new(0)), tokio::sync::Notify::new(), AtomicU64::new(0)));
+    let counter = Arc::new(Noop::default());
     let ctx =
         RunnerContext { js: js.clone(), topology: topology.clone(), host: "bench".into(), version: "bench".into() };
     let config = RunnerConfig { batch_size: 1000, max_ack_pending: 20_000, ..RunnerConfig::default() };
@@ -143,7 +148,7 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut run = tokio::spawn(group.run(stop.clone()));
     tokio::select! {
-        _ = counter.1.notified() => {}
+        _ = counter.drained.notified() => {}
         ended = &mut run => anyhow::bail!("the consumer group stopped: {:?}", ended?),
     }
     // Done when the server has every ack too.
@@ -160,9 +165,9 @@ async fn main() -> anyhow::Result<()> {
     let drain = started.elapsed();
     stop.cancel();
     run.await??;
-    let handled = counter.0.load(Ordering::Relaxed);
+    let handled = counter.messages.load(Ordering::Relaxed);
     anyhow::ensure!(handled == DRAIN, "handled {handled} of {DRAIN}");
-    let batches = counter.2.load(Ordering::Relaxed).max(1);
+    let batches = counter.batches.load(Ordering::Relaxed).max(1);
 
     // 2. Replay, end to end through `trellisctl dlq replay --all` (read, publish, delete, audit).
     eprintln!("bench runtime: writing {REPLAY} dead letters");
