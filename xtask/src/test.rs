@@ -121,10 +121,11 @@ pub fn run(flags: &flags::Test) -> anyhow::Result<()> {
         };
         cmd.args(&flags.runner_args);
         let ran = util::run(&mut cmd);
-        // The fault scenarios in their short form: CI's regression run of them.
-        let held = crate::chaos::print_table(&crate::chaos::suite_report(&log_dir))?;
+        // The fault scenarios in their short form: CI's regression run of them. The table comes
+        // first, also (most usefully) when the run failed.
+        let held = crate::chaos::print_table(&crate::chaos::suite_report(&log_dir));
         ran?;
-        anyhow::ensure!(held, "a fault scenario's invariants did not hold");
+        anyhow::ensure!(held?, "a fault scenario's invariants did not hold");
         Ok(())
     })?;
     timed("secrets", &mut || {
