@@ -7,10 +7,10 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::level_filters::LevelFilter;
-use tracing::{Event, Subscriber};
+use tracing::{Event, Subscriber, span};
 use tracing_subscriber::fmt::FmtContext;
 use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, JsonFields, Writer};
-use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::layer::{Context, SubscriberExt as _};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
@@ -33,7 +33,7 @@ pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let otel = export_configured().then(|| {
         let provider = PROVIDER.get_or_init(tracer_provider).clone();
-        tracing_opentelemetry::layer()
+        let otel = tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("trellis"))
             .with_tracked_inactivity(false)
             // Entering a span does not make its context the current OpenTelemetry context: that
@@ -47,7 +47,8 @@ pub fn init_logging(format: LogFormat) {
             .with_location(false)
             .with_threads(false)
             .with_target(false)
-            .with_filter(LevelFilter::INFO)
+            .with_filter(LevelFilter::INFO);
+        WithoutEnterExit(otel)
     });
     let fmt = tracing_subscriber::fmt::layer().with_target(true);
     let fmt = match format {
@@ -56,6 +57,67 @@ pub fn init_logging(format: LogFormat) {
     };
     // A second init (tests running several apps in one process) keeps the first subscriber.
     drop(tracing_subscriber::registry().with(otel).with(fmt).try_init());
+}
+
+/// A layer passing on everything but span enters and exits, which it drops.
+///
+/// Futures instrumented with a span enter and leave it on every poll (sqlx enters the
+/// request's span once for each row it yields), and each of those would cost the OpenTelemetry
+/// layer, behind its level filter, two span lookups, a lock of the span's extensions and a
+/// clock read, only to move the span's end time to its last exit. With no context activation
+/// and no busy/idle timings the layer needs nothing else from enters and exits; a span's end
+/// time is then when it closes (its last handle dropped), which for a request is when its
+/// response has been sent.
+struct WithoutEnterExit<L>(L);
+
+impl<S: Subscriber, L: tracing_subscriber::Layer<S>> tracing_subscriber::Layer<S> for WithoutEnterExit<L> {
+    fn on_register_dispatch(&self, subscriber: &tracing::Dispatch) {
+        self.0.on_register_dispatch(subscriber)
+    }
+    fn on_layer(&mut self, subscriber: &mut S) {
+        self.0.on_layer(subscriber)
+    }
+    fn register_callsite(&self, metadata: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+        self.0.register_callsite(metadata)
+    }
+    fn enabled(&self, metadata: &tracing::Metadata<'_>, ctx: Context<'_, S>) -> bool {
+        self.0.enabled(metadata, ctx)
+    }
+    fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+        self.0.on_new_span(attrs, id, ctx)
+    }
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        self.0.max_level_hint()
+    }
+    fn on_record(&self, span: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
+        self.0.on_record(span, values, ctx)
+    }
+    fn on_follows_from(&self, span: &span::Id, follows: &span::Id, ctx: Context<'_, S>) {
+        self.0.on_follows_from(span, follows, ctx)
+    }
+    fn event_enabled(&self, event: &Event<'_>, ctx: Context<'_, S>) -> bool {
+        self.0.event_enabled(event, ctx)
+    }
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        self.0.on_event(event, ctx)
+    }
+    fn on_close(&self, id: span::Id, ctx: Context<'_, S>) {
+        self.0.on_close(id, ctx)
+    }
+    fn on_id_change(&self, old: &span::Id, new: &span::Id, ctx: Context<'_, S>) {
+        self.0.on_id_change(old, new, ctx)
+    }
+    // How the per-layer filter is found and how `OpenTelemetrySpanExt` reaches the layer's
+    // context: the same forwarding as tracing-subscriber's own wrappers.
+    #[allow(unsafe_code)]
+    unsafe fn downcast_raw(&self, id: std::any::TypeId) -> Option<*const ()> {
+        if id == std::any::TypeId::of::<Self>() {
+            return Some(self as *const Self as *const ());
+        }
+        // SAFETY: the pointer is the inner layer's own answer for `id`, and the inner layer
+        // lives as long as `self`.
+        unsafe { self.0.downcast_raw(id) }
+    }
 }
 
 /// Whether span export is configured (`OTEL_EXPORTER_OTLP_ENDPOINT` set and not empty).
@@ -229,5 +291,55 @@ mod tests {
         assert_eq!(lines[1]["trace_id"], trace_id.as_str());
         assert_eq!(lines[1]["span_id"], span_id.as_str());
         assert_ne!(trace_id, opentelemetry::trace::TraceId::INVALID.to_string());
+    }
+
+    #[derive(Debug, Clone, Default)]
+    struct Collected(Arc<Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
+
+    impl opentelemetry_sdk::trace::SpanExporter for Collected {
+        async fn export(
+            &self,
+            batch: Vec<opentelemetry_sdk::trace::SpanData>,
+        ) -> opentelemetry_sdk::error::OTelSdkResult {
+            self.0.lock().unwrap().extend(batch);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn spans_entered_many_times_export_once_each_with_their_parent_and_end_at_close() {
+        let collected = Collected::default();
+        let provider = SdkTracerProvider::builder().with_simple_exporter(collected.clone()).build();
+        let otel = tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("test"))
+            .with_tracked_inactivity(false)
+            .with_context_activation(false)
+            .with_filter(LevelFilter::INFO);
+        let subscriber = tracing_subscriber::registry().with(WithoutEnterExit(otel));
+        let (before_close, parent_id) = tracing::subscriber::with_default(subscriber, || {
+            let parent = crate::trace::started(tracing::info_span!("parent"));
+            for _ in 0..50 {
+                parent.in_scope(|| {});
+            }
+            let child = parent.in_scope(|| tracing::info_span!("child"));
+            child.in_scope(|| {});
+            drop(child);
+            // Nothing below info reaches the layer, enters or not.
+            parent.in_scope(|| drop(tracing::debug_span!("hidden").entered()));
+            let parent_id = parent.context().span().span_context().span_id();
+            let before_close = std::time::SystemTime::now();
+            drop(parent);
+            (before_close, parent_id)
+        });
+        let spans = collected.0.lock().unwrap().clone();
+        let names: Vec<&str> = spans.iter().map(|s| s.name.as_ref()).collect();
+        assert_eq!(names, ["child", "parent"]);
+        let (child, parent) = (&spans[0], &spans[1]);
+        assert_eq!(parent.span_context.span_id(), parent_id);
+        assert_eq!(child.parent_span_id, parent_id);
+        assert_eq!(child.span_context.trace_id(), parent.span_context.trace_id());
+        // Ended when closed, not at its last exit (before `before_close`).
+        assert!(parent.end_time >= before_close, "{:?} < {before_close:?}", parent.end_time);
+        assert!(child.end_time <= parent.end_time && parent.start_time <= child.start_time);
     }
 }
