@@ -71,7 +71,11 @@ pub struct AppState {
             replayed to a retry with the same key (`Idempotent-Replayed: true`); the same key with another request is \
             a 422, a retry while the first still runs a 409. Keys belong to the user, whichever of their tokens sends \
             them. Registration and sign-in ignore the header: a retry is processed again, with every check. A 500 \
-            `outcome-unknown` means a change may have been made: repeat it with the same key to learn what happened."
+            `outcome-unknown` means a change may have been made: repeat it with the same key to learn what happened.\n\n\
+            Where the API reads from database replicas, a successful write answers with `Trellis-Commit-LSN` (its \
+            commit's position, such as `16/B374D848`); your next reads with the same token through the same API process see the write. \
+            Send the header back on a read (search, profiles, scores, contact and circle lists) to see the write \
+            through any API process; a value that is not such a position is a 400 `invalid-commit-lsn`."
     ),
     modifiers(&BearerAuth),
     tags(

@@ -274,9 +274,10 @@ impl ReadReplicas {
     }
 
     /// After a successful write: the primary's insert position now, which is at or past the end
-    /// of every commit that finished before, remembered for the request's bearer token. `None`
-    /// (logged) when it cannot be read: the write stands, its answer has no position.
-    pub async fn written(&self, headers: &HeaderMap) -> Option<Lsn> {
+    /// of every commit that finished before, remembered for the request's bearer token if the
+    /// write authenticated it (`authenticated`). `None` (logged) when it cannot be read: the
+    /// write stands, its answer has no position.
+    pub async fn written(&self, headers: &HeaderMap, authenticated: bool) -> Option<Lsn> {
         let read =
             sqlx::query_scalar::<_, String>("SELECT pg_current_wal_insert_lsn()::text").fetch_one(&self.primary).await;
         let lsn = match read.as_deref().map(Lsn::parse) {
@@ -290,7 +291,7 @@ impl ReadReplicas {
                 return None;
             }
         };
-        if let Some(token) = crate::auth::bearer_from_headers(headers) {
+        if let Some(token) = crate::auth::bearer_from_headers(headers).filter(|_| authenticated) {
             let min_replayed = self.min_replayed();
             self.sessions.record(crate::auth::hash_token(token), lsn, min_replayed);
         }
@@ -394,6 +395,11 @@ impl ReadReplicas {
         self.sessions.forget_up_to(self.min_replayed());
     }
 }
+
+/// Marks the answer of a write that does not authenticate a bearer token (registration,
+/// sign-in): its commit position is not remembered for whatever token the request carries.
+#[derive(Debug, Clone, Copy)]
+pub struct AnonymousWrite;
 
 /// The `target` of `trellis_api_db_reads_total` for the primary.
 pub const PRIMARY: &str = "primary";

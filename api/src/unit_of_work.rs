@@ -47,7 +47,7 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, LostConnection};
 use crate::idempotency::{self, Keyed};
-use crate::read_replicas::{COMMIT_LSN_HEADER, ReadReplicas};
+use crate::read_replicas::{AnonymousWrite, COMMIT_LSN_HEADER, ReadReplicas};
 
 /// A write request's transaction, shared by the layer and the handler.
 #[derive(Clone)]
@@ -208,7 +208,8 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
 /// A successful write's answer with `Trellis-Commit-LSN`: a position at or past its commit (or,
 /// for a replayed answer, past the commit it replays), remembered for its bearer token.
 async fn with_commit_lsn(replicas: &ReadReplicas, headers: &HeaderMap, mut response: Response) -> Response {
-    if let Some(lsn) = replicas.written(headers).await {
+    let authenticated = response.extensions().get::<AnonymousWrite>().is_none();
+    if let Some(lsn) = replicas.written(headers, authenticated).await {
         let value = HeaderValue::from_str(&lsn.to_string()).expect("an LSN is a header value");
         response.headers_mut().insert(COMMIT_LSN_HEADER, value);
     }

@@ -1,5 +1,6 @@
 //! Accounts and sessions: `/v1/users`, `/v1/sessions`, `/v1/me`.
 
+use axum::Extension;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +20,7 @@ use crate::auth::{self, Principal, TokenRequest};
 use crate::client_address::ClientAddress;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
 use crate::ratelimit::AccountKey;
-use crate::read_replicas::Reader;
+use crate::read_replicas::{AnonymousWrite, Reader};
 use crate::routes::{list, page, resolve_user};
 use crate::unit_of_work::UnitOfWork;
 use crate::views::{List, Me, PageParams, PublicUser, SessionView};
@@ -108,6 +109,7 @@ async fn register(
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, location)],
+        Extension(AnonymousWrite),
         Json(Registered { user: user.into(), token: issued.token, expires_at: issued.expires_at }),
     )
         .into_response())
@@ -209,8 +211,8 @@ async fn login(
     let token = TokenRequest { user: user_id, client_addr: client.ip(), checked_password_hash: hash.as_deref() };
     let issued = auth::issue_token(&mut tx, &state.config, &token).await?.ok_or(ApiError::Unauthenticated)?;
     work.finish(tx, Emitted::none()).await?;
-    Ok((StatusCode::CREATED, Json(Session { user_id: user.id, token: issued.token, expires_at: issued.expires_at }))
-        .into_response())
+    let session = Session { user_id: user.id, token: issued.token, expires_at: issued.expires_at };
+    Ok((StatusCode::CREATED, Extension(AnonymousWrite), Json(session)).into_response())
 }
 
 /// Signs out everywhere: revokes every token of the caller, the one of this request included.
