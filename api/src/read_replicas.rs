@@ -378,7 +378,8 @@ impl ReadReplicas {
                 was_usable[i] = false;
                 continue;
             };
-            replica.replayed.fetch_max(replayed.0, Ordering::AcqRel);
+            // What it has now, even if lower than before (a replica rebuilt behind the same URL).
+            replica.replayed.store(replayed.0, Ordering::Release);
             replica.reached.store(true, Ordering::Release);
             let lag = samples.lag(replayed, at);
             let lag_bytes = primary.0.saturating_sub(replayed.0);
@@ -392,7 +393,6 @@ impl ReadReplicas {
             ReplicaPolled { replica: replica.name, lag, lag_bytes }.emit();
         }
         samples.forget_up_to(self.min_replayed());
-        self.sessions.forget_up_to(self.min_replayed());
     }
 }
 
@@ -436,10 +436,11 @@ impl LagSamples {
 }
 
 /// The last commit position of each bearer token (by its hash) that wrote through this process,
-/// at most `capacity` of them. Full, it first forgets the positions every replica has replayed;
-/// if none, it forgets them all and requires the highest of them of every read instead (the
-/// floor), which sends reads to the primary until the replicas have replayed it: wrong never,
-/// slower for a moment.
+/// at most `capacity` of them. Full, it forgets the positions every replica has replayed; if that
+/// frees less than half, it forgets them all and requires the highest of them of every read
+/// instead (the floor), which sends reads to the primary until the replicas have replayed it:
+/// wrong never, slower for a moment. A sweep thus comes once per `capacity / 2` new tokens at
+/// most.
 pub struct SessionLsns {
     inner: Mutex<SessionsInner>,
     capacity: usize,
@@ -474,7 +475,8 @@ impl SessionLsns {
         let mut inner = self.lock();
         if inner.by_token.len() >= self.capacity && !inner.by_token.contains_key(&token_hash) {
             inner.by_token.retain(|_, l| *l > min_replayed);
-            if inner.by_token.len() >= self.capacity {
+            // A sweep that frees less than half would be repeated too soon.
+            if inner.by_token.len() > self.capacity / 2 {
                 let highest = inner.by_token.values().copied().max().unwrap_or_default();
                 inner.floor = inner.floor.max(highest);
                 inner.by_token.clear();
@@ -482,11 +484,6 @@ impl SessionLsns {
         }
         let entry = inner.by_token.entry(token_hash).or_default();
         *entry = (*entry).max(lsn);
-    }
-
-    /// Forgets the positions every replica has replayed.
-    pub fn forget_up_to(&self, replayed: Lsn) {
-        self.lock().by_token.retain(|_, l| *l > replayed);
     }
 
     pub fn len(&self) -> usize {
@@ -674,7 +671,10 @@ mod tests {
         sessions.record(d, Lsn(25), Lsn(15));
         assert_eq!(sessions.len(), 1);
         assert_eq!((sessions.get(&a), sessions.get(&d), sessions.floor()), (Lsn(30), Lsn(30), Lsn(30)));
-        sessions.forget_up_to(Lsn(30));
-        assert!(sessions.is_empty());
+        // Once replayed, the next full record forgets them.
+        sessions.record(a, Lsn(40), Lsn(0));
+        sessions.record(b, Lsn(50), Lsn(40));
+        assert_eq!((sessions.len(), sessions.get(&a), sessions.get(&b)), (1, Lsn(30), Lsn(50)));
+        assert!(!sessions.is_empty());
     }
 }
