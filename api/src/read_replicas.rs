@@ -381,9 +381,9 @@ impl ReadReplicas {
             // What it has now, even if lower than before (a replica rebuilt behind the same URL).
             replica.replayed.store(replayed.0, Ordering::Release);
             replica.reached.store(true, Ordering::Release);
-            let lag = samples.lag(replayed, at);
+            let (lag, known) = samples.lag(replayed, at);
             let lag_bytes = primary.0.saturating_sub(replayed.0);
-            let usable = lag < self.max_lag;
+            let usable = known && lag < self.max_lag;
             let until = if usable { at_ms + (self.max_lag - lag).as_millis() as u64 } else { 0 };
             replica.usable_until_ms.store(until, Ordering::Release);
             if usable != was_usable[i] {
@@ -406,31 +406,48 @@ pub const PRIMARY: &str = "primary";
 
 /// The primary's WAL positions as polled, oldest first: a replica's lag in seconds is the age of
 /// the oldest one it has not replayed.
+///
+/// Below the oldest position known (`floor`: the first one this process saw, or the newest
+/// one dropped for room) the age is unknown: the primary may have passed it long before. A
+/// replica behind the floor lags at least the floor's age, and is not used however small that
+/// is, so that a process that has just started does not take a replica hours behind for fresh.
 #[derive(Default)]
-struct LagSamples(std::collections::VecDeque<(Instant, Lsn)>);
+struct LagSamples {
+    seen: std::collections::VecDeque<(Instant, Lsn)>,
+    floor: Option<(Instant, Lsn)>,
+}
 
-/// Samples kept at most: past this many polls a lag reads as that many polls' time.
+/// Samples kept at most (past this many polls' time a lag is only known to be at least that).
 const MAX_SAMPLES: usize = 4096;
 
 impl LagSamples {
     fn push(&mut self, at: Instant, lsn: Lsn) {
-        if self.0.back().is_some_and(|(_, last)| *last >= lsn) {
+        self.floor.get_or_insert((at, lsn));
+        if self.seen.back().is_some_and(|(_, last)| *last >= lsn) {
             return;
         }
-        if self.0.len() == MAX_SAMPLES {
-            self.0.pop_front();
+        if self.seen.len() == MAX_SAMPLES {
+            self.floor = self.seen.pop_front();
         }
-        self.0.push_back((at, lsn));
+        self.seen.push_back((at, lsn));
     }
 
-    /// How long before `now` the primary was first seen past `replayed`; zero if never.
-    fn lag(&self, replayed: Lsn, now: Instant) -> Duration {
-        self.0.iter().find(|(_, lsn)| *lsn > replayed).map_or(Duration::ZERO, |(at, _)| now.duration_since(*at))
+    /// How long before `now` the primary was first seen past `replayed` (zero if never), and
+    /// whether that is known exactly (false: at least that).
+    fn lag(&self, replayed: Lsn, now: Instant) -> (Duration, bool) {
+        if let Some((at, floor)) = self.floor
+            && replayed < floor
+        {
+            return (now.duration_since(at), false);
+        }
+        let lag =
+            self.seen.iter().find(|(_, lsn)| *lsn > replayed).map_or(Duration::ZERO, |(at, _)| now.duration_since(*at));
+        (lag, true)
     }
 
     fn forget_up_to(&mut self, replayed: Lsn) {
-        while self.0.front().is_some_and(|(_, lsn)| *lsn <= replayed) {
-            self.0.pop_front();
+        while self.seen.front().is_some_and(|(_, lsn)| *lsn <= replayed) {
+            self.seen.pop_front();
         }
     }
 }
@@ -641,18 +658,36 @@ mod tests {
     #[test]
     fn lag_is_the_age_of_the_oldest_position_not_replayed() {
         let t0 = Instant::now();
+        let ms = Duration::from_millis;
         let mut samples = LagSamples::default();
         samples.push(t0, Lsn(100));
-        samples.push(t0 + Duration::from_millis(100), Lsn(200));
-        samples.push(t0 + Duration::from_millis(200), Lsn(200));
-        samples.push(t0 + Duration::from_millis(300), Lsn(300));
-        let now = t0 + Duration::from_millis(400);
-        assert_eq!(samples.lag(Lsn(300), now), Duration::ZERO);
-        assert_eq!(samples.lag(Lsn(250), now), Duration::from_millis(100));
-        assert_eq!(samples.lag(Lsn(150), now), Duration::from_millis(300));
-        assert_eq!(samples.lag(Lsn(0), now), Duration::from_millis(400));
-        samples.forget_up_to(Lsn(200));
-        assert_eq!(samples.lag(Lsn(150), now), Duration::from_millis(100), "forgotten up to what all replayed");
+        samples.push(t0 + ms(100), Lsn(200));
+        samples.push(t0 + ms(200), Lsn(200));
+        samples.push(t0 + ms(300), Lsn(300));
+        let now = t0 + ms(400);
+        assert_eq!(samples.lag(Lsn(300), now), (Duration::ZERO, true));
+        assert_eq!(samples.lag(Lsn(250), now), (ms(100), true));
+        assert_eq!(samples.lag(Lsn(150), now), (ms(300), true));
+        assert_eq!(samples.lag(Lsn(100), now), (ms(300), true));
+        // Behind the first position seen: how far behind is unknown.
+        assert_eq!(samples.lag(Lsn(99), now), (ms(400), false));
+        samples.forget_up_to(Lsn(250));
+        assert_eq!(samples.lag(Lsn(250), now), (ms(100), true), "what every replica replayed is forgotten");
+        assert_eq!(samples.lag(Lsn(50), now), (ms(400), false), "the floor stays");
+    }
+
+    #[test]
+    fn samples_dropped_for_room_raise_the_floor() {
+        let t0 = Instant::now();
+        let mut samples = LagSamples::default();
+        // Positions 1, 2, …, two more than there is room for: 1 and 2 are dropped.
+        for i in 0..MAX_SAMPLES as u64 + 2 {
+            samples.push(t0 + Duration::from_millis(i), Lsn(i + 1));
+        }
+        let now = t0 + Duration::from_secs(10);
+        assert_eq!(samples.seen.len(), MAX_SAMPLES);
+        assert_eq!(samples.lag(Lsn(1), now), (Duration::from_millis(9_999), false));
+        assert_eq!(samples.lag(Lsn(2), now), (Duration::from_millis(9_998), true));
     }
 
     #[test]

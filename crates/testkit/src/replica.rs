@@ -140,17 +140,26 @@ impl ReplicatedPostgres {
 
     /// Pauses the replica's replay (`pg_wal_replay_pause()`): it still receives WAL, and applies
     /// none of it, until [`Self::resume_replay`]. Returns once the pause is in effect.
+    ///
+    /// Replay pauses before the next record it would apply: while the primary writes nothing the
+    /// request stays a request, so each check writes a commit record on the primary
+    /// (`txid_current()`), which the paused replica then does not apply.
     pub async fn pause_replay(&self) -> anyhow::Result<()> {
-        let replica = self.replica().await?;
+        let (primary, replica) = (self.primary().await?, self.replica().await?);
         sqlx::query("SELECT pg_wal_replay_pause()").execute(&replica).await?;
         let paused = within_deadline(CATCH_UP_WITHIN, || async {
             let state: String = sqlx::query_scalar("SELECT pg_get_wal_replay_pause_state()")
                 .fetch_one(&replica)
                 .await
                 .map_err(|e| e.to_string())?;
-            if state == "paused" { Ok(()) } else { Err(format!("replay pause state {state}")) }
+            if state == "paused" {
+                return Ok(());
+            }
+            sqlx::query("SELECT txid_current()").execute(&primary).await.map_err(|e| e.to_string())?;
+            Err(format!("replay pause state {state}"))
         })
         .await;
+        primary.close().await;
         replica.close().await;
         paused.map_err(|why| anyhow::anyhow!("replay did not pause: {why}"))
     }
