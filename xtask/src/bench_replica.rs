@@ -172,7 +172,8 @@ impl Cpu {
 
     fn since(&self, before: &Cpu) -> CpuUse {
         let secs = self.at.duration_since(before.at).as_secs_f64();
-        let per_sec = |now: u64, then: u64| now.saturating_sub(then) as f64 / ticks_per_second() / secs;
+        let ticks = ticks_per_second();
+        let per_sec = |now: u64, then: u64| now.saturating_sub(then) as f64 / ticks / secs;
         let (primary, replica, api, wrk) = (
             per_sec(self.primary, before.primary),
             per_sec(self.replica, before.replica),
