@@ -37,6 +37,7 @@ use crate::config::Config;
 use crate::error::{ApiError, ErrorCause, problem_response};
 use crate::instrument::{RequestAnswered, RequestShed, ShedReason};
 use crate::ratelimit::Limiters;
+use crate::read_replicas::ReadReplicas;
 use crate::{routes, serve, unit_of_work};
 
 /// What every handler can reach.
@@ -56,6 +57,8 @@ pub struct AppState {
     /// One reporter's dispute filings, one at a time in this process (before each takes a
     /// database connection and the reporter's advisory lock).
     pub filings: Arc<crate::keyed_mutex::KeyedMutex<trellis_domain::UserId>>,
+    /// The read replicas of `DATABASE_READ_URL`; `None` without them.
+    pub read_replicas: Option<Arc<ReadReplicas>>,
 }
 
 #[derive(utoipa::OpenApi)]
@@ -68,7 +71,11 @@ pub struct AppState {
             replayed to a retry with the same key (`Idempotent-Replayed: true`); the same key with another request is \
             a 422, a retry while the first still runs a 409. Keys belong to the user, whichever of their tokens sends \
             them. Registration and sign-in ignore the header: a retry is processed again, with every check. A 500 \
-            `outcome-unknown` means a change may have been made: repeat it with the same key to learn what happened."
+            `outcome-unknown` means a change may have been made: repeat it with the same key to learn what happened.\n\n\
+            Where the API reads from database replicas, a successful write answers with `Trellis-Commit-LSN` (its \
+            commit's position, such as `16/B374D848`); your next reads with the same token through the same API process see the write. \
+            Send the header back on a read (search, profiles, scores, contact and circle lists) to see the write \
+            through any API process; a value that is not such a position is a 400 `invalid-commit-lsn`."
     ),
     modifiers(&BearerAuth),
     tags(
@@ -269,6 +276,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     pool_config.idle_in_transaction_timeout = Some(config.request_timeout);
     pool_config.client_check_interval = Some(Duration::from_secs(1));
     let pool = trellis_store::connect_lazy(common.database_url.expose(), &pool_config)?;
+    let read_replicas = match config.read_replicas().map_err(anyhow::Error::msg)? {
+        None => None,
+        Some(settings) => {
+            let mut replica_pool = pool_config.clone();
+            replica_pool.application_name = "trellis-api-read".into();
+            let replicas = Arc::new(ReadReplicas::new(pool.clone(), &settings, &replica_pool)?);
+            crate::instrument::register_read_replicas(&replicas.names());
+            tracing::info!(replicas = ?replicas.names(), "lag-tolerant reads go to read replicas");
+            Some(replicas)
+        }
+    };
     // Readiness is the requests' pool's: the processors' may be busy with a batch.
     host.health().add("database", Severity::Critical, health::database_check(pool.clone()));
     // Connected is not enough: on a cluster that lost its quorum the client stays connected to a
@@ -287,6 +305,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         search_source: Arc::default(),
         activity: Arc::new(ActivityTracker::new(config.activity_max_tokens)),
         filings: Arc::default(),
+        read_replicas: read_replicas.clone(),
     };
     let listener =
         serve::bind(config.api_addr).with_context(|| format!("cannot bind the API listener on {}", config.api_addr))?;
@@ -319,6 +338,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         let (activity, pool, interval) = (state.activity.clone(), pool.clone(), config.activity_flush_interval);
         let stop = host.stop_token();
         host.spawn(async move { activity.run(pool, interval, stop).await });
+    }
+    if let Some(replicas) = read_replicas {
+        host.spawn(replicas.poll(host.stop_token()));
     }
     crate::processors::install(&host, &config).await?;
 

@@ -369,10 +369,20 @@ impl Principal {
     /// authenticate. Only an authenticated request counts as activity (of the token and its
     /// user).
     pub async fn authenticate(state: &AppState, headers: &axum::http::HeaderMap) -> Result<Option<Self>, ApiError> {
+        Self::authenticate_on(&state.pool, state, headers).await
+    }
+
+    /// [`Principal::authenticate`] on `db`: the primary, or the read replica of a lag-tolerant
+    /// read (`crate::read_replicas::Reader`).
+    pub async fn authenticate_on(
+        db: &sqlx::PgPool,
+        state: &AppState,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<Option<Self>, ApiError> {
         let Some(token) = bearer_from_headers(headers) else { return Ok(None) };
         let token_hash = hash_token(token);
         let idle = state.config.token_idle_timeout;
-        let Some(found) = trellis_store::identity::authenticate(&state.pool, &token_hash, idle).await? else {
+        let Some(found) = trellis_store::identity::authenticate(db, &token_hash, idle).await? else {
             return Ok(None);
         };
         state.activity.saw(token_hash);

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use trellis_runtime::config::{CommonArgs, Secret};
+use trellis_runtime::config::{CommonArgs, Secret, SecretUrl};
 
 use crate::client_address::TrustedProxies;
 
@@ -22,6 +22,31 @@ pub struct Config {
     /// more connections than PostgreSQL can run at once only add context switches.
     #[arg(long, env = "DB_POOL_SIZE", default_value_t = default_pool_size())]
     pub db_pool_size: u32,
+
+    /// Read replicas of the database: comma-separated `postgres://` URLs of PostgreSQL streaming
+    /// replicas (standbys) of `DATABASE_URL`. The lag-tolerant reads (search, profiles, scores,
+    /// contact and circle lists) go to one that is within `DATABASE_READ_MAX_LAG` and has
+    /// replayed the caller's last write, the primary otherwise. Empty (the default): every read
+    /// goes to the primary and nothing about replicas runs. URLs may carry passwords: logs and
+    /// errors show them redacted.
+    #[arg(long, env = "DATABASE_READ_URL", hide_env_values = true, default_value = "")]
+    pub database_read_url: SecretUrl,
+
+    /// How often each read replica's replayed position and lag are read.
+    #[arg(long, env = "DATABASE_READ_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = "100ms")]
+    pub database_read_poll_interval: Duration,
+
+    /// A read replica lagging more than this behind the primary (or whose lag is not known for
+    /// that long) serves no reads until it catches up. It also bounds how long a revoked bearer
+    /// token can still authenticate a read on a replica. Must exceed
+    /// `DATABASE_READ_POLL_INTERVAL`.
+    #[arg(long, env = "DATABASE_READ_MAX_LAG", value_parser = humantime::parse_duration, default_value = "2s")]
+    pub database_read_max_lag: Duration,
+
+    /// Bearer tokens whose last write position this process remembers for read-your-writes, at
+    /// most. Beyond it, reads go to the primary until the replicas catch up.
+    #[arg(long, env = "DATABASE_READ_SESSIONS", default_value_t = 100_000)]
+    pub database_read_sessions: usize,
 
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "BODY_LIMIT_BYTES", default_value_t = 64 * 1024)]
@@ -231,8 +256,26 @@ impl Config {
         trellis_store::identity::TokenLimits { idle_timeout: self.token_idle_timeout, per_user: self.tokens_per_user }
     }
 
+    /// The read replicas' settings; `None` without `DATABASE_READ_URL`. An error names what is
+    /// wrong (URLs redacted).
+    pub fn read_replicas(&self) -> Result<Option<crate::read_replicas::Settings>, String> {
+        let replicas = crate::read_replicas::parse_urls(self.database_read_url.expose())?;
+        if replicas.is_empty() {
+            return Ok(None);
+        }
+        let settings = crate::read_replicas::Settings {
+            replicas,
+            poll_interval: self.database_read_poll_interval,
+            max_lag: self.database_read_max_lag,
+            sessions: self.database_read_sessions,
+        };
+        settings.check()?;
+        Ok(Some(settings))
+    }
+
     /// Settings that are each valid but do not fit together.
     pub fn check(&self) -> Result<(), String> {
+        self.read_replicas()?;
         if self.request_timeout <= self.common.io_timeout {
             return Err(format!(
                 "REQUEST_TIMEOUT ({}) must exceed IO_TIMEOUT ({}): a write's commit gets IO_TIMEOUT of it",

@@ -17,6 +17,10 @@ pub mod name {
     pub const API_IDEMPOTENCY_KEYS: &str = "trellis_api_idempotency_keys";
     pub const API_DAILY_ACTIVE_USERS: &str = "trellis_api_daily_active_users";
     pub const SEARCH_FALLBACKS_TOTAL: &str = "trellis_search_fallbacks_total";
+    pub const API_DB_READS_TOTAL: &str = "trellis_api_db_reads_total";
+    pub const API_DB_REPLICA_FALLBACKS_TOTAL: &str = "trellis_api_db_replica_fallbacks_total";
+    pub const API_DB_REPLICA_LAG_BYTES: &str = "trellis_api_db_replica_lag_bytes";
+    pub const API_DB_REPLICA_LAG_SECONDS: &str = "trellis_api_db_replica_lag_seconds";
 }
 
 /// Every name in [`name`].
@@ -30,6 +34,10 @@ pub const NAMES: &[&str] = &[
     name::API_IDEMPOTENCY_KEYS,
     name::API_DAILY_ACTIVE_USERS,
     name::SEARCH_FALLBACKS_TOTAL,
+    name::API_DB_READS_TOTAL,
+    name::API_DB_REPLICA_FALLBACKS_TOTAL,
+    name::API_DB_REPLICA_LAG_BYTES,
+    name::API_DB_REPLICA_LAG_SECONDS,
 ];
 
 /// Why a request or a connection was refused at once (`trellis_api_requests_shed_total{reason}`).
@@ -55,6 +63,35 @@ impl ShedReason {
             Self::ConnectionsPerAddress => "connections_per_address",
             Self::InFlight => "in_flight",
             Self::PasswordHashing => "password_hashing",
+        }
+    }
+}
+
+/// Why a lag-tolerant read went to the primary although read replicas are configured
+/// (`trellis_api_db_replica_fallbacks_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaFallbackReason {
+    /// A replica is within the lag bound, but none has replayed the request's required position
+    /// (its own write, or the `Trellis-Commit-LSN` it sent).
+    OwnWrite,
+    /// Every replica that answers its poll lags more than `DATABASE_READ_MAX_LAG`.
+    Lagging,
+    /// No replica answered its last poll (or none is a standby).
+    Unreachable,
+    /// A replica did not authenticate the bearer token; the primary checked it.
+    Unauthenticated,
+}
+
+impl ReplicaFallbackReason {
+    pub const ALL: [ReplicaFallbackReason; 4] =
+        [Self::OwnWrite, Self::Lagging, Self::Unreachable, Self::Unauthenticated];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OwnWrite => "own_write",
+            Self::Lagging => "lagging",
+            Self::Unreachable => "unreachable",
+            Self::Unauthenticated => "unauthenticated",
         }
     }
 }
@@ -99,6 +136,65 @@ pub fn register() {
         metrics::counter!(name::API_REQUESTS_SHED_TOTAL, "reason" => reason.as_str()).increment(0);
     }
     metrics::counter!(name::API_CONNECTIONS_DISPLACED_TOTAL).increment(0);
+    // With or without read replicas, so that the alert on them always has its series.
+    for reason in ReplicaFallbackReason::ALL {
+        metrics::counter!(name::API_DB_REPLICA_FALLBACKS_TOTAL, "reason" => reason.as_str()).increment(0);
+    }
+}
+
+/// Exports the read replicas' series at zero: reads per target (`primary` and each replica) and
+/// each replica's lag. Called only when `DATABASE_READ_URL` names replicas.
+pub fn register_read_replicas(replicas: &[&'static str]) {
+    metrics::counter!(name::API_DB_READS_TOTAL, "target" => crate::read_replicas::PRIMARY).increment(0);
+    for &replica in replicas {
+        metrics::counter!(name::API_DB_READS_TOTAL, "target" => replica).increment(0);
+        metrics::gauge!(name::API_DB_REPLICA_LAG_BYTES, "replica" => replica).set(0.0);
+        metrics::gauge!(name::API_DB_REPLICA_LAG_SECONDS, "replica" => replica).set(0.0);
+    }
+}
+
+/// A lag-tolerant read was given its database (`primary`, or a replica's name).
+pub struct ReadServed {
+    pub target: &'static str,
+}
+
+impl ReadServed {
+    pub fn emit(self) {
+        tracing::trace!(target_db = self.target, "lag-tolerant read");
+        metrics::counter!(name::API_DB_READS_TOTAL, "target" => self.target).increment(1);
+    }
+}
+
+/// A lag-tolerant read went to the primary although read replicas are configured.
+pub struct ReadFellBack {
+    pub reason: ReplicaFallbackReason,
+}
+
+impl ReadFellBack {
+    pub fn emit(self) {
+        tracing::debug!(reason = self.reason.as_str(), "read on the primary instead of a replica");
+        metrics::counter!(name::API_DB_REPLICA_FALLBACKS_TOTAL, "reason" => self.reason.as_str()).increment(1);
+    }
+}
+
+/// A read replica's lag, as one poll measured it.
+pub struct ReplicaPolled {
+    pub replica: &'static str,
+    pub lag: Duration,
+    pub lag_bytes: u64,
+}
+
+impl ReplicaPolled {
+    pub fn emit(self) {
+        tracing::trace!(
+            replica = self.replica,
+            lag_seconds = self.lag.as_secs_f64(),
+            lag_bytes = self.lag_bytes,
+            "read replica polled"
+        );
+        metrics::gauge!(name::API_DB_REPLICA_LAG_BYTES, "replica" => self.replica).set(self.lag_bytes as f64);
+        metrics::gauge!(name::API_DB_REPLICA_LAG_SECONDS, "replica" => self.replica).set(self.lag.as_secs_f64());
+    }
 }
 
 /// A request or a connection was refused at once.

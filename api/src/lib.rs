@@ -13,6 +13,7 @@ pub mod keyed_mutex;
 pub mod processors;
 pub mod prune;
 pub mod ratelimit;
+pub mod read_replicas;
 pub mod routes;
 pub mod serve;
 pub mod unit_of_work;

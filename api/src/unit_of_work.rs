@@ -25,13 +25,18 @@
 //! again, and its key answers what happened (the stored response if the commit happened, a 409
 //! while it is still finishing, the change made now if it did not); without a key, or when the
 //! database cannot be reached to find out, the answer is a 500 that says the outcome is unknown.
+//!
+//! Commit positions. With read replicas (`DATABASE_READ_URL`), every successful write's answer
+//! carries `Trellis-Commit-LSN`, read after the commit, and the position is remembered for the
+//! request's bearer token, so that the caller's next lag-tolerant read sees the write
+//! ([`crate::read_replicas`]). Without them, no position is read.
 
 use std::sync::{Arc, Mutex};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::{Method, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sqlx::{PgPool, Postgres, Transaction};
@@ -42,6 +47,7 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, LostConnection};
 use crate::idempotency::{self, Keyed};
+use crate::read_replicas::{AnonymousWrite, COMMIT_LSN_HEADER, ReadReplicas};
 
 /// A write request's transaction, shared by the layer and the handler.
 #[derive(Clone)]
@@ -183,14 +189,31 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
             attempt += 1;
             continue;
         }
-        return match commit_lost {
+        let response = match commit_lost {
             // The last attempt could not tell whether an earlier one committed.
             Some(cause) if again || outcome.response.status() == StatusCode::SERVICE_UNAVAILABLE => {
                 ApiError::OutcomeUnknown { cause }.into_response()
             }
             _ => outcome.response,
         };
+        return match &state.read_replicas {
+            Some(replicas) if write && response.status().is_success() => {
+                with_commit_lsn(replicas, &parts.headers, response).await
+            }
+            _ => response,
+        };
     }
+}
+
+/// A successful write's answer with `Trellis-Commit-LSN`: a position at or past its commit (or,
+/// for a replayed answer, past the commit it replays), remembered for its bearer token.
+async fn with_commit_lsn(replicas: &ReadReplicas, headers: &HeaderMap, mut response: Response) -> Response {
+    let authenticated = response.extensions().get::<AnonymousWrite>().is_none();
+    if let Some(lsn) = replicas.written(headers, authenticated).await {
+        let value = HeaderValue::from_str(&lsn.to_string()).expect("an LSN is a header value");
+        response.headers_mut().insert(COMMIT_LSN_HEADER, value);
+    }
+    response
 }
 
 fn timed_out() -> Response {

@@ -343,15 +343,15 @@ impl CpuPerRequest {
 }
 
 /// What wrk measured.
-struct Load {
-    requests_per_sec: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    requests: u64,
-    errors: u64,
+pub(crate) struct Load {
+    pub(crate) requests_per_sec: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) requests: u64,
+    pub(crate) errors: u64,
 }
 
-fn run_wrk(url: &str, connections: u32, seconds: u64, script: &Path) -> anyhow::Result<Load> {
+pub(crate) fn run_wrk(url: &str, connections: u32, seconds: u64, script: &Path) -> anyhow::Result<Load> {
     let out = util::read(
         Command::new(wrk()?)
             .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", "-s"])
@@ -397,7 +397,7 @@ fn parse_latency(text: &str) -> anyhow::Result<f64> {
     })
 }
 
-const READ_SCRIPT: &str = r#"
+pub(crate) const READ_SCRIPT: &str = r#"
 wrk.method = "GET"
 wrk.headers["Authorization"] = "Bearer trl_bench_1"
 "#;
@@ -421,7 +421,7 @@ end
 "#;
 
 /// 5,000 users with known tokens (`trl_bench_<i>` for `bench_<i>`); bench_1 vouches for 50.
-const SEED_SQL: &str = "
+pub(crate) const SEED_SQL: &str = "
 INSERT INTO identity.users (id, handle, display_name, email, password_hash)
 SELECT gen_random_uuid(), 'bench_' || i, 'Bench User ' || i, 'bench_' || i || '@example.com', 'not-a-login-hash'
 FROM generate_series(1, 5000) AS i;
@@ -434,6 +434,9 @@ ANALYZE;
 ";
 
 fn api(flags: &flags::Bench) -> anyhow::Result<()> {
+    if flags.replica {
+        return crate::bench_replica::run(flags);
+    }
     let stack = Stack::ensure()?;
     build_release(&["trellis-api", "trellisctl"])?;
     let db = BenchDb::fresh(&stack, "trellis_bench")?;

@@ -36,7 +36,7 @@ commands:
                      time to settle, invariants held. Each phase of load runs 4 times longer than
                      in the suite; --short runs the suite's form (ARGS go to the test runner).
   bench SUITE [--duration SECS] [--users N] [--db-pool-size N] [--rate N]
-              [--only NAME,...] [--concurrency N] [--slow-connections N]
+              [--only NAME,...] [--concurrency N] [--slow-connections N] [--replica]
                      run a benchmark suite against release builds; SUITE is one of: api, runtime,
                      score, search, dispute, cutover, abuse, cluster.
                      --duration: each load phase (default 20 s; abuse: each attack, default 30 s;
@@ -44,6 +44,10 @@ commands:
                      --users: the seeded graph of score and search (default 1,000,000), of
                      cutover's score phase (default 100,000), of abuse (default 10,000);
                      --db-pool-size: the API's request pool in the api suite;
+                     --replica: the api suite's reads on a PostgreSQL streaming replica against
+                     the primary alone, on a primary and replica of its own, with each phase's
+                     split of CPU time (primary, replica, API, wrk, the rest) instead of the
+                     rest of the suite;
                      --rate: cutover's steady load, in writes per second (default 500); abuse's
                      legitimate client, in requests per second (default 100);
                      --only: the abuse attacks to run (default all: login, login-many, register,
@@ -100,6 +104,8 @@ pub struct Bench {
     pub concurrency: Option<u32>,
     /// Connections of the slow-client attack (`abuse`).
     pub slow_connections: Option<u32>,
+    /// Reads on a streaming replica against the primary alone (`api`).
+    pub replica: bool,
 }
 
 pub struct Seed {
@@ -243,6 +249,7 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
             let mut only = Vec::new();
             let mut concurrency = None;
             let mut slow_connections = None;
+            let mut replica = false;
             while let Some(arg) = args.next() {
                 match arg.as_str() {
                     "--duration" => {
@@ -271,8 +278,12 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
                         let n = args.next().context("--slow-connections needs a number")?;
                         slow_connections = Some(n.parse().context("--slow-connections")?)
                     }
+                    "--replica" => replica = true,
                     other => bail!("unknown option for `bench`: {other}"),
                 }
+            }
+            if replica && suite != "api" {
+                bail!("--replica is an option of `bench api`, not of `bench {suite}`");
             }
             Command::Bench(Bench {
                 suite,
@@ -284,6 +295,7 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
                 only,
                 concurrency,
                 slow_connections,
+                replica,
             })
         }
         "seed" => {
@@ -410,6 +422,19 @@ mod tests {
         assert!(short.short);
         assert_eq!(short.runner_args, ["-E", "test(/^single::/)"]);
         assert!(chaos(&["chaos", "--long"]).err().unwrap().contains("unknown option for `chaos`: --long"));
+    }
+
+    #[test]
+    fn bench_api_takes_the_replica_comparison_and_no_other_suite_does() {
+        let bench = |args: &[&str]| match parse(args.iter().map(|a| (*a).to_owned())) {
+            Ok(Command::Bench(bench)) => Ok(bench),
+            Ok(_) => panic!("not the bench command"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert!(bench(&["bench", "api", "--replica", "--duration", "10"]).unwrap().replica);
+        assert!(!bench(&["bench", "api"]).unwrap().replica);
+        let err = bench(&["bench", "search", "--replica"]).err().unwrap();
+        assert!(err.contains("--replica is an option of `bench api`"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod bench_abuse;
 mod bench_cluster;
 mod bench_cutover;
 mod bench_dispute;
+mod bench_replica;
 mod chaos;
 mod cluster;
 mod deploy;

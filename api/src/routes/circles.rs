@@ -15,6 +15,7 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
+use crate::read_replicas::Reader;
 use crate::routes::{list, page, resolve_user};
 use crate::unit_of_work::UnitOfWork;
 use crate::views::{Circle, CircleMember, List, PageParams};
@@ -54,11 +55,11 @@ impl From<CircleError> for ApiError {
     responses((status = 200, body = List<Circle>), (status = 401, body = Problem)))]
 async fn list_circles(
     State(state): State<AppState>,
-    principal: Principal,
+    reader: Reader,
     Query(params): Query<PageParams>,
 ) -> ApiResult<Json<List<Circle>>> {
     let (limit, after) = page::<Uuid>(&state, "circles", &params)?;
-    let rows = trellis_store::circles::list(&state.pool, principal.user_id, after, limit).await?;
+    let rows = trellis_store::circles::list(reader.pool(), reader.principal.user_id, after, limit).await?;
     Ok(Json(list(&state, "circles", rows, Circle::from)))
 }
 
@@ -128,14 +129,16 @@ async fn delete_circle(principal: Principal, work: UnitOfWork, Path(id): Path<Uu
     responses((status = 200, body = List<CircleMember>), (status = 401, body = Problem), (status = 404, body = Problem)))]
 async fn list_members(
     State(state): State<AppState>,
-    principal: Principal,
+    reader: Reader,
     Path(id): Path<Uuid>,
     Query(params): Query<PageParams>,
 ) -> ApiResult<Json<List<CircleMember>>> {
     let (limit, after) = page::<Uuid>(&state, "circle-members", &params)?;
     let id = CircleId(id);
-    trellis_store::circles::get(&state.pool, principal.user_id, id).await?.ok_or(ApiError::NotFound("circle"))?;
-    let rows = trellis_store::circles::members(&state.pool, id, after, limit).await?;
+    trellis_store::circles::get(reader.pool(), reader.principal.user_id, id)
+        .await?
+        .ok_or(ApiError::NotFound("circle"))?;
+    let rows = trellis_store::circles::members(reader.pool(), id, after, limit).await?;
     Ok(Json(list(&state, "circle-members", rows, CircleMember::from)))
 }
 

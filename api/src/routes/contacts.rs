@@ -15,6 +15,7 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::auth::{BearerToken, Principal};
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
+use crate::read_replicas::ReadDb;
 use crate::routes::{list, page, resolve_user};
 use crate::unit_of_work::UnitOfWork;
 use crate::views::{Contact, List, PageParams};
@@ -29,13 +30,17 @@ pub fn router() -> OpenApiRouter<AppState> {
 async fn list_contacts(
     State(state): State<AppState>,
     token: BearerToken,
+    mut db: ReadDb,
     Query(params): Query<PageParams>,
 ) -> ApiResult<Json<List<Contact>>> {
     let (limit, after) = page::<Uuid>(&state, "contacts", &params)?;
     let idle = state.config.token_idle_timeout;
-    let (_, rows) = trellis_store::contacts::list_for_token(&state.pool, &token.hash, idle, after, limit)
-        .await?
-        .ok_or(ApiError::Unauthenticated)?;
+    let mut found = trellis_store::contacts::list_for_token(db.pool(), &token.hash, idle, after, limit).await?;
+    if found.is_none() && db.on_replica() {
+        db.confirm_on_primary();
+        found = trellis_store::contacts::list_for_token(db.pool(), &token.hash, idle, after, limit).await?;
+    }
+    let (_, rows) = found.ok_or(ApiError::Unauthenticated)?;
     state.activity.saw(token.hash);
     Ok(Json(list(&state, "contacts", rows, Contact::from)))
 }

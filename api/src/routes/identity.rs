@@ -1,5 +1,6 @@
 //! Accounts and sessions: `/v1/users`, `/v1/sessions`, `/v1/me`.
 
+use axum::Extension;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -19,6 +20,7 @@ use crate::auth::{self, Principal, TokenRequest};
 use crate::client_address::ClientAddress;
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
 use crate::ratelimit::AccountKey;
+use crate::read_replicas::{AnonymousWrite, Reader};
 use crate::routes::{list, page, resolve_user};
 use crate::unit_of_work::UnitOfWork;
 use crate::views::{List, Me, PageParams, PublicUser, SessionView};
@@ -107,6 +109,7 @@ async fn register(
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, location)],
+        Extension(AnonymousWrite),
         Json(Registered { user: user.into(), token: issued.token, expires_at: issued.expires_at }),
     )
         .into_response())
@@ -208,8 +211,8 @@ async fn login(
     let token = TokenRequest { user: user_id, client_addr: client.ip(), checked_password_hash: hash.as_deref() };
     let issued = auth::issue_token(&mut tx, &state.config, &token).await?.ok_or(ApiError::Unauthenticated)?;
     work.finish(tx, Emitted::none()).await?;
-    Ok((StatusCode::CREATED, Json(Session { user_id: user.id, token: issued.token, expires_at: issued.expires_at }))
-        .into_response())
+    let session = Session { user_id: user.id, token: issued.token, expires_at: issued.expires_at };
+    Ok((StatusCode::CREATED, Extension(AnonymousWrite), Json(session)).into_response())
 }
 
 /// Signs out everywhere: revokes every token of the caller, the one of this request included.
@@ -263,9 +266,10 @@ async fn logout(principal: Principal, work: UnitOfWork) -> ApiResult<StatusCode>
 /// The caller's account.
 #[utoipa::path(get, path = "/v1/me", tag = "identity", security(("bearer" = [])),
     responses((status = 200, body = Me), (status = 401, body = Problem)))]
-async fn get_me(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Me>> {
-    let user =
-        trellis_store::identity::find_by_id(&state.pool, principal.user_id).await?.ok_or(ApiError::Unauthenticated)?;
+async fn get_me(reader: Reader) -> ApiResult<Json<Me>> {
+    let user = trellis_store::identity::find_by_id(reader.pool(), reader.principal.user_id)
+        .await?
+        .ok_or(ApiError::Unauthenticated)?;
     Ok(Json(user.into()))
 }
 
@@ -358,12 +362,8 @@ async fn update_me(
 #[utoipa::path(get, path = "/v1/users/{user}", tag = "identity", security(("bearer" = [])),
     params(("user" = String, Path, description = "user id or handle")),
     responses((status = 200, body = PublicUser), (status = 401, body = Problem), (status = 404, body = Problem)))]
-async fn get_user(
-    State(state): State<AppState>,
-    _principal: Principal,
-    Path(user): Path<String>,
-) -> ApiResult<Json<PublicUser>> {
-    Ok(Json(resolve_user(&state.pool, &user).await?.into()))
+async fn get_user(reader: Reader, Path(user): Path<String>) -> ApiResult<Json<PublicUser>> {
+    Ok(Json(resolve_user(reader.pool(), &user).await?.into()))
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::app::AppState;
-use crate::auth::Principal;
 use crate::error::{ApiResult, Json, Path, Problem};
+use crate::read_replicas::Reader;
 use crate::routes::resolve_user;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -37,13 +37,9 @@ pub struct Score {
 #[utoipa::path(get, path = "/v1/users/{user}/score", tag = "scores", security(("bearer" = [])),
     params(("user" = String, Path, description = "user id or handle")),
     responses((status = 200, body = Score), (status = 401, body = Problem), (status = 404, body = Problem)))]
-async fn get_score(
-    State(state): State<AppState>,
-    _principal: Principal,
-    Path(user): Path<String>,
-) -> ApiResult<Json<Score>> {
-    let user = resolve_user(&state.pool, &user).await?;
-    let found = trellis_store::scores::get(&state.pool, UserId(user.id)).await?;
+async fn get_score(State(state): State<AppState>, reader: Reader, Path(user): Path<String>) -> ApiResult<Json<Score>> {
+    let user = resolve_user(reader.pool(), &user).await?;
+    let found = trellis_store::scores::get(reader.pool(), UserId(user.id)).await?;
     Ok(Json(match found {
         Some(s) => {
             let stale = OffsetDateTime::now_utc() - s.computed_at > state.config.score_stale_after;

@@ -14,8 +14,8 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::app::AppState;
-use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, Json, Problem, Query};
+use crate::read_replicas::Reader;
 use crate::routes::{limit, open_cursor};
 use trellis_store::page::Cursor;
 use trellis_store::search::Documents;
@@ -149,7 +149,7 @@ pub struct SearchResults {
         (status = 422, body = Problem)))]
 async fn search_users(
     State(state): State<AppState>,
-    _principal: Principal,
+    reader: Reader,
     Query(params): Query<SearchParams>,
 ) -> ApiResult<Response> {
     let q = query_text(params.q.as_deref())?;
@@ -160,10 +160,10 @@ async fn search_users(
     let source = source(&state, "users").await?;
     let mut hits = match source {
         SearchSource::Index => {
-            trellis_store::search::users(&state.pool, Documents::Index, &q, offset, limit as i64 + 1).await?
+            trellis_store::search::users(reader.pool(), Documents::Index, &q, offset, limit as i64 + 1).await?
         }
         SearchSource::Database => {
-            trellis_store::search::users(&state.pool, Documents::Base, &q, offset, limit as i64 + 1).await?
+            trellis_store::search::users(reader.pool(), Documents::Base, &q, offset, limit as i64 + 1).await?
         }
     };
     let next_cursor = next_cursor(&state, "search-users", hits.len() > limit, offset, limit);
@@ -209,7 +209,7 @@ pub struct ContactResults {
         (status = 422, body = Problem)))]
 async fn search_contacts(
     State(state): State<AppState>,
-    principal: Principal,
+    reader: Reader,
     Query(params): Query<SearchParams>,
 ) -> ApiResult<Response> {
     let q = query_text(params.q.as_deref())?;
@@ -217,13 +217,13 @@ async fn search_contacts(
     let offset = offset_of(&state, "search-contacts", params.cursor.as_deref())?;
     let limit = limit.min((MAX_RESULTS - offset) as usize);
     let source = source(&state, "contacts").await?;
-    let owner = principal.user_id.0;
+    let owner = reader.principal.user_id.0;
     let mut hits = match source {
         SearchSource::Index => {
-            trellis_store::search::index_contacts(&state.pool, owner, &q, offset, limit as i64 + 1).await?
+            trellis_store::search::index_contacts(reader.pool(), owner, &q, offset, limit as i64 + 1).await?
         }
         SearchSource::Database => {
-            trellis_store::search::contacts(&state.pool, owner, &q, offset, limit as i64 + 1).await?
+            trellis_store::search::contacts(reader.pool(), owner, &q, offset, limit as i64 + 1).await?
         }
     };
     let next_cursor = next_cursor(&state, "search-contacts", hits.len() > limit, offset, limit);

@@ -17,6 +17,7 @@ mod identity;
 mod moderation_power;
 mod openapi;
 mod outbox;
+mod read_replicas;
 mod scores_search;
 mod sessions;
 mod traces;

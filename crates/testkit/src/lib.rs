@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod otlp;
 pub mod probe;
 pub mod process;
+pub mod replica;
 pub mod search_model;
 pub mod wait;
 
@@ -81,7 +82,12 @@ pub struct TestDb {
 impl TestDb {
     /// A new database with every migration applied.
     pub async fn migrated() -> anyhow::Result<Self> {
-        let db = Self::empty().await?;
+        Self::migrated_on(&server_url()).await
+    }
+
+    /// [`TestDb::migrated`] on the server of `server` (a URL of any database on it).
+    pub async fn migrated_on(server: &str) -> anyhow::Result<Self> {
+        let db = Self::empty_on(server).await?;
         trellis_store::migrate::up(&db.pool).await.context("migrating the test database")?;
         Ok(db)
     }
@@ -89,7 +95,12 @@ impl TestDb {
     /// A new database with nothing in it (the cluster-wide database roles exist: the
     /// migrations grant to them).
     pub async fn empty() -> anyhow::Result<Self> {
-        let server = server_url();
+        Self::empty_on(&server_url()).await
+    }
+
+    /// [`TestDb::empty`] on the server of `server`.
+    pub async fn empty_on(server: &str) -> anyhow::Result<Self> {
+        let server = server.to_owned();
         let name = format!("trellis_test_{}", uuid::Uuid::new_v4().simple());
         let admin = PgPool::connect(&server).await.context("connecting to DATABASE_URL")?;
         trellis_store::roles::ensure(&admin).await.context("creating the database roles")?;
@@ -101,6 +112,12 @@ impl TestDb {
         let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect_with(options).await?;
         Ok(Self { name, url, pool })
     }
+
+    /// The URL of the server's maintenance database: `DATABASE_URL`'s server, or the one the
+    /// database was made on.
+    fn server(&self) -> String {
+        with_database(&self.url, "postgres")
+    }
 }
 
 impl Drop for TestDb {
@@ -109,7 +126,7 @@ impl Drop for TestDb {
             return;
         }
         let name = self.name.clone();
-        let server = server_url();
+        let server = self.server();
         // Drop is synchronous: a thread of its own runs the async DROP to completion.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
@@ -136,7 +153,7 @@ impl TestDb {
     pub async fn login_url(&self, role: &str) -> anyhow::Result<String> {
         anyhow::ensure!(trellis_store::roles::ALL.contains(&role), "{role} is not a Trellis database role");
         let login = format!("{role}_login");
-        let admin = PgPool::connect(&server_url()).await.context("connecting to DATABASE_URL")?;
+        let admin = PgPool::connect(&self.server()).await.context("connecting to DATABASE_URL")?;
         let create = format!(
             "DO $login$ BEGIN
                  IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = '{login}') THEN
