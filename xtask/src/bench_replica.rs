@@ -5,10 +5,9 @@
 //! each phase also reports how the CPU time split between them (from `/proc`): on one machine a
 //! replica moves reads, it adds no cores.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -16,7 +15,7 @@ use anyhow::{Context, bail};
 use crate::bench::{self, Api, BenchDb, release_bin};
 use crate::flags;
 use crate::services::Stack;
-use crate::util;
+use crate::util::{self, LineChild};
 
 pub fn run(flags: &flags::Bench) -> anyhow::Result<()> {
     let stack = Stack::ensure()?;
@@ -228,9 +227,7 @@ fn processes() -> Vec<ProcessTicks> {
 /// testkit's `trellis-pg-replica` as a child: the ports and postmaster pids from its first line;
 /// it stops both clusters when its standard input closes, on drop.
 struct PgPair {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
+    child: LineChild,
     primary_port: u16,
     replica_port: u16,
     primary_pid: u32,
@@ -240,33 +237,19 @@ struct PgPair {
 impl PgPair {
     fn start(bin: &Path) -> anyhow::Result<PgPair> {
         eprintln!("xtask: starting a PostgreSQL primary and a streaming replica ({})", bin.display());
-        let mut child = Command::new(bin)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            // The terminal's Ctrl-C reaches only us: the clusters stop after the API.
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let stdin = child.stdin.take();
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
-        let mut first = String::new();
-        stdout.read_line(&mut first).context("reading the clusters' ports")?;
+        let (child, first) = LineChild::start(Command::new(bin), Duration::from_secs(30))?;
         let value = |key: &str| -> Option<u32> {
             first.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
         };
         let (Some(primary_port), Some(replica_port), Some(primary_pid), Some(replica_pid)) =
             (value("PRIMARY_PORT"), value("REPLICA_PORT"), value("PRIMARY_PID"), value("REPLICA_PID"))
         else {
-            drop(stdin);
-            util::await_exit(&mut child, Duration::from_secs(15));
+            drop(child);
             bail!("trellis-pg-replica did not start (see its output above): {first}");
         };
         eprintln!("xtask: primary on 127.0.0.1:{primary_port}, replica on 127.0.0.1:{replica_port}");
         Ok(PgPair {
             child,
-            stdin,
-            stdout,
             primary_port: primary_port as u16,
             replica_port: replica_port as u16,
             primary_pid,
@@ -276,14 +259,9 @@ impl PgPair {
 
     /// Waits until the replica has replayed everything written so far.
     fn catch_up(&mut self) -> anyhow::Result<()> {
-        let stdin = self.stdin.as_mut().context("the clusters are stopping")?;
-        writeln!(stdin, "catch-up").and_then(|()| stdin.flush()).context("writing to trellis-pg-replica")?;
-        let mut answer = String::new();
-        if self.stdout.read_line(&mut answer).context("reading trellis-pg-replica's answer")? == 0 {
-            bail!("trellis-pg-replica exited");
-        }
-        if answer.trim() != "caught-up" {
-            bail!("catch-up: {}", answer.trim());
+        let answer = self.child.command("catch-up")?;
+        if answer != "caught-up" {
+            bail!("catch-up: {answer}");
         }
         Ok(())
     }
@@ -291,8 +269,7 @@ impl PgPair {
 
 impl Drop for PgPair {
     fn drop(&mut self) {
+        // The child itself stops when dropped, after this.
         eprintln!("xtask: stopping the PostgreSQL primary and replica");
-        drop(self.stdin.take());
-        util::await_exit(&mut self.child, Duration::from_secs(30));
     }
 }

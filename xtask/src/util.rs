@@ -191,6 +191,61 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// A helper program that speaks lines: it reports itself on its first line of output, then
+/// answers each command line written to it with one line, and stops when its standard input
+/// closes (testkit's `trellis-nats-cluster` and `trellis-pg-replica`). In its own process group,
+/// so that the terminal's Ctrl-C reaches only xtask, which stops it after what depends on it.
+pub struct LineChild {
+    name: String,
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    grace: Duration,
+}
+
+impl LineChild {
+    /// Starts `cmd` and returns it with its first line (trimmed); `grace` is how long it has to
+    /// stop once its standard input closes.
+    pub fn start(mut cmd: Command, grace: Duration) -> anyhow::Result<(LineChild, String)> {
+        use std::io::BufRead as _;
+        use std::os::unix::process::CommandExt as _;
+        let name = Path::new(cmd.get_program()).file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot start {}", cmd.get_program().to_string_lossy()))?;
+        let stdin = child.stdin.take();
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        let mut line_child = LineChild { name, child, stdin, stdout, grace };
+        let mut first = String::new();
+        line_child.stdout.read_line(&mut first).with_context(|| format!("reading {}'s first line", line_child.name))?;
+        Ok((line_child, first.trim().to_owned()))
+    }
+
+    /// Writes `line` and returns the answer (trimmed).
+    pub fn command(&mut self, line: &str) -> anyhow::Result<String> {
+        use std::io::{BufRead as _, Write as _};
+        let stdin = self.stdin.as_mut().with_context(|| format!("{} is stopping", self.name))?;
+        writeln!(stdin, "{line}").and_then(|()| stdin.flush()).with_context(|| format!("writing to {}", self.name))?;
+        let mut answer = String::new();
+        if self.stdout.read_line(&mut answer).with_context(|| format!("reading {}'s answer", self.name))? == 0 {
+            bail!("{} exited", self.name);
+        }
+        Ok(answer.trim().to_owned())
+    }
+}
+
+impl Drop for LineChild {
+    fn drop(&mut self) {
+        // Closing its standard input is its signal to stop; it is killed if it does not.
+        drop(self.stdin.take());
+        await_exit(&mut self.child, self.grace);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::redact;
