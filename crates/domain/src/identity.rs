@@ -237,16 +237,22 @@ pub enum Role {
     User,
     Moderator,
     Admin,
+    /// Runs the on-call console: dead letters, cutover flags, score runs.
+    Operator,
+    /// Sees everything the on-call console shows and changes nothing.
+    ReadOnlyOperator,
 }
 
 impl Role {
-    pub const ALL: [Role; 3] = [Role::User, Role::Moderator, Role::Admin];
+    pub const ALL: [Role; 5] = [Role::User, Role::Moderator, Role::Admin, Role::Operator, Role::ReadOnlyOperator];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Role::User => "user",
             Role::Moderator => "moderator",
             Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::ReadOnlyOperator => "read_only_operator",
         }
     }
 
@@ -254,15 +260,24 @@ impl Role {
     pub fn can_moderate(self) -> bool {
         matches!(self, Role::Moderator | Role::Admin)
     }
+
+    /// Operators (read-only ones too) and admins see the on-call console's operations pages.
+    pub fn can_view_operations(self) -> bool {
+        matches!(self, Role::Operator | Role::ReadOnlyOperator | Role::Admin)
+    }
+
+    /// Operators and admins may act on them (replay, park, purge, flip flags, trigger runs).
+    pub fn can_operate(self) -> bool {
+        matches!(self, Role::Operator | Role::Admin)
+    }
 }
 
 impl std::str::FromStr for Role {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Role::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| format!("unknown role {s:?}; expected one of user, moderator, admin"))
+        Role::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| {
+            format!("unknown role {s:?}; expected one of user, moderator, admin, operator, read_only_operator")
+        })
     }
 }
 
