@@ -188,7 +188,7 @@ enum Outbox {
 
 #[derive(Debug, Subcommand)]
 enum Users {
-    /// Sets a user's role (user, moderator, admin) and records who, when, from, to and why.
+    /// Sets a user's role (user, moderator, admin, operator, read_only_operator) and records who, when, from, to and why.
     /// Granting the role a user already has changes nothing and records nothing.
     GrantRole {
         /// User id or handle.
@@ -274,7 +274,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 trellis_runtime::nats::connect_once(&cli.nats, "trellisctl", std::time::Duration::from_secs(10))
                     .await?;
             let js = trellis_runtime::nats::jetstream(client, std::time::Duration::from_secs(10));
-            dlq::run(&dlq::Ctx { js, topology, pool, output: cli.output }, *action).await
+            dlq::run(&dlq::Ctx { ops: trellis_ops::dlq::Ctx { js, topology, pool }, output: cli.output }, *action).await
         }
     }
 }
