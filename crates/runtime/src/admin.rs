@@ -29,20 +29,37 @@ pub fn router(health: Health, metrics: PrometheusHandle) -> Router {
     Router::new().route("/metrics", get(render_metrics)).with_state(metrics).merge(health_routes(health))
 }
 
+/// Routes a process adds to its admin listener once it has built them (the API's on-call
+/// console, when it is served there): every path the admin routes do not answer goes to them.
+pub type Extension = std::sync::Arc<std::sync::OnceLock<Router>>;
+
+async fn extension_fallback(extension: Extension, request: axum::extract::Request) -> Response {
+    use tower::ServiceExt as _;
+    match extension.get() {
+        Some(routes) => match routes.clone().oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        },
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
 /// Binds `addr` and serves the admin routes until `shutdown` is cancelled. Binding happens
 /// before this returns, so a port clash is reported at start-up.
 pub async fn serve(
     addr: SocketAddr,
     health: Health,
     metrics: PrometheusHandle,
+    extension: Extension,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind the admin listener on {addr}: {e}"))?;
     let local = listener.local_addr()?;
-    let app = router(health, metrics);
+    let app = router(health, metrics).fallback(move |request| extension_fallback(extension.clone(), request));
     let task = tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
         if let Err(e) = served {
             tracing::error!(error = %e, "admin listener failed");

@@ -115,6 +115,7 @@ pub struct Host {
     tracker: TaskTracker,
     admin: tokio::task::JoinHandle<()>,
     admin_addr: SocketAddr,
+    admin_extension: crate::admin::Extension,
     declared: watch::Receiver<bool>,
     /// Set by [`Host::run`]: every processor is installed (and has added its `/readyz` checks).
     installed: Arc<AtomicBool>,
@@ -145,8 +146,15 @@ impl Host {
             let done = installing.load(Ordering::Acquire);
             async move { if done { Ok(()) } else { Err("installing the processors".to_owned()) } }
         });
-        let (admin_addr, admin) =
-            crate::admin::serve(common.admin_addr, health.clone(), metrics.clone(), shutdown.clone()).await?;
+        let admin_extension = crate::admin::Extension::default();
+        let (admin_addr, admin) = crate::admin::serve(
+            common.admin_addr,
+            health.clone(),
+            metrics.clone(),
+            admin_extension.clone(),
+            shutdown.clone(),
+        )
+        .await?;
         let ctx = RunnerContext { js, topology, host: hostname(), version: env!("CARGO_PKG_VERSION").to_owned() };
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
@@ -166,6 +174,7 @@ impl Host {
             tracker,
             admin,
             admin_addr,
+            admin_extension,
             declared,
             installed,
             failures: Arc::default(),
@@ -236,6 +245,11 @@ impl Host {
         self.admin_addr
     }
 
+    /// Where routes added to the admin listener go (see [`crate::admin::Extension`]).
+    pub fn admin_extension(&self) -> &crate::admin::Extension {
+        &self.admin_extension
+    }
+
     /// Cancelled when the processors must stop pulling (after the intake has finished).
     pub fn stop_token(&self) -> CancellationToken {
         self.stop.clone()
@@ -264,6 +278,12 @@ impl Host {
     pub fn streams_declared(&self) -> impl Future<Output = bool> + Send + 'static {
         let mut declared = self.declared.clone();
         async move { declared.wait_for(|d| *d).await.is_ok() }
+    }
+
+    /// Where tasks started later (by a request) are tracked like [`Self::spawn`]'s: the
+    /// shutdown waits for them within the grace period.
+    pub fn task_tracker(&self) -> TaskTracker {
+        self.tracker.clone()
     }
 
     /// Runs `task` until it ends; the shutdown waits for it within the grace period. It must
