@@ -105,8 +105,15 @@ pub fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 
 /// The whole public application: routes, `/openapi.json`, health (the status only: check
 /// names and errors are on the admin port) and the middleware stack.
-pub fn app(state: AppState) -> Router {
+pub fn app(state: AppState, console: Option<Router>) -> Router {
     let (api, openapi) = api_router();
+    let console = console.map(|routes| {
+        // The console's own answers (HTML) with the API's load shedding and request metrics.
+        Router::new()
+            .nest("/console", routes)
+            .layer(middleware::from_fn_with_state(state.clone(), shed_load))
+            .layer(middleware::from_fn(record_request))
+    });
     let openapi_json: Arc<str> = openapi.to_json().expect("the OpenAPI document serialises").into();
     let request_id = HeaderName::from_static("x-request-id");
     let body_limit = state.config.body_limit_bytes;
@@ -126,6 +133,7 @@ pub fn app(state: AppState) -> Router {
     .layer(middleware::from_fn_with_state(state.clone(), delay_refusals))
     .layer(middleware::from_fn(record_request))
     .with_state(state)
+    .merge(console.unwrap_or_default())
     .merge(trellis_runtime::admin::public_health_routes(health))
     .layer(PropagateRequestIdLayer::new(request_id.clone()))
     .layer(TraceLayer::new_for_http().make_span_with(request_span))
@@ -351,7 +359,26 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         max_connections_per_address: config.max_connections_per_address,
         trusted_proxies: config.trusted_proxies.as_slice().into(),
     };
-    let app = app(state);
+    let console = match config.console {
+        crate::console::ConsoleListener::Off => None,
+        listener => {
+            let ops = trellis_ops::dlq::Ctx {
+                js: host.ctx().js.clone(),
+                topology: host.ctx().topology.clone(),
+                pool: pool.clone(),
+            };
+            let routes =
+                crate::console::router(crate::console::Console { app: state.clone(), ops, tasks: host.task_tracker() });
+            if listener == crate::console::ConsoleListener::Admin {
+                let routes = Router::new().nest("/console", routes);
+                let _ = host.admin_extension().set(routes);
+                None
+            } else {
+                Some(routes)
+            }
+        }
+    };
+    let app = app(state, console);
     host.spawn_intake(async move {
         let mut server = tokio::spawn(serve::serve(listener, app, limits, shutdown.clone()));
         tokio::select! {

@@ -56,8 +56,18 @@ pub async fn issue_token(
     config: &crate::config::Config,
     request: &TokenRequest<'_>,
 ) -> Result<Option<IssuedToken>, sqlx::Error> {
+    issue_token_for(conn, config, request, config.token_ttl).await
+}
+
+/// [`issue_token`] with a lifetime of its own (the console's sessions).
+pub async fn issue_token_for(
+    conn: &mut sqlx::PgConnection,
+    config: &crate::config::Config,
+    request: &TokenRequest<'_>,
+    ttl: std::time::Duration,
+) -> Result<Option<IssuedToken>, sqlx::Error> {
     let (token, hash) = new_token();
-    let expires_at = OffsetDateTime::now_utc() + config.token_ttl;
+    let expires_at = OffsetDateTime::now_utc() + ttl;
     let client_addr = request.client_addr.to_string();
     let new = trellis_store::identity::NewToken {
         token_hash: &hash,

@@ -62,6 +62,21 @@ pub struct Config {
     #[arg(long, env = "TOKEN_TTL", value_parser = humantime::parse_duration, default_value = "30days")]
     pub token_ttl: Duration,
 
+    /// Where the on-call console is served: `public` (`/console` on the API listener), `admin`
+    /// (`/console` on the admin listener only, for deployments that keep operations off the
+    /// public network) or `off`.
+    #[arg(long, env = "CONSOLE", value_enum, default_value = "public")]
+    pub console: crate::console::ConsoleListener,
+
+    /// A console session ends this long after its sign-in, however active.
+    #[arg(long, env = "CONSOLE_SESSION_TTL", value_parser = humantime::parse_duration, default_value = "8h")]
+    pub console_session_ttl: Duration,
+
+    /// A console session unused for this long ends (written down with the activity flush, like
+    /// `TOKEN_IDLE_TIMEOUT`, so it must exceed twice `ACTIVITY_FLUSH_INTERVAL` plus a minute).
+    #[arg(long, env = "CONSOLE_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30m")]
+    pub console_idle_timeout: Duration,
+
     /// Lifetime of an `Idempotency-Key`.
     #[arg(long, env = "IDEMPOTENCY_TTL", value_parser = humantime::parse_duration, default_value = "24h")]
     pub idempotency_ttl: Duration,
@@ -284,6 +299,13 @@ impl Config {
             ));
         }
         let written_within = 2 * self.activity_flush_interval + Duration::from_secs(60);
+        if self.console_idle_timeout <= written_within {
+            return Err(format!(
+                "CONSOLE_IDLE_TIMEOUT ({}) must exceed twice ACTIVITY_FLUSH_INTERVAL plus a minute ({})",
+                humantime::format_duration(self.console_idle_timeout),
+                humantime::format_duration(written_within)
+            ));
+        }
         if self.token_idle_timeout <= written_within {
             return Err(format!(
                 "TOKEN_IDLE_TIMEOUT ({}) must exceed twice ACTIVITY_FLUSH_INTERVAL plus a minute ({}): a token in use \

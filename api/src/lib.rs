@@ -6,6 +6,7 @@ pub mod app;
 pub mod auth;
 pub mod client_address;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod idempotency;
 pub mod instrument;

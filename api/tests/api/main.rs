@@ -5,6 +5,7 @@ mod abuse;
 mod activity;
 mod authorization;
 mod circles;
+mod console;
 mod contacts;
 mod disputes;
 mod errors;
