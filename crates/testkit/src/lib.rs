@@ -5,12 +5,15 @@
 //! reads `/metrics` ([`metrics`]), waits for conditions ([`eventually`]) and compares the
 //! search read model with a rebuild ([`search_model`]). `PrivateNats`
 //! starts a nats-server of the test's own, for outage scenarios; [`cluster::NatsCluster`] a
-//! three-node JetStream cluster.
+//! three-node JetStream cluster. [`browser::Browser`] is a headless Chromium of the test's own
+//! under its own chromedriver, for the web console's end-to-end tests: it drives pages, saves
+//! screenshots under `target/screenshots/` and checks pages with a vendored axe-core.
 //!
 //! Every process a test starts, and the in-process apps' `tracing` output, log to files under
 //! [`log_dir`]: `cargo xtask test` scans them for the suite's passwords and credentials after
 //! the run.
 
+pub mod browser;
 pub mod cluster;
 pub mod http;
 pub mod metrics;
@@ -182,11 +185,15 @@ pub fn with_login(url: &str, user: &str, password: &str) -> String {
     format!("{scheme}://{user}:{password}@{host}{}", &rest[authority_end..])
 }
 
+/// The workspace's `target` directory, where the tests leave their logs and screenshots.
+pub fn target_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target")
+}
+
 /// Where the tests' logs go: `TRELLIS_TEST_LOG_DIR`, or `target/test-logs` of the workspace.
 pub fn log_dir() -> PathBuf {
-    let dir = std::env::var_os("TRELLIS_TEST_LOG_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-logs"));
+    let dir =
+        std::env::var_os("TRELLIS_TEST_LOG_DIR").map(PathBuf::from).unwrap_or_else(|| target_dir().join("test-logs"));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating the test log directory {}: {e}", dir.display()));
     dir
 }
