@@ -6,6 +6,7 @@ mod activity;
 mod authorization;
 mod circles;
 mod console;
+mod console_browser;
 mod contacts;
 mod disputes;
 mod errors;
