@@ -367,8 +367,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 topology: host.ctx().topology.clone(),
                 pool: pool.clone(),
             };
-            let routes =
-                crate::console::router(crate::console::Console { app: state.clone(), ops, tasks: host.task_tracker() });
+            let console = crate::console::Console::new(state.clone(), ops, host.task_tracker());
+            if config.prometheus_url.is_none() {
+                let (sampler, urls, stop) = (console.sampler.clone(), config.metrics_urls.clone(), host.stop_token());
+                host.spawn(sampler.run(urls, config.console_sample_interval, stop));
+            }
+            let routes = crate::console::router(console);
             if listener == crate::console::ConsoleListener::Admin {
                 let routes = Router::new().nest("/console", routes);
                 let _ = host.admin_extension().set(routes);

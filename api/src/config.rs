@@ -77,6 +77,22 @@ pub struct Config {
     #[arg(long, env = "CONSOLE_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30m")]
     pub console_idle_timeout: Duration,
 
+    /// The console's source of the stage triggers and of the processors' throughput charts: a
+    /// Prometheus (its HTTP API) that loads `deploy/prometheus/trellis.rules.yml`. Without it
+    /// the console reads the processes' `/metrics` (`TRELLIS_METRICS_URLS`) and the database.
+    #[arg(long, env = "PROMETHEUS_URL")]
+    pub prometheus_url: Option<String>,
+
+    /// Without `PROMETHEUS_URL`: the `/metrics` URLs of the processes (comma-separated) the
+    /// console samples. The default is `cargo xtask up`'s.
+    #[arg(long = "metrics-url", env = "TRELLIS_METRICS_URLS", value_delimiter = ',',
+        default_values = trellis_ops::triggers::DEFAULT_METRICS_URLS)]
+    pub metrics_urls: Vec<String>,
+
+    /// Without `PROMETHEUS_URL`: how often the console samples those `/metrics` for its charts.
+    #[arg(long, env = "CONSOLE_SAMPLE_INTERVAL", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub console_sample_interval: Duration,
+
     /// Lifetime of an `Idempotency-Key`.
     #[arg(long, env = "IDEMPOTENCY_TTL", value_parser = humantime::parse_duration, default_value = "24h")]
     pub idempotency_ttl: Duration,

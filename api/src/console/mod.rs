@@ -26,6 +26,7 @@
 //! run in the background, record their progress in their audit row and can be cancelled.
 
 mod pages;
+pub mod rates;
 mod session;
 
 use std::sync::Arc;
@@ -37,6 +38,8 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use maud::{DOCTYPE, Markup, html};
+
+use trellis_ops::triggers::{Reading, Source};
 
 use crate::app::AppState;
 pub use session::Session;
@@ -59,6 +62,38 @@ pub struct Console {
     pub ops: trellis_ops::dlq::Ctx,
     /// Background actions (long replays and purges), finished before the process exits.
     pub tasks: tokio_util::task::TaskTracker,
+    /// The throughput samples (without `PROMETHEUS_URL`).
+    pub sampler: Arc<rates::Sampler>,
+    /// The stage triggers' last reading and when it was taken: read at most every
+    /// [`TRIGGERS_TTL`], however often the overview is loaded.
+    pub triggers: Arc<tokio::sync::Mutex<Option<(std::time::Instant, Result<Vec<Reading>, String>)>>>,
+}
+
+/// How long a reading of the stage triggers is shown before it is taken again.
+pub const TRIGGERS_TTL: std::time::Duration = std::time::Duration::from_secs(15);
+
+impl Console {
+    pub fn new(app: AppState, ops: trellis_ops::dlq::Ctx, tasks: tokio_util::task::TaskTracker) -> Self {
+        Console { app, ops, tasks, sampler: Arc::default(), triggers: Arc::default() }
+    }
+
+    /// The stage triggers, at most [`TRIGGERS_TTL`] old.
+    pub async fn triggers(&self) -> Result<Vec<Reading>, String> {
+        let mut cached = self.triggers.lock().await;
+        if let Some((at, readings)) = cached.as_ref()
+            && at.elapsed() < TRIGGERS_TTL
+        {
+            return readings.clone();
+        }
+        let config = &self.app.config;
+        let source = match &config.prometheus_url {
+            Some(url) => Source::Prometheus(url.clone()),
+            None => Source::Direct(config.metrics_urls.clone()),
+        };
+        let readings = trellis_ops::triggers::read(&self.app.pool, &source).await.map_err(|e| format!("{e:#}"));
+        *cached = Some((std::time::Instant::now(), readings.clone()));
+        readings
+    }
 }
 
 pub type ConsoleState = Arc<Console>;

@@ -118,6 +118,15 @@ pub async fn overview(State(state): State<ConsoleState>, session: Session) -> Pa
     let outbox_pending = trellis_store::outbox::pending_count(&state.app.pool).await?;
     let outbox_age = trellis_store::outbox::oldest_pending_age_seconds(&state.app.pool).await?;
     let latest_run = trellis_store::scores::latest_run(&state.app.pool).await?;
+    let mut charts = Vec::new();
+    for (_, names) in processors() {
+        let points = match &state.app.config.prometheus_url {
+            Some(url) => super::rates::from_prometheus(url, &names).await.map_err(|e| format!("{e:#}")),
+            None => Ok(state.sampler.series(&names)),
+        };
+        charts.push(points);
+    }
+    let triggers = state.triggers().await;
     let body = html! {
         div id="overview" data-refresh="5" {
             h1 { "Overview" }
@@ -126,17 +135,23 @@ pub async fn overview(State(state): State<ConsoleState>, session: Session) -> Pa
             table {
                 caption.muted { "Each processor's executor and consumer groups on the events stream" }
                 thead { tr {
-                    th scope="col" { "Processor (flag)" } th scope="col" { "Executor" } th scope="col" { "Consumer" }
+                    th scope="col" { "Processor (flag), last hour" } th scope="col" { "Executor" } th scope="col" { "Consumer" }
                     th.num scope="col" { "Pending" } th.num scope="col" { "Ack pending" }
-                    th.num scope="col" { "Pull requests waiting" } th scope="col" { "Oldest owed message" }
+                    th.num scope="col" { "Waiting pulls (idle replicas)" } th scope="col" { "Oldest owed message" }
                     th.num scope="col" { "Dead letters" }
                 } }
                 tbody {
-                    @for (flag, executor, consumers) in &rows {
+                    @for ((flag, executor, consumers), chart) in rows.iter().zip(&charts) {
                         @for (i, c) in consumers.iter().enumerate() {
                             tr {
                                 @if i == 0 {
-                                    td rowspan=(consumers.len()) { code { (flag.as_str()) } }
+                                    td rowspan=(consumers.len()) {
+                                        code { (flag.as_str()) } br;
+                                        @match chart {
+                                            Ok(points) => (super::rates::chart(points)),
+                                            Err(e) => span.muted { "no throughput: " (e) },
+                                        }
+                                    }
                                     td rowspan=(consumers.len()) { (executor.map(Executor::as_str).unwrap_or("unknown")) }
                                 }
                                 td { code { (c.name) } }
@@ -161,6 +176,25 @@ pub async fn overview(State(state): State<ConsoleState>, session: Session) -> Pa
                 }
             }
             p.muted { "Dead letters above zero: docs/runbooks/replay-dlq.md. A backlog that grows: docs/runbooks/scale-worker.md." }
+            h2 { "Stage triggers" }
+            @match &triggers {
+                Err(e) => p.notice.bad { "The stage triggers could not be read: " (e) },
+                Ok(readings) => table {
+                    caption.muted { "The migration guide's triggers for the next stage (docs/runbooks/stage-trigger-review.md)" }
+                    thead { tr { th scope="col" { "Stage" } th scope="col" { "Metric" } th scope="col" { "Threshold" }
+                        th scope="col" { "Now" } th scope="col" { "Met" } th scope="col" { "Note" } } }
+                    tbody { @for r in readings {
+                        @let unit = trellis_domain::stage::TRIGGERS.iter().find(|t| t.alert == r.alert).map(|t| t.unit);
+                        tr {
+                            td { (r.transition) } td { code { (r.metric) } }
+                            td { "> " (unit.map(|u| trellis_ops::triggers::show(u, r.threshold)).unwrap_or_default()) }
+                            td { (r.value.zip(unit).map(|(v, u)| trellis_ops::triggers::show(u, v)).unwrap_or_else(|| "–".into())) }
+                            td { @if r.met { span.status-bad { "met" } } @else { span.status-ok { "not met" } } }
+                            td { (r.note.clone().unwrap_or_default()) }
+                        }
+                    } }
+                },
+            }
             h2 { "Outbox" }
             p {
                 @if outbox_pending == 0 { span.status-ok { "Every event is relayed." } }

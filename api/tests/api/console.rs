@@ -9,7 +9,7 @@ use trellis_domain::flags::{Executor, Flag};
 use trellis_runtime::dlq::{self, DeadLetter, ErrorKind};
 use trellis_testkit::eventually_ok;
 
-use crate::helpers::{PASSWORD, TestApp, TestUser};
+use crate::helpers::{Options, PASSWORD, TestApp, TestUser};
 
 /// A browser-less console client: keeps its session cookie, follows no redirect.
 pub struct Console {
@@ -381,4 +381,63 @@ async fn dead_letters_are_found_by_fingerprint_replayed_with_a_canary_parked_and
     let actors: Vec<(String,)> =
         sqlx::query_as("SELECT DISTINCT actor FROM ops.dlq_audit").fetch_all(&app.db.pool).await.unwrap();
     assert_eq!(actors, vec![("oper (console)".to_owned(),)]);
+}
+
+#[tokio::test]
+async fn the_overview_charts_each_processors_throughput_and_reads_the_stage_triggers() {
+    // The console samples this app's own /metrics, where the in-process projector counts.
+    let admin = trellis_testkit::free_port();
+    let admin_addr = format!("127.0.0.1:{admin}");
+    let metrics = format!("http://{admin_addr}/metrics");
+    let args = ["--admin-addr", &admin_addr, "--metrics-url", &metrics, "--console-sample-interval", "1s"];
+    let app = TestApp::spawn_with(Options { args: args.map(String::from).to_vec(), ..Options::default() }).await;
+    let change = trellis_store::cutover::flags::Change {
+        flag: Flag::SearchExecutor,
+        value: Executor::Monolith,
+        actor: "test",
+        reason: "the projector in-process",
+        forced: true,
+    };
+    trellis_store::cutover::flags::set(&app.db.pool, &change).await.unwrap();
+    user_with_role(&app, "oper", "operator").await;
+    let mut console = Console::new(&app);
+    console.sign_in("oper").await;
+    for i in 0..5 {
+        app.register(&format!("user{i}")).await;
+    }
+    let page = eventually_ok(
+        "the search projector's chart shows handled messages",
+        std::time::Duration::from_secs(60),
+        || async {
+            let page = console.get("/console").await;
+            // The projector's row: its chart's summary says it handled messages in the hour.
+            let row = page
+                .body
+                .split("<code>search.executor</code>")
+                .nth(1)
+                .unwrap_or("")
+                .split("</tr>")
+                .next()
+                .unwrap_or("");
+            match row.split("aria-label=\"").nth(1).and_then(|l| l.split('"').next()) {
+                Some(summary)
+                    if summary
+                        .split("over the hour ")
+                        .nth(1)
+                        .and_then(|rest| rest.split("/s").next())
+                        .and_then(|n| n.parse::<f64>().ok())
+                        .is_some_and(|n| n > 0.0) =>
+                {
+                    Ok(page)
+                }
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert!(page.body.contains("<polyline"), "{}", page.body);
+    assert!(page.body.contains("Stage triggers"), "{}", page.body);
+    for metric in trellis_domain::stage::TRIGGERS.iter().map(|t| t.metric) {
+        assert!(page.body.contains(metric), "the trigger {metric} is shown: {}", page.body);
+    }
 }

@@ -85,8 +85,6 @@ impl TestApp {
             &prefix,
             "--api-addr",
             "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
             "--log-format",
             "pretty",
             "--shutdown-grace",
@@ -101,6 +99,7 @@ impl TestApp {
         // Refusals are answered at once, so that tests of many refused requests stay fast; the
         // test of the delay passes its own.
         for (flag, value) in [
+            ("--admin-addr", "127.0.0.1:0"),
             ("--dispute-p0-min-account-age", "0s"),
             ("--registration-rate-per-address", "10000"),
             ("--refusal-delay", "0s"),
