@@ -66,8 +66,11 @@ pub struct Console {
     pub sampler: Arc<rates::Sampler>,
     /// The stage triggers' last reading and when it was taken: read at most every
     /// [`TRIGGERS_TTL`], however often the overview is loaded.
-    pub triggers: Arc<tokio::sync::Mutex<Option<(std::time::Instant, Result<Vec<Reading>, String>)>>>,
+    pub triggers: Arc<tokio::sync::Mutex<Option<TriggerReading>>>,
 }
+
+/// A reading of the stage triggers and when it was taken.
+type TriggerReading = (std::time::Instant, Result<Vec<Reading>, String>);
 
 /// How long a reading of the stage triggers is shown before it is taken again.
 pub const TRIGGERS_TTL: std::time::Duration = std::time::Duration::from_secs(15);
