@@ -683,11 +683,45 @@ pub async fn cutover(State(state): State<ConsoleState>, session: Session) -> Pag
     for f in &flags {
         history.push(trellis_store::cutover::flags::audit(&state.app.pool, Some(f.flag), 10).await?);
     }
+    let mut parity = Vec::new();
+    for f in &flags {
+        let report = match trellis_store::cutover::latest_period(&state.app.pool, f.flag).await? {
+            None => None,
+            Some(period) => {
+                let tally = trellis_store::cutover::tally(&state.app.pool, f.flag, &period).await?;
+                let first = trellis_store::cutover::first_differences(&state.app.pool, f.flag, &period, 5).await?;
+                Some((period, tally, first))
+            }
+        };
+        parity.push(report);
+    }
+    let reported = reported_flags(&state).await;
     let may_act = session.role.can_operate();
     let body = html! {
         h1 { "Cutover flags" }
+        div id="propagation" data-refresh="3" {
+            h2 { "What each process acts on" }
+            @match &reported {
+                Err(e) => p.notice.bad { "The processes' flags could not be read: " (e) },
+                Ok(rows) => table {
+                    caption.muted { "As each process reports it (trellis_cutover_flag_state), refreshed every 3 s" }
+                    thead { tr { th scope="col" { "Process" } @for f in &flags { th scope="col" { code { (f.flag.as_str()) } } } } }
+                    tbody { @for (process, values) in rows { tr {
+                        td { code { (process) } }
+                        @for f in &flags {
+                            @let value = values.get(f.flag.as_str()).map(String::as_str);
+                            td { @match value {
+                                Some(v) if v == f.value.as_str() => span.status-ok { (v) },
+                                Some(v) => span.status-warn { (v) " (not yet " (f.value.as_str()) ")" },
+                                None => span.muted { "–" },
+                            } }
+                        }
+                    } } }
+                },
+            }
+        }
         p.muted { "Each processor runs where its flag says: in trellis-api (monolith), in its worker (worker), or in its worker with the monolith's candidate beside it (shadow). Processes pick a change up within their flag poll. Runbook: docs/runbooks/cutover.md." }
-        @for (f, past) in flags.iter().zip(&history) {
+        @for ((f, past), report) in flags.iter().zip(&history).zip(&parity) {
             section aria-labelledby={"flag-" (f.flag.as_str())} {
                 h2 id={"flag-" (f.flag.as_str())} { code { (f.flag.as_str()) } " = " span.flag-value { (f.value.as_str()) } }
                 p.muted { "Set by " (f.updated_by) " at " (when(f.updated_at))
@@ -715,6 +749,30 @@ pub async fn cutover(State(state): State<ConsoleState>, session: Session) -> Pag
                         }
                     }
                 }
+                @if let Some((period, tally, first)) = report {
+                    h3 { "Shadow period since " (when(period.started_at))
+                        @match period.ended_at { Some(end) => { ", ended " (when(end)) }, None => { ", in progress" } } }
+                    p {
+                        "Primary " (period.primary.as_str()) ", candidate " (period.candidate().as_str()) ": "
+                        strong { (tally.matched) } " matched, " strong { (tally.mismatched) } " mismatched, "
+                        strong { (tally.missing) } " missing (mismatch rate " (format!("{:.4}", tally.mismatch_rate() * 100.0)) " %)."
+                    }
+                    @if !first.is_empty() {
+                        table {
+                            caption.muted { "First differences, field by field" }
+                            thead { tr { th scope="col" { "Input" } th scope="col" { "Result" } th scope="col" { "Field" } th scope="col" { "Primary" } th scope="col" { "Candidate" } } }
+                            tbody { @for r in first {
+                                @if r.comparison.diffs.is_empty() {
+                                    tr { td { code { (r.comparison.key) } } td { (r.comparison.result.as_str()) } td {} td {} td {} }
+                                }
+                                @for d in &r.comparison.diffs { tr {
+                                    td { code { (r.comparison.key) } } td { (r.comparison.result.as_str()) } td { code { (d.field) } }
+                                    td { code { (d.primary.to_string()) } } td { code { (d.candidate.to_string()) } }
+                                } }
+                            } }
+                        }
+                    }
+                }
                 table {
                     caption.muted { "Last changes" }
                     thead { tr { th scope="col" { "When" } th scope="col" { "From" } th scope="col" { "To" } th scope="col" { "By" } th scope="col" { "Reason" } th scope="col" { "Forced" } } }
@@ -726,6 +784,45 @@ pub async fn cutover(State(state): State<ConsoleState>, session: Session) -> Pag
         }
     };
     page(layout(Some(&session), Some(Section::Cutover), "Cutover", false, body))
+}
+
+/// Each process's flags as it reports them: from Prometheus (`PROMETHEUS_URL`), or from the
+/// processes' `/metrics`. Process → flag → value.
+async fn reported_flags(state: &ConsoleState) -> Result<Vec<(String, BTreeMap<String, String>)>, String> {
+    let config = &state.app.config;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().map_err(|e| e.to_string())?;
+    let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    if let Some(url) = &config.prometheus_url {
+        let response: serde_json::Value = http
+            .get(format!("{}/api/v1/query", url.trim_end_matches('/')))
+            .query(&[("query", "trellis_cutover_flag_state == 1")])
+            .send()
+            .await
+            .map_err(|e| format!("querying Prometheus: {e}"))?
+            .json()
+            .await
+            .map_err(|e| format!("reading Prometheus's answer: {e}"))?;
+        for series in response["data"]["result"].as_array().into_iter().flatten() {
+            let m = &series["metric"];
+            let process = format!("{} {}", m["job"].as_str().unwrap_or(""), m["instance"].as_str().unwrap_or(""));
+            if let (Some(flag), Some(value)) = (m["flag"].as_str(), m["value"].as_str()) {
+                out.entry(process).or_default().insert(flag.to_owned(), value.to_owned());
+            }
+        }
+        return Ok(out.into_iter().collect());
+    }
+    for url in &config.metrics_urls {
+        let values = out.entry(url.clone()).or_default();
+        let Ok(samples) = trellis_ops::triggers::scrape(&http, url).await else { continue };
+        for s in samples.iter().filter(|s| s.metric == "trellis_cutover_flag_state") {
+            let on =
+                matches!(s.value, prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) if v == 1.0);
+            if let (true, Some(flag), Some(value)) = (on, s.labels.get("flag"), s.labels.get("value")) {
+                values.insert(flag.to_owned(), value.to_owned());
+            }
+        }
+    }
+    Ok(out.into_iter().collect())
 }
 
 pub async fn set_flag(State(state): State<ConsoleState>, Path(name): Path<String>, form: FormPost) -> PageResult {

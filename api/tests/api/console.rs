@@ -186,6 +186,10 @@ async fn a_post_without_the_sessions_csrf_token_or_from_another_origin_is_refuse
         .await;
     assert_eq!(back.status, StatusCode::SEE_OTHER, "{}", back.body);
     assert_eq!(flag(&app, Flag::SearchExecutor).await, Executor::Worker);
+    // The shadow period's parity report is on the page (no comparison in so short a period).
+    let page = console.get("/console/cutover").await;
+    assert!(page.body.contains("Shadow period since"), "{}", page.body);
+    assert!(page.body.contains("<strong>0</strong> matched"), "{}", page.body);
 }
 
 #[tokio::test]
@@ -436,6 +440,11 @@ async fn the_overview_charts_each_processors_throughput_and_reads_the_stage_trig
     )
     .await;
     assert!(page.body.contains("<polyline"), "{}", page.body);
+    // The cutover page shows what this process acts on, as its /metrics reports it.
+    let cutover = console.get("/console/cutover").await;
+    let row =
+        cutover.body.split(&format!("<code>{metrics}</code>")).nth(1).unwrap_or("").split("</tr>").next().unwrap_or("");
+    assert!(row.contains("<span class=\"status-ok\">monolith</span>"), "{row}: {}", cutover.body);
     assert!(page.body.contains("Stage triggers"), "{}", page.body);
     for metric in trellis_domain::stage::TRIGGERS.iter().map(|t| t.metric) {
         assert!(page.body.contains(metric), "the trigger {metric} is shown: {}", page.body);
