@@ -450,3 +450,110 @@ async fn the_overview_charts_each_processors_throughput_and_reads_the_stage_trig
         assert!(page.body.contains(metric), "the trigger {metric} is shown: {}", page.body);
     }
 }
+
+#[tokio::test]
+async fn a_long_replay_shows_its_progress_and_stops_when_cancelled_losing_nothing() {
+    let app = TestApp::spawn().await;
+    user_with_role(&app, "oper", "operator").await;
+    for seq in 1..=20 {
+        let payload = format!("{{\"n\":{seq}}}").into_bytes();
+        dead_letter(&app, "score-orchestrator", "events.scores.run_requested", "lease lost", seq, payload).await;
+    }
+    let mut console = Console::new(&app);
+    console.sign_in("oper").await;
+    let csrf = console.get("/console/dead-letters").await.csrf();
+    // Two a second: about ten seconds for the twenty.
+    let form = [
+        ("intent", "replay:matching"),
+        ("csrf", csrf.as_str()),
+        ("expected", "20"),
+        ("reason", "slowly"),
+        ("rate", "2"),
+        ("canary", "0"),
+    ];
+    let started = console.post("/console/dead-letters/act", &form).await;
+    assert_eq!(started.status, StatusCode::SEE_OTHER, "{}", started.body);
+    let page = started.location().unwrap().to_owned();
+    eventually_ok("the replay records progress", std::time::Duration::from_secs(30), || async {
+        match audit_status(&app, "replay").await.first() {
+            Some((status, done, _)) if status == "running" && *done > 0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let running = console.get(&page).await;
+    assert!(running.body.contains("<progress"), "{}", running.body);
+    let cancelled = console.post(&format!("{page}/cancel"), &[("csrf", &csrf)]).await;
+    assert_eq!(cancelled.status, StatusCode::SEE_OTHER, "{}", cancelled.body);
+    let done = eventually_ok("the replay stops", std::time::Duration::from_secs(30), || async {
+        match audit_status(&app, "replay").await.first() {
+            Some((status, done, _)) if status == "cancelled" => Ok(*done),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(done > 0 && done < 20, "stopped part-way: {done}");
+    // Nothing lost: what was replayed left the DLQ, the rest is still there.
+    let left = console.get("/console/dead-letters").await;
+    let expected = format!("<strong>{}</strong> dead letters match", 20 - done);
+    assert!(left.body.contains(&expected), "{expected}: {}", left.body);
+    let client = async_nats::connect(&app.nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let topology = trellis_runtime::nats::Topology::new(&app.prefix).unwrap();
+    let mut replay = js.get_stream(topology.replay_stream()).await.unwrap();
+    assert_eq!(replay.info().await.unwrap().state.messages, done as u64);
+    let status = console.get(&page).await;
+    assert!(status.body.contains("cancelled") && status.body.contains("oper (console)"), "{}", status.body);
+}
+
+#[tokio::test]
+async fn a_moderator_decides_a_dispute_that_needs_review_from_the_queue() {
+    let app = TestApp::spawn().await;
+    let change = trellis_store::cutover::flags::Change {
+        flag: Flag::DisputeExecutor,
+        value: Executor::Monolith,
+        actor: "test",
+        reason: "the dispute processor in-process",
+        forced: true,
+    };
+    trellis_store::cutover::flags::set(&app.db.pool, &change).await.unwrap();
+    user_with_role(&app, "mod", "moderator").await;
+    let alice = app.register("alice").await;
+    let bob = app.register("bob").await;
+    let filed = app
+        .post(
+            "/v1/disputes",
+            Some(&alice.token),
+            serde_json::json!({"target_id": bob.id, "kind": "spam", "description": "sends me ads"}),
+        )
+        .await;
+    assert_eq!(filed.status, 201, "{:?}", filed.body);
+    let id = filed.body["id"].as_str().unwrap().to_owned();
+    let mut console = Console::new(&app);
+    console.sign_in("mod").await;
+    // Nothing is known of either: the rules leave it to a moderator.
+    let queue = eventually_ok("the dispute reaches the queue", std::time::Duration::from_secs(60), || async {
+        let page = console.get("/console/moderation").await;
+        if page.body.contains(&id) { Ok(page) } else { Err("not yet".to_owned()) }
+    })
+    .await;
+    assert!(queue.body.contains("sends me ads"), "{}", queue.body);
+    let csrf = queue.csrf();
+    let decided = console
+        .post(
+            &format!("/console/moderation/{id}"),
+            &[("csrf", &csrf), ("decision", "dismissed"), ("note", "ads are allowed")],
+        )
+        .await;
+    assert_eq!(decided.status, StatusCode::SEE_OTHER, "{}", decided.body);
+    let (status, note): (String, Option<String>) =
+        sqlx::query_as("SELECT status, decision_note FROM security.disputes WHERE id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), note.as_deref()), ("dismissed", Some("ads are allowed")));
+    assert!(!console.get("/console/moderation").await.body.contains(&id), "decided: out of the queue");
+    // Operations pages are not a moderator's.
+    assert_eq!(console.get("/console/dead-letters").await.status, StatusCode::FORBIDDEN);
+}
