@@ -1,4 +1,4 @@
-//! `trellisctl dlq`: list, show, stats, replay (routing, canary, dry run) and purge.
+//! `trellisctl dlq`: list, show, stats, replay (routing, canary, dry run), park, unpark and purge.
 
 use std::time::Duration;
 
@@ -374,4 +374,37 @@ async fn a_dead_letter_carries_its_trace_and_a_replay_starts_a_new_trace_linked_
     })
     .await;
     assert_eq!(again.trace_id(), Some(replay.trace_id.clone()));
+}
+
+#[tokio::test]
+async fn parked_dead_letters_stay_in_the_dlq_out_of_every_replay_until_unparked() {
+    let env = Env::new().await;
+    let poison = dead_letter(&env, "alpha", 1, ErrorKind::Permanent, "poison 1").await;
+    let other = dead_letter(&env, "alpha", 2, ErrorKind::Permanent, "timeout").await;
+
+    let refused = ctl(&env, &["dlq", "park", &poison.to_string()]).await;
+    assert!(!refused.success() && refused.stderr.contains("--reason is required"), "{refused:?}");
+    let parked = ctl(&env, &["dlq", "park", "--reason", "keep for analysis", "--grep", "poison"]).await;
+    assert!(parked.success(), "{parked:?}");
+    let listed = ctl(&env, &["--output", "json", "dlq", "list"]).await.json();
+    assert_eq!(sequences(&listed), vec![other], "a parked one is out of the list");
+    let listed = ctl(&env, &["--output", "json", "dlq", "list", "--parked"]).await.json();
+    assert_eq!(sequences(&listed), vec![poison]);
+    let shown = ctl(&env, &["--output", "json", "dlq", "show", &poison.to_string()]).await.json();
+    assert_eq!(shown["parked"], true);
+    // Replaying everything (or naming it) leaves the parked one where it is.
+    let dry = ctl(&env, &["dlq", "replay", "--dry-run", "--all"]).await;
+    assert!(dry.stdout.contains("1 dead letters would be replayed"), "{dry:?}");
+    let named = ctl(&env, &["dlq", "replay", "--dry-run", &poison.to_string()]).await;
+    assert!(named.stdout.contains("0 dead letters would be replayed"), "{named:?}");
+    assert_eq!(env.dead_letters(None).await.len(), 2, "both still in the DLQ");
+
+    let unparked = ctl(&env, &["dlq", "unpark", "--reason", "fixed", &poison.to_string()]).await;
+    assert!(unparked.success(), "{unparked:?}");
+    let listed = ctl(&env, &["--output", "json", "dlq", "list"]).await.json();
+    assert_eq!(sequences(&listed), vec![poison, other]);
+    let audit = audit_rows(&env).await;
+    let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
+    assert_eq!(actions, vec!["park", "unpark"]);
+    assert!(audit.iter().all(|a| a.status == "completed"), "{audit:?}");
 }
