@@ -166,7 +166,9 @@ pub fn chart(points: &[Point]) -> Markup {
     }
     let now = OffsetDateTime::now_utc();
     let max = points.iter().map(|p| p.handled_per_s.max(p.failed_per_s)).fold(0.0_f64, f64::max).max(1e-9);
-    let x = |p: &Point| W - ((now - p.at).as_seconds_f64() / WINDOW.as_secs_f64() * W).clamp(0.0, W);
+    // The hour, or what there is of it so far (a process that started a minute ago draws its minute).
+    let span = (now - points[0].at).as_seconds_f64().clamp(1.0, WINDOW.as_secs_f64());
+    let x = |p: &Point| W - ((now - p.at).as_seconds_f64() / span * W).clamp(0.0, W);
     let y = |v: f64| H - v / max * (H - 2.0) - 1.0;
     let line = |f: fn(&Point) -> f64| -> String {
         points.iter().map(|p| format!("{:.1},{:.1}", x(p), y(f(p)))).collect::<Vec<_>>().join(" ")

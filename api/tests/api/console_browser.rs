@@ -12,7 +12,7 @@ use trellis_testkit::browser::Browser;
 use trellis_testkit::eventually_ok;
 
 use crate::console::dead_letter;
-use crate::helpers::{PASSWORD, TestApp};
+use crate::helpers::{Options, PASSWORD, TestApp};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -54,9 +54,14 @@ async fn text_becomes(browser: &Browser, css: &str, wanted: &str) {
 
 #[tokio::test]
 async fn an_operator_works_the_console_in_a_browser() {
-    let app = TestApp::spawn().await;
-    run_in_process(&app, Flag::SearchExecutor).await;
-    run_in_process(&app, Flag::ScoreExecutor).await;
+    // The console samples this app's own /metrics for its charts.
+    let admin = format!("127.0.0.1:{}", trellis_testkit::free_port());
+    let metrics = format!("http://{admin}/metrics");
+    let args = ["--admin-addr", &admin, "--metrics-url", &metrics, "--console-sample-interval", "1s"];
+    let app = TestApp::spawn_with(Options { args: args.map(String::from).to_vec(), ..Options::default() }).await;
+    for flag in Flag::ALL {
+        run_in_process(&app, flag).await;
+    }
     let oper = app.register("oper").await;
     app.grant_role(&oper, "operator").await;
     for handle in ["bob", "carol"] {
@@ -83,6 +88,15 @@ async fn an_operator_works_the_console_in_a_browser() {
     sign_in(&browser, &app, "oper").await;
     text_becomes(&browser, "h1", "Overview").await;
     text_becomes(&browser, "#overview", "search-projector").await;
+    // The charts fill in as samples arrive (the page refreshes itself).
+    eventually_ok("three charts", WAIT, || async {
+        let n = browser.client().execute("return document.querySelectorAll('svg.chart').length;", Vec::new()).await;
+        match n {
+            Ok(n) if n == serde_json::json!(3) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
     check_page(&browser, "console-overview").await;
 
     // Find the poisoned ones by their fingerprint.
@@ -161,9 +175,9 @@ async fn an_operator_works_the_console_in_a_browser() {
     let back = "section[aria-labelledby='flag-dispute.executor'] form:nth-of-type(2)";
     browser.fill(&format!("{back} input[name=reason]"), "done").await.unwrap();
     browser.click(&format!("{back} button[type=submit]")).await.unwrap();
-    text_becomes(&browser, "#flag-dispute\\.executor", "worker").await;
+    text_becomes(&browser, "#flag-dispute\\.executor", "monolith").await;
     let flag = trellis_store::cutover::flags::get(&app.db.pool, Flag::DisputeExecutor).await.unwrap();
-    assert_eq!(flag.value, Executor::Worker);
+    assert_eq!(flag.value, Executor::Monolith);
 
     // Trigger a score run and watch it finish (the page refreshes itself).
     browser.click("nav a[href='/console/score-runs']").await.unwrap();
