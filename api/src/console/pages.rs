@@ -864,7 +864,7 @@ pub async fn score_runs(State(state): State<ConsoleState>, session: Session) -> 
     let active = pending || runs.iter().any(|r| r.finished_at.is_none());
     let ms = |v: Option<i64>| v.map(|v| format!("{v} ms")).unwrap_or_default();
     let body = html! {
-        div id="runs" data-refresh=[active.then_some("2")] {
+        div id="runs" data-refresh=(if active { "2" } else { "5" }) {
             h1 { "Score runs" }
             @if pending { p.notice { "A run is requested and waits for the score orchestrator." } }
             @if session.role.can_operate() {
@@ -889,7 +889,7 @@ pub async fn score_runs(State(state): State<ConsoleState>, session: Session) -> 
             }
         }
     };
-    page(layout(Some(&session), Some(Section::ScoreRuns), "Score runs", active, body))
+    page(layout(Some(&session), Some(Section::ScoreRuns), "Score runs", true, body))
 }
 
 pub async fn trigger_run(State(state): State<ConsoleState>, form: FormPost) -> PageResult {

@@ -181,8 +181,21 @@ async fn an_operator_works_the_console_in_a_browser() {
 
     // Trigger a score run and watch it finish (the page refreshes itself).
     browser.click("nav a[href='/console/score-runs']").await.unwrap();
+    browser.wait_for("#runs").await.unwrap();
+    let runs = "return document.querySelectorAll('tr.run').length;";
+    let before = browser.client().execute(runs, Vec::new()).await.unwrap().as_u64().unwrap();
     browser.click("form[action='/console/score-runs'] button").await.unwrap();
-    text_becomes(&browser, "#runs", "succeeded").await;
+    eventually_ok("the requested run is shown, succeeded", WAIT, || async {
+        let n = browser.client().execute(runs, Vec::new()).await.map_err(|e| e.to_string())?.as_u64().unwrap_or(0);
+        let newest = browser.text_of("tr.run:first-child .run-status").await.map_err(|e| e.to_string())?;
+        if n == before + 1 && newest == "succeeded" { Ok(()) } else { Err(format!("{n} runs, the newest {newest}")) }
+    })
+    .await;
+    let (users,): (Option<i64>,) = sqlx::query_as("SELECT users FROM score.runs ORDER BY created_at DESC LIMIT 1")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert!(users.is_some_and(|u| u >= 3), "the run scored the registered users: {users:?}");
     check_page(&browser, "console-score-runs").await;
 
     // A post without the session's CSRF token is refused, even from the console's own page.
