@@ -744,7 +744,7 @@ pub async fn cutover(State(state): State<ConsoleState>, session: Session) -> Pag
                             (csrf(&session))
                             input type="hidden" name="value" value=(p.as_str());
                             input type="hidden" name="rollback" value="1";
-                            label { "Roll back to " (p.as_str()) ", because " input type="text" name="reason" size="30" required; }
+                            label { "Roll back to " (p.as_str()) ", because " input type="text" name="reason" size="30" required value="rolled back from the console"; }
                             " " button type="submit" { "Roll back" }
                         }
                     }

@@ -557,3 +557,25 @@ async fn a_moderator_decides_a_dispute_that_needs_review_from_the_queue() {
     // Operations pages are not a moderator's.
     assert_eq!(console.get("/console/dead-letters").await.status, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn the_console_can_be_served_on_the_admin_listener_only_or_not_at_all() {
+    let app =
+        TestApp::spawn_with(Options { args: vec!["--console".into(), "admin".into()], ..Options::default() }).await;
+    user_with_role(&app, "oper", "operator").await;
+    let public = Console::new(&app).get("/console/sign-in").await;
+    assert_eq!(public.status, StatusCode::NOT_FOUND, "not on the public listener");
+    assert!(public.body.contains("route-not-found"), "the API's problem: {}", public.body);
+    let mut admin = Console { base: format!("http://{}", app.admin_addr), ..Console::new(&app) };
+    assert_eq!(admin.sign_in("oper").await.status, StatusCode::SEE_OTHER);
+    let overview = admin.get("/console").await;
+    assert_eq!(overview.status, 200, "{}", overview.body);
+    assert!(overview.body.contains("Overview"));
+    // The admin listener's own routes are unchanged.
+    assert_eq!(admin.get("/readyz").await.status, 200);
+
+    let off = TestApp::spawn_with(Options { args: vec!["--console".into(), "off".into()], ..Options::default() }).await;
+    assert_eq!(Console::new(&off).get("/console/sign-in").await.status, StatusCode::NOT_FOUND);
+    let on_admin = Console { base: format!("http://{}", off.admin_addr), ..Console::new(&off) };
+    assert_eq!(on_admin.get("/console/sign-in").await.status, StatusCode::NOT_FOUND);
+}
