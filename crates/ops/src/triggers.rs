@@ -30,10 +30,19 @@ pub enum Source {
 
 /// Every trigger's reading from `source`.
 pub async fn read(pool: &sqlx::PgPool, source: &Source) -> anyhow::Result<Vec<Reading>> {
+    read_reporting(pool, source, &|_| {}).await
+}
+
+/// [`read`], telling `unreachable` why each process that could not be scraped was left out.
+pub async fn read_reporting(
+    pool: &sqlx::PgPool,
+    source: &Source,
+    unreachable: &(dyn Fn(&anyhow::Error) + Sync),
+) -> anyhow::Result<Vec<Reading>> {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
     match source {
         Source::Prometheus(url) => from_prometheus(&http, url).await,
-        Source::Direct(urls) => direct(&http, pool, urls).await,
+        Source::Direct(urls) => direct(&http, pool, urls, unreachable).await,
     }
 }
 
@@ -131,14 +140,19 @@ async fn query(
 
 /// The values from the processes' `/metrics` (API latency, batch in progress, binary size) and
 /// the database (everything the database knows better than one process).
-async fn direct(http: &reqwest::Client, pool: &sqlx::PgPool, urls: &[String]) -> anyhow::Result<Vec<Reading>> {
+async fn direct(
+    http: &reqwest::Client,
+    pool: &sqlx::PgPool,
+    urls: &[String],
+    report: &(dyn Fn(&anyhow::Error) + Sync),
+) -> anyhow::Result<Vec<Reading>> {
     let mut samples = Vec::new();
     let mut unreachable = Vec::new();
     for url in urls {
         match scrape(http, url).await {
             Ok(scraped) => samples.extend(scraped),
             Err(e) => {
-                tracing::warn!(error = format!("{e:#}"), "stage triggers: a process's metrics are left out");
+                report(&e);
                 unreachable.push(url.as_str());
             }
         }

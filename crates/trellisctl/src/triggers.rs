@@ -25,7 +25,10 @@ pub async fn run(pool: &sqlx::PgPool, args: Args, output: Output) -> anyhow::Res
         Some(url) => Source::Prometheus(url),
         None => Source::Direct(args.metrics_urls),
     };
-    let readings = trellis_ops::triggers::read(pool, &source).await?;
+    let readings = trellis_ops::triggers::read_reporting(pool, &source, &|e| {
+        eprintln!("trellisctl: {e:#}; its metrics are left out");
+    })
+    .await?;
     match output {
         Output::Json => {
             let manual: Vec<_> = MANUAL_TRIGGERS
