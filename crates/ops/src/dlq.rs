@@ -172,11 +172,10 @@ pub async fn is_parked(ctx: &Ctx, e: &Entry) -> anyhow::Result<bool> {
 
 /// The dead letters a selection names. Refuses an empty selection.
 pub async fn select(ctx: &Ctx, selection: &Selection) -> anyhow::Result<Vec<Entry>> {
-    let Selection { sequences, filter, all } = selection;
+    let Selection { sequences, filter, .. } = selection;
     if selection.is_empty() {
         bail!("nothing selected: give sequences, filters or all");
     }
-    let _ = all;
     if !sequences.is_empty() {
         let parked = ParkedSet::load(&ctx.pool).await?;
         let mut out = Vec::with_capacity(sequences.len());
