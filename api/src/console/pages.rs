@@ -127,6 +127,10 @@ pub async fn overview(State(state): State<ConsoleState>, session: Session) -> Pa
         charts.push(points);
     }
     let triggers = state.triggers().await;
+    let replicas: BTreeMap<String, u32> = match &state.app.config.prometheus_url {
+        Some(url) => super::rates::replicas_from_prometheus(url).await.unwrap_or_default().into_iter().collect(),
+        None => consumers().into_iter().filter_map(|c| state.sampler.replicas(&c).map(|n| (c, n))).collect(),
+    };
     let body = html! {
         div id="overview" data-refresh="5" {
             h1 { "Overview" }
@@ -137,7 +141,7 @@ pub async fn overview(State(state): State<ConsoleState>, session: Session) -> Pa
                 thead { tr {
                     th scope="col" { "Processor (flag), last hour" } th scope="col" { "Executor" } th scope="col" { "Consumer" }
                     th.num scope="col" { "Pending" } th.num scope="col" { "Ack pending" }
-                    th.num scope="col" { "Waiting pulls (idle replicas)" } th scope="col" { "Oldest owed message" }
+                    th.num scope="col" { "Replicas pulling" } th.num scope="col" { "Waiting pull requests" } th scope="col" { "Oldest owed message" }
                     th.num scope="col" { "Dead letters" }
                 } }
                 tbody {
@@ -156,10 +160,11 @@ pub async fn overview(State(state): State<ConsoleState>, session: Session) -> Pa
                                 }
                                 td { code { (c.name) } }
                                 @if let Some(e) = &c.error {
-                                    td colspan="4" { span.status-bad { "unavailable: " } (e) " (see docs/runbooks/scale-worker.md)" }
+                                    td colspan="5" { span.status-bad { "unavailable: " } (e) " (see docs/runbooks/scale-worker.md)" }
                                 } @else {
                                     td.num { (c.pending.unwrap_or(0)) }
                                     td.num { (c.ack_pending.unwrap_or(0)) }
+                                    td.num { @match replicas.get(&c.name) { Some(n) => (n), None => span.muted { "?" } } }
                                     td.num { (c.waiting.unwrap_or(0)) }
                                     td { @match c.oldest { Some(t) => { (ago(t)) " ago" }, None => { "none" } } }
                                 }

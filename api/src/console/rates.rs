@@ -33,6 +33,8 @@ struct Sample {
     at: OffsetDateTime,
     /// (consumer, outcome) → the counter summed over the processes scraped.
     totals: HashMap<(String, String), f64>,
+    /// consumer → how many of the processes scraped pull from it (not standing by).
+    replicas: HashMap<String, u32>,
 }
 
 /// The samples of `trellis_worker_messages_total` this process took.
@@ -56,9 +58,16 @@ impl Sampler {
                 _ = tick.tick() => {}
             }
             let mut totals: HashMap<(String, String), f64> = HashMap::new();
+            let mut replicas: HashMap<String, u32> = HashMap::new();
             for url in &urls {
                 // A process that does not answer is left out of this sample.
                 let Ok(samples) = trellis_ops::triggers::scrape(&http, url).await else { continue };
+                for s in samples.iter().filter(|s| s.metric == "trellis_consumer_standby_state") {
+                    let pulling = matches!(s.value, prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) if v == 0.0);
+                    if let (true, Some(consumer)) = (pulling, s.labels.get("consumer")) {
+                        *replicas.entry(consumer.to_owned()).or_default() += 1;
+                    }
+                }
                 for s in samples.iter().filter(|s| s.metric == "trellis_worker_messages_total") {
                     let (Some(consumer), Some(outcome)) = (s.labels.get("consumer"), s.labels.get("outcome")) else {
                         continue;
@@ -68,7 +77,7 @@ impl Sampler {
                     }
                 }
             }
-            self.push(Sample { at: OffsetDateTime::now_utc(), totals });
+            self.push(Sample { at: OffsetDateTime::now_utc(), totals, replicas });
         }
     }
 
@@ -79,6 +88,12 @@ impl Sampler {
             samples.pop_front();
         }
         samples.push_back(sample);
+    }
+
+    /// How many processes pulled from `consumer` at the last sample (`None` before the first).
+    pub fn replicas(&self, consumer: &str) -> Option<u32> {
+        let samples = self.samples.lock().expect("samples lock");
+        samples.back().map(|s| s.replicas.get(consumer).copied().unwrap_or(0))
     }
 
     /// The points of the consumers' sum: one per pair of successive samples. A counter that
@@ -190,4 +205,27 @@ pub fn chart(points: &[Point]) -> Markup {
         br;
         span.muted { (summary) }
     }
+}
+
+/// How many processes pull from each consumer (not standing by), from Prometheus.
+pub async fn replicas_from_prometheus(url: &str) -> anyhow::Result<HashMap<String, u32>> {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let response: serde_json::Value = http
+        .get(format!("{}/api/v1/query", url.trim_end_matches('/')))
+        .query(&[("query", "count by (consumer) (trellis_consumer_standby_state == 0)")])
+        .send()
+        .await?
+        .json()
+        .await?;
+    anyhow::ensure!(response["status"] == "success", "Prometheus refused the query: {response}");
+    Ok(response["data"]["result"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|series| {
+            let consumer = series["metric"]["consumer"].as_str()?.to_owned();
+            let n = series["value"][1].as_str()?.parse::<f64>().ok()?;
+            Some((consumer, n as u32))
+        })
+        .collect())
 }

@@ -250,6 +250,21 @@ pub async fn dead_letter(app: &TestApp, consumer: &str, subject: &str, error: &s
     dlq::publish(&js, &topology, &letter, None, payload.into()).await.unwrap();
 }
 
+/// Waits until `consumer`'s replay consumer exists: its processor runs (in this app, once the
+/// flag it was given has reached it).
+pub async fn until_replayable(app: &TestApp, consumer: &str) {
+    let client = async_nats::connect(&app.nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let topology = trellis_runtime::nats::Topology::new(&app.prefix).unwrap();
+    eventually_ok(&format!("{consumer} takes replays"), std::time::Duration::from_secs(60), || async {
+        let stream = js.get_stream(topology.replay_stream()).await.map_err(|e| e.to_string())?;
+        let found: Result<async_nats::jetstream::consumer::PullConsumer, _> =
+            stream.get_consumer(&topology.name(consumer)).await;
+        found.map(|_| ()).map_err(|e| e.to_string())
+    })
+    .await;
+}
+
 async fn audit_status(app: &TestApp, action: &str) -> Vec<(String, i32, Option<serde_json::Value>)> {
     sqlx::query_as("SELECT status, done, outcome FROM ops.dlq_audit WHERE action = $1 ORDER BY started_at")
         .bind(action)
@@ -294,6 +309,7 @@ async fn dead_letters_are_found_by_fingerprint_replayed_with_a_canary_parked_and
         )
         .await;
     }
+    until_replayable(&app, "search-projector").await;
     let mut console = Console::new(&app);
     console.sign_in("oper").await;
     let list = console.get("/console/dead-letters").await;
@@ -440,6 +456,15 @@ async fn the_overview_charts_each_processors_throughput_and_reads_the_stage_trig
     )
     .await;
     assert!(page.body.contains("<polyline"), "{}", page.body);
+    // One process (this one) pulls from the search projector's consumer; the dispute
+    // processor's consumers do not exist (its flag says `worker`, and no worker runs).
+    let cell = |consumer: &str| {
+        let row = page.body.split(&format!("<code>{consumer}</code></td>")).nth(1).unwrap_or("").to_owned();
+        row.split("<td class=\"num\">").nth(3).unwrap_or("").split('<').next().unwrap_or("").to_owned()
+    };
+    assert_eq!(cell("search-projector"), "1", "{}", page.body);
+    let dispute = page.body.split("<code>dispute-processor-p0</code></td>").nth(1).unwrap_or("");
+    assert!(dispute.split("</tr>").next().unwrap_or("").contains("unavailable"), "{}", page.body);
     // The cutover page shows what this process acts on, as its /metrics reports it.
     let cutover = console.get("/console/cutover").await;
     let row =

@@ -11,7 +11,7 @@ use trellis_domain::flags::{Executor, Flag};
 use trellis_testkit::browser::Browser;
 use trellis_testkit::eventually_ok;
 
-use crate::console::dead_letter;
+use crate::console::{dead_letter, until_replayable};
 use crate::helpers::{Options, PASSWORD, TestApp};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -81,6 +81,7 @@ async fn an_operator_works_the_console_in_a_browser() {
         dead_letter(&app, "search-projector", &subject, poison, seq, b"garbage".to_vec()).await;
     }
 
+    until_replayable(&app, "search-projector").await;
     let browser = Browser::start().await.unwrap();
     browser.goto(&format!("http://{}/console", app.addr)).await.unwrap();
     browser.wait_for("#login").await.unwrap();
