@@ -64,6 +64,8 @@ pub struct Console {
     pub tasks: tokio_util::task::TaskTracker,
     /// The throughput samples (without `PROMETHEUS_URL`).
     pub sampler: Arc<rates::Sampler>,
+    /// The DLQ as the dead-letters page last read it (only what is new is read again).
+    pub dead_letters: Arc<trellis_ops::dlq::Snapshot>,
     /// The stage triggers' last reading and when it was taken: read at most every
     /// [`TRIGGERS_TTL`], however often the overview is loaded.
     pub triggers: Arc<tokio::sync::Mutex<Option<TriggerReading>>>,
@@ -77,7 +79,7 @@ pub const TRIGGERS_TTL: std::time::Duration = std::time::Duration::from_secs(15)
 
 impl Console {
     pub fn new(app: AppState, ops: trellis_ops::dlq::Ctx, tasks: tokio_util::task::TaskTracker) -> Self {
-        Console { app, ops, tasks, sampler: Arc::default(), triggers: Arc::default() }
+        Console { app, ops, tasks, sampler: Arc::default(), dead_letters: Arc::default(), triggers: Arc::default() }
     }
 
     /// The stage triggers, at most [`TRIGGERS_TTL`] old.

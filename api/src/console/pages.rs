@@ -294,9 +294,9 @@ pub async fn dead_letters(
     session.require_view()?;
     let fields = Fields::parse(query.unwrap_or_default().as_bytes());
     let filter = filter_of(&fields)?;
-    let entries = ops::read(&state.ops, &filter).await?;
-    let groups = ops::groups(&entries);
-    let shown: Vec<&Entry> = entries.iter().rev().take(LIST_LIMIT).collect();
+    let entries = ops::read_snapshot(&state.ops, &state.dead_letters, &filter).await?;
+    let groups = ops::groups(entries.iter().map(|e| e.as_ref()));
+    let shown: Vec<&Entry> = entries.iter().rev().take(LIST_LIMIT).map(|e| e.as_ref()).collect();
     let may_act = session.role.can_operate();
     let parked = filter.parked;
     let body = html! {
@@ -400,7 +400,7 @@ pub async fn dead_letter(State(state): State<ConsoleState>, session: Session, Pa
             dt { "Original subject" } dd { code { (e.original_subject()) } }
             dt { "Dead-lettered" } dd { (when(e.time)) }
             dt { "Error" } dd { (e.kind()) ": " (e.error()) }
-            dt { "Fingerprint" } dd { a href={"/console/dead-letters?" (filter_query(&[("fingerprint", &e.fingerprint())]))} { (e.fingerprint()) } }
+            dt { "Fingerprint" } dd { a href={"/console/dead-letters?" (filter_query(&[("fingerprint", e.fingerprint())]))} { (e.fingerprint()) } }
             dt { "Trace" } dd { code { (e.trace_id().unwrap_or_else(|| "none".into())) } }
             dt { "Parked" } dd { (if parked { "yes: out of every replay until unparked" } else { "no" }) }
             dt { "As an event" } dd { @match &event { Ok((t, says)) => { code { (t) } ": " (says) }, Err(why) => { "does not decode: " (why) } } }

@@ -7,6 +7,7 @@
 //! when it ends.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -160,6 +161,74 @@ pub async fn read(ctx: &Ctx, filter: &Filter) -> anyhow::Result<Vec<Entry>> {
     Ok(entries.into_iter().filter(|e| filter.matches(e, &parked)).collect())
 }
 
+/// The DLQ as last read, for a process that lists it often (the console): each read asks the
+/// stream for its state and fetches only the dead letters added since the last; when one left
+/// the stream meanwhile (a replay, a purge, the stream's limits), the whole stream is read
+/// again. Entries are shared, not copied, between the reads.
+#[derive(Default)]
+pub struct Snapshot {
+    cached: tokio::sync::Mutex<Cached>,
+}
+
+#[derive(Default)]
+struct Cached {
+    /// The stream's last sequence when it was read.
+    last: u64,
+    entries: Arc<Vec<Arc<Entry>>>,
+}
+
+impl Snapshot {
+    /// Every dead letter now in the DLQ, oldest first.
+    pub async fn entries(&self, ctx: &Ctx) -> anyhow::Result<Arc<Vec<Arc<Entry>>>> {
+        let stream = ctx.js.get_stream(ctx.topology.dlq_stream()).await.context("reading the DLQ stream's state")?;
+        let state = &stream.cached_info().state;
+        let mut cached = self.cached.lock().await;
+        if state.messages == 0 {
+            *cached = Cached { last: state.last_sequence, entries: Arc::default() };
+            return Ok(cached.entries.clone());
+        }
+        let kept = cached.entries.iter().filter(|e| e.sequence >= state.first_sequence).count() as u64;
+        let unchanged = state.last_sequence == cached.last && kept == state.messages;
+        if unchanged {
+            if kept < cached.entries.len() as u64 {
+                // Only the oldest left (a whole consumer's replay purges through a sequence).
+                let entries = cached.entries.iter().filter(|e| e.sequence >= state.first_sequence).cloned().collect();
+                cached.entries = Arc::new(entries);
+            }
+            return Ok(cached.entries.clone());
+        }
+        // Only additions since the last read: the kept ones plus the new ones make the count.
+        let appended = state.last_sequence > cached.last && cached.last > 0;
+        let mut entries: Vec<Arc<Entry>> = if appended {
+            cached.entries.iter().filter(|e| e.sequence >= state.first_sequence).cloned().collect()
+        } else {
+            Vec::new()
+        };
+        let from = if appended { cached.last + 1 } else { 1 };
+        let read = dlq::read(&ctx.js, &ctx.topology, None, from).await.context("reading the DLQ")?;
+        entries.extend(read.into_iter().map(Arc::new));
+        if entries.len() as u64 != state.messages && appended {
+            // Something left as well: read it all.
+            entries = dlq::read(&ctx.js, &ctx.topology, None, 1)
+                .await
+                .context("reading the DLQ")?
+                .into_iter()
+                .map(Arc::new)
+                .collect();
+        }
+        let last = entries.last().map_or(state.last_sequence, |e| e.sequence.max(state.last_sequence));
+        *cached = Cached { last, entries: Arc::new(entries) };
+        Ok(cached.entries.clone())
+    }
+}
+
+/// [`read`] through a [`Snapshot`]: the dead letters the filter matches, oldest first.
+pub async fn read_snapshot(ctx: &Ctx, snapshot: &Snapshot, filter: &Filter) -> anyhow::Result<Vec<Arc<Entry>>> {
+    let parked = ParkedSet::load(&ctx.pool).await?;
+    let entries = snapshot.entries(ctx).await?;
+    Ok(entries.iter().filter(|e| filter.matches(e, &parked)).cloned().collect())
+}
+
 /// One dead letter by its DLQ sequence.
 pub async fn get(ctx: &Ctx, sequence: u64) -> anyhow::Result<Entry> {
     dlq::get(&ctx.js, &ctx.topology, sequence).await.with_context(|| format!("no dead letter {sequence}"))
@@ -203,12 +272,12 @@ pub struct Group {
 }
 
 /// The triage view: dead letters grouped by consumer and fingerprint, largest group first.
-pub fn groups(entries: &[Entry]) -> Vec<Group> {
-    let mut groups: BTreeMap<(&str, String), Group> = BTreeMap::new();
+pub fn groups<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> Vec<Group> {
+    let mut groups: BTreeMap<(&str, &str), Group> = BTreeMap::new();
     for e in entries {
         let g = groups.entry((e.consumer(), e.fingerprint())).or_insert_with(|| Group {
             consumer: e.consumer().to_owned(),
-            fingerprint: e.fingerprint(),
+            fingerprint: e.fingerprint().to_owned(),
             count: 0,
             first_seen: e.time,
             last_seen: e.time,

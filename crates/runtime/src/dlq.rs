@@ -223,9 +223,15 @@ pub struct Entry {
     pub headers: HeaderMap,
     pub payload: Bytes,
     pub time: OffsetDateTime,
+    /// [`Entry::fingerprint`], computed once.
+    fingerprint: std::sync::OnceLock<String>,
 }
 
 impl Entry {
+    pub fn new(sequence: u64, subject: String, headers: HeaderMap, payload: Bytes, time: OffsetDateTime) -> Self {
+        Entry { sequence, subject, headers, payload, time, fingerprint: std::sync::OnceLock::new() }
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(|v| v.as_str())
     }
@@ -258,8 +264,8 @@ impl Entry {
 
     /// The error kind plus the error text with numbers and ids masked: equal for failures of
     /// the same cause.
-    pub fn fingerprint(&self) -> String {
-        format!("{}: {}", self.kind(), mask(self.error()))
+    pub fn fingerprint(&self) -> &str {
+        self.fingerprint.get_or_init(|| format!("{}: {}", self.kind(), mask(self.error())))
     }
 }
 
@@ -326,13 +332,13 @@ pub async fn read(
         let m = m?;
         let info = m.info().map_err(|e| anyhow::anyhow!(e))?;
         let (sequence, time, left) = (info.stream_sequence, info.published, info.pending);
-        out.push(Entry {
+        out.push(Entry::new(
             sequence,
-            subject: m.subject.to_string(),
-            headers: m.headers.clone().unwrap_or_default(),
-            payload: m.payload.clone(),
+            m.subject.to_string(),
+            m.headers.clone().unwrap_or_default(),
+            m.payload.clone(),
             time,
-        });
+        ));
         if left == 0 {
             break;
         }
@@ -344,13 +350,7 @@ pub async fn read(
 pub async fn get(js: &jetstream::Context, topology: &Topology, sequence: u64) -> anyhow::Result<Entry> {
     let stream = js.get_stream(topology.dlq_stream()).await?;
     let m = stream.get_raw_message(sequence).await?;
-    Ok(Entry {
-        sequence: m.sequence,
-        subject: m.subject.to_string(),
-        headers: m.headers,
-        payload: m.payload,
-        time: m.time,
-    })
+    Ok(Entry::new(m.sequence, m.subject.to_string(), m.headers, m.payload, m.time))
 }
 
 /// Publishes replays of many dead letters with their acknowledgements pipelined; does not
