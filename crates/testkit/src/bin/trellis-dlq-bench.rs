@@ -13,7 +13,7 @@
 //!   async-nats ordered consumer (consumer, info, every message to the last: what
 //!   `trellis_runtime::dlq::read` does, without keeping anything), one reader at a time,
 //!   alternating with a read through `trellis_runtime::dlq::read`, then with CONCURRENCY raw
-//!   readers at once.
+//!   readers at once; with the reader's own CPU time per raw read.
 //!   Prints one JSON line of milliseconds per read (median and max of each).
 //!
 //! - `trellis-dlq-bench clean` deletes the prefix's streams.
@@ -259,6 +259,15 @@ async fn raw_read(js: &jetstream::Context, topology: &Topology) -> anyhow::Resul
     Ok(read)
 }
 
+/// This process's CPU time so far (user and system, `/proc/self/stat`, 10 ms ticks).
+fn cpu_ms() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let after = stat.rsplit_once(')').ok_or_else(|| anyhow::anyhow!("malformed /proc/self/stat"))?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    Ok(ticks as f64 * 10.0)
+}
+
 fn summary(mut ms: Vec<f64>) -> serde_json::Value {
     ms.sort_by(f64::total_cmp);
     json!({ "median_ms": ms[ms.len() / 2], "max_ms": ms[ms.len() - 1], "reads": ms.len() })
@@ -274,10 +283,13 @@ async fn read(
     // The raw read and the runtime's alternate, so that neither has the colder store.
     let (mut sequential, mut runtime) = (Vec::new(), Vec::new());
     let mut messages = 0;
+    let mut raw_cpu_ms = 0.0;
     for _ in 0..repeat {
+        let cpu = cpu_ms()?;
         let started = Instant::now();
         messages = raw_read(js, topology).await?;
         sequential.push(started.elapsed().as_secs_f64() * 1000.0);
+        raw_cpu_ms += cpu_ms()? - cpu;
         let started = Instant::now();
         let entries = dlq::read(js, topology, None, 1).await?;
         runtime.push(started.elapsed().as_secs_f64() * 1000.0);
@@ -296,6 +308,7 @@ async fn read(
     Ok(json!({
         "messages": messages,
         "raw": summary(sequential),
+        "raw_cpu_ms_per_read": raw_cpu_ms / repeat as f64,
         "raw_concurrent": summary(concurrent),
         "concurrency": concurrency.max(1),
         "runtime_read": summary(runtime),
