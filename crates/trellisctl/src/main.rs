@@ -188,7 +188,8 @@ enum Outbox {
 
 #[derive(Debug, Subcommand)]
 enum Users {
-    /// Sets a user's role (user, moderator, admin, operator, read_only_operator) and records who, when, from, to and why.
+    /// Sets a user's role (user, moderator, admin, operator, read_only_operator) and records who, when, from, to
+    /// and why.
     /// Granting the role a user already has changes nothing and records nothing.
     GrantRole {
         /// User id or handle.
