@@ -39,6 +39,7 @@ fn suite(name: &str) -> Option<fn(&flags::Bench) -> anyhow::Result<()>> {
         "cutover" => crate::bench_cutover::run,
         "abuse" => crate::bench_abuse::run,
         "cluster" => crate::bench_cluster::run,
+        "console" => crate::bench_console::run,
         _ => return None,
     })
 }
@@ -77,7 +78,7 @@ impl BenchDb {
     }
 
     /// Database `name` on the stack's server as it is, migrated, if it exists.
-    fn existing(stack: &Stack, name: &str) -> anyhow::Result<Option<Self>> {
+    pub(crate) fn existing(stack: &Stack, name: &str) -> anyhow::Result<Option<Self>> {
         let psql = util::find_program("psql", &[]).context("psql is needed for benchmarks")?;
         let maintenance = replace_database(&stack.database_url, "postgres");
         let found = util::read(
@@ -283,23 +284,23 @@ fn wrk() -> anyhow::Result<PathBuf> {
 
 /// CPU time consumed so far: the whole machine's busy time (every process, `/proc/stat`) and one
 /// process's (`/proc/<pid>/stat`), in clock ticks.
-struct CpuTime {
+pub(crate) struct CpuTime {
     machine: u64,
     process: u64,
 }
 
 /// The CPU a phase's requests cost each, in microseconds.
 #[derive(Debug, Clone, Copy)]
-struct CpuPerRequest {
-    machine_us: f64,
-    api_us: f64,
+pub(crate) struct CpuPerRequest {
+    pub(crate) machine_us: f64,
+    pub(crate) api_us: f64,
 }
 
 /// Linux's `USER_HZ`, the unit of `/proc/stat`'s times (100 on every architecture Rust targets).
 const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 
 impl CpuTime {
-    fn read(pid: u32) -> anyhow::Result<Self> {
+    pub(crate) fn read(pid: u32) -> anyhow::Result<Self> {
         let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
         let cpu = stat.lines().next().context("/proc/stat is empty")?;
         let ticks: Vec<u64> = cpu.split_whitespace().skip(1).map(str::parse).collect::<Result<_, _>>()?;
@@ -315,7 +316,7 @@ impl CpuTime {
         Ok(Self { machine, process })
     }
 
-    fn since(&self, before: &Self, requests: u64) -> CpuPerRequest {
+    pub(crate) fn since(&self, before: &Self, requests: u64) -> CpuPerRequest {
         let per_request = |ticks: u64| ticks as f64 / CLOCK_TICKS_PER_SECOND * 1e6 / requests.max(1) as f64;
         CpuPerRequest {
             machine_us: per_request(self.machine - before.machine),
@@ -338,6 +339,8 @@ pub(crate) struct Load {
     pub(crate) requests_per_sec: f64,
     pub(crate) p50_ms: f64,
     pub(crate) p99_ms: f64,
+    /// The slowest request.
+    pub(crate) max_ms: f64,
     pub(crate) requests: u64,
     pub(crate) errors: u64,
 }
@@ -345,7 +348,9 @@ pub(crate) struct Load {
 pub(crate) fn run_wrk(url: &str, connections: u32, seconds: u64, script: &Path) -> anyhow::Result<Load> {
     let out = util::read(
         Command::new(wrk()?)
-            .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", "-s"])
+            // wrk wants no more threads than connections.
+            .args([&format!("-t{}", connections.clamp(1, 2)), &format!("-c{connections}")])
+            .args([&format!("-d{seconds}s"), "--latency", "-s"])
             .arg(script)
             .arg(url),
     )?;
@@ -356,6 +361,15 @@ pub(crate) fn run_wrk(url: &str, connections: u32, seconds: u64, script: &Path) 
     let requests_per_sec = field("Requests/sec:").context("wrk printed no Requests/sec")?.parse()?;
     let p50_ms = parse_latency(field("50%").context("no p50")?)?;
     let p99_ms = parse_latency(field("99%").context("no p99")?)?;
+    // `Latency  <avg> <stdev> <max> <+/- stdev>`
+    let max_ms = out
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("Latency"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .map(parse_latency)
+        .transpose()?
+        .context("no maximum latency")?;
     let requests = out
         .lines()
         .find(|l| l.contains("requests in"))
@@ -373,7 +387,7 @@ pub(crate) fn run_wrk(url: &str, connections: u32, seconds: u64, script: &Path) 
         .find(|l| l.contains("Socket errors:"))
         .map(|l| l.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u64>().ok()).sum())
         .unwrap_or(0);
-    Ok(Load { requests_per_sec, p50_ms, p99_ms, requests, errors: non_2xx + socket_errors })
+    Ok(Load { requests_per_sec, p50_ms, p99_ms, max_ms, requests, errors: non_2xx + socket_errors })
 }
 
 fn parse_latency(text: &str) -> anyhow::Result<f64> {

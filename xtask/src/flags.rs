@@ -38,10 +38,11 @@ commands:
   bench SUITE [--duration SECS] [--users N] [--db-pool-size N] [--rate N]
               [--only NAME,...] [--concurrency N] [--slow-connections N] [--replica]
                      run a benchmark suite against release builds; SUITE is one of: api, runtime,
-                     score, search, dispute, cutover, abuse, cluster.
+                     score, search, dispute, cutover, abuse, cluster, console.
                      --duration: each load phase (default 20 s; abuse: each attack, default 30 s;
-                     cluster: each replica count's P0 filing, the leader kill half-way in R3);
-                     --users: the seeded graph of score and search (default 1,000,000), of
+                     cluster: each replica count's P0 filing, the leader kill half-way in R3;
+                     console: each page, default 15 s);
+                     --users: the seeded graph of score, search and console (default 1,000,000), of
                      cutover's score phase (default 100,000), of abuse (default 10,000);
                      --db-pool-size: the API's request pool in the api suite;
                      --replica: the api suite's reads on a PostgreSQL streaming replica against
@@ -70,7 +71,8 @@ environment: DATABASE_URL, NATS_URL, NATS_PREFIX, API_ADDR (see each command's o
 pub const COMMANDS: [&str; 10] = ["up", "services", "tidy", "lint", "deploy", "test", "chaos", "bench", "seed", "help"];
 
 /// Every suite of `bench`, as typed (`bench::suite` runs each).
-pub const BENCH_SUITES: [&str; 8] = ["api", "runtime", "score", "search", "dispute", "cutover", "abuse", "cluster"];
+pub const BENCH_SUITES: [&str; 9] =
+    ["api", "runtime", "score", "search", "dispute", "cutover", "abuse", "cluster", "console"];
 
 pub enum Command {
     Help,
@@ -89,7 +91,7 @@ pub struct Bench {
     pub suite: String,
     /// Seconds each load phase runs.
     pub duration: u64,
-    /// Users in the seeded graph (`score`, `search`).
+    /// Users in the seeded graph (`score`, `search`, `console`).
     pub users: Option<u64>,
     /// The API's request pool (`api`); the API's own default when absent.
     pub db_pool_size: Option<u32>,
@@ -241,7 +243,11 @@ pub fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Command> {
         "bench" => {
             let suite =
                 args.next().with_context(|| format!("bench needs a suite name ({})", BENCH_SUITES.join(", ")))?;
-            let mut duration = if suite == "abuse" { 30 } else { 20 };
+            let mut duration = match suite.as_str() {
+                "abuse" => 30,
+                "console" => 15,
+                _ => 20,
+            };
             let mut users = None;
             let mut db_pool_size = None;
             let mut backlog = None;
@@ -435,6 +441,17 @@ mod tests {
         assert!(!bench(&["bench", "api"]).unwrap().replica);
         let err = bench(&["bench", "search", "--replica"]).err().unwrap();
         assert!(err.contains("--replica is an option of `bench api`"), "{err}");
+    }
+
+    #[test]
+    fn bench_console_runs_each_page_fifteen_seconds_unless_told() {
+        let bench = |args: &[&str]| match parse(args.iter().map(|a| (*a).to_owned())) {
+            Ok(Command::Bench(bench)) => bench,
+            _ => panic!("not the bench command"),
+        };
+        assert_eq!(bench(&["bench", "console"]).duration, 15);
+        assert_eq!(bench(&["bench", "console", "--duration", "5"]).duration, 5);
+        assert_eq!(bench(&["bench", "api"]).duration, 20);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 mod bench;
 mod bench_abuse;
 mod bench_cluster;
+mod bench_console;
 mod bench_cutover;
 mod bench_dispute;
 mod bench_replica;

@@ -505,7 +505,7 @@ pub enum Users {
     #[test]
     fn the_xtask_commands_the_docs_name_are_the_ones_it_has() {
         let row = "| `xtask/` | `cargo xtask up [--x] / services / tidy / lint / deploy / test [--y Z / --w] / chaos / seed / bench \
-                   api\\|runtime\\|score\\|search\\|dispute\\|cutover\\|abuse\\|cluster` (…) |";
+                   api\\|runtime\\|score\\|search\\|dispute\\|cutover\\|abuse\\|cluster\\|console` (…) |";
         assert_eq!(architecture_xtask_commands(row), xtask_commands());
         let stale = "| `xtask/` | `cargo xtask up / services / tidy / lint / deploy / test / seed / bench api` |";
         assert!(!compare("ARCHITECTURE", &architecture_xtask_commands(stale), "xtask", &xtask_commands()).is_empty());

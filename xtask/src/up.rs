@@ -4,8 +4,10 @@
 //! client URLs as `NATS_URL`.
 //!
 //! Services (see `services.rs`) → build → migrate → trellis-api and the workers that exist →
-//! wait for `/readyz` → demo data on first run → stream logs until Ctrl-C or SIGTERM, then
-//! SIGTERM every child (they drain), wait a bounded time, stop the private services we started.
+//! wait for `/readyz` → demo data on first run (four users, a score run, and the operator `ops`
+//! for the on-call console, its role granted with `trellisctl`) → stream logs until Ctrl-C or
+//! SIGTERM, then SIGTERM every child (they drain), wait a bounded time, stop the private services
+//! we started.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
@@ -39,6 +41,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(45);
 
 const DEMO_PASSWORD: &str = "correct horse battery staple";
 const DEMO_HANDLES: [&str; 4] = ["alice", "bob", "carol", "dave"];
+/// The demo operator: a fifth demo user with the `operator` role, to sign in to the console with.
+const DEMO_OPERATOR: &str = "ops";
 
 pub fn run(flags: &flags::Up) -> anyhow::Result<()> {
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -119,11 +123,25 @@ pub fn run(flags: &flags::Up) -> anyhow::Result<()> {
     // `GET /v1/users/bob/score` has a score to show.
     let mut score_run = Command::new(bin_dir.join("trellisctl"));
     score_run.args(["score", "run", "--wait"]).env("DATABASE_URL", &stack.database_url);
-    let outcome = serve(&api_url, &mut children, &mut score_run, &stop_requested);
+    // The demo operator's role, granted as in production: with trellisctl, audited.
+    let mut grant = Command::new(bin_dir.join("trellisctl"));
+    grant
+        .args(["users", "grant-role", DEMO_OPERATOR, "operator", "--reason", "demo operator"])
+        .args(["--actor", "cargo xtask up"])
+        .env("DATABASE_URL", &stack.database_url)
+        .env("NATS_URL", &stack.nats_url);
+    let demo = DemoCommands { score_run: &mut score_run, grant: &mut grant };
+    let outcome = serve(&api_url, &mut children, demo, &stop_requested);
     shutdown(&mut children);
     drop(cluster);
     drop(stack);
     outcome
+}
+
+/// The trellisctl commands of the demo data: the score run, the demo operator's role.
+struct DemoCommands<'a> {
+    score_run: &'a mut Command,
+    grant: &'a mut Command,
 }
 
 /// Waits for readiness, seeds, prints the banner, then waits for a stop request.
@@ -131,7 +149,7 @@ pub fn run(flags: &flags::Up) -> anyhow::Result<()> {
 fn serve(
     api_url: &str,
     children: &mut [Supervised],
-    score_run: &mut Command,
+    demo: DemoCommands<'_>,
     stop_requested: &dyn Fn() -> bool,
 ) -> anyhow::Result<()> {
     let http = http_agent();
@@ -154,8 +172,8 @@ fn serve(
 
     let demo_data = match seed_demo_data(&http, api_url) {
         Ok(true) => {
-            eprintln!("xtask: score run: {}", util::display(score_run));
-            match util::run(score_run) {
+            eprintln!("xtask: score run: {}", util::display(demo.score_run));
+            match util::run(demo.score_run) {
                 Ok(()) => "created just now, with a completed score run",
                 Err(err) => {
                     eprintln!("xtask: the demo score run failed: {err:#}");
@@ -169,7 +187,16 @@ fn serve(
             "NOT seeded, see above"
         }
     };
-    print_banner(api_url, children, demo_data);
+    let console = console_url(api_url);
+    let operator = match seed_demo_operator(&http, api_url, console.as_deref(), demo.grant) {
+        Ok(true) => "created just now",
+        Ok(false) => "already there",
+        Err(err) => {
+            eprintln!("xtask: could not seed the demo operator: {err:#}");
+            "NOT seeded, see above"
+        }
+    };
+    print_banner(api_url, console.as_deref(), children, demo_data, operator);
 
     while !stop_requested() {
         check_alive(children)?;
@@ -298,6 +325,8 @@ fn http_agent() -> ureq::Agent {
         .http_status_as_error(false)
         // Everything is on this machine: an HTTP_PROXY from the environment must not apply.
         .proxy(None)
+        // A redirect is an answer too (the console's sign-in answers 303).
+        .max_redirects(0)
         .timeout_global(Some(Duration::from_secs(10)))
         .build()
         .into()
@@ -347,6 +376,69 @@ fn seed_demo_data(http: &ureq::Agent, api_url: &str) -> anyhow::Result<bool> {
     Ok(true)
 }
 
+/// Where the console is, as trellis-api serves it (`CONSOLE`, inherited from our environment):
+/// on the API's listener (the default), on its admin listener, or nowhere.
+fn console_url(api_url: &str) -> Option<String> {
+    match std::env::var("CONSOLE").unwrap_or_default().to_ascii_lowercase().as_str() {
+        "off" => None,
+        "admin" => Some(format!("http://{API_ADMIN_ADDR}/console")),
+        _ => Some(format!("{api_url}/console")),
+    }
+}
+
+/// Creates the demo operator and grants it the `operator` role, unless it can already sign in
+/// to the console (without a console: unless it can sign in at all). Returns whether it seeded.
+fn seed_demo_operator(
+    http: &ureq::Agent,
+    api_url: &str,
+    console: Option<&str>,
+    grant: &mut Command,
+) -> anyhow::Result<bool> {
+    let exists = match console {
+        Some(console) => {
+            let probe = http
+                .post(&format!("{console}/sign-in"))
+                .send_form([("login", DEMO_OPERATOR), ("password", DEMO_PASSWORD)])?;
+            match probe.status().as_u16() {
+                // Signed in: the account exists and has a console role.
+                303 => return Ok(false),
+                // The account exists without a console role (a run stopped before the grant).
+                403 => true,
+                401 => false,
+                other => bail!("POST {console}/sign-in for {DEMO_OPERATOR} answered {other}; not seeding"),
+            }
+        }
+        None => {
+            let probe = http
+                .post(&format!("{api_url}/v1/sessions"))
+                .send_json(json!({ "login": DEMO_OPERATOR, "password": DEMO_PASSWORD }))?;
+            match probe.status().as_u16() {
+                201 => return Ok(false),
+                401 => false,
+                other => bail!("POST /v1/sessions for {DEMO_OPERATOR} answered {other}; not seeding"),
+            }
+        }
+    };
+    if !exists {
+        eprintln!("xtask: seeding the demo operator `{DEMO_OPERATOR}`");
+        let api = Api { http, url: api_url };
+        api.send(
+            "POST",
+            "/v1/users",
+            None,
+            json!({
+                "handle": DEMO_OPERATOR,
+                "display_name": "Ops",
+                "email": format!("{DEMO_OPERATOR}@example.com"),
+                "password": DEMO_PASSWORD,
+            }),
+        )?;
+    }
+    eprintln!("xtask: grant: {}", util::display(grant));
+    util::run(grant).context("granting the demo operator its role")?;
+    Ok(true)
+}
+
 struct DemoUser {
     id: String,
     token: String,
@@ -390,8 +482,15 @@ fn string_at(value: &Value, pointer: &str) -> anyhow::Result<String> {
         .with_context(|| format!("no `{pointer}` in {value}"))
 }
 
-fn print_banner(api_url: &str, children: &[Supervised], demo_data: &str) {
+fn print_banner(api_url: &str, console: Option<&str>, children: &[Supervised], demo_data: &str, operator: &str) {
     let names: Vec<&str> = children.iter().map(|c| c.name).collect();
+    let console = match console {
+        Some(url) => format!(
+            "on-call console: {url}\n\
+             \x20 sign in as \"{DEMO_OPERATOR}\" (an operator; {operator}) with the demo password"
+        ),
+        None => "on-call console: off (CONSOLE=off)".to_owned(),
+    };
     eprintln!(
         "\n\
          ==============================================================\n\
@@ -399,6 +498,7 @@ fn print_banner(api_url: &str, children: &[Supervised], demo_data: &str) {
          running: {}\n\
          demo users ({demo_data}): {}\n\
          \x20 emails <handle>@example.com, password \"{DEMO_PASSWORD}\"\n\
+         {console}\n\
          Ctrl-C stops everything.\n\
          ==============================================================\n",
         names.join(", "),
