@@ -315,9 +315,10 @@ impl Config {
             ));
         }
         let written_within = 2 * self.activity_flush_interval + Duration::from_secs(60);
-        if self.console_idle_timeout <= written_within {
+        if self.console != crate::console::ConsoleListener::Off && self.console_idle_timeout <= written_within {
             return Err(format!(
-                "CONSOLE_IDLE_TIMEOUT ({}) must exceed twice ACTIVITY_FLUSH_INTERVAL plus a minute ({})",
+                "CONSOLE_IDLE_TIMEOUT ({}) must exceed twice ACTIVITY_FLUSH_INTERVAL plus a minute ({}): a console session \
+                 in use could otherwise time out between two writes of its last use (or set CONSOLE=off)",
                 humantime::format_duration(self.console_idle_timeout),
                 humantime::format_duration(written_within)
             ));
@@ -331,5 +332,29 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::Config;
+
+    fn config(extra: &[&str]) -> Config {
+        let base = ["trellis-api", "--database-url", "postgres://localhost/x"];
+        Config::try_parse_from(base.iter().chain(extra)).expect("flags parse")
+    }
+
+    #[test]
+    fn a_console_idle_timeout_shorter_than_the_activity_writes_is_refused_unless_the_console_is_off() {
+        assert_eq!(config(&[]).check(), Ok(()));
+        let slow = ["--activity-flush-interval", "1h"];
+        let refused = config(&slow).check().unwrap_err();
+        assert!(refused.contains("CONSOLE_IDLE_TIMEOUT (30m)"), "{refused}");
+        let off = config(&[&slow[..], &["--console", "off"]].concat()).check();
+        assert_eq!(off, Ok(()));
+        let longer = config(&[&slow[..], &["--console-idle-timeout", "3h"]].concat()).check();
+        assert_eq!(longer, Ok(()));
     }
 }

@@ -123,7 +123,10 @@ async fn a_user_active_within_the_hour_costs_no_further_activity_write() {
 async fn tokens_that_do_not_authenticate_never_crowd_out_signed_in_users() {
     // The tracker remembers 5 tokens between two flushes; 50 callers with made-up tokens come
     // first. The only flush is the one of the graceful stop.
-    let args = ["--activity-max-tokens", "5", "--activity-flush-interval", "1h"].map(String::from).to_vec();
+    // An hour between flushes is longer than a console session's idle timeout: no console here.
+    let args = ["--activity-max-tokens", "5", "--activity-flush-interval", "1h", "--console", "off"]
+        .map(String::from)
+        .to_vec();
     let app = TestApp::spawn_with(Options { args, ..Default::default() }).await;
     let alice = app.register("alice").await;
     for i in 0..50 {
