@@ -14,9 +14,11 @@ use trellis_testkit::{PrivateNats, eventually};
 
 /// `trellisctl dlq stats` on `url` with the NATS environment `env`: success, and what it printed.
 async fn dlq_stats(url: &str, env: &[(&str, &str)]) -> (bool, String) {
+    // A database of its own: the dead letters' parked set is read there.
+    let db = trellis_testkit::TestDb::migrated().await.expect("a test database");
     let out = tokio::process::Command::new(trellis_testkit::process::binary("trellisctl"))
         .args(["--nats-prefix", "", "dlq", "stats"])
-        .env("DATABASE_URL", trellis_testkit::server_url())
+        .env("DATABASE_URL", &db.url)
         .env("NATS_URL", url)
         .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
@@ -249,17 +251,57 @@ async fn each_process_may_do_its_job_and_nothing_else() {
     env.wait_for_record(id, Duration::from_secs(10)).await;
     env.wait_until_settled("EVENTS", "search-projector", Duration::from_secs(10)).await;
 
-    // The API cannot read a consumer: neither look at one, nor pull from it, nor make one.
+    // The API may look at a consumer group (the console's overview), but neither pull from one
+    // nor make one.
     let api_client = nats::connect_once(&as_user("trellis-api", "api-nats-pw"), "api", short).await.unwrap();
     let api = nats::jetstream(api_client.clone(), short);
     let events = api.get_stream("EVENTS").await.expect("the API may look at the stream");
-    assert!(events.get_consumer::<jetstream::consumer::pull::Config>("search-projector").await.is_err());
+    assert!(events.get_consumer::<jetstream::consumer::pull::Config>("search-projector").await.is_ok());
     let consumer = jetstream::consumer::pull::Config { durable_name: Some("api-reader".into()), ..Default::default() };
     assert!(events.create_consumer(consumer).await.is_err(), "the API made a consumer");
     // A pull that may be made is answered at once (`no_wait`), with a message or "no messages".
     let next = async_nats::Request::new().payload(r#"{"batch":1,"no_wait":true}"#.into()).timeout(Some(short));
     let pulled = api_client.send_request("$JS.API.CONSUMER.MSG.NEXT.EVENTS.search-projector", next).await;
     assert!(pulled.is_err(), "the API pulled from a worker's consumer: {pulled:?}");
+
+    // The console's dead-letter work, as the API: read the DLQ, replay one, purge another.
+    let topology = Topology::new("").unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    for seq in [1, 2] {
+        let letter = trellis_runtime::dlq::DeadLetter {
+            consumer: "search-projector",
+            original_subject: "events.probe.synthetic",
+            stream: "EVENTS",
+            stream_sequence: seq,
+            deliveries: 1,
+            kind: trellis_runtime::dlq::ErrorKind::Permanent,
+            error: "bad",
+            first_failure: now,
+            host: "test",
+            version: "test",
+            now,
+            trace: None,
+        };
+        trellis_runtime::dlq::publish(&env.js, &topology, &letter, None, "{}".into()).await.unwrap();
+    }
+    let letters = trellis_runtime::dlq::read(&api, &topology, None, 1).await.expect("the API reads the DLQ");
+    assert_eq!(letters.len(), 2);
+    let replayed = trellis_runtime::dlq::publish_replays(&api, &topology, &letters[..1], "audit").await;
+    assert!(replayed[0].is_ok(), "the API replays: {replayed:?}");
+    assert!(trellis_runtime::dlq::get(&api, &topology, letters[1].sequence).await.is_ok());
+    for removed in trellis_runtime::dlq::remove(&api, &topology, &[letters[0].sequence]).await {
+        removed.expect("the API removes a replayed dead letter");
+    }
+    trellis_runtime::dlq::remove_through(&api, &topology, "search-projector", letters[1].sequence)
+        .await
+        .expect("the API purges through a sequence");
+    // Both are gone (the worker, given the replay it cannot handle, may dead-letter it anew).
+    let left = trellis_runtime::dlq::read(&api, &topology, None, 1).await.unwrap();
+    assert!(
+        left.iter().all(|e| e.sequence > letters[1].sequence),
+        "{:?}",
+        left.iter().map(|e| e.sequence).collect::<Vec<_>>()
+    );
 
     // A worker cannot publish an event, nor delete a stream, nor read another worker's consumer.
     let worker_client =
