@@ -759,6 +759,40 @@ fn runtime() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Database `name` holding exactly `users` seeded users with `avg_contacts` contacts each on
+/// average (`cargo xtask seed`'s loader): reused when it holds exactly that graph (users with the
+/// handle `besides` not counted), seeded afresh otherwise.
+pub(crate) fn seeded_graph(
+    stack: &Stack,
+    name: &str,
+    users: u64,
+    avg_contacts: u64,
+    besides: Option<&str>,
+) -> anyhow::Result<BenchDb> {
+    let contacts = users.saturating_mul(avg_contacts);
+    if let Some(db) = BenchDb::existing(stack, name)? {
+        let besides = besides.map(|h| format!(" WHERE handle <> '{h}'")).unwrap_or_default();
+        let counts = db.exec(&format!(
+            "SELECT (SELECT count(*) FROM identity.users{besides}), (SELECT count(*) FROM contacts.contacts)"
+        ))?;
+        if counts == format!("{users}|{contacts}") {
+            eprintln!("xtask: bench: {name} already holds {users} users and {contacts} contacts; not reseeding");
+            return Ok(db);
+        }
+    }
+    eprintln!("xtask: bench: seeding {name} with {users} users, {avg_contacts} contacts each on average");
+    let db = BenchDb::fresh(stack, name)?;
+    let options = crate::seed::Options { users, avg_contacts: avg_contacts as f64, verified_fraction: 0.1, seed: 42 };
+    let summary = crate::seed::load(&db.psql, &db.url, &options, crate::seed::Mode::Empty)?;
+    eprintln!(
+        "xtask: bench: seeded {} users, {} contacts in {:.1} s",
+        summary.users,
+        summary.contacts,
+        summary.wall.as_secs_f64()
+    );
+    Ok(db)
+}
+
 /// The score orchestrator: one full run (`score-orchestrator --run-once`) over a seeded graph of
 /// `--users` users (default 1,000,000) with 20 contacts each on average, timed end to end, with
 /// the process's peak RSS and the phases from the run's record. The graph lives in database
@@ -769,38 +803,10 @@ fn score(flags: &flags::Bench) -> anyhow::Result<()> {
     const DB: &str = "trellis_bench_score";
     const AVG_CONTACTS: u64 = 20;
     let users = flags.users.unwrap_or(1_000_000);
-    let contacts = users.saturating_mul(AVG_CONTACTS);
     let stack = Stack::ensure()?;
     build_release(&["trellisctl"])?;
 
-    let reusable = match BenchDb::existing(&stack, DB)? {
-        Some(db) => {
-            let counts =
-                db.exec("SELECT (SELECT count(*) FROM identity.users), (SELECT count(*) FROM contacts.contacts)")?;
-            (counts == format!("{users}|{contacts}")).then_some(db)
-        }
-        None => None,
-    };
-    let db = match reusable {
-        Some(db) => {
-            eprintln!("xtask: bench: {DB} already holds {users} users and {contacts} contacts; not reseeding");
-            db
-        }
-        None => {
-            eprintln!("xtask: bench: seeding {DB} with {users} users, {AVG_CONTACTS} contacts each on average");
-            let db = BenchDb::fresh(&stack, DB)?;
-            let options =
-                crate::seed::Options { users, avg_contacts: AVG_CONTACTS as f64, verified_fraction: 0.1, seed: 42 };
-            let summary = crate::seed::load(&db.psql, &db.url, &options, crate::seed::Mode::Empty)?;
-            eprintln!(
-                "xtask: bench: seeded {} users, {} contacts in {:.1} s",
-                summary.users,
-                summary.contacts,
-                summary.wall.as_secs_f64()
-            );
-            db
-        }
-    };
+    let db = seeded_graph(&stack, DB, users, AVG_CONTACTS, None)?;
 
     build_release(&["score-orchestrator"])?;
     db.exec("TRUNCATE score.user_scores")?;

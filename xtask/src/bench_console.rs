@@ -58,7 +58,7 @@ pub fn run(flags: &flags::Bench) -> anyhow::Result<()> {
     let users = flags.users.unwrap_or(1_000_000);
     let stack = Stack::ensure()?;
     build_release(&["trellis-api", "trellisctl", "trellis-testkit"])?;
-    let db = seeded(&stack, users)?;
+    let db = crate::bench::seeded_graph(&stack, DB, users, AVG_CONTACTS, Some(OPERATOR))?;
     db.exec(&SCORE_RUNS_SQL.replace("USERS", &users.to_string()))?;
     db.exec("VACUUM ANALYZE score.runs")?;
 
@@ -85,46 +85,6 @@ pub fn run(flags: &flags::Bench) -> anyhow::Result<()> {
         println!("{r}");
     }
     Ok(())
-}
-
-/// The database with exactly `users` seeded users (and the operator, once it was made).
-fn seeded(stack: &Stack, users: u64) -> anyhow::Result<BenchDb> {
-    let contacts = users.saturating_mul(AVG_CONTACTS);
-    let reusable = match BenchDb::existing(stack, DB)? {
-        Some(db) => {
-            let counts = db.exec(&format!(
-                "SELECT (SELECT count(*) FROM identity.users WHERE handle <> '{OPERATOR}'),
-                        (SELECT count(*) FROM contacts.contacts)"
-            ))?;
-            (counts == format!("{users}|{contacts}")).then_some(db)
-        }
-        None => None,
-    };
-    if let Some(db) = reusable {
-        eprintln!("xtask: bench: {DB} already holds {users} users and {contacts} contacts; not reseeding");
-        return Ok(db);
-    }
-    eprintln!("xtask: bench: seeding {DB} with {users} users, {AVG_CONTACTS} contacts each on average");
-    let db = BenchDb::fresh(stack, DB)?;
-    let options = crate::seed::Options { users, avg_contacts: AVG_CONTACTS as f64, verified_fraction: 0.1, seed: 42 };
-    let summary = crate::seed::load(&db.psql, &db.url, &options, crate::seed::Mode::Empty)?;
-    eprintln!(
-        "xtask: bench: seeded {} users, {} contacts in {:.1} s",
-        summary.users,
-        summary.contacts,
-        summary.wall.as_secs_f64()
-    );
-    Ok(db)
-}
-
-fn http_agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .proxy(None)
-        .max_redirects(0)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into()
 }
 
 /// The operator account (registered through the API unless it exists), its role, and a
@@ -186,7 +146,7 @@ fn measure(
     duration: u64,
     dlq_bench: &dyn Fn(&[&str]) -> anyhow::Result<Value>,
 ) -> anyhow::Result<Vec<String>> {
-    let http = http_agent();
+    let http = crate::util::local_http_agent(Duration::from_secs(30));
     let cookie = operator_session(&http, db, api)?;
     eprintln!("xtask: bench: signed in as {OPERATOR}; writing {DEAD_LETTERS} dead letters");
     let filled = dlq_bench(&["fill", &DEAD_LETTERS.to_string()])?;

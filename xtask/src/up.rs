@@ -152,7 +152,7 @@ fn serve(
     demo: DemoCommands<'_>,
     stop_requested: &dyn Fn() -> bool,
 ) -> anyhow::Result<()> {
-    let http = http_agent();
+    let http = util::local_http_agent(Duration::from_secs(10));
     eprintln!("xtask: waiting for {api_url}/readyz");
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
@@ -317,19 +317,6 @@ fn shutdown(children: &mut [Supervised]) {
             let _ = copier.join();
         }
     }
-}
-
-fn http_agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        // Statuses are answers here, not errors.
-        .http_status_as_error(false)
-        // Everything is on this machine: an HTTP_PROXY from the environment must not apply.
-        .proxy(None)
-        // A redirect is an answer too (the console's sign-in answers 303).
-        .max_redirects(0)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .into()
 }
 
 /// Seeds the demo users, contacts and circle unless `alice` can already sign in. Returns

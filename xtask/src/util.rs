@@ -275,6 +275,18 @@ impl Drop for LineChild {
     }
 }
 
+/// An HTTP client for the processes on this machine: statuses and redirects are answers, not
+/// errors (the console's sign-in answers 303), and no HTTP_PROXY from the environment applies.
+pub fn local_http_agent(timeout: std::time::Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .max_redirects(0)
+        .timeout_global(Some(timeout))
+        .build()
+        .into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::redact;
