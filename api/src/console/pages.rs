@@ -61,21 +61,38 @@ struct ConsumerRow {
     error: Option<String>,
 }
 
-async fn consumer_row(state: &ConsoleState, name: &str) -> ConsumerRow {
-    let ctx = &state.ops;
+/// Dead letters per consumer, from one look at the DLQ stream's subjects.
+async fn dead_letters_per_consumer(ctx: &ops::Ctx) -> anyhow::Result<BTreeMap<String, u64>> {
+    use futures::TryStreamExt as _;
+    let stream = ctx.js.get_stream(ctx.topology.dlq_stream()).await?;
+    let prefix = ctx.topology.subject("dlq.");
+    let subjects: Vec<(String, usize)> =
+        stream.info_with_subjects(ctx.topology.subject("dlq.>")).await?.try_collect().await?;
+    Ok(subjects
+        .into_iter()
+        .filter_map(|(subject, n)| Some((subject.strip_prefix(&prefix)?.to_owned(), n as u64)))
+        .collect())
+}
+
+async fn consumer_row(
+    events: Option<&async_nats::jetstream::stream::Stream>,
+    topology: &trellis_runtime::nats::Topology,
+    dead_letters: Option<&BTreeMap<String, u64>>,
+    name: &str,
+) -> ConsumerRow {
     let mut row = ConsumerRow {
         name: name.to_owned(),
         pending: None,
         ack_pending: None,
         waiting: None,
         oldest: None,
-        dead_letters: runtime_dlq::depth(&ctx.js, &ctx.topology, name).await.ok(),
+        dead_letters: dead_letters.map(|d| d.get(name).copied().unwrap_or(0)),
         error: None,
     };
     let info = async {
-        let stream = ctx.js.get_stream(ctx.topology.events_stream()).await?;
+        let stream = events.ok_or_else(|| anyhow::anyhow!("the events stream is unavailable"))?;
         let mut consumer: async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::Config> =
-            stream.get_consumer(&ctx.topology.name(name)).await.map_err(|e| anyhow::anyhow!(e))?;
+            stream.get_consumer(&topology.name(name)).await.map_err(|e| anyhow::anyhow!(e))?;
         let info = consumer.info().await?.clone();
         // The first message after the ack floor: the oldest this consumer may still owe.
         let oldest = if info.num_pending + info.num_ack_pending as u64 > 0 {
@@ -107,11 +124,15 @@ pub async fn overview(State(state): State<ConsoleState>, session: Session) -> Pa
         .into_iter()
         .map(|f| (f.flag.as_str(), f.value))
         .collect();
+    // One look at each stream for every consumer's row.
+    let ctx = &state.ops;
+    let events = ctx.js.get_stream(ctx.topology.events_stream()).await.ok();
+    let dead_letters = dead_letters_per_consumer(ctx).await.ok();
     let mut rows = Vec::new();
     for (flag, names) in processors() {
         let mut consumers = Vec::new();
         for name in &names {
-            consumers.push(consumer_row(&state, name).await);
+            consumers.push(consumer_row(events.as_ref(), &ctx.topology, dead_letters.as_ref(), name).await);
         }
         rows.push((flag, flags.get(flag.as_str()).copied(), consumers));
     }
