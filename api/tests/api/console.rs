@@ -70,6 +70,18 @@ impl Console {
     }
 }
 
+/// Sets `flag` to `monolith`: this app runs that processor in its own process.
+pub async fn run_in_process(app: &TestApp, flag: Flag) {
+    let change = trellis_store::cutover::flags::Change {
+        flag,
+        value: Executor::Monolith,
+        actor: "test",
+        reason: "the processor in the API's process",
+        forced: true,
+    };
+    trellis_store::cutover::flags::set(&app.db.pool, &change).await.unwrap();
+}
+
 async fn user_with_role(app: &TestApp, handle: &str, role: &str) -> TestUser {
     let user = app.register(handle).await;
     app.grant_role(&user, role).await;
@@ -277,14 +289,7 @@ async fn audit_status(app: &TestApp, action: &str) -> Vec<(String, i32, Option<s
 async fn dead_letters_are_found_by_fingerprint_replayed_with_a_canary_parked_and_purged() {
     let app = TestApp::spawn().await;
     // The search projector runs in this process (and drains its replay consumer).
-    let change = trellis_store::cutover::flags::Change {
-        flag: Flag::SearchExecutor,
-        value: Executor::Monolith,
-        actor: "test",
-        reason: "the projector in-process",
-        forced: true,
-    };
-    trellis_store::cutover::flags::set(&app.db.pool, &change).await.unwrap();
+    run_in_process(&app, Flag::SearchExecutor).await;
     user_with_role(&app, "oper", "operator").await;
     let bob = app.register("bob").await;
     // A real event of the projector's (bob's registration) dead-lettered twice over, and three
@@ -312,6 +317,9 @@ async fn dead_letters_are_found_by_fingerprint_replayed_with_a_canary_parked_and
     until_replayable(&app, "search-projector").await;
     let mut console = Console::new(&app);
     console.sign_in("oper").await;
+    let overview = console.get("/console").await;
+    let depth = "<a class=\"status-bad\" href=\"/console/dead-letters?consumer=search-projector\">5</a>";
+    assert!(overview.body.contains(depth), "the overview counts them: {}", overview.body);
     let list = console.get("/console/dead-letters").await;
     assert!(list.body.contains("<strong>5</strong> dead letters match"), "{}", list.body);
     assert!(list.body.contains("permanent: db timeout after N ms"), "grouped by fingerprint: {}", list.body);
@@ -411,14 +419,7 @@ async fn the_overview_charts_each_processors_throughput_and_reads_the_stage_trig
     let metrics = format!("http://{admin_addr}/metrics");
     let args = ["--admin-addr", &admin_addr, "--metrics-url", &metrics, "--console-sample-interval", "1s"];
     let app = TestApp::spawn_with(Options { args: args.map(String::from).to_vec(), ..Options::default() }).await;
-    let change = trellis_store::cutover::flags::Change {
-        flag: Flag::SearchExecutor,
-        value: Executor::Monolith,
-        actor: "test",
-        reason: "the projector in-process",
-        forced: true,
-    };
-    trellis_store::cutover::flags::set(&app.db.pool, &change).await.unwrap();
+    run_in_process(&app, Flag::SearchExecutor).await;
     user_with_role(&app, "oper", "operator").await;
     let mut console = Console::new(&app);
     console.sign_in("oper").await;
@@ -534,14 +535,7 @@ async fn a_long_replay_shows_its_progress_and_stops_when_cancelled_losing_nothin
 #[tokio::test]
 async fn a_moderator_decides_a_dispute_that_needs_review_from_the_queue() {
     let app = TestApp::spawn().await;
-    let change = trellis_store::cutover::flags::Change {
-        flag: Flag::DisputeExecutor,
-        value: Executor::Monolith,
-        actor: "test",
-        reason: "the dispute processor in-process",
-        forced: true,
-    };
-    trellis_store::cutover::flags::set(&app.db.pool, &change).await.unwrap();
+    run_in_process(&app, Flag::DisputeExecutor).await;
     user_with_role(&app, "mod", "moderator").await;
     let alice = app.register("alice").await;
     let bob = app.register("bob").await;

@@ -11,21 +11,10 @@ use trellis_domain::flags::{Executor, Flag};
 use trellis_testkit::browser::Browser;
 use trellis_testkit::eventually_ok;
 
-use crate::console::{dead_letter, until_replayable};
+use crate::console::{dead_letter, run_in_process, until_replayable};
 use crate::helpers::{Options, PASSWORD, TestApp};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-async fn run_in_process(app: &TestApp, flag: Flag) {
-    let change = trellis_store::cutover::flags::Change {
-        flag,
-        value: Executor::Monolith,
-        actor: "test",
-        reason: "the processor in the API's process",
-        forced: true,
-    };
-    trellis_store::cutover::flags::set(&app.db.pool, &change).await.unwrap();
-}
 
 async fn sign_in(browser: &Browser, app: &TestApp, login: &str) {
     browser.goto(&format!("http://{}/console/sign-in", app.addr)).await.unwrap();
@@ -111,6 +100,7 @@ async fn an_operator_works_the_console_in_a_browser() {
     browser.click("button[value='replay:matching']").await.unwrap();
     text_becomes(&browser, "h1", "replay 3 dead letters").await;
     check_page(&browser, "console-confirm-replay").await;
+    browser.wait_for("#reason").await.unwrap();
     browser.fill("#reason", "try the poisoned ones").await.unwrap();
     browser.fill("#canary", "1").await.unwrap();
     browser.click("main form button[type=submit]").await.unwrap();
@@ -128,6 +118,7 @@ async fn an_operator_works_the_console_in_a_browser() {
         .unwrap();
     text_becomes(&browser, "main", "3 dead letters match").await;
     browser.click("button[value='park:matching']").await.unwrap();
+    browser.wait_for("#reason").await.unwrap();
     browser.fill("#reason", "poison, kept for analysis").await.unwrap();
     browser.click("main form button[type=submit]").await.unwrap();
     text_becomes(&browser, "#action-status", "completed").await;
@@ -136,6 +127,7 @@ async fn an_operator_works_the_console_in_a_browser() {
     browser.click("nav a[href='/console/dead-letters']").await.unwrap();
     text_becomes(&browser, "main", "2 dead letters match").await;
     browser.click("button[value='replay:matching']").await.unwrap();
+    browser.wait_for("#reason").await.unwrap();
     browser.fill("#reason", "the database is back").await.unwrap();
     browser.click("main form button[type=submit]").await.unwrap();
     text_becomes(&browser, "#action-status", "completed").await;
@@ -153,6 +145,7 @@ async fn an_operator_works_the_console_in_a_browser() {
     check_page(&browser, "console-dead-letter").await;
     browser.goto(&format!("http://{}/console/dead-letters?parked=1", app.addr)).await.unwrap();
     browser.click("button[value='purge:matching']").await.unwrap();
+    browser.wait_for("#reason").await.unwrap();
     browser.fill("#reason", "analysed").await.unwrap();
     browser.fill("#confirm", "purge 3").await.unwrap();
     check_page(&browser, "console-confirm-purge").await;
