@@ -567,17 +567,29 @@ impl Reader {
     }
 }
 
+impl Reader {
+    /// The caller of `headers`, authenticated on `db` (a 401 from a replica is checked on the
+    /// primary).
+    pub async fn authenticate(
+        mut db: ReadDb,
+        state: &AppState,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<Self, ApiError> {
+        let mut principal = Principal::authenticate_on(db.pool(), state, headers).await?;
+        if principal.is_none() && db.on_replica() {
+            db.confirm_on_primary();
+            principal = Principal::authenticate_on(db.pool(), state, headers).await?;
+        }
+        Ok(Reader { db, principal: principal.ok_or(ApiError::Unauthenticated)? })
+    }
+}
+
 impl FromRequestParts<AppState> for Reader {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let mut db = ReadDb::from_request_parts(parts, state).await?;
-        let mut principal = Principal::authenticate_on(db.pool(), state, &parts.headers).await?;
-        if principal.is_none() && db.on_replica() {
-            db.confirm_on_primary();
-            principal = Principal::authenticate_on(db.pool(), state, &parts.headers).await?;
-        }
-        Ok(Reader { db, principal: principal.ok_or(ApiError::Unauthenticated)? })
+        let db = ReadDb::from_request_parts(parts, state).await?;
+        Reader::authenticate(db, state, &parts.headers).await
     }
 }
 

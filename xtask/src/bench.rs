@@ -722,6 +722,20 @@ impl<'a> Pgbench<'a> {
         Ok(tps)
     }
 
+    /// pgbench running `script` at `rate` transactions a second for `seconds`, in the
+    /// background; [`pgbench_tps`] reads its output.
+    fn spawn_at_rate(&self, script: &Path, rate: u32, seconds: u64) -> anyhow::Result<Child> {
+        Command::new(&self.bin)
+            .args(["-n", "-j", "1", "-c", "4", "-M", "prepared", "-R", &rate.to_string()])
+            .args(["-T", &seconds.to_string(), "-f"])
+            .arg(script)
+            .arg(&self.db.url)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting pgbench")
+    }
+
     fn run(&self, args: &[&str], clients: u32, seconds: u64) -> anyhow::Result<f64> {
         let out = util::read(
             Command::new(&self.bin)
@@ -729,10 +743,92 @@ impl<'a> Pgbench<'a> {
                 .args(args)
                 .arg(&self.db.url),
         )?;
-        let line =
-            out.lines().find(|l| l.starts_with("tps = ")).with_context(|| format!("pgbench printed no tps:\n{out}"))?;
-        line["tps = ".len()..].split_whitespace().next().context("tps")?.parse().context("tps")
+        pgbench_tps(&out)
     }
+}
+
+/// Samples `pg_stat_activity` every 10 ms from one backend of its own: what the database's
+/// other active backends wait on (`CPU` when on none), as shares of all samples.
+struct WaitSampler(Child);
+
+impl WaitSampler {
+    fn start(db: &BenchDb, seconds: u64) -> anyhow::Result<Self> {
+        // A transaction a sample: a 15 s one would hold back the cleanup of the projector's
+        // dead rows, which is part of what is measured.
+        let sample = format!(
+            "DO $$ BEGIN
+                 FOR i IN 1..{samples} LOOP
+                     INSERT INTO waits SELECT COALESCE(wait_event_type || ':' || wait_event, 'CPU')
+                     FROM pg_stat_activity
+                     WHERE datname = current_database() AND backend_type = 'client backend'
+                       AND state = 'active' AND pid <> pg_backend_pid();
+                     COMMIT;
+                     PERFORM pg_sleep(0.01);
+                 END LOOP;
+             END $$",
+            samples = seconds * 90
+        );
+        let child = Command::new(&db.psql)
+            .arg(&db.url)
+            .args(["-qAtX", "-v", "ON_ERROR_STOP=1", "-c", "CREATE TEMP TABLE waits (what text)", "-c"])
+            .arg(sample)
+            .args([
+                "-c",
+                "SELECT string_agg(format('%s %s %%', what, round(100.0 * n / total, 1)), ', ' ORDER BY n DESC)
+                 FROM (SELECT what, count(*) AS n, sum(count(*)) OVER () AS total FROM waits GROUP BY what) w",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting psql")?;
+        Ok(Self(child))
+    }
+
+    fn finish(self) -> anyhow::Result<String> {
+        let out = self.0.wait_with_output()?;
+        if !out.status.success() {
+            bail!("sampling pg_stat_activity failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+}
+
+/// The `tps = …` of pgbench's report.
+fn pgbench_tps(out: &str) -> anyhow::Result<f64> {
+    let line =
+        out.lines().find(|l| l.starts_with("tps = ")).with_context(|| format!("pgbench printed no tps:\n{out}"))?;
+    line["tps = ".len()..].split_whitespace().next().context("tps")?.parse().context("tps")
+}
+
+/// One rename of a random seeded user (`u<i>`) to another name of the seed's word lists, with
+/// its `identity.profile_updated` event in the outbox, in one transaction.
+fn rename_sql(users: u64) -> String {
+    let list = |words: &[&str]| words.iter().map(|w| format!("'{w}'")).collect::<Vec<_>>().join(",");
+    format!(
+        "\\set u random(1, {last})
+BEGIN;
+WITH e AS (SELECT gen_random_uuid() AS id, now() AS at),
+     renamed AS (
+         UPDATE identity.users
+         SET display_name = (ARRAY[{firsts}])[1 + floor(random() * {nf})::int] || ' '
+                            || (ARRAY[{lasts}])[1 + floor(random() * {nl})::int]
+         WHERE handle = 'u' || :u RETURNING id, display_name)
+INSERT INTO ops.outbox (id, subject, payload, created_at)
+SELECT e.id, 'events.identity.profile_updated',
+       jsonb_build_object('id', e.id, 'type', 'identity.profile_updated', 'version', 1, 'occurred_at', e.at,
+                          'actor_id', NULL,
+                          'data', jsonb_build_object('user_id', r.id, 'display_name', r.display_name,
+                                                     'email_changed', false)),
+       e.at
+FROM e, renamed r;
+COMMIT;
+",
+        last = users.saturating_sub(1).max(1),
+        firsts = list(crate::seed::FIRST_NAMES),
+        nf = crate::seed::FIRST_NAMES.len(),
+        lasts = list(crate::seed::LAST_NAMES),
+        nl = crate::seed::LAST_NAMES.len(),
+    )
 }
 
 fn row(name: &str, load: &Load, target: &str) -> String {
@@ -902,8 +998,10 @@ fn measure(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Measured> {
 /// from the read model.
 fn search(flags: &flags::Bench) -> anyhow::Result<()> {
     const DB: &str = "trellis_bench_score";
+    const RENAMES_PER_SEC: u32 = 500;
+    const SLOW_STATEMENT_MS: u32 = 50;
     let stack = Stack::ensure()?;
-    build_release(&["trellis-api", "trellisctl"])?;
+    build_release(&["trellis-api", "trellisctl", "search-projector"])?;
     let users = flags.users.unwrap_or(1_000_000);
     let db = match BenchDb::existing(&stack, DB)? {
         Some(db) if db.exec("SELECT count(*) FROM identity.users")? == users.to_string() => db,
@@ -949,25 +1047,84 @@ fn search(flags: &flags::Bench) -> anyhow::Result<()> {
          INSERT INTO identity.tokens (token_hash, user_id, expires_at)
          SELECT sha256(convert_to('trl_bench_search', 'UTF8')), id, now() + interval '1 day'
          FROM identity.users WHERE handle = 'u1'
-         ON CONFLICT (token_hash) DO UPDATE SET expires_at = EXCLUDED.expires_at, revoked_at = NULL;",
+         ON CONFLICT (token_hash) DO UPDATE SET expires_at = EXCLUDED.expires_at, revoked_at = NULL;
+         -- Events of the seeding and the score run, not this benchmark's: the relay below
+         -- publishes only the renames.
+         UPDATE ops.outbox SET published_at = now() WHERE published_at IS NULL;",
     )?;
     db.exec("VACUUM ANALYZE search.directory")?;
     db.exec("VACUUM ANALYZE search.name_postings")?;
+    // Every statement slower than 50 ms, with its plan, goes to the client that ran it as a
+    // warning, which the API and the projector log (`target/bench-api.log`,
+    // `target/bench-search-projector.log`): the slow tail shows its plans.
+    db.exec(&format!(
+        "ALTER DATABASE {DB} SET session_preload_libraries = 'auto_explain';
+         ALTER DATABASE {DB} SET auto_explain.log_min_duration = '{SLOW_STATEMENT_MS}ms';
+         ALTER DATABASE {DB} SET auto_explain.log_level = 'warning';"
+    ))?;
     let scripts = util::target_dir().join("bench-scripts");
     std::fs::create_dir_all(&scripts)?;
     let prefix_script = scripts.join("search-prefix.lua");
     let name_script = scripts.join("search-name.lua");
+    let rename_script = scripts.join("search-rename.sql");
     std::fs::write(&prefix_script, SEARCH_PREFIX_SCRIPT.replace("USERS", &users.to_string()))?;
     std::fs::write(&name_script, SEARCH_NAME_SCRIPT)?;
-    let api = Api::start(&db, &stack, &format!("bench{}search", std::process::id()), &[("NO_RELAY", "true")])?;
+    std::fs::write(&rename_script, rename_sql(users))?;
+    // The read model changes while people search: `RENAMES_PER_SEC` renames a second, each
+    // with its outbox row in one transaction as the API writes them, published by the API's
+    // relay and applied by a search projector of its own.
+    let prefix = format!("bench{}search", std::process::id());
+    let api = Api::start(&db, &stack, &prefix, &[])?;
+    let projector = Worker::start("search-projector", &db, &stack, &prefix)?;
+    let applied_before = db.exec("SELECT COALESCE(last_stream_sequence, 0) FROM search.checkpoint")?;
+    let phase_secs = 2 * (3 + flags.duration);
+    eprintln!("xtask: bench: {RENAMES_PER_SEC} renames a second for {phase_secs}s (pgbench --rate)");
+    let renames = Pgbench::new(&db)?.spawn_at_rate(&rename_script, RENAMES_PER_SEC, phase_secs + 2)?;
+    let started = Instant::now();
     let mut rows = Vec::new();
     for (name, script) in [("handle prefix", &prefix_script), ("name", &name_script)] {
         eprintln!("xtask: bench: GET /v1/search/users, {name} queries, 16 connections, {}s", flags.duration);
         run_wrk(&format!("{}/v1/search/users", api.url), 16, 3, script)?;
+        let waits = WaitSampler::start(&db, flags.duration)?;
         let load = run_wrk(&format!("{}/v1/search/users", api.url), 16, flags.duration, script)?;
-        rows.push(row(&format!("GET /v1/search/users, {name} queries, {users} users, c=16"), &load, "p99 ≤ 20 ms"));
+        rows.push(format!(
+            "| what the busy backends were doing during the {name} queries (`pg_stat_activity` every 10 ms) | {} | — |",
+            waits.finish()?
+        ));
+        rows.push(format!(
+            "| GET /v1/search/users, {name} queries, {users} users, c=16, {RENAMES_PER_SEC} renames/s applied meanwhile | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms ({} requests, {} errors) | p99 ≤ 20 ms |",
+            load.requests_per_sec, load.p50_ms, load.p99_ms, load.max_ms, load.requests, load.errors
+        ));
     }
+    let queried = started.elapsed();
+    let renamed = String::from_utf8_lossy(&renames.wait_with_output()?.stdout).into_owned();
+    let applied_after = db.exec("SELECT COALESCE(last_stream_sequence, 0) FROM search.checkpoint")?;
+    let applied = applied_after.parse::<f64>()? - applied_before.parse::<f64>()?;
+    let metrics = http_get(&api.admin, "/metrics")?.context("the API's /metrics did not answer")?;
+    let fallbacks = metrics
+        .lines()
+        .find(|l| l.starts_with("trellis_search_fallbacks_total{endpoint=\"users\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap_or("0")
+        .to_owned();
+    drop(projector);
     drop(api);
+    let slow = |log: &str| -> anyhow::Result<usize> {
+        let text = std::fs::read_to_string(util::target_dir().join(log)).unwrap_or_default();
+        Ok(text.lines().filter(|l| l.contains("duration:") && l.contains("Query Text")).count())
+    };
+    rows.push(format!(
+        "| renames during the queries (pgbench --rate {RENAMES_PER_SEC}) | {} written, {:.0} events/s applied by the projector over {:.0} s; searches answered from the database: {fallbacks} | — |",
+        pgbench_tps(&renamed).map(|t| format!("{t:.0}/s")).unwrap_or_else(|_| "?".into()),
+        applied / queried.as_secs_f64(),
+        queried.as_secs_f64()
+    ));
+    rows.push(format!(
+        "| statements over {SLOW_STATEMENT_MS} ms (auto_explain) | API {}, projector {} | — |",
+        slow("bench-api.log")?,
+        slow("bench-search-projector.log")?
+    ));
+    db.exec(&format!("ALTER DATABASE {DB} RESET ALL"))?;
 
     // The projector's ingest, coalescing and freshness (crates' bench program, fresh database).
     let projector_db = BenchDb::fresh(&stack, "trellis_bench_projector")?;

@@ -6,6 +6,7 @@
 //! newest event or is empty while users exist.
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -14,8 +15,9 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::app::AppState;
+use crate::auth::BearerToken;
 use crate::error::{ApiError, ApiResult, Json, Problem, Query};
-use crate::read_replicas::Reader;
+use crate::read_replicas::{ReadDb, Reader};
 use crate::routes::{limit, open_cursor};
 use trellis_store::page::Cursor;
 use trellis_store::search::Documents;
@@ -149,7 +151,9 @@ pub struct SearchResults {
         (status = 422, body = Problem)))]
 async fn search_users(
     State(state): State<AppState>,
-    reader: Reader,
+    token: BearerToken,
+    mut db: ReadDb,
+    headers: HeaderMap,
     Query(params): Query<SearchParams>,
 ) -> ApiResult<Response> {
     let q = query_text(params.q.as_deref())?;
@@ -159,10 +163,21 @@ async fn search_users(
     let limit = limit.min((MAX_RESULTS - offset) as usize);
     let source = source(&state, "users").await?;
     let mut hits = match source {
+        // The common case: one statement, authentication included.
         SearchSource::Index => {
-            trellis_store::search::users(reader.pool(), Documents::Index, &q, offset, limit as i64 + 1).await?
+            let idle = state.config.token_idle_timeout;
+            let need = limit as i64 + 1;
+            let mut found = indexed_users(db.pool(), &token, idle, &q, offset, need).await?;
+            if found.is_none() && db.on_replica() {
+                db.confirm_on_primary();
+                found = indexed_users(db.pool(), &token, idle, &q, offset, need).await?;
+            }
+            let hits = found.ok_or(ApiError::Unauthenticated)?;
+            state.activity.saw(token.hash);
+            hits
         }
         SearchSource::Database => {
+            let reader = Reader::authenticate(db, &state, &headers).await?;
             trellis_store::search::users(reader.pool(), Documents::Base, &q, offset, limit as i64 + 1).await?
         }
     };
@@ -183,6 +198,29 @@ async fn search_users(
         source: source.as_str(),
     };
     Ok(with_source(source, Json(body)))
+}
+
+/// The read model's hits for `q`, and the caller, in one statement; `None` when the token does
+/// not authenticate.
+async fn indexed_users(
+    pool: &sqlx::PgPool,
+    token: &BearerToken,
+    idle: std::time::Duration,
+    q: &str,
+    offset: i64,
+    limit: i64,
+) -> Result<Option<Vec<trellis_store::search::UserHit>>, sqlx::Error> {
+    let found = trellis_store::search::indexed_users_for_token(
+        pool,
+        &token.hash,
+        idle,
+        q,
+        offset,
+        limit,
+        trellis_store::search::HANDLE_RANGE_CAP,
+    )
+    .await?;
+    Ok(found.map(|(_, hits)| hits))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

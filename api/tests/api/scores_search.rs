@@ -372,10 +372,42 @@ async fn name_search_matches_word_prefixes_and_one_typo_alike_over_the_index_and
         ("471", &["agent"]),
         ("4712", &[]),
     ];
+    // Not in the read model: only the caller of the one-statement search.
+    let searcher = app.register("searcher").await;
     for (q, expected) in cases {
         let index = store_search(&app, Documents::Index, q).await;
         let base = store_search(&app, Documents::Base, q).await;
         assert_eq!(index, *expected, "q={q:?} over the index");
         assert_eq!(base, index, "q={q:?}: the base tables and the index agree");
+        one_statement_agrees(&app, &searcher, q, &index).await;
     }
+    // Exact handles among prefixes, and prefixes past a range cap of 0 and 2.
+    for q in ["maria", "ma", "mario", "agent", "jo", "zed"] {
+        let index = store_search(&app, Documents::Index, q).await;
+        one_statement_agrees(&app, &searcher, q, &index).await;
+    }
+}
+
+/// The API's one-statement search (authentication included) answers what `users` answers over
+/// the index, whether the handle tier sorts the range of the prefix or walks the score order
+/// (a range cap below the prefix's matches), page by page; and it authenticates the caller.
+async fn one_statement_agrees(app: &TestApp, caller: &crate::helpers::TestUser, q: &str, expected: &[String]) {
+    let token_hash = trellis_api::auth::hash_token(&caller.token);
+    let idle = std::time::Duration::from_secs(3600);
+    for cap in [0, 2, trellis_store::search::HANDLE_RANGE_CAP] {
+        let search = |offset, limit| {
+            trellis_store::search::indexed_users_for_token(&app.db.pool, &token_hash, idle, q, offset, limit, cap)
+        };
+        let (principal, hits) = search(0, 50).await.unwrap().expect("the caller authenticates");
+        assert_eq!(principal.user_id.to_string(), caller.id, "q={q:?}, cap {cap}");
+        let handles: Vec<String> = hits.into_iter().map(|h| h.handle).collect();
+        assert_eq!(handles, expected, "q={q:?}, cap {cap}: one statement and the tiers agree");
+        let (_, second) = search(1, 2).await.unwrap().unwrap();
+        let second: Vec<String> = second.into_iter().map(|h| h.handle).collect();
+        assert_eq!(second, expected.iter().skip(1).take(2).cloned().collect::<Vec<_>>(), "q={q:?}, cap {cap}: page 2");
+    }
+    let unknown = trellis_api::auth::hash_token("trl_not_a_token");
+    let refused =
+        trellis_store::search::indexed_users_for_token(&app.db.pool, &unknown, idle, q, 0, 50, 0).await.unwrap();
+    assert!(refused.is_none(), "an unknown token finds nothing, not even an empty page");
 }

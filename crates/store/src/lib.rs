@@ -50,6 +50,11 @@ pub struct PoolConfig {
     /// Server-side `client_connection_check_interval`: a statement (a lock wait included) of a
     /// client that has gone away is cancelled within this, rather than when it next writes.
     pub client_check_interval: Option<Duration>,
+    /// Server-side `max_parallel_workers_per_gather`; `None` keeps the server's. A request pool
+    /// sets 0: starting a parallel worker costs milliseconds, which a millisecond query then
+    /// waits for even when the worker's branch of the plan never runs, and many requests at
+    /// once already keep every core busy.
+    pub parallel_workers_per_gather: Option<u32>,
 }
 
 impl PoolConfig {
@@ -62,6 +67,7 @@ impl PoolConfig {
             application_name: application_name.into(),
             idle_in_transaction_timeout: None,
             client_check_interval: None,
+            parallel_workers_per_gather: None,
         }
     }
 }
@@ -76,6 +82,9 @@ pub fn connect_lazy(database_url: &str, config: &PoolConfig) -> Result<PgPool, s
     }
     if let Some(t) = config.client_check_interval {
         settings.push(("client_connection_check_interval", format!("{}", t.as_millis())));
+    }
+    if let Some(n) = config.parallel_workers_per_gather {
+        settings.push(("max_parallel_workers_per_gather", n.to_string()));
     }
     let options = options.application_name(&config.application_name).options(settings);
     Ok(PgPoolOptions::new()
