@@ -1,7 +1,8 @@
 //! The token cache across API processes: two `trellis-api` processes on one database, each with a
 //! token cache whose TTL (60 s) is far longer than any test waits, so that only the database's
 //! notification can explain a revoked, suspended or re-passworded token being refused by the
-//! process that did not make the change. And a token's own expiry, which nothing notifies.
+//! process that did not make the change (or a new role being seen there). And a token's own
+//! expiry, which nothing notifies.
 
 use std::time::Duration;
 
@@ -107,10 +108,11 @@ async fn a_sign_out_through_one_process_is_refused_by_the_other_that_had_the_tok
 }
 
 #[tokio::test]
-async fn a_suspension_and_a_password_change_are_refused_by_every_process_that_had_the_tokens_cached() {
+async fn a_suspension_a_role_and_a_password_change_reach_every_process_that_had_the_tokens_cached() {
     let (a, b) = two_processes().await;
     let alice = a.register("alice").await;
     let mallory = a.register("mallory").await;
+    let bob = a.register("bob").await;
     let alice_phone = sign_in(&a, "alice").await;
     for app in [&a, &b] {
         cache_everywhere(app, &alice.token).await;
@@ -123,6 +125,19 @@ async fn a_suspension_and_a_password_change_are_refused_by_every_process_that_ha
     a.suspend_in_db(&mallory).await;
     until_refused(&a, &mallory.token, "the suspended user's token").await;
     until_refused(&b, &mallory.token, "the suspended user's token").await;
+
+    // A role granted (as `trellisctl users grant-role` does): the demoted or promoted principal
+    // is not served from the cache either.
+    let queue = "/v1/moderation/disputes";
+    until_cached(&b, "/v1/me", &bob.token).await;
+    assert_eq!(b.get(queue, Some(&bob.token)).await.status, 403, "bob is not a moderator yet");
+    a.grant_role(&bob, "moderator").await;
+    eventually("the new role on the other process", NOTIFIED_WITHIN, || async {
+        let status = b.get(queue, Some(&bob.token)).await.status;
+        assert!(status == 200 || status == 403, "{queue}: {status}");
+        (status == 200).then_some(())
+    })
+    .await;
 
     // A password change through A revokes alice's other sessions and changes her password.
     let r = a
