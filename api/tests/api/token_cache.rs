@@ -174,3 +174,45 @@ async fn a_cached_token_is_refused_once_it_expires_though_nothing_notifies_it() 
     // Refused from its expiry on, 57 s before the cache's TTL would have ended the entry.
     until_refused(&app, &token, "the expired token").await;
 }
+
+/// The pid of the token cache's LISTEN connection to `app`'s database, once it listens.
+async fn listener_pid(app: &TestApp) -> Option<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity
+         WHERE datname = $1 AND application_name = 'trellis-api-token-cache' AND query ILIKE 'LISTEN%'",
+    )
+    .bind(&app.db.name)
+    .fetch_optional(&app.db.pool)
+    .await
+    .expect("reading pg_stat_activity")
+}
+
+#[tokio::test]
+async fn a_lost_listen_connection_is_replaced_and_revocations_are_notified_again() {
+    let app = TestApp::spawn_with(options(&[])).await;
+    let alice = app.register("alice").await;
+    until_cached(&app, "/v1/me/contacts", &alice.token).await;
+    let first = eventually("the cache's LISTEN connection", NOTIFIED_WITHIN, || listener_pid(&app)).await;
+
+    let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(first)
+        .fetch_one(&app.db.pool)
+        .await
+        .expect("terminating the LISTEN connection");
+    assert!(ended);
+    // A new connection listens; the cache was emptied and bypassed meanwhile, then fills again.
+    eventually("a new LISTEN connection", NOTIFIED_WITHIN, || async {
+        listener_pid(&app).await.filter(|pid| *pid != first)
+    })
+    .await;
+    until_cached(&app, "/v1/me/contacts", &alice.token).await;
+
+    // Revoked behind the API's back: only the new connection's notification can tell it.
+    let revoked = sqlx::query("UPDATE identity.tokens SET revoked_at = now() WHERE user_id = $1::uuid")
+        .bind(&alice.id)
+        .execute(&app.db.pool)
+        .await
+        .expect("revoking");
+    assert_eq!(revoked.rows_affected(), 1);
+    until_refused(&app, &alice.token, "a token revoked after the reconnection").await;
+}
