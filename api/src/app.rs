@@ -38,6 +38,7 @@ use crate::error::{ApiError, ErrorCause, problem_response};
 use crate::instrument::{RequestAnswered, RequestShed, ShedReason};
 use crate::ratelimit::Limiters;
 use crate::read_replicas::ReadReplicas;
+use crate::token_cache::TokenCache;
 use crate::{routes, serve, unit_of_work};
 
 /// What every handler can reach.
@@ -59,6 +60,8 @@ pub struct AppState {
     pub filings: Arc<crate::keyed_mutex::KeyedMutex<trellis_domain::UserId>>,
     /// The read replicas of `DATABASE_READ_URL`; `None` without them.
     pub read_replicas: Option<Arc<ReadReplicas>>,
+    /// Recently authenticated bearer tokens (`TOKEN_CACHE_TTL`; off when it is 0).
+    pub token_cache: Arc<TokenCache>,
 }
 
 #[derive(utoipa::OpenApi)]
@@ -315,6 +318,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         activity: Arc::new(ActivityTracker::new(config.activity_max_tokens)),
         filings: Arc::default(),
         read_replicas: read_replicas.clone(),
+        token_cache: Arc::new(TokenCache::new(config.token_cache_ttl, config.token_cache_entries)),
     };
     let listener =
         serve::bind(config.api_addr).with_context(|| format!("cannot bind the API listener on {}", config.api_addr))?;
@@ -350,6 +354,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     }
     if let Some(replicas) = read_replicas {
         host.spawn(replicas.poll(host.stop_token()));
+    }
+    if state.token_cache.enabled() {
+        crate::instrument::register_token_cache();
+        // A pool of its own: the LISTEN connection, on the primary, never taken from requests.
+        let listen_pool = Host::connect_pool(common, "trellis-api-token-cache", 1, common.io_timeout)?;
+        let (cache, stop) = (state.token_cache.clone(), host.stop_token());
+        host.spawn(async move { cache.listen(listen_pool, stop).await });
     }
     crate::processors::install(&host, &config).await?;
 

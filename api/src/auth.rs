@@ -19,6 +19,7 @@ use trellis_domain::identity::{Password, Role};
 use crate::app::AppState;
 use crate::error::ApiError;
 use crate::instrument::{HashOperation, PasswordHashStarted, RequestShed, ShedReason};
+use crate::token_cache::{Cached, Lookup};
 
 /// A bearer token as handed to the client: 256 random bits, base64url, prefixed `trl_`.
 pub struct IssuedToken {
@@ -379,24 +380,40 @@ impl Principal {
     /// authenticate. Only an authenticated request counts as activity (of the token and its
     /// user).
     pub async fn authenticate(state: &AppState, headers: &axum::http::HeaderMap) -> Result<Option<Self>, ApiError> {
-        Self::authenticate_on(&state.pool, state, headers).await
+        Self::authenticate_on(&state.pool, false, state, headers).await
     }
 
-    /// [`Principal::authenticate`] on `db`: the primary, or the read replica of a lag-tolerant
-    /// read (`crate::read_replicas::Reader`).
+    /// [`Principal::authenticate`] on `db`: the primary, or (`on_replica`) the read replica of
+    /// a lag-tolerant read (`crate::read_replicas::Reader`). A token in the token cache is not
+    /// looked up; one the primary authenticates is put in it (never one a replica does: see
+    /// `crate::token_cache`).
     pub async fn authenticate_on(
         db: &sqlx::PgPool,
+        on_replica: bool,
         state: &AppState,
         headers: &axum::http::HeaderMap,
     ) -> Result<Option<Self>, ApiError> {
         let Some(token) = bearer_from_headers(headers) else { return Ok(None) };
         let token_hash = hash_token(token);
+        let ticket = match state.token_cache.lookup(&token_hash) {
+            Lookup::Hit(cached) => {
+                state.activity.saw(token_hash);
+                return Ok(Some(Principal { user_id: cached.user_id, role: cached.role, token_hash }));
+            }
+            Lookup::Miss(ticket) => (!on_replica).then_some(ticket),
+            Lookup::Bypassed => None,
+        };
         let idle = state.config.token_idle_timeout;
         let Some(found) = trellis_store::identity::authenticate(db, &token_hash, idle).await? else {
             return Ok(None);
         };
+        let principal = Principal { user_id: UserId(found.user_id), role: found.role, token_hash };
+        if let Some(ticket) = ticket {
+            let cached = Cached { user_id: principal.user_id, role: principal.role };
+            state.token_cache.insert(ticket, token_hash, cached, found.live_for());
+        }
         state.activity.saw(token_hash);
-        Ok(Some(Principal { user_id: UserId(found.user_id), role: found.role, token_hash }))
+        Ok(Some(principal))
     }
 }
 

@@ -103,6 +103,19 @@ pub struct Config {
     #[arg(long, env = "TOKEN_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "14days")]
     pub token_idle_timeout: Duration,
 
+    /// How long a bearer token's principal is kept in this process's token cache after the
+    /// primary authenticated it, at most (never past the token's expiry or idle timeout). A
+    /// revocation, suspension, role or password change reaches every API process through a
+    /// PostgreSQL notification within milliseconds; this bounds how long it may go unnoticed when
+    /// the notification is lost. `0` turns the cache off: every request looks its token up.
+    #[arg(long, env = "TOKEN_CACHE_TTL", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub token_cache_ttl: Duration,
+
+    /// Bearer tokens the token cache holds at most (about 100 bytes each). When full, entries
+    /// past their time go first, everything if that is not half.
+    #[arg(long, env = "TOKEN_CACHE_ENTRIES", default_value_t = 100_000)]
+    pub token_cache_entries: usize,
+
     /// Live bearer tokens one user may hold; a sign-in beyond it revokes their oldest.
     #[arg(long, env = "TOKENS_PER_USER", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub tokens_per_user: u32,
@@ -273,6 +286,9 @@ pub struct Config {
     pub search: search_projector::SearchArgs,
 }
 
+/// The longest `TOKEN_CACHE_TTL` accepted.
+pub const MAX_TOKEN_CACHE_TTL: Duration = Duration::from_secs(300);
+
 fn default_hash_concurrency() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
@@ -323,6 +339,21 @@ impl Config {
                 humantime::format_duration(written_within)
             ));
         }
+        if !self.token_cache_ttl.is_zero() {
+            if self.token_cache_entries == 0 {
+                return Err(
+                    "TOKEN_CACHE_ENTRIES must be more than 0 (or set TOKEN_CACHE_TTL=0 to turn the cache off)".into()
+                );
+            }
+            if self.token_cache_ttl > MAX_TOKEN_CACHE_TTL {
+                return Err(format!(
+                    "TOKEN_CACHE_TTL ({}) must be at most {}: it is how long a revoked token may still authenticate \
+                     when a notification is lost",
+                    humantime::format_duration(self.token_cache_ttl),
+                    humantime::format_duration(MAX_TOKEN_CACHE_TTL)
+                ));
+            }
+        }
         if self.token_idle_timeout <= written_within {
             return Err(format!(
                 "TOKEN_IDLE_TIMEOUT ({}) must exceed twice ACTIVITY_FLUSH_INTERVAL plus a minute ({}): a token in use \
@@ -356,5 +387,17 @@ mod tests {
         assert_eq!(off, Ok(()));
         let longer = config(&[&slow[..], &["--console-idle-timeout", "3h"]].concat()).check();
         assert_eq!(longer, Ok(()));
+    }
+
+    #[test]
+    fn the_token_cache_needs_room_and_a_short_ttl_unless_it_is_off() {
+        let parsed = config(&[]);
+        assert_eq!((parsed.token_cache_ttl.as_secs(), parsed.token_cache_entries), (5, 100_000));
+        let refused = config(&["--token-cache-entries", "0"]).check().unwrap_err();
+        assert!(refused.contains("TOKEN_CACHE_ENTRIES"), "{refused}");
+        assert_eq!(config(&["--token-cache-entries", "0", "--token-cache-ttl", "0s"]).check(), Ok(()));
+        let refused = config(&["--token-cache-ttl", "1h"]).check().unwrap_err();
+        assert!(refused.contains("TOKEN_CACHE_TTL (1h)"), "{refused}");
+        assert_eq!(config(&["--token-cache-ttl", "60s"]).check(), Ok(()));
     }
 }

@@ -21,6 +21,7 @@ pub mod name {
     pub const API_DB_REPLICA_FALLBACKS_TOTAL: &str = "trellis_api_db_replica_fallbacks_total";
     pub const API_DB_REPLICA_LAG_BYTES: &str = "trellis_api_db_replica_lag_bytes";
     pub const API_DB_REPLICA_LAG_SECONDS: &str = "trellis_api_db_replica_lag_seconds";
+    pub const API_TOKEN_CACHE_LOOKUPS_TOTAL: &str = "trellis_api_token_cache_lookups_total";
 }
 
 /// Every name in [`name`].
@@ -38,6 +39,7 @@ pub const NAMES: &[&str] = &[
     name::API_DB_REPLICA_FALLBACKS_TOTAL,
     name::API_DB_REPLICA_LAG_BYTES,
     name::API_DB_REPLICA_LAG_SECONDS,
+    name::API_TOKEN_CACHE_LOOKUPS_TOTAL,
 ];
 
 /// Why a request or a connection was refused at once (`trellis_api_requests_shed_total{reason}`).
@@ -96,6 +98,29 @@ impl ReplicaFallbackReason {
     }
 }
 
+/// What a token cache lookup came to (`trellis_api_token_cache_lookups_total{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenCacheOutcome {
+    /// The token was cached: no token lookup in the database.
+    Hit,
+    /// Not cached (or past its time): the database authenticated it.
+    Miss,
+    /// The cache is not trusted (its change listener is not connected): the database did.
+    Bypassed,
+}
+
+impl TokenCacheOutcome {
+    pub const ALL: [TokenCacheOutcome; 3] = [Self::Hit, Self::Miss, Self::Bypassed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Bypassed => "bypassed",
+        }
+    }
+}
+
 /// What a password hash was for (`trellis_api_password_hashes_total{operation}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HashOperation {
@@ -139,6 +164,25 @@ pub fn register() {
     // With or without read replicas, so that the alert on them always has its series.
     for reason in ReplicaFallbackReason::ALL {
         metrics::counter!(name::API_DB_REPLICA_FALLBACKS_TOTAL, "reason" => reason.as_str()).increment(0);
+    }
+}
+
+/// Exports the token cache's lookups at zero. Called only when `TOKEN_CACHE_TTL` is not 0.
+pub fn register_token_cache() {
+    for outcome in TokenCacheOutcome::ALL {
+        metrics::counter!(name::API_TOKEN_CACHE_LOOKUPS_TOTAL, "outcome" => outcome.as_str()).increment(0);
+    }
+}
+
+/// A bearer token was looked up in the token cache.
+pub struct TokenCacheLookup {
+    pub outcome: TokenCacheOutcome,
+}
+
+impl TokenCacheLookup {
+    pub fn emit(self) {
+        tracing::trace!(outcome = self.outcome.as_str(), "token cache lookup");
+        metrics::counter!(name::API_TOKEN_CACHE_LOOKUPS_TOTAL, "outcome" => self.outcome.as_str()).increment(1);
     }
 }
 

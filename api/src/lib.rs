@@ -17,6 +17,7 @@ pub mod ratelimit;
 pub mod read_replicas;
 pub mod routes;
 pub mod serve;
+pub mod token_cache;
 pub mod unit_of_work;
 pub mod views;
 

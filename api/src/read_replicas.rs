@@ -20,7 +20,9 @@
 //! revocation: at most `DATABASE_READ_MAX_LAG` later (a revocation made with the token itself,
 //! by its own session on this process, is seen at once: its commit position is required). A
 //! token a replica does not know is checked on the primary before the answer is a 401, so a
-//! token just issued works at once.
+//! token just issued works at once. A token in the token cache is not looked up at all; what a
+//! replica authenticates never enters it (`crate::token_cache`), so the cache adds nothing to
+//! this window.
 //!
 //! Without `DATABASE_READ_URL` none of this runs: no poller, no record, no header, no query.
 
@@ -575,10 +577,10 @@ impl Reader {
         state: &AppState,
         headers: &axum::http::HeaderMap,
     ) -> Result<Self, ApiError> {
-        let mut principal = Principal::authenticate_on(db.pool(), state, headers).await?;
+        let mut principal = Principal::authenticate_on(db.pool(), db.on_replica(), state, headers).await?;
         if principal.is_none() && db.on_replica() {
             db.confirm_on_primary();
-            principal = Principal::authenticate_on(db.pool(), state, headers).await?;
+            principal = Principal::authenticate_on(db.pool(), false, state, headers).await?;
         }
         Ok(Reader { db, principal: principal.ok_or(ApiError::Unauthenticated)? })
     }

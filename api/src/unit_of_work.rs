@@ -48,6 +48,7 @@ use crate::auth::Principal;
 use crate::error::{ApiError, LostConnection};
 use crate::idempotency::{self, Keyed};
 use crate::read_replicas::{AnonymousWrite, COMMIT_LSN_HEADER, ReadReplicas};
+use crate::token_cache::Evict;
 
 /// A write request's transaction, shared by the layer and the handler.
 #[derive(Clone)]
@@ -56,6 +57,8 @@ pub struct UnitOfWork(Arc<Inner>);
 struct Inner {
     pool: PgPool,
     slot: Mutex<Slot>,
+    /// What the token cache forgets once the transaction has committed.
+    evictions: Mutex<Vec<Evict>>,
 }
 
 enum Slot {
@@ -71,7 +74,7 @@ enum Slot {
 
 impl UnitOfWork {
     fn new(pool: PgPool) -> Self {
-        Self(Arc::new(Inner { pool, slot: Mutex::new(Slot::Unused) }))
+        Self(Arc::new(Inner { pool, slot: Mutex::new(Slot::Unused), evictions: Mutex::default() }))
     }
 
     fn slot(&self) -> std::sync::MutexGuard<'_, Slot> {
@@ -100,6 +103,17 @@ impl UnitOfWork {
             Some(tx) => Ok(tx),
             None => Ok(trellis_store::begin(&self.0.pool).await?),
         }
+    }
+
+    /// Has this process's token cache forget `evict` as soon as the transaction has committed
+    /// (or its commit's outcome is unknown): a revocation made here takes effect here at once,
+    /// without waiting for the database's notification.
+    pub fn evict_after_commit(&self, evict: Evict) {
+        self.0.evictions.lock().expect("unit of work lock").push(evict);
+    }
+
+    fn take_evictions(&self) -> Vec<Evict> {
+        std::mem::take(&mut *self.0.evictions.lock().expect("unit of work lock"))
     }
 
     /// Hands the transaction back with the events of its commands, which are written into it
@@ -235,11 +249,16 @@ async fn run_write(
         Ok(Err(e)) => return e.into_response().into(),
         Err(_) => return timed_out().into(),
     };
-    let (tx, response, keyed) = match handled {
+    let (tx, response, keyed, evictions) = match handled {
         Handled::Answer(response) => return response.into(),
-        Handled::Commit { tx, response, keyed } => (tx, response, keyed),
+        Handled::Commit { tx, response, keyed, evictions } => (tx, response, keyed, evictions),
     };
-    match tokio::time::timeout_at(deadline, tx.commit()).await {
+    let committed = tokio::time::timeout_at(deadline, tx.commit()).await;
+    // Whether the commit happened or its outcome is unknown, forgetting is safe.
+    for evict in evictions {
+        state.token_cache.evict(evict);
+    }
+    match committed {
         Ok(Ok(())) => response.into(),
         Ok(Err(e)) if !trellis_store::is_connection_lost(&e) => ApiError::from(e).into_response().into(),
         lost => {
@@ -262,7 +281,7 @@ async fn run_write(
 /// A handled write: an answer, or a transaction to commit and the answer once it is.
 enum Handled {
     Answer(Response),
-    Commit { tx: Tx<'static>, response: Response, keyed: bool },
+    Commit { tx: Tx<'static>, response: Response, keyed: bool, evictions: Vec<Evict> },
 }
 
 async fn handle_write(state: &AppState, mut parts: Parts, body: &Bytes, next: Next) -> Result<Handled, ApiError> {
@@ -303,5 +322,5 @@ async fn handle_write(state: &AppState, mut parts: Parts, body: &Bytes, next: Ne
         Some(keyed) => idempotency::store(&mut tx, keyed, response).await?,
         None => response,
     };
-    Ok(Handled::Commit { tx, response, keyed: keyed.is_some() })
+    Ok(Handled::Commit { tx, response, keyed: keyed.is_some(), evictions: work.take_evictions() })
 }

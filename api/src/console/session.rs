@@ -298,6 +298,7 @@ pub async fn sign_in(State(state): State<ConsoleState>, request: Request) -> Pag
 /// Signs out: revokes the session's token and clears the cookie.
 pub async fn sign_out(State(state): State<ConsoleState>, form: FormPost) -> PageResult {
     trellis_store::identity::revoke_token(&state.app.pool, &form.session.token_hash).await?;
+    state.app.token_cache.evict(crate::token_cache::Evict::Token(form.session.token_hash));
     Ok((
         StatusCode::SEE_OTHER,
         [(header::SET_COOKIE, cleared_cookie()), (header::LOCATION, HeaderValue::from_static("/console/sign-in"))],

@@ -17,6 +17,7 @@ use crate::auth::{BearerToken, Principal};
 use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
 use crate::read_replicas::ReadDb;
 use crate::routes::{list, page, resolve_user};
+use crate::token_cache::{Cached, Lookup};
 use crate::unit_of_work::UnitOfWork;
 use crate::views::{Contact, List, PageParams};
 
@@ -34,13 +35,28 @@ async fn list_contacts(
     Query(params): Query<PageParams>,
 ) -> ApiResult<Json<List<Contact>>> {
     let (limit, after) = page::<Uuid>(&state, "contacts", &params)?;
+    let ticket = match state.token_cache.lookup(&token.hash) {
+        // Authenticated a moment ago: the page alone, by its owner.
+        Lookup::Hit(cached) => {
+            let rows = trellis_store::contacts::list_for_owner(db.pool(), cached.user_id, after, limit).await?;
+            state.activity.saw(token.hash);
+            return Ok(Json(list(&state, "contacts", rows, Contact::from)));
+        }
+        Lookup::Miss(ticket) => Some(ticket),
+        Lookup::Bypassed => None,
+    };
     let idle = state.config.token_idle_timeout;
     let mut found = trellis_store::contacts::list_for_token(db.pool(), &token.hash, idle, after, limit).await?;
     if found.is_none() && db.on_replica() {
         db.confirm_on_primary();
         found = trellis_store::contacts::list_for_token(db.pool(), &token.hash, idle, after, limit).await?;
     }
-    let (_, rows) = found.ok_or(ApiError::Unauthenticated)?;
+    let (principal, rows) = found.ok_or(ApiError::Unauthenticated)?;
+    // Only the primary's answer may enter the cache (`crate::token_cache`).
+    if let (Some(ticket), false) = (ticket, db.on_replica()) {
+        let cached = Cached { user_id: UserId(principal.user_id), role: principal.role };
+        state.token_cache.insert(ticket, token.hash, cached, principal.live_for());
+    }
     state.activity.saw(token.hash);
     Ok(Json(list(&state, "contacts", rows, Contact::from)))
 }

@@ -22,6 +22,7 @@ use crate::error::{ApiError, ApiResult, Json, Path, Problem, Query};
 use crate::ratelimit::AccountKey;
 use crate::read_replicas::{AnonymousWrite, Reader};
 use crate::routes::{list, page, resolve_user};
+use crate::token_cache::Evict;
 use crate::unit_of_work::UnitOfWork;
 use crate::views::{List, Me, PageParams, PublicUser, SessionView};
 
@@ -224,6 +225,7 @@ async fn login(
 async fn sign_out_everywhere(principal: Principal, work: UnitOfWork) -> ApiResult<StatusCode> {
     let mut tx = work.begin().await?;
     trellis_store::identity::revoke_all_tokens(&mut *tx, principal.user_id).await?;
+    work.evict_after_commit(Evict::User(principal.user_id));
     work.finish(tx, Emitted::none()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -259,6 +261,7 @@ async fn list_sessions(
 async fn logout(principal: Principal, work: UnitOfWork) -> ApiResult<StatusCode> {
     let mut tx = work.begin().await?;
     trellis_store::identity::revoke_token(&mut *tx, &principal.token_hash).await?;
+    work.evict_after_commit(Evict::Token(principal.token_hash));
     work.finish(tx, Emitted::none()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -343,6 +346,10 @@ async fn update_me(
         email: email.as_ref(),
         password_hash: password_hash.as_deref(),
     };
+    if credentials_change {
+        // The other tokens are revoked, and a new password notifies every process.
+        work.evict_after_commit(Evict::User(principal.user_id));
+    }
     let updated =
         trellis_commands::identity::update_profile(&mut tx, principal.user_id, &change, &principal.token_hash)
             .await

@@ -98,11 +98,16 @@ impl TestApp {
         // limits pass their own values.
         // Refusals are answered at once, so that tests of many refused requests stay fast; the
         // test of the delay passes its own.
+        // The token cache is off: tests change users and tokens behind the API's back (a role
+        // granted, a user suspended in the database) and expect the very next request to see it,
+        // where a cache sees it once the database's notification arrives, milliseconds later. The
+        // cache's own tests (`token_cache.rs`) turn it on.
         for (flag, value) in [
             ("--admin-addr", "127.0.0.1:0"),
             ("--dispute-p0-min-account-age", "0s"),
             ("--registration-rate-per-address", "10000"),
             ("--refusal-delay", "0s"),
+            ("--token-cache-ttl", "0s"),
         ] {
             if !options.args.iter().any(|a| a == flag) {
                 args.extend([flag.to_owned(), value.to_owned()]);

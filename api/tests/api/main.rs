@@ -22,4 +22,5 @@ mod outbox;
 mod read_replicas;
 mod scores_search;
 mod sessions;
+mod token_cache;
 mod traces;

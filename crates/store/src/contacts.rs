@@ -105,6 +105,7 @@ pub async fn list_for_token(
         user_id: Uuid,
         #[sqlx(try_from = "String")]
         role: Role,
+        live_for_secs: f64,
         contact_id: Option<Uuid>,
         handle: Option<String>,
         display_name: Option<String>,
@@ -115,8 +116,12 @@ pub async fn list_for_token(
     // The nil UUID is below every id, so the first page needs no special case and the range
     // scan on the primary key (owner_id, contact_id) serves every page.
     let rows: Vec<Row> = sqlx::query_as(concat!(
-        "SELECT p.user_id, p.role, c.contact_id, c.handle, c.display_name, c.label, c.created_at, c.updated_at
-         FROM (SELECT u.id AS user_id, u.role FROM identity.tokens t JOIN identity.users u ON u.id = t.user_id
+        "SELECT p.user_id, p.role, p.live_for_secs,
+                c.contact_id, c.handle, c.display_name, c.label, c.created_at, c.updated_at
+         FROM (SELECT u.id AS user_id, u.role, ",
+        crate::identity::live_for!("t", "$4"),
+        " AS live_for_secs
+               FROM identity.tokens t JOIN identity.users u ON u.id = t.user_id
                WHERE t.token_hash = $1 AND ",
         crate::identity::live_token!("t", "$4"),
         " AND u.status = 'active') p
@@ -134,7 +139,8 @@ pub async fn list_for_token(
     .fetch_all(db)
     .await?;
     let Some(first) = rows.first() else { return Ok(None) };
-    let principal = crate::identity::Principal { user_id: first.user_id, role: first.role };
+    let principal =
+        crate::identity::Principal { user_id: first.user_id, role: first.role, live_for_secs: first.live_for_secs };
     let contacts: Vec<ContactRow> = rows
         .into_iter()
         .filter_map(|r| {
@@ -149,6 +155,28 @@ pub async fn list_for_token(
         })
         .collect();
     Ok(Some((principal, Page::from_rows(contacts, limit, |r| r.contact_id))))
+}
+
+/// The contacts of `owner`, ordered by contact id, after `after`: the page of
+/// [`list_for_token`] for a caller already authenticated (by the API's token cache).
+pub async fn list_for_owner(
+    db: impl PgExecutor<'_>,
+    owner: UserId,
+    after: Option<Uuid>,
+    limit: usize,
+) -> Result<Page<ContactRow>, sqlx::Error> {
+    let rows: Vec<ContactRow> = sqlx::query_as(
+        "SELECT c.contact_id, u.handle, u.display_name, c.label, c.created_at, c.updated_at
+         FROM contacts.contacts c JOIN identity.users u ON u.id = c.contact_id
+         WHERE c.owner_id = $1 AND c.contact_id > $2
+         ORDER BY c.contact_id LIMIT $3",
+    )
+    .bind(owner.0)
+    .bind(after.unwrap_or(Uuid::nil()))
+    .bind(limit as i64 + 1)
+    .fetch_all(db)
+    .await?;
+    Ok(Page::from_rows(rows, limit, |r| r.contact_id))
 }
 
 pub async fn exists(db: impl PgExecutor<'_>, owner: UserId, contact: UserId) -> Result<bool, sqlx::Error> {

@@ -188,6 +188,24 @@ macro_rules! live_token {
 }
 pub(crate) use live_token;
 
+/// How much longer the live token `t` authenticates by its clocks alone, in seconds: until the
+/// earlier of its `expires_at` and its idle timeout (`$idle`) counted from its last use as
+/// written down. A cache of the principal may keep it no longer.
+macro_rules! live_for {
+    ($t:literal, $idle:literal) => {
+        concat!(
+            "EXTRACT(EPOCH FROM LEAST(",
+            $t,
+            ".expires_at, ",
+            $t,
+            ".last_used_at + ",
+            $idle,
+            "::interval) - now())::float8"
+        )
+    };
+}
+pub(crate) use live_for;
+
 /// A bearer token to issue.
 pub struct NewToken<'a> {
     /// SHA-256 of the token; the token itself is never stored.
@@ -257,6 +275,16 @@ pub struct Principal {
     pub user_id: Uuid,
     #[sqlx(try_from = "String")]
     pub role: Role,
+    /// Seconds the token goes on authenticating by its clocks alone (expiry, idle timeout),
+    /// counted from the start of the statement that read it.
+    pub live_for_secs: f64,
+}
+
+impl Principal {
+    /// [`Principal::live_for_secs`] as a duration (zero when it is past, or not a number).
+    pub fn live_for(&self) -> Duration {
+        Duration::try_from_secs_f64(self.live_for_secs).unwrap_or(Duration::ZERO)
+    }
 }
 
 pub async fn authenticate(
@@ -265,7 +293,10 @@ pub async fn authenticate(
     idle_timeout: Duration,
 ) -> Result<Option<Principal>, sqlx::Error> {
     sqlx::query_as(concat!(
-        "SELECT u.id AS user_id, u.role FROM identity.tokens t JOIN identity.users u ON u.id = t.user_id
+        "SELECT u.id AS user_id, u.role, ",
+        live_for!("t", "$2"),
+        " AS live_for_secs
+         FROM identity.tokens t JOIN identity.users u ON u.id = t.user_id
          WHERE t.token_hash = $1 AND ",
         live_token!("t", "$2"),
         " AND u.status = 'active'"
@@ -291,12 +322,16 @@ pub async fn authenticate_with_target(
         user_id: Uuid,
         #[sqlx(try_from = "String")]
         role: Role,
+        live_for_secs: f64,
         target_id: Option<Uuid>,
         target_status: Option<String>,
     }
     let row: Option<Row> = sqlx::query_as(concat!(
-        "SELECT p.user_id, p.role, t.id AS target_id, t.status AS target_status
-         FROM (SELECT u.id AS user_id, u.role FROM identity.tokens k JOIN identity.users u ON u.id = k.user_id
+        "SELECT p.user_id, p.role, p.live_for_secs, t.id AS target_id, t.status AS target_status
+         FROM (SELECT u.id AS user_id, u.role, ",
+        live_for!("k", "$4"),
+        " AS live_for_secs
+               FROM identity.tokens k JOIN identity.users u ON u.id = k.user_id
                WHERE k.token_hash = $1 AND ",
         live_token!("k", "$4"),
         " AND u.status = 'active') p
@@ -316,7 +351,7 @@ pub async fn authenticate_with_target(
             }
             _ => None,
         };
-        Ok((Principal { user_id: r.user_id, role: r.role }, target))
+        Ok((Principal { user_id: r.user_id, role: r.role, live_for_secs: r.live_for_secs }, target))
     })
     .transpose()
 }
