@@ -62,6 +62,11 @@ pub struct AppState {
     pub read_replicas: Option<Arc<ReadReplicas>>,
     /// Recently authenticated bearer tokens (`TOKEN_CACHE_TTL`; off when it is 0).
     pub token_cache: Arc<TokenCache>,
+    /// Wakes this process's relay after a write with events commits; `None` without a relay
+    /// (`NO_RELAY`). With a relay, the request connections do not notify the relays through
+    /// the database (`trellis.outbox_notify = off`): every notifying commit takes one
+    /// database-wide lock from before its WAL flush until it ends, which serialises them.
+    pub relay_wake: Option<Arc<tokio::sync::Notify>>,
 }
 
 #[derive(utoipa::OpenApi)]
@@ -287,6 +292,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     pool_config.idle_in_transaction_timeout = Some(config.request_timeout);
     pool_config.client_check_interval = Some(Duration::from_secs(1));
     pool_config.parallel_workers_per_gather = Some(0);
+    // This process's own relay is woken in-process (`AppState::relay_wake`).
+    pool_config.outbox_notify = config.no_relay;
     let pool = trellis_store::connect_lazy(common.database_url.expose(), &pool_config)?;
     let read_replicas = match config.read_replicas().map_err(anyhow::Error::msg)? {
         None => None,
@@ -306,6 +313,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let (js, events) = (host.ctx().js.clone(), host.ctx().topology.events_stream());
     host.health().add("jetstream", Severity::Degrading, health::stream_check(js, events));
 
+    let relay = (!config.no_relay)
+        .then(|| -> anyhow::Result<Relay> {
+            // The relay's own pool (the bulkhead): a listener connection plus one for batches.
+            let relay_pool = Host::connect_pool(common, "trellis-api-relay", 3, common.batch_timeout)?;
+            let relay_config = RelayConfig {
+                batch_size: config.relay_batch_size,
+                retention: config.outbox_retention,
+                stream_poll_interval: config.stream_poll_interval,
+                ..RelayConfig::default()
+            };
+            Ok(Relay::new(relay_pool, host.ctx().js.clone(), host.ctx().topology.clone(), relay_config))
+        })
+        .transpose()?;
     let state = AppState {
         pool: pool.clone(),
         config: Arc::new(config.clone()),
@@ -319,21 +339,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         filings: Arc::default(),
         read_replicas: read_replicas.clone(),
         token_cache: Arc::new(TokenCache::new(config.token_cache_ttl, config.token_cache_entries)),
+        relay_wake: relay.as_ref().map(Relay::waker),
     };
     let listener =
         serve::bind(config.api_addr).with_context(|| format!("cannot bind the API listener on {}", config.api_addr))?;
     let api_addr = listener.local_addr()?;
 
-    if !config.no_relay {
-        // The relay's own pool (the bulkhead): a listener connection plus one for batches.
-        let relay_pool = Host::connect_pool(common, "trellis-api-relay", 3, common.batch_timeout)?;
-        let relay_config = RelayConfig {
-            batch_size: config.relay_batch_size,
-            retention: config.outbox_retention,
-            stream_poll_interval: config.stream_poll_interval,
-            ..RelayConfig::default()
-        };
-        let relay = Relay::new(relay_pool, host.ctx().js.clone(), host.ctx().topology.clone(), relay_config);
+    if let Some(relay) = relay {
         let (declared, stop) = (host.streams_declared(), host.stop_token());
         host.spawn(async move {
             if declared.await {

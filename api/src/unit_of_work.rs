@@ -59,6 +59,8 @@ struct Inner {
     slot: Mutex<Slot>,
     /// What the token cache forgets once the transaction has committed.
     evictions: Mutex<Vec<Evict>>,
+    /// Whether the transaction writes events: the relay is woken once it has committed.
+    wrote_events: std::sync::atomic::AtomicBool,
 }
 
 enum Slot {
@@ -74,7 +76,12 @@ enum Slot {
 
 impl UnitOfWork {
     fn new(pool: PgPool) -> Self {
-        Self(Arc::new(Inner { pool, slot: Mutex::new(Slot::Unused), evictions: Mutex::default() }))
+        Self(Arc::new(Inner {
+            pool,
+            slot: Mutex::new(Slot::Unused),
+            evictions: Mutex::default(),
+            wrote_events: std::sync::atomic::AtomicBool::new(false),
+        }))
     }
 
     fn slot(&self) -> std::sync::MutexGuard<'_, Slot> {
@@ -119,6 +126,9 @@ impl UnitOfWork {
     /// Hands the transaction back with the events of its commands, which are written into it
     /// now: it commits with the response if that is a success. Returns what the commands did.
     pub async fn finish<T: Send>(&self, tx: Tx<'static>, emitted: Emitted<T>) -> Result<T, ApiError> {
+        if emitted.has_events() {
+            self.0.wrote_events.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(trellis_commands::commit_with(tx, emitted, HandBack(self)).await?)
     }
 }
@@ -249,14 +259,21 @@ async fn run_write(
         Ok(Err(e)) => return e.into_response().into(),
         Err(_) => return timed_out().into(),
     };
-    let (tx, response, keyed, evictions) = match handled {
+    let (tx, response, keyed, evictions, wrote_events) = match handled {
         Handled::Answer(response) => return response.into(),
-        Handled::Commit { tx, response, keyed, evictions } => (tx, response, keyed, evictions),
+        Handled::Commit { tx, response, keyed, evictions, wrote_events } => {
+            (tx, response, keyed, evictions, wrote_events)
+        }
     };
     let committed = tokio::time::timeout_at(deadline, tx.commit()).await;
     // Whether the commit happened or its outcome is unknown, forgetting is safe.
     for evict in evictions {
         state.token_cache.evict(evict);
+    }
+    // This process's writes do not notify the relays through the database (see
+    // `AppState::relay_wake`): its own relay is woken here. A wake for nothing costs one look.
+    if wrote_events && let Some(wake) = &state.relay_wake {
+        wake.notify_one();
     }
     match committed {
         Ok(Ok(())) => response.into(),
@@ -281,7 +298,7 @@ async fn run_write(
 /// A handled write: an answer, or a transaction to commit and the answer once it is.
 enum Handled {
     Answer(Response),
-    Commit { tx: Tx<'static>, response: Response, keyed: bool, evictions: Vec<Evict> },
+    Commit { tx: Tx<'static>, response: Response, keyed: bool, evictions: Vec<Evict>, wrote_events: bool },
 }
 
 async fn handle_write(state: &AppState, mut parts: Parts, body: &Bytes, next: Next) -> Result<Handled, ApiError> {
@@ -322,5 +339,6 @@ async fn handle_write(state: &AppState, mut parts: Parts, body: &Bytes, next: Ne
         Some(keyed) => idempotency::store(&mut tx, keyed, response).await?,
         None => response,
     };
-    Ok(Handled::Commit { tx, response, keyed: keyed.is_some(), evictions: work.take_evictions() })
+    let wrote_events = work.0.wrote_events.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(Handled::Commit { tx, response, keyed: keyed.is_some(), evictions: work.take_evictions(), wrote_events })
 }

@@ -674,6 +674,10 @@ impl OtlpSink {
     }
 }
 
+/// pgbench's sessions write outbox rows as the API's request connections do: without a commit
+/// notification (the API wakes its own relay).
+const AS_THE_API_WRITES: &str = "-c trellis.outbox_notify=off";
+
 /// pgbench on a benchmark's database: the anchors the API's figures are divided by.
 struct Pgbench<'a> {
     bin: PathBuf,
@@ -725,6 +729,7 @@ impl<'a> Pgbench<'a> {
     /// pgbench running `script` at `rate` transactions a second for `seconds`, in the
     /// background; [`pgbench_tps`] reads its output.
     fn spawn_at_rate(&self, script: &Path, rate: u32, seconds: u64) -> anyhow::Result<Child> {
+        // These commits notify the relay, so that it publishes them as they come.
         Command::new(&self.bin)
             .args(["-n", "-j", "1", "-c", "4", "-M", "prepared", "-R", &rate.to_string()])
             .args(["-T", &seconds.to_string(), "-f"])
@@ -739,6 +744,7 @@ impl<'a> Pgbench<'a> {
     fn run(&self, args: &[&str], clients: u32, seconds: u64) -> anyhow::Result<f64> {
         let out = util::read(
             Command::new(&self.bin)
+                .env("PGOPTIONS", AS_THE_API_WRITES)
                 .args(["-n", "-j", "2", "-c", &clients.to_string(), "-T", &seconds.to_string()])
                 .args(args)
                 .arg(&self.db.url),

@@ -398,8 +398,8 @@ async fn one_statement_agrees(app: &TestApp, caller: &crate::helpers::TestUser, 
         let search = |offset, limit| {
             trellis_store::search::indexed_users_for_token(&app.db.pool, &token_hash, idle, q, offset, limit, cap)
         };
-        let (principal, hits) = search(0, 50).await.unwrap().expect("the caller authenticates");
-        assert_eq!(principal.user_id.to_string(), caller.id, "q={q:?}, cap {cap}");
+        let (caller_id, hits) = search(0, 50).await.unwrap().expect("the caller authenticates");
+        assert_eq!(caller_id.to_string(), caller.id, "q={q:?}, cap {cap}");
         let handles: Vec<String> = hits.into_iter().map(|h| h.handle).collect();
         assert_eq!(handles, expected, "q={q:?}, cap {cap}: one statement and the tiers agree");
         let (_, second) = search(1, 2).await.unwrap().unwrap();

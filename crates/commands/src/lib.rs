@@ -66,6 +66,11 @@ impl Emitted<()> {
 }
 
 impl<T> Emitted<T> {
+    /// Whether committing this writes any event to the outbox.
+    pub fn has_events(&self) -> bool {
+        !self.parts.is_empty()
+    }
+
     /// `value`, with no event yet.
     pub(crate) fn new(value: T) -> Self {
         Emitted { value, parts: Vec::new() }

@@ -5,6 +5,7 @@
 //! marked published only for the events JetStream acknowledged. A crash between publish and
 //! mark re-sends the batch; the stream's duplicate window drops the copies.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -12,6 +13,7 @@ use async_nats::{HeaderMap, HeaderName};
 use backon::BackoffBuilder;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use trellis_store::outbox;
@@ -55,6 +57,7 @@ pub struct Relay {
     js: jetstream::Context,
     topology: Topology,
     config: RelayConfig,
+    wake: Arc<Notify>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +73,13 @@ impl Relay {
     /// behind a batch that is waiting for JetStream.
     pub fn new(pool: PgPool, js: jetstream::Context, topology: Topology, config: RelayConfig) -> Self {
         crate::stream_limits::register(&topology);
-        Self { pool, js, topology, config }
+        Self { pool, js, topology, config, wake: Arc::new(Notify::new()) }
+    }
+
+    /// Wakes the relay as a commit notification would: for writers in this process whose
+    /// sessions do not notify (`trellis.outbox_notify = off`, see docs/ARCHITECTURE.md).
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
     }
 
     /// Runs until `shutdown`: relays, samples the backlog gauges and the streams' fill levels
@@ -110,11 +119,13 @@ impl Relay {
             if listener.is_none() {
                 listener = self.listen().await;
             }
-            // Wait for a commit notification, the poll interval, or shutdown.
+            // Wait for a commit notification, a wake from this process, the poll interval, or
+            // shutdown.
             let poll = tokio::time::sleep(self.config.poll_interval);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = poll => {}
+                _ = self.wake.notified() => {}
                 got = recv(&mut listener) => {
                     if let Err(e) = got {
                         tracing::warn!(error = %e, "outbox LISTEN connection lost; polling until it is back");

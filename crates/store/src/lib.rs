@@ -55,6 +55,11 @@ pub struct PoolConfig {
     /// waits for even when the worker's branch of the plan never runs, and many requests at
     /// once already keep every core busy.
     pub parallel_workers_per_gather: Option<u32>,
+    /// Whether an outbox insert on these connections notifies the relays at its commit
+    /// (`trellis.outbox_notify`, read by the outbox's trigger). Off only where the writer wakes
+    /// a relay itself: a notifying commit holds a database-wide lock from before its WAL flush
+    /// until it ends, so notifying commits happen one at a time.
+    pub outbox_notify: bool,
 }
 
 impl PoolConfig {
@@ -68,6 +73,7 @@ impl PoolConfig {
             idle_in_transaction_timeout: None,
             client_check_interval: None,
             parallel_workers_per_gather: None,
+            outbox_notify: true,
         }
     }
 }
@@ -82,6 +88,9 @@ pub fn connect_lazy(database_url: &str, config: &PoolConfig) -> Result<PgPool, s
     }
     if let Some(t) = config.client_check_interval {
         settings.push(("client_connection_check_interval", format!("{}", t.as_millis())));
+    }
+    if !config.outbox_notify {
+        settings.push(("trellis.outbox_notify", "off".to_owned()));
     }
     if let Some(n) = config.parallel_workers_per_gather {
         settings.push(("max_parallel_workers_per_gather", n.to_string()));

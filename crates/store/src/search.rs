@@ -102,7 +102,7 @@ pub async fn users(
 pub const HANDLE_RANGE_CAP: i64 = 2000;
 
 /// [`users`] over the read model in one statement that also authenticates the caller: `None`
-/// when `token_hash` is not a live token of an active user, else the caller and the hits (the
+/// when `token_hash` is not a live token of an active user, else the caller's id and the hits (the
 /// same tiers, order and expansion as [`users`]). `handle_range_cap` is [`HANDLE_RANGE_CAP`]
 /// but in tests, which lower it to take the score-order walk with a few documents.
 ///
@@ -120,12 +120,10 @@ pub async fn indexed_users_for_token(
     offset: i64,
     limit: i64,
     handle_range_cap: i64,
-) -> Result<Option<(crate::identity::Principal, Vec<UserHit>)>, sqlx::Error> {
+) -> Result<Option<(Uuid, Vec<UserHit>)>, sqlx::Error> {
     #[derive(sqlx::FromRow)]
     struct Row {
         principal_id: Uuid,
-        #[sqlx(try_from = "String")]
-        principal_role: trellis_domain::identity::Role,
         id: Option<Uuid>,
         handle: Option<String>,
         display_name: Option<String>,
@@ -135,7 +133,7 @@ pub async fn indexed_users_for_token(
     }
     let need = offset.saturating_add(limit);
     let rows: Vec<Row> = sqlx::query_as(concat!(
-        "WITH p AS (SELECT u.id AS principal_id, u.role AS principal_role
+        "WITH p AS (SELECT u.id AS principal_id
                     FROM identity.tokens t JOIN identity.users u ON u.id = t.user_id
                     WHERE t.token_hash = $1 AND ",
         crate::identity::live_token!("t", "$2"),
@@ -197,7 +195,7 @@ pub async fn indexed_users_for_token(
              UNION ALL
              SELECT d.user_id, d.handle, d.display_name, d.verified, d.score, 2
              FROM name_hits n JOIN search.directory d ON d.user_id = n.user_id)
-         SELECT p.principal_id, p.principal_role, h.id, h.handle, h.display_name, h.verified, h.score, h.rank
+         SELECT p.principal_id, h.id, h.handle, h.display_name, h.verified, h.score, h.rank
          FROM p LEFT JOIN LATERAL (SELECT * FROM hits ORDER BY rank, score DESC NULLS LAST, handle LIMIT $5) h ON true
          ORDER BY h.rank, h.score DESC NULLS LAST, h.handle"
     ))
@@ -210,7 +208,7 @@ pub async fn indexed_users_for_token(
     .fetch_all(db)
     .await?;
     let Some(first) = rows.first() else { return Ok(None) };
-    let principal = crate::identity::Principal { user_id: first.principal_id, role: first.principal_role };
+    let caller = first.principal_id;
     let hits = rows
         .into_iter()
         .filter_map(|r| {
@@ -225,7 +223,7 @@ pub async fn indexed_users_for_token(
         })
         .skip(usize::try_from(offset).unwrap_or(usize::MAX))
         .collect();
-    Ok(Some((principal, hits)))
+    Ok(Some((caller, hits)))
 }
 
 /// The words of `$1` that name search matches (as `search.name_words` splits a display name,
