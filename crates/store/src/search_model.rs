@@ -253,7 +253,9 @@ async fn delete_name_postings(conn: &mut PgConnection, user_ids: &[Uuid]) -> Res
 
 /// Inserts the name postings of `documents` (searchable ones, whose postings are gone or were
 /// never written), and adds words never seen before to the term dictionary, with their
-/// one-deletion variants when they have no digit.
+/// one-deletion variants when they have no digit. A document's words are split once and
+/// deduplicated within the document (one posting per word and document): the documents are
+/// distinct, so no sort of every posting's columns is needed.
 async fn insert_name_postings(conn: &mut PgConnection, documents: &[&ChangedDocument]) -> Result<(), sqlx::Error> {
     if documents.is_empty() {
         return Ok(());
@@ -265,10 +267,10 @@ async fn insert_name_postings(conn: &mut PgConnection, documents: &[&ChangedDocu
     sqlx::query(
         "WITH postings AS (
              INSERT INTO search.name_postings (term, user_id, score, handle, words)
-             SELECT DISTINCT w.term, d.user_id, d.score, d.handle, search.name_words(d.display_name)
+             SELECT w.term, d.user_id, d.score, d.handle, n.words
              FROM unnest($1::uuid[], $2::text[], $3::text[], $4::integer[]) AS d (user_id, handle, display_name, score),
-                  unnest(search.name_words(d.display_name)) AS w (term)
-             WHERE char_length(w.term) >= 2
+                  LATERAL (SELECT search.name_words(d.display_name) AS words) n,
+                  LATERAL (SELECT DISTINCT t.term FROM unnest(n.words) AS t (term) WHERE char_length(t.term) >= 2) w
              RETURNING term),
          new_terms AS (
              INSERT INTO search.name_terms (term) SELECT DISTINCT term FROM postings
