@@ -173,8 +173,9 @@ pub(crate) async fn lock_class(
 /// One statement writes the directory and returns, for each document it wrote or deleted, what
 /// its postings are made of before and after: the postings are rewritten only for documents
 /// whose searchable name changed (the display name, score or handle of an active, not hidden
-/// document; a new document has none to delete), and they are built from the written rows, not
-/// from a second read of `search.directory`.
+/// document), and they are built from the written rows, not from a second read of
+/// `search.directory`. A document new to the directory still has its postings deleted first:
+/// the directory may have been emptied without them (a truncation before a rebuild).
 pub async fn project_users(conn: &mut PgConnection, user_ids: &[Uuid]) -> Result<u64, sqlx::Error> {
     if user_ids.is_empty() {
         return Ok(0);
@@ -210,7 +211,6 @@ pub async fn project_users(conn: &mut PgConnection, user_ids: &[Uuid]) -> Result
                  UNION ALL
                  SELECT user_id, handle, display_name, score, searchable FROM written)
          SELECT c.user_id, c.handle, c.display_name, c.score, c.searchable,
-                coalesce(o.searchable, false) AS had_postings,
                 NOT (coalesce(o.searchable, false) = c.searchable
                      AND (NOT c.searchable
                           OR (o.handle, o.display_name, o.score) IS NOT DISTINCT FROM (c.handle, c.display_name, c.score)))
@@ -221,7 +221,7 @@ pub async fn project_users(conn: &mut PgConnection, user_ids: &[Uuid]) -> Result
     .bind(user_ids)
     .fetch_all(&mut *conn)
     .await?;
-    let stale: Vec<Uuid> = changed.iter().filter(|c| c.postings_changed && c.had_postings).map(|c| c.user_id).collect();
+    let stale: Vec<Uuid> = changed.iter().filter(|c| c.postings_changed).map(|c| c.user_id).collect();
     delete_name_postings(conn, &stale).await?;
     let fresh: Vec<&ChangedDocument> = changed.iter().filter(|c| c.postings_changed && c.searchable).collect();
     insert_name_postings(conn, &fresh).await?;
@@ -229,8 +229,8 @@ pub async fn project_users(conn: &mut PgConnection, user_ids: &[Uuid]) -> Result
 }
 
 /// A directory document that [`project_users`] wrote or deleted: its searchable name as
-/// written (`searchable` false for a deleted, suspended or hidden one), whether it had
-/// postings before and whether they change.
+/// written (`searchable` false for a deleted, suspended or hidden one) and whether its postings
+/// change.
 #[derive(Debug, sqlx::FromRow)]
 struct ChangedDocument {
     user_id: Uuid,
@@ -238,7 +238,6 @@ struct ChangedDocument {
     display_name: Option<String>,
     score: Option<i32>,
     searchable: bool,
-    had_postings: bool,
     postings_changed: bool,
 }
 
