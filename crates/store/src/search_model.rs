@@ -169,54 +169,107 @@ pub(crate) async fn lock_class(
 /// and `security.hidden_users`, deletes those of ids that no longer exist, and keeps the name
 /// postings of the documents that changed in step. Returns the documents written or deleted
 /// (unchanged documents are not rewritten).
+///
+/// One statement writes the directory and returns, for each document it wrote or deleted, what
+/// its postings are made of before and after: the postings are rewritten only for documents
+/// whose searchable name changed (the display name, score or handle of an active, not hidden
+/// document), and they are built from the written rows, not from a second read of
+/// `search.directory`. A document new to the directory still has its postings deleted first:
+/// the directory may have been emptied without them (a truncation before a rebuild).
 pub async fn project_users(conn: &mut PgConnection, user_ids: &[Uuid]) -> Result<u64, sqlx::Error> {
     if user_ids.is_empty() {
         return Ok(0);
     }
-    let mut changed: Vec<Uuid> = sqlx::query_scalar(
-        "DELETE FROM search.directory d
-         WHERE d.user_id = ANY($1) AND NOT EXISTS (SELECT 1 FROM identity.users u WHERE u.id = d.user_id)
-         RETURNING d.user_id",
-    )
-    .bind(user_ids)
-    .fetch_all(&mut *conn)
-    .await?;
-    let written: Vec<Uuid> = sqlx::query_scalar(
+    // `old` reads the documents as they were before this statement (every part of a statement
+    // sees the same snapshot), by key: `unnest` joined on the primary key, never a predicate
+    // on `status` / `hidden` that `directory_rank_idx` (partial on them) could serve, which
+    // the planner, unsure of the table's size, may scan whole.
+    let changed: Vec<ChangedDocument> = sqlx::query_as(
         concat!(
-            "INSERT INTO search.directory AS d (user_id, handle, display_name, verified, score, status, hidden, projected_at)\n",
+            "WITH old AS (
+                 SELECT d.user_id, d.handle, d.display_name, d.score, d.status = 'active' AND NOT d.hidden AS searchable
+                 FROM unnest($1::uuid[]) AS i (id) JOIN search.directory d ON d.user_id = i.id),
+             gone AS (
+                 DELETE FROM search.directory d
+                 WHERE d.user_id = ANY($1) AND NOT EXISTS (SELECT 1 FROM identity.users u WHERE u.id = d.user_id)
+                 RETURNING d.user_id),
+             written AS (
+                 INSERT INTO search.directory AS d (user_id, handle, display_name, verified, score, status, hidden, projected_at)\n",
             directory_documents_sql!(", now()"),
             "
-         ON CONFLICT (user_id) DO UPDATE SET
-             handle = EXCLUDED.handle, display_name = EXCLUDED.display_name, verified = EXCLUDED.verified,
-             score = EXCLUDED.score, status = EXCLUDED.status, hidden = EXCLUDED.hidden, projected_at = now()
-         WHERE (d.handle, d.display_name, d.verified, d.score, d.status, d.hidden)
-               IS DISTINCT FROM (EXCLUDED.handle, EXCLUDED.display_name, EXCLUDED.verified, EXCLUDED.score,
-                                 EXCLUDED.status, EXCLUDED.hidden)
-         RETURNING d.user_id"
+                 ON CONFLICT (user_id) DO UPDATE SET
+                     handle = EXCLUDED.handle, display_name = EXCLUDED.display_name, verified = EXCLUDED.verified,
+                     score = EXCLUDED.score, status = EXCLUDED.status, hidden = EXCLUDED.hidden, projected_at = now()
+                 WHERE (d.handle, d.display_name, d.verified, d.score, d.status, d.hidden)
+                       IS DISTINCT FROM (EXCLUDED.handle, EXCLUDED.display_name, EXCLUDED.verified, EXCLUDED.score,
+                                         EXCLUDED.status, EXCLUDED.hidden)
+                 RETURNING d.user_id, d.handle, d.display_name, d.score, d.status = 'active' AND NOT d.hidden AS searchable),
+             changed AS (
+                 SELECT user_id, NULL::text AS handle, NULL::text AS display_name, NULL::integer AS score,
+                        false AS searchable
+                 FROM gone
+                 UNION ALL
+                 SELECT user_id, handle, display_name, score, searchable FROM written)
+         SELECT c.user_id, c.handle, c.display_name, c.score, c.searchable,
+                NOT (coalesce(o.searchable, false) = c.searchable
+                     AND (NOT c.searchable
+                          OR (o.handle, o.display_name, o.score) IS NOT DISTINCT FROM (c.handle, c.display_name, c.score)))
+                    AS postings_changed
+         FROM changed c LEFT JOIN old o ON o.user_id = c.user_id"
         ),
     )
     .bind(user_ids)
     .fetch_all(&mut *conn)
     .await?;
-    changed.extend(written);
-    project_name_postings(conn, &changed).await?;
+    let stale: Vec<Uuid> = changed.iter().filter(|c| c.postings_changed).map(|c| c.user_id).collect();
+    delete_name_postings(conn, &stale).await?;
+    let fresh: Vec<&ChangedDocument> = changed.iter().filter(|c| c.postings_changed && c.searchable).collect();
+    insert_name_postings(conn, &fresh).await?;
     Ok(changed.len() as u64)
 }
 
-/// Replaces the name postings of `user_ids` with those of their current directory documents
-/// (none for a missing, suspended or hidden one), and adds words never seen before to the
-/// term dictionary, with their one-deletion variants when they have no digit.
-async fn project_name_postings(conn: &mut PgConnection, user_ids: &[Uuid]) -> Result<(), sqlx::Error> {
+/// A directory document that [`project_users`] wrote or deleted: its searchable name as
+/// written (`searchable` false for a deleted, suspended or hidden one) and whether its postings
+/// change.
+#[derive(Debug, sqlx::FromRow)]
+struct ChangedDocument {
+    user_id: Uuid,
+    handle: Option<String>,
+    display_name: Option<String>,
+    score: Option<i32>,
+    searchable: bool,
+    postings_changed: bool,
+}
+
+/// Deletes the name postings of `user_ids`.
+async fn delete_name_postings(conn: &mut PgConnection, user_ids: &[Uuid]) -> Result<(), sqlx::Error> {
     if user_ids.is_empty() {
         return Ok(());
     }
     sqlx::query("DELETE FROM search.name_postings WHERE user_id = ANY($1)").bind(user_ids).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// Inserts the name postings of `documents` (searchable ones, whose postings are gone or were
+/// never written), and adds words never seen before to the term dictionary, with their
+/// one-deletion variants when they have no digit. A document's words are split once and
+/// deduplicated within the document (one posting per word and document): the documents are
+/// distinct, so no sort of every posting's columns is needed.
+async fn insert_name_postings(conn: &mut PgConnection, documents: &[&ChangedDocument]) -> Result<(), sqlx::Error> {
+    if documents.is_empty() {
+        return Ok(());
+    }
+    let user_ids: Vec<Uuid> = documents.iter().map(|d| d.user_id).collect();
+    let handles: Vec<&str> = documents.iter().map(|d| d.handle.as_deref().unwrap_or_default()).collect();
+    let names: Vec<&str> = documents.iter().map(|d| d.display_name.as_deref().unwrap_or_default()).collect();
+    let scores: Vec<Option<i32>> = documents.iter().map(|d| d.score).collect();
     sqlx::query(
         "WITH postings AS (
              INSERT INTO search.name_postings (term, user_id, score, handle, words)
-             SELECT DISTINCT w.term, d.user_id, d.score, d.handle, search.name_words(d.display_name)
-             FROM search.directory d, unnest(search.name_words(d.display_name)) AS w (term)
-             WHERE d.user_id = ANY($1) AND d.status = 'active' AND NOT d.hidden AND char_length(w.term) >= 2
+             SELECT w.term, d.user_id, d.score, d.handle, n.words
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::integer[]) AS d (user_id, handle, display_name, score),
+                  LATERAL (SELECT search.name_words(d.display_name) AS words) n,
+                  LATERAL (SELECT DISTINCT t.term FROM unnest(n.words) AS t (term) WHERE char_length(t.term) >= 2) w
              RETURNING term),
          new_terms AS (
              INSERT INTO search.name_terms (term) SELECT DISTINCT term FROM postings
@@ -232,7 +285,10 @@ async fn project_name_postings(conn: &mut PgConnection, user_ids: &[Uuid]) -> Re
          WHERE t.term !~ '[0-9]'
          ON CONFLICT (variant, term) DO NOTHING",
     )
-    .bind(user_ids)
+    .bind(&user_ids)
+    .bind(&handles)
+    .bind(&names)
+    .bind(&scores)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -411,7 +467,7 @@ pub async fn rebuild(
         )
         .fetch_all(&mut *tx)
         .await?;
-        project_name_postings(&mut tx, &gone).await?;
+        delete_name_postings(&mut tx, &gone).await?;
         tx.commit().await?;
         state.rows_changed += gone.len() as u64;
     }
