@@ -291,7 +291,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     // its client stops talking, and when this process is gone even while a statement waits.
     pool_config.idle_in_transaction_timeout = Some(config.request_timeout);
     pool_config.client_check_interval = Some(Duration::from_secs(1));
-    pool_config.parallel_workers_per_gather = Some(0);
     // This process's own relay is woken in-process (`AppState::relay_wake`).
     pool_config.outbox_notify = config.no_relay;
     let pool = trellis_store::connect_lazy(common.database_url.expose(), &pool_config)?;

@@ -806,34 +806,31 @@ fn pgbench_tps(out: &str) -> anyhow::Result<f64> {
     line["tps = ".len()..].split_whitespace().next().context("tps")?.parse().context("tps")
 }
 
-/// One rename of a random seeded user (`u<i>`) to another name of the seed's word lists, with
-/// its `identity.profile_updated` event in the outbox, in one transaction.
-fn rename_sql(users: u64) -> String {
-    let list = |words: &[&str]| words.iter().map(|w| format!("'{w}'")).collect::<Vec<_>>().join(",");
+/// One new score of a random seeded user (`u<i>`) with its `scores.updated` event in the
+/// outbox, in one transaction: a change of the documents the searches read (the directory row,
+/// its place in the score order, its name postings) that touches no other document (a rename
+/// also re-projects the contact documents of everyone who has the user as a contact).
+fn rescore_sql(users: u64) -> String {
     format!(
         "\\set u random(1, {last})
 BEGIN;
 WITH e AS (SELECT gen_random_uuid() AS id, now() AS at),
-     renamed AS (
-         UPDATE identity.users
-         SET display_name = (ARRAY[{firsts}])[1 + floor(random() * {nf})::int] || ' '
-                            || (ARRAY[{lasts}])[1 + floor(random() * {nl})::int]
-         WHERE handle = 'u' || :u RETURNING id, display_name)
+     rescored AS (
+         UPDATE score.user_scores s SET score = floor(random() * 1001)::int, computed_at = now()
+         FROM identity.users u WHERE u.handle = 'u' || :u AND s.user_id = u.id
+         RETURNING s.user_id, s.score, s.run_id)
 INSERT INTO ops.outbox (id, subject, payload, created_at)
-SELECT e.id, 'events.identity.profile_updated',
-       jsonb_build_object('id', e.id, 'type', 'identity.profile_updated', 'version', 1, 'occurred_at', e.at,
+SELECT e.id, 'events.scores.updated',
+       jsonb_build_object('id', e.id, 'type', 'scores.updated', 'version', 1, 'occurred_at', e.at,
                           'actor_id', NULL,
-                          'data', jsonb_build_object('user_id', r.id, 'display_name', r.display_name,
-                                                     'email_changed', false)),
+                          'data', jsonb_build_object('run_id', r.run_id, 'scores',
+                                                     jsonb_build_array(jsonb_build_object('user_id', r.user_id,
+                                                                                          'score', r.score)))),
        e.at
-FROM e, renamed r;
+FROM e, rescored r;
 COMMIT;
 ",
         last = users.saturating_sub(1).max(1),
-        firsts = list(crate::seed::FIRST_NAMES),
-        nf = crate::seed::FIRST_NAMES.len(),
-        lasts = list(crate::seed::LAST_NAMES),
-        nl = crate::seed::LAST_NAMES.len(),
     )
 }
 
@@ -1004,7 +1001,7 @@ fn measure(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Measured> {
 /// from the read model.
 fn search(flags: &flags::Bench) -> anyhow::Result<()> {
     const DB: &str = "trellis_bench_score";
-    const RENAMES_PER_SEC: u32 = 500;
+    const RESCORES_PER_SEC: u32 = 500;
     const SLOW_STATEMENT_MS: u32 = 50;
     let stack = Stack::ensure()?;
     build_release(&["trellis-api", "trellisctl", "search-projector"])?;
@@ -1055,7 +1052,7 @@ fn search(flags: &flags::Bench) -> anyhow::Result<()> {
          FROM identity.users WHERE handle = 'u1'
          ON CONFLICT (token_hash) DO UPDATE SET expires_at = EXCLUDED.expires_at, revoked_at = NULL;
          -- Events of the seeding and the score run, not this benchmark's: the relay below
-         -- publishes only the renames.
+         -- publishes only the new scores.
          UPDATE ops.outbox SET published_at = now() WHERE published_at IS NULL;",
     )?;
     db.exec("VACUUM ANALYZE search.directory")?;
@@ -1072,20 +1069,20 @@ fn search(flags: &flags::Bench) -> anyhow::Result<()> {
     std::fs::create_dir_all(&scripts)?;
     let prefix_script = scripts.join("search-prefix.lua");
     let name_script = scripts.join("search-name.lua");
-    let rename_script = scripts.join("search-rename.sql");
+    let rescore_script = scripts.join("search-rescore.sql");
     std::fs::write(&prefix_script, SEARCH_PREFIX_SCRIPT.replace("USERS", &users.to_string()))?;
     std::fs::write(&name_script, SEARCH_NAME_SCRIPT)?;
-    std::fs::write(&rename_script, rename_sql(users))?;
-    // The read model changes while people search: `RENAMES_PER_SEC` renames a second, each
-    // with its outbox row in one transaction as the API writes them, published by the API's
-    // relay and applied by a search projector of its own.
+    std::fs::write(&rescore_script, rescore_sql(users))?;
+    // The read model changes while people search: `RESCORES_PER_SEC` new scores a second, each
+    // with its outbox row in one transaction, published by the API's relay and applied by a
+    // search projector of its own.
     let prefix = format!("bench{}search", std::process::id());
     let api = Api::start(&db, &stack, &prefix, &[])?;
     let projector = Worker::start("search-projector", &db, &stack, &prefix)?;
-    let applied_before = db.exec("SELECT COALESCE(last_stream_sequence, 0) FROM search.checkpoint")?;
+    let phase_start = db.exec("SELECT now()")?;
     let phase_secs = 2 * (3 + flags.duration);
-    eprintln!("xtask: bench: {RENAMES_PER_SEC} renames a second for {phase_secs}s (pgbench --rate)");
-    let renames = Pgbench::new(&db)?.spawn_at_rate(&rename_script, RENAMES_PER_SEC, phase_secs + 2)?;
+    eprintln!("xtask: bench: {RESCORES_PER_SEC} new scores a second for {phase_secs}s (pgbench --rate)");
+    let rescores = Pgbench::new(&db)?.spawn_at_rate(&rescore_script, RESCORES_PER_SEC, phase_secs + 2)?;
     let started = Instant::now();
     let mut rows = Vec::new();
     for (name, script) in [("handle prefix", &prefix_script), ("name", &name_script)] {
@@ -1098,14 +1095,15 @@ fn search(flags: &flags::Bench) -> anyhow::Result<()> {
             waits.finish()?
         ));
         rows.push(format!(
-            "| GET /v1/search/users, {name} queries, {users} users, c=16, {RENAMES_PER_SEC} renames/s applied meanwhile | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms ({} requests, {} errors) | p99 ≤ 20 ms |",
+            "| GET /v1/search/users, {name} queries, {users} users, c=16, {RESCORES_PER_SEC} new scores/s applied meanwhile | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms ({} requests, {} errors) | p99 ≤ 20 ms |",
             load.requests_per_sec, load.p50_ms, load.p99_ms, load.max_ms, load.requests, load.errors
         ));
     }
     let queried = started.elapsed();
-    let renamed = String::from_utf8_lossy(&renames.wait_with_output()?.stdout).into_owned();
-    let applied_after = db.exec("SELECT COALESCE(last_stream_sequence, 0) FROM search.checkpoint")?;
-    let applied = applied_after.parse::<f64>()? - applied_before.parse::<f64>()?;
+    let rescored = String::from_utf8_lossy(&rescores.wait_with_output()?.stdout).into_owned();
+    // Users are picked at random: about one in 2,000 picks a user picked before.
+    let applied: f64 =
+        db.exec(&format!("SELECT count(*) FROM search.directory WHERE projected_at >= '{phase_start}'"))?.parse()?;
     let metrics = http_get(&api.admin, "/metrics")?.context("the API's /metrics did not answer")?;
     let fallbacks = metrics
         .lines()
@@ -1120,8 +1118,8 @@ fn search(flags: &flags::Bench) -> anyhow::Result<()> {
         Ok(text.lines().filter(|l| l.contains("duration:") && l.contains("Query Text")).count())
     };
     rows.push(format!(
-        "| renames during the queries (pgbench --rate {RENAMES_PER_SEC}) | {} written, {:.0} events/s applied by the projector over {:.0} s; searches answered from the database: {fallbacks} | — |",
-        pgbench_tps(&renamed).map(|t| format!("{t:.0}/s")).unwrap_or_else(|_| "?".into()),
+        "| new scores during the queries (pgbench --rate {RESCORES_PER_SEC}) | {} written, {:.0} documents/s re-projected by the projector over {:.0} s; searches answered from the database: {fallbacks} | — |",
+        pgbench_tps(&rescored).map(|t| format!("{t:.0}/s")).unwrap_or_else(|_| "?".into()),
         applied / queried.as_secs_f64(),
         queried.as_secs_f64()
     ));

@@ -359,7 +359,7 @@ struct Users {
 }
 
 #[rustfmt::skip]
-pub(crate) const FIRST_NAMES: &[&str] = &[
+const FIRST_NAMES: &[&str] = &[
     "Ada", "Aiko", "Alejandro", "Amara", "Ana", "Andrei", "Anna", "Arjun", "Astrid", "Ben", "Bianca", "Carlos",
     "Chen", "Chloé", "Daniel", "Dmitri", "Elena", "Emma", "Fatima", "Felix", "Grace", "Hana", "Hugo", "Ines",
     "Isaac", "Ivan", "Jamal", "Jana", "José", "Julia", "Kai", "Kenji", "Lars", "Laura", "Leila", "Liam", "Lina",
@@ -369,7 +369,7 @@ pub(crate) const FIRST_NAMES: &[&str] = &[
 ];
 
 #[rustfmt::skip]
-pub(crate) const LAST_NAMES: &[&str] = &[
+const LAST_NAMES: &[&str] = &[
     "Abe", "Adeyemi", "Almeida", "Andersen", "Becker", "Bianchi", "Chen", "Costa", "Dubois", "Dvořák", "Eriksson",
     "Fernández", "Fischer", "García", "Gonzalez", "Haddad", "Hansen", "Hoffmann", "Ivanova", "Jensen", "Kang",
     "Kaya", "Khan", "Kim", "Kowalski", "Kumar", "Larsen", "Lee", "Li", "Lopez", "Martin", "Müller", "Nakamura",

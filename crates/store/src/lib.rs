@@ -50,11 +50,6 @@ pub struct PoolConfig {
     /// Server-side `client_connection_check_interval`: a statement (a lock wait included) of a
     /// client that has gone away is cancelled within this, rather than when it next writes.
     pub client_check_interval: Option<Duration>,
-    /// Server-side `max_parallel_workers_per_gather`; `None` keeps the server's. A request pool
-    /// sets 0: starting a parallel worker costs milliseconds, which a millisecond query then
-    /// waits for even when the worker's branch of the plan never runs, and many requests at
-    /// once already keep every core busy.
-    pub parallel_workers_per_gather: Option<u32>,
     /// Whether an outbox insert on these connections notifies the relays at its commit
     /// (`trellis.outbox_notify`, read by the outbox's trigger). Off only where the writer wakes
     /// a relay itself: a notifying commit holds a database-wide lock from before its WAL flush
@@ -72,7 +67,6 @@ impl PoolConfig {
             application_name: application_name.into(),
             idle_in_transaction_timeout: None,
             client_check_interval: None,
-            parallel_workers_per_gather: None,
             outbox_notify: true,
         }
     }
@@ -91,9 +85,6 @@ pub fn connect_lazy(database_url: &str, config: &PoolConfig) -> Result<PgPool, s
     }
     if !config.outbox_notify {
         settings.push(("trellis.outbox_notify", "off".to_owned()));
-    }
-    if let Some(n) = config.parallel_workers_per_gather {
-        settings.push(("max_parallel_workers_per_gather", n.to_string()));
     }
     let options = options.application_name(&config.application_name).options(settings);
     Ok(PgPoolOptions::new()

@@ -106,10 +106,11 @@ pub const HANDLE_RANGE_CAP: i64 = 2000;
 /// same tiers, order and expansion as [`users`]). `handle_range_cap` is [`HANDLE_RANGE_CAP`]
 /// but in tests, which lower it to take the score-order walk with a few documents.
 ///
-/// One statement with a plan that does not depend on the query text (so it is prepared once
-/// per connection): the handle tier range-scans at most [`HANDLE_RANGE_CAP`]` + 1` matches of
-/// the prefix and, when there are more, walks the score-ordered `directory_rank_idx` instead,
-/// so neither a rare nor a common prefix reads more than its bound whatever the planner
+/// One statement with a plan that does not depend on the query text (the function runs it with
+/// its generic plan: planning it for each text cost more than running it): the handle tier
+/// counts at most [`HANDLE_RANGE_CAP`]` + 1` matches of the prefix in the handle index and
+/// sorts them when there are no more, else walks the score-ordered `directory_rank_idx`, so
+/// neither a rare nor a common prefix reads more than its bound whatever the planner
 /// estimates; the name tier runs only when the handle tier leaves room, and reads the best
 /// `offset + limit` postings of each expansion of the query word with the fewest expansions.
 pub async fn indexed_users_for_token(
@@ -132,73 +133,12 @@ pub async fn indexed_users_for_token(
         rank: Option<i32>,
     }
     let need = offset.saturating_add(limit);
-    let rows: Vec<Row> = sqlx::query_as(concat!(
-        "WITH p AS (SELECT u.id AS principal_id
-                    FROM identity.tokens t JOIN identity.users u ON u.id = t.user_id
-                    WHERE t.token_hash = $1 AND ",
-        crate::identity::live_token!("t", "$2"),
-        " AND u.status = 'active'),
-         -- How many documents have the prefix, counted up to the cap in the handle index
-         -- alone (hidden and inactive ones too: this only chooses how to read the best).
-         prefixed AS (SELECT count(*) AS n FROM (
-             SELECT FROM search.directory d WHERE d.handle ~>=~ $3 AND d.handle ~<~ ($3 || chr(1114111))
-             -- In the index's order, so that the scan stops at the cap (a bitmap scan would not).
-             ORDER BY d.handle USING ~<~ LIMIT $6 + 1) x),
-         handle_hits AS MATERIALIZED (
-             (SELECT d.user_id, d.score, d.handle FROM search.directory d
-              WHERE (SELECT n FROM prefixed) <= $6 AND d.handle ~>=~ $3 AND d.handle ~<~ ($3 || chr(1114111))
-                AND d.status = 'active' AND NOT d.hidden
-              ORDER BY d.handle = $3 DESC, d.score DESC NULLS LAST, d.handle LIMIT $5)
-             UNION ALL
-             (SELECT d.user_id, d.score, d.handle FROM search.directory d
-              WHERE (SELECT n FROM prefixed) > $6 AND d.handle = $3 AND d.status = 'active' AND NOT d.hidden)
-             UNION ALL
-             -- `left(...) = $3` is no index condition: this walks the score order.
-             (SELECT d.user_id, d.score, d.handle FROM search.directory d
-              WHERE (SELECT n FROM prefixed) > $6 AND d.status = 'active' AND NOT d.hidden
-                AND left(d.handle, char_length($3)) = $3 AND d.handle <> $3
-              ORDER BY d.score DESC NULLS LAST, d.handle LIMIT $5)),
-         t AS (SELECT t.word, t.i FROM unnest(search.name_words($4)) WITH ORDINALITY AS t (word, i)
-               WHERE char_length(t.word) >= 2 AND (SELECT count(*) FROM handle_hits) < $5),
-         keys AS (
-             SELECT t.i, t.word, t.word AS variant FROM t WHERE char_length(t.word) >= 3 AND t.word !~ '[0-9]'
-             UNION
-             SELECT t.i, t.word, left(t.word, g - 1) || substr(t.word, g + 1)
-             FROM t, generate_series(1, char_length(t.word)) g
-             WHERE char_length(t.word) >= 3 AND t.word !~ '[0-9]'),
-         expansions AS MATERIALIZED (
-             SELECT t.i, n.term::text AS term
-             FROM t, LATERAL (SELECT term FROM search.name_terms
-                              WHERE term >= t.word COLLATE \"C\" AND term < (t.word || chr(1114111)) COLLATE \"C\"
-                                AND starts_with(term, t.word)) n
-             UNION
-             SELECT k.i, v.term::text
-             FROM keys k JOIN search.name_term_variants v ON v.variant = k.variant COLLATE \"C\"
-             WHERE search.within_one_edit(v.term, k.word)),
-         per_word AS (SELECT t.i, array_remove(array_agg(e.term), NULL) AS terms
-                      FROM t LEFT JOIN expansions e ON e.i = t.i GROUP BY t.i),
-         driving AS (SELECT w.i FROM per_word w
-                     WHERE NOT EXISTS (SELECT 1 FROM per_word z WHERE cardinality(z.terms) = 0)
-                     ORDER BY cardinality(w.terms), w.i LIMIT 1),
-         name_hits AS (
-             SELECT DISTINCT m.user_id
-             FROM driving dw JOIN expansions e ON e.i = dw.i,
-                  LATERAL (SELECT p.user_id FROM search.name_postings p
-                           WHERE p.term = e.term AND NOT starts_with(p.handle, $3)
-                             AND NOT EXISTS (SELECT 1 FROM per_word o
-                                             WHERE o.i <> dw.i AND NOT (p.words && o.terms))
-                           ORDER BY p.score DESC NULLS LAST, p.handle LIMIT $5) m),
-         hits AS (
-             SELECT d.user_id AS id, d.handle, d.display_name, d.verified, d.score,
-                    CASE WHEN d.handle = $3 THEN 0 ELSE 1 END AS rank
-             FROM handle_hits h JOIN search.directory d ON d.user_id = h.user_id
-             UNION ALL
-             SELECT d.user_id, d.handle, d.display_name, d.verified, d.score, 2
-             FROM name_hits n JOIN search.directory d ON d.user_id = n.user_id)
-         SELECT p.principal_id, h.id, h.handle, h.display_name, h.verified, h.score, h.rank
-         FROM p LEFT JOIN LATERAL (SELECT * FROM hits ORDER BY rank, score DESC NULLS LAST, handle LIMIT $5) h ON true
-         ORDER BY h.rank, h.score DESC NULLS LAST, h.handle"
-    ))
+    // The statement is `search.find_users` (migration `20261206000901_search_find_users`): a
+    // function, so that it runs with the generic plan every time.
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT principal_id, id, handle, display_name, verified, score, rank
+         FROM search.find_users($1, $2, $3, $4, $5, $6)",
+    )
     .bind(token_hash)
     .bind(idle_timeout)
     .bind(q.to_lowercase())
