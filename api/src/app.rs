@@ -318,6 +318,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             let relay_pool = Host::connect_pool(common, "trellis-api-relay", 3, common.batch_timeout)?;
             let relay_config = RelayConfig {
                 batch_size: config.relay_batch_size,
+                poll_interval: config.relay_poll_interval,
                 retention: config.outbox_retention,
                 stream_poll_interval: config.stream_poll_interval,
                 ..RelayConfig::default()

@@ -248,6 +248,11 @@ pub struct Config {
     #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 2000)]
     pub relay_batch_size: i64,
 
+    /// How often the relay looks for events nobody woke it for (another process's writes when
+    /// their commit notification was missed). This process's own writes wake it at once.
+    #[arg(long, env = "RELAY_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub relay_poll_interval: Duration,
+
     /// How often the relay reads the streams' fill levels (`trellis_stream_*` metrics).
     #[arg(long, env = "STREAM_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = "15s")]
     pub stream_poll_interval: Duration,

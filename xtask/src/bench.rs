@@ -753,6 +753,51 @@ impl<'a> Pgbench<'a> {
     }
 }
 
+/// CPU time consumed so far by the programs a benchmark runs, by program name (`comm`), in
+/// clock ticks.
+struct CpuByProgram {
+    at: Instant,
+    ticks: std::collections::BTreeMap<String, u64>,
+}
+
+impl CpuByProgram {
+    fn read() -> anyhow::Result<Self> {
+        let mut ticks = std::collections::BTreeMap::new();
+        for entry in std::fs::read_dir("/proc")? {
+            let Ok(entry) = entry else { continue };
+            if !entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            // Processes come and go while this reads.
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+            let name = stat[open + 1..close].to_owned();
+            let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+            // utime and stime: fields 14 and 15 of stat(5), 11 and 12 after the name.
+            let used = fields.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+                + fields.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+            *ticks.entry(name).or_insert(0) += used;
+        }
+        Ok(Self { at: Instant::now(), ticks })
+    }
+
+    /// The programs that used at least 0.01 of a core since `before`, busiest first.
+    fn since(&self, before: &Self) -> String {
+        let seconds = self.at.duration_since(before.at).as_secs_f64();
+        let mut used: Vec<(f64, &str)> = self
+            .ticks
+            .iter()
+            .map(|(name, t)| {
+                let t0 = before.ticks.get(name).copied().unwrap_or(0);
+                (t.saturating_sub(t0) as f64 / CLOCK_TICKS_PER_SECOND / seconds, name.as_str())
+            })
+            .filter(|(cores, _)| *cores >= 0.01)
+            .collect();
+        used.sort_by(|a, b| b.0.total_cmp(&a.0));
+        used.iter().map(|(cores, name)| format!("{name} {cores:.2}")).collect::<Vec<_>>().join(", ")
+    }
+}
+
 /// Samples `pg_stat_activity` every 10 ms from one backend of its own: what the database's
 /// other active backends wait on (`CPU` when on none), as shares of all samples.
 struct WaitSampler(Child);
@@ -1071,7 +1116,13 @@ fn search(flags: &flags::Bench) -> anyhow::Result<()> {
     let name_script = scripts.join("search-name.lua");
     let rescore_script = scripts.join("search-rescore.sql");
     std::fs::write(&prefix_script, SEARCH_PREFIX_SCRIPT.replace("USERS", &users.to_string()))?;
-    std::fs::write(&name_script, SEARCH_NAME_SCRIPT)?;
+    let lua_names = SEARCH_NAMES.iter().map(|n| format!("\"{}\"", n.replace(' ', "%20"))).collect::<Vec<_>>();
+    std::fs::write(&name_script, SEARCH_NAME_SCRIPT.replace("NAMES", &lua_names.join(", ")))?;
+    let (handle_anchor, name_anchor) = search_anchor_scripts(users);
+    let handle_anchor_script = scripts.join("search-prefix-anchor.sql");
+    let name_anchor_script = scripts.join("search-name-anchor.sql");
+    std::fs::write(&handle_anchor_script, handle_anchor)?;
+    std::fs::write(&name_anchor_script, name_anchor)?;
     std::fs::write(&rescore_script, rescore_sql(users))?;
     // The read model changes while people search: `RESCORES_PER_SEC` new scores a second, each
     // with its outbox row in one transaction, published by the API's relay and applied by a
@@ -1080,16 +1131,33 @@ fn search(flags: &flags::Bench) -> anyhow::Result<()> {
     let api = Api::start(&db, &stack, &prefix, &[])?;
     let projector = Worker::start("search-projector", &db, &stack, &prefix)?;
     let phase_start = db.exec("SELECT now()")?;
-    let phase_secs = 2 * (3 + flags.duration);
+    let phase_secs = 2 * (3 + 2 * flags.duration);
     eprintln!("xtask: bench: {RESCORES_PER_SEC} new scores a second for {phase_secs}s (pgbench --rate)");
     let rescores = Pgbench::new(&db)?.spawn_at_rate(&rescore_script, RESCORES_PER_SEC, phase_secs + 2)?;
     let started = Instant::now();
     let mut rows = Vec::new();
-    for (name, script) in [("handle prefix", &prefix_script), ("name", &name_script)] {
+    let pgbench = Pgbench::new(&db)?;
+    for (name, script, anchor) in
+        [("handle prefix", &prefix_script, &handle_anchor_script), ("name", &name_script, &name_anchor_script)]
+    {
+        // This machine's limit for the same searches: the statement alone, from pgbench, at the
+        // same concurrency and with the same writes going on.
+        eprintln!("xtask: bench: pgbench, search.find_users alone, {name} queries, 16 clients, {}s", flags.duration);
+        let anchor_tps = pgbench.run(&["-M", "prepared", "-f", &anchor.to_string_lossy()], 16, flags.duration)?;
         eprintln!("xtask: bench: GET /v1/search/users, {name} queries, 16 connections, {}s", flags.duration);
         run_wrk(&format!("{}/v1/search/users", api.url), 16, 3, script)?;
         let waits = WaitSampler::start(&db, flags.duration)?;
+        let cpu = CpuByProgram::read()?;
         let load = run_wrk(&format!("{}/v1/search/users", api.url), 16, flags.duration, script)?;
+        rows.push(format!(
+            "| CPU during the {name} queries, in cores (of 2) | {} | — |",
+            CpuByProgram::read()?.since(&cpu)
+        ));
+        rows.push(format!(
+            "| anchor: pgbench, the {name} searches' statement alone (`search.find_users`), c=16, same writes | {anchor_tps:.0} tps; the API's {:.0} req/s are {:.2} of it | — |",
+            load.requests_per_sec,
+            load.requests_per_sec / anchor_tps
+        ));
         rows.push(format!(
             "| what the busy backends were doing during the {name} queries (`pg_stat_activity` every 10 ms) | {} | — |",
             waits.finish()?
@@ -1164,13 +1232,55 @@ end
 const SEARCH_NAME_SCRIPT: &str = r#"
 math.randomseed(os.time() + math.floor(os.clock() * 1000000))
 wrk.headers["Authorization"] = "Bearer trl_bench_search"
-local names = {"maria", "nakamura", "fischer", "priya", "okafor", "williams", "rafael", "gonzalez",
-  "mohammed", "schmidt", "astrid", "kowalski", "marai", "fischr", "wiliams", "schmit", "lee", "kim", "ana",
-  "ma", "sch", "nak", "maria%20garcia", "liam%20smith", "priya%20patl"}
+local names = {NAMES}
 request = function()
   return wrk.format("GET", "/v1/search/users?q=" .. names[math.random(1, #names)])
 end
 "#;
+
+/// The name queries: the seed's words, some with a typo, word prefixes, two-word names.
+const SEARCH_NAMES: &[&str] = &[
+    "maria",
+    "nakamura",
+    "fischer",
+    "priya",
+    "okafor",
+    "williams",
+    "rafael",
+    "gonzalez",
+    "mohammed",
+    "schmidt",
+    "astrid",
+    "kowalski",
+    "marai",
+    "fischr",
+    "wiliams",
+    "schmit",
+    "lee",
+    "kim",
+    "ana",
+    "ma",
+    "sch",
+    "nak",
+    "maria garcia",
+    "liam smith",
+    "priya patl",
+];
+
+/// The searches' statement alone, as the API runs it (`search.find_users`), for pgbench: the
+/// same handle prefixes as [`SEARCH_PREFIX_SCRIPT`], and the same names.
+fn search_anchor_scripts(users: u64) -> (String, String) {
+    const CALL: &str = "SELECT * FROM search.find_users(sha256(convert_to('trl_bench_search', 'UTF8')), \
+                        interval '1 hour', lower(:q), :q, 21, 2000);";
+    let handles = format!(
+        "\\set u random(1, {users})\n\\set len random(3, 6)\n{}\n",
+        CALL.replace(":q", "left('u' || :u, least(:len, char_length('u' || :u)))")
+    );
+    let list = SEARCH_NAMES.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ");
+    let names =
+        format!("\\set i random(1, {})\n{}\n", SEARCH_NAMES.len(), CALL.replace(":q", &format!("(ARRAY[{list}])[:i]")));
+    (handles, names)
+}
 
 #[cfg(test)]
 mod suite_tests {

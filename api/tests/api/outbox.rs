@@ -100,6 +100,37 @@ fn check_envelope(msg: &StoredMessage) {
     assert!(envelope["data"].is_object(), "data is an object");
 }
 
+/// The API's request connections write outbox rows without a commit notification (notifying
+/// commits run one at a time, database-wide): its own relay is woken in-process instead. With
+/// the relay's poll an hour apart, only that wake can publish what the requests wrote. Any other
+/// writer (a worker, `trellisctl`) still notifies.
+#[tokio::test]
+async fn api_writes_wake_their_own_relay_and_notify_nobody_while_other_writers_notify() {
+    let app =
+        TestApp::spawn_with(Options { args: vec!["--relay-poll-interval".into(), "1h".into()], ..Options::default() })
+            .await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&app.db.pool).await.expect("a LISTEN connection");
+    listener.listen("trellis_outbox").await.expect("LISTEN");
+    let alice = app.register("alice").await;
+    for i in 0..3 {
+        let r = app.patch("/v1/me", Some(&alice.token), json!({"display_name": format!("Alice {i}")})).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        app.wait_all_published(Duration::from_secs(20)).await;
+    }
+    assert_eq!(outbox_rows(&app).await.len(), 4, "a registration and three profile updates");
+    let notified = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await;
+    assert!(notified.is_err(), "an API write notified the relays through the database: {notified:?}");
+
+    sqlx::query(
+        "INSERT INTO ops.outbox (id, subject, payload) VALUES (gen_random_uuid(), 'events.test.other_writer', '{}')",
+    )
+    .execute(&app.db.pool)
+    .await
+    .expect("writing an outbox row as another process");
+    let notified = tokio::time::timeout(Duration::from_secs(10), listener.recv()).await;
+    assert!(matches!(notified, Ok(Ok(_))), "another writer's commit notifies: {notified:?}");
+}
+
 #[tokio::test]
 async fn registering_and_updating_a_profile_publish_identity_events() {
     let app = TestApp::spawn().await;
