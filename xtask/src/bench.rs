@@ -1128,7 +1128,9 @@ fn search(flags: &flags::Bench) -> anyhow::Result<()> {
     // with its outbox row in one transaction, published by the API's relay and applied by a
     // search projector of its own.
     let prefix = format!("bench{}search", std::process::id());
-    let api = Api::start(&db, &stack, &prefix, &[])?;
+    let pool_size = flags.db_pool_size.map(|n| n.to_string());
+    let pooled: Vec<(&str, &str)> = pool_size.iter().map(|n| ("DB_POOL_SIZE", n.as_str())).collect();
+    let api = Api::start(&db, &stack, &prefix, &pooled)?;
     let projector = Worker::start("search-projector", &db, &stack, &prefix)?;
     let phase_start = db.exec("SELECT now()")?;
     eprintln!("xtask: bench: {RESCORES_PER_SEC} new scores a second meanwhile (pgbench --rate)");

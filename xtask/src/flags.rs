@@ -93,7 +93,7 @@ pub struct Bench {
     pub duration: u64,
     /// Users in the seeded graph (`score`, `search`, `console`).
     pub users: Option<u64>,
-    /// The API's request pool (`api`); the API's own default when absent.
+    /// The API's request pool (`api`, `search`); the API's own default when absent.
     pub db_pool_size: Option<u32>,
     /// P3 disputes queued before the measurement (`dispute`).
     pub backlog: Option<u64>,
