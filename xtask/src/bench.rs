@@ -751,6 +751,35 @@ impl<'a> Pgbench<'a> {
         )?;
         pgbench_tps(&out)
     }
+
+    /// [`Pgbench::run`] with every transaction's latency logged (`-l`, in `dir`): the tps, and
+    /// the latencies' p50 and p99 in milliseconds.
+    fn run_logged(&self, args: &[&str], clients: u32, seconds: u64, dir: &Path) -> anyhow::Result<(f64, f64, f64)> {
+        let log_dir = dir.join("pgbench-log");
+        let _ = std::fs::remove_dir_all(&log_dir);
+        std::fs::create_dir_all(&log_dir)?;
+        let out = util::read(
+            Command::new(&self.bin)
+                .current_dir(&log_dir)
+                .env("PGOPTIONS", AS_THE_API_WRITES)
+                .args(["-n", "-j", "2", "-c", &clients.to_string(), "-T", &seconds.to_string(), "-l"])
+                .args(args)
+                .arg(&self.db.url),
+        )?;
+        // One line a transaction: client, transaction, latency in µs, script, epoch, µs.
+        let mut latencies_us = Vec::new();
+        for entry in std::fs::read_dir(&log_dir)? {
+            let text = std::fs::read_to_string(entry?.path())?;
+            latencies_us.extend(text.lines().filter_map(|l| l.split_whitespace().nth(2)?.parse::<f64>().ok()));
+        }
+        std::fs::remove_dir_all(&log_dir)?;
+        if latencies_us.is_empty() {
+            bail!("pgbench logged no transaction");
+        }
+        latencies_us.sort_by(f64::total_cmp);
+        let at = |q: f64| latencies_us[((latencies_us.len() as f64 * q) as usize).min(latencies_us.len() - 1)] / 1000.0;
+        Ok((pgbench_tps(&out)?, at(0.50), at(0.99)))
+    }
 }
 
 /// CPU time consumed so far by the programs a benchmark runs, by program name (`comm`), in
@@ -1151,7 +1180,8 @@ fn search(flags: &flags::Bench) -> anyhow::Result<()> {
         let vacuum = || db.exec("VACUUM search.directory, search.name_postings");
         vacuum()?;
         eprintln!("xtask: bench: pgbench, search.find_users alone, {name} queries, 16 clients, {}s", flags.duration);
-        let anchor_tps = pgbench.run(&["-M", "prepared", "-f", &anchor.to_string_lossy()], 16, flags.duration)?;
+        let (anchor_tps, anchor_p50, anchor_p99) =
+            pgbench.run_logged(&["-M", "prepared", "-f", &anchor.to_string_lossy()], 16, flags.duration, &scripts)?;
         eprintln!("xtask: bench: GET /v1/search/users, {name} queries, 16 connections, {}s", flags.duration);
         run_wrk(&format!("{}/v1/search/users", api.url), 16, 3, script)?;
         vacuum()?;
@@ -1163,7 +1193,7 @@ fn search(flags: &flags::Bench) -> anyhow::Result<()> {
             CpuByProgram::read()?.since(&cpu)
         ));
         rows.push(format!(
-            "| anchor: pgbench, the {name} searches' statement alone (`search.find_users`), c=16, same writes | {anchor_tps:.0} tps; the API's {:.0} req/s are {:.2} of it | — |",
+            "| anchor: pgbench, the {name} searches' statement alone (`search.find_users`), c=16, same writes | {anchor_tps:.0} tps, p50 {anchor_p50:.2} ms, p99 {anchor_p99:.2} ms; the API's {:.0} req/s are {:.2} of it | — |",
             load.requests_per_sec,
             load.requests_per_sec / anchor_tps
         ));
