@@ -741,15 +741,18 @@ impl<'a> Pgbench<'a> {
             .context("starting pgbench")
     }
 
+    /// pgbench with `clients` clients for `seconds`, writing as the API does, `args` added.
+    fn command(&self, args: &[&str], clients: u32, seconds: u64) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.env("PGOPTIONS", AS_THE_API_WRITES)
+            .args(["-n", "-j", "2", "-c", &clients.to_string(), "-T", &seconds.to_string()])
+            .args(args)
+            .arg(&self.db.url);
+        cmd
+    }
+
     fn run(&self, args: &[&str], clients: u32, seconds: u64) -> anyhow::Result<f64> {
-        let out = util::read(
-            Command::new(&self.bin)
-                .env("PGOPTIONS", AS_THE_API_WRITES)
-                .args(["-n", "-j", "2", "-c", &clients.to_string(), "-T", &seconds.to_string()])
-                .args(args)
-                .arg(&self.db.url),
-        )?;
-        pgbench_tps(&out)
+        pgbench_tps(&util::read(&mut self.command(args, clients, seconds))?)
     }
 
     /// [`Pgbench::run`] with every transaction's latency logged (`-l`, in `dir`): the tps, and
@@ -758,14 +761,7 @@ impl<'a> Pgbench<'a> {
         let log_dir = dir.join("pgbench-log");
         let _ = std::fs::remove_dir_all(&log_dir);
         std::fs::create_dir_all(&log_dir)?;
-        let out = util::read(
-            Command::new(&self.bin)
-                .current_dir(&log_dir)
-                .env("PGOPTIONS", AS_THE_API_WRITES)
-                .args(["-n", "-j", "2", "-c", &clients.to_string(), "-T", &seconds.to_string(), "-l"])
-                .args(args)
-                .arg(&self.db.url),
-        )?;
+        let out = util::read(self.command(&[args, &["-l"]].concat(), clients, seconds).current_dir(&log_dir))?;
         // One line a transaction: client, transaction, latency in µs, script, epoch, µs.
         let mut latencies_us = Vec::new();
         for entry in std::fs::read_dir(&log_dir)? {
