@@ -394,7 +394,16 @@ impl Principal {
         headers: &axum::http::HeaderMap,
     ) -> Result<Option<Self>, ApiError> {
         let Some(token) = bearer_from_headers(headers) else { return Ok(None) };
-        let token_hash = hash_token(token);
+        Self::authenticate_hash(db, on_replica, state, hash_token(token)).await
+    }
+
+    /// [`Principal::authenticate_on`] for a token already hashed ([`BearerToken`]).
+    pub async fn authenticate_hash(
+        db: &sqlx::PgPool,
+        on_replica: bool,
+        state: &AppState,
+        token_hash: [u8; 32],
+    ) -> Result<Option<Self>, ApiError> {
         let ticket = match state.token_cache.lookup(&token_hash) {
             Lookup::Hit(cached) => {
                 state.activity.saw(token_hash);

@@ -570,17 +570,18 @@ impl Reader {
 }
 
 impl Reader {
-    /// The caller of `headers`, authenticated on `db` (a 401 from a replica is checked on the
-    /// primary).
+    /// The caller of the bearer token hashed `token_hash`, authenticated on `db` (a 401 from a
+    /// replica is checked on the primary); without a token, a 401.
     pub async fn authenticate(
         mut db: ReadDb,
         state: &AppState,
-        headers: &axum::http::HeaderMap,
+        token_hash: Option<[u8; 32]>,
     ) -> Result<Self, ApiError> {
-        let mut principal = Principal::authenticate_on(db.pool(), db.on_replica(), state, headers).await?;
+        let Some(token_hash) = token_hash else { return Err(ApiError::Unauthenticated) };
+        let mut principal = Principal::authenticate_hash(db.pool(), db.on_replica(), state, token_hash).await?;
         if principal.is_none() && db.on_replica() {
             db.confirm_on_primary();
-            principal = Principal::authenticate_on(db.pool(), false, state, headers).await?;
+            principal = Principal::authenticate_hash(db.pool(), false, state, token_hash).await?;
         }
         Ok(Reader { db, principal: principal.ok_or(ApiError::Unauthenticated)? })
     }
@@ -591,7 +592,7 @@ impl FromRequestParts<AppState> for Reader {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let db = ReadDb::from_request_parts(parts, state).await?;
-        Reader::authenticate(db, state, &parts.headers).await
+        Reader::authenticate(db, state, crate::auth::bearer(parts).map(crate::auth::hash_token)).await
     }
 }
 

@@ -6,7 +6,6 @@
 //! newest event or is empty while users exist.
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -153,7 +152,6 @@ async fn search_users(
     State(state): State<AppState>,
     token: BearerToken,
     mut db: ReadDb,
-    headers: HeaderMap,
     Query(params): Query<SearchParams>,
 ) -> ApiResult<Response> {
     let q = query_text(params.q.as_deref())?;
@@ -177,7 +175,7 @@ async fn search_users(
             hits
         }
         SearchSource::Database => {
-            let reader = Reader::authenticate(db, &state, &headers).await?;
+            let reader = Reader::authenticate(db, &state, Some(token.hash)).await?;
             trellis_store::search::users(reader.pool(), Documents::Base, &q, offset, limit as i64 + 1).await?
         }
     };
