@@ -255,8 +255,8 @@ impl Relay {
     /// the oldest instead (docs/ARCHITECTURE.md, "Outbox retention, `max_age` and what alerts first").
     async fn events_room(&self, unacknowledged: u64) -> Option<u64> {
         let max_bytes = u64::try_from(self.topology.streams().events_max_bytes).ok().filter(|m| *m > 0)?;
-        let mut stream = self.js.get_stream(self.topology.events_stream()).await.ok()?;
-        let stored = stream.info().await.ok()?.state.bytes;
+        // One STREAM.INFO request: looking the stream up already returns its state.
+        let stored = self.js.get_stream(self.topology.events_stream()).await.ok()?.cached_info().state.bytes;
         Some(max_bytes.saturating_sub(stored).saturating_sub(unacknowledged))
     }
 
