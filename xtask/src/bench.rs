@@ -1173,17 +1173,36 @@ fn search(flags: &flags::Bench) -> anyhow::Result<()> {
         // entries behind, which slow the searches down as they pile up (autovacuum, where it
         // runs, waits for a fifth of a table to be dead), and the two measurements compared
         // must meet as many.
-        let vacuum = || db.exec("VACUUM search.directory, search.name_postings");
+        // The writers' tables too (the outbox, whose unpublished index the relay's every claim
+        // walks, and the scores), as autovacuum would keep them.
+        let vacuum = || db.exec("VACUUM search.directory, search.name_postings, ops.outbox, score.user_scores");
+        // How many new scores a phase really wrote: the searches compete with the writer for
+        // the CPU, and a phase that starves it meets fewer writes than asked for.
+        let written = || -> anyhow::Result<(Instant, f64)> {
+            let n = db.exec("SELECT count(*) FROM ops.outbox WHERE subject = 'events.scores.updated'")?.parse()?;
+            Ok((Instant::now(), n))
+        };
+        let rate_since = |(at, n): (Instant, f64)| -> anyhow::Result<f64> {
+            let (now, m) = written()?;
+            Ok((m - n) / now.duration_since(at).as_secs_f64())
+        };
         vacuum()?;
         eprintln!("xtask: bench: pgbench, search.find_users alone, {name} queries, 16 clients, {}s", flags.duration);
+        let before = written()?;
         let (anchor_tps, anchor_p50, anchor_p99) =
             pgbench.run_logged(&["-M", "prepared", "-f", &anchor.to_string_lossy()], 16, flags.duration, &scripts)?;
+        let anchor_writes = rate_since(before)?;
         eprintln!("xtask: bench: GET /v1/search/users, {name} queries, 16 connections, {}s", flags.duration);
         run_wrk(&format!("{}/v1/search/users", api.url), 16, 3, script)?;
         vacuum()?;
         let waits = WaitSampler::start(&db, flags.duration)?;
         let cpu = CpuByProgram::read()?;
+        let before = written()?;
         let load = run_wrk(&format!("{}/v1/search/users", api.url), 16, flags.duration, script)?;
+        let api_writes = rate_since(before)?;
+        rows.push(format!(
+            "| new scores written a second during the {name} queries' anchor / through the API | {anchor_writes:.0} / {api_writes:.0} | {RESCORES_PER_SEC} |"
+        ));
         rows.push(format!(
             "| CPU during the {name} queries, in cores (of 2) | {} | — |",
             CpuByProgram::read()?.since(&cpu)
