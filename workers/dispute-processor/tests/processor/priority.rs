@@ -35,9 +35,10 @@ async fn users(api: &Api, prefix: &str, n: usize) -> Vec<User> {
 /// When the one P0 filing of a test was stored in the events stream (the server's clock; the
 /// database's is the same machine's).
 async fn p0_arrival(prefix: &str) -> OffsetDateTime {
-    let client = async_nats::connect(trellis_testkit::nats_url()).await.expect("connecting to NATS");
-    let stream =
-        async_nats::jetstream::new(client).get_stream(format!("{prefix}_EVENTS")).await.expect("the events stream");
+    let events = trellis_testkit::StreamReader::connect(&trellis_testkit::nats_url(), &format!("{prefix}_EVENTS"))
+        .await
+        .expect("connecting to NATS");
+    let stream = events.js.get_stream(&events.stream).await.expect("the events stream");
     let subject = format!("{prefix}.{}", trellis_domain::events::filed_subject(trellis_domain::disputes::Priority::P0));
     stream.get_last_raw_message_by_subject(&subject).await.expect("the P0's message").time
 }
