@@ -319,6 +319,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             let relay_config = RelayConfig {
                 batch_size: config.relay_batch_size,
                 poll_interval: config.relay_poll_interval,
+                min_batch_interval: config.relay_min_batch_interval,
                 retention: config.outbox_retention,
                 stream_poll_interval: config.stream_poll_interval,
                 ..RelayConfig::default()

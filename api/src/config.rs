@@ -253,6 +253,13 @@ pub struct Config {
     #[arg(long, env = "RELAY_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
     pub relay_poll_interval: Duration,
 
+    /// The least time between the starts of two relay batches: while commits come faster than
+    /// one an interval, each batch takes what they wrote meanwhile instead of a round trip
+    /// (claim, publish, mark, commit) per commit. Delays a publish by at most this; `0s` relays
+    /// every wake at once.
+    #[arg(long, env = "RELAY_MIN_BATCH_INTERVAL", value_parser = humantime::parse_duration, default_value = "10ms")]
+    pub relay_min_batch_interval: Duration,
+
     /// How often the relay reads the streams' fill levels (`trellis_stream_*` metrics).
     #[arg(long, env = "STREAM_POLL_INTERVAL", value_parser = humantime::parse_duration, default_value = "15s")]
     pub stream_poll_interval: Duration,

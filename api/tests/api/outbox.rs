@@ -131,6 +131,61 @@ async fn api_writes_wake_their_own_relay_and_notify_nobody_while_other_writers_n
     assert!(matches!(notified, Ok(Ok(_))), "another writer's commit notifies: {notified:?}");
 }
 
+/// A relay that has been quiet for a `RELAY_MIN_BATCH_INTERVAL` publishes the next commit at once;
+/// while commits notify faster than one an interval, it takes what they wrote in one batch an
+/// interval (a batch's rows share the claim's `published_at`).
+#[tokio::test]
+async fn commits_within_the_minimum_batch_interval_go_out_in_one_batch_and_a_quiet_relay_waits_for_none() {
+    const INTERVAL: Duration = Duration::from_secs(2);
+    const WRITES: usize = 40;
+    let args = ["--relay-min-batch-interval", "2s", "--relay-poll-interval", "1h"];
+    let app = TestApp::spawn_with(Options { args: args.map(String::from).to_vec(), ..Options::default() }).await;
+    let write = || async {
+        sqlx::query(
+            "INSERT INTO ops.outbox (id, subject, payload) VALUES (gen_random_uuid(), 'events.test.burst', '{}')",
+        )
+        .execute(&app.db.pool)
+        .await
+        .expect("writing an outbox row that notifies");
+    };
+
+    // The relay drained as it started and has been quiet since (its poll is an hour apart): the
+    // first commit an interval and a half later is not held back.
+    tokio::time::sleep(INTERVAL + INTERVAL / 2).await;
+    write().await;
+    app.wait_all_published(Duration::from_secs(30)).await;
+    let delay: f64 = sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM published_at - created_at)::float8 FROM ops.outbox")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert!(delay < INTERVAL.as_secs_f64() / 2.0, "a quiet relay held a commit back {delay} s");
+
+    // A burst right after that batch: one batch an interval at most.
+    let started = std::time::Instant::now();
+    for _ in 1..WRITES {
+        write().await;
+    }
+    let writing = started.elapsed();
+    app.wait_all_published(Duration::from_secs(30)).await;
+    let batches: Vec<OffsetDateTime> =
+        sqlx::query_scalar("SELECT DISTINCT published_at FROM ops.outbox WHERE published_at IS NOT NULL ORDER BY 1")
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap();
+    // The first commit's batch, then one as the interval since it ends, then one an interval.
+    let most = 2 + (writing.as_secs_f64() / INTERVAL.as_secs_f64()).ceil() as usize;
+    assert!(
+        batches.len() <= most,
+        "{WRITES} commits in {writing:?} went out in {} batches: {batches:?}",
+        batches.len()
+    );
+    for pair in batches.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(gap >= INTERVAL - Duration::from_millis(200), "two batches {gap} apart: {batches:?}");
+    }
+    assert_eq!(app.events().await.count(&app.subject("events.test.burst")).await.unwrap(), WRITES as u64);
+}
+
 #[tokio::test]
 async fn registering_and_updating_a_profile_publish_identity_events() {
     let app = TestApp::spawn().await;

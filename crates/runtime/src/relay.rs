@@ -31,6 +31,11 @@ pub struct RelayConfig {
     pub batch_size: i64,
     /// How often to look for events when no notification arrives (the fallback).
     pub poll_interval: Duration,
+    /// The least time from the start of one drain to the start of the next. Commits that
+    /// notify within it go out together in the next drain's batch instead of one claim,
+    /// publish, mark and commit each; it delays a publish by at most this, and only while
+    /// notifications come faster than one an interval (a quiet relay drains at once).
+    pub min_batch_interval: Duration,
     /// How long published events are kept (for `trellisctl outbox republish`).
     pub retention: Duration,
     /// How often published events past retention are pruned.
@@ -44,6 +49,7 @@ impl Default for RelayConfig {
         Self {
             batch_size: 2000,
             poll_interval: Duration::from_secs(1),
+            min_batch_interval: Duration::from_millis(10),
             retention: Duration::from_secs(72 * 3600),
             prune_interval: Duration::from_secs(60),
             stream_poll_interval: crate::stream_limits::POLL_EVERY,
@@ -101,10 +107,28 @@ impl Relay {
     async fn relay_loop(&self, shutdown: &CancellationToken) {
         let mut listener: Option<PgListener> = None;
         let mut backoff = new_backoff();
+        let mut last_drain: Option<Instant> = None;
         loop {
             if shutdown.is_cancelled() {
                 return;
             }
+            let wait = last_drain.map_or(Duration::ZERO, |at| {
+                (at + self.config.min_batch_interval).saturating_duration_since(Instant::now())
+            });
+            if !wait.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+            // What was committed until now is all in this drain: the wakes and notifications
+            // already received are spent, or each would start a drain of its own that finds
+            // nothing.
+            let _ = futures::FutureExt::now_or_never(self.wake.notified());
+            if let Some(l) = listener.as_mut() {
+                while l.next_buffered().is_some() {}
+            }
+            last_drain = Some(Instant::now());
             match self.drain().await {
                 Ok(_) => backoff = new_backoff(),
                 Err(e) => {
