@@ -726,8 +726,6 @@ impl<'a> Pgbench<'a> {
         Ok(tps)
     }
 
-    /// pgbench running `script` at `rate` transactions a second for `seconds`, in the
-    /// background.
     /// pgbench with sixteen clients at `rate` transactions a second for `seconds`, in the
     /// background, writing as the API does (no commit notification).
     fn spawn_at_rate(&self, script: &Path, rate: u32, seconds: u64) -> anyhow::Result<Child> {
@@ -1158,8 +1156,8 @@ fn search(flags: &flags::Bench) -> anyhow::Result<()> {
     let pool_size = flags.db_pool_size.map(|n| n.to_string());
     let pooled: Vec<(&str, &str)> = pool_size.iter().map(|n| ("DB_POOL_SIZE", n.as_str())).collect();
     // The new scores stand for the API's own writes, which do not notify (notifying commits take
-    // a database-wide lock in turn, across their WAL flush: four notifying writers met about a
-    // third of the rate while the searches had the CPU). The API's writes wake its relay
+    // a database-wide lock in turn, across their WAL flush: four notifying writers met a third to
+    // three quarters of the rate while the searches had the CPU). The API's writes wake its relay
     // in-process, and `RELAY_MIN_BATCH_INTERVAL` (10 ms) gathers the wakes that come faster;
     // pgbench cannot wake the relay, so the relay looks every 10 ms instead.
     let mut api_env = pooled.clone();

@@ -172,7 +172,7 @@ async fn commits_within_the_minimum_batch_interval_go_out_in_one_batch_and_a_qui
             .fetch_all(&app.db.pool)
             .await
             .unwrap();
-    // The first commit's batch, then one as the interval since it ends, then one an interval.
+    // The first commit's batch, the burst's first an interval after it, then one an interval.
     let most = 2 + (writing.as_secs_f64() / INTERVAL.as_secs_f64()).ceil() as usize;
     assert!(
         batches.len() <= most,
