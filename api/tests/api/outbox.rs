@@ -100,6 +100,16 @@ fn check_envelope(msg: &StoredMessage) {
     assert!(envelope["data"].is_object(), "data is an object");
 }
 
+/// Commits an outbox row on `subject` as a process other than the API would: its commit notifies
+/// the relays.
+async fn write_as_another_process(app: &TestApp, subject: &str) {
+    sqlx::query("INSERT INTO ops.outbox (id, subject, payload) VALUES (gen_random_uuid(), $1, '{}')")
+        .bind(subject)
+        .execute(&app.db.pool)
+        .await
+        .expect("writing an outbox row as another process");
+}
+
 /// The API's request connections write outbox rows without a commit notification (notifying
 /// commits run one at a time, database-wide): its own relay is woken in-process instead. With
 /// the relay's poll an hour apart, only that wake can publish what the requests wrote. Any other
@@ -121,12 +131,7 @@ async fn api_writes_wake_their_own_relay_and_notify_nobody_while_other_writers_n
     let notified = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await;
     assert!(notified.is_err(), "an API write notified the relays through the database: {notified:?}");
 
-    sqlx::query(
-        "INSERT INTO ops.outbox (id, subject, payload) VALUES (gen_random_uuid(), 'events.test.other_writer', '{}')",
-    )
-    .execute(&app.db.pool)
-    .await
-    .expect("writing an outbox row as another process");
+    write_as_another_process(&app, "events.test.other_writer").await;
     let notified = tokio::time::timeout(Duration::from_secs(10), listener.recv()).await;
     assert!(matches!(notified, Ok(Ok(_))), "another writer's commit notifies: {notified:?}");
 }
@@ -140,14 +145,7 @@ async fn commits_within_the_minimum_batch_interval_go_out_in_one_batch_and_a_qui
     const WRITES: usize = 40;
     let args = ["--relay-min-batch-interval", "2s", "--relay-poll-interval", "1h"];
     let app = TestApp::spawn_with(Options { args: args.map(String::from).to_vec(), ..Options::default() }).await;
-    let write = || async {
-        sqlx::query(
-            "INSERT INTO ops.outbox (id, subject, payload) VALUES (gen_random_uuid(), 'events.test.burst', '{}')",
-        )
-        .execute(&app.db.pool)
-        .await
-        .expect("writing an outbox row that notifies");
-    };
+    let write = || write_as_another_process(&app, "events.test.burst");
 
     // The relay drained as it started and has been quiet since (its poll is an hour apart): the
     // first commit an interval and a half later is not held back.
