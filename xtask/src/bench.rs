@@ -1154,19 +1154,17 @@ fn search(flags: &flags::Bench) -> anyhow::Result<()> {
     // search projector of its own.
     let prefix = format!("bench{}search", std::process::id());
     let pool_size = flags.db_pool_size.map(|n| n.to_string());
-    let pooled: Vec<(&str, &str)> = pool_size.iter().map(|n| ("DB_POOL_SIZE", n.as_str())).collect();
+    let mut api_env: Vec<(&str, &str)> = pool_size.iter().map(|n| ("DB_POOL_SIZE", n.as_str())).collect();
     // The new scores stand for the API's own writes, which do not notify (notifying commits take
     // a database-wide lock in turn, across their WAL flush: four notifying writers met a third to
     // three quarters of the rate while the searches had the CPU). The API's writes wake its relay
     // in-process, and `RELAY_MIN_BATCH_INTERVAL` (10 ms) gathers the wakes that come faster;
     // pgbench cannot wake the relay, so the relay looks every 10 ms instead.
-    let mut api_env = pooled.clone();
     api_env.push(("RELAY_POLL_INTERVAL", "10ms"));
     let api = Api::start(&db, &stack, &prefix, &api_env)?;
     let projector = Worker::start("search-projector", &db, &stack, &prefix)?;
     let phase_start = db.exec("SELECT now()")?;
     eprintln!("xtask: bench: {RESCORES_PER_SEC} new scores a second meanwhile (pgbench --rate)");
-    // Stopped once the searches are measured.
     // Each measurement starts from vacuumed tables, the read model's and the writers' (the
     // outbox, whose unpublished index every claim of the relay walks, and the scores): the
     // writes leave dead rows and index entries behind, which slow the searches and the relay
@@ -1183,8 +1181,8 @@ fn search(flags: &flags::Bench) -> anyhow::Result<()> {
         let (now, m) = written()?;
         Ok((m - n) / now.duration_since(at).as_secs_f64())
     };
+    // Stopped once the searches are measured.
     let mut rescores = Pgbench::new(&db)?.spawn_at_rate(&rescore_script, RESCORES_PER_SEC, 3600)?;
-    let started = Instant::now();
     let all_written = written()?;
     let mut rows = Vec::new();
     let pgbench = Pgbench::new(&db)?;
@@ -1228,7 +1226,7 @@ fn search(flags: &flags::Bench) -> anyhow::Result<()> {
             load.requests_per_sec, load.p50_ms, load.p99_ms, load.max_ms, load.requests, load.errors
         ));
     }
-    let queried = started.elapsed();
+    let queried = all_written.0.elapsed();
     let _ = rescores.kill();
     let _ = rescores.wait();
     let rescored_per_sec = rate_since(all_written)?;
