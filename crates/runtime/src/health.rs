@@ -70,15 +70,20 @@ impl Health {
     }
 
     /// Runs every check concurrently, each bounded by `timeout`.
+    ///
+    /// Every check is started (its closure called, which is where a check of in-process state
+    /// reads it) under the lock that [`Self::add`] takes, so a report is of one moment: state
+    /// changed after adding a check (the host marks the processors installed once their groups'
+    /// checks are added) is never seen without that check.
     pub async fn report(&self, timeout: Duration) -> Report {
-        let checks: Vec<Arc<Check>> = self.checks.read().expect("health lock").clone();
-        let results = futures::future::join_all(checks.iter().map(|c| {
-            let run = c.run.clone();
-            async move {
-                match tokio::time::timeout(timeout, run()).await {
-                    Ok(r) => r,
-                    Err(_) => Err(format!("timed out after {timeout:?}")),
-                }
+        let (checks, started): (Vec<Arc<Check>>, Vec<_>) = {
+            let checks = self.checks.read().expect("health lock");
+            checks.iter().map(|c| (c.clone(), (c.run)())).unzip()
+        };
+        let results = futures::future::join_all(started.into_iter().map(|check| async move {
+            match tokio::time::timeout(timeout, check).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("timed out after {timeout:?}")),
             }
         }))
         .await;
@@ -137,5 +142,55 @@ pub fn nats_check(client: async_nats::Client) -> impl Fn() -> BoxFuture<'static,
                 other => Err(format!("NATS connection is {other}")),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    /// The host adds a group's check, then marks the processors installed. A report that ran
+    /// between the two reading the list before and the mark after would say ready while the group
+    /// is not bound. Here the first check, when started, has another thread do both and waits
+    /// (up to a bound) for it to finish.
+    #[tokio::test]
+    async fn a_report_never_sees_the_processors_installed_without_the_checks_they_added() {
+        let health = Health::new();
+        let installed = Arc::new(AtomicBool::new(false));
+        let installer = Arc::new(Mutex::new(None));
+        let (h, done, thread) = (health.clone(), installed.clone(), installer.clone());
+        health.add("first", Severity::Critical, move || {
+            let (h, done) = (h.clone(), done.clone());
+            let (finished, finish) = std::sync::mpsc::channel();
+            *thread.lock().unwrap() = Some(std::thread::spawn(move || {
+                h.add("consumer probe", Severity::Critical, || async { Err("not bound yet".to_owned()) });
+                done.store(true, Ordering::Release);
+                let _ = finished.send(());
+            }));
+            let _ = finish.recv_timeout(Duration::from_millis(200));
+            async { Ok(()) }
+        });
+        let done = installed.clone();
+        health.add("processors", Severity::Critical, move || {
+            let done = done.load(Ordering::Acquire);
+            async move { if done { Ok(()) } else { Err("installing the processors".to_owned()) } }
+        });
+
+        let first = health.report(Duration::from_secs(1)).await;
+        let names: Vec<_> = first.checks.iter().map(|c| (c.name.as_str(), c.ok)).collect();
+        assert_eq!(first.status, "unready", "{names:?}");
+        assert_eq!(names, [("first", true), ("processors", false)]);
+
+        let taken = installer.lock().unwrap().take();
+        taken.expect("the installing thread").join().unwrap();
+        assert!(installed.load(Ordering::Acquire));
+        health.checks.write().unwrap().retain(|c| c.name != "first");
+        let then = health.report(Duration::from_secs(1)).await;
+        let names: Vec<_> = then.checks.iter().map(|c| (c.name.as_str(), c.ok)).collect();
+        assert_eq!(then.status, "unready");
+        assert_eq!(names, [("processors", true), ("consumer probe", false)]);
     }
 }
