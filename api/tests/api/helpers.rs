@@ -175,6 +175,24 @@ impl TestApp {
         self.send(self.http.get(format!("http://{}/readyz", self.admin_addr))).await
     }
 
+    /// Polls `/readyz` on the admin port until its `status` is `want` (`ready` or `degraded`,
+    /// answered with 200) with every check named in `failing` failing, and returns that report.
+    /// A status alone does not tell which check caused it: right after NATS stops, a report may
+    /// be `degraded` by its `jetstream` check alone (a request to the stopped server timing out)
+    /// while the client has not yet noticed the lost connection.
+    pub async fn wait_for_readiness(&self, want: &str, failing: &[&str], timeout: Duration) -> Value {
+        let what = format!("/readyz to say {want} with {failing:?} failing");
+        trellis_testkit::eventually(&what, timeout, || async {
+            let r = self.admin_readyz().await;
+            let failed = |name: &str| readiness_check(&r.body, name)["ok"] == false;
+            (r.body["status"] == want && failing.iter().all(|name| failed(name))).then(|| {
+                assert_eq!(r.status, 200, "readyz answers 200 when {want}: {:?}", r.body);
+                r.body
+            })
+        })
+        .await
+    }
+
     pub async fn get(&self, path: &str, token: Option<&str>) -> Resp {
         self.request(Method::GET, path, token, None).await
     }
@@ -437,4 +455,9 @@ pub async fn api_backends_in_transaction(db: &TestDb) -> i64 {
     .fetch_one(&db.pool)
     .await
     .expect("reading pg_stat_activity")
+}
+
+/// The check `name` of a `/readyz` report.
+pub fn readiness_check<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["checks"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("{name} check"))
 }

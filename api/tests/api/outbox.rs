@@ -13,7 +13,7 @@ use trellis_domain::events::{ContactChanged, Event, EventPayload};
 use trellis_testkit::{PrivateNats, StoredMessage, TestDb, eventually};
 use uuid::Uuid;
 
-use crate::helpers::{Options, TestApp};
+use crate::helpers::{Options, TestApp, readiness_check};
 
 /// One event a test expects: the subject without the prefix, the envelope type, the actor and
 /// the exact `data`.
@@ -337,36 +337,6 @@ async fn filed_disputes_go_to_their_priority_subject_and_decisions_publish_their
     }
 }
 
-/// Polls `/readyz` on the admin port until its `status` is `want` (or the deadline passes).
-async fn wait_for_readiness(app: &TestApp, want: &str, timeout: Duration) -> Value {
-    eventually(&format!("/readyz to say {want}"), timeout, || async {
-        let r = app.admin_readyz().await;
-        (r.body["status"] == want).then(|| {
-            assert_eq!(r.status, 200, "readyz answers 200 when {want}: {:?}", r.body);
-            r.body
-        })
-    })
-    .await
-}
-
-/// Polls `/readyz` on the admin port until it says `degraded` because of the `nats` check. A
-/// report may say `degraded` first for its `jetstream` check alone (a request to the stopped
-/// server timing out) while the client has not yet noticed the lost connection.
-async fn wait_for_degraded_by_nats(app: &TestApp, timeout: Duration) -> Value {
-    eventually("/readyz to say degraded by its nats check", timeout, || async {
-        let r = app.admin_readyz().await;
-        (r.body["status"] == "degraded" && check(&r.body, "nats")["ok"] == false).then(|| {
-            assert_eq!(r.status, 200, "readyz answers 200 when degraded: {:?}", r.body);
-            r.body
-        })
-    })
-    .await
-}
-
-fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["checks"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("{name} check"))
-}
-
 #[tokio::test]
 async fn a_nats_outage_keeps_writes_working_and_the_backlog_drains_in_order_exactly_once() {
     const WRITES: usize = 20;
@@ -376,11 +346,11 @@ async fn a_nats_outage_keeps_writes_working_and_the_backlog_drains_in_order_exac
     let alice = app.register("alice").await;
     app.wait_for_events("identity.user_registered", 1).await;
     app.wait_all_published(Duration::from_secs(10)).await;
-    wait_for_readiness(&app, "ready", Duration::from_secs(10)).await;
+    app.wait_for_readiness("ready", &[], Duration::from_secs(10)).await;
 
     nats.stop();
-    let report = wait_for_degraded_by_nats(&app, Duration::from_secs(10)).await;
-    assert_eq!(check(&report, "database")["ok"], true, "{report}");
+    let report = app.wait_for_readiness("degraded", &["nats"], Duration::from_secs(10)).await;
+    assert_eq!(readiness_check(&report, "database")["ok"], true, "{report}");
 
     for i in 0..WRITES {
         let r = app.post("/v1/me/circles", Some(&alice.token), json!({"name": format!("circle {i}")})).await;
@@ -390,7 +360,7 @@ async fn a_nats_outage_keeps_writes_working_and_the_backlog_drains_in_order_exac
     assert_eq!(r.status, 200, "{:?}", r.body);
     let pending = WRITES as i64 + 1;
     assert_eq!(app.unpublished().await, pending, "every write of the outage waits in the outbox");
-    wait_for_degraded_by_nats(&app, Duration::from_secs(5)).await;
+    app.wait_for_readiness("degraded", &["nats"], Duration::from_secs(5)).await;
 
     // The backlog gauge is sampled every 2 s.
     // The whole backlog, once a sample was taken after the last write.
@@ -409,7 +379,7 @@ async fn a_nats_outage_keeps_writes_working_and_the_backlog_drains_in_order_exac
         .await
         .expect("the backlog drains after NATS returns");
     app.wait_all_published(Duration::from_secs(30)).await;
-    wait_for_readiness(&app, "ready", Duration::from_secs(30)).await;
+    app.wait_for_readiness("ready", &[], Duration::from_secs(30)).await;
 
     // Exactly once: the stream's own count, and distinct message ids.
     let reader = app.events().await;
@@ -600,7 +570,7 @@ async fn the_relay_publishes_as_the_apis_own_nats_user() {
         ..Options::default()
     };
     let app = TestApp::start_on(db, String::new(), options).await;
-    wait_for_readiness(&app, "ready", Duration::from_secs(10)).await;
+    app.wait_for_readiness("ready", &[], Duration::from_secs(10)).await;
     app.register("alice").await;
     app.wait_all_published(Duration::from_secs(10)).await;
     let operator = trellis_testkit::probe::connect(&nats.url_as("trellisctl", "ctl-nats-pw")).await;
